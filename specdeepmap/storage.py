@@ -1,0 +1,263 @@
+"""URIs, rasters and files: the one place that knows about local disks and S3.
+
+Every input and output of the library is a URI: a local path, ``file://…`` or ``s3://bucket/key``.
+Rasters are opened through rasterio (GDAL reads S3 objects window by window through ``/vsis3``);
+small files go through fsspec/s3fs. Writes are atomic: data is written under a temporary name and
+then moved into place (local) or uploaded in one PUT (S3), so no reader ever sees half a file.
+
+The S3 endpoint comes from the environment, as for boto3 and the AWS CLI: ``AWS_ENDPOINT_URL``
+(e.g. ``http://127.0.0.1:9000`` for MinIO or moto), ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY`` and ``AWS_DEFAULT_REGION``. Nothing else in the library builds S3 URLs
+or touches credentials.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import fsspec
+import rasterio
+from rasterio.errors import RasterioIOError
+
+from specdeepmap.errors import MissingInputError, UnreadableInputError
+
+#: GDAL block cache in MB. Pinned (GDAL's default is 5 % of RAM) so memory does not grow with
+#: the scene size; override with the environment variable of the same name.
+DEFAULT_GDAL_CACHEMAX_MB = 256
+
+
+def is_s3(uri: str) -> bool:
+    """Return True for ``s3://`` URIs."""
+    return str(uri).startswith("s3://")
+
+
+def local_path(uri: str) -> str:
+    """Turn a local URI (plain path or ``file://``) into a filesystem path."""
+    uri = str(uri)
+    if uri.startswith("file://"):
+        return urlparse(uri).path
+    return uri
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with ``/`` (S3) or the OS separator (local)."""
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(local_path(base), *parts))
+
+
+def basename(uri: str) -> str:
+    """Last path component of a URI."""
+    return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def stem(uri: str) -> str:
+    """File name without its (last) extension: ``s3://b/scene.tiff`` → ``scene``."""
+    return Path(basename(uri)).stem
+
+
+def parent(uri: str) -> str:
+    """The folder holding a URI."""
+    uri = str(uri).rstrip("/")
+    if is_s3(uri):
+        return uri.rsplit("/", 1)[0]
+    return str(Path(local_path(uri)).parent)
+
+
+def _endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the fsspec filesystem for a URI and the path to use with it."""
+    if is_s3(uri):
+        endpoint = _endpoint()
+        fs = fsspec.filesystem(
+            "s3",
+            client_kwargs={"endpoint_url": endpoint} if endpoint else {},
+            # retries for throttling and 5xx are botocore's job; keep them bounded
+            config_kwargs={"retries": {"max_attempts": 5, "mode": "standard"}},
+            # other writers (GDAL, other workers) change buckets: never trust a cached listing
+            use_listings_cache=False,
+        )
+        return fs, str(uri)[len("s3://") :]
+    return fsspec.filesystem("file"), local_path(uri)
+
+
+def gdal_options() -> dict[str, object]:
+    """GDAL configuration for reading rasters, including the S3 endpoint from the environment."""
+    options: dict[str, object] = {
+        "GDAL_CACHEMAX": int(os.environ.get("GDAL_CACHEMAX", DEFAULT_GDAL_CACHEMAX_MB)),
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+        "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.vrt,.jp2,.img,.bsq,.dat",
+    }
+    endpoint = _endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options["AWS_S3_ENDPOINT"] = parsed.netloc or parsed.path
+        options["AWS_HTTPS"] = "YES" if parsed.scheme == "https" else "NO"
+        options["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    if "AWS_DEFAULT_REGION" in os.environ and "AWS_REGION" not in os.environ:
+        options["AWS_REGION"] = os.environ["AWS_DEFAULT_REGION"]
+    return options
+
+
+def gdal_path(uri: str) -> str:
+    """The path GDAL understands: ``/vsis3/bucket/key`` for S3, the plain path otherwise."""
+    if is_s3(uri):
+        return "/vsis3/" + str(uri)[len("s3://") :]
+    return local_path(uri)
+
+
+@contextlib.contextmanager
+def gdal_env() -> Iterator[None]:
+    """A rasterio environment configured for this library (S3 endpoint, pinned cache)."""
+    with rasterio.Env(**gdal_options()):
+        yield
+
+
+@contextlib.contextmanager
+def open_raster(uri: str) -> Iterator[rasterio.io.DatasetReader]:
+    """Open a raster for windowed reading; errors name the URI and say what went wrong."""
+    with gdal_env():
+        if not is_s3(uri) and not os.path.exists(local_path(uri)):
+            raise MissingInputError(f"Raster not found: {uri}")
+        try:
+            dataset = rasterio.open(gdal_path(uri))
+        except RasterioIOError as error:
+            if is_s3(uri) and not exists(uri):
+                raise MissingInputError(f"Raster not found: {uri}") from error
+            raise UnreadableInputError(f"Cannot read {uri} as a raster: {error}") from error
+        with dataset:
+            yield dataset
+
+
+def exists(uri: str) -> bool:
+    """True if a file (or S3 object) exists at the URI."""
+    fs, path = filesystem(uri)
+    return bool(fs.exists(path))
+
+
+def list_files(folder: str, suffix: str = "") -> list[str]:
+    """URIs of the files directly inside ``folder`` whose names end with ``suffix``, sorted.
+
+    Sorted so that every run, on every filesystem, sees the same order (SpecDeepMap used the
+    unsorted glob order, which made seeded splits differ between machines).
+    """
+    fs, path = filesystem(folder)
+    if not fs.exists(path):
+        return []
+    names = [basename(p) for p in fs.ls(path, detail=False)]
+    return sorted(join(folder, n) for n in names if n.endswith(suffix) and not n.startswith("."))
+
+
+def read_bytes(uri: str) -> bytes:
+    """Read a whole (small) file."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as error:
+        raise MissingInputError(f"File not found: {uri}") from error
+
+
+def read_text(uri: str) -> str:
+    """Read a whole (small) text file as UTF-8."""
+    return read_bytes(uri).decode("utf-8")
+
+
+def makedirs(uri: str) -> None:
+    """Create a local folder (and parents); S3 has no folders, so nothing to do there."""
+    if not is_s3(uri):
+        os.makedirs(local_path(uri), exist_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_output(uri: str, suffix: str | None = None) -> Iterator[str]:
+    """Yield a local temporary path; on success move (local) or upload (S3) it to ``uri``.
+
+    The temporary file lives beside the target for local outputs (so the final ``os.replace`` is
+    atomic on the same filesystem) and in the system temporary folder for S3 outputs (an S3 PUT
+    makes the object appear whole). On error the temporary file is removed and the target is
+    left as it was.
+    """
+    suffix = suffix if suffix is not None else Path(basename(uri)).suffix
+    if is_s3(uri):
+        staging = tempfile.mkdtemp(prefix="specdeepmap-")
+        tmp = os.path.join(staging, f"part{suffix}")
+        try:
+            yield tmp
+            upload(tmp, uri)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        target = local_path(uri)
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        tmp = os.path.join(
+            os.path.dirname(os.path.abspath(target)),
+            f".{os.path.basename(target)}.{uuid.uuid4().hex[:8]}.tmp{suffix}",
+        )
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+
+def upload(local_file: str, uri: str) -> None:
+    """Copy a local file to a URI (one PUT for S3; an atomic move-into-place locally)."""
+    if is_s3(uri):
+        fs, path = filesystem(uri)
+        fs.put_file(local_file, path)
+    else:
+        with atomic_output(uri) as tmp:
+            shutil.copyfile(local_file, tmp)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file atomically."""
+    with atomic_output(uri) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a whole text file (UTF-8) atomically."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def download(uri: str, local_file: str) -> str:
+    """Copy a URI to a local file (atomically) and return the local path."""
+    os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)
+    tmp = f"{local_file}.{uuid.uuid4().hex[:8]}.part"
+    fs, path = filesystem(uri)
+    try:
+        fs.get_file(path, tmp)
+        os.replace(tmp, local_file)
+    except FileNotFoundError as error:
+        raise MissingInputError(f"File not found: {uri}") from error
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    return local_file
+
+
+def cached_local_copy(uri: str, cache_dir: str) -> str:
+    """Local path of ``uri``: the path itself when local, else a copy cached under ``cache_dir``.
+
+    The cache key is the S3 path, so later epochs (and later runs) read the local copy.
+    """
+    if not is_s3(uri):
+        return local_path(uri)
+    target = os.path.join(cache_dir, str(uri)[len("s3://") :])
+    if not os.path.exists(target):
+        download(uri, target)
+    return target

@@ -1,0 +1,116 @@
+"""Shared fixtures: small georeferenced rasters, a real S3 server, the shared real data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SPECDEEPMAP_SHARED_DATA", REPO.parent / "shared" / "data"))
+UTM33 = "EPSG:32633"
+
+
+def write_raster(path, array, crs=UTM33, transform=None, nodata=None, **extra) -> str:
+    """Write a (bands, rows, cols) or (rows, cols) array as a GeoTIFF and return its path."""
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    transform = transform or from_origin(330000, 5822040, 10, 10)
+    with rasterio.open(path, "w", driver="GTiff", width=array.shape[2], height=array.shape[1],
+                       count=array.shape[0], dtype=array.dtype, crs=crs, transform=transform,
+                       nodata=nodata, **extra) as dst:
+        dst.write(array)
+    return str(path)
+
+
+@pytest.fixture
+def small_scene(tmp_path):
+    """A 13-band 300 x 260 demo scene (odd size, nodata strip, unlabelled fields)."""
+    from specdeepmap.sample_data import generate_scene
+
+    return generate_scene(str(tmp_path / "scene"), width=300, height=260, seed=3, field_size=40)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto in server mode) on a free loopback port.
+
+    Runs as a separate process: GDAL's writes hang against moto inside the test process. Sets
+    the same environment variables a user sets for MinIO or AWS.
+    """
+    port = _free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "w")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    deadline = time.time() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError(f"moto_server did not start on port {port}")
+            time.sleep(0.2)
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the S3 server; yields its ``s3://`` URI."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data; skipped when absent, except under CI=true where absence fails."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"shared data folder {SHARED_DATA} is missing in CI")
+        pytest.skip(f"real data folder {SHARED_DATA} not present on this machine")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def enmap_folder(shared_data) -> Path:
+    """The real EnMAP Potsdam chips (224 bands) and SpecDeepMap's CSVs for them."""
+    folder = shared_data / "enmap_potsdam"
+    if not folder.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{folder} is missing in CI")
+        pytest.skip(f"{folder} not present")
+    return folder

@@ -1,0 +1,66 @@
+"""Storage: URIs, atomic writes, and a real S3 server."""
+
+import os
+
+import numpy as np
+import pytest
+
+from specdeepmap import storage
+from specdeepmap.errors import MissingInputError, UnreadableInputError
+from tests.conftest import write_raster
+
+
+def test_join_stem_parent():
+    assert storage.join("s3://b/x/", "images", "a.tif") == "s3://b/x/images/a.tif"
+    assert storage.stem("s3://b/scene.tiff") == "scene"
+    assert storage.stem("/d/scene.bsq") == "scene"
+    assert storage.parent("s3://b/x/a.tif") == "s3://b/x"
+    assert storage.local_path("file:///tmp/a.tif") == "/tmp/a.tif"
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "out" / "a.txt"
+    storage.write_text(str(target), "first")
+    assert target.read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with storage.atomic_output(str(target)) as tmp:
+            with open(tmp, "w") as handle:
+                handle.write("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text() == "first"
+    assert os.listdir(target.parent) == ["a.txt"]
+
+
+def test_missing_and_unreadable_rasters_are_named(tmp_path):
+    with pytest.raises(MissingInputError, match="nope.tif"):
+        with storage.open_raster(str(tmp_path / "nope.tif")):
+            pass
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"not a tiff")
+    with pytest.raises(UnreadableInputError, match="bad.tif"):
+        with storage.open_raster(str(bad)):
+            pass
+
+
+@pytest.mark.integration
+def test_s3_round_trip(s3_bucket, tmp_path):
+    uri = f"{s3_bucket}/dir/hello.txt"
+    storage.write_text(uri, "hello")
+    assert storage.exists(uri)
+    assert storage.read_text(uri) == "hello"
+    assert storage.list_files(f"{s3_bucket}/dir", ".txt") == [uri]
+    with pytest.raises(MissingInputError, match="missing.txt"):
+        storage.read_text(f"{s3_bucket}/dir/missing.txt")
+
+    data = np.arange(4 * 50 * 60, dtype=np.uint16).reshape(4, 50, 60)
+    local = write_raster(tmp_path / "r.tif", data, nodata=0)
+    storage.upload(local, f"{s3_bucket}/r.tif")
+    with storage.open_raster(f"{s3_bucket}/r.tif") as src:
+        window = src.read(window=((10, 20), (5, 25)))
+        assert src.crs.to_epsg() == 32633 and src.nodata == 0
+    np.testing.assert_array_equal(window, data[:, 10:20, 5:25])
+    with pytest.raises(MissingInputError, match="absent.tif"):
+        with storage.open_raster(f"{s3_bucket}/absent.tif"):
+            pass
+    cached = storage.cached_local_copy(f"{s3_bucket}/r.tif", str(tmp_path / "cache"))
+    assert os.path.getsize(cached) == os.path.getsize(local)
