@@ -1,0 +1,221 @@
+"""Training data: the dataset folder's CSVs, chip reading, normalisation and augmentation.
+
+A dataset folder is what ``specdeepmap split`` writes (SpecDeepMap's format): three file lists,
+``Summary_train_val.csv`` and optionally ``Normalize_Bands.csv``. Rows are relative to the
+folder of the CSV unless they are absolute URIs. Chips on S3 are copied into a local cache on
+first read, so later epochs read local files.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import rasterio
+import torch
+from torch.utils.data import Dataset
+
+from specdeepmap import storage
+from specdeepmap.errors import EmptyDatasetError, InputMismatchError, MissingInputError
+from specdeepmap.splitting import CSV_NAMES, NORMALIZE_CSV, SUMMARY_CSV, read_csv
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """How raw pixel values become network inputs: ``((x / scaler) - mean) / std``.
+
+    Pixels equal to ``nodata`` (in every band) and bands without statistics (NaN, e.g. bands
+    that are nodata everywhere) become 0, i.e. the band mean, instead of injecting NaN.
+    """
+
+    scaler: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    nodata: float | None = None
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """Normalise a (bands, rows, cols) or (batch, bands, rows, cols) array to float32."""
+        band_axis = image.ndim - 3
+        invalid = None
+        if self.nodata is not None and not (isinstance(self.nodata, float)
+                                            and math.isnan(self.nodata)):
+            invalid = np.all(image == self.nodata, axis=band_axis, keepdims=True)
+        x = image.astype(np.float32, copy=True)
+        if self.scaler:
+            x /= np.float32(self.scaler)
+        if self.mean is not None:
+            shape = [1] * x.ndim
+            shape[band_axis] = -1
+            mean = np.asarray(self.mean, np.float32).reshape(shape)
+            std = np.asarray(self.std, np.float32).reshape(shape)
+            missing = ~np.isfinite(mean) | ~np.isfinite(std) | (std == 0)
+            x = (x - np.where(missing, 0, mean)) / np.where(missing, 1, std)
+            x = np.where(missing, 0, x)
+        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        if invalid is not None:
+            x = np.where(invalid, 0, x)
+        return x.astype(np.float32, copy=False)
+
+    def to_dict(self) -> dict:
+        """Plain data for a checkpoint (NaN becomes None)."""
+        def clean(values):
+            return None if values is None else [None if not math.isfinite(v) else float(v)
+                                                 for v in values]
+        return {"scaler": self.scaler, "mean": clean(self.mean), "std": clean(self.std),
+                "nodata": None if self.nodata is None or (isinstance(self.nodata, float)
+                                                          and math.isnan(self.nodata))
+                else float(self.nodata)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Normalization:
+        """Inverse of :meth:`to_dict`."""
+        def restore(values):
+            return None if values is None else tuple(float("nan") if v is None else v
+                                                     for v in values)
+        return cls(scaler=data.get("scaler"), mean=restore(data.get("mean")),
+                   std=restore(data.get("std")), nodata=data.get("nodata"))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the dataset folder says about the data."""
+
+    folder: str
+    train: list[tuple[str, str]]
+    validation: list[tuple[str, str]]
+    test: list[tuple[str, str]]
+    class_values: list[int]
+    class_weights: list[float]
+    background: bool
+    scaler: float | None
+    band_mean: tuple[float, ...] | None
+    band_std: tuple[float, ...] | None
+
+
+def _resolve(folder: str, row: str) -> str:
+    if storage.is_s3(row) or os.path.isabs(row) or row.startswith("file://"):
+        return row
+    return storage.join(folder, row)
+
+
+def read_dataset_folder(folder: str, normalize: bool = True) -> DatasetInfo:
+    """Read the CSVs of a dataset folder; errors name the missing or broken file."""
+    required = [CSV_NAMES["train"], CSV_NAMES["validation"], SUMMARY_CSV]
+    if normalize:
+        required.append(NORMALIZE_CSV)
+    for name in required:
+        if not storage.exists(storage.join(folder, name)):
+            hint = (" (run `specdeepmap split` with normalisation on, or train with "
+                    "--no-normalize)") if name == NORMALIZE_CSV else " (run `specdeepmap split`)"
+            raise MissingInputError(f"{storage.join(folder, name)} is missing{hint}")
+    lists = {}
+    for key, name in CSV_NAMES.items():
+        uri = storage.join(folder, name)
+        if not storage.exists(uri):
+            lists[key] = []
+            continue
+        frame = read_csv(uri)
+        if list(frame.columns[:2]) != ["image", "mask"]:
+            raise InputMismatchError(f"{uri} must have the columns image,mask; has "
+                                     f"{list(frame.columns)}")
+        lists[key] = [(_resolve(folder, i), _resolve(folder, m))
+                      for i, m in zip(frame["image"], frame["mask"])]
+    if not lists["train"]:
+        raise EmptyDatasetError(f"{storage.join(folder, CSV_NAMES['train'])} lists no chips")
+    if not lists["validation"]:
+        raise EmptyDatasetError(f"{storage.join(folder, CSV_NAMES['validation'])} lists no "
+                                "chips: training needs a validation set")
+    summary = read_csv(storage.join(folder, SUMMARY_CSV))
+    class_values = [int(v) for v in summary["Class ID"]]
+    scaler_value = summary["Scaler"].iloc[0]
+    scaler = None if pd.isna(scaler_value) or str(scaler_value) == "None" else float(scaler_value)
+    background = str(summary["Ignored Background : Class Zero"].iloc[0]).strip() == "Yes"
+    mean = std = None
+    if normalize:
+        stats = read_csv(storage.join(folder, NORMALIZE_CSV))
+        mean, std = tuple(stats["mean"].astype(float)), tuple(stats["std"].astype(float))
+    return DatasetInfo(folder=folder, train=lists["train"], validation=lists["validation"],
+                       test=lists["test"], class_values=class_values,
+                       class_weights=[float(w) for w in summary["Class Train Weight"]],
+                       background=background, scaler=scaler, band_mean=mean, band_std=std)
+
+
+def chip_properties(pairs: list[tuple[str, str]]) -> tuple[int, int, int, float | None, str]:
+    """(bands, height, width, nodata, dtype) shared by all chips; raises on any difference.
+
+    Reads only the headers of the chips.
+    """
+    reference = None
+    for image_uri, mask_uri in pairs:
+        with storage.open_raster(image_uri) as src:
+            props = (src.count, src.height, src.width)
+            nodata, dtype = src.nodata, src.dtypes[0]
+        if reference is None:
+            reference = (props, image_uri, nodata, dtype)
+        elif props != reference[0]:
+            raise InputMismatchError(
+                f"Chip {image_uri} has {props[0]} bands of {props[1]} x {props[2]} px, "
+                f"{reference[1]} has {reference[0][0]} bands of {reference[0][1]} x "
+                f"{reference[0][2]} px: all chips of a dataset must match")
+    (bands, height, width), _, nodata, dtype = reference
+    return bands, height, width, nodata, dtype
+
+
+class ChipDataset(Dataset):
+    """Image/label chip pairs as (float32 C×H×W tensor, int64 H×W class-index tensor).
+
+    Label values are mapped to contiguous class indices through ``lookup`` (a 256-entry
+    table); values not in the table become the ignore index.
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]], normalization: Normalization,
+                 lookup: np.ndarray, augment: bool = False, cache_dir: str | None = None):
+        self.pairs = pairs
+        self.normalization = normalization
+        self.lookup = lookup
+        self.augment = augment
+        self.cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "specdeepmap-cache")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _read(self, uri: str) -> np.ndarray:
+        path = storage.cached_local_copy(uri, self.cache_dir)
+        with rasterio.open(path) as src:
+            return src.read()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_uri, mask_uri = self.pairs[index]
+        image = self.normalization.apply(self._read(image_uri))
+        mask = self.lookup[self._read(mask_uri)[0].astype(np.int64).clip(0, 255)]
+        x, y = torch.from_numpy(image), torch.from_numpy(mask)
+        if self.augment:
+            x, y = augment_pair(x, y)
+        return x, y
+
+
+def augment_pair(image: torch.Tensor, mask: torch.Tensor, max_angle: float = 45.0,
+                 ignore_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random horizontal/vertical flips and a rotation up to ±``max_angle``°, applied to both.
+
+    The image is rotated bilinearly (corners filled with 0, the band mean after
+    normalisation), the mask with nearest neighbour (corners filled with the ignore index), so
+    both stay aligned (SpecDeepMap's augmentation was a silent no-op).
+    """
+    import torchvision.transforms.v2.functional as tvf
+    from torchvision.transforms import InterpolationMode
+
+    if torch.rand(()) < 0.5:
+        image, mask = image.flip(-1), mask.flip(-1)
+    if torch.rand(()) < 0.5:
+        image, mask = image.flip(-2), mask.flip(-2)
+    if max_angle > 0:
+        angle = float((torch.rand(()) * 2 - 1) * max_angle)
+        image = tvf.rotate(image, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
+        mask = tvf.rotate(mask[None], angle, interpolation=InterpolationMode.NEAREST,
+                          fill=float(ignore_index))[0]
+    return image, mask

@@ -1,0 +1,275 @@
+"""Deep Learning Tester: per-class IoU and confusion-matrix metrics on a test CSV.
+
+Two IoU definitions are reported and named:
+
+* ``IoU`` in SpecDeepMap's CSV (``Class,IoU`` rows, then ``Mean IoU``) is SpecDeepMap's
+  definition: per chip and class, |pred ∩ truth| / |pred ∪ truth| (NaN when both are empty),
+  averaged over chips ignoring NaN, then over classes. It over-weights small chips and rare
+  local occurrences.
+* the dataset-level metrics come from one confusion matrix accumulated over every labelled
+  pixel of every chip: per-class IoU, precision, recall, F1, overall accuracy and mean IoU.
+
+Pixels labelled 0 (unlabelled) are left out of both when 'mask unlabelled' is on (default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import rasterio
+
+from specdeepmap import storage
+from specdeepmap.data import _resolve
+from specdeepmap.errors import EmptyDatasetError, InputMismatchError
+from specdeepmap.inference import load_model
+from specdeepmap.splitting import read_csv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Metrics:
+    """Dataset-level metrics of one confusion matrix."""
+
+    class_values: list[int]
+    matrix: np.ndarray  #: rows = truth, columns = prediction, over class_values
+    iou: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    overall_accuracy: float
+    mean_iou: float
+
+    def table(self) -> pd.DataFrame:
+        """One row per class."""
+        return pd.DataFrame({"Class": self.class_values, "IoU": self.iou,
+                             "Precision": self.precision, "Recall": self.recall, "F1": self.f1,
+                             "Pixels": self.matrix.sum(axis=1)})
+
+
+def metrics_from_matrix(matrix: np.ndarray, class_values: list[int]) -> Metrics:
+    """IoU, precision, recall, F1 per class, overall accuracy and mean IoU.
+
+    Classes with neither truth nor prediction get NaN and are left out of the mean.
+    """
+    m = matrix.astype(np.float64)
+    tp = np.diag(m)
+    truth, pred = m.sum(axis=1), m.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (truth + pred - tp)
+        precision = tp / pred
+        recall = tp / truth
+        f1 = 2 * precision * recall / (precision + recall)
+        f1 = np.where((tp == 0) & (truth + pred > 0), 0.0, f1)
+    total = m.sum()
+    return Metrics(class_values=list(class_values), matrix=matrix.astype(np.int64), iou=iou,
+                   precision=precision, recall=recall, f1=f1,
+                   overall_accuracy=float(tp.sum() / total) if total else float("nan"),
+                   mean_iou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"))
+
+
+def accumulate(matrix: np.ndarray, truth: np.ndarray, pred: np.ndarray,
+               class_values: list[int]) -> None:
+    """Add the pixels whose truth is one of ``class_values`` to ``matrix`` (in place)."""
+    lut = np.full(max(256, max(class_values) + 1), -1, dtype=np.int64)
+    lut[class_values] = np.arange(len(class_values))
+    t = lut[truth.ravel().astype(np.int64)]
+    p = lut[np.clip(pred.ravel().astype(np.int64), 0, len(lut) - 1)]
+    keep = (t >= 0) & (p >= 0)
+    k = len(class_values)
+    matrix += np.bincount(t[keep] * k + p[keep], minlength=k * k).reshape(k, k)
+
+
+def per_chip_iou(truth: np.ndarray, pred: np.ndarray, class_values: list[int]) -> np.ndarray:
+    """SpecDeepMap's per-chip IoU of each class (NaN where truth and prediction lack it)."""
+    out = np.full(len(class_values), np.nan)
+    for i, c in enumerate(class_values):
+        union = np.count_nonzero((truth == c) | (pred == c))
+        if union:
+            out[i] = np.count_nonzero((truth == c) & (pred == c)) / union
+    return out
+
+
+def write_iou_csv(uri: str, class_values: list[int], iou: np.ndarray) -> None:
+    """SpecDeepMap's IoU CSV: ``Class,IoU`` rows per class, then ``Mean IoU``."""
+    lines = ["Class,IoU"] + [f"{c},{v}" for c, v in zip(class_values, iou)]
+    mean = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+    lines.append(f"Mean IoU,{mean}")
+    storage.write_text(uri, "\n".join(lines) + "\n")
+
+
+def plot_metrics(metrics: Metrics, folder: str) -> tuple[str, str]:
+    """Confusion-matrix PNG (row-normalised) and per-class IoU bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(metrics.class_values)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1 + 0.6 * k))
+    rows = metrics.matrix.sum(axis=1, keepdims=True)
+    norm = np.divide(metrics.matrix, rows, out=np.zeros(metrics.matrix.shape), where=rows > 0)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), metrics.class_values)
+    ax.set_yticks(range(k), metrics.class_values)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title("Confusion matrix (row-normalised)")
+    fig.tight_layout()
+    matrix_uri = storage.join(folder, "confusion_matrix.png")
+    with storage.atomic_output(matrix_uri) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * k, 3))
+    ax.bar([str(c) for c in metrics.class_values], np.nan_to_num(metrics.iou))
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("class")
+    ax.set_ylabel("IoU (pooled pixels)")
+    ax.set_title(f"mean IoU {metrics.mean_iou:.3f}")
+    fig.tight_layout()
+    bars_uri = storage.join(folder, "class_iou.png")
+    with storage.atomic_output(bars_uri) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return matrix_uri, bars_uri
+
+
+@dataclass
+class TestReport:
+    """What the Tester produced."""
+
+    iou_csv: str
+    metrics_csv: str
+    metrics: Metrics
+    per_chip_mean_iou: float
+    plots: tuple[str, str]
+    predictions: list[str]
+
+
+def test_model(test_csv: str, model_uri: str, out_folder: str, device: str = "auto",
+               predictions_folder: str | None = None, mask_unlabelled: bool = True,
+               batch_size: int = 8, mlflow_run_id: str | None = None) -> TestReport:
+    """Predict every chip of a test CSV and measure the model (Deep Learning Tester).
+
+    Args:
+        test_csv: ``test_files.csv`` (rows relative to its folder, or absolute URIs).
+        model_uri: checkpoint / model file path or URI, or ``models:/NAME/VERSION|@ALIAS``.
+        out_folder: where ``test_iou.csv`` (SpecDeepMap format), ``test_metrics.csv``,
+            ``test_metrics.json`` and the two PNGs go.
+        device: cpu, gpu or auto.
+        predictions_folder: optional folder for ``{chip}_prediction.tif`` (georeferenced
+            like the chip; created when missing).
+        mask_unlabelled: set exported predictions to 0 where the label is 0.
+        batch_size: chips per forward pass.
+        mlflow_run_id: log the outputs to this MLflow run (default: the registered model's run).
+    """
+    frame = read_csv(test_csv)
+    folder = storage.parent(test_csv)
+    pairs = [(_resolve(folder, i), _resolve(folder, m)) for i, m in zip(frame["image"],
+                                                                       frame["mask"])]
+    if not pairs:
+        raise EmptyDatasetError(f"{test_csv} lists no chips")
+    predictor = load_model(model_uri, device)
+    class_values = predictor.class_values
+    k = len(class_values)
+    matrix = np.zeros((k, k), dtype=np.int64)
+    chip_ious = []
+    exported = []
+    if predictions_folder:
+        storage.makedirs(predictions_folder)
+    for start in range(0, len(pairs), batch_size):
+        batch_pairs = pairs[start:start + batch_size]
+        images, labels, profiles = [], [], []
+        for image_uri, mask_uri in batch_pairs:
+            with storage.open_raster(image_uri) as src:
+                if src.count != predictor.in_channels:
+                    raise InputMismatchError(f"{image_uri} has {src.count} bands, the model "
+                                             f"{model_uri} expects {predictor.in_channels}")
+                images.append(src.read())
+                profiles.append((src.transform, src.crs, src.nodata))
+            with storage.open_raster(mask_uri) as src:
+                labels.append(src.read(1).astype(np.int64))
+        if len({i.shape for i in images}) > 1:
+            raise InputMismatchError(f"Chips of {test_csv} differ in size")
+        preds = predictor.predict_classes(np.stack(images))
+        for (image_uri, _), image, truth, pred, (transform, crs, nodata) in zip(
+                batch_pairs, images, labels, preds, profiles):
+            accumulate(matrix, truth, pred, class_values)
+            chip_ious.append(per_chip_iou(truth, np.where(truth == 0, 0, pred), class_values))
+            if predictions_folder:
+                out = pred.copy()
+                if mask_unlabelled:
+                    out[truth == 0] = 0
+                if nodata is not None:
+                    out[np.all(image == nodata, axis=0)] = 0
+                dtype = "uint8" if max(class_values) < 256 else "uint16"
+                uri = storage.join(predictions_folder,
+                                   f"{storage.stem(image_uri)}_prediction.tif")
+                with storage.atomic_output(uri) as tmp, rasterio.open(
+                        tmp, "w", driver="GTiff", width=out.shape[1], height=out.shape[0],
+                        count=1, dtype=dtype, crs=crs, transform=transform, nodata=0) as dst:
+                    dst.write(out.astype(dtype)[None])
+                exported.append(uri)
+    with np.errstate(all="ignore"):
+        chip_iou = np.nanmean(np.array(chip_ious), axis=0) if chip_ious else np.full(k, np.nan)
+    metrics = metrics_from_matrix(matrix, class_values)
+    storage.makedirs(out_folder)
+    iou_csv = storage.join(out_folder, "test_iou.csv")
+    write_iou_csv(iou_csv, class_values, chip_iou)
+    metrics_csv = storage.join(out_folder, "test_metrics.csv")
+    storage.write_text(metrics_csv, metrics.table().to_csv(index=False))
+    summary = {"mean_iou_pooled": metrics.mean_iou, "overall_accuracy": metrics.overall_accuracy,
+               "mean_iou_per_chip_specdeepmap": float(np.nanmean(chip_iou)),
+               "class_values": class_values, "model": model_uri, "test_csv": test_csv,
+               "confusion_matrix": metrics.matrix.tolist()}
+    storage.write_text(storage.join(out_folder, "test_metrics.json"), json.dumps(summary, indent=2))
+    plots = plot_metrics(metrics, out_folder)
+    report = TestReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,
+                        per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"], plots=plots,
+                        predictions=exported)
+    _log_to_mlflow(report, model_uri, mlflow_run_id, out_folder)
+    log.info("Test mean IoU: %.4f pooled over pixels, %.4f per-chip mean (SpecDeepMap)",
+             metrics.mean_iou, report.per_chip_mean_iou)
+    return report
+
+
+def _log_to_mlflow(report: TestReport, model_uri: str, run_id: str | None,
+                   out_folder: str) -> None:
+    """Log test metrics and files to the model's MLflow run, when there is one."""
+    if run_id is None and model_uri.startswith("models:/"):
+        import mlflow
+
+        name, _, ref = model_uri[len("models:/"):].partition("/")
+        client = mlflow.MlflowClient()
+        if "@" in model_uri:
+            name, alias = model_uri[len("models:/"):].split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            version = client.get_model_version(name, ref)
+        run_id = version.run_id
+    if run_id is None:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    client.log_metric(run_id, "test_mean_iou", report.metrics.mean_iou)
+    client.log_metric(run_id, "test_mean_iou_per_chip", report.per_chip_mean_iou)
+    client.log_metric(run_id, "test_overall_accuracy", report.metrics.overall_accuracy)
+    for c, v in zip(report.metrics.class_values, report.metrics.iou):
+        if np.isfinite(v):
+            client.log_metric(run_id, f"test_iou_class_{c}", float(v))
+    for uri in (report.iou_csv, report.metrics_csv, *report.plots):
+        if not storage.is_s3(uri):
+            client.log_artifact(run_id, storage.local_path(uri), artifact_path="test")
+    if not storage.is_s3(out_folder):
+        client.log_artifact(run_id, os.path.join(storage.local_path(out_folder),
+                                                 "test_metrics.json"), artifact_path="test")

@@ -1,0 +1,154 @@
+"""Model files and prediction: what the Tester and the Mapper share.
+
+A model file is plain data plus tensors, loaded with ``torch.load(weights_only=True)`` so that it
+can never run code: either a Lightning checkpoint written by the Trainer (``*.ckpt``, the config
+under ``hyper_parameters["config"]``) or an exported ``model.pt`` (``{"format", "config",
+"state_dict"}``). The config says everything inference needs: architecture, backbone, bands,
+class values, ignore index, normalisation and tile size.
+
+Model URIs: a local path, ``s3://…``, or an MLflow registry URI ``models:/NAME/VERSION`` or
+``models:/NAME@ALIAS`` (the registered model carries the model file as an artifact).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from specdeepmap import storage
+from specdeepmap.data import Normalization
+from specdeepmap.errors import DeviceUnavailableError, UnsafeModelFileError
+from specdeepmap.models import ModelSpec, build_model
+
+MODEL_FORMAT = "specdeepmap-model/1"
+MODEL_FILE = "model.pt"
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu', 'gpu'/'cuda' or 'auto' → a torch device; asking for an absent GPU is an error."""
+    device = device.lower()
+    if device in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError("A GPU was asked for but CUDA reports none: use "
+                                         "--device cpu or auto")
+        return torch.device("cuda")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cpu")
+
+
+def local_model_file(uri: str) -> str:
+    """Local path of a model file given as path, ``s3://`` or ``models:/`` URI."""
+    if uri.startswith("models:/") or uri.startswith("runs:/"):
+        import mlflow
+
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        found = sorted(glob.glob(os.path.join(folder, "**", MODEL_FILE), recursive=True))
+        if not found:
+            raise UnsafeModelFileError(f"{uri} holds no {MODEL_FILE}: was it logged by "
+                                       "specdeepmap train?")
+        return found[0]
+    return storage.cached_local_copy(uri, os.path.join(tempfile.gettempdir(), "specdeepmap-models"))
+
+
+def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) of a model file, never unpickling arbitrary objects."""
+    path = local_model_file(uri)
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UnsafeModelFileError(
+            f"{uri} is not a plain-data model file: loading it would unpickle arbitrary objects "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Model files written "
+            "by specdeepmap never need that; refusing to load.") from error
+    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
+        return obj["config"], obj["state_dict"]
+    if isinstance(obj, dict) and "config" in obj.get("hyper_parameters", {}):
+        state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()
+                 if k.startswith("model.")}
+        return obj["hyper_parameters"]["config"], state
+    raise UnsafeModelFileError(f"{uri} is not a specdeepmap model file (no config found)")
+
+
+def export_model_file(config: dict, model: torch.nn.Module, path: str) -> str:
+    """Write the portable model file (config + state dict) atomically."""
+    with storage.atomic_output(path) as tmp:
+        torch.save({"format": MODEL_FORMAT, "config": config,
+                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
+                   tmp)
+    return path
+
+
+@dataclass
+class Predictor:
+    """A network with its config, ready to turn raw pixel arrays into class probabilities."""
+
+    model: torch.nn.Module
+    config: dict
+    device: torch.device
+    source: str = ""
+
+    @property
+    def class_values(self) -> list[int]:
+        """Original label values of output channels 1..K (channel 0 is 'unlabelled')."""
+        return list(self.config["class_values"])
+
+    @property
+    def in_channels(self) -> int:
+        """Bands the model expects."""
+        return int(self.config["in_channels"])
+
+    @property
+    def tile_size(self) -> tuple[int, int]:
+        """(height, width) of the training chips."""
+        return tuple(self.config["tile_size"])
+
+    @property
+    def normalization(self) -> Normalization:
+        """Normalisation the model was trained with."""
+        return Normalization.from_dict(self.config["normalization"])
+
+    def value_lut(self) -> np.ndarray:
+        """Class value of every output channel (channel 0 → 0)."""
+        return np.array([0, *self.class_values], dtype=np.int64)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: np.ndarray, normalized: bool = False,
+                      autocast: bool = False, channels_last: bool = False) -> torch.Tensor:
+        """Softmax over the real classes for a raw (N, C, H, W) batch → (N, K, H, W) tensor.
+
+        The 'unlabelled' channel 0 was never trained (it is the ignore index), so it is left
+        out: every pixel gets one of the real classes.
+        """
+        x = batch if normalized else self.normalization.apply(batch)
+        tensor = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        if channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = self.model(tensor)
+        return torch.softmax(logits[:, 1:].float(), dim=1)
+
+    def predict_classes(self, batch: np.ndarray) -> np.ndarray:
+        """Class values (original label values) for a raw (N, C, H, W) batch."""
+        index = self.probabilities(batch).argmax(dim=1).cpu().numpy()
+        return np.asarray(self.class_values, dtype=np.int64)[index]
+
+
+def load_model(uri: str, device: str = "auto") -> Predictor:
+    """Load a model file (path, ``s3://`` or ``models:/``) for inference."""
+    config, state = read_model_file(uri)
+    spec = ModelSpec(config["architecture"], config["backbone"], int(config["in_channels"]),
+                     int(config["num_classes"]))
+    model = build_model(spec)
+    model.load_state_dict(state)
+    target = resolve_device(device)
+    model.to(target).eval()
+    return Predictor(model=model, config=config, device=target, source=uri)

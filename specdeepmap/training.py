@@ -1,0 +1,388 @@
+"""Deep Learning Trainer: Lightning training logged to TensorBoard and the MLflow registry.
+
+Class indices: channel 0 is reserved for 'unlabelled' (label value 0 and any value the dataset
+does not know) and is the ignore index of the loss and the metrics; the dataset's class values
+(any integers 1–255, e.g. 1, 5, 200) map to channels 1..K and back in every prediction.
+
+IoU is computed from one confusion matrix per epoch (pooled over all pixels), the same
+definition as the Tester's dataset-level IoU (SpecDeepMap averaged per-batch values).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from specdeepmap import __version__, storage
+from specdeepmap.data import (ChipDataset, Normalization, chip_properties,
+                              read_dataset_folder)
+from specdeepmap.errors import InputMismatchError, InvalidParameterError
+from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
+from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
+                                canonical_architecture, freeze_encoder, load_encoder_weights,
+                                weights_kind)
+from specdeepmap.splitting import NORMALIZE_CSV, SUMMARY_CSV
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = "{epoch:05d}-val_iou_{val_iou:.4f}"
+IGNORE_INDEX = 0
+
+
+@dataclass
+class TrainConfig:
+    """Trainer parameters (SpecDeepMap's defaults where it has them)."""
+
+    dataset: str  #: dataset folder URI (what `specdeepmap split` wrote)
+    out: str  #: local folder for checkpoints and TensorBoard logs
+    architecture: str = "unet"
+    backbone: str = "resnet18"
+    weights: str | None = None  #: None, "imagenet", or a weights file/URI (state dict, SSL4EO)
+    adapt_first_conv: bool = False  #: repeat pretrained first-conv kernels over other band counts
+    freeze_backbone: bool | None = None  #: default: frozen when pretrained weights are used
+    augment: bool = True
+    balanced: bool = True  #: class weights from Summary_train_val.csv in the loss
+    normalize: bool = True  #: z-score with Normalize_Bands.csv (after the scaler)
+    batch_size: int = 2
+    epochs: int = 1
+    lr: float = 1e-3
+    lr_finder: bool = False
+    early_stopping: bool = True
+    patience: int = 20
+    device: Literal["cpu", "gpu", "auto"] = "auto"
+    devices: int = 1
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    workers: int = 0
+    resume: str | None = None
+    keep_top_k: int = 1  #: best checkpoints kept (-1: all)
+    seed: int = 42
+    limit_batches: int | None = None  #: cap batches per epoch (smoke tests)
+    tracking_uri: str | None = None  #: default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "specdeepmap"
+    registered_model: str | None = "specdeepmap-segmentation"  #: None: do not register
+    run_name: str | None = None
+
+    def validate(self) -> None:
+        """Check ranges and names before any data is read."""
+        canonical_architecture(self.architecture)
+        for name in ("batch_size", "epochs", "devices", "patience"):
+            if getattr(self, name) < 1:
+                raise InvalidParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 1e-7 <= self.lr <= 10:
+            raise InvalidParameterError(f"learning rate must be within 1e-7..10, got {self.lr}")
+        if self.workers < 0:
+            raise InvalidParameterError("workers must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    best_checkpoint: str
+    best_val_iou: float
+    model_file: str
+    log_dir: str
+    run_id: str | None = None
+    model_uri: str | None = None  #: models:/NAME/VERSION when registered
+    model_version: str | None = None
+    epochs_run: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int | None = IGNORE_INDEX) -> torch.Tensor:
+    """(num_classes × num_classes) counts, rows = truth, columns = prediction."""
+    pred, target = pred.reshape(-1), target.reshape(-1)
+    if ignore_index is not None:
+        keep = target != ignore_index
+        pred, target = pred[keep], target[keep]
+    flat = target.long() * num_classes + pred.long()
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def mean_iou(matrix: torch.Tensor, skip: int | None = IGNORE_INDEX) -> float:
+    """Mean IoU over classes that occur in truth or prediction (``skip`` left out)."""
+    matrix = matrix.double()
+    tp = matrix.diag()
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    keep = union > 0
+    if skip is not None:
+        keep[skip] = False
+    return float((tp[keep] / union[keep]).mean()) if keep.any() else 0.0
+
+
+def lightning_module(model: nn.Module, config: dict, class_weights: torch.Tensor | None,
+                     lr: float, epochs: int):
+    """The LightningModule: cross-entropy (ignore 0), Adam, cosine annealing, pooled IoU."""
+    import lightning as L
+
+    class SegmentationTask(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.lr = lr
+            self.save_hyperparameters({"config": config})
+            self.loss = nn.CrossEntropyLoss(weight=class_weights, ignore_index=IGNORE_INDEX)
+            self.num_classes = config["num_classes"]
+            self._matrix = {}
+
+        def forward(self, x):
+            return self.model(x)
+
+        def _step(self, batch, stage):
+            x, y = batch
+            logits = self(x)
+            loss = self.loss(logits, y)
+            if torch.isnan(loss):  # a batch without labelled pixels
+                loss = logits.sum() * 0.0
+            pred = logits[:, 1:].argmax(1) + 1
+            matrix = confusion_matrix(pred, y, self.num_classes)
+            self._matrix[stage] = self._matrix.get(stage, 0) + matrix
+            self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                     batch_size=len(x), sync_dist=True)
+            return loss
+
+        def training_step(self, batch, batch_idx):
+            return self._step(batch, "train")
+
+        def validation_step(self, batch, batch_idx):
+            return self._step(batch, "val")
+
+        def _epoch_end(self, stage):
+            matrix = self._matrix.pop(stage, None)
+            if matrix is None:
+                return
+            if self.trainer.world_size > 1:
+                matrix = self.all_gather(matrix).sum(0)
+            self.log(f"{stage}_iou", mean_iou(matrix), prog_bar=True, sync_dist=False)
+
+        def on_train_epoch_end(self):
+            self._epoch_end("train")
+
+        def on_validation_epoch_end(self):
+            self._epoch_end("val")
+
+        def configure_optimizers(self):
+            params = [p for p in self.parameters() if p.requires_grad]
+            optimizer = torch.optim.Adam(params, lr=self.lr)
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs,
+                                                                   eta_min=1e-6)
+            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    return SegmentationTask()
+
+
+def _code_version() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+{commit}" if commit else __version__
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """MLflow tracking URI: explicit > $MLFLOW_TRACKING_URI > sqlite:///mlflow.db (embedded)."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def ensure_experiment(uri: str, name: str) -> None:
+    """Point MLflow at ``uri`` and create the experiment if needed.
+
+    With an embedded ``sqlite:///PATH`` store the artifacts go beside the database
+    (``mlartifacts/``), not into whatever folder the process happens to run in.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            db = os.path.abspath(uri[len("sqlite:///"):])
+            location = "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
+        mlflow.create_experiment(name, artifact_location=location)
+
+
+def prepare(cfg: TrainConfig) -> tuple:
+    """Everything checked and built before training: data, model, normalisation, config."""
+    cfg.validate()
+    info = read_dataset_folder(cfg.dataset, normalize=cfg.normalize)
+    bands, height, width, nodata, _ = chip_properties(info.train + info.validation)
+    kind = weights_kind(cfg.weights)
+    scaler = info.scaler
+    mean, std = info.band_mean, info.band_std
+    backbone = cfg.backbone
+    if kind in SENTINEL2_WEIGHTS:
+        s2 = SENTINEL2_WEIGHTS[kind]
+        if bands != s2["bands"] and not cfg.adapt_first_conv:
+            raise InputMismatchError(
+                f"{cfg.weights} are Sentinel-2 weights for {s2['bands']} bands (B01…B12), the "
+                f"chips of {cfg.dataset} have {bands}. Use 13-band Sentinel-2 L1C chips or set "
+                "adapt_first_conv.")
+        backbone = s2["backbone"]
+        scaler, mean, std = s2["scaler"], None, None  # the weights' own normalisation
+    if mean is not None and len(mean) != bands:
+        raise InputMismatchError(f"{NORMALIZE_CSV} of {cfg.dataset} has {len(mean)} bands, the "
+                                 f"chips have {bands}")
+    if height % 32 or width % 32:
+        log.warning("Chips of %d x %d px: most encoders need sizes divisible by 32",
+                    height, width)
+    normalization = Normalization(scaler=scaler, mean=mean, std=std, nodata=nodata)
+    num_classes = len(info.class_values) + 1
+    architecture = canonical_architecture(cfg.architecture)
+    spec = ModelSpec(architecture, backbone, bands, num_classes)
+    model = build_model(spec, imagenet=(kind == "imagenet"))
+    if kind not in ("none", "imagenet"):
+        load_encoder_weights(model, cfg.weights, adapt_first_conv=cfg.adapt_first_conv)
+    freeze = cfg.freeze_backbone if cfg.freeze_backbone is not None else kind != "none"
+    if freeze:
+        freeze_encoder(model)
+    config = {
+        "architecture": architecture, "backbone": backbone, "in_channels": bands,
+        "num_classes": num_classes, "class_values": info.class_values,
+        "ignore_index": IGNORE_INDEX, "tile_size": [height, width],
+        "normalization": normalization.to_dict(), "weights": str(cfg.weights),
+        "freeze_backbone": freeze, "dataset": cfg.dataset, "version": _code_version(),
+    }
+    if cfg.resume:
+        resume_config, _ = read_model_file(cfg.resume)
+        for key in ("class_values", "in_channels", "architecture", "backbone"):
+            if resume_config.get(key) != config[key]:
+                raise InputMismatchError(
+                    f"Checkpoint {cfg.resume} was trained with {key} = {resume_config.get(key)}, "
+                    f"the dataset {cfg.dataset} gives {config[key]}: resume needs the same")
+    lookup = np.zeros(256, dtype=np.int64)
+    for index, value in enumerate(info.class_values, start=1):
+        lookup[value] = index
+    weights = None
+    if cfg.balanced:
+        weights = torch.tensor([0.0, *info.class_weights], dtype=torch.float32)
+        if weights[1:].sum() == 0:
+            weights = None
+    cache = os.path.join(cfg.out, "chip-cache")
+    train_set = ChipDataset(info.train, normalization, lookup, augment=cfg.augment,
+                            cache_dir=cache)
+    val_set = ChipDataset(info.validation, normalization, lookup, cache_dir=cache)
+    return info, model, config, weights, train_set, val_set
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a segmentation model on a dataset folder (Deep Learning Trainer).
+
+    Checks the data, the weights, the device and a resume checkpoint before the first step.
+    Logs TensorBoard events under ``out/lightning_logs`` and an MLflow run (parameters,
+    per-epoch metrics, the dataset CSVs, the best checkpoint), and registers the best model in
+    the MLflow model registry.
+    """
+    import lightning as L
+    import mlflow
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+    from torch.utils.data import DataLoader
+
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    info, model, config, weights, train_set, val_set = prepare(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    task = lightning_module(model, config, weights, cfg.lr, cfg.epochs)
+    os.makedirs(cfg.out, exist_ok=True)
+    checkpoint_dir = os.path.join(cfg.out, "checkpoints")
+    checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN,
+                                    monitor="val_iou", mode="max", save_top_k=cfg.keep_top_k,
+                                    auto_insert_metric_name=False)
+    callbacks = [checkpointing]
+    if cfg.early_stopping:
+        callbacks.append(EarlyStopping(monitor="val_iou", mode="max", patience=cfg.patience))
+    uri = tracking_uri(cfg.tracking_uri)
+    ensure_experiment(uri, cfg.experiment)
+    tensorboard = TensorBoardLogger(cfg.out, name="lightning_logs")
+    mlflow_logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri,
+                                 run_name=cfg.run_name, log_model=False)
+    pin = device.type == "cuda"
+    loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
+                       persistent_workers=cfg.workers > 0)
+    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
+                              **loader_args)
+    val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=cfg.devices, precision=cfg.precision, callbacks=callbacks,
+        logger=[tensorboard, mlflow_logger], log_every_n_steps=1, enable_progress_bar=True,
+        limit_train_batches=cfg.limit_batches, limit_val_batches=cfg.limit_batches,
+        num_sanity_val_steps=0, deterministic=False,
+        strategy="ddp" if cfg.devices > 1 else "auto",
+    )
+    mlflow_logger.log_hyperparams({k: v for k, v in asdict(cfg).items()
+                                   if k not in ("tracking_uri",)} |
+                                  {"class_values": info.class_values, "in_channels":
+                                   config["in_channels"], "tile_size": config["tile_size"]})
+    if cfg.lr_finder:
+        from lightning.pytorch.tuner import Tuner
+
+        finder = Tuner(trainer).lr_find(task, train_loader, val_loader, update_attr=True,
+                                        attr_name="lr")
+        log.info("Learning-rate finder suggests %s (used for training)",
+                 finder.suggestion() if finder else None)
+    trainer.fit(task, train_loader, val_loader, ckpt_path=cfg.resume)
+    if not trainer.is_global_zero:
+        return TrainResult("", 0.0, "", tensorboard.log_dir)
+    best = checkpointing.best_model_path
+    best_iou = float(checkpointing.best_model_score or 0.0)
+    _, state = read_model_file(best)
+    model.load_state_dict(state)
+    model_file = export_model_file(config, model, os.path.join(cfg.out, MODEL_FILE))
+    run_id = mlflow_logger.run_id
+    result = TrainResult(best_checkpoint=best, best_val_iou=best_iou, model_file=model_file,
+                         log_dir=tensorboard.log_dir, run_id=run_id,
+                         epochs_run=trainer.current_epoch)
+    with mlflow.start_run(run_id=run_id):
+        for name in (SUMMARY_CSV, NORMALIZE_CSV, "train_files.csv", "validation_files.csv",
+                     "test_files.csv", "split.json"):
+            uri_csv = storage.join(cfg.dataset, name)
+            if storage.exists(uri_csv):
+                local = storage.cached_local_copy(uri_csv, os.path.join(cfg.out, "dataset"))
+                mlflow.log_artifact(local, artifact_path="dataset")
+        mlflow.log_artifact(best, artifact_path="checkpoints")
+        mlflow.log_metric("best_val_iou", best_iou)
+        mlflow.set_tags({"dataset": cfg.dataset, "code_version": config["version"]})
+        if cfg.registered_model:
+            result.model_uri, result.model_version = register_model(
+                model_file, config, cfg.registered_model, best_iou, cfg.dataset)
+    result.seconds = time.perf_counter() - started
+    log.info("Best val IoU %.4f: %s", best_iou, best)
+    return result
+
+
+def register_model(model_file: str, config: dict, name: str, val_iou: float,
+                   dataset: str) -> tuple[str, str]:
+    """Log the model (MLflow pyfunc, code-defined, no pickles) and register a new version.
+
+    Must run inside an active MLflow run. Returns (``models:/NAME/VERSION``, version).
+    """
+    import mlflow
+
+    from specdeepmap import mlflow_model
+
+    height, width = config["tile_size"]
+    example = np.zeros((1, config["in_channels"], height, width), dtype=np.float32)
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=mlflow_model.__file__,
+        artifacts={"model_file": model_file}, input_example=example,
+        registered_model_name=name, pip_requirements=[f"specdeepmap=={__version__}"],
+    )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in {"val_iou": f"{val_iou:.4f}", "dataset": dataset,
+                       "code_version": config["version"], "architecture":
+                       config["architecture"], "backbone": config["backbone"]}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return f"models:/{name}/{version}", version
