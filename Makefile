@@ -26,6 +26,14 @@ run: install
 	$(VENV)/bin/specdeepmap chip $(OUT)/scene/demo_s2.tif $(OUT)/scene/demo_s2_labels.tif $(OUT)/chips \
 		--tile-x 64 --tile-y 64 --step-x 64 --step-y 64
 	$(VENV)/bin/specdeepmap split $(OUT)/chips --scaler 10000
+	$(VENV)/bin/specdeepmap train $(OUT)/chips --out $(OUT)/train --epochs 8 --batch-size 16 \
+		--device auto --tracking-uri sqlite:///$(OUT)/mlflow.db
+	$(VENV)/bin/specdeepmap test $(OUT)/chips/test_files.csv $(OUT)/train/model.pt --out $(OUT)/test
+	$(VENV)/bin/specdeepmap map $(OUT)/scene/demo_s2.tif $(OUT)/train/model.pt \
+		$(OUT)/map/demo_s2_classes.tif --ground-truth $(OUT)/scene/demo_s2_labels.tif \
+		--iou-csv $(OUT)/map/iou.csv --confidence $(OUT)/map/demo_s2_confidence.tif
+	@echo "Outputs in $(OUT). MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(OUT)/mlflow.db"
+	@echo "TensorBoard: $(VENV)/bin/specdeepmap tensorboard --logdir $(OUT)/train"
 
 test: install
 	$(PY) -m pytest -q

@@ -135,5 +135,124 @@ def split(
         print(f"{name}: {uri}")
 
 
+@app.command()
+@_errors_to_exit
+def train(
+    dataset: Annotated[str, typer.Argument(help="Dataset folder URI (what `split` wrote).")],
+    out: Annotated[str, typer.Option(help="Local folder for checkpoints and logs.")] = "runs/train",
+    architecture: Annotated[str, typer.Option(
+        help="unet, unetplusplus, deeplabv3plus, segformer (or 'U-Net', 'U-Net++', ...).")] = "unet",
+    backbone: Annotated[str, typer.Option(help="smp encoder or tu-<timm model>.")] = "resnet18",
+    weights: Annotated[str | None, typer.Option(
+        help="None, 'imagenet', or a weights file/URI (state dict, SSL4EO-S12 MoCo).")] = None,
+    adapt_first_conv: Annotated[bool, typer.Option(
+        help="Repeat pretrained first-conv kernels over another band count.")] = False,
+    freeze_backbone: Annotated[bool | None, typer.Option(
+        help="Freeze the encoder (default: on with pretrained weights).")] = None,
+    augment: Annotated[bool, typer.Option(help="Random flips and rotation up to 45°.")] = True,
+    balanced: Annotated[bool, typer.Option(help="Class weights in the loss.")] = True,
+    normalize: Annotated[bool, typer.Option(help="Z-score with Normalize_Bands.csv.")] = True,
+    batch_size: Annotated[int, typer.Option(min=1)] = 2,
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+    lr: Annotated[float, typer.Option(min=1e-7, help="Learning rate.")] = 1e-3,
+    lr_finder: Annotated[bool, typer.Option(help="Find and use a learning rate.")] = False,
+    early_stopping: Annotated[bool, typer.Option(help="Stop when val IoU stalls.")] = True,
+    patience: Annotated[int, typer.Option(min=1)] = 20,
+    device: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    devices: Annotated[int, typer.Option(min=1, help="Number of devices (DDP if > 1).")] = 1,
+    precision: Annotated[str, typer.Option(help="32, bf16-mixed or 16-mixed.")] = "32",
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader workers.")] = 0,
+    resume: Annotated[str | None, typer.Option(help="Checkpoint to resume from.")] = None,
+    keep_top_k: Annotated[int, typer.Option(help="Best checkpoints kept (-1: all).")] = 1,
+    registered_model: Annotated[str, typer.Option(
+        help="MLflow registered model name ('' to skip).")] = "specdeepmap-segmentation",
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")] = None,
+) -> None:
+    """Deep Learning Trainer: train, log to TensorBoard and MLflow, register the best model."""
+    from specdeepmap.training import TrainConfig
+    from specdeepmap.training import train as run_training
+
+    result = run_training(TrainConfig(
+        dataset=dataset, out=out, architecture=architecture, backbone=backbone,
+        weights=weights, adapt_first_conv=adapt_first_conv, freeze_backbone=freeze_backbone,
+        augment=augment, balanced=balanced, normalize=normalize, batch_size=batch_size,
+        epochs=epochs, lr=lr, lr_finder=lr_finder, early_stopping=early_stopping,
+        patience=patience, device=device, devices=devices, precision=precision,
+        workers=workers, resume=resume, keep_top_k=keep_top_k,
+        registered_model=registered_model or None, tracking_uri=tracking_uri))
+    console.print(f"best val IoU {result.best_val_iou:.4f}: {result.best_checkpoint}")
+    print(f"model_file: {result.model_file}")
+    print(f"model_uri: {result.model_uri}")
+    print(f"run_id: {result.run_id}")
+
+
+@app.command("test")
+@_errors_to_exit
+def test_cmd(
+    test_csv: Annotated[str, typer.Argument(help="test_files.csv URI.")],
+    model: Annotated[str, typer.Argument(help="Model file/URI or models:/NAME/VERSION|@ALIAS.")],
+    out: Annotated[str, typer.Option(help="Folder for the CSVs and plots.")] = "runs/test",
+    device: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    predictions: Annotated[str | None, typer.Option(
+        help="Folder for per-chip prediction GeoTIFFs.")] = None,
+    mask_unlabelled: Annotated[bool, typer.Option(
+        help="Set exported predictions to 0 where the label is 0.")] = True,
+) -> None:
+    """Deep Learning Tester: IoU CSV (SpecDeepMap format) and confusion-matrix metrics."""
+    from specdeepmap.evaluation import evaluate_model
+
+    report = evaluate_model(test_csv, model, out, device=device, predictions_folder=predictions,
+                        mask_unlabelled=mask_unlabelled)
+    console.print(f"mean IoU {report.metrics.mean_iou:.4f} (pooled pixels), "
+                  f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap's definition)")
+    print(f"iou_csv: {report.iou_csv}")
+    print(f"metrics_csv: {report.metrics_csv}")
+
+
+@app.command("map")
+@_errors_to_exit
+def map_cmd(
+    image: Annotated[str, typer.Argument(help="Input raster URI.")],
+    model: Annotated[str, typer.Argument(help="Model file/URI or models:/NAME/VERSION|@ALIAS.")],
+    output: Annotated[str, typer.Argument(help="Output GeoTIFF (COG) URI.")],
+    overlap: Annotated[float, typer.Option(min=0, max=49.9,
+                                           help="Minimum tile overlap in %.")] = 10,
+    window: Annotated[int | None, typer.Option(
+        min=32, help="Window edge in px (default 2 × training tile).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    device: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = False,
+    blend: Annotated[str, typer.Option(help="cosine, linear, gaussian or none.")] = "cosine",
+    ground_truth: Annotated[str | None, typer.Option(help="Label raster for IoU.")] = None,
+    iou_csv: Annotated[str | None, typer.Option(help="IoU CSV output URI.")] = None,
+    confidence: Annotated[str | None, typer.Option(
+        help="Confidence GeoTIFF output URI.")] = None,
+) -> None:
+    """Deep Learning Mapper: whole-scene prediction to a Cloud Optimized GeoTIFF."""
+    from specdeepmap.mapping import MapParams, map_scene
+
+    report = map_scene(image, model, output, MapParams(overlap, window, batch_size, blend, bf16,
+                                                       True, device),
+                       gt_uri=ground_truth, iou_csv_uri=iou_csv, confidence_uri=confidence)
+    console.print(f"{report.windows} windows in {report.seconds:.1f} s → {output}")
+    if report.mean_iou is not None:
+        console.print(f"mean IoU {report.mean_iou:.4f}")
+
+
+@app.command()
+def tensorboard(
+    logdir: Annotated[str, typer.Option(help="Training log folder URI.")] = "runs/train",
+    port: Annotated[int, typer.Option(min=1024, max=65535)] = 6006,
+) -> None:
+    """TensorBoard Visualizer: serve the training logs on 127.0.0.1 and print the address."""
+    import subprocess
+    import sys
+
+    print(f"TensorBoard at http://127.0.0.1:{port}/ (Ctrl+C stops it)")
+    raise typer.Exit(subprocess.call([sys.executable, "-m", "tensorboard.main", "--logdir",
+                                      logdir, "--port", str(port), "--host", "127.0.0.1"]))
+
+
 if __name__ == "__main__":
     app()

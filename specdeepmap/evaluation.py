@@ -144,7 +144,7 @@ def plot_metrics(metrics: Metrics, folder: str) -> tuple[str, str]:
 
 
 @dataclass
-class TestReport:
+class EvaluationReport:
     """What the Tester produced."""
 
     iou_csv: str
@@ -155,9 +155,9 @@ class TestReport:
     predictions: list[str]
 
 
-def test_model(test_csv: str, model_uri: str, out_folder: str, device: str = "auto",
+def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str = "auto",
                predictions_folder: str | None = None, mask_unlabelled: bool = True,
-               batch_size: int = 8, mlflow_run_id: str | None = None) -> TestReport:
+               batch_size: int = 8, mlflow_run_id: str | None = None) -> EvaluationReport:
     """Predict every chip of a test CSV and measure the model (Deep Learning Tester).
 
     Args:
@@ -233,7 +233,7 @@ def test_model(test_csv: str, model_uri: str, out_folder: str, device: str = "au
                "confusion_matrix": metrics.matrix.tolist()}
     storage.write_text(storage.join(out_folder, "test_metrics.json"), json.dumps(summary, indent=2))
     plots = plot_metrics(metrics, out_folder)
-    report = TestReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,
+    report = EvaluationReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,
                         per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"], plots=plots,
                         predictions=exported)
     _log_to_mlflow(report, model_uri, mlflow_run_id, out_folder)
@@ -242,7 +242,7 @@ def test_model(test_csv: str, model_uri: str, out_folder: str, device: str = "au
     return report
 
 
-def _log_to_mlflow(report: TestReport, model_uri: str, run_id: str | None,
+def _log_to_mlflow(report: EvaluationReport, model_uri: str, run_id: str | None,
                    out_folder: str) -> None:
     """Log test metrics and files to the model's MLflow run, when there is one."""
     if run_id is None and model_uri.startswith("models:/"):

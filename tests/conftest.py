@@ -114,3 +114,33 @@ def enmap_folder(shared_data) -> Path:
             pytest.fail(f"{folder} is missing in CI")
         pytest.skip(f"{folder} not present")
     return folder
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A 384² demo scene chipped into 32 px chips and split 70/15/15 (scaler 10000)."""
+    from specdeepmap.training import TrainConfig, train
+    from specdeepmap.chipping import ChipParams, chip_scene
+    from specdeepmap.sample_data import generate_scene
+    from specdeepmap.splitting import SplitParams, make_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    scene = generate_scene(str(root / "scene"), 384, 384, seed=5, field_size=48)
+    chip_scene(scene.image_uri, scene.label_uri, str(root / "chips"),
+               ChipParams((32, 32), (32, 32), 40))
+    make_dataset(str(root / "chips"), SplitParams(70, 15, 15, scaler=10000))
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(dataset):
+    """A tiny U-Net trained for 2 short epochs, registered as 'test-model' in SQLite MLflow."""
+    from specdeepmap.training import TrainConfig, train
+
+    config = TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "run"), epochs=4,
+                         batch_size=8, device="cpu", keep_top_k=-1,
+                         tracking_uri=f"sqlite:///{dataset}/mlflow.db",
+                         registered_model="test-model")
+    return config, train(config)
+
+

@@ -1,0 +1,343 @@
+"""Deep Learning Mapper: whole-scene prediction, streamed, batched and seamlessly blended.
+
+The scene is covered by overlapping windows (the last window of each row and column aligned to
+the scene edge; a scene smaller than a window is padded). Class probabilities of overlapping
+windows are blended with a smooth weight window (cosine ramps by default) instead of cropping
+margins, so no seams remain. Windows are processed one row at a time: only the current row's
+accumulation buffer is kept, rows of output are written as soon as no later window touches
+them, and a background thread reads the next row of windows while the model runs.
+
+Output: a GeoTIFF with the input's CRS and transform, class values mapped back to the original
+label values (uint8, or uint16 for values above 255), input nodata → 0 (the output nodata),
+finished as a Cloud Optimized GeoTIFF (DEFLATE, overviews) and moved/uploaded atomically, with
+lineage tags (model, run, input, software version).
+
+An input without a CRS is mapped with a warning (the output has no CRS either): pixel
+prediction does not need one, and refusing would block ungeoreferenced imagery.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+import torch
+from rasterio.windows import Window
+
+from specdeepmap import __version__, storage
+from specdeepmap.errors import InputMismatchError, InvalidParameterError
+from specdeepmap.evaluation import accumulate, metrics_from_matrix, write_iou_csv
+from specdeepmap.inference import Predictor, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MapParams:
+    """Mapper parameters."""
+
+    overlap: float = 10.0  #: minimum overlap in % of the model's tile size (SpecDeepMap's)
+    window: int | None = None  #: window edge in px; default: 2 × the training tile size
+    batch_size: int = 4
+    blend: Literal["cosine", "linear", "gaussian", "none"] = "cosine"
+    autocast: bool = False  #: bf16 autocast (CPU and GPU)
+    channels_last: bool = True
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Reject impossible settings before any work."""
+        if not 0 <= self.overlap < 50:
+            raise InvalidParameterError(f"overlap must be within 0-50 %, got {self.overlap}")
+        if self.window is not None and self.window < 32:
+            raise InvalidParameterError(f"window must be >= 32 px, got {self.window}")
+        if self.batch_size < 1:
+            raise InvalidParameterError("batch size must be >= 1")
+        if self.blend not in ("cosine", "linear", "gaussian", "none"):
+            raise InvalidParameterError(f"unknown blend {self.blend!r}")
+
+
+@dataclass
+class MapReport:
+    """What :func:`map_scene` wrote and measured."""
+
+    output_uri: str
+    windows: int
+    pixels_processed: int
+    seconds: float
+    confidence_uri: str | None = None
+    iou_csv: str | None = None
+    mean_iou: float | None = None
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Start offsets covering [0, size): every ``stride``, the last one aligned to the end."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window, stride))
+    starts.append(size - window)
+    return starts
+
+
+def weight_window(size: int, ramp: int, kind: str) -> np.ndarray:
+    """1-D blending weights: rising over ``ramp`` px at both ends, 1 in the middle, never 0."""
+    w = np.ones(size, dtype=np.float32)
+    if kind == "none" or ramp <= 0:
+        return w
+    i = np.arange(ramp, dtype=np.float32) + 0.5
+    if kind == "linear":
+        edge = i / ramp
+    elif kind == "gaussian":
+        edge = np.exp(-0.5 * ((ramp - i) / (ramp / 2.5)) ** 2)
+    else:
+        edge = 0.5 - 0.5 * np.cos(np.pi * i / ramp)
+    w[:ramp] = np.minimum(w[:ramp], edge)
+    w[-ramp:] = np.minimum(w[-ramp:], edge[::-1])
+    return np.maximum(w, 1e-3)
+
+
+def _check_input(src: rasterio.DatasetReader, predictor: Predictor, uri: str,
+                 model_uri: str) -> None:
+    """Band count must match; warn when values look wrong for the stored normalisation."""
+    if src.count != predictor.in_channels:
+        raise InputMismatchError(f"{uri} has {src.count} bands, the model {model_uri} was "
+                                 f"trained on {predictor.in_channels}")
+    if src.crs is None:
+        warnings.warn(f"{uri} has no CRS: mapping anyway, the output will have none",
+                      stacklevel=3)
+    norm = predictor.normalization
+    h, w = min(src.height, 256), min(src.width, 256)
+    sample = src.read(window=Window((src.width - w) // 2, (src.height - h) // 2, w, h))
+    valid = sample[:, ~np.all(sample == norm.nodata, axis=0)] if norm.nodata is not None \
+        else sample.reshape(sample.shape[0], -1)
+    if valid.size and norm.scaler and norm.scaler >= 100 and float(np.nanmax(valid)) <= 2.0:
+        warnings.warn(f"{uri} holds values up to {float(np.nanmax(valid)):.3g}, but the model "
+                      f"divides inputs by {norm.scaler}: is the input already scaled?",
+                      stacklevel=3)
+    if valid.size and norm.mean is not None:
+        x = norm.apply(valid[:, None, :].astype(np.float32))
+        if np.nanmedian(np.abs(x)) > 20:
+            warnings.warn(f"{uri}: after the model's normalisation the input is far from the "
+                          "training data (median |z| > 20); check the bands and the scaler",
+                          stacklevel=3)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early when the output location cannot be written."""
+    if storage.is_s3(uri):
+        fs, path = storage.filesystem(uri)
+        bucket = path.split("/", 1)[0]
+        if not fs.exists(bucket):
+            raise InvalidParameterError(f"Output {uri}: bucket {bucket} does not exist")
+        return
+    folder = os.path.dirname(os.path.abspath(storage.local_path(uri)))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise InvalidParameterError(f"Output {uri} is not writable: {error}") from error
+
+
+def map_scene(input_uri: str, model_uri: str, output_uri: str,
+              params: MapParams = MapParams(), gt_uri: str | None = None,
+              iou_csv_uri: str | None = None, confidence_uri: str | None = None,
+              predictor: Predictor | None = None) -> MapReport:
+    """Predict a whole scene into a class-map COG (Deep Learning Mapper).
+
+    Args:
+        input_uri: input raster (local or ``s3://``).
+        model_uri: model file path/URI or ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS``.
+        output_uri: output GeoTIFF URI (local or ``s3://``).
+        params: overlap, window, batch size, blending, precision, device.
+        gt_uri: optional ground-truth label raster on the same grid; with ``iou_csv_uri``
+            writes SpecDeepMap's IoU CSV and a ``*_metrics.csv`` beside it.
+        iou_csv_uri: where the IoU CSV goes.
+        confidence_uri: optional GeoTIFF of the top-class probability (uint8, 0–255).
+        predictor: an already loaded model (saves reloading across scenes).
+    """
+    started = time.perf_counter()
+    params.validate()
+    predictor = predictor or load_model(model_uri, params.device)
+    check_writable(output_uri)
+    tile = max(predictor.tile_size)
+    window = params.window or 2 * tile
+    overlap_px = math.ceil(2 * params.overlap / 100 * tile)
+    stride = max(1, window - overlap_px)
+    blend_1d = weight_window(window, overlap_px, params.blend)
+    blend = np.outer(blend_1d, blend_1d)
+    values = predictor.value_lut()[1:]
+    dtype = "uint8" if values.max() < 256 else "uint16"
+    if params.channels_last:
+        predictor.model.to(memory_format=torch.channels_last)
+    with storage.open_raster(input_uri) as src:
+        _check_input(src, predictor, input_uri, model_uri)
+        gt = None
+        if gt_uri:
+            gt_ctx = storage.open_raster(gt_uri)
+            gt = gt_ctx.__enter__()
+            if (gt.width, gt.height) != (src.width, src.height):
+                raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
+                                         f"the input {input_uri} {src.width} x {src.height}")
+        try:
+            report = _stream(src, gt, predictor, params, window, stride, blend, values, dtype,
+                             input_uri, model_uri, output_uri, confidence_uri)
+        finally:
+            if gt_uri:
+                gt_ctx.__exit__(None, None, None)
+    matrix = report.pop("matrix")
+    result = MapReport(output_uri=output_uri, windows=report["windows"],
+                       pixels_processed=report["pixels"], seconds=0.0,
+                       confidence_uri=confidence_uri)
+    if gt_uri is not None:
+        metrics = metrics_from_matrix(matrix, [int(v) for v in values])
+        result.mean_iou = metrics.mean_iou
+        if iou_csv_uri:
+            write_iou_csv(iou_csv_uri, metrics.class_values, metrics.iou)
+            base = iou_csv_uri[:-4] if iou_csv_uri.endswith(".csv") else iou_csv_uri
+            storage.write_text(base + "_metrics.csv", metrics.table().to_csv(index=False))
+            result.iou_csv = iou_csv_uri
+    result.seconds = time.perf_counter() - started
+    log.info("Mapped %s → %s: %d windows in %.1f s", input_uri, output_uri, result.windows,
+             result.seconds)
+    return result
+
+
+def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, stride: int,
+            blend: np.ndarray, values: np.ndarray, dtype: str, input_uri: str, model_uri: str,
+            output_uri: str, confidence_uri: str | None) -> dict:
+    """The streaming loop; writes a temporary tiled GeoTIFF, then the final COG(s)."""
+    height, width = src.height, src.width
+    ys = window_starts(height, window, stride)
+    xs = window_starts(width, window, stride)
+    # along an axis shorter than a window, one window padded up to a multiple of 32 (the
+    # encoders' stride) covers it
+    pad_h = window if height > window else -(-height // 32) * 32
+    pad_w = window if width > window else -(-width // 32) * 32
+    weights = blend[:pad_h, :pad_w]
+    k = len(values)
+    nodata = src.nodata
+    fill = nodata if nodata is not None else 0
+    staging = tempfile.mkdtemp(prefix="specdeepmap-map-")
+    matrix = np.zeros((k, k), dtype=np.int64)
+    pixels = 0
+    profile = dict(driver="GTiff", width=width, height=height, count=1, dtype=dtype,
+                   crs=src.crs, transform=src.transform, nodata=0, tiled=True,
+                   blockxsize=256, blockysize=256)
+    tags = {"SPECDEEPMAP_MODEL": model_uri,
+            "SPECDEEPMAP_MODEL_RUN_ID": str(predictor.config.get("run_id", "")),
+            "SPECDEEPMAP_MODEL_VERSION": str(predictor.config.get("version", "")),
+            "SPECDEEPMAP_INPUT": input_uri, "SPECDEEPMAP_SOFTWARE": f"specdeepmap {__version__}",
+            "SPECDEEPMAP_CLASS_VALUES": ",".join(str(int(v)) for v in values)}
+
+    def read_row(y: int) -> np.ndarray:
+        rows = min(pad_h, height - y)
+        data = src.read(window=Window(0, y, width, rows))
+        if rows < pad_h or width < pad_w:
+            extra_w = max(0, pad_w - width)
+            data = np.pad(data, ((0, 0), (0, pad_h - rows), (0, extra_w)),
+                          constant_values=fill)
+        return data
+
+    try:
+        class_tmp = os.path.join(staging, "classes.tif")
+        conf_tmp = os.path.join(staging, "confidence.tif")
+        with rasterio.open(class_tmp, "w", **profile) as out, \
+                (rasterio.open(conf_tmp, "w", **{**profile, "dtype": "uint8"})
+                 if confidence_uri else _Null()) as conf, \
+                ThreadPoolExecutor(1) as reader:
+            acc = np.zeros((k, pad_h, max(width, pad_w)), dtype=np.float32)
+            wsum = np.zeros((pad_h, max(width, pad_w)), dtype=np.float32)
+            acc_y = 0
+            future = reader.submit(read_row, ys[0])
+            for r, y in enumerate(ys):
+                strip = future.result()
+                if r + 1 < len(ys):
+                    future = reader.submit(read_row, ys[r + 1])
+                # shift the accumulation buffer so that it starts at row y
+                shift = y - acc_y
+                if shift:
+                    acc[:, :-shift] = acc[:, shift:]
+                    acc[:, -shift:] = 0
+                    wsum[:-shift] = wsum[shift:]
+                    wsum[-shift:] = 0
+                    acc_y = y
+                for b in range(0, len(xs), params.batch_size):
+                    batch_x = xs[b:b + params.batch_size]
+                    batch = np.stack([strip[:, :, x:x + pad_w] for x in batch_x])
+                    probs = predictor.probabilities(batch, autocast=params.autocast,
+                                                    channels_last=params.channels_last)
+                    probs = probs.cpu().numpy()
+                    pixels += probs.shape[0] * pad_h * pad_w
+                    for i, x in enumerate(batch_x):
+                        acc[:, :, x:x + pad_w] += probs[i] * weights
+                        wsum[:, x:x + pad_w] += weights
+                # rows [y, next y) are final: no later window touches them
+                end = ys[r + 1] if r + 1 < len(ys) else min(height, y + pad_h)
+                rows = end - y
+                final = acc[:, :rows, :width] / wsum[None, :rows, :width]
+                index = final.argmax(axis=0)
+                classes = values[index].astype(dtype)
+                raw = strip[:, :rows, :width]
+                if nodata is not None:
+                    classes[np.all(raw == nodata, axis=0)] = 0
+                out.write(classes[None], window=Window(0, y, width, rows))
+                if confidence_uri:
+                    confidence = np.round(final.max(axis=0) * 255).astype(np.uint8)
+                    confidence[classes == 0] = 0
+                    conf.write(confidence[None], window=Window(0, y, width, rows))
+                if gt is not None:
+                    truth = gt.read(1, window=Window(0, y, width, rows))
+                    accumulate(matrix, truth.astype(np.int64), classes.astype(np.int64),
+                               [int(v) for v in values])
+            out.update_tags(**tags)
+        _finish_cog(class_tmp, output_uri, staging, "mode")
+        if confidence_uri:
+            _finish_cog(conf_tmp, confidence_uri, staging, "average")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {"windows": len(xs) * len(ys), "pixels": pixels, "matrix": matrix}
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _finish_cog(tmp: str, uri: str, staging: str, resampling: str) -> None:
+    """Copy a finished GeoTIFF to a COG (DEFLATE, overviews) and move/upload it into place."""
+    cog = os.path.join(staging, f"cog-{os.path.basename(tmp)}")
+    with storage.gdal_env():
+        rasterio.shutil.copy(tmp, cog, driver="COG", compress="DEFLATE",
+                             overview_resampling=resampling, blocksize=256,
+                             num_threads="ALL_CPUS")
+    storage.upload(cog, uri)
+
+
+def map_scenes(inputs: list[str] | str, model_uri: str, out_folder: str,
+               params: MapParams = MapParams(), suffix: str = "_classes.tif",
+               skip_existing: bool = True) -> list[MapReport]:
+    """Map several scenes (a list of URIs or a folder/prefix of .tif files), one output each."""
+    uris = storage.list_files(inputs, ".tif") if isinstance(inputs, str) else list(inputs)
+    predictor = load_model(model_uri, params.device)
+    reports = []
+    for uri in uris:
+        target = storage.join(out_folder, storage.stem(uri) + suffix)
+        if skip_existing and storage.exists(target):
+            log.info("%s exists, skipping", target)
+            continue
+        reports.append(map_scene(uri, model_uri, target, params, predictor=predictor))
+    return reports

@@ -1,0 +1,177 @@
+"""Mapper: coverage, blending, georeferencing, COG output, errors, S3 and real EnMAP data."""
+
+import os
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from specdeepmap import storage
+from specdeepmap.errors import InputMismatchError
+from specdeepmap.inference import export_model_file, load_model
+from specdeepmap.mapping import MapParams, map_scene, weight_window, window_starts
+from specdeepmap.models import ModelSpec, build_model
+from tests.conftest import write_raster
+
+
+def test_windows_cover_every_pixel_and_weights_are_smooth():
+    for size, window, stride in [(1000, 256, 205), (256, 256, 205), (100, 256, 205),
+                                 (513, 128, 100)]:
+        starts = window_starts(size, window, stride)
+        covered = np.zeros(size, bool)
+        for s in starts:
+            covered[s:s + window] = True
+        assert covered.all() and starts[-1] + min(window, size) >= size
+    w = weight_window(128, 26, "cosine")
+    assert w.min() > 0 and w[64] == 1 and np.all(np.diff(w[:26]) > 0)
+
+
+def test_output_is_a_georeferenced_cog_with_lineage(trained, dataset, tmp_path):
+    _, result = trained
+    scene = str(dataset / "scene" / "demo_s2.tif")
+    out = tmp_path / "out" / "classes.tif"
+    report = map_scene(scene, result.model_file, str(out), MapParams(device="cpu"),
+                       gt_uri=str(dataset / "scene" / "demo_s2_labels.tif"),
+                       iou_csv_uri=str(tmp_path / "out" / "iou.csv"),
+                       confidence_uri=str(tmp_path / "out" / "confidence.tif"))
+    with rasterio.open(scene) as src, rasterio.open(out) as dst:
+        assert dst.crs == src.crs and dst.transform == src.transform
+        assert dst.shape == src.shape and dst.dtypes[0] == "uint8" and dst.nodata == 0
+        assert dst.overviews(1) and dst.profile["tiled"]
+        assert dst.tags()["SPECDEEPMAP_MODEL"] == result.model_file
+        assert dst.tags()["SPECDEEPMAP_INPUT"] == scene
+        classes = dst.read(1)
+        nodata = np.all(src.read() == 0, axis=0)
+    assert set(np.unique(classes)) <= {0, 1, 2, 3, 4, 5, 6}
+    assert (classes[nodata] == 0).all() and (classes[~nodata] > 0).all()
+    lines = (tmp_path / "out" / "iou.csv").read_text().splitlines()
+    assert lines[0] == "Class,IoU" and lines[-1].startswith("Mean IoU,")
+    assert report.pixels_processed >= classes.size
+    assert sorted(os.listdir(tmp_path / "out")) == ["classes.tif", "confidence.tif", "iou.csv",
+                                                    "iou_metrics.csv"]
+
+
+def _pointwise(self, batch, **kwargs):
+    """A per-pixel stand-in for the network: softmax of a fixed linear map of the bands.
+
+    Its output depends on nothing but the pixel itself, so any difference between window
+    sizes or between stitched and single-window maps is the mapper's own doing.
+    """
+    x = torch.from_numpy(self.normalization.apply(batch))
+    weights = torch.linspace(-1, 1, x.shape[1] * 6).reshape(6, x.shape[1])
+    return torch.softmax(torch.einsum("kc,nchw->nkhw", weights, x) * 3, dim=1)
+
+
+@pytest.mark.parametrize("window, overlap", [(64, 10), (96, 25), (256, 10), (384, 0)])
+def test_stitching_is_exact_for_any_window(trained, dataset, tmp_path, monkeypatch,
+                                           window, overlap):
+    """Blended windows of any size reproduce a per-pixel model everywhere, edges included."""
+    from specdeepmap import inference
+
+    _, result = trained
+    monkeypatch.setattr(inference.Predictor, "probabilities", _pointwise)
+    scene = str(dataset / "scene" / "demo_s2.tif")
+    map_scene(scene, result.model_file, str(tmp_path / "m.tif"),
+              MapParams(window=window, overlap=overlap, device="cpu"))
+    predictor = load_model(result.model_file, "cpu")
+    with rasterio.open(scene) as src:
+        data = src.read()
+    expected = np.array([1, 2, 3, 4, 5, 6])[_pointwise(predictor, data[None])[0].argmax(0)]
+    expected[np.all(data == 0, axis=0)] = 0
+    np.testing.assert_array_equal(rasterio.open(tmp_path / "m.tif").read(1), expected)
+
+
+def test_tiny_scene_uint16_classes_and_errors(tmp_path):
+    model = build_model(ModelSpec("unet", "resnet18", 4, 4))
+    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 4,
+              "num_classes": 4, "class_values": [3, 7, 300], "ignore_index": 0,
+              "tile_size": [32, 32], "normalization": {"scaler": 1000.0, "mean": None,
+                                                       "std": None, "nodata": -1.0}}
+    model_file = export_model_file(config, model, str(tmp_path / "m.pt"))
+    data = np.random.default_rng(0).uniform(0, 1000, (4, 20, 25)).astype(np.float32)
+    data[:, :3, :3] = -1
+    scene = write_raster(tmp_path / "tiny.tif", data, nodata=-1.0)
+    map_scene(scene, model_file, str(tmp_path / "tiny_out.tif"), MapParams(device="cpu"))
+    with rasterio.open(tmp_path / "tiny_out.tif") as dst:
+        out = dst.read(1)
+        assert dst.dtypes[0] == "uint16" and out.shape == (20, 25)
+    assert set(np.unique(out)) <= {0, 3, 7, 300} and (out[:3, :3] == 0).all()
+    assert (out[3:, 3:] > 0).all()
+
+    wrong = write_raster(tmp_path / "five.tif", np.ones((5, 20, 20), np.float32))
+    with pytest.raises(InputMismatchError, match="5 bands"):
+        map_scene(wrong, model_file, str(tmp_path / "x.tif"), MapParams(device="cpu"))
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_interrupted_run_leaves_no_output(trained, dataset, tmp_path, monkeypatch):
+    from specdeepmap import inference
+
+    _, result = trained
+    calls = {"n": 0}
+    real = inference.Predictor.probabilities
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(inference.Predictor, "probabilities", failing)
+    with pytest.raises(KeyboardInterrupt):
+        map_scene(str(dataset / "scene" / "demo_s2.tif"), result.model_file,
+                  str(tmp_path / "out" / "c.tif"), MapParams(window=64, device="cpu"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+@pytest.mark.integration
+def test_s3_in_and_out(trained, dataset, s3_bucket, tmp_path):
+    _, result = trained
+    storage.upload(str(dataset / "scene" / "demo_s2.tif"), f"{s3_bucket}/scenes/a.tif")
+    storage.upload(result.model_file, f"{s3_bucket}/models/model.pt")
+    map_scene(f"{s3_bucket}/scenes/a.tif", f"{s3_bucket}/models/model.pt",
+              f"{s3_bucket}/maps/a_classes.tif", MapParams(device="cpu"))
+    map_scene(str(dataset / "scene" / "demo_s2.tif"), result.model_file,
+              str(tmp_path / "local.tif"), MapParams(device="cpu"))
+    with storage.open_raster(f"{s3_bucket}/maps/a_classes.tif") as remote, \
+            rasterio.open(tmp_path / "local.tif") as local:
+        np.testing.assert_array_equal(remote.read(1), local.read(1))
+        assert remote.transform == local.transform
+
+
+@pytest.mark.shared_data
+def test_real_enmap_scene_through_the_registry(enmap_folder, tmp_path):
+    """A 128 x 64 EnMAP mosaic of the real chips, mapped with a model from its registry URI."""
+    import mlflow
+
+    from specdeepmap.splitting import SplitParams, make_dataset
+    from specdeepmap.training import TrainConfig, train
+
+    make_dataset(str(enmap_folder), SplitParams(60, 20, 20), out_folder=str(tmp_path / "ds"))
+    # the CSVs hold absolute chip paths (they lie outside the chip folder)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train(TrainConfig(dataset=str(tmp_path / "ds"), out=str(tmp_path / "run"),
+                               epochs=1, batch_size=4, device="cpu", tracking_uri=uri,
+                               registered_model="enmap", augment=False))
+    mosaic = np.zeros((224, 64, 128), np.float32)
+    for i, x in enumerate((96, 128, 160, 192)):
+        for j, y in enumerate((96, 128)):
+            with rasterio.open(enmap_folder / "images" / f"enmap_potsdam_tile_{x}_{y}.tif") as c:
+                mosaic[:, j * 32:(j + 1) * 32, i * 32:(i + 1) * 32] = c.read()
+                if (i, j) == (0, 0):
+                    transform, crs = c.transform, c.crs
+    scene = write_raster(tmp_path / "enmap.tif", mosaic, crs=crs, transform=transform,
+                         nodata=-32768)
+    with rasterio.open(enmap_folder / "enmap_landcover_unstyled.tif") as gt:
+        truth = gt.read(1, window=((96, 160), (96, 224)))
+    gt_path = write_raster(tmp_path / "gt.tif", truth.astype(np.uint8), crs=crs,
+                           transform=transform)
+    mlflow.set_tracking_uri(uri)
+    report = map_scene(scene, f"models:/enmap/{result.model_version}",
+                       str(tmp_path / "enmap_classes.tif"), MapParams(device="cpu"),
+                       gt_uri=gt_path, iou_csv_uri=str(tmp_path / "iou.csv"))
+    lines = (tmp_path / "iou.csv").read_text().splitlines()
+    assert len(lines) == 8 and report.mean_iou is not None
+    with rasterio.open(tmp_path / "enmap_classes.tif") as out:
+        assert out.shape == (64, 128) and out.crs == crs

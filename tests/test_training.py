@@ -1,0 +1,157 @@
+"""Trainer, model files, MLflow registry and Tester, with tiny models and few steps."""
+
+import io
+import os
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from specdeepmap.errors import (InputMismatchError, InvalidParameterError, MissingInputError,
+                                UnsafeModelFileError)
+from specdeepmap.evaluation import accumulate, metrics_from_matrix, evaluate_model
+from specdeepmap.inference import load_model, read_model_file
+from specdeepmap.models import (ModelSpec, build_model, canonical_architecture,
+                                load_encoder_weights)
+from specdeepmap.training import TrainConfig, train
+
+
+@pytest.mark.parametrize("architecture", ["U-Net", "U-Net++", "DeepLabV3+", "SegFormer"])
+@pytest.mark.parametrize("bands", [13, 224])
+def test_every_architecture_runs_one_step(architecture, bands):
+    model = build_model(ModelSpec(architecture, "resnet18", bands, 4))
+    x = torch.randn(2, bands, 64, 64)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.randint(0, 4, (2, 64, 64)))
+    loss.backward()
+    assert model(x).shape == (2, 4, 64, 64)
+
+
+def test_timm_backbone_and_bad_names():
+    model = build_model(ModelSpec("unet", "tu-resnet18", 5, 3))
+    assert model(torch.randn(1, 5, 64, 64)).shape == (1, 3, 64, 64)
+    assert canonical_architecture("U-Net++") == "unetplusplus"
+    with pytest.raises(InvalidParameterError, match="unet"):
+        canonical_architecture("transformer-net")
+    with pytest.raises(InvalidParameterError, match="resnet18"):
+        build_model(ModelSpec("unet", "resnet19", 3, 2))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_ssl4eo_weights_load_into_encoder(tmp_path, backbone):
+    """A file in torchgeo's SSL4EO-S12 format: a timm ResNet state dict with 13 input bands."""
+    import timm
+
+    source = timm.create_model(backbone, in_chans=13, num_classes=0)
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in source.state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    path = tmp_path / f"{backbone}_sentinel2_all_moco-abc123.pth"
+    torch.save(state, path)
+    model = build_model(ModelSpec("unet", backbone, 13, 3))
+    load_encoder_weights(model, str(path))
+    torch.testing.assert_close(model.encoder.conv1.weight, state["conv1.weight"])
+    wrong = build_model(ModelSpec("unet", backbone, 10, 3))
+    with pytest.raises(InputMismatchError, match="13 input bands"):
+        load_encoder_weights(wrong, str(path))
+    load_encoder_weights(wrong, str(path), adapt_first_conv=True)
+    assert wrong.encoder.conv1.weight.shape[1] == 10
+
+
+def test_crafted_pickle_payload_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"hyper_parameters": {"config": {}}, "state_dict": {}, "x": Payload()}, path)
+    with pytest.raises(UnsafeModelFileError, match="unpickle"):
+        read_model_file(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_confusion_matrix_metrics_against_hand_computed_case():
+    truth = np.array([1, 1, 1, 2, 2, 5, 5, 5, 0, 0])
+    pred = np.array([1, 1, 2, 2, 5, 5, 5, 1, 1, 5])
+    matrix = np.zeros((3, 3), dtype=np.int64)
+    accumulate(matrix, truth, pred, [1, 2, 5])  # the two unlabelled pixels drop out
+    np.testing.assert_array_equal(matrix, [[2, 1, 0], [0, 1, 1], [1, 0, 2]])
+    m = metrics_from_matrix(matrix, [1, 2, 5])
+    np.testing.assert_allclose(m.iou, [2 / 4, 1 / 3, 2 / 4])
+    np.testing.assert_allclose(m.precision, [2 / 3, 1 / 2, 2 / 3])
+    np.testing.assert_allclose(m.recall, [2 / 3, 1 / 2, 2 / 3])
+    assert m.overall_accuracy == pytest.approx(5 / 8)
+    assert m.mean_iou == pytest.approx((0.5 + 1 / 3 + 0.5) / 3)
+
+
+def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
+    import mlflow
+
+    config, result = trained
+    names = sorted(os.listdir(dataset / "run" / "checkpoints"))
+    assert len(names) == result.epochs_run == 4
+    for epoch, name in enumerate(names):
+        assert name.startswith(f"{epoch:05d}-val_iou_") and name.endswith(".ckpt")
+        float(name[len("00000-val_iou_"):-5])
+    events = [f for _, _, files in os.walk(dataset / "run" / "lightning_logs") for f in files
+              if f.startswith("events.out.tfevents")]
+    assert events
+    model_config, _ = read_model_file(result.best_checkpoint)
+    assert model_config["in_channels"] == 13 and model_config["tile_size"] == [32, 32]
+    assert model_config["class_values"] == [1, 2, 3, 4, 5, 6]
+    assert model_config["normalization"]["scaler"] == 10000
+
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert "val_iou" in run.data.metrics and "train_loss" in run.data.metrics
+    assert len(client.get_metric_history(result.run_id, "val_loss")) == 4
+    version = client.get_model_version("test-model", result.model_version)
+    assert version.tags["val_iou"] == f"{result.best_val_iou:.4f}"
+    assert version.tags["dataset"] == config.dataset and "code_version" in version.tags
+    artifacts = [a.path for a in client.list_artifacts(result.run_id, "dataset")]
+    assert "dataset/Summary_train_val.csv" in artifacts
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    client.set_registered_model_alias("test-model", "champion", result.model_version)
+    by_alias = load_model("models:/test-model@champion", device="cpu")
+    by_file = load_model(result.model_file, device="cpu")
+    x = np.random.default_rng(0).integers(100, 4000, (2, 13, 32, 32)).astype(np.uint16)
+    np.testing.assert_array_equal(by_alias.predict_classes(x), by_file.predict_classes(x))
+    pyfunc = mlflow.pyfunc.load_model(f"models:/test-model/{result.model_version}")
+    np.testing.assert_array_equal(pyfunc.predict(x.astype(np.float32)),
+                                  by_file.predict_classes(x))
+
+
+def test_tester_outputs_specdeepmap_csv_and_metrics(trained, dataset, tmp_path):
+    config, result = trained
+    report = evaluate_model(str(dataset / "chips" / "test_files.csv"), result.model_file,
+                        str(tmp_path / "test"), device="cpu",
+                        predictions_folder=str(tmp_path / "preds"))
+    lines = (tmp_path / "test" / "test_iou.csv").read_text().splitlines()
+    assert lines[0] == "Class,IoU" and lines[-1].startswith("Mean IoU,")
+    assert [int(line.split(",")[0]) for line in lines[1:-1]] == [1, 2, 3, 4, 5, 6]
+    n_test = len(pd.read_csv(dataset / "chips" / "test_files.csv"))
+    assert len(report.predictions) == n_test
+    assert report.metrics.matrix.sum() > 0
+    assert (tmp_path / "test" / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_errors_before_training(dataset, trained):
+    with pytest.raises(MissingInputError, match="train_files.csv"):
+        train(TrainConfig(dataset=str(dataset / "scene"), out=str(dataset / "x")))
+    with pytest.raises(InvalidParameterError, match="batch_size"):
+        train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"), batch_size=0))
+    _, result = trained
+    config, state = read_model_file(result.model_file)
+    config = {**config, "class_values": [1, 2, 3]}
+    other = dataset / "other.pt"
+    torch.save({"format": "specdeepmap-model/1", "config": config, "state_dict": state}, other)
+    with pytest.raises(InputMismatchError, match="class_values"):
+        train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"),
+                          resume=str(other), device="cpu"))
+    if not torch.cuda.is_available():
+        from specdeepmap.errors import DeviceUnavailableError
+        with pytest.raises(DeviceUnavailableError):
+            train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"),
+                              device="gpu"))
