@@ -96,7 +96,8 @@ class DatasetInfo:
     band_std: tuple[float, ...] | None
 
 
-def _resolve(folder: str, row: str) -> str:
+def resolve_row(folder: str, row: str) -> str:
+    """URI of a CSV row: absolute URIs stay, relative ones are joined to the CSV's folder."""
     if storage.is_s3(row) or os.path.isabs(row) or row.startswith("file://"):
         return row
     return storage.join(folder, row)
@@ -122,7 +123,7 @@ def read_dataset_folder(folder: str, normalize: bool = True) -> DatasetInfo:
         if list(frame.columns[:2]) != ["image", "mask"]:
             raise InputMismatchError(f"{uri} must have the columns image,mask; has "
                                      f"{list(frame.columns)}")
-        lists[key] = [(_resolve(folder, i), _resolve(folder, m))
+        lists[key] = [(resolve_row(folder, i), resolve_row(folder, m))
                       for i, m in zip(frame["image"], frame["mask"])]
     if not lists["train"]:
         raise EmptyDatasetError(f"{storage.join(folder, CSV_NAMES['train'])} lists no chips")

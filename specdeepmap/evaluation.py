@@ -24,7 +24,7 @@ import pandas as pd
 import rasterio
 
 from specdeepmap import storage
-from specdeepmap.data import _resolve
+from specdeepmap.data import resolve_row
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError
 from specdeepmap.inference import load_model
 from specdeepmap.splitting import read_csv
@@ -174,7 +174,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     """
     frame = read_csv(test_csv)
     folder = storage.parent(test_csv)
-    pairs = [(_resolve(folder, i), _resolve(folder, m)) for i, m in zip(frame["image"],
+    pairs = [(resolve_row(folder, i), resolve_row(folder, m)) for i, m in zip(frame["image"],
                                                                        frame["mask"])]
     if not pairs:
         raise EmptyDatasetError(f"{test_csv} lists no chips")
@@ -248,13 +248,12 @@ def _log_to_mlflow(report: EvaluationReport, model_uri: str, run_id: str | None,
     if run_id is None and model_uri.startswith("models:/"):
         import mlflow
 
-        name, _, ref = model_uri[len("models:/"):].partition("/")
         client = mlflow.MlflowClient()
-        if "@" in model_uri:
-            name, alias = model_uri[len("models:/"):].split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
+        reference = model_uri[len("models:/"):]
+        if "@" in reference:
+            version = client.get_model_version_by_alias(*reference.split("@", 1))
         else:
-            version = client.get_model_version(name, ref)
+            version = client.get_model_version(*reference.split("/", 1))
         run_id = version.run_id
     if run_id is None:
         return

@@ -18,6 +18,7 @@ prediction does not need one, and refusing would block ungeoreferenced imagery.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -180,21 +181,15 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     dtype = "uint8" if values.max() < 256 else "uint16"
     if params.channels_last:
         predictor.model.to(memory_format=torch.channels_last)
-    with storage.open_raster(input_uri) as src:
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(storage.open_raster(input_uri))
         _check_input(src, predictor, input_uri, model_uri)
-        gt = None
-        if gt_uri:
-            gt_ctx = storage.open_raster(gt_uri)
-            gt = gt_ctx.__enter__()
-            if (gt.width, gt.height) != (src.width, src.height):
-                raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
-                                         f"the input {input_uri} {src.width} x {src.height}")
-        try:
-            report = _stream(src, gt, predictor, params, window, stride, blend, values, dtype,
-                             input_uri, model_uri, output_uri, confidence_uri)
-        finally:
-            if gt_uri:
-                gt_ctx.__exit__(None, None, None)
+        gt = stack.enter_context(storage.open_raster(gt_uri)) if gt_uri else None
+        if gt is not None and (gt.width, gt.height) != (src.width, src.height):
+            raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
+                                     f"the input {input_uri} {src.width} x {src.height}")
+        report = _stream(src, gt, predictor, params, window, stride, blend, values, dtype,
+                         input_uri, model_uri, output_uri, confidence_uri)
     matrix = report.pop("matrix")
     result = MapReport(output_uri=output_uri, windows=report["windows"],
                        pixels_processed=report["pixels"], seconds=0.0,
