@@ -219,8 +219,10 @@ def map_cmd(
     overlap: Annotated[float, typer.Option(min=0, max=49.9,
                                            help="Minimum tile overlap in %.")] = 10,
     window: Annotated[int | None, typer.Option(
-        min=32, help="Window edge in px (default 2 × training tile).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+        min=32, help="Window edge in px (default: 1, 2 or 4 × training tile, fewest "
+        "pixels processed).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Windows per forward pass (default: ~4 tiles of 256² px).")] = None,
     device: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = False,
     blend: Annotated[str, typer.Option(help="cosine, linear, gaussian or none.")] = "cosine",

@@ -46,19 +46,22 @@ class Normalization:
             invalid = np.all(image == self.nodata, axis=band_axis, keepdims=True)
         x = image.astype(np.float32, copy=True)
         if self.scaler:
-            x /= np.float32(self.scaler)
+            x *= np.float32(1.0 / self.scaler)
         if self.mean is not None:
             shape = [1] * x.ndim
             shape[band_axis] = -1
-            mean = np.asarray(self.mean, np.float32).reshape(shape)
-            std = np.asarray(self.std, np.float32).reshape(shape)
+            mean = np.asarray(self.mean, np.float32)
+            std = np.asarray(self.std, np.float32)
             missing = ~np.isfinite(mean) | ~np.isfinite(std) | (std == 0)
-            x = (x - np.where(missing, 0, mean)) / np.where(missing, 1, std)
-            x = np.where(missing, 0, x)
-        x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            # bands without statistics become 0: scale 0, offset 0
+            scale = np.where(missing, 0, 1 / np.where(missing, 1, std)).astype(np.float32)
+            x -= np.where(missing, 0, mean).astype(np.float32).reshape(shape)
+            x *= scale.reshape(shape)
+        if image.dtype.kind == "f":  # integer inputs cannot hold NaN or infinity
+            np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         if invalid is not None:
-            x = np.where(invalid, 0, x)
-        return x.astype(np.float32, copy=False)
+            np.copyto(x, 0, where=np.broadcast_to(invalid, x.shape))
+        return x
 
     def to_dict(self) -> dict:
         """Plain data for a checkpoint (NaN becomes None)."""

@@ -32,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 import rasterio
+import rasterio.enums
 import rasterio.shutil
 import torch
 from rasterio.windows import Window
@@ -49,8 +50,8 @@ class MapParams:
     """Mapper parameters."""
 
     overlap: float = 10.0  #: minimum overlap in % of the model's tile size (SpecDeepMap's)
-    window: int | None = None  #: window edge in px; default: 2 × the training tile size
-    batch_size: int = 4
+    window: int | None = None  #: window edge in px; default: see :func:`choose_window`
+    batch_size: int | None = None  #: windows per forward pass; default: ~4 tiles of pixels
     blend: Literal["cosine", "linear", "gaussian", "none"] = "cosine"
     autocast: bool = False  #: bf16 autocast (CPU and GPU)
     channels_last: bool = True
@@ -62,7 +63,7 @@ class MapParams:
             raise InvalidParameterError(f"overlap must be within 0-50 %, got {self.overlap}")
         if self.window is not None and self.window < 32:
             raise InvalidParameterError(f"window must be >= 32 px, got {self.window}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise InvalidParameterError("batch size must be >= 1")
         if self.blend not in ("cosine", "linear", "gaussian", "none"):
             raise InvalidParameterError(f"unknown blend {self.blend!r}")
@@ -79,6 +80,8 @@ class MapReport:
     confidence_uri: str | None = None
     iou_csv: str | None = None
     mean_iou: float | None = None
+    window: int = 0
+    batch_size: int = 0
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -88,6 +91,27 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     starts = list(range(0, size - window, stride))
     starts.append(size - window)
     return starts
+
+
+def _processed_pixels(height: int, width: int, window: int, stride: int) -> int:
+    rows = window if height > window else -(-height // 32) * 32
+    cols = window if width > window else -(-width // 32) * 32
+    return len(window_starts(height, window, stride)) * len(window_starts(width, window,
+                                                                          stride)) * rows * cols
+
+
+def choose_window(height: int, width: int, tile: int, overlap_px: int) -> int:
+    """The window (1, 2 or 4 × the training tile) that processes the fewest pixels.
+
+    A fully convolutional model accepts windows larger than its training chips; larger
+    windows repeat less of the overlap (at 10 % overlap a 2 × tile window processes about
+    1.23 × the scene's pixels where a 1 × tile window processes 1.56 ×), but near the scene
+    size the edge-aligned last window repeats more. Capped at 4 × tile so that memory stays
+    bounded whatever the scene.
+    """
+    candidates = [tile * f for f in (1, 2, 4)]
+    return min(candidates, key=lambda w: (_processed_pixels(height, width, w,
+                                                            max(1, w - overlap_px)), -w))
 
 
 def weight_window(size: int, ramp: int, kind: str) -> np.ndarray:
@@ -172,9 +196,13 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     predictor = predictor or load_model(model_uri, params.device)
     check_writable(output_uri)
     tile = max(predictor.tile_size)
-    window = params.window or 2 * tile
     overlap_px = math.ceil(2 * params.overlap / 100 * tile)
+    with storage.open_raster(input_uri) as src:
+        height, width = src.height, src.width
+    window = params.window or choose_window(height, width, tile, overlap_px)
     stride = max(1, window - overlap_px)
+    # about four 256² tiles of pixels per forward pass: enough to batch, bounded memory
+    batch_size = params.batch_size or max(1, (4 * 256 * 256) // (window * window))
     blend_1d = weight_window(window, overlap_px, params.blend)
     blend = np.outer(blend_1d, blend_1d)
     values = predictor.value_lut()[1:]
@@ -188,12 +216,12 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
         if gt is not None and (gt.width, gt.height) != (src.width, src.height):
             raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
                                      f"the input {input_uri} {src.width} x {src.height}")
-        report = _stream(src, gt, predictor, params, window, stride, blend, values, dtype,
-                         input_uri, model_uri, output_uri, confidence_uri)
+        report = _stream(src, gt, predictor, params, window, stride, batch_size, blend,
+                         values, dtype, input_uri, model_uri, output_uri, confidence_uri)
     matrix = report.pop("matrix")
     result = MapReport(output_uri=output_uri, windows=report["windows"],
                        pixels_processed=report["pixels"], seconds=0.0,
-                       confidence_uri=confidence_uri)
+                       confidence_uri=confidence_uri, window=window, batch_size=batch_size)
     if gt_uri is not None:
         metrics = metrics_from_matrix(matrix, [int(v) for v in values])
         result.mean_iou = metrics.mean_iou
@@ -209,7 +237,7 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
 
 
 def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, stride: int,
-            blend: np.ndarray, values: np.ndarray, dtype: str, input_uri: str, model_uri: str,
+            batch_size: int, blend: np.ndarray, values: np.ndarray, dtype: str, input_uri: str, model_uri: str,
             output_uri: str, confidence_uri: str | None) -> dict:
     """The streaming loop; writes a temporary tiled GeoTIFF, then the final COG(s)."""
     height, width = src.height, src.width
@@ -267,8 +295,8 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                     wsum[:-shift] = wsum[shift:]
                     wsum[-shift:] = 0
                     acc_y = y
-                for b in range(0, len(xs), params.batch_size):
-                    batch_x = xs[b:b + params.batch_size]
+                for b in range(0, len(xs), batch_size):
+                    batch_x = xs[b:b + batch_size]
                     batch = np.stack([strip[:, :, x:x + pad_w] for x in batch_x])
                     probs = predictor.probabilities(batch, autocast=params.autocast,
                                                     channels_last=params.channels_last)
@@ -322,6 +350,79 @@ def _finish_cog(tmp: str, uri: str, staging: str, resampling: str) -> None:
     storage.upload(cog, uri)
 
 
+def output_uri_for(input_uri: str, out_folder: str, suffix: str = "_classes.tif") -> str:
+    """Where the class map of ``input_uri`` goes under ``out_folder``."""
+    return storage.join(out_folder, storage.stem(input_uri) + suffix)
+
+
+def unmapped_scenes(input_prefix: str, out_folder: str, suffix: str = "_classes.tif") -> list[str]:
+    """Scenes (``*.tif`` under ``input_prefix``) whose class map does not exist yet."""
+    return [uri for uri in storage.list_files(input_prefix, ".tif")
+            if not storage.exists(output_uri_for(uri, out_folder, suffix))]
+
+
+def quicklook(class_uri: str, png_uri: str, max_size: int = 1024) -> str:
+    """A PNG preview of a class map, read from its overviews (never the full raster)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with storage.open_raster(class_uri) as src:
+        scale = max(1.0, max(src.width, src.height) / max_size)
+        shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale)))
+        classes = src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+    values = np.unique(classes[classes > 0])
+    fig, ax = plt.subplots(figsize=(shape[1] / 100 + 1.6, shape[0] / 100 + 0.4), dpi=100)
+    shown = np.ma.masked_equal(classes, 0)
+    image = ax.imshow(shown, cmap="tab20", interpolation="nearest",
+                      vmin=0, vmax=max(int(values.max()) if len(values) else 1, 1))
+    ax.set_axis_off()
+    fig.colorbar(image, ax=ax, fraction=0.04, label="class value")
+    fig.tight_layout()
+    with storage.atomic_output(png_uri) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return png_uri
+
+
+def class_areas(class_uri: str) -> dict[int, float]:
+    """Area per class value in CRS units² (m² for projected scenes), read block by block."""
+    counts: dict[int, int] = {}
+    with storage.open_raster(class_uri) as src:
+        pixel_area = abs(src.transform.a * src.transform.e)
+        for _, window in src.block_windows(1):
+            values, n = np.unique(src.read(1, window=window), return_counts=True)
+            for v, c in zip(values.tolist(), n.tolist()):
+                counts[v] = counts.get(v, 0) + c
+    return {v: c * pixel_area for v, c in sorted(counts.items()) if v != 0}
+
+
+def map_scene_products(input_uri: str, model_uri: str, output_uri: str,
+                       params: MapParams = MapParams(),
+                       predictor: Predictor | None = None) -> dict:
+    """Map a scene and write, beside the class COG, ``*_metrics.json`` and ``*_quicklook.png``.
+
+    The class map is written last-but-one and the metrics JSON last, so a scene whose metrics
+    exist is complete. Returns the output URIs and the headline numbers.
+    """
+    import json
+
+    report = map_scene(input_uri, model_uri, output_uri, params, predictor=predictor)
+    base = output_uri[:-4] if output_uri.endswith(".tif") else output_uri
+    png = quicklook(output_uri, base + "_quicklook.png")
+    areas = class_areas(output_uri)
+    metrics = {"input": input_uri, "model": model_uri, "output": output_uri, "quicklook": png,
+               "windows": report.windows, "seconds": round(report.seconds, 3),
+               "pixels_processed": report.pixels_processed,
+               "class_area": {str(k): v for k, v in areas.items()},
+               "software": f"specdeepmap {__version__}"}
+    metrics_uri = base + "_metrics.json"
+    storage.write_text(metrics_uri, json.dumps(metrics, indent=2))
+    return {"classes": output_uri, "quicklook": png, "metrics": metrics_uri,
+            "seconds": round(report.seconds, 2)}
+
+
 def map_scenes(inputs: list[str] | str, model_uri: str, out_folder: str,
                params: MapParams = MapParams(), suffix: str = "_classes.tif",
                skip_existing: bool = True) -> list[MapReport]:
@@ -330,7 +431,7 @@ def map_scenes(inputs: list[str] | str, model_uri: str, out_folder: str,
     predictor = load_model(model_uri, params.device)
     reports = []
     for uri in uris:
-        target = storage.join(out_folder, storage.stem(uri) + suffix)
+        target = output_uri_for(uri, out_folder, suffix)
         if skip_existing and storage.exists(target):
             log.info("%s exists, skipping", target)
             continue

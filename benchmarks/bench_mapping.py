@@ -1,0 +1,167 @@
+"""Mapper benchmark: end-to-end vs model-only vs read-only vs a SpecDeepMap-style baseline.
+
+U-Net/ResNet-18 (random weights: speed does not depend on them), 13-band uint16 generated
+scenes, 256 px training tiles, 10 % overlap. Every measurement runs in a fresh process with
+GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
+
+* ``map``: ``specdeepmap.mapping.map_scene`` with its defaults (window 2 × tile, channels-last,
+  batches, blending, COG output);
+* ``model``: the network alone on the same number of windows of the same size (random input);
+* ``read``: one pass over the scene in strips (I/O floor);
+* ``baseline``: SpecDeepMap's mapper: 256 px tiles, stride ⌊256·0.8⌋, margins cropped, batch 1,
+  the whole output in memory, a plain striped GeoTIFF;
+* with ``--bf16``: the mapper with bfloat16 autocast, and the share of pixels whose class changes.
+
+Usage: python benchmarks/bench_mapping.py [--sizes 2048 4096] [--device cpu] [--bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+CHILD = textwrap.dedent("""
+    import json, math, sys, time
+    import numpy as np, rasterio, torch
+    from rasterio.windows import Window
+    from specdeepmap.inference import load_model
+    from specdeepmap.mapping import MapParams, map_scene, window_starts
+    mode, scene, model_file, out, device = sys.argv[1:6]
+    result = {}
+    predictor = load_model(model_file, device)  # loading is not timed
+    start = time.perf_counter()
+    if mode in ("map", "map-bf16"):
+        report = map_scene(scene, model_file, out,
+                           MapParams(device=device, autocast=mode == "map-bf16"),
+                           predictor=predictor)
+        result.update(windows=report.windows, pixels=report.pixels_processed,
+                      window=report.window, batch=report.batch_size)
+    elif mode == "model":
+        predictor.model.to(memory_format=torch.channels_last)
+        windows, window, batch = (int(v) for v in out.split(","))
+        x = np.random.default_rng(0).integers(1, 5000, (batch, 13, window, window))
+        x = x.astype(np.uint16)
+        start = time.perf_counter()
+        for _ in range(math.ceil(windows / batch)):
+            predictor.probabilities(x, channels_last=True).cpu().numpy()
+    elif mode == "read":
+        with rasterio.open(scene) as src:
+            for y in range(0, src.height, 512):
+                src.read(window=Window(0, y, src.width, min(512, src.height - y)))
+    else:  # SpecDeepMap-style baseline
+        tile, p = 256, 0.10
+        stride, margin = math.floor(tile * (1 - 2 * p)), math.floor(tile * p)
+        lut = predictor.value_lut()[1:]
+        with rasterio.open(scene) as src:
+            height, width = src.height, src.width
+            output = np.zeros((height, width), np.uint8)  # whole output in memory
+            xs = list(range(0, width - tile, stride)) + [width - tile]
+            ys = list(range(0, height - tile, stride)) + [height - tile]
+            for x in xs:
+                for y in ys:
+                    data = src.read(window=Window(x, y, tile, tile))
+                    classes = lut[predictor.probabilities(data[None]).argmax(1)[0].numpy()]
+                    r0 = 0 if y == 0 else margin
+                    r1 = tile if y == ys[-1] else tile - margin
+                    c0 = 0 if x == 0 else margin
+                    c1 = tile if x == xs[-1] else tile - margin
+                    output[y + r0:y + r1, x + c0:x + c1] = classes[r0:r1, c0:c1]
+            profile = dict(driver="GTiff", width=width, height=height, count=1, dtype="uint8",
+                           crs=src.crs, transform=src.transform)
+        with rasterio.open(out, "w", **profile) as dst:
+            dst.write(output[None])
+        result.update(windows=len(xs) * len(ys), pixels=len(xs) * len(ys) * tile * tile)
+    result["seconds"] = time.perf_counter() - start
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+    result["peak_rss_mb"] = int(hwm.split()[1]) / 1024
+    print(json.dumps(result))
+""")
+
+
+def run(*args: str) -> dict:
+    """One measurement in a fresh interpreter with a pinned GDAL cache."""
+    env = {**os.environ, "GDAL_CACHEMAX": "64"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
+                          env=env)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_model(path: str) -> str:
+    """A U-Net/ResNet-18 model file for 13 bands, 6 classes, 256 px tiles (random weights)."""
+    import torch
+
+    from specdeepmap.inference import export_model_file
+    from specdeepmap.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 13,
+              "num_classes": 7, "class_values": [1, 2, 3, 4, 5, 6], "ignore_index": 0,
+              "tile_size": [256, 256],
+              "normalization": {"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0}}
+    return export_model_file(config, build_model(ModelSpec("unet", "resnet18", 13, 7)), path)
+
+
+def main() -> None:
+    """Generate scenes, run every measurement, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="also measure bf16 autocast")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    import rasterio
+
+    from specdeepmap.sample_data import generate_scene
+
+    work = args.workdir or tempfile.mkdtemp(prefix="bench-mapping-")
+    model_file = make_model(os.path.join(work, "model.pt"))
+    rows = []
+    for size in args.sizes:
+        scene = generate_scene(os.path.join(work, f"s{size}"), size, size, seed=2).image_uri
+        ours = run("map", scene, model_file, os.path.join(work, f"map{size}.tif"), args.device)
+        model = run("model", scene, model_file,
+                    f"{ours['windows']},{ours['window']},{ours['batch']}",
+                    args.device)
+        read = run("read", scene, model_file, "", args.device)
+        base = run("baseline", scene, model_file, os.path.join(work, f"base{size}.tif"),
+                   args.device)
+        bf16 = changed = None
+        if args.bf16:
+            bf16 = run("map-bf16", scene, model_file, os.path.join(work, f"bf{size}.tif"),
+                       args.device)
+            a = rasterio.open(os.path.join(work, f"map{size}.tif")).read(1)
+            b = rasterio.open(os.path.join(work, f"bf{size}.tif")).read(1)
+            changed = float((a != b).mean())
+        rows.append((size, ours, model, read, base, bf16, changed))
+
+    mpx = lambda size, r: size * size / 1e6 / r["seconds"]  # noqa: E731
+    print(f"\nMapper, U-Net/ResNet-18, 13 bands, 256 px tiles, 10 % overlap, device "
+          f"{args.device}, {os.cpu_count()} cores, GDAL_CACHEMAX 64 MB")
+    header = ["scene", "window", "windows", "map s", "map Mpx/s", "model-only Mpx/s", "map/model",
+              "read Mpx/s", "processed/scene px", "baseline s", "baseline Mpx/s", "speed-up",
+              "RSS map MB", "RSS baseline MB"]
+    if args.bf16:
+        header += ["bf16 Mpx/s", "bf16 classes changed"]
+    print(" | ".join(header))
+    print(" | ".join("---" for _ in header))
+    for size, ours, model, read, base, bf16, changed in rows:
+        cells = [f"{size}²", str(ours["window"]), str(ours["windows"]), f"{ours['seconds']:.1f}",
+                 f"{mpx(size, ours):.2f}", f"{mpx(size, model):.2f}",
+                 f"{model['seconds'] / ours['seconds']:.2f}", f"{mpx(size, read):.0f}",
+                 f"{ours['pixels'] / size**2:.2f}", f"{base['seconds']:.1f}",
+                 f"{mpx(size, base):.2f}", f"{base['seconds'] / ours['seconds']:.2f}x",
+                 f"{ours['peak_rss_mb']:.0f}", f"{base['peak_rss_mb']:.0f}"]
+        if args.bf16:
+            cells += [f"{mpx(size, bf16):.2f}", f"{changed:.3%}"]
+        print(" | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""MLflow model registry: champion/challenger promotion by test mean IoU.
+
+A model version's test score is kept as its tag ``test_mean_iou``. A new version becomes
+``champion`` only if it beats the current champion's score (or there is none); otherwise it
+becomes ``challenger``. Reviewers can still move the aliases by hand in the MLflow UI.
+"""
+
+from __future__ import annotations
+
+import math
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def promote_if_better(name: str, version: str, test_mean_iou: float,
+                      client=None) -> str:
+    """Tag ``version`` with its score and give it ``champion`` or ``challenger``; return which."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client or mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, "test_mean_iou", f"{test_mean_iou:.6f}")
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        current = None
+    best = float(current.tags.get("test_mean_iou", "nan")) if current else math.nan
+    if current is None or math.isnan(best) or test_mean_iou > best:
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return CHAMPION
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return CHALLENGER
