@@ -22,18 +22,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 install: $(VENV)/.installed
 
 run: install
-	$(VENV)/bin/specdeepmap sample-data $(OUT)/scene
-	$(VENV)/bin/specdeepmap chip $(OUT)/scene/demo_s2.tif $(OUT)/scene/demo_s2_labels.tif $(OUT)/chips \
-		--tile-x 64 --tile-y 64 --step-x 64 --step-y 64
-	$(VENV)/bin/specdeepmap split $(OUT)/chips --scaler 10000
-	$(VENV)/bin/specdeepmap train $(OUT)/chips --out $(OUT)/train --epochs 8 --batch-size 16 \
-		--device auto --tracking-uri sqlite:///$(OUT)/mlflow.db
-	$(VENV)/bin/specdeepmap test $(OUT)/chips/test_files.csv $(OUT)/train/model.pt --out $(OUT)/test
-	$(VENV)/bin/specdeepmap map $(OUT)/scene/demo_s2.tif $(OUT)/train/model.pt \
-		$(OUT)/map/demo_s2_classes.tif --ground-truth $(OUT)/scene/demo_s2_labels.tif \
-		--iou-csv $(OUT)/map/iou.csv --confidence $(OUT)/map/demo_s2_confidence.tif
-	@echo "Outputs in $(OUT). MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(OUT)/mlflow.db"
-	@echo "TensorBoard: $(VENV)/bin/specdeepmap tensorboard --logdir $(OUT)/train"
+	# training_pipeline then map_flow on the generated demo scene: local folders, SQLite MLflow
+	# in $(OUT)/mlflow.db, Prefect's ephemeral API (no server needed)
+	$(PY) -m flows.demo --out $(OUT)
 
 test: install
 	$(PY) -m pytest -q
@@ -41,6 +32,9 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_chipping.py
 	$(PY) benchmarks/bench_splitting.py
+	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_mapping.py
+	$(PY) benchmarks/bench_enmap_quality.py
 
 clean:
 	rm -rf $(VENV) runs

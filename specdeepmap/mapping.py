@@ -375,8 +375,10 @@ def quicklook(class_uri: str, png_uri: str, max_size: int = 1024) -> str:
     values = np.unique(classes[classes > 0])
     fig, ax = plt.subplots(figsize=(shape[1] / 100 + 1.6, shape[0] / 100 + 0.4), dpi=100)
     shown = np.ma.masked_equal(classes, 0)
-    image = ax.imshow(shown, cmap="tab20", interpolation="nearest",
-                      vmin=0, vmax=max(int(values.max()) if len(values) else 1, 1))
+    top = max(int(values.max()) if len(values) else 1, 1)
+    # one discrete colour per class value
+    image = ax.imshow(shown, cmap=plt.get_cmap("tab20", top + 1), interpolation="nearest",
+                      vmin=-0.5, vmax=top + 0.5)
     ax.set_axis_off()
     fig.colorbar(image, ax=ax, fraction=0.04, label="class value")
     fig.tight_layout()

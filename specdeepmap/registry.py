@@ -30,3 +30,19 @@ def promote_if_better(name: str, version: str, test_mean_iou: float,
         return CHAMPION
     client.set_registered_model_alias(name, CHALLENGER, version)
     return CHALLENGER
+
+
+def resolve(model_uri: str, client=None) -> str:
+    """Pin ``models:/NAME@ALIAS`` to ``models:/NAME/VERSION`` (other URIs unchanged).
+
+    A scheduled run pins the alias once, so every scene of the run uses the same version even
+    if a reviewer moves the alias meanwhile.
+    """
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return model_uri
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    name, alias = model_uri[len("models:/"):].split("@", 1)
+    version = client.get_model_version_by_alias(name, alias)
+    return f"models:/{name}/{version.version}"

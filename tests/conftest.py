@@ -144,3 +144,12 @@ def trained(dataset):
     return config, train(config)
 
 
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API (SQLite) for the whole session: it takes 8-15 s to start."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

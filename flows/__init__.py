@@ -1,0 +1,1 @@
+"""Prefect flows of the SpecDeepMap platform; see flows/pipelines.py."""

@@ -1,0 +1,139 @@
+"""Flow parameters as pydantic models: the Prefect UI renders them as forms with defaults,
+descriptions and bounds, and rejects bad values before a run starts. Cross-field rules (a
+pydantic model validator) are checked again when the flow starts, since the UI only applies
+per-field bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from specdeepmap.chipping import ChipParams
+from specdeepmap.mapping import MapParams
+from specdeepmap.splitting import SplitParams
+
+
+class ScenePair(BaseModel):
+    """An image raster and its label raster on the same grid."""
+
+    image_uri: str = Field(..., min_length=1, description="Image raster URI (path or s3://).")
+    label_uri: str = Field(..., min_length=1,
+                           description="Label raster URI: class values 0-255, 0 = unlabelled.")
+
+
+class ChipSettings(BaseModel):
+    """Raster Splitter settings."""
+
+    tile_size: int = Field(256, ge=32, le=4096, description="Chip edge in pixels.")
+    step: int = Field(256, ge=1, le=4096, description="Distance between chip origins (px).")
+    min_coverage: float = Field(50, ge=0, le=100,
+                                description="Minimum labelled share of a chip in %.")
+
+    def to_core(self) -> ChipParams:
+        """The core library's parameters."""
+        return ChipParams((self.tile_size, self.tile_size), (self.step, self.step),
+                          self.min_coverage)
+
+
+class SplitSettings(BaseModel):
+    """Dataset Maker settings."""
+
+    train_percent: float = Field(80, ge=1, le=100, description="Share of chips for training.")
+    validation_percent: float = Field(10, ge=0, le=99, description="Share for validation.")
+    test_percent: float = Field(10, ge=0, le=99, description="Share for testing.")
+    seed: int = Field(42, ge=0, description="Random seed of the split.")
+    scaler: float | None = Field(None, gt=0, description="Divide pixel values by this "
+                                 "(e.g. 10000 for reflectance x 10000).")
+    normalize: bool = Field(True, description="Write per-band mean/std for normalisation.")
+    strategy: Literal["balanced", "spatial-blocks"] = Field(
+        "balanced", description="Balance class shares per chip, or per block of chips.")
+
+    @model_validator(mode="after")
+    def _percentages(self) -> SplitSettings:
+        total = self.train_percent + self.validation_percent + self.test_percent
+        if total > 100:
+            raise ValueError(f"train + validation + test percentages add up to {total} > 100")
+        return self
+
+    def to_core(self) -> SplitParams:
+        """The core library's parameters."""
+        return SplitParams(self.train_percent, self.validation_percent, self.test_percent,
+                           self.seed, self.scaler, self.normalize, self.strategy)
+
+
+class TrainSettings(BaseModel):
+    """Deep Learning Trainer settings."""
+
+    architecture: Literal["unet", "unetplusplus", "deeplabv3plus", "segformer"] = "unet"
+    backbone: str = Field("resnet18", description="smp encoder or tu-<timm model>.")
+    weights: str | None = Field(None, description="None, 'imagenet', or a weights file URI.")
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(8, ge=1, le=1024)
+    lr: float = Field(1e-3, gt=0, le=1, description="Learning rate.")
+    augment: bool = True
+    early_stopping: bool = True
+    patience: int = Field(20, ge=1)
+    device: Literal["cpu", "gpu", "auto"] = "auto"
+    devices: int = Field(1, ge=1, le=64, description="GPUs (DDP when > 1).")
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+
+
+class MapSettings(BaseModel):
+    """Deep Learning Mapper settings."""
+
+    overlap: float = Field(10, ge=0, lt=50, description="Minimum tile overlap in %.")
+    window: int | None = Field(None, ge=32, le=8192,
+                               description="Window edge in px (default: chosen per scene).")
+    batch_size: int | None = Field(None, ge=1, le=256)
+    bf16: bool = Field(False, description="bfloat16 autocast (fast on GPUs and AMX CPUs).")
+    device: Literal["cpu", "gpu", "auto"] = "auto"
+
+    def to_core(self) -> MapParams:
+        """The core library's parameters."""
+        return MapParams(overlap=self.overlap, window=self.window, batch_size=self.batch_size,
+                         autocast=self.bf16, device=self.device)
+
+
+class TrainingPipelineParams(BaseModel):
+    """chip → split → train → evaluate → register."""
+
+    scenes: list[ScenePair] = Field(..., min_length=1, description="Training scenes.")
+    work_uri: str = Field(..., min_length=1,
+                          description="Folder or s3:// prefix for chips, CSVs and test outputs.")
+    model_name: str = Field("specdeepmap-segmentation", min_length=1,
+                            description="MLflow registered model name.")
+    chip: ChipSettings = ChipSettings()
+    split: SplitSettings = SplitSettings()
+    train: TrainSettings = TrainSettings()
+
+
+class MapFlowParams(BaseModel):
+    """Map scenes given as a list or a prefix."""
+
+    model_uri: str = Field(..., description="Model file URI or models:/NAME@ALIAS.")
+    output_uri: str = Field(..., description="Output folder or s3:// prefix.")
+    scenes: list[str] = Field(default_factory=list, description="Scene URIs.")
+    input_prefix: str | None = Field(None, description="Or: map every .tif under this prefix.")
+    map: MapSettings = MapSettings()
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="Threads on this worker, or a Dask cluster.")
+    dask_address: str | None = Field(None, description="Dask scheduler (default: local).")
+    max_workers: int = Field(2, ge=1, le=256, description="Scenes mapped at once.")
+
+    @model_validator(mode="after")
+    def _inputs(self) -> MapFlowParams:
+        if not self.scenes and not self.input_prefix:
+            raise ValueError("give scenes or an input_prefix")
+        return self
+
+
+class ScheduledMappingParams(BaseModel):
+    """Map every new scene under a prefix with the champion model."""
+
+    input_prefix: str = Field(..., description="Folder or s3:// prefix of incoming scenes.")
+    output_prefix: str = Field(..., description="Folder or s3:// prefix of the maps.")
+    model_name: str = Field("specdeepmap-segmentation", description="Registered model name.")
+    alias: str = Field("champion", description="Model alias to map with.")
+    map: MapSettings = MapSettings()

@@ -1,0 +1,18 @@
+"""Thin Prefect tasks around the core library (retries, caching, artifacts).
+
+Each task validates nothing itself beyond what the core does, calls one core function, returns
+plain data (URIs, metrics) and publishes a Prefect artifact. Business logic lives in
+``specdeepmap``; these wrappers only add orchestration.
+"""
+
+from tasks.steps import (
+    chip_task,
+    evaluate_task,
+    map_scene_task,
+    promote_task,
+    split_task,
+    train_task,
+)
+
+__all__ = ["chip_task", "evaluate_task", "map_scene_task", "promote_task", "split_task",
+           "train_task"]

@@ -1,0 +1,118 @@
+"""Prefect tasks: one per pipeline step, each a few lines around a core function."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.tasks import exponential_backoff
+
+from specdeepmap import registry
+from specdeepmap.chipping import ChipParams, ChipReport, chip_scene
+from specdeepmap.errors import SpecDeepMapError
+from specdeepmap.evaluation import evaluate_model
+from specdeepmap.mapping import MapParams, map_scene_products
+from specdeepmap.splitting import SplitParams, SplitReport, make_dataset
+from specdeepmap.training import TrainConfig, TrainResult, train
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry storage and network hiccups, never bad input (a SpecDeepMapError)."""
+    try:
+        state.result()
+    except SpecDeepMapError:
+        return False
+    except Exception:  # noqa: BLE001 - timeouts, connection resets, S3 5xx...
+        return True
+    return False
+
+
+RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
+               retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+# Re-runs skip finished work in the core itself (chips and maps that exist are kept), which
+# stays right when outputs are deleted or scenes are added; a Prefect input-hash cache would
+# not notice either. Results are persisted so a retried flow run can reuse finished tasks.
+PERSIST = dict(persist_result=True)
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@task(name="chip scene", **RETRIES, **PERSIST)
+def chip_task(image_uri: str, label_uri: str, out_uri: str, params: ChipParams) -> ChipReport:
+    """Raster Splitter on one scene; artifact: chip counts and class distribution."""
+    report = chip_scene(image_uri, label_uri, out_uri, params)
+    total = sum(v for k, v in report.class_counts.items() if k) or 1
+    create_markdown_artifact(
+        key="chips", description=f"Chips of {image_uri}",
+        markdown=f"**{report.chips} chips** in `{out_uri}` ({report.written} new, "
+        f"{report.reused} kept, {report.below_coverage} below coverage)\n\n" + _table(
+            [(k, v, f"{v / total:.1%}") for k, v in sorted(report.class_counts.items()) if k],
+            ("class", "pixels", "share")))
+    return report
+
+
+@task(name="split dataset", **RETRIES, **PERSIST)
+def split_task(chip_folder: str, params: SplitParams) -> SplitReport:
+    """Dataset Maker; artifact: chips per set and split quality."""
+    report = make_dataset(chip_folder, params)
+    create_markdown_artifact(
+        key="split", description=f"Split of {chip_folder}",
+        markdown=_table([(k, v) for k, v in report.chips.items()], ("set", "chips")) +
+        f"\n\nLargest class-share gap **{report.max_share_gap_pp:.2f} pp**, "
+        f"Jensen-Shannon divergence {report.js_divergence:.2e}")
+    return report
+
+
+@task(name="train model", **RETRIES, **PERSIST)
+def train_task(config: TrainConfig) -> TrainResult:
+    """Deep Learning Trainer; artifact: best validation IoU and the registered version."""
+    result = train(config)
+    create_markdown_artifact(
+        key="training", description="Training result",
+        markdown=_table([("best val IoU", f"{result.best_val_iou:.4f}"),
+                         ("epochs", result.epochs_run), ("MLflow run", result.run_id),
+                         ("model", result.model_uri), ("checkpoint", result.best_checkpoint)],
+                        ("", "")))
+    return result
+
+
+@task(name="evaluate model", **RETRIES, **PERSIST)
+def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | None) -> dict:
+    """Deep Learning Tester; artifact: per-class metrics. Returns the summary metrics."""
+    report = evaluate_model(test_csv, model_uri, out_uri, device="auto", mlflow_run_id=run_id)
+    m = report.metrics
+    create_markdown_artifact(
+        key="evaluation", description=f"Test metrics of {model_uri}",
+        markdown=f"Mean IoU **{m.mean_iou:.4f}** (pooled pixels), "
+        f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap)\n\n" + _table(
+            [(c, f"{i:.3f}", f"{p:.3f}", f"{r:.3f}") for c, i, p, r in
+             zip(m.class_values, m.iou, m.precision, m.recall)],
+            ("class", "IoU", "precision", "recall")))
+    return {"test_mean_iou": m.mean_iou, "test_mean_iou_per_chip": report.per_chip_mean_iou,
+            "overall_accuracy": m.overall_accuracy, "iou_csv": report.iou_csv}
+
+
+@task(name="promote model")
+def promote_task(name: str, version: str, test_mean_iou: float) -> str:
+    """Give the new version alias champion if it beats the champion, else challenger."""
+    alias = registry.promote_if_better(name, version, test_mean_iou)
+    get_run_logger().info("%s version %s is now %s (test mean IoU %.4f)", name, version,
+                          alias, test_mean_iou)
+    return alias
+
+
+@task(name="map scene", **RETRIES)
+def map_scene_task(input_uri: str, model_uri: str, output_uri: str, params: MapParams) -> dict:
+    """Deep Learning Mapper on one scene: class COG, metrics JSON and quicklook PNG."""
+    products = map_scene_products(input_uri, model_uri, output_uri, params)
+    create_markdown_artifact(
+        key="map", description=f"Map of {input_uri}",
+        markdown=_table([(k, v) for k, v in products.items()], ("output", "value")))
+    return products
+
+
+__all__ = ["chip_task", "split_task", "train_task", "evaluate_task", "promote_task",
+           "map_scene_task"]

@@ -1,0 +1,105 @@
+"""Prefect flows against a real (temporary) Prefect API, a real S3 server and MLflow."""
+
+import numpy as np
+import pytest
+import rasterio
+
+from specdeepmap import storage
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SPECDEEPMAP_RUNS_DIR", str(tmp_path / "runs"))
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def test_promotion_keeps_the_better_model_champion(mlflow_store, tmp_path):
+    import mlflow
+
+    from specdeepmap.registry import promote_if_better, resolve
+
+    client = mlflow.MlflowClient()
+    client.create_registered_model("m")
+    versions = [client.create_model_version("m", source=str(tmp_path)).version
+                for _ in range(3)]
+    assert promote_if_better("m", versions[0], 0.50) == "champion"
+    assert promote_if_better("m", versions[1], 0.40) == "challenger"
+    assert promote_if_better("m", versions[2], 0.60) == "champion"
+    assert resolve("models:/m@champion") == f"models:/m/{versions[2]}"
+    assert resolve("models:/m@challenger") == f"models:/m/{versions[1]}"
+    assert resolve("/some/model.pt") == "/some/model.pt"
+
+
+def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, mlflow_store,
+                                                        tmp_path):
+    import mlflow
+
+    from flows.params import (ChipSettings, ScenePair, ScheduledMappingParams,
+                              SplitSettings, TrainingPipelineParams, TrainSettings)
+    from flows.pipelines import scheduled_mapping, training_pipeline
+    from specdeepmap.sample_data import generate_scene
+
+    scene = generate_scene(str(tmp_path / "scene"), 320, 320, seed=7, field_size=48)
+    storage.upload(scene.image_uri, f"{s3_bucket}/train/demo_s2.tif")
+    storage.upload(scene.label_uri, f"{s3_bucket}/train/demo_s2_labels.tif")
+    summary = training_pipeline(TrainingPipelineParams(
+        scenes=[ScenePair(image_uri=f"{s3_bucket}/train/demo_s2.tif",
+                          label_uri=f"{s3_bucket}/train/demo_s2_labels.tif")],
+        work_uri=f"{s3_bucket}/work", model_name="flow-model",
+        chip=ChipSettings(tile_size=32, step=32, min_coverage=40),
+        split=SplitSettings(train_percent=70, validation_percent=15, test_percent=15,
+                            scaler=10000),
+        train=TrainSettings(epochs=2, batch_size=16, device="cpu")))
+    for name in ("train_files.csv", "test_files.csv", "Summary_train_val.csv",
+                 "Normalize_Bands.csv"):
+        assert storage.exists(f"{s3_bucket}/work/chips/{name}")
+    assert storage.list_files(f"{s3_bucket}/work/chips/images", ".tif")
+    assert storage.exists(f"{s3_bucket}/work/evaluation/v{summary['version']}/test_iou.csv")
+    assert summary["alias"] == "champion" and 0 <= summary["test_mean_iou"] <= 1
+    client = mlflow.MlflowClient()
+    run = client.get_run(summary["run_id"])
+    assert "val_iou" in run.data.metrics and "test_mean_iou" in run.data.metrics
+    champion = client.get_model_version_by_alias("flow-model", "champion")
+    assert str(champion.version) == summary["version"]
+    assert float(champion.tags["test_mean_iou"]) == pytest.approx(summary["test_mean_iou"], abs=1e-6)
+
+    for i in (1, 2):
+        storage.upload(scene.image_uri, f"{s3_bucket}/scenes/scene{i}.tif")
+    params = ScheduledMappingParams(input_prefix=f"{s3_bucket}/scenes",
+                                    output_prefix=f"{s3_bucket}/maps", model_name="flow-model")
+    first = scheduled_mapping(params)
+    assert len(first) == 2
+    with rasterio.open(scene.image_uri) as src:
+        crs, transform, shape = src.crs, src.transform, src.shape
+    for i in (1, 2):
+        with storage.open_raster(f"{s3_bucket}/maps/scene{i}_classes.tif") as out:
+            assert (out.crs, out.transform, out.shape) == (crs, transform, shape)
+            assert set(np.unique(out.read(1))) <= {0, 1, 2, 3, 4, 5, 6}
+        assert storage.exists(f"{s3_bucket}/maps/scene{i}_classes_metrics.json")
+        assert storage.exists(f"{s3_bucket}/maps/scene{i}_classes_quicklook.png")
+    assert scheduled_mapping(params) == []  # nothing new the second time
+
+
+def test_bad_parameters_are_rejected_before_work(prefect_api, tmp_path):
+    from pydantic import ValidationError
+
+    from flows.params import MapSettings, SplitSettings, TrainingPipelineParams
+    from flows.pipelines import training_pipeline
+
+    with pytest.raises(ValidationError, match="add up to 110"):
+        SplitSettings(train_percent=80, validation_percent=20, test_percent=10)
+    with pytest.raises(ValidationError, match="less than 50"):
+        MapSettings(overlap=60)
+    bad = {"scenes": [{"image_uri": "a.tif", "label_uri": "b.tif"}],
+           "work_uri": str(tmp_path / "w"),
+           "split": {"train_percent": 90, "validation_percent": 20, "test_percent": 0}}
+    with pytest.raises(Exception, match="add up to 110"):
+        training_pipeline(params=bad)
+    assert not (tmp_path / "w").exists()
