@@ -89,13 +89,14 @@ def build_model(spec: ModelSpec, imagenet: bool = False) -> nn.Module:
                   classes=spec.num_classes, encoder_weights="imagenet" if imagenet else None)
     try:
         return cls(**kwargs)
-    except (OSError, RuntimeError, ValueError) as error:
-        if imagenet and ("download" in str(error).lower() or "url" in str(error).lower()
-                         or "connect" in str(error).lower() or "resolve" in str(error).lower()):
+    except OSError as error:  # urllib's URLError and socket errors are OSErrors
+        if imagenet:
             raise InvalidParameterError(
                 f"ImageNet weights for {spec.backbone} could not be downloaded ({error}). "
                 "Offline, download the encoder's state dict elsewhere and pass it as a weights "
                 "file (--weights PATH_OR_URI).") from error
+        raise
+    except (RuntimeError, ValueError, KeyError) as error:
         raise InvalidParameterError(
             f"Cannot build {architecture} with backbone {spec.backbone}: {error}") from error
 

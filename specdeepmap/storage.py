@@ -133,11 +133,53 @@ def open_raster(uri: str) -> Iterator[rasterio.io.DatasetReader]:
         try:
             dataset = rasterio.open(gdal_path(uri))
         except RasterioIOError as error:
+            if is_s3(uri) and _looks_transient(str(error)):
+                # a network or server problem, not a bad file: a plain OSError, so that
+                # callers (Prefect retries) may try again
+                raise OSError(f"Cannot reach {uri}: {error}") from error
             if is_s3(uri) and not exists(uri):
                 raise MissingInputError(f"Raster not found: {uri}") from error
-            raise UnreadableInputError(f"Cannot read {uri} as a raster: {error}") from error
+            dataset = _reopen_uncached(uri, error) if is_s3(uri) else None
+            if dataset is None:
+                raise UnreadableInputError(f"Cannot read {uri} as a raster: {error}") from error
         with dataset:
             yield dataset
+
+
+def _clear_gdal_cache(path: str) -> None:
+    """Drop GDAL's cached properties of one /vsis3 path (VSICurlPartialClearCache)."""
+    import ctypes
+    import glob
+
+    libs = glob.glob(os.path.join(os.path.dirname(rasterio.__file__), os.pardir,
+                                  "rasterio.libs", "libgdal*.so*"))
+    names = libs or ["libgdal.so"]
+    for name in names:
+        try:
+            ctypes.CDLL(name).VSICurlPartialClearCache(path.encode())
+            return
+        except (OSError, AttributeError):
+            continue
+
+
+def _reopen_uncached(uri: str, error: Exception) -> rasterio.io.DatasetReader | None:
+    """Open an S3 raster again after dropping GDAL's cached view of it.
+
+    After an outage GDAL remembers the object as missing; s3fs just said it exists, so one
+    more try with a clean cache tells a stale cache from a broken file.
+    """
+    _clear_gdal_cache(gdal_path(uri))
+    try:
+        return rasterio.open(gdal_path(uri))
+    except RasterioIOError:
+        return None
+
+
+def _looks_transient(message: str) -> bool:
+    message = message.lower()
+    return any(word in message for word in ("curl", "connect", "timed out", "timeout",
+                                            "http response code: 5", "slow down",
+                                            "temporarily"))
 
 
 def exists(uri: str) -> bool:

@@ -103,3 +103,95 @@ def test_bad_parameters_are_rejected_before_work(prefect_api, tmp_path):
     with pytest.raises(Exception, match="add up to 110"):
         training_pipeline(params=bad)
     assert not (tmp_path / "w").exists()
+
+
+class _Proxy:
+    """A TCP proxy in front of the S3 server that can be stopped and started again."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+
+        self.target_port, self.refused = target_port, 0
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._threading, self._socket = threading, socket
+        self._server = None
+        self.start()
+
+    def start(self) -> None:
+        server = self._socket.socket()
+        server.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        self._threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.close()
+
+    def _accept(self, server) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = self._socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
+        prefect_api, s3_server, s3_bucket, tmp_path, monkeypatch):
+    import threading
+    from urllib.parse import urlparse
+
+    from flows.params import ChipSettings, ScenePair
+    from flows.pipelines import chip_flow
+    from specdeepmap.chipping import read_manifest
+    from specdeepmap.sample_data import generate_scene
+
+    scene = generate_scene(str(tmp_path / "scene"), 640, 640, seed=3, field_size=64)
+    storage.upload(scene.image_uri, f"{s3_bucket}/in/demo_s2.tif")
+    storage.upload(scene.label_uri, f"{s3_bucket}/in/demo_s2_labels.tif")
+    proxy = _Proxy(urlparse(s3_server).port)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+
+    def outage():
+        time.sleep(0.5)
+        proxy.stop()  # the S3 server goes away in the middle of the run...
+        time.sleep(3)
+        proxy.start()  # ...and comes back
+
+    import time
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    result = chip_flow([ScenePair(image_uri=f"{s3_bucket}/in/demo_s2.tif",
+                                  label_uri=f"{s3_bucket}/in/demo_s2_labels.tif")],
+                       f"{s3_bucket}/chips", ChipSettings(tile_size=32, step=32,
+                                                          min_coverage=0))
+    thread.join()
+    assert result[0]["chips"] == 400
+    manifest = read_manifest(f"{s3_bucket}/chips/manifest/demo_s2.csv")
+    images = storage.list_files(f"{s3_bucket}/chips/images", ".tif")
+    assert len(manifest) == len(images) == 400
+    for uri in images[::37]:  # every object present is a whole GeoTIFF
+        with storage.open_raster(uri) as chip:
+            assert chip.read().shape == (13, 32, 32)

@@ -155,3 +155,20 @@ def test_errors_before_training(dataset, trained):
         with pytest.raises(DeviceUnavailableError):
             train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"),
                               device="gpu"))
+
+
+def test_imagenet_offline_says_how_to_supply_a_file(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(InvalidParameterError, match="--weights"):
+        build_model(ModelSpec("unet", "resnet18", 3, 2), imagenet=True)

@@ -1,0 +1,186 @@
+"""The platform as its users run it: deployments on a Prefect server, a process worker, an
+MLflow tracking server with artifacts in S3, triggered through the REST API as the UI does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specdeepmap import storage
+from tests.conftest import REPO, _free_port
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+def _wait_http(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
+    import httpx
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} died: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not healthy after {seconds} s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="module")
+def platform(s3_server, tmp_path_factory):
+    """MLflow server (SQLite registry, artifacts in S3), Prefect server, deployments, worker."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("platform")
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="platform")
+    mlflow_port, prefect_port = _free_port(), _free_port()
+    env = {**os.environ,
+           "MLFLOW_S3_ENDPOINT_URL": s3_server,
+           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+           "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+           "PREFECT_HOME": str(root / "prefect"),
+           "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "SPECDEEPMAP_HOME": str(REPO),
+           "SPECDEEPMAP_RUNS_DIR": str(root / "runs"),
+           "SPECDEEPMAP_INPUT_PREFIX": "s3://platform/scenes",
+           "SPECDEEPMAP_OUTPUT_PREFIX": "s3://platform/maps"}
+    procs = []
+
+    def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
+        log = root / f"{name}.log"
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=REPO,
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc, log
+
+    mlflow, mlflow_log = start("mlflow", "mlflow", "server", "--host", "127.0.0.1", "--port",
+                               str(mlflow_port), "--backend-store-uri",
+                               f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
+                               "s3://platform/mlflow", "--workers", "1")
+    prefect, prefect_log = start("prefect", "prefect", "server", "start", "--host",
+                                 "127.0.0.1", "--port", str(prefect_port))
+    try:
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120, mlflow, mlflow_log)
+        _wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 180, prefect, prefect_log)
+
+        def cli(*args: str) -> str:
+            done = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env,
+                                  cwd=REPO, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done.stdout
+
+        cli("work-pool", "create", "specdeepmap-process", "--type", "process", "--overwrite")
+        cli("deploy", "--all")
+        start("worker", "prefect", "worker", "start", "--pool", "specdeepmap-process")
+        yield {"api": env["PREFECT_API_URL"], "tracking": env["MLFLOW_TRACKING_URI"],
+               "root": root}
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _trigger(api: str, deployment: str, parameters: dict):
+    """Create a flow run of a deployment, as the UI's 'Run' button does."""
+    import httpx
+
+    found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=10)
+    found.raise_for_status()
+    for _ in range(5):  # the SQLite-backed test server can answer 5xx ("database is locked")
+        response = httpx.post(f"{api}/deployments/{found.json()['id']}/create_flow_run",
+                              json={"parameters": parameters}, timeout=30)
+        if response.status_code < 500:
+            return response
+        time.sleep(2)
+    return response
+
+
+def _wait_run(api: str, run_id: str, seconds: float = 420) -> dict:
+    import httpx
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        response = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10)
+        if response.status_code >= 500:
+            time.sleep(1)
+            continue
+        run = response.json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(1)
+    raise TimeoutError(f"flow run {run_id} did not finish in {seconds} s")
+
+
+def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
+    import mlflow
+
+    from specdeepmap.sample_data import generate_scene
+
+    scene = generate_scene(str(tmp_path / "scene"), 320, 320, seed=11, field_size=48)
+    storage.upload(scene.image_uri, "s3://platform/train/demo_s2.tif")
+    storage.upload(scene.label_uri, "s3://platform/train/demo_s2_labels.tif")
+    params = {"params": {
+        "scenes": [{"image_uri": "s3://platform/train/demo_s2.tif",
+                    "label_uri": "s3://platform/train/demo_s2_labels.tif"}],
+        "work_uri": "s3://platform/work",
+        "chip": {"tile_size": 32, "step": 32, "min_coverage": 40},
+        "split": {"train_percent": 70, "validation_percent": 15, "test_percent": 15,
+                  "scaler": 10000},
+        "train": {"epochs": 2, "batch_size": 16, "device": "cpu"}}}
+    created = _trigger(platform["api"], "training-pipeline/training-pipeline", params)
+    assert created.status_code == 201, created.text
+    run = _wait_run(platform["api"], created.json()["id"])
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+
+    assert storage.exists("s3://platform/work/chips/train_files.csv")
+    assert storage.exists("s3://platform/work/evaluation/v1/test_iou.csv")
+    client = mlflow.MlflowClient(tracking_uri=platform["tracking"])
+    champion = client.get_model_version_by_alias("specdeepmap-segmentation", "champion")
+    assert "test_mean_iou" in champion.tags
+    metrics = client.get_run(champion.run_id).data.metrics
+    assert {"val_iou", "train_loss", "test_mean_iou"} <= set(metrics)
+    # the model's artifacts went through the tracking server into the bucket
+    fs, _ = storage.filesystem("s3://platform")
+    assert any(p.endswith("/model.pt") for p in fs.find("platform/mlflow"))
+
+    storage.upload(scene.image_uri, "s3://platform/scenes/new_scene.tif")
+    created = _trigger(platform["api"], "scheduled-mapping/scheduled-mapping", {})
+    assert created.status_code == 201, created.text
+    run = _wait_run(platform["api"], created.json()["id"])
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    with storage.open_raster("s3://platform/maps/new_scene_classes.tif") as out, \
+            storage.open_raster(scene.image_uri) as src:
+        assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
+        assert set(np.unique(out.read(1))) <= set(range(7))
+    first = json.loads(storage.read_text("s3://platform/maps/new_scene_classes_metrics.json"))
+
+    created = _trigger(platform["api"], "scheduled-mapping/scheduled-mapping", {})
+    assert created.status_code == 201, created.text
+    run = _wait_run(platform["api"], created.json()["id"])
+    assert run["state"]["type"] == "COMPLETED"
+    again = json.loads(storage.read_text("s3://platform/maps/new_scene_classes_metrics.json"))
+    assert again == first  # nothing was mapped a second time
+
+
+def test_bad_parameters_are_rejected_by_the_api(platform):
+    bad = {"params": {"scenes": [{"image_uri": "a.tif", "label_uri": "b.tif"}],
+                      "work_uri": "w", "train": {"epochs": 0}}}
+    created = _trigger(platform["api"], "training-pipeline/training-pipeline", bad)
+    assert created.status_code in (409, 422), created.text
+    assert "epochs" in created.text
