@@ -230,13 +230,18 @@ def map_cmd(
     iou_csv: Annotated[str | None, typer.Option(help="IoU CSV output URI.")] = None,
     confidence: Annotated[str | None, typer.Option(
         help="Confidence GeoTIFF output URI.")] = None,
+    probabilities: Annotated[str | None, typer.Option(
+        help="Per-class probability GeoTIFF output URI.")] = None,
+    vector: Annotated[str | None, typer.Option(
+        help="GeoPackage of class polygons (class 0 dropped).")] = None,
 ) -> None:
     """Deep Learning Mapper: whole-scene prediction to a Cloud Optimized GeoTIFF."""
     from specdeepmap.mapping import MapParams, map_scene
 
     report = map_scene(image, model, output, MapParams(overlap, window, batch_size, blend, bf16,
                                                        True, device),
-                       gt_uri=ground_truth, iou_csv_uri=iou_csv, confidence_uri=confidence)
+                       gt_uri=ground_truth, iou_csv_uri=iou_csv, confidence_uri=confidence,
+                       probabilities_uri=probabilities, vector_uri=vector)
     console.print(f"{report.windows} windows in {report.seconds:.1f} s → {output}")
     if report.mean_iou is not None:
         console.print(f"mean IoU {report.mean_iou:.4f}")

@@ -177,6 +177,7 @@ def check_writable(uri: str) -> None:
 def map_scene(input_uri: str, model_uri: str, output_uri: str,
               params: MapParams = MapParams(), gt_uri: str | None = None,
               iou_csv_uri: str | None = None, confidence_uri: str | None = None,
+              probabilities_uri: str | None = None, vector_uri: str | None = None,
               predictor: Predictor | None = None) -> MapReport:
     """Predict a whole scene into a class-map COG (Deep Learning Mapper).
 
@@ -189,6 +190,9 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
             writes SpecDeepMap's IoU CSV and a ``*_metrics.csv`` beside it.
         iou_csv_uri: where the IoU CSV goes.
         confidence_uri: optional GeoTIFF of the top-class probability (uint8, 0–255).
+        probabilities_uri: optional GeoTIFF of every class's probability (uint8, one band
+            per class in the order of the class values).
+        vector_uri: optional GeoPackage of class polygons (class 0 dropped).
         predictor: an already loaded model (saves reloading across scenes).
     """
     started = time.perf_counter()
@@ -217,7 +221,12 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
             raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
                                      f"the input {input_uri} {src.width} x {src.height}")
         report = _stream(src, gt, predictor, params, window, stride, batch_size, blend,
-                         values, dtype, input_uri, model_uri, output_uri, confidence_uri)
+                         values, dtype, input_uri, model_uri, output_uri,
+                         {"confidence": confidence_uri, "probabilities": probabilities_uri})
+    if vector_uri:
+        from specdeepmap.vectorize import polygonize
+
+        polygonize(output_uri, vector_uri)
     matrix = report.pop("matrix")
     result = MapReport(output_uri=output_uri, windows=report["windows"],
                        pixels_processed=report["pixels"], seconds=0.0,
@@ -237,9 +246,14 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
 
 
 def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, stride: int,
-            batch_size: int, blend: np.ndarray, values: np.ndarray, dtype: str, input_uri: str, model_uri: str,
-            output_uri: str, confidence_uri: str | None) -> dict:
-    """The streaming loop; writes a temporary tiled GeoTIFF, then the final COG(s)."""
+            batch_size: int, blend: np.ndarray, values: np.ndarray, dtype: str,
+            input_uri: str, model_uri: str, output_uri: str,
+            extras: dict[str, str | None]) -> dict:
+    """The streaming loop; writes temporary tiled GeoTIFFs, then the final COGs.
+
+    ``extras`` may name a ``confidence`` (top-class probability) and a ``probabilities``
+    (one band per class) output; both are uint8, probability × 255.
+    """
     height, width = src.height, src.width
     ys = window_starts(height, window, stride)
     xs = window_starts(width, window, stride)
@@ -272,13 +286,16 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                           constant_values=fill)
         return data
 
+    extras = {name: uri for name, uri in extras.items() if uri}
+    bands = {"confidence": 1, "probabilities": k}
     try:
         class_tmp = os.path.join(staging, "classes.tif")
-        conf_tmp = os.path.join(staging, "confidence.tif")
-        with rasterio.open(class_tmp, "w", **profile) as out, \
-                (rasterio.open(conf_tmp, "w", **{**profile, "dtype": "uint8"})
-                 if confidence_uri else _Null()) as conf, \
-                ThreadPoolExecutor(1) as reader:
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(rasterio.open(class_tmp, "w", **profile))
+            extra_out = {name: stack.enter_context(rasterio.open(
+                os.path.join(staging, f"{name}.tif"), "w",
+                **{**profile, "dtype": "uint8", "count": bands[name]})) for name in extras}
+            reader = stack.enter_context(ThreadPoolExecutor(1))
             acc = np.zeros((k, pad_h, max(width, pad_w)), dtype=np.float32)
             wsum = np.zeros((pad_h, max(width, pad_w)), dtype=np.float32)
             acc_y = 0
@@ -308,36 +325,33 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                 # rows [y, next y) are final: no later window touches them
                 end = ys[r + 1] if r + 1 < len(ys) else min(height, y + pad_h)
                 rows = end - y
+                rows_window = Window(0, y, width, rows)
                 final = acc[:, :rows, :width] / wsum[None, :rows, :width]
                 index = final.argmax(axis=0)
                 classes = values[index].astype(dtype)
                 raw = strip[:, :rows, :width]
                 if nodata is not None:
                     classes[np.all(raw == nodata, axis=0)] = 0
-                out.write(classes[None], window=Window(0, y, width, rows))
-                if confidence_uri:
-                    confidence = np.round(final.max(axis=0) * 255).astype(np.uint8)
-                    confidence[classes == 0] = 0
-                    conf.write(confidence[None], window=Window(0, y, width, rows))
+                out.write(classes[None], window=rows_window)
+                scaled = {"confidence": final.max(axis=0, keepdims=True),
+                          "probabilities": final}
+                for name, dst in extra_out.items():
+                    data = np.round(scaled[name] * 255).astype(np.uint8)
+                    data[:, classes == 0] = 0
+                    dst.write(data, window=rows_window)
                 if gt is not None:
                     truth = gt.read(1, window=Window(0, y, width, rows))
                     accumulate(matrix, truth.astype(np.int64), classes.astype(np.int64),
                                [int(v) for v in values])
             out.update_tags(**tags)
+            for dst in extra_out.values():
+                dst.update_tags(**tags)
         _finish_cog(class_tmp, output_uri, staging, "mode")
-        if confidence_uri:
-            _finish_cog(conf_tmp, confidence_uri, staging, "average")
+        for name, uri in extras.items():
+            _finish_cog(os.path.join(staging, f"{name}.tif"), uri, staging, "average")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"windows": len(xs) * len(ys), "pixels": pixels, "matrix": matrix}
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _finish_cog(tmp: str, uri: str, staging: str, resampling: str) -> None:

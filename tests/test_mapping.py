@@ -15,6 +15,11 @@ from specdeepmap.models import ModelSpec, build_model
 from tests.conftest import write_raster
 
 
+def transform_of(path):
+    with rasterio.open(path) as src:
+        return src.transform
+
+
 def test_windows_cover_every_pixel_and_weights_are_smooth():
     for size, window, stride in [(1000, 256, 205), (256, 256, 205), (100, 256, 205),
                                  (513, 128, 100)]:
@@ -34,7 +39,9 @@ def test_output_is_a_georeferenced_cog_with_lineage(trained, dataset, tmp_path):
     report = map_scene(scene, result.model_file, str(out), MapParams(device="cpu"),
                        gt_uri=str(dataset / "scene" / "demo_s2_labels.tif"),
                        iou_csv_uri=str(tmp_path / "out" / "iou.csv"),
-                       confidence_uri=str(tmp_path / "out" / "confidence.tif"))
+                       confidence_uri=str(tmp_path / "out" / "confidence.tif"),
+                       probabilities_uri=str(tmp_path / "out" / "probabilities.tif"),
+                       vector_uri=str(tmp_path / "out" / "classes.gpkg"))
     with rasterio.open(scene) as src, rasterio.open(out) as dst:
         assert dst.crs == src.crs and dst.transform == src.transform
         assert dst.shape == src.shape and dst.dtypes[0] == "uint8" and dst.nodata == 0
@@ -48,8 +55,30 @@ def test_output_is_a_georeferenced_cog_with_lineage(trained, dataset, tmp_path):
     lines = (tmp_path / "out" / "iou.csv").read_text().splitlines()
     assert lines[0] == "Class,IoU" and lines[-1].startswith("Mean IoU,")
     assert report.pixels_processed >= classes.size
-    assert sorted(os.listdir(tmp_path / "out")) == ["classes.tif", "confidence.tif", "iou.csv",
-                                                    "iou_metrics.csv"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "classes.gpkg", "classes.tif", "confidence.tif", "iou.csv", "iou_metrics.csv",
+        "probabilities.tif"]
+    with rasterio.open(tmp_path / "out" / "probabilities.tif") as probs, \
+            rasterio.open(tmp_path / "out" / "confidence.tif") as conf:
+        p = probs.read().astype(int)
+        assert probs.count == 6 and probs.transform == transform_of(scene)
+        valid = classes > 0
+        # probabilities sum to ~255; the argmax band is the class; its value is the confidence
+        assert np.abs(p.sum(axis=0)[valid] - 255).max() <= 6
+        assert ((p.argmax(axis=0) + 1)[valid] == classes[valid]).mean() > 0.99
+        np.testing.assert_array_equal(p.max(axis=0)[valid], conf.read(1)[valid])
+    import pyogrio
+
+    info = pyogrio.read_info(tmp_path / "out" / "classes.gpkg")
+    assert info["features"] > 0 and "Class" in list(info["fields"])
+    _, _, geometry, fields = pyogrio.raw.read(tmp_path / "out" / "classes.gpkg")
+    assert set(np.unique(fields[0])) <= set(range(1, 7)) and 0 not in set(fields[0])
+    import shapely
+
+    with rasterio.open(scene) as src:
+        pixel_area = abs(src.transform.a * src.transform.e)
+    area = shapely.area(shapely.from_wkb(geometry)).sum()
+    assert area == pytest.approx((classes > 0).sum() * pixel_area)
 
 
 def _pointwise(self, batch, **kwargs):
