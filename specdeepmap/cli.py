@@ -213,9 +213,11 @@ def test_cmd(
 @app.command("map")
 @_errors_to_exit
 def map_cmd(
-    image: Annotated[str, typer.Argument(help="Input raster URI.")],
+    image: Annotated[str, typer.Argument(
+        help="Input raster URI, or a folder / s3:// prefix ending in '/' of scenes.")],
     model: Annotated[str, typer.Argument(help="Model file/URI or models:/NAME/VERSION|@ALIAS.")],
-    output: Annotated[str, typer.Argument(help="Output GeoTIFF (COG) URI.")],
+    output: Annotated[str, typer.Argument(
+        help="Output GeoTIFF (COG) URI; a folder for several scenes.")],
     overlap: Annotated[float, typer.Option(min=0, max=49.9,
                                            help="Minimum tile overlap in %.")] = 10,
     window: Annotated[int | None, typer.Option(
@@ -236,10 +238,16 @@ def map_cmd(
         help="GeoPackage of class polygons (class 0 dropped).")] = None,
 ) -> None:
     """Deep Learning Mapper: whole-scene prediction to a Cloud Optimized GeoTIFF."""
-    from specdeepmap.mapping import MapParams, map_scene
+    import os
 
-    report = map_scene(image, model, output, MapParams(overlap, window, batch_size, blend, bf16,
-                                                       True, device),
+    from specdeepmap.mapping import MapParams, map_scene, map_scenes
+
+    params = MapParams(overlap, window, batch_size, blend, bf16, True, device)
+    if image.endswith("/") or os.path.isdir(image):
+        reports = map_scenes(image, model, output, params)
+        console.print(f"{len(reports)} new scene(s) mapped into {output}")
+        return
+    report = map_scene(image, model, output, params,
                        gt_uri=ground_truth, iou_csv_uri=iou_csv, confidence_uri=confidence,
                        probabilities_uri=probabilities, vector_uri=vector)
     console.print(f"{report.windows} windows in {report.seconds:.1f} s → {output}")

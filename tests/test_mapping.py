@@ -204,3 +204,23 @@ def test_real_enmap_scene_through_the_registry(enmap_folder, tmp_path):
     assert len(lines) == 8 and report.mean_iou is not None
     with rasterio.open(tmp_path / "enmap_classes.tif") as out:
         assert out.shape == (64, 128) and out.crs == crs
+
+
+def test_cli_maps_a_folder_of_scenes_once(trained, dataset, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from specdeepmap.cli import app
+
+    _, result = trained
+    (tmp_path / "in").mkdir()
+    for name in ("a.tif", "b.tif"):
+        shutil.copy(dataset / "scene" / "demo_s2.tif", tmp_path / "in" / name)
+    args = ["map", str(tmp_path / "in") + "/", result.model_file, str(tmp_path / "maps"),
+            "--device", "cpu"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert sorted(os.listdir(tmp_path / "maps")) == ["a_classes.tif", "b_classes.tif"]
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and "0 new scene(s)" in second.output
