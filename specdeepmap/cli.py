@@ -261,12 +261,13 @@ def tensorboard(
     port: Annotated[int, typer.Option(min=1024, max=65535)] = 6006,
 ) -> None:
     """TensorBoard Visualizer: serve the training logs on 127.0.0.1 and print the address."""
-    import subprocess
+    import os
     import sys
 
-    print(f"TensorBoard at http://127.0.0.1:{port}/ (Ctrl+C stops it)")
-    raise typer.Exit(subprocess.call([sys.executable, "-m", "tensorboard.main", "--logdir",
-                                      logdir, "--port", str(port), "--host", "127.0.0.1"]))
+    print(f"TensorBoard at http://127.0.0.1:{port}/ (Ctrl+C stops it)", flush=True)
+    # replace this process, so that Ctrl+C and signals reach TensorBoard itself
+    os.execv(sys.executable, [sys.executable, "-m", "tensorboard.main", "--logdir", logdir,
+                              "--port", str(port), "--host", "127.0.0.1"])
 
 
 if __name__ == "__main__":

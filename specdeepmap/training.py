@@ -339,8 +339,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     best_iou = float(checkpointing.best_model_score or 0.0)
     _, state = read_model_file(best)
     model.load_state_dict(state)
-    model_file = export_model_file(config, model, os.path.join(cfg.out, MODEL_FILE))
     run_id = mlflow_logger.run_id
+    # lineage: maps made with this model file name the MLflow run that produced it
+    model_file = export_model_file({**config, "run_id": run_id}, model,
+                                   os.path.join(cfg.out, MODEL_FILE))
     result = TrainResult(best_checkpoint=best, best_val_iou=best_iou, model_file=model_file,
                          log_dir=tensorboard.log_dir, run_id=run_id,
                          epochs_run=trainer.current_epoch)

@@ -224,3 +224,22 @@ def test_cli_maps_a_folder_of_scenes_once(trained, dataset, tmp_path):
     assert sorted(os.listdir(tmp_path / "maps")) == ["a_classes.tif", "b_classes.tif"]
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0 and "0 new scene(s)" in second.output
+
+
+def test_unwritable_output_fails_before_work(trained, dataset, tmp_path):
+    from specdeepmap.errors import InvalidParameterError
+
+    _, result = trained
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InvalidParameterError, match="not writable"):
+        map_scene(str(dataset / "scene" / "demo_s2.tif"), result.model_file,
+                  str(blocker / "out.tif"), MapParams(device="cpu"))
+
+
+def test_lineage_names_the_mlflow_run(trained, dataset, tmp_path):
+    _, result = trained
+    map_scene(str(dataset / "scene" / "demo_s2.tif"), result.model_file,
+              str(tmp_path / "m.tif"), MapParams(device="cpu"))
+    with rasterio.open(tmp_path / "m.tif") as dst:
+        assert dst.tags()["SPECDEEPMAP_MODEL_RUN_ID"] == result.run_id

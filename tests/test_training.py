@@ -157,18 +157,56 @@ def test_errors_before_training(dataset, trained):
                               device="gpu"))
 
 
-def test_imagenet_offline_says_how_to_supply_a_file(tmp_path, monkeypatch):
-    import urllib.error
-
-    import torch.hub
+def test_imagenet_offline_says_how_to_supply_a_file(monkeypatch):
+    import segmentation_models_pytorch.encoders as encoders
 
     def offline(*args, **kwargs):
-        raise urllib.error.URLError("no network")
+        raise OSError("Temporary failure in name resolution")  # what a closed network gives
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(encoders, "hf_hub_download", offline)
     with pytest.raises(InvalidParameterError, match="--weights"):
         build_model(ModelSpec("unet", "resnet18", 3, 2), imagenet=True)
+
+
+def test_chips_of_different_sizes_or_bands_are_refused(tmp_path):
+    from specdeepmap.data import chip_properties
+    from tests.conftest import write_raster
+
+    a = write_raster(tmp_path / "a.tif", np.ones((3, 32, 32), np.uint16))
+    b = write_raster(tmp_path / "b.tif", np.ones((3, 64, 64), np.uint16))
+    c = write_raster(tmp_path / "c.tif", np.ones((4, 32, 32), np.uint16))
+    assert chip_properties([(a, a)])[:3] == (3, 32, 32)
+    with pytest.raises(InputMismatchError, match="b.tif has 3 bands of 64 x 64"):
+        chip_properties([(a, a), (b, b)])
+    with pytest.raises(InputMismatchError, match="c.tif has 4 bands"):
+        chip_properties([(a, a), (c, c)])
+
+
+def test_tensorboard_command_serves_the_logs(trained, dataset):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "specdeepmap.cli", "tensorboard",
+                             "--logdir", str(dataset / "run"), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/data/runs", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        runs = httpx.get(f"http://127.0.0.1:{port}/data/runs", timeout=5).json()
+        assert any("lightning_logs" in r for r in runs)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0]
+    assert f"http://127.0.0.1:{port}/" in out
