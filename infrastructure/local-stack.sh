@@ -26,7 +26,7 @@ export PREFECT_HOME="$state/prefect"
 
 wait_for() {  # url name seconds
   for _ in $(seq 1 "$3"); do
-    if curl -fsS -o /dev/null "$1"; then echo "  $2 healthy: $1"; return 0; fi
+    if curl -fs -o /dev/null "$1"; then echo "  $2 healthy: $1"; return 0; fi
     sleep 1
   done
   echo "  $2 did not become healthy, see $state/$2.log" >&2; return 1
