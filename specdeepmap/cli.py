@@ -227,7 +227,8 @@ def map_cmd(
         min=1, help="Windows per forward pass (default: ~4 tiles of 256² px).")] = None,
     device: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
     bf16: Annotated[bool, typer.Option(help="bfloat16 autocast.")] = False,
-    blend: Annotated[str, typer.Option(help="cosine, linear, gaussian or none.")] = "cosine",
+    blend: Annotated[str, typer.Option(
+        help="cosine, linear, gaussian, none, or crop (SpecDeepMap's margins).")] = "cosine",
     ground_truth: Annotated[str | None, typer.Option(help="Label raster for IoU.")] = None,
     iou_csv: Annotated[str | None, typer.Option(help="IoU CSV output URI.")] = None,
     confidence: Annotated[str | None, typer.Option(

@@ -52,7 +52,8 @@ class MapParams:
     overlap: float = 10.0  #: minimum overlap in % of the model's tile size (SpecDeepMap's)
     window: int | None = None  #: window edge in px; default: see :func:`choose_window`
     batch_size: int | None = None  #: windows per forward pass; default: ~4 tiles of pixels
-    blend: Literal["cosine", "linear", "gaussian", "none"] = "cosine"
+    #: "crop" imitates SpecDeepMap (each pixel from the window whose kept centre covers it)
+    blend: Literal["cosine", "linear", "gaussian", "none", "crop"] = "cosine"
     autocast: bool = False  #: bf16 autocast (CPU and GPU)
     channels_last: bool = True
     device: str = "auto"
@@ -65,7 +66,7 @@ class MapParams:
             raise InvalidParameterError(f"window must be >= 32 px, got {self.window}")
         if self.batch_size is not None and self.batch_size < 1:
             raise InvalidParameterError("batch size must be >= 1")
-        if self.blend not in ("cosine", "linear", "gaussian", "none"):
+        if self.blend not in ("cosine", "linear", "gaussian", "none", "crop"):
             raise InvalidParameterError(f"unknown blend {self.blend!r}")
 
 
@@ -119,6 +120,10 @@ def weight_window(size: int, ramp: int, kind: str) -> np.ndarray:
     w = np.ones(size, dtype=np.float32)
     if kind == "none" or ramp <= 0:
         return w
+    if kind == "crop":  # margins of half the overlap count (almost) nothing
+        margin = ramp // 2
+        w[:margin] = w[size - margin:] = 1e-6
+        return w
     i = np.arange(ramp, dtype=np.float32) + 0.5
     if kind == "linear":
         edge = i / ramp
@@ -128,7 +133,7 @@ def weight_window(size: int, ramp: int, kind: str) -> np.ndarray:
         edge = 0.5 - 0.5 * np.cos(np.pi * i / ramp)
     w[:ramp] = np.minimum(w[:ramp], edge)
     w[-ramp:] = np.minimum(w[-ramp:], edge[::-1])
-    return np.maximum(w, 1e-3)
+    return np.maximum(w, 1e-3)  # a pixel only one window covers keeps that window's vote
 
 
 def _check_input(src: rasterio.DatasetReader, predictor: Predictor, uri: str,

@@ -243,3 +243,36 @@ def test_lineage_names_the_mlflow_run(trained, dataset, tmp_path):
               str(tmp_path / "m.tif"), MapParams(device="cpu"))
     with rasterio.open(tmp_path / "m.tif") as dst:
         assert dst.tags()["SPECDEEPMAP_MODEL_RUN_ID"] == result.run_id
+
+
+def test_blending_leaves_no_seams_where_cropping_does(tmp_path, monkeypatch):
+    """A model whose output drifts with its window's context (as CNNs' do): cropping turns the
+    drift into steps at the crop lines, blending spreads it over the overlap."""
+    from specdeepmap import inference
+
+    model = build_model(ModelSpec("unet", "resnet18", 2, 3))
+    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 2,
+              "num_classes": 3, "class_values": [1, 2], "ignore_index": 0,
+              "tile_size": [64, 64], "normalization": {"scaler": None, "mean": None,
+                                                       "std": None, "nodata": None}}
+    model_file = export_model_file(config, model, str(tmp_path / "m.pt"))
+    y, x = np.mgrid[0:512, 0:512].astype(np.float32)
+    scene = write_raster(tmp_path / "gradient.tif", np.stack([x / 512, y / 512]))
+
+    def context_dependent(self, batch, **kwargs):
+        # class 1 where x/width + a bias from the window's mean row position exceeds 0.5
+        bias = 0.5 * (batch[:, 1].mean(axis=(1, 2)) - 0.5)
+        p1 = np.clip(batch[:, 0] + bias[:, None, None], 0, 1)
+        return torch.from_numpy(np.stack([p1, 1 - p1], axis=1).astype(np.float32))
+
+    monkeypatch.setattr(inference.Predictor, "probabilities", context_dependent)
+    steps = {}
+    for blend in ("crop", "cosine"):
+        out = tmp_path / f"{blend}.tif"
+        map_scene(scene, model_file, str(out), MapParams(window=128, overlap=25, blend=blend,
+                                                         device="cpu"))
+        classes = rasterio.open(out).read(1)
+        # largest shift of the class boundary from one row to the next
+        steps[blend] = int((classes[1:] != classes[:-1]).sum(axis=1).max())
+    assert steps["crop"] > 20  # the boundary jumps at crop lines
+    assert steps["cosine"] <= 4  # and moves a pixel or two per row when blended
