@@ -1,5 +1,7 @@
 """Prefect flows against a real (temporary) Prefect API, a real S3 server and MLflow."""
 
+import os
+
 import numpy as np
 import pytest
 import rasterio
@@ -195,3 +197,27 @@ def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
     for uri in images[::37]:  # every object present is a whole GeoTIFF
         with storage.open_raster(uri) as chip:
             assert chip.read().shape == (13, 32, 32)
+
+
+def test_map_flow_on_a_dask_cluster(prefect_api, trained, dataset, tmp_path):
+    import shutil
+
+    from distributed import LocalCluster
+
+    from flows.params import MapFlowParams, MapSettings
+    from flows.pipelines import map_flow
+
+    _, result = trained
+    (tmp_path / "in").mkdir()
+    for name in ("a.tif", "b.tif"):
+        shutil.copy(dataset / "scene" / "demo_s2.tif", tmp_path / "in" / name)
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None) as cluster:
+        products = map_flow(MapFlowParams(
+            model_uri=result.model_file, output_uri=str(tmp_path / "maps"),
+            input_prefix=str(tmp_path / "in"), map=MapSettings(device="cpu"),
+            task_runner="dask", dask_address=cluster.scheduler_address))
+    assert sorted(os.path.basename(p["classes"]) for p in products) == \
+        ["a_classes.tif", "b_classes.tif"]
+    for p in products:
+        assert os.path.exists(p["metrics"]) and os.path.exists(p["quicklook"])
