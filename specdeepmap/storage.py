@@ -175,6 +175,33 @@ def _reopen_uncached(uri: str, error: Exception) -> rasterio.io.DatasetReader | 
         return None
 
 
+def is_transient(error: BaseException) -> bool:
+    """True for errors a retry can fix: network failures, timeouts, throttling, S3 5xx.
+
+    Bad input (any :class:`SpecDeepMapError`, a missing key) and programming errors are not.
+    """
+    from specdeepmap.errors import SpecDeepMapError
+
+    if isinstance(error, SpecDeepMapError | FileNotFoundError | PermissionError):
+        return False
+    if isinstance(error, TimeoutError | ConnectionError):
+        return True
+    try:
+        from botocore.exceptions import (ClientError, ConnectionClosedError,
+                                         EndpointConnectionError, ReadTimeoutError)
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        ClientError = ConnectionClosedError = EndpointConnectionError = ReadTimeoutError = ()
+    if isinstance(error, EndpointConnectionError | ConnectionClosedError | ReadTimeoutError):
+        return True
+    if ClientError and isinstance(error, ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
+    if isinstance(error, OSError):  # GDAL/curl and socket errors surface as OSError
+        return _looks_transient(str(error)) or error.errno is not None
+    return False
+
+
 def _looks_transient(message: str) -> bool:
     message = message.lower()
     return any(word in message for word in ("curl", "connect", "timed out", "timeout",

@@ -6,9 +6,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
-from specdeepmap import registry
+from specdeepmap import registry, storage
 from specdeepmap.chipping import ChipParams, ChipReport, chip_scene
-from specdeepmap.errors import SpecDeepMapError
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.mapping import MapParams, map_scene_products
 from specdeepmap.splitting import SplitParams, SplitReport, make_dataset
@@ -16,13 +15,11 @@ from specdeepmap.training import TrainConfig, TrainResult, train
 
 
 def retry_transient(task, task_run, state) -> bool:
-    """Retry storage and network hiccups, never bad input (a SpecDeepMapError)."""
+    """Retry what a retry can fix (network, timeouts, throttling, 5xx), never bad input."""
     try:
         state.result()
-    except SpecDeepMapError:
-        return False
-    except Exception:  # noqa: BLE001 - timeouts, connection resets, S3 5xx...
-        return True
+    except Exception as error:  # noqa: BLE001 - classified by the storage layer
+        return storage.is_transient(error)
     return False
 
 

@@ -64,3 +64,24 @@ def test_s3_round_trip(s3_bucket, tmp_path):
             pass
     cached = storage.cached_local_copy(f"{s3_bucket}/r.tif", str(tmp_path / "cache"))
     assert os.path.getsize(cached) == os.path.getsize(local)
+
+
+def test_transient_errors_are_told_apart_from_bad_input():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from specdeepmap.errors import InvalidLabelError
+
+    def client_error(code, status):
+        return ClientError({"Error": {"Code": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert storage.is_transient(EndpointConnectionError(endpoint_url="http://x"))
+    assert storage.is_transient(client_error("SlowDown", 503))
+    assert storage.is_transient(client_error("InternalError", 500))
+    assert storage.is_transient(OSError("CURL error: Failed to connect to 127.0.0.1"))
+    assert storage.is_transient(TimeoutError())
+    assert not storage.is_transient(client_error("NoSuchKey", 404))
+    assert not storage.is_transient(InvalidLabelError("bad label"))
+    assert not storage.is_transient(MissingInputError("gone"))
+    assert not storage.is_transient(TypeError("a bug"))
+    assert not storage.is_transient(UnreadableInputError("not a raster"))
