@@ -4,8 +4,10 @@ The scene is covered by overlapping windows (the last window of each row and col
 the scene edge; a scene smaller than a window is padded). Class probabilities of overlapping
 windows are blended with a smooth weight window (cosine ramps by default) instead of cropping
 margins, so no seams remain. Windows are processed one row at a time: only the current row's
-accumulation buffer is kept, rows of output are written as soon as no later window touches
-them, and a background thread reads the next row of windows while the model runs.
+accumulation buffer is kept, pixels are finalised batch by batch as soon as no later window
+touches them, and a background thread reads the next batch of windows while the model runs.
+On the CPU the network can run quantized to int8 (``precision="int8"``, see
+:mod:`specdeepmap.quantization`).
 
 Output: a GeoTIFF with the input's CRS and transform, class values mapped back to the original
 label values (uint8, or uint16 for values above 255), input nodata → 0 (the output nodata),
@@ -19,6 +21,7 @@ prediction does not need one, and refusing would block ungeoreferenced imagery.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -54,7 +57,9 @@ class MapParams:
     batch_size: int | None = None  #: windows per forward pass; default: ~4 tiles of pixels
     #: "crop" imitates SpecDeepMap (each pixel from the window whose kept centre covers it)
     blend: Literal["cosine", "linear", "gaussian", "none", "crop"] = "cosine"
-    autocast: bool = False  #: bf16 autocast (CPU and GPU)
+    #: "bf16": bfloat16 autocast (GPUs, CPUs with AMX/AVX512-BF16); "int8": the network
+    #: quantized on the CPU, calibrated on windows of the scene (see :mod:`quantization`)
+    precision: Literal["fp32", "bf16", "int8"] = "fp32"
     channels_last: bool = True
     device: str = "auto"
 
@@ -68,6 +73,9 @@ class MapParams:
             raise InvalidParameterError("batch size must be >= 1")
         if self.blend not in ("cosine", "linear", "gaussian", "none", "crop"):
             raise InvalidParameterError(f"unknown blend {self.blend!r}")
+        if self.precision not in ("fp32", "bf16", "int8"):
+            raise InvalidParameterError(f"precision must be fp32, bf16 or int8, got "
+                                        f"{self.precision!r}")
 
 
 @dataclass
@@ -95,8 +103,7 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 def _processed_pixels(height: int, width: int, window: int, stride: int) -> int:
-    rows = window if height > window else -(-height // 32) * 32
-    cols = window if width > window else -(-width // 32) * 32
+    rows, cols = _padded_shape(height, width, window)
     return len(window_starts(height, window, stride)) * len(window_starts(width, window,
                                                                           stride)) * rows * cols
 
@@ -216,11 +223,16 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     blend = np.outer(blend_1d, blend_1d)
     values = predictor.value_lut()[1:]
     dtype = "uint8" if values.max() < 256 else "uint16"
-    if params.channels_last:
-        predictor.model.to(memory_format=torch.channels_last)
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(storage.open_raster(input_uri))
         _check_input(src, predictor, input_uri, model_uri)
+        if params.precision == "int8":
+            from specdeepmap.quantization import quantize_int8
+
+            predictor = quantize_int8(predictor, _calibration_windows(src, window, stride))
+            params = dataclasses.replace(params, channels_last=False)
+        elif params.channels_last:
+            predictor.model.to(memory_format=torch.channels_last)
         gt = stack.enter_context(storage.open_raster(gt_uri)) if gt_uri else None
         if gt is not None and (gt.width, gt.height) != (src.width, src.height):
             raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
@@ -250,11 +262,47 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     return result
 
 
+def _padded_shape(height: int, width: int, window: int) -> tuple[int, int]:
+    """(rows, cols) of every window: ``window``, or the scene rounded up to 32 px (the
+    encoders' stride) along an axis shorter than a window, which one padded window covers."""
+    pad_h = window if height > window else -(-height // 32) * 32
+    pad_w = window if width > window else -(-width // 32) * 32
+    return pad_h, pad_w
+
+
+def _read_span(src, y: int, x0: int, x1: int, rows: int, fill: float) -> np.ndarray:
+    """Input rows [y, y + rows) × columns [x0, x1), padded with ``fill`` beyond the scene."""
+    h = min(rows, src.height - y)
+    w = min(x1, src.width) - x0
+    data = src.read(window=Window(x0, y, w, h))
+    if h < rows or w < x1 - x0:
+        data = np.pad(data, ((0, 0), (0, rows - h), (0, x1 - x0 - w)), constant_values=fill)
+    return data
+
+
+def _calibration_windows(src, window: int, stride: int, count: int = 8) -> list[np.ndarray]:
+    """Up to ``count`` windows spread evenly over the scene, for int8 calibration."""
+    pad_h, pad_w = _padded_shape(src.height, src.width, window)
+    ys = window_starts(src.height, window, stride)
+    xs = window_starts(src.width, window, stride)
+    grid = [(y, x) for y in ys for x in xs]
+    picks = np.unique(np.linspace(0, len(grid) - 1, min(count, len(grid))).round().astype(int))
+    fill = src.nodata if src.nodata is not None else 0
+    return [_read_span(src, grid[i][0], grid[i][1], grid[i][1] + pad_w, pad_h, fill)[None]
+            for i in picks]
+
+
 def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, stride: int,
             batch_size: int, blend: np.ndarray, values: np.ndarray, dtype: str,
             input_uri: str, model_uri: str, output_uri: str,
             extras: dict[str, str | None]) -> dict:
     """The streaming loop; writes temporary tiled GeoTIFFs, then the final COGs.
+
+    Memory: one row of windows' float accumulator (classes × window × scene width) is the
+    only buffer that spans the scene; input is read one batch of windows at a time (the next
+    batch in a background thread while the model runs) and pixels are finalised (blend,
+    argmax, nodata) one batch's columns at a time, as soon as no later window of the row
+    touches them. A row of output is written when its last batch is done.
 
     ``extras`` may name a ``confidence`` (top-class probability) and a ``probabilities``
     (one band per class) output; both are uint8, probability × 255.
@@ -262,14 +310,12 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
     height, width = src.height, src.width
     ys = window_starts(height, window, stride)
     xs = window_starts(width, window, stride)
-    # along an axis shorter than a window, one window padded up to a multiple of 32 (the
-    # encoders' stride) covers it
-    pad_h = window if height > window else -(-height // 32) * 32
-    pad_w = window if width > window else -(-width // 32) * 32
+    pad_h, pad_w = _padded_shape(height, width, window)
     weights = blend[:pad_h, :pad_w]
     k = len(values)
     nodata = src.nodata
     fill = nodata if nodata is not None else 0
+    class_values = [int(v) for v in values]
     staging = tempfile.mkdtemp(prefix="specdeepmap-map-")
     matrix = np.zeros((k, k), dtype=np.int64)
     pixels = 0
@@ -280,16 +326,19 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
             "SPECDEEPMAP_MODEL_RUN_ID": str(predictor.config.get("run_id", "")),
             "SPECDEEPMAP_MODEL_VERSION": str(predictor.config.get("version", "")),
             "SPECDEEPMAP_INPUT": input_uri, "SPECDEEPMAP_SOFTWARE": f"specdeepmap {__version__}",
-            "SPECDEEPMAP_CLASS_VALUES": ",".join(str(int(v)) for v in values)}
+            "SPECDEEPMAP_CLASS_VALUES": ",".join(str(v) for v in class_values),
+            "SPECDEEPMAP_PRECISION": params.precision}
+    # every forward pass: (window row, its first window's index in xs)
+    jobs = [(r, b) for r in range(len(ys)) for b in range(0, len(xs), batch_size)]
 
-    def read_row(y: int) -> np.ndarray:
-        rows = min(pad_h, height - y)
-        data = src.read(window=Window(0, y, width, rows))
-        if rows < pad_h or width < pad_w:
-            extra_w = max(0, pad_w - width)
-            data = np.pad(data, ((0, 0), (0, pad_h - rows), (0, extra_w)),
-                          constant_values=fill)
-        return data
+    def read_batch(r: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The batch's windows (N, C, rows, cols) and its span's nodata mask."""
+        x0 = xs[b]
+        batch_x = xs[b:b + batch_size]
+        span = _read_span(src, ys[r], x0, batch_x[-1] + pad_w, pad_h, fill)
+        windows = np.stack([span[:, :, x - x0:x - x0 + pad_w] for x in batch_x])
+        mask = np.all(span == nodata, axis=0) if nodata is not None else None
+        return windows, mask
 
     extras = {name: uri for name, uri in extras.items() if uri}
     bands = {"confidence": 1, "probabilities": k}
@@ -304,50 +353,57 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
             acc = np.zeros((k, pad_h, max(width, pad_w)), dtype=np.float32)
             wsum = np.zeros((pad_h, max(width, pad_w)), dtype=np.float32)
             acc_y = 0
-            future = reader.submit(read_row, ys[0])
-            for r, y in enumerate(ys):
-                strip = future.result()
-                if r + 1 < len(ys):
-                    future = reader.submit(read_row, ys[r + 1])
-                # shift the accumulation buffer so that it starts at row y
-                shift = y - acc_y
-                if shift:
-                    acc[:, :-shift] = acc[:, shift:]
-                    acc[:, -shift:] = 0
-                    wsum[:-shift] = wsum[shift:]
-                    wsum[-shift:] = 0
-                    acc_y = y
-                for b in range(0, len(xs), batch_size):
-                    batch_x = xs[b:b + batch_size]
-                    batch = np.stack([strip[:, :, x:x + pad_w] for x in batch_x])
-                    probs = predictor.probabilities(batch, autocast=params.autocast,
-                                                    channels_last=params.channels_last)
-                    probs = probs.cpu().numpy()
-                    pixels += probs.shape[0] * pad_h * pad_w
-                    for i, x in enumerate(batch_x):
-                        acc[:, :, x:x + pad_w] += probs[i] * weights
-                        wsum[:, x:x + pad_w] += weights
-                # rows [y, next y) are final: no later window touches them
-                end = ys[r + 1] if r + 1 < len(ys) else min(height, y + pad_h)
-                rows = end - y
-                rows_window = Window(0, y, width, rows)
-                final = acc[:, :rows, :width] / wsum[None, :rows, :width]
-                index = final.argmax(axis=0)
-                classes = values[index].astype(dtype)
-                raw = strip[:, :rows, :width]
-                if nodata is not None:
-                    classes[np.all(raw == nodata, axis=0)] = 0
-                out.write(classes[None], window=rows_window)
+            future = reader.submit(read_batch, *jobs[0])
+            for j, (r, b) in enumerate(jobs):
+                y = ys[r]
+                batch, mask = future.result()
+                if j + 1 < len(jobs):
+                    future = reader.submit(read_batch, *jobs[j + 1])
+                if b == 0:  # a new row of windows: shift the accumulator to start at row y
+                    shift = y - acc_y
+                    if shift:
+                        acc[:, :-shift] = acc[:, shift:]
+                        acc[:, -shift:] = 0
+                        wsum[:-shift] = wsum[shift:]
+                        wsum[-shift:] = 0
+                        acc_y = y
+                    # rows [y, next y) are final once this row is done: no later window
+                    # touches them
+                    rows = (ys[r + 1] if r + 1 < len(ys) else min(height, y + pad_h)) - y
+                    classes_row = np.zeros((rows, width), dtype=dtype)
+                    extra_rows = {name: np.zeros((bands[name], rows, width), np.uint8)
+                                  for name in extra_out}
+                batch_x = xs[b:b + batch_size]
+                probs = predictor.probabilities(batch, autocast=params.precision == "bf16",
+                                                channels_last=params.channels_last)
+                probs = probs.cpu().numpy()
+                pixels += probs.shape[0] * pad_h * pad_w
+                for i, x in enumerate(batch_x):
+                    acc[:, :, x:x + pad_w] += probs[i] * weights
+                    wsum[:, x:x + pad_w] += weights
+                # columns [first window, next batch's first window) of those rows are final
+                c0 = batch_x[0]
+                c1 = xs[b + batch_size] if b + batch_size < len(xs) else width
+                final = acc[:, :rows, c0:c1] / wsum[None, :rows, c0:c1]
+                classes = values[final.argmax(axis=0)].astype(dtype)
+                if mask is not None:
+                    classes[mask[:rows, :c1 - c0]] = 0
+                classes_row[:, c0:c1] = classes
                 scaled = {"confidence": final.max(axis=0, keepdims=True),
                           "probabilities": final}
-                for name, dst in extra_out.items():
+                for name, chunk in extra_rows.items():
                     data = np.round(scaled[name] * 255).astype(np.uint8)
                     data[:, classes == 0] = 0
-                    dst.write(data, window=rows_window)
+                    chunk[:, :, c0:c1] = data
                 if gt is not None:
-                    truth = gt.read(1, window=Window(0, y, width, rows))
+                    truth = gt.read(1, window=Window(c0, y, c1 - c0, rows))
                     accumulate(matrix, truth.astype(np.int64), classes.astype(np.int64),
-                               [int(v) for v in values])
+                               class_values)
+                if c1 == width:  # the row is done
+                    row_window = Window(0, y, width, rows)
+                    out.write(classes_row[None], window=row_window)
+                    for name, dst in extra_out.items():
+                        dst.write(extra_rows[name], window=row_window)
             out.update_tags(**tags)
             for dst in extra_out.values():
                 dst.update_tags(**tags)

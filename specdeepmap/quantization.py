@@ -1,0 +1,68 @@
+"""Post-training int8 quantization of a network for CPU mapping.
+
+On CPUs without bfloat16 units (no AVX512-BF16/AMX) bf16 autocast is slower than fp32, but
+int8 convolutions run on AVX512-VNNI/AVX-VNNI, which most x86 servers have: the network is
+several times faster. The network is traced with torch.fx, conv + batch-norm + ReLU are fused,
+and activation ranges are calibrated on windows of the scene being mapped (observers record
+min/max; weights are quantized per channel). That is static post-training quantization: no
+retraining, a few seconds of calibration, and a small share of pixels whose class changes
+(measured by ``benchmarks/bench_mapping.py --int8`` with a trained model).
+
+torch.ao's FX quantization is used because it ships with the pinned torch; its successor
+(torchao's PT2E flow) needs torch.compile, which did not speed up this network on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+from specdeepmap.errors import InvalidParameterError
+from specdeepmap.inference import Predictor
+
+#: the quantized-kernel library: oneDNN uses VNNI and changed fewer classes than fbgemm
+ENGINE = "onednn"
+
+
+def int8_supported() -> bool:
+    """Whether this torch build has the int8 CPU kernels used here."""
+    return ENGINE in torch.backends.quantized.supported_engines
+
+
+def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Predictor:
+    """An int8 copy of ``predictor`` calibrated on raw (N, C, H, W) windows.
+
+    Raises:
+        InvalidParameterError: not on CPU, no int8 kernels, or the network cannot be traced.
+    """
+    if predictor.device.type != "cpu":
+        raise InvalidParameterError("int8 precision runs on the CPU only; on a GPU use bf16")
+    if not int8_supported():
+        raise InvalidParameterError(f"this torch build has no {ENGINE} int8 kernels")
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = ENGINE  # process-wide: the packed weights need it
+    model = copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format).eval()
+    batches = [predictor.normalization.apply(batch) for batch in calibration]
+    example = (torch.from_numpy(np.ascontiguousarray(batches[0])),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notices
+        try:
+            prepared = prepare_fx(model, get_default_qconfig_mapping(ENGINE), example)
+        except Exception as error:  # torch.fx raises many types on untraceable code
+            raise InvalidParameterError(
+                f"int8: the {predictor.config.get('architecture')}/"
+                f"{predictor.config.get('backbone')} network cannot be traced for quantization "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); use fp32") \
+                from error
+        with torch.inference_mode():
+            for batch in batches:
+                prepared(torch.from_numpy(np.ascontiguousarray(batch)))
+        quantized = convert_fx(prepared)
+    return Predictor(model=quantized, config=predictor.config, device=predictor.device,
+                     source=predictor.source)
