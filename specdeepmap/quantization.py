@@ -33,6 +33,48 @@ def int8_supported() -> bool:
     return ENGINE in torch.backends.quantized.supported_engines
 
 
+class _EncoderDecoder(torch.nn.Module):
+    """An smp model's encoder → decoder → head without its input-shape check, which torch.fx
+    cannot trace (the mapper's windows are multiples of 32 px already)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.encoder = model.encoder
+        self.decoder = model.decoder
+        self.segmentation_head = model.segmentation_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.segmentation_head(self.decoder(self.encoder(x)))
+
+
+def _traceable(model: torch.nn.Module) -> torch.nn.Module:
+    if all(hasattr(model, name) for name in ("encoder", "decoder", "segmentation_head")):
+        model = _EncoderDecoder(model)
+    return model.eval()
+
+
+def _prepare(model: torch.nn.Module, example: tuple, config: dict) -> torch.nn.Module:
+    """Trace and insert observers; a decoder torch.fx cannot trace (SegFormer's) stays fp32."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    qconfig = get_default_qconfig_mapping(ENGINE)
+    try:
+        return prepare_fx(model, qconfig, example)
+    except Exception:  # torch.fx raises many types on untraceable code
+        if not hasattr(model, "decoder"):
+            raise
+    custom = PrepareCustomConfig().set_non_traceable_module_classes([type(model.decoder)])
+    try:
+        return prepare_fx(model, qconfig, example, prepare_custom_config=custom)
+    except Exception as error:
+        raise InvalidParameterError(
+            f"int8: the {config.get('architecture')}/{config.get('backbone')} network cannot "
+            f"be traced for quantization ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]}); use fp32") from error
+
+
 def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Predictor:
     """An int8 copy of ``predictor`` calibrated on raw (N, C, H, W) windows.
 
@@ -43,23 +85,15 @@ def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Pr
         raise InvalidParameterError("int8 precision runs on the CPU only; on a GPU use bf16")
     if not int8_supported():
         raise InvalidParameterError(f"this torch build has no {ENGINE} int8 kernels")
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import convert_fx
 
     torch.backends.quantized.engine = ENGINE  # process-wide: the packed weights need it
-    model = copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format).eval()
+    model = _traceable(copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format))
     batches = [predictor.normalization.apply(batch) for batch in calibration]
     example = (torch.from_numpy(np.ascontiguousarray(batches[0])),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices
-        try:
-            prepared = prepare_fx(model, get_default_qconfig_mapping(ENGINE), example)
-        except Exception as error:  # torch.fx raises many types on untraceable code
-            raise InvalidParameterError(
-                f"int8: the {predictor.config.get('architecture')}/"
-                f"{predictor.config.get('backbone')} network cannot be traced for quantization "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); use fp32") \
-                from error
+        prepared = _prepare(model, example, predictor.config)
         with torch.inference_mode():
             for batch in batches:
                 prepared(torch.from_numpy(np.ascontiguousarray(batch)))
