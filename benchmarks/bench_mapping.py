@@ -4,15 +4,20 @@ U-Net/ResNet-18 (random weights: speed does not depend on them), 13-band uint16 
 scenes, 256 px training tiles, 10 % overlap. Every measurement runs in a fresh process with
 GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
 
-* ``map``: ``specdeepmap.mapping.map_scene`` with its defaults (window 2 × tile, channels-last,
-  batches, blending, COG output);
-* ``model``: the network alone on the same number of windows of the same size (random input);
+* ``map``: ``specdeepmap.mapping.map_scene`` with its defaults (window chosen per scene,
+  channels-last, batches, blending, COG output), once per ``--precisions`` entry (int8 includes
+  its calibration);
+* ``model``: the network alone, at the same precision, on the same number of windows of the same
+  size (random input);
 * ``read``: one pass over the scene in strips (I/O floor);
 * ``baseline``: SpecDeepMap's mapper: 256 px tiles, stride ⌊256·0.8⌋, margins cropped, batch 1,
   the whole output in memory, a plain striped GeoTIFF;
-* with ``--bf16``: the mapper with bfloat16 autocast, and the share of pixels whose class changes.
+* ``quality``: with a trained model (``--quality-model``, default the one ``make run`` trains),
+  the share of pixels whose class differs from fp32 and the mean IoU against the labels, per
+  precision (random weights say nothing about that).
 
-Usage: python benchmarks/bench_mapping.py [--sizes 2048 4096] [--device cpu] [--bf16]
+Usage: python benchmarks/bench_mapping.py [--sizes 2048 4096] [--device cpu]
+       [--precisions fp32 int8] [--quality-model runs/demo/train/model.pt]
 """
 
 from __future__ import annotations
@@ -32,23 +37,32 @@ CHILD = textwrap.dedent("""
     from specdeepmap.inference import load_model
     from specdeepmap.mapping import MapParams, map_scene, window_starts
     mode, scene, model_file, out, device = sys.argv[1:6]
+    mode, _, precision = mode.partition(":")
     result = {}
     predictor = load_model(model_file, device)  # loading is not timed
     start = time.perf_counter()
-    if mode in ("map", "map-bf16"):
+    if mode == "map":
         report = map_scene(scene, model_file, out,
-                           MapParams(device=device, autocast=mode == "map-bf16"),
+                           MapParams(device=device, precision=precision),
                            predictor=predictor)
+        # a scene smaller than a window is processed as one padded window
+        side = math.isqrt(report.pixels_processed // report.windows)
         result.update(windows=report.windows, pixels=report.pixels_processed,
-                      window=report.window, batch=report.batch_size)
+                      window=report.window, side=side, batch=report.batch_size,
+                      setup=report.setup_seconds)
     elif mode == "model":
-        predictor.model.to(memory_format=torch.channels_last)
         windows, window, batch = (int(v) for v in out.split(","))
         x = np.random.default_rng(0).integers(1, 5000, (batch, 13, window, window))
         x = x.astype(np.uint16)
+        if precision == "int8":
+            from specdeepmap.quantization import quantize_int8
+            predictor = quantize_int8(predictor, [x[:1]] * 8)
+        else:
+            predictor.model.to(memory_format=torch.channels_last)
         start = time.perf_counter()
         for _ in range(math.ceil(windows / batch)):
-            predictor.probabilities(x, channels_last=True).cpu().numpy()
+            predictor.probabilities(x, channels_last=precision != "int8",
+                                    autocast=precision == "bf16").cpu().numpy()
     elif mode == "read":
         with rasterio.open(scene) as src:
             for y in range(0, src.height, 512):
@@ -108,16 +122,40 @@ def make_model(path: str) -> str:
     return export_model_file(config, build_model(ModelSpec("unet", "resnet18", 13, 7)), path)
 
 
+def quality(model_file: str, scene: str, labels: str, precisions: list[str], device: str,
+            work: str) -> list[tuple]:
+    """(precision, share of pixels whose class differs from fp32, mean IoU) with a real model."""
+    import rasterio
+
+    from specdeepmap.mapping import MapParams, map_scene
+
+    rows, reference = [], None
+    for precision in ["fp32", *[p for p in precisions if p != "fp32"]]:
+        out = os.path.join(work, f"quality-{precision}.tif")
+        report = map_scene(scene, model_file, out, MapParams(device=device, precision=precision),
+                           gt_uri=labels)
+        with rasterio.open(out) as dst:
+            classes = dst.read(1)
+        reference = classes if reference is None else reference
+        valid = reference > 0
+        rows.append((precision, float((classes[valid] != reference[valid]).mean()),
+                     report.mean_iou))
+    return rows
+
+
 def main() -> None:
-    """Generate scenes, run every measurement, print the table."""
+    """Generate scenes, run every measurement, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true", help="also measure bf16 autocast")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"],
+                        choices=["fp32", "bf16", "int8"])
+    parser.add_argument("--quality-model", default="runs/demo/train/model.pt",
+                        help="a trained model file (default: the one `make run` trains)")
+    parser.add_argument("--quality-scene", default="runs/demo/scene/demo_s2.tif")
+    parser.add_argument("--quality-labels", default="runs/demo/scene/demo_s2_labels.tif")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
-    import rasterio
-
     from specdeepmap.sample_data import generate_scene
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-mapping-")
@@ -125,42 +163,43 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         scene = generate_scene(os.path.join(work, f"s{size}"), size, size, seed=2).image_uri
-        ours = run("map", scene, model_file, os.path.join(work, f"map{size}.tif"), args.device)
-        model = run("model", scene, model_file,
-                    f"{ours['windows']},{ours['window']},{ours['batch']}",
-                    args.device)
         read = run("read", scene, model_file, "", args.device)
         base = run("baseline", scene, model_file, os.path.join(work, f"base{size}.tif"),
                    args.device)
-        bf16 = changed = None
-        if args.bf16:
-            bf16 = run("map-bf16", scene, model_file, os.path.join(work, f"bf{size}.tif"),
-                       args.device)
-            a = rasterio.open(os.path.join(work, f"map{size}.tif")).read(1)
-            b = rasterio.open(os.path.join(work, f"bf{size}.tif")).read(1)
-            changed = float((a != b).mean())
-        rows.append((size, ours, model, read, base, bf16, changed))
+        for precision in args.precisions:
+            ours = run(f"map:{precision}", scene, model_file,
+                       os.path.join(work, f"map{size}-{precision}.tif"), args.device)
+            model = run(f"model:{precision}", scene, model_file,
+                        f"{ours['windows']},{ours['side']},{ours['batch']}", args.device)
+            rows.append((size, precision, ours, model, read, base))
 
     mpx = lambda size, r: size * size / 1e6 / r["seconds"]  # noqa: E731
     print(f"\nMapper, U-Net/ResNet-18, 13 bands, 256 px tiles, 10 % overlap, device "
           f"{args.device}, {os.cpu_count()} cores, GDAL_CACHEMAX 64 MB")
-    header = ["scene", "window", "windows", "map s", "map Mpx/s", "model-only Mpx/s", "map/model",
-              "read Mpx/s", "processed/scene px", "baseline s", "baseline Mpx/s", "speed-up",
-              "RSS map MB", "RSS baseline MB"]
-    if args.bf16:
-        header += ["bf16 Mpx/s", "bf16 classes changed"]
+    header = ["scene", "precision", "window", "windows", "map s", "map Mpx/s",
+              "model-only Mpx/s", "map/model", "read Mpx/s", "processed/scene px",
+              "baseline s", "baseline Mpx/s", "speed-up", "RSS map MB", "RSS baseline MB", "int8 setup s"]
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
-    for size, ours, model, read, base, bf16, changed in rows:
-        cells = [f"{size}²", str(ours["window"]), str(ours["windows"]), f"{ours['seconds']:.1f}",
-                 f"{mpx(size, ours):.2f}", f"{mpx(size, model):.2f}",
+    for size, precision, ours, model, read, base in rows:
+        cells = [f"{size}²", precision, str(ours["window"]), str(ours["windows"]),
+                 f"{ours['seconds']:.1f}", f"{mpx(size, ours):.2f}", f"{mpx(size, model):.2f}",
                  f"{model['seconds'] / ours['seconds']:.2f}", f"{mpx(size, read):.0f}",
                  f"{ours['pixels'] / size**2:.2f}", f"{base['seconds']:.1f}",
                  f"{mpx(size, base):.2f}", f"{base['seconds'] / ours['seconds']:.2f}x",
-                 f"{ours['peak_rss_mb']:.0f}", f"{base['peak_rss_mb']:.0f}"]
-        if args.bf16:
-            cells += [f"{mpx(size, bf16):.2f}", f"{changed:.3%}"]
+                 f"{ours['peak_rss_mb']:.0f}", f"{base['peak_rss_mb']:.0f}",
+                 f"{ours['setup']:.1f}" if precision == "int8" else "–"]
         print(" | ".join(cells))
+    if not os.path.exists(args.quality_model):
+        print(f"\nNo trained model at {args.quality_model} (run `make run` first): "
+              "quality per precision skipped")
+        return
+    print(f"\nQuality per precision, {args.quality_model} on {args.quality_scene}")
+    print("precision | classes changed vs fp32 | mean IoU\n--- | --- | ---")
+    for precision, changed, iou in quality(args.quality_model, args.quality_scene,
+                                           args.quality_labels, args.precisions, args.device,
+                                           work):
+        print(f"{precision} | {changed:.3%} | {iou:.4f}")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,10 @@ def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Pr
 
     torch.backends.quantized.engine = ENGINE  # process-wide: the packed weights need it
     model = _traceable(copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format))
-    batches = [predictor.normalization.apply(batch) for batch in calibration]
+    batches = list(calibration)
+    if len({batch.shape[1:] for batch in batches}) == 1:  # one pass: observers cost per call
+        batches = [np.concatenate(batches)]
+    batches = [predictor.normalization.apply(batch) for batch in batches]
     example = (torch.from_numpy(np.ascontiguousarray(batches[0])),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices
