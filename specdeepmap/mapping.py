@@ -361,6 +361,9 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
             reader = stack.enter_context(ThreadPoolExecutor(1))
             acc = np.zeros((k, pad_h, max(width, pad_w)), dtype=np.float32)
             wsum = np.zeros((pad_h, max(width, pad_w)), dtype=np.float32)
+            # torch views of the same memory: their element-wise ops use every core
+            acc_t, wsum_t = torch.from_numpy(acc), torch.from_numpy(wsum)
+            weights_t = torch.from_numpy(np.ascontiguousarray(weights))
             acc_y = 0
             future = reader.submit(read_batch, *jobs[0])
             for j, (r, b) in enumerate(jobs):
@@ -385,21 +388,23 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                 batch_x = xs[b:b + batch_size]
                 probs = predictor.probabilities(batch, autocast=params.precision == "bf16",
                                                 channels_last=params.channels_last)
-                probs = probs.cpu().numpy()
+                probs = probs.cpu()
                 pixels += probs.shape[0] * pad_h * pad_w
                 for i, x in enumerate(batch_x):
-                    acc[:, :, x:x + pad_w] += probs[i] * weights
-                    wsum[:, x:x + pad_w] += weights
+                    acc_t[:, :, x:x + pad_w].addcmul_(probs[i], weights_t)
+                    wsum_t[:, x:x + pad_w].add_(weights_t)
                 # columns [first window, next batch's first window) of those rows are final
                 c0 = batch_x[0]
                 c1 = xs[b + batch_size] if b + batch_size < len(xs) else width
-                final = acc[:, :rows, c0:c1] / wsum[None, :rows, c0:c1]
-                classes = values[final.argmax(axis=0)].astype(dtype)
+                # the weight sum is the same for every class: the argmax needs no division
+                classes = values[acc[:, :rows, c0:c1].argmax(axis=0)].astype(dtype)
                 if mask is not None:
                     classes[mask[:rows, :c1 - c0]] = 0
                 classes_row[:, c0:c1] = classes
-                scaled = {"confidence": final.max(axis=0, keepdims=True),
-                          "probabilities": final}
+                if extra_rows:
+                    final = acc[:, :rows, c0:c1] / wsum[None, :rows, c0:c1]
+                    scaled = {"confidence": final.max(axis=0, keepdims=True),
+                              "probabilities": final}
                 for name, chunk in extra_rows.items():
                     data = np.round(scaled[name] * 255).astype(np.uint8)
                     data[:, classes == 0] = 0
