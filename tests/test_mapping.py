@@ -218,10 +218,14 @@ def test_cli_maps_a_folder_of_scenes_once(trained, dataset, tmp_path):
     for name in ("a.tif", "b.tif"):
         shutil.copy(dataset / "scene" / "demo_s2.tif", tmp_path / "in" / name)
     args = ["map", str(tmp_path / "in") + "/", result.model_file, str(tmp_path / "maps"),
-            "--device", "cpu"]
+            "--device", "cpu", "--precision", "int8"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert sorted(os.listdir(tmp_path / "maps")) == ["a_classes.tif", "b_classes.tif"]
+    with rasterio.open(tmp_path / "maps" / "a_classes.tif") as dst:
+        assert dst.tags()["SPECDEEPMAP_PRECISION"] == "int8"
+    wrong = CliRunner().invoke(app, [*args[:5], "--precision", "fp8"])
+    assert wrong.exit_code != 0 and "fp8" in wrong.output
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0 and "0 new scene(s)" in second.output
 
