@@ -10,11 +10,20 @@ retraining, a few seconds of calibration, and a small share of pixels whose clas
 
 torch.ao's FX quantization is used because it ships with the pinned torch; its successor
 (torchao's PT2E flow) needs torch.compile, which did not speed up this network on CPU.
+
+Threads: torch.fx traces by patching ``torch.nn.Module.__call__`` process-wide, so a module
+called by another thread during a trace ends up in (and breaks) that trace. Traces are
+therefore serialised by a lock and done once per network per process: scenes mapped in
+parallel threads with the same model share the traced, not yet calibrated, template. Do not
+run other networks in the same process while a *new* network is first quantized.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import threading
+from collections import OrderedDict
 import warnings
 from collections.abc import Iterable
 
@@ -26,6 +35,10 @@ from specdeepmap.inference import Predictor
 
 #: the quantized-kernel library: oneDNN uses VNNI and changed fewer classes than fbgemm
 ENGINE = "onednn"
+_TRACE_LOCK = threading.Lock()
+#: fingerprint of the weights → traced network with fresh observers (a few, most recent last)
+_TEMPLATES: OrderedDict[str, torch.nn.Module] = OrderedDict()
+_MAX_TEMPLATES = 2
 
 
 def int8_supported() -> bool:
@@ -75,6 +88,29 @@ def _prepare(model: torch.nn.Module, example: tuple, config: dict) -> torch.nn.M
             f"{str(error).splitlines()[0][:200]}); use fp32") from error
 
 
+def _fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the network's class and weights: equal for every copy of one model."""
+    digest = hashlib.blake2b(type(model).__qualname__.encode(), digest_size=16)
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _prepared_copy(predictor: Predictor, example: tuple) -> torch.nn.Module:
+    """A fresh copy of the network traced with observers, tracing at most once per model."""
+    key = _fingerprint(predictor.model)
+    with _TRACE_LOCK:
+        if key not in _TEMPLATES:
+            model = _traceable(copy.deepcopy(predictor.model).to(
+                memory_format=torch.contiguous_format))
+            _TEMPLATES[key] = _prepare(model, example, predictor.config)
+            while len(_TEMPLATES) > _MAX_TEMPLATES:
+                _TEMPLATES.popitem(last=False)
+        _TEMPLATES.move_to_end(key)
+        return copy.deepcopy(_TEMPLATES[key])
+
+
 def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Predictor:
     """An int8 copy of ``predictor`` calibrated on raw (N, C, H, W) windows.
 
@@ -88,7 +124,6 @@ def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Pr
     from torch.ao.quantization.quantize_fx import convert_fx
 
     torch.backends.quantized.engine = ENGINE  # process-wide: the packed weights need it
-    model = _traceable(copy.deepcopy(predictor.model).to(memory_format=torch.contiguous_format))
     batches = list(calibration)
     if len({batch.shape[1:] for batch in batches}) == 1:  # one pass: observers cost per call
         batches = [np.concatenate(batches)]
@@ -96,7 +131,7 @@ def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Pr
     example = (torch.from_numpy(np.ascontiguousarray(batches[0])),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices
-        prepared = _prepare(model, example, predictor.config)
+        prepared = _prepared_copy(predictor, example)
         with torch.inference_mode():
             for batch in batches:
                 prepared(torch.from_numpy(np.ascontiguousarray(batch)))

@@ -215,9 +215,11 @@ def test_map_flow_on_a_dask_cluster(prefect_api, trained, dataset, tmp_path):
                       dashboard_address=None) as cluster:
         products = map_flow(MapFlowParams(
             model_uri=result.model_file, output_uri=str(tmp_path / "maps"),
-            input_prefix=str(tmp_path / "in"), map=MapSettings(device="cpu"),
+            input_prefix=str(tmp_path / "in"), map=MapSettings(device="cpu", precision="int8"),
             task_runner="dask", dask_address=cluster.scheduler_address))
     assert sorted(os.path.basename(p["classes"]) for p in products) == \
         ["a_classes.tif", "b_classes.tif"]
     for p in products:
         assert os.path.exists(p["metrics"]) and os.path.exists(p["quicklook"])
+        with rasterio.open(p["classes"]) as dst:  # the form's precision reached the mapper
+            assert dst.tags()["SPECDEEPMAP_PRECISION"] == "int8"
