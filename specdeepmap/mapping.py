@@ -95,12 +95,13 @@ class MapReport:
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Start offsets covering [0, size): every ``stride``, the last one aligned to the end."""
+    """Start offsets covering [0, size) with the fewest windows no more than ``stride`` apart,
+    spread evenly: the first at 0, the last aligned to the end, every overlap about equal
+    (an edge-aligned last window spaced like the others, not piled onto its neighbour)."""
     if size <= window:
         return [0]
-    starts = list(range(0, size - window, stride))
-    starts.append(size - window)
-    return starts
+    gaps = math.ceil((size - window) / stride)
+    return [round(i * (size - window) / gaps) for i in range(gaps + 1)]
 
 
 def _processed_pixels(height: int, width: int, window: int, stride: int) -> int:
@@ -307,11 +308,12 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
             extras: dict[str, str | None]) -> dict:
     """The streaming loop; writes temporary tiled GeoTIFFs, then the final COGs.
 
-    Memory: one row of windows' float accumulator (classes × window × scene width) is the
-    only buffer that spans the scene; input is read one batch of windows at a time (the next
-    batch in a background thread while the model runs) and pixels are finalised (blend,
-    argmax, nodata) one batch's columns at a time, as soon as no later window of the row
-    touches them. A row of output is written when its last batch is done.
+    Memory: the only float buffer that spans the scene is the carry band (classes × overlap
+    rows × scene width): what a row of windows adds to the rows it shares with the next row.
+    Input is read one batch of windows at a time (the next batch in a background thread while
+    the model runs); pixels are finalised (blend, argmax, nodata) one batch's columns at a
+    time, as soon as no later window touches them; a row of output (uint8) is written when
+    its last batch is done.
 
     ``extras`` may name a ``confidence`` (top-class probability) and a ``probabilities``
     (one band per class) output; both are uint8, probability × 255.
@@ -359,50 +361,65 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                 os.path.join(staging, f"{name}.tif"), "w",
                 **{**profile, "dtype": "uint8", "count": bands[name]})) for name in extras}
             reader = stack.enter_context(ThreadPoolExecutor(1))
-            acc = np.zeros((k, pad_h, max(width, pad_w)), dtype=np.float32)
-            wsum = np.zeros((pad_h, max(width, pad_w)), dtype=np.float32)
-            # torch views of the same memory: their element-wise ops use every core
-            acc_t, wsum_t = torch.from_numpy(acc), torch.from_numpy(wsum)
+            # Channel k of each buffer holds the blending weight sum. ``carry``: what earlier
+            # rows of windows added to the rows the next row of windows shares with them
+            # (overlap × scene width); ``work``: the current batch's columns (constant size).
+            gaps = [b - a for a, b in zip(ys, ys[1:])] or [pad_h]
+            carry = np.zeros((k + 1, max(0, pad_h - min(gaps)), max(width, pad_w)), np.float32)
+            spans = [xs[min(b + batch_size, len(xs)) - 1] - xs[b] + pad_w
+                     for b in range(0, len(xs), batch_size)]
+            work = np.zeros((k + 1, pad_h, max(spans)), np.float32)
+            work_t = torch.from_numpy(work)  # a view: torch's element-wise ops use every core
             weights_t = torch.from_numpy(np.ascontiguousarray(weights))
-            acc_y = 0
             future = reader.submit(read_batch, *jobs[0])
             for j, (r, b) in enumerate(jobs):
                 y = ys[r]
                 batch, mask = future.result()
                 if j + 1 < len(jobs):
                     future = reader.submit(read_batch, *jobs[j + 1])
-                if b == 0:  # a new row of windows: shift the accumulator to start at row y
-                    shift = y - acc_y
-                    if shift:
-                        acc[:, :-shift] = acc[:, shift:]
-                        acc[:, -shift:] = 0
-                        wsum[:-shift] = wsum[shift:]
-                        wsum[-shift:] = 0
-                        acc_y = y
-                    # rows [y, next y) are final once this row is done: no later window
-                    # touches them
+                batch_x = xs[b:b + batch_size]
+                c0 = batch_x[0]
+                if b == 0:  # a new row of windows
+                    # rows [y, next y) are final once this row is done; the rows below them
+                    # are shared with the next row and carried over to it
                     rows = (ys[r + 1] if r + 1 < len(ys) else min(height, y + pad_h)) - y
+                    carried_in = ys[r - 1] + pad_h - y if r else 0
+                    carry_out = pad_h - rows if r + 1 < len(ys) else 0
                     classes_row = np.zeros((rows, width), dtype=dtype)
                     extra_rows = {name: np.zeros((bands[name], rows, width), np.uint8)
                                   for name in extra_out}
-                batch_x = xs[b:b + batch_size]
+                    work[:] = 0
+                    work_x = pulled = 0
+                else:  # drop the finalised columns left of this batch
+                    keep = pulled - c0
+                    work[:, :, :keep] = work[:, :, c0 - work_x:pulled - work_x].copy()
+                    work[:, :, keep:] = 0
+                    work_x = c0
+                end = batch_x[-1] + pad_w
+                if carried_in and end > pulled:  # what earlier rows added to these columns
+                    work[:, :carried_in, pulled - work_x:end - work_x] += \
+                        carry[:, :carried_in, pulled:end]
+                pulled = max(pulled, end)
                 probs = predictor.probabilities(batch, autocast=params.precision == "bf16",
-                                                channels_last=params.channels_last)
-                probs = probs.cpu()
+                                                channels_last=params.channels_last).cpu()
                 pixels += probs.shape[0] * pad_h * pad_w
                 for i, x in enumerate(batch_x):
-                    acc_t[:, :, x:x + pad_w].addcmul_(probs[i], weights_t)
-                    wsum_t[:, x:x + pad_w].add_(weights_t)
-                # columns [first window, next batch's first window) of those rows are final
-                c0 = batch_x[0]
+                    region = work_t[:, :, x - work_x:x - work_x + pad_w]
+                    region[:k].addcmul_(probs[i], weights_t)
+                    region[k].add_(weights_t)
+                # columns [this batch's first window, the next batch's) are final: no later
+                # window of this row touches them
                 c1 = xs[b + batch_size] if b + batch_size < len(xs) else width
+                done = work[:, :, :c1 - c0]
+                if carry_out:
+                    carry[:, :carry_out, c0:c1] = done[:, rows:]
                 # the weight sum is the same for every class: the argmax needs no division
-                classes = values[acc[:, :rows, c0:c1].argmax(axis=0)].astype(dtype)
+                classes = values[done[:k, :rows].argmax(axis=0)].astype(dtype)
                 if mask is not None:
                     classes[mask[:rows, :c1 - c0]] = 0
                 classes_row[:, c0:c1] = classes
                 if extra_rows:
-                    final = acc[:, :rows, c0:c1] / wsum[None, :rows, c0:c1]
+                    final = done[:k, :rows] / done[k, :rows]
                     scaled = {"confidence": final.max(axis=0, keepdims=True),
                               "probabilities": final}
                 for name, chunk in extra_rows.items():

@@ -92,9 +92,13 @@ def _pointwise(self, batch, **kwargs):
     return torch.softmax(torch.einsum("kc,nchw->nkhw", weights, x) * 3, dim=1)
 
 
-@pytest.mark.parametrize("window, overlap", [(64, 10), (96, 25), (256, 10), (384, 0)])
+@pytest.mark.parametrize("window, overlap, batch", [
+    (64, 10, None), (96, 25, None), (256, 10, None), (384, 0, None),
+    (64, 10, 2),  # several batches per row: columns carried from batch to batch
+    (48, 49, 3),  # windows 16 px apart: every pixel in up to 3 rows of windows
+])
 def test_stitching_is_exact_for_any_window(trained, dataset, tmp_path, monkeypatch,
-                                           window, overlap):
+                                           window, overlap, batch):
     """Blended windows of any size reproduce a per-pixel model everywhere, edges included."""
     from specdeepmap import inference
 
@@ -102,13 +106,56 @@ def test_stitching_is_exact_for_any_window(trained, dataset, tmp_path, monkeypat
     monkeypatch.setattr(inference.Predictor, "probabilities", _pointwise)
     scene = str(dataset / "scene" / "demo_s2.tif")
     map_scene(scene, result.model_file, str(tmp_path / "m.tif"),
-              MapParams(window=window, overlap=overlap, device="cpu"))
+              MapParams(window=window, overlap=overlap, batch_size=batch, device="cpu"))
     predictor = load_model(result.model_file, "cpu")
     with rasterio.open(scene) as src:
         data = src.read()
     expected = np.array([1, 2, 3, 4, 5, 6])[_pointwise(predictor, data[None])[0].argmax(0)]
     expected[np.all(data == 0, axis=0)] = 0
     np.testing.assert_array_equal(rasterio.open(tmp_path / "m.tif").read(1), expected)
+
+
+def _contextual(self, batch, **kwargs):
+    """A stand-in whose output depends on the whole window (its mean), not only the pixel, so
+    that every window's share in the blend shows in the result."""
+    x = torch.from_numpy(self.normalization.apply(batch))
+    weights = torch.linspace(-1, 1, x.shape[1] * 6).reshape(6, x.shape[1])
+    context = x.mean(dim=(1, 2, 3))[:, None, None, None] * torch.arange(6.0)[None, :, None, None]
+    return torch.softmax(torch.einsum("kc,nchw->nkhw", weights, x) * 3 + context * 8, dim=1)
+
+
+@pytest.mark.parametrize("window, overlap, batch", [(64, 10, 2), (48, 49, 3), (256, 10, None)])
+def test_streamed_blend_equals_whole_scene_blend(trained, dataset, tmp_path, monkeypatch,
+                                                 window, overlap, batch):
+    """The streamed probabilities equal a blend computed over the whole scene in memory:
+    nothing a window adds is lost between batches or between rows of windows."""
+    from specdeepmap import inference
+    from specdeepmap.mapping import weight_window
+
+    _, result = trained
+    monkeypatch.setattr(inference.Predictor, "probabilities", _contextual)
+    scene = str(dataset / "scene" / "demo_s2.tif")
+    map_scene(scene, result.model_file, str(tmp_path / "m.tif"),
+              MapParams(window=window, overlap=overlap, batch_size=batch, device="cpu"),
+              probabilities_uri=str(tmp_path / "p.tif"))
+    predictor = load_model(result.model_file, "cpu")
+    with rasterio.open(scene) as src:
+        data = src.read()
+    overlap_px = int(np.ceil(2 * overlap / 100 * max(predictor.tile_size)))
+    ramp = weight_window(window, overlap_px, "cosine")
+    weights = np.outer(ramp, ramp)
+    acc = np.zeros((6, *data.shape[1:]))
+    wsum = np.zeros(data.shape[1:])
+    starts = window_starts(data.shape[1], window, window - overlap_px)
+    for y in starts:
+        for x in starts:
+            probs = _contextual(predictor, data[None, :, y:y + window, x:x + window])[0]
+            acc[:, y:y + window, x:x + window] += probs.numpy() * weights
+            wsum[y:y + window, x:x + window] += weights
+    expected = np.round(acc / wsum * 255)
+    valid = ~np.all(data == 0, axis=0)
+    got = rasterio.open(tmp_path / "p.tif").read().astype(float)
+    assert np.abs(got - expected)[:, valid].max() <= 1
 
 
 def test_tiny_scene_uint16_classes_and_errors(tmp_path):
