@@ -12,6 +12,7 @@ GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
 * ``read``: one pass over the scene in strips (I/O floor);
 * ``baseline``: SpecDeepMap's mapper: 256 px tiles, stride ⌊256·0.8⌋, margins cropped, batch 1,
   the whole output in memory, a plain striped GeoTIFF;
+* peak RSS against scene width (1024 rows; ``--widths``): the buffers that span the scene;
 * ``quality``: with a trained model (``--quality-model``, default the one ``make run`` trains),
   the share of pixels whose class differs from fp32 and the mean IoU against the labels, per
   precision (random weights say nothing about that).
@@ -154,6 +155,8 @@ def main() -> None:
                         help="a trained model file (default: the one `make run` trains)")
     parser.add_argument("--quality-scene", default="runs/demo/scene/demo_s2.tif")
     parser.add_argument("--quality-labels", default="runs/demo/scene/demo_s2_labels.tif")
+    parser.add_argument("--widths", type=int, nargs="*", default=[2048, 16384],
+                        help="scene widths (1024 rows) for peak RSS against width")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     from specdeepmap.sample_data import generate_scene
@@ -190,6 +193,16 @@ def main() -> None:
                  f"{ours['peak_rss_mb']:.0f}", f"{base['peak_rss_mb']:.0f}",
                  f"{ours['setup']:.1f}" if precision == "int8" else "–"]
         print(" | ".join(cells))
+    if args.widths:
+        precision = args.precisions[-1]
+        print(f"\nPeak RSS against scene width, 1024 rows, {precision}")
+        print("width | map s | RSS map MB\n--- | --- | ---")
+        for width in args.widths:
+            scene = generate_scene(os.path.join(work, f"w{width}"), width, 1024,
+                                   seed=3).image_uri
+            ours = run(f"map:{precision}", scene, model_file,
+                       os.path.join(work, f"w{width}.tif"), args.device)
+            print(f"{width} | {ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f}")
     if not os.path.exists(args.quality_model):
         print(f"\nNo trained model at {args.quality_model} (run `make run` first): "
               "quality per precision skipped")

@@ -3,9 +3,9 @@
 The scene is covered by overlapping windows (the last window of each row and column aligned to
 the scene edge; a scene smaller than a window is padded). Class probabilities of overlapping
 windows are blended with a smooth weight window (cosine ramps by default) instead of cropping
-margins, so no seams remain. Windows are processed one row at a time: only the current row's
-accumulation buffer is kept, pixels are finalised batch by batch as soon as no later window
-touches them, and a background thread reads the next batch of windows while the model runs.
+margins, so no seams remain. Windows are processed row by row, a batch at a time: pixels are
+finalised as soon as no later window touches them, only the rows a row of windows shares with
+the next are carried over, and a background thread reads the next batch while the model runs.
 On the CPU the network can run quantized to int8 (``precision="int8"``, see
 :mod:`specdeepmap.quantization`).
 
@@ -312,8 +312,8 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
     rows × scene width): what a row of windows adds to the rows it shares with the next row.
     Input is read one batch of windows at a time (the next batch in a background thread while
     the model runs); pixels are finalised (blend, argmax, nodata) one batch's columns at a
-    time, as soon as no later window touches them; a row of output (uint8) is written when
-    its last batch is done.
+    time, as soon as no later window touches them, and written straight away (GDAL's block
+    cache completes the blocks two batches share).
 
     ``extras`` may name a ``confidence`` (top-class probability) and a ``probabilities``
     (one band per class) output; both are uint8, probability × 255.
@@ -385,9 +385,6 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                     rows = (ys[r + 1] if r + 1 < len(ys) else min(height, y + pad_h)) - y
                     carried_in = ys[r - 1] + pad_h - y if r else 0
                     carry_out = pad_h - rows if r + 1 < len(ys) else 0
-                    classes_row = np.zeros((rows, width), dtype=dtype)
-                    extra_rows = {name: np.zeros((bands[name], rows, width), np.uint8)
-                                  for name in extra_out}
                     work[:] = 0
                     work_x = pulled = 0
                 else:  # drop the finalised columns left of this batch
@@ -417,24 +414,20 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                 classes = values[done[:k, :rows].argmax(axis=0)].astype(dtype)
                 if mask is not None:
                     classes[mask[:rows, :c1 - c0]] = 0
-                classes_row[:, c0:c1] = classes
-                if extra_rows:
+                final_window = Window(c0, y, c1 - c0, rows)
+                out.write(classes[None], window=final_window)
+                if extra_out:
                     final = done[:k, :rows] / done[k, :rows]
                     scaled = {"confidence": final.max(axis=0, keepdims=True),
                               "probabilities": final}
-                for name, chunk in extra_rows.items():
+                for name, dst in extra_out.items():
                     data = np.round(scaled[name] * 255).astype(np.uint8)
                     data[:, classes == 0] = 0
-                    chunk[:, :, c0:c1] = data
+                    dst.write(data, window=final_window)
                 if gt is not None:
-                    truth = gt.read(1, window=Window(c0, y, c1 - c0, rows))
+                    truth = gt.read(1, window=final_window)
                     accumulate(matrix, truth.astype(np.int64), classes.astype(np.int64),
                                class_values)
-                if c1 == width:  # the row is done
-                    row_window = Window(0, y, width, rows)
-                    out.write(classes_row[None], window=row_window)
-                    for name, dst in extra_out.items():
-                        dst.write(extra_rows[name], window=row_window)
             out.update_tags(**tags)
             for dst in extra_out.values():
                 dst.update_tags(**tags)

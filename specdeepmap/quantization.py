@@ -35,6 +35,8 @@ from specdeepmap.inference import Predictor
 
 #: the quantized-kernel library: oneDNN uses VNNI and changed fewer classes than fbgemm
 ENGINE = "onednn"
+#: pixels per calibration pass: four 256² crops, what one mapping batch holds
+CALIBRATION_PIXELS = 4 * 256 * 256
 _TRACE_LOCK = threading.Lock()
 #: fingerprint of the weights → traced network with fresh observers (a few, most recent last)
 _TEMPLATES: OrderedDict[str, torch.nn.Module] = OrderedDict()
@@ -125,8 +127,11 @@ def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Pr
 
     torch.backends.quantized.engine = ENGINE  # process-wide: the packed weights need it
     batches = list(calibration)
-    if len({batch.shape[1:] for batch in batches}) == 1:  # one pass: observers cost per call
-        batches = [np.concatenate(batches)]
+    if len({batch.shape[1:] for batch in batches}) == 1:
+        # few passes (observers cost per call), each no bigger than a mapping batch (memory)
+        stacked = np.concatenate(batches)
+        per_pass = max(1, CALIBRATION_PIXELS // (stacked.shape[2] * stacked.shape[3]))
+        batches = [stacked[i:i + per_pass] for i in range(0, len(stacked), per_pass)]
     batches = [predictor.normalization.apply(batch) for batch in batches]
     example = (torch.from_numpy(np.ascontiguousarray(batches[0])),)
     with warnings.catch_warnings():
