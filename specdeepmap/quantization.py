@@ -3,10 +3,14 @@
 On CPUs without bfloat16 units (no AVX512-BF16/AMX) bf16 autocast is slower than fp32, but
 int8 convolutions run on AVX512-VNNI/AVX-VNNI, which most x86 servers have: the network is
 several times faster. The network is traced with torch.fx, conv + batch-norm + ReLU are fused,
-and activation ranges are calibrated on windows of the scene being mapped (observers record
-min/max; weights are quantized per channel). That is static post-training quantization: no
-retraining, a few seconds of calibration, and a small share of pixels whose class changes
-(measured by ``benchmarks/bench_mapping.py --int8`` with a trained model).
+and activation ranges are calibrated on crops of the scene being mapped (histogram observers,
+robust to a few extreme pixels; weights quantized per channel). That is static post-training
+quantization: no retraining, 2-3 s of setup, and a small share of pixels whose class changes
+(``benchmarks/bench_mapping.py`` measures it with a trained model: 0.08 % on the demo).
+
+DeepLabV3+'s ASPP concatenates branches whose int8 scales differ; torch requantizes them (and
+warns once), which costs a little accuracy: check a model with ``bench_mapping.py
+--quality-model`` before mapping production scenes in int8.
 
 torch.ao's FX quantization is used because it ships with the pinned torch; its successor
 (torchao's PT2E flow) needs torch.compile, which did not speed up this network on CPU.
