@@ -7,8 +7,9 @@ GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
 * ``map``: ``specdeepmap.mapping.map_scene`` with its defaults (window chosen per scene,
   channels-last, batches, blending, COG output), once per ``--precisions`` entry (int8 includes
   its calibration);
-* ``model``: the network alone, at the same precision, on the same number of windows of the same
-  size (random input);
+* ``model``: the network alone, prepared as the mapper prepares it (fp32: batch norms folded,
+  channels-last; int8: quantized), on the same number of windows of the same size (random
+  input);
 * ``read``: one pass over the scene in strips (I/O floor);
 * ``baseline``: SpecDeepMap's mapper: 256 px tiles, stride ⌊256·0.8⌋, margins cropped, batch 1,
   the whole output in memory, a plain striped GeoTIFF;
@@ -35,7 +36,7 @@ CHILD = textwrap.dedent("""
     import json, math, sys, time
     import numpy as np, rasterio, torch
     from rasterio.windows import Window
-    from specdeepmap.inference import load_model
+    from specdeepmap.inference import fold_batch_norms, load_model
     from specdeepmap.mapping import MapParams, map_scene, window_starts
     mode, scene, model_file, out, device = sys.argv[1:6]
     mode, _, precision = mode.partition(":")
@@ -58,7 +59,8 @@ CHILD = textwrap.dedent("""
         if precision == "int8":
             from specdeepmap.quantization import quantize_int8
             predictor = quantize_int8(predictor, [x[:1]] * 8)
-        else:
+        else:  # what the mapper does to an fp32/bf16 network
+            predictor.model = fold_batch_norms(predictor.model, 13)
             predictor.model.to(memory_format=torch.channels_last)
         start = time.perf_counter()
         for _ in range(math.ceil(windows / batch)):

@@ -12,10 +12,12 @@ Model URIs: a local path, ``s3://…``, or an MLflow registry URI ``models:/NAME
 
 from __future__ import annotations
 
+import copy
 import glob
 import io
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,6 +142,53 @@ class Predictor:
         """Class values (original label values) for a raw (N, C, H, W) batch."""
         index = self.probabilities(batch).argmax(dim=1).cpu().numpy()
         return np.asarray(self.class_values, dtype=np.int64)[index]
+
+
+def fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Module:
+    """A copy of an inference network with every BatchNorm2d that directly follows a Conv2d
+    folded into that convolution's weights (a tenth of a U-Net's CPU time is batch norm).
+
+    The pairs are found by running the network once with hooks (no tracing, so other threads
+    are unaffected); the copy's output is checked against the original on that input, and the
+    original is returned, with a warning, should they differ.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model = copy.deepcopy(model).eval()
+    outputs: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # tensor id → (conv, tensor)
+    calls: dict[torch.nn.Module, int] = {}
+    pairs: list[tuple[torch.nn.Module, torch.nn.Module]] = []
+
+    def seen(module, inputs, output):
+        calls[module] = calls.get(module, 0) + 1
+        if isinstance(module, torch.nn.Conv2d):
+            outputs[id(output)] = (module, output)
+        elif (hit := outputs.get(id(inputs[0]))) is not None and hit[1] is inputs[0]:
+            pairs.append((hit[0], module))
+
+    hooks = [m.register_forward_hook(seen) for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    device = next(model.parameters()).device
+    example = torch.randn(1, in_channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    example = example.to(device)
+    with torch.inference_mode():
+        reference = model(example)
+    for hook in hooks:
+        hook.remove()
+    original = copy.deepcopy(model)
+    names = {module: name for name, module in model.named_modules()}
+    for conv, bn in pairs:
+        if calls[conv] == 1 and calls[bn] == 1:  # modules used once only
+            for module, new in ((conv, fuse_conv_bn_eval(conv, bn)), (bn, torch.nn.Identity())):
+                parent, _, child = names[module].rpartition(".")
+                setattr(model.get_submodule(parent), child, new)
+    with torch.inference_mode():
+        error = float((model(example) - reference).abs().max())
+    if error > 1e-3 * max(1.0, float(reference.abs().max())):
+        warnings.warn(f"folding batch norms changed the output by {error:.3g}; not folded",
+                      stacklevel=2)
+        return original
+    return model
 
 
 def load_model(uri: str, device: str = "auto") -> Predictor:

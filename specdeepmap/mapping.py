@@ -43,7 +43,7 @@ from rasterio.windows import Window
 from specdeepmap import __version__, storage
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.evaluation import accumulate, metrics_from_matrix, write_iou_csv
-from specdeepmap.inference import Predictor, load_model
+from specdeepmap.inference import Predictor, fold_batch_norms, load_model
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +236,11 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
             predictor = quantize_int8(predictor, _calibration_windows(src, max(tile, 256)))
             setup_seconds = time.perf_counter() - quantize_started
             params = dataclasses.replace(params, channels_last=False)
-        elif params.channels_last:
-            predictor.model.to(memory_format=torch.channels_last)
+        else:
+            model = fold_batch_norms(predictor.model, predictor.in_channels)
+            if params.channels_last:
+                model.to(memory_format=torch.channels_last)
+            predictor = dataclasses.replace(predictor, model=model)
         gt = stack.enter_context(storage.open_raster(gt_uri)) if gt_uri else None
         if gt is not None and (gt.width, gt.height) != (src.width, src.height):
             raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "

@@ -158,6 +158,49 @@ def test_streamed_blend_equals_whole_scene_blend(trained, dataset, tmp_path, mon
     assert np.abs(got - expected)[:, valid].max() <= 1
 
 
+def test_batch_norm_folding_keeps_the_outputs(trained):
+    """Every batch norm of the trained U-Net folds into its convolution; outputs unchanged."""
+    from specdeepmap.inference import fold_batch_norms
+
+    _, result = trained
+    predictor = load_model(result.model_file, "cpu")
+    # give the batch norms statistics far from identity, so that folding them matters
+    generator = torch.Generator().manual_seed(1)
+    for module in predictor.model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5, generator=generator)
+            module.running_var.uniform_(0.2, 3, generator=generator)
+    folded = fold_batch_norms(predictor.model, predictor.in_channels)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+    x = torch.rand(2, predictor.in_channels, 96, 96)
+    with torch.inference_mode():
+        expected, got = predictor.model(x), folded(x)
+    assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_batch_norm_folding_refuses_a_convolution_used_twice():
+    """A convolution whose output also bypasses its batch norm cannot be folded: the check
+    against the original notices, and the network is left as it was."""
+    from specdeepmap.inference import fold_batch_norms
+
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + y
+
+    model = Residual().eval()
+    model.bn.running_mean.fill_(0.7)
+    with pytest.warns(UserWarning, match="not folded"):
+        kept = fold_batch_norms(model, 3)
+    assert isinstance(kept.bn, torch.nn.BatchNorm2d)
+
+
 def test_tiny_scene_uint16_classes_and_errors(tmp_path):
     model = build_model(ModelSpec("unet", "resnet18", 4, 4))
     config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 4,
