@@ -143,7 +143,30 @@ def open_raster(uri: str) -> Iterator[rasterio.io.DatasetReader]:
             if dataset is None:
                 raise UnreadableInputError(f"Cannot read {uri} as a raster: {error}") from error
         with dataset:
-            yield dataset
+            try:
+                yield dataset
+            except RasterioIOError as error:
+                if is_s3(uri) and _names(error, os.path.basename(uri)):
+                    # a block of an object that opened fine could not be fetched: the
+                    # network or the server failed mid-read (a ConnectionError, retried)
+                    raise ConnectionError(f"Reading {uri} failed mid-way: "
+                                          f"{_messages(error)}") from error
+                raise
+
+
+def _messages(error: BaseException) -> str:
+    """The messages of an exception and of the errors that caused it (GDAL chains them)."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return " <- ".join(parts)
+
+
+def _names(error: BaseException, name: str) -> bool:
+    """Whether GDAL's error chain is about the file ``name`` (not another open raster)."""
+    return name in _messages(error)
 
 
 def _clear_gdal_cache(path: str) -> None:
