@@ -98,6 +98,9 @@ def gdal_options() -> dict[str, object]:
         "GDAL_CACHEMAX": int(os.environ.get("GDAL_CACHEMAX", DEFAULT_GDAL_CACHEMAX_MB)),
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
         "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.vrt,.jp2,.img,.bsq,.dat",
+        # a request on a dead connection fails (and is retried) instead of hanging forever
+        "GDAL_HTTP_CONNECTTIMEOUT": os.environ.get("GDAL_HTTP_CONNECTTIMEOUT", "20"),
+        "GDAL_HTTP_TIMEOUT": os.environ.get("GDAL_HTTP_TIMEOUT", "120"),
     }
     endpoint = _endpoint()
     if endpoint:

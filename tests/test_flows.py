@@ -136,7 +136,8 @@ class _Proxy:
         """Refuse new connections and cut the open ones, as an outage does."""
         self._server.close()
         for connection in self._connections:
-            try:
+            try:  # shutdown wakes the pipe threads blocked in recv; close alone would not
+                connection.shutdown(self._socket.SHUT_RDWR)
                 connection.close()
             except OSError:
                 pass
