@@ -34,10 +34,10 @@ import textwrap
 
 CHILD = textwrap.dedent("""
     import json, math, sys, time
-    import numpy as np, rasterio, torch
+    import numpy as np, rasterio
     from rasterio.windows import Window
-    from specdeepmap.inference import fold_batch_norms, load_model
-    from specdeepmap.mapping import MapParams, map_scene, window_starts
+    from specdeepmap.inference import load_model
+    from specdeepmap.mapping import MapParams, map_scene, prepare_predictor
     mode, scene, model_file, out, device = sys.argv[1:6]
     mode, _, precision = mode.partition(":")
     result = {}
@@ -56,12 +56,9 @@ CHILD = textwrap.dedent("""
         windows, window, batch = (int(v) for v in out.split(","))
         x = np.random.default_rng(0).integers(1, 5000, (batch, 13, window, window))
         x = x.astype(np.uint16)
-        if precision == "int8":
-            from specdeepmap.quantization import quantize_int8
-            predictor = quantize_int8(predictor, [x[:1]] * 8)
-        else:  # what the mapper does to an fp32/bf16 network
-            predictor.model = fold_batch_norms(predictor.model, 13)
-            predictor.model.to(memory_format=torch.channels_last)
+        # the network as the mapper prepares it
+        predictor = prepare_predictor(predictor, MapParams(precision=precision),
+                                      lambda: [x[:1]] * 8)
         start = time.perf_counter()
         for _ in range(math.ceil(windows / batch)):
             predictor.probabilities(x, channels_last=precision != "int8",

@@ -30,6 +30,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,7 +92,9 @@ class MapReport:
     mean_iou: float | None = None
     window: int = 0
     batch_size: int = 0
-    setup_seconds: float = 0.0  #: int8 quantization and calibration (part of ``seconds``)
+    #: preparing the network: int8 quantization and calibration, or batch-norm folding
+    #: (part of ``seconds``)
+    setup_seconds: float = 0.0
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -215,32 +218,23 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     check_writable(output_uri)
     tile = max(predictor.tile_size)
     overlap_px = math.ceil(2 * params.overlap / 100 * tile)
-    with storage.open_raster(input_uri) as src:
-        height, width = src.height, src.width
-    window = params.window or choose_window(height, width, tile, overlap_px)
-    stride = max(1, window - overlap_px)
-    # about four 256² tiles of pixels per forward pass: enough to batch, bounded memory
-    batch_size = params.batch_size or max(1, (4 * 256 * 256) // (window * window))
-    blend_1d = weight_window(window, overlap_px, params.blend)
-    blend = np.outer(blend_1d, blend_1d)
     values = predictor.value_lut()[1:]
     dtype = "uint8" if values.max() < 256 else "uint16"
-    setup_seconds = 0.0
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(storage.open_raster(input_uri))
         _check_input(src, predictor, input_uri, model_uri)
-        if params.precision == "int8":
-            from specdeepmap.quantization import quantize_int8
-
-            quantize_started = time.perf_counter()
-            predictor = quantize_int8(predictor, _calibration_windows(src, max(tile, 256)))
-            setup_seconds = time.perf_counter() - quantize_started
+        window = params.window or choose_window(src.height, src.width, tile, overlap_px)
+        stride = max(1, window - overlap_px)
+        # about four 256² tiles of pixels per forward pass: enough to batch, bounded memory
+        batch_size = params.batch_size or max(1, (4 * 256 * 256) // (window * window))
+        blend_1d = weight_window(window, overlap_px, params.blend)
+        blend = np.outer(blend_1d, blend_1d)
+        setup_started = time.perf_counter()
+        predictor = prepare_predictor(predictor, params,
+                                      lambda: _calibration_windows(src, max(tile, 256)))
+        setup_seconds = time.perf_counter() - setup_started
+        if params.precision == "int8":  # quantized networks take plain NCHW input
             params = dataclasses.replace(params, channels_last=False)
-        else:
-            model = fold_batch_norms(predictor.model, predictor.in_channels)
-            if params.channels_last:
-                model.to(memory_format=torch.channels_last)
-            predictor = dataclasses.replace(predictor, model=model)
         gt = stack.enter_context(storage.open_raster(gt_uri)) if gt_uri else None
         if gt is not None and (gt.width, gt.height) != (src.width, src.height):
             raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
@@ -271,12 +265,30 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     return result
 
 
+def prepare_predictor(predictor: Predictor, params: MapParams,
+                      calibration: Callable[[], list[np.ndarray]]) -> Predictor:
+    """The network as the mapper runs it, on a copy: int8-quantized and calibrated on
+    ``calibration()`` (raw windows), or with batch norms folded and channels-last."""
+    if params.precision == "int8":
+        from specdeepmap.quantization import quantize_int8
+
+        return quantize_int8(predictor, calibration())
+    model = fold_batch_norms(predictor.model, predictor.in_channels)
+    if params.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return dataclasses.replace(predictor, model=model)
+
+
+def _to_stride(size: int) -> int:
+    """``size`` rounded up to a multiple of 32 px, the encoders' output stride."""
+    return -(-size // 32) * 32
+
+
 def _padded_shape(height: int, width: int, window: int) -> tuple[int, int]:
     """(rows, cols) of every window: ``window``, or the scene rounded up to 32 px (the
     encoders' stride) along an axis shorter than a window, which one padded window covers."""
-    pad_h = window if height > window else -(-height // 32) * 32
-    pad_w = window if width > window else -(-width // 32) * 32
-    return pad_h, pad_w
+    return (window if height > window else _to_stride(height),
+            window if width > window else _to_stride(width))
 
 
 def _read_span(src, y: int, x0: int, x1: int, rows: int, fill: float) -> np.ndarray:
@@ -299,7 +311,7 @@ def _calibration_windows(src, size: int, count: int = 8) -> list[np.ndarray]:
     size = min(size, src.height, src.width)
     ys = np.linspace(0, src.height - size, math.ceil(math.sqrt(count))).round().astype(int)
     xs = np.linspace(0, src.width - size, math.ceil(count / len(ys))).round().astype(int)
-    pad = -(-size // 32) * 32
+    pad = _to_stride(size)
     fill = src.nodata if src.nodata is not None else 0
     return [_read_span(src, int(y), int(x), int(x) + pad, pad, fill)[None]
             for y in np.unique(ys) for x in np.unique(xs)][:count]

@@ -149,7 +149,8 @@ def open_raster(uri: str) -> Iterator[rasterio.io.DatasetReader]:
             try:
                 yield dataset
             except RasterioIOError as error:
-                if is_s3(uri) and _names(error, os.path.basename(uri)):
+                # (only if GDAL's error chain is about this file, not another one)
+                if is_s3(uri) and os.path.basename(uri) in _messages(error):
                     # a block of an object that opened fine could not be fetched: the
                     # network or the server failed mid-read (a ConnectionError, retried)
                     raise ConnectionError(f"Reading {uri} failed mid-way: "
@@ -165,11 +166,6 @@ def _messages(error: BaseException) -> str:
         parts.append(str(error))
         error = error.__cause__ or error.__context__
     return " <- ".join(parts)
-
-
-def _names(error: BaseException, name: str) -> bool:
-    """Whether GDAL's error chain is about the file ``name`` (not another open raster)."""
-    return name in _messages(error)
 
 
 def _clear_gdal_cache(path: str) -> None:
