@@ -34,7 +34,7 @@ bench: install
 	$(PY) benchmarks/bench_splitting.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_mapping.py
-	$(PY) benchmarks/bench_enmap_quality.py
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -33,13 +33,15 @@ def main() -> None:
         work_uri=out, chip=ChipSettings(tile_size=64, step=64),
         split=SplitSettings(scaler=10000),
         train=TrainSettings(epochs=args.epochs, batch_size=16)))
-    maps = map_flow(MapFlowParams(model_uri="models:/specdeepmap-segmentation@champion",
+    # the model just trained (it is champion only if it beat the champion and the baseline)
+    maps = map_flow(MapFlowParams(model_uri=summary["model_uri"],
                                   output_uri=os.path.join(out, "maps"),
                                   scenes=[scene.image_uri]))
     uri = os.environ["MLFLOW_TRACKING_URI"]
     print(f"""
 Model {summary['model_uri']} ({summary['alias']}): validation IoU {summary['best_val_iou']:.3f}, \
-test mean IoU {summary['test_mean_iou']:.3f} (pooled pixels)
+test mean IoU {summary['test_mean_iou']:.3f} (pooled pixels; RandomForest baseline \
+{summary['baseline_rf_test_mean_iou']:.3f} on the same chips)
 Chips and dataset CSVs: {out}/chips
 Test metrics:           {out}/evaluation/v{summary['version']}
 Class map (COG):        {maps[0]['classes']}

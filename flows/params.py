@@ -66,18 +66,45 @@ class SplitSettings(BaseModel):
 class TrainSettings(BaseModel):
     """Deep Learning Trainer settings."""
 
-    architecture: Literal["unet", "unetplusplus", "deeplabv3plus", "segformer"] = "unet"
-    backbone: str = Field("resnet18", description="smp encoder or tu-<timm model>.")
+    architecture: Literal["unet", "unetplusplus", "deeplabv3plus", "segformer"] = Field(
+        "unet", description="Segmentation network (U-Net, U-Net++, DeepLabV3+, SegFormer).")
+    backbone: str = Field("resnet18", description="Encoder: an smp encoder name (resnet18, "
+                          "resnet50, efficientnet-b0 ...) or 'tu-' followed by a timm model name.")
     weights: str | None = Field(None, description="None, 'imagenet', or a weights file URI.")
-    epochs: int = Field(10, ge=1, le=1000)
-    batch_size: int = Field(8, ge=1, le=1024)
+    epochs: int = Field(10, ge=1, le=1000, description="Training epochs (passes over the "
+                        "training chips, at least min_chips_per_epoch chips each).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Chips per training step.")
     lr: float = Field(1e-3, gt=0, le=1, description="Learning rate.")
-    augment: bool = True
-    early_stopping: bool = True
-    patience: int = Field(20, ge=1)
-    device: Literal["cpu", "gpu", "auto"] = "auto"
+    augment: bool = Field(True, description="Augmentation on or off (what it does: the next "
+                          "three fields).")
+    augmentation: Literal["d4", "d4-rotate", "none"] = Field(
+        "d4", description="d4: random flips and quarter turns; d4-rotate: also a rotation up "
+        "to 45 degrees.")
+    spectral_jitter: bool = Field(True, description="Random spectral gain per chip.")
+    spectral_channels: int = Field(
+        -1, ge=-1, le=512, description="Learned per-pixel front-end and head width: -1 auto "
+        "(32; off with pretrained weights), 0 off.")
+    encoder_depth: Literal[-1, 3, 4, 5] = Field(
+        -1, description="Encoder stages for U-Net/U-Net++; -1 auto: as many as keep the deepest "
+        "features at least 4 px wide on a chip (32 px chips: 3, 64: 4, larger: 5).")
+    loss: Literal["dice-ce", "ce"] = Field("dice-ce", description="Dice + cross-entropy, or "
+                                           "cross-entropy alone (class weights apply to both).")
+    weight_averaging: Literal["ema", "none"] = Field(
+        "ema", description="Validate and keep an exponential moving average of the weights.")
+    warmup_epochs: float = Field(1.0, ge=0, le=100, description="Learning-rate warm-up epochs.")
+    min_chips_per_epoch: int = Field(
+        64, ge=0, description="Draw a small training set repeatedly until an epoch holds this "
+        "many chips (0: one pass per epoch).")
+    baseline: bool = Field(True, description="Fit and score a per-pixel RandomForest baseline; "
+                           "a model below it is never made champion automatically.")
+    early_stopping: bool = Field(True, description="Stop when the validation IoU has not "
+                                 "improved for `patience` epochs (the best model is kept).")
+    patience: int = Field(20, ge=1, description="Epochs without improvement before stopping.")
+    device: Literal["cpu", "gpu", "auto"] = Field("auto", description="auto: a GPU if the "
+                                                  "worker has one, else the CPU.")
     devices: int = Field(1, ge=1, le=64, description="GPUs (DDP when > 1).")
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        "32", description="Training arithmetic: 32-bit, or mixed precision on GPUs.")
 
 
 class MapSettings(BaseModel):
@@ -86,7 +113,10 @@ class MapSettings(BaseModel):
     overlap: float = Field(10, ge=0, lt=50, description="Minimum tile overlap in %.")
     window: int | None = Field(None, ge=32, le=8192,
                                description="Window edge in px (default: chosen per scene).")
-    batch_size: int | None = Field(None, ge=1, le=256)
+    batch_size: int | None = Field(None, ge=1, le=256, description="Windows per forward "
+                                   "pass (default: about four 256 x 256 tiles of pixels).")
+    tta: bool = Field(False, description="Average each window over its 8 flips and quarter "
+                      "turns: smoother maps at 8 times the mapping time.")
     precision: Literal["fp32", "bf16", "int8"] = Field(
         "fp32", description="bf16: autocast (GPUs, AMX CPUs); int8: quantized network on the "
         "CPU (several times faster on VNNI CPUs, a few pixels change class).")
@@ -95,6 +125,7 @@ class MapSettings(BaseModel):
     def to_core(self) -> MapParams:
         """The core library's parameters."""
         return MapParams(overlap=self.overlap, window=self.window, batch_size=self.batch_size,
+                         tta=self.tta,
                          precision=self.precision, device=self.device)
 
 

@@ -20,7 +20,8 @@ from flows.params import (
 )
 from specdeepmap import registry, storage
 from specdeepmap.mapping import output_uri_for, unmapped_scenes
-from specdeepmap.training import TrainConfig, TrainResult, ensure_experiment, tracking_uri
+from specdeepmap.tracking import ensure_experiment, tracking_uri
+from specdeepmap.training import TrainConfig, TrainResult
 from tasks import chip_task, evaluate_task, map_scene_task, promote_task, split_task, train_task
 
 RUNS_DIR = os.environ.get("SPECDEEPMAP_RUNS_DIR", "runs")
@@ -69,10 +70,14 @@ def training_pipeline(params: TrainingPipelineParams) -> dict:
     result = train_flow(chips_uri, params.train, params.model_name)
     metrics = evaluate_task(storage.join(chips_uri, "test_files.csv"), result.model_file,
                             storage.join(params.work_uri, "evaluation", f"v{result.model_version}"),
-                            result.run_id)
-    alias = promote_task(params.model_name, result.model_version, metrics["test_mean_iou"])
+                            result.run_id, result.baseline)
+    alias = promote_task(params.model_name, result.model_version, metrics["test_mean_iou"],
+                         metrics["baseline_rf_test_mean_iou"])
     summary = {"model_uri": result.model_uri, "version": result.model_version, "alias": alias,
-               "run_id": result.run_id, "best_val_iou": result.best_val_iou, **metrics}
+               "run_id": result.run_id, "best_val_iou": result.best_val_iou,
+               "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"), **metrics}
+    registry.describe_version(params.model_name, result.model_version,
+                              version_description(summary))
     create_markdown_artifact(
         key="training-pipeline", description="Training pipeline result",
         markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()) +
@@ -80,6 +85,22 @@ def training_pipeline(params: TrainingPipelineParams) -> dict:
     logger.info("Model %s version %s (%s): test mean IoU %.4f", params.model_name,
                 result.model_version, alias, metrics["test_mean_iou"])
     return summary
+
+
+def version_description(summary: dict) -> str:
+    """The model version's description in the MLflow UI: its scores beside the baseline's."""
+    def fmt(value):
+        return "–" if value is None else f"{value:.4f}"
+
+    return "\n".join([
+        f"Trained by the training pipeline (MLflow run `{summary['run_id']}`); alias after "
+        f"training: **{summary['alias']}**.", "",
+        "| pooled mean IoU | this model | RandomForest baseline (per pixel, same chips) |",
+        "|---|---|---|",
+        f"| validation | {fmt(summary['best_val_iou'])} | "
+        f"{fmt(summary['baseline_rf_val_mean_iou'])} |",
+        f"| test | {fmt(summary['test_mean_iou'])} | "
+        f"{fmt(summary['baseline_rf_test_mean_iou'])} |"])
 
 
 @flow(name="map-scenes")

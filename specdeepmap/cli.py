@@ -149,7 +149,29 @@ def train(
         help="Repeat pretrained first-conv kernels over another band count.")] = False,
     freeze_backbone: Annotated[bool | None, typer.Option(
         help="Freeze the encoder (default: on with pretrained weights).")] = None,
-    augment: Annotated[bool, typer.Option(help="Random flips and rotation up to 45°.")] = True,
+    augment: Annotated[bool, typer.Option(
+        help="Augmentation on/off (SpecDeepMap's data_aug; what it does: --augmentation, "
+        "--spectral-jitter).")] = True,
+    augmentation: Annotated[str, typer.Option(
+        help="d4 (flips and quarter turns), d4-rotate (also ±45°), none.")] = "d4",
+    spectral_jitter: Annotated[bool, typer.Option(
+        help="Random spectral gain per chip (brightness and per band).")] = True,
+    spectral_channels: Annotated[int, typer.Option(
+        min=-1, help="Learned per-pixel front-end (and per-pixel head) width: -1 auto (32; "
+        "off with pretrained weights), 0 off.")] = -1,
+    encoder_depth: Annotated[int, typer.Option(
+        min=-1, max=5, help="Encoder stages 3-5 (U-Net, U-Net++); -1 auto: deepest features "
+        ">= 4 px on a chip (32 px chips: 3).")] = -1,
+    loss: Annotated[str, typer.Option(help="dice-ce or ce.")] = "dice-ce",
+    weight_averaging: Annotated[str, typer.Option(
+        help="ema (validate and keep averaged weights) or none.")] = "ema",
+    warmup_epochs: Annotated[float, typer.Option(
+        min=0, help="Linear learning-rate warm-up before the cosine decay.")] = 1.0,
+    min_chips_per_epoch: Annotated[int, typer.Option(
+        min=0, help="Draw a small training set repeatedly until an epoch holds this many "
+        "chips (0: one pass).")] = 64,
+    baseline: Annotated[bool, typer.Option(
+        help="Fit and score the per-pixel RandomForest baseline.")] = True,
     balanced: Annotated[bool, typer.Option(help="Class weights in the loss.")] = True,
     normalize: Annotated[bool, typer.Option(help="Z-score with Normalize_Bands.csv.")] = True,
     batch_size: Annotated[int, typer.Option(min=1)] = 2,
@@ -176,12 +198,18 @@ def train(
     result = run_training(TrainConfig(
         dataset=dataset, out=out, architecture=architecture, backbone=backbone,
         weights=weights, adapt_first_conv=adapt_first_conv, freeze_backbone=freeze_backbone,
-        augment=augment, balanced=balanced, normalize=normalize, batch_size=batch_size,
+        augment=augment, augmentation=augmentation, spectral_jitter=spectral_jitter,
+        spectral_channels=spectral_channels, encoder_depth=encoder_depth, loss=loss, weight_averaging=weight_averaging,
+        warmup_epochs=warmup_epochs, min_chips_per_epoch=min_chips_per_epoch, baseline=baseline,
+        balanced=balanced, normalize=normalize, batch_size=batch_size,
         epochs=epochs, lr=lr, lr_finder=lr_finder, early_stopping=early_stopping,
         patience=patience, device=device, devices=devices, precision=precision,
         workers=workers, resume=resume, keep_top_k=keep_top_k,
         registered_model=registered_model or None, tracking_uri=tracking_uri))
     console.print(f"best val IoU {result.best_val_iou:.4f}: {result.best_checkpoint}")
+    if result.baseline_mean_iou("validation") is not None:
+        console.print(f"RandomForest baseline val IoU "
+                      f"{result.baseline_mean_iou('validation'):.4f}")
     print(f"model_file: {result.model_file}")
     print(f"model_uri: {result.model_uri}")
     print(f"run_id: {result.run_id}")
@@ -198,12 +226,14 @@ def test_cmd(
         help="Folder for per-chip prediction GeoTIFFs.")] = None,
     mask_unlabelled: Annotated[bool, typer.Option(
         help="Set exported predictions to 0 where the label is 0.")] = True,
+    tta: Annotated[bool, typer.Option(
+        help="Average predictions over the 8 flips and quarter turns of each chip.")] = True,
 ) -> None:
     """Deep Learning Tester: IoU CSV (SpecDeepMap format) and confusion-matrix metrics."""
     from specdeepmap.evaluation import evaluate_model
 
     report = evaluate_model(test_csv, model, out, device=device, predictions_folder=predictions,
-                        mask_unlabelled=mask_unlabelled)
+                            mask_unlabelled=mask_unlabelled, tta=tta)
     console.print(f"mean IoU {report.metrics.mean_iou:.4f} (pooled pixels), "
                   f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap's definition)")
     print(f"iou_csv: {report.iou_csv}")
@@ -239,13 +269,15 @@ def map_cmd(
         help="Per-class probability GeoTIFF output URI.")] = None,
     vector: Annotated[str | None, typer.Option(
         help="GeoPackage of class polygons (class 0 dropped).")] = None,
+    tta: Annotated[bool, typer.Option(
+        help="Average each window over its 8 flips and quarter turns (8x the time).")] = False,
 ) -> None:
     """Deep Learning Mapper: whole-scene prediction to a Cloud Optimized GeoTIFF."""
     import os
 
     from specdeepmap.mapping import MapParams, map_scene, map_scenes
 
-    params = MapParams(overlap, window, batch_size, blend, precision, True, device)
+    params = MapParams(overlap, window, batch_size, blend, precision, True, device, tta)
     if image.endswith("/") or os.path.isdir(image):
         reports = map_scenes(image, model, output, params)
         console.print(f"{len(reports)} new scene(s) mapped into {output}")
@@ -256,6 +288,27 @@ def map_cmd(
     console.print(f"{report.windows} windows in {report.seconds:.1f} s → {output}")
     if report.mean_iou is not None:
         console.print(f"mean IoU {report.mean_iou:.4f}")
+
+
+@app.command()
+@_errors_to_exit
+def baseline(
+    dataset: Annotated[str, typer.Argument(help="Dataset folder URI (what `split` wrote).")],
+    out: Annotated[str, typer.Option(help="Folder for the CSVs and plots.")] = "runs/baseline",
+    trees: Annotated[int, typer.Option(min=1, help="Trees of the forest.")] = 100,
+    max_pixels: Annotated[int, typer.Option(
+        min=1, help="Labelled training pixels sampled at most.")] = 100_000,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
+) -> None:
+    """Per-pixel RandomForest baseline: the Tester's files for the forest on the test chips."""
+    from specdeepmap.baseline import BaselineParams, baseline_dataset
+
+    result = baseline_dataset(dataset, out, BaselineParams(trees, max_pixels, seed))
+    for split in ("validation", "test"):
+        if result.mean_iou(split) is not None:
+            console.print(f"RandomForest {split} mean IoU {result.mean_iou(split):.4f} "
+                          "(pooled pixels)")
+    print(f"iou_csv: {out.rstrip('/')}/test_iou.csv")
 
 
 @app.command()

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from specdeepmap import storage
+from specdeepmap.augmentation import Augmentation, augment_pair, spectral_jitter
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError, MissingInputError
 from specdeepmap.splitting import CSV_NAMES, NORMALIZE_CSV, SUMMARY_CSV, read_csv
 
@@ -173,16 +174,28 @@ class ChipDataset(Dataset):
     """Image/label chip pairs as (float32 C×H×W tensor, int64 H×W class-index tensor).
 
     Label values are mapped to contiguous class indices through ``lookup`` (a 256-entry
-    table); values not in the table become the ignore index.
+    table); values not in the table become the ignore index. With augmentation on (training),
+    each chip gets a random D4 element (and optionally a free rotation) and, if
+    ``spectral_jitter``, a random spectral gain (:mod:`specdeepmap.augmentation`).
     """
 
     def __init__(self, pairs: list[tuple[str, str]], normalization: Normalization,
-                 lookup: np.ndarray, augment: bool = False, cache_dir: str | None = None):
+                 lookup: np.ndarray, augment: bool = False, cache_dir: str | None = None,
+                 augmentation: Augmentation = "d4", spectral_jitter: bool = False):
         self.pairs = pairs
         self.normalization = normalization
         self.lookup = lookup
         self.augment = augment
+        self.augmentation = augmentation
+        self.spectral_jitter = spectral_jitter
         self.cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "specdeepmap-cache")
+        mean, std = normalization.mean, normalization.std
+        if mean is None:
+            self._offset = None  # no per-band statistics: x = r / scaler, a gain is a gain
+        else:
+            mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+            ok = np.isfinite(mean) & np.isfinite(std) & (std > 0)
+            self._offset = np.where(ok, mean / np.where(ok, std, 1), 0.0)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -194,32 +207,18 @@ class ChipDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image_uri, mask_uri = self.pairs[index]
-        image = self.normalization.apply(self._read(image_uri))
+        raw = self._read(image_uri)
+        image = self.normalization.apply(raw)
         mask = self.lookup[self._read(mask_uri)[0].astype(np.int64).clip(0, 255)]
+        if self.augment and self.spectral_jitter:
+            valid = None
+            if self.normalization.nodata is not None:
+                valid = ~np.all(raw == self.normalization.nodata, axis=0)
+            offset = self._offset if self._offset is not None else np.zeros(len(image))
+            # seeded from torch, so Lightning's seed_everything makes runs repeatable
+            rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
+            spectral_jitter(image, offset, valid, rng)
         x, y = torch.from_numpy(image), torch.from_numpy(mask)
         if self.augment:
-            x, y = augment_pair(x, y)
+            x, y = augment_pair(x, y, self.augmentation)
         return x, y
-
-
-def augment_pair(image: torch.Tensor, mask: torch.Tensor, max_angle: float = 45.0,
-                 ignore_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random horizontal/vertical flips and a rotation up to ±``max_angle``°, applied to both.
-
-    The image is rotated bilinearly (corners filled with 0, the band mean after
-    normalisation), the mask with nearest neighbour (corners filled with the ignore index), so
-    both stay aligned (SpecDeepMap's augmentation was a silent no-op).
-    """
-    import torchvision.transforms.v2.functional as tvf
-    from torchvision.transforms import InterpolationMode
-
-    if torch.rand(()) < 0.5:
-        image, mask = image.flip(-1), mask.flip(-1)
-    if torch.rand(()) < 0.5:
-        image, mask = image.flip(-2), mask.flip(-2)
-    if max_angle > 0:
-        angle = float((torch.rand(()) * 2 - 1) * max_angle)
-        image = tvf.rotate(image, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
-        mask = tvf.rotate(mask[None], angle, interpolation=InterpolationMode.NEAREST,
-                          fill=float(ignore_index))[0]
-    return image, mask

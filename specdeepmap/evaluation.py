@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,8 +104,10 @@ def write_iou_csv(uri: str, class_values: list[int], iou: np.ndarray) -> None:
     storage.write_text(uri, "\n".join(lines) + "\n")
 
 
-def plot_metrics(metrics: Metrics, folder: str) -> tuple[str, str]:
-    """Confusion-matrix PNG (row-normalised) and per-class IoU bar chart."""
+def plot_metrics(metrics: Metrics, folder: str,
+                 baseline: Metrics | None = None) -> tuple[str, str]:
+    """Confusion-matrix PNG (row-normalised) and per-class IoU bar chart (with the baseline's
+    bars beside the model's when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,17 +133,56 @@ def plot_metrics(metrics: Metrics, folder: str) -> tuple[str, str]:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(1.5 + 0.5 * k, 3))
-    ax.bar([str(c) for c in metrics.class_values], np.nan_to_num(metrics.iou))
+    x = np.arange(k)
+    title = f"mean IoU {metrics.mean_iou:.3f}"
+    if baseline is None:
+        ax.bar(x, np.nan_to_num(metrics.iou))
+    else:
+        ax.bar(x - 0.2, np.nan_to_num(metrics.iou), width=0.4, label="model")
+        ax.bar(x + 0.2, np.nan_to_num(baseline.iou), width=0.4, label="RandomForest")
+        ax.legend(fontsize=7)
+        title += f" (RandomForest {baseline.mean_iou:.3f})"
+    ax.set_xticks(x, [str(c) for c in metrics.class_values])
     ax.set_ylim(0, 1)
     ax.set_xlabel("class")
     ax.set_ylabel("IoU (pooled pixels)")
-    ax.set_title(f"mean IoU {metrics.mean_iou:.3f}")
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     bars_uri = storage.join(folder, "class_iou.png")
     with storage.atomic_output(bars_uri) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return matrix_uri, bars_uri
+
+
+def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, about: dict,
+                       baseline: Metrics | None = None) -> tuple[str, str, tuple[str, str], dict]:
+    """Write the Tester's files: ``test_iou.csv`` (SpecDeepMap's format), ``test_metrics.csv``
+    and ``.json`` and the two PNGs; ``baseline`` metrics go beside the model's.
+
+    Returns (IoU CSV URI, metrics CSV URI, plot URIs, the JSON summary).
+    """
+    storage.makedirs(out_folder)
+    iou_csv = storage.join(out_folder, "test_iou.csv")
+    write_iou_csv(iou_csv, metrics.class_values, chip_iou)
+    table = metrics.table()
+    summary = {"mean_iou_pooled": metrics.mean_iou, "overall_accuracy": metrics.overall_accuracy,
+               "mean_iou_per_chip_specdeepmap": float(np.nanmean(chip_iou))
+               if np.isfinite(chip_iou).any() else float("nan"),
+               "class_values": metrics.class_values, **about,
+               "confusion_matrix": metrics.matrix.tolist()}
+    if baseline is not None:
+        table["Baseline RF IoU"] = baseline.iou
+        summary |= {"baseline_rf_mean_iou": baseline.mean_iou,
+                    "baseline_rf_overall_accuracy": baseline.overall_accuracy,
+                    "baseline_rf_iou": [None if not np.isfinite(v) else float(v)
+                                        for v in baseline.iou]}
+    metrics_csv = storage.join(out_folder, "test_metrics.csv")
+    storage.write_text(metrics_csv, table.to_csv(index=False))
+    storage.write_text(storage.join(out_folder, "test_metrics.json"),
+                       json.dumps(summary, indent=2))
+    plots = plot_metrics(metrics, out_folder, baseline)
+    return iou_csv, metrics_csv, plots, summary
 
 
 @dataclass
@@ -157,7 +199,8 @@ class EvaluationReport:
 
 def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str = "auto",
                predictions_folder: str | None = None, mask_unlabelled: bool = True,
-               batch_size: int = 8, mlflow_run_id: str | None = None) -> EvaluationReport:
+               batch_size: int = 8, mlflow_run_id: str | None = None,
+               baseline: Metrics | None = None, tta: bool = True) -> EvaluationReport:
     """Predict every chip of a test CSV and measure the model (Deep Learning Tester).
 
     Args:
@@ -171,6 +214,10 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
         mask_unlabelled: set exported predictions to 0 where the label is 0.
         batch_size: chips per forward pass.
         mlflow_run_id: log the outputs to this MLflow run (default: the registered model's run).
+        baseline: the RandomForest baseline's metrics on the same chips, shown beside the
+            model's in ``test_metrics.csv/json`` and the IoU plot.
+        tta: average predictions over the eight flips and quarter turns of each chip (8
+            forward passes per chip; on by default: test sets are small, see docs/recipe.md).
     """
     frame = read_csv(test_csv)
     folder = storage.parent(test_csv)
@@ -200,7 +247,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
                 labels.append(src.read(1).astype(np.int64))
         if len({i.shape for i in images}) > 1:
             raise InputMismatchError(f"Chips of {test_csv} differ in size")
-        preds = predictor.predict_classes(np.stack(images))
+        preds = predictor.predict_classes(np.stack(images), tta=tta)
         for (image_uri, _), image, truth, pred, (transform, crs, nodata) in zip(
                 batch_pairs, images, labels, preds, profiles):
             accumulate(matrix, truth, pred, class_values)
@@ -222,20 +269,12 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     with np.errstate(all="ignore"):
         chip_iou = np.nanmean(np.array(chip_ious), axis=0) if chip_ious else np.full(k, np.nan)
     metrics = metrics_from_matrix(matrix, class_values)
-    storage.makedirs(out_folder)
-    iou_csv = storage.join(out_folder, "test_iou.csv")
-    write_iou_csv(iou_csv, class_values, chip_iou)
-    metrics_csv = storage.join(out_folder, "test_metrics.csv")
-    storage.write_text(metrics_csv, metrics.table().to_csv(index=False))
-    summary = {"mean_iou_pooled": metrics.mean_iou, "overall_accuracy": metrics.overall_accuracy,
-               "mean_iou_per_chip_specdeepmap": float(np.nanmean(chip_iou)),
-               "class_values": class_values, "model": model_uri, "test_csv": test_csv,
-               "confusion_matrix": metrics.matrix.tolist()}
-    storage.write_text(storage.join(out_folder, "test_metrics.json"), json.dumps(summary, indent=2))
-    plots = plot_metrics(metrics, out_folder)
+    iou_csv, metrics_csv, plots, summary = write_test_outputs(
+        out_folder, metrics, chip_iou, {"model": model_uri, "test_csv": test_csv, "tta": tta},
+        baseline=baseline)
     report = EvaluationReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,
-                        per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"], plots=plots,
-                        predictions=exported)
+                              per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"],
+                              plots=plots, predictions=exported)
     _log_to_mlflow(report, model_uri, mlflow_run_id, out_folder)
     log.info("Test mean IoU: %.4f pooled over pixels, %.4f per-chip mean (SpecDeepMap)",
              metrics.mean_iou, report.per_chip_mean_iou)
@@ -263,12 +302,14 @@ def _log_to_mlflow(report: EvaluationReport, model_uri: str, run_id: str | None,
     client.log_metric(run_id, "test_mean_iou", report.metrics.mean_iou)
     client.log_metric(run_id, "test_mean_iou_per_chip", report.per_chip_mean_iou)
     client.log_metric(run_id, "test_overall_accuracy", report.metrics.overall_accuracy)
-    for c, v in zip(report.metrics.class_values, report.metrics.iou):
-        if np.isfinite(v):
-            client.log_metric(run_id, f"test_iou_class_{c}", float(v))
-    for uri in (report.iou_csv, report.metrics_csv, *report.plots):
-        if not storage.is_s3(uri):
-            client.log_artifact(run_id, storage.local_path(uri), artifact_path="test")
-    if not storage.is_s3(out_folder):
-        client.log_artifact(run_id, os.path.join(storage.local_path(out_folder),
-                                                 "test_metrics.json"), artifact_path="test")
+    m = report.metrics
+    for name, values in (("iou", m.iou), ("precision", m.precision), ("recall", m.recall)):
+        for c, v in zip(m.class_values, values):
+            if np.isfinite(v):
+                client.log_metric(run_id, f"test_{name}_class_{c}", float(v))
+    with tempfile.TemporaryDirectory() as tmp:  # S3 outputs are logged from a local copy
+        for uri in (report.iou_csv, report.metrics_csv, *report.plots,
+                    storage.join(out_folder, "test_metrics.json")):
+            local = uri if not storage.is_s3(uri) else storage.download(
+                uri, os.path.join(tmp, storage.basename(uri)))
+            client.log_artifact(run_id, storage.local_path(local), artifact_path="test")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from specdeepmap import storage
+from specdeepmap.augmentation import tta_d4
 from specdeepmap.data import Normalization
 from specdeepmap.errors import DeviceUnavailableError, UnsafeModelFileError
 from specdeepmap.models import ModelSpec, build_model
@@ -124,23 +125,29 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, batch: np.ndarray, normalized: bool = False,
-                      autocast: bool = False, channels_last: bool = False) -> torch.Tensor:
+                      autocast: bool = False, channels_last: bool = False,
+                      tta: bool = False) -> torch.Tensor:
         """Softmax over the real classes for a raw (N, C, H, W) batch → (N, K, H, W) tensor.
 
         The 'unlabelled' channel 0 was never trained (it is the ignore index), so it is left
-        out: every pixel gets one of the real classes.
+        out: every pixel gets one of the real classes. ``tta`` averages the probabilities over
+        the eight flips and quarter turns of the batch (eight forward passes).
         """
         x = batch if normalized else self.normalization.apply(batch)
         tensor = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
-        if channels_last:
-            tensor = tensor.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = self.model(tensor)
-        return torch.softmax(logits[:, 1:].float(), dim=1)
 
-    def predict_classes(self, batch: np.ndarray) -> np.ndarray:
+        def predict(view: torch.Tensor) -> torch.Tensor:
+            if channels_last:
+                view = view.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = self.model(view)
+            return torch.softmax(logits[:, 1:].float(), dim=1)
+
+        return tta_d4(predict, tensor) if tta else predict(tensor)
+
+    def predict_classes(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
         """Class values (original label values) for a raw (N, C, H, W) batch."""
-        index = self.probabilities(batch).argmax(dim=1).cpu().numpy()
+        index = self.probabilities(batch, tta=tta).argmax(dim=1).cpu().numpy()
         return np.asarray(self.class_values, dtype=np.int64)[index]
 
 
@@ -195,7 +202,8 @@ def load_model(uri: str, device: str = "auto") -> Predictor:
     """Load a model file (path, ``s3://`` or ``models:/``) for inference."""
     config, state = read_model_file(uri)
     spec = ModelSpec(config["architecture"], config["backbone"], int(config["in_channels"]),
-                     int(config["num_classes"]))
+                     int(config["num_classes"]), int(config.get("spectral_channels") or 0),
+                     int(config.get("encoder_depth") or 5))
     model = build_model(spec)
     model.load_state_dict(state)
     target = resolve_device(device)

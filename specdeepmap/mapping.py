@@ -63,6 +63,8 @@ class MapParams:
     precision: Literal["fp32", "bf16", "int8"] = "fp32"
     channels_last: bool = True
     device: str = "auto"
+    #: average each window's probabilities over its 8 flips and quarter turns (8× the cost)
+    tta: bool = False
 
     def validate(self) -> None:
         """Reject impossible settings before any work."""
@@ -413,7 +415,8 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                         carry[:, :carried_in, pulled:end]
                 pulled = max(pulled, end)
                 probs = predictor.probabilities(batch, autocast=params.precision == "bf16",
-                                                channels_last=params.channels_last).cpu()
+                                                channels_last=params.channels_last,
+                                                tta=params.tta).cpu()
                 pixels += probs.shape[0] * pad_h * pad_w
                 for i, x in enumerate(batch_x):
                     region = work_t[:, :, x - work_x:x - work_x + pad_w]

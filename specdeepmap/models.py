@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -62,6 +63,10 @@ def check_backbone(backbone: str) -> None:
             "efficientnet-b0, mobilenet_v2, or any timm model as tu-NAME (e.g. tu-convnext_tiny)")
 
 
+#: width of the spectral front-end built by default (``spectral_channels=-1``)
+SPECTRAL_AUTO_CHANNELS = 32
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What is needed to rebuild a network (stored in every checkpoint as plain data)."""
@@ -70,6 +75,82 @@ class ModelSpec:
     backbone: str
     in_channels: int
     num_classes: int
+    spectral_channels: int = 0  #: > 0: a learned per-pixel front-end of this many channels
+    encoder_depth: int = 5  #: encoder stages (U-Net/U-Net++: 3-5; others: 5)
+
+
+#: U-Net decoder widths by resolution (stride 16 … 1); a shallower network keeps the last ones
+DECODER_CHANNELS = (256, 128, 64, 32, 16)
+#: architectures whose depth can be reduced (their decoders follow the encoder's stages)
+DEPTH_ARCHITECTURES = ("unet", "unetplusplus")
+
+
+def encoder_depth_for(architecture: str, tile: int, requested: int) -> int:
+    """Encoder stages: ``requested`` (3-5), or for -1 (auto) the most stages whose deepest
+    features are still at least 4 × 4 px on a training chip (32 px → 3, 64 → 4, ≥ 128 → 5).
+
+    A ResNet's last stages hold most of its weights; on 32 px chips they would see a 1 × 1
+    feature map, so they add weights to fit but no spatial context. U-Net/U-Net++ only: the
+    other architectures keep their full encoder.
+    """
+    architecture = canonical_architecture(architecture)
+    if requested == -1:
+        if architecture not in DEPTH_ARCHITECTURES:
+            return 5
+        return max(3, min(5, int(math.log2(max(tile, 1) // 4)) if tile >= 8 else 3))
+    if requested == 5:
+        return 5
+    if architecture not in DEPTH_ARCHITECTURES or not 3 <= requested <= 5:
+        raise InvalidParameterError(
+            f"encoder depth {requested}: U-Net and U-Net++ take 3-5 (or -1, auto), "
+            f"{architecture} only 5")
+    return requested
+
+
+def spectral_channels_for(bands: int, requested: int) -> int:
+    """Width of the spectral front-end: ``requested`` if > 0, none if 0, and for -1 (auto)
+    :data:`SPECTRAL_AUTO_CHANNELS` whatever the band count: it cut the first layer's weights
+    7-fold for 224 EnMAP bands, and its per-pixel head lifted the rare, spectrally distinct
+    classes of 13-band Sentinel-2 data too (docs/recipe.md)."""
+    return SPECTRAL_AUTO_CHANNELS if requested == -1 else requested
+
+
+class SpectralSegmentation(nn.Module):
+    """A learned spectral front-end, an smp network on its channels, and a per-pixel head.
+
+    Two per-pixel layers (1×1 convolutions with batch norm) turn the bands into a few learned
+    channels before the encoder's first spatial convolution. For the many, strongly correlated
+    bands of a hyperspectral image that first convolution then has ``k² · channels`` instead of
+    ``k² · bands`` weights per filter (a 224-band ResNet stem alone has 700 000: more than a
+    few chips can train). The same per-pixel features also feed a 1×1 head whose logits are added to the
+    network's: smp's decoders rebuild full resolution from stride-2 features, so without it a
+    pixel's own spectrum reaches the output only blurred with its neighbours', and a
+    per-pixel classifier (what a RandomForest is) would see more of it than the network.
+    """
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int, net: nn.Module):
+        super().__init__()
+        hidden = max(channels, min(2 * channels, in_channels))
+        self.spectral = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1, bias=False),
+            nn.BatchNorm2d(channels))
+        self.net = net
+        self.pixel_head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, num_classes, 1))
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The network's encoder (what pretrained weights and freezing apply to)."""
+        return self.net.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.spectral(x)
+        return self.net(features) + self.pixel_head(features)
+
+
+def backbone_encoder(model: nn.Module) -> nn.Module:
+    """The encoder that pretrained weights and freezing apply to (never the front-end)."""
+    return model.encoder
 
 
 def build_model(spec: ModelSpec, imagenet: bool = False) -> nn.Module:
@@ -85,10 +166,15 @@ def build_model(spec: ModelSpec, imagenet: bool = False) -> nn.Module:
     architecture = canonical_architecture(spec.architecture)
     check_backbone(spec.backbone)
     cls = getattr(smp, ARCHITECTURES[architecture])
-    kwargs = dict(encoder_name=spec.backbone, in_channels=spec.in_channels,
+    encoder_bands = spec.spectral_channels or spec.in_channels
+    kwargs = dict(encoder_name=spec.backbone, in_channels=encoder_bands,
                   classes=spec.num_classes, encoder_weights="imagenet" if imagenet else None)
+    if spec.encoder_depth != 5:
+        encoder_depth_for(architecture, 0, spec.encoder_depth)  # raises for other networks
+        kwargs |= dict(encoder_depth=spec.encoder_depth,
+                       decoder_channels=DECODER_CHANNELS[-spec.encoder_depth:])
     try:
-        return cls(**kwargs)
+        model = cls(**kwargs)
     except OSError as error:  # urllib's URLError and socket errors are OSErrors
         if imagenet:
             raise InvalidParameterError(
@@ -99,6 +185,34 @@ def build_model(spec: ModelSpec, imagenet: bool = False) -> nn.Module:
     except (RuntimeError, ValueError, KeyError) as error:
         raise InvalidParameterError(
             f"Cannot build {architecture} with backbone {spec.backbone}: {error}") from error
+    if spec.encoder_depth != 5:
+        _drop_unused_stages(model.encoder, encoder_bands)
+    if spec.spectral_channels:
+        model = SpectralSegmentation(spec.in_channels, spec.spectral_channels,
+                                     spec.num_classes, model)
+    return model
+
+
+def _drop_unused_stages(encoder: nn.Module, in_channels: int) -> None:
+    """Replace the encoder's stages that a shallower encoder never calls by nothing.
+
+    smp builds the whole backbone and runs only the first stages, so the unused ones would
+    still sit in every checkpoint and count as (never trained) parameters, which also makes
+    DDP wait for gradients that never come.
+    """
+    called: set[nn.Module] = set()
+    hooks = [child.register_forward_hook(lambda module, *_: called.add(module))
+             for child in encoder.children()]
+    with torch.no_grad():
+        was_training = encoder.training
+        encoder.eval()
+        encoder(torch.zeros(1, in_channels, 64, 64))
+        encoder.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    for name, child in list(encoder.named_children()):
+        if child not in called and any(True for _ in child.parameters()):
+            setattr(encoder, name, nn.Identity())
 
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
@@ -138,13 +252,17 @@ def load_encoder_weights(model: nn.Module, uri: str, adapt_first_conv: bool = Fa
     rule for non-RGB inputs).
     """
     source = read_state_dict(uri)
-    target = model.encoder.state_dict()
+    encoder = backbone_encoder(model)
+    target = encoder.state_dict()
     prefix = "model." if next(iter(target)).startswith("model.") else ""
+    stages = encoder.model if prefix else encoder
+    dropped = {name for name, child in stages.named_children() if isinstance(child, nn.Identity)}
     mapped = {}
     for key, value in source.items():
         key = key.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder.")
         key = key.removeprefix("model.")
-        if key.startswith("fc.") or key.startswith("head."):
+        if key.startswith("fc.") or key.startswith("head.") or \
+                key.split(".")[0] in dropped:  # stages a shallower encoder left out
             continue
         mapped[prefix + key] = value
     missing = sorted(set(target) - set(mapped))
@@ -172,13 +290,14 @@ def load_encoder_weights(model: nn.Module, uri: str, adapt_first_conv: bool = Fa
         else:
             raise InputMismatchError(f"Weights {uri}: {key} has shape {tuple(value.shape)}, "
                                      f"the encoder needs {tuple(target[key].shape)}")
-    model.encoder.load_state_dict(mapped)
+    encoder.load_state_dict(mapped)
     log.info("Loaded encoder weights from %s (%d tensors)", uri, len(mapped))
 
 
 def freeze_encoder(model: nn.Module) -> None:
-    """Stop gradients into the encoder (its BatchNorm statistics still adapt)."""
-    for parameter in model.encoder.parameters():
+    """Stop gradients into the encoder (its BatchNorm statistics still adapt); a spectral
+    front-end stays trainable."""
+    for parameter in backbone_encoder(model).parameters():
         parameter.requires_grad = False
 
 

@@ -36,6 +36,7 @@ import torch
 
 from specdeepmap.errors import InvalidParameterError
 from specdeepmap.inference import Predictor
+from specdeepmap.models import SpectralSegmentation
 
 #: the quantized-kernel library: oneDNN uses VNNI and changed fewer classes than fbgemm
 ENGINE = "onednn"
@@ -67,7 +68,9 @@ class _EncoderDecoder(torch.nn.Module):
 
 
 def _traceable(model: torch.nn.Module) -> torch.nn.Module:
-    if all(hasattr(model, name) for name in ("encoder", "decoder", "segmentation_head")):
+    if isinstance(model, SpectralSegmentation):
+        model.net = _traceable(model.net)
+    elif all(hasattr(model, name) for name in ("encoder", "decoder", "segmentation_head")):
         model = _EncoderDecoder(model)
     return model.eval()
 
@@ -82,9 +85,10 @@ def _prepare(model: torch.nn.Module, example: tuple, config: dict) -> torch.nn.M
     try:
         return prepare_fx(model, qconfig, example)
     except Exception:  # torch.fx raises many types on untraceable code
-        if not hasattr(model, "decoder"):
+        decoder = getattr(getattr(model, "net", model), "decoder", None)
+        if decoder is None:
             raise
-    custom = PrepareCustomConfig().set_non_traceable_module_classes([type(model.decoder)])
+    custom = PrepareCustomConfig().set_non_traceable_module_classes([type(decoder)])
     try:
         return prepare_fx(model, qconfig, example, prepare_custom_config=custom)
     except Exception as error:

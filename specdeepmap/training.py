@@ -22,14 +22,18 @@ import torch
 from torch import nn
 
 from specdeepmap import __version__, storage
+from specdeepmap.augmentation import Augmentation
+from specdeepmap.baseline import BaselineParams, run_baseline
 from specdeepmap.data import (ChipDataset, Normalization, chip_properties,
                               read_dataset_folder)
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
+from specdeepmap.losses import Loss, build_loss, warmup_cosine
 from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, load_encoder_weights,
-                                weights_kind)
+                                encoder_depth_for, spectral_channels_for, weights_kind)
 from specdeepmap.splitting import NORMALIZE_CSV, SUMMARY_CSV
+from specdeepmap.tracking import ensure_experiment, log_baseline, register_model, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,20 @@ class TrainConfig:
     weights: str | None = None  #: None, "imagenet", or a weights file/URI (state dict, SSL4EO)
     adapt_first_conv: bool = False  #: repeat pretrained first-conv kernels over other band counts
     freeze_backbone: bool | None = None  #: default: frozen when pretrained weights are used
-    augment: bool = True
+    augment: bool = True  #: SpecDeepMap's data_aug: the augmentation below on or off
+    augmentation: Augmentation = "d4"  #: d4 (flips, quarter turns), d4-rotate (+ ±45°), none
+    spectral_jitter: bool = True  #: random spectral gain per chip (with augment)
+    spectral_channels: int = -1  #: learned per-pixel front-end width; -1 auto (32), 0 off
+    encoder_depth: int = -1  #: encoder stages, 3-5 (U-Net/U-Net++); -1 auto by chip size
+    loss: Loss = "dice-ce"  #: ce or dice-ce (class weights apply to the cross-entropy)
+    weight_averaging: Literal["ema", "none"] = "ema"  #: validate and keep averaged weights
+    warmup_epochs: float = 1.0  #: linear learning-rate warm-up, then cosine decay per step
+    #: a small training set is drawn repeatedly (each pass a new permutation and new random
+    #: augmentations) until an epoch holds at least this many chips: a few chips give too few
+    #: optimisation steps per epoch otherwise; 0: one pass per epoch
+    min_chips_per_epoch: int = 64
+    baseline: bool = True  #: fit and score the per-pixel RandomForest baseline
+    baseline_pixels: int = 100_000  #: labelled training pixels for the baseline at most
     balanced: bool = True  #: class weights from Summary_train_val.csv in the loss
     normalize: bool = True  #: z-score with Normalize_Bands.csv (after the scaler)
     batch_size: int = 2
@@ -80,6 +97,16 @@ class TrainConfig:
             raise InvalidParameterError(f"learning rate must be within 1e-7..10, got {self.lr}")
         if self.workers < 0:
             raise InvalidParameterError("workers must be >= 0")
+        if self.warmup_epochs < 0:
+            raise InvalidParameterError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.encoder_depth not in (-1, 3, 4, 5):
+            raise InvalidParameterError("encoder_depth must be -1 (auto), 3, 4 or 5")
+        if self.spectral_channels < -1:
+            raise InvalidParameterError("spectral_channels must be -1 (auto), 0 (off) or > 0")
+        if self.min_chips_per_epoch < 0:
+            raise InvalidParameterError("min_chips_per_epoch must be >= 0")
+        if self.baseline_pixels < 1:
+            raise InvalidParameterError("baseline_pixels must be >= 1")
 
 
 @dataclass
@@ -96,6 +123,11 @@ class TrainResult:
     epochs_run: int = 0
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
+    baseline: dict | None = None  #: the RandomForest's figures (BaselineResult.summary())
+
+    def baseline_mean_iou(self, split: str) -> float | None:
+        """The RandomForest's pooled mean IoU on 'validation' or 'test' (None if not run)."""
+        return ((self.baseline or {}).get(split) or {}).get("mean_iou")
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -121,8 +153,8 @@ def mean_iou(matrix: torch.Tensor, skip: int | None = IGNORE_INDEX) -> float:
 
 
 def lightning_module(model: nn.Module, config: dict, class_weights: torch.Tensor | None,
-                     lr: float, epochs: int):
-    """The LightningModule: cross-entropy (ignore 0), Adam, cosine annealing, pooled IoU."""
+                     lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0):
+    """The LightningModule: loss (ignore 0), Adam, warm-up + cosine per step, pooled IoU."""
     import lightning as L
 
     class SegmentationTask(L.LightningModule):
@@ -131,7 +163,7 @@ def lightning_module(model: nn.Module, config: dict, class_weights: torch.Tensor
             self.model = model
             self.lr = lr
             self.save_hyperparameters({"config": config})
-            self.loss = nn.CrossEntropyLoss(weight=class_weights, ignore_index=IGNORE_INDEX)
+            self.loss = build_loss(loss, class_weights, IGNORE_INDEX)
             self.num_classes = config["num_classes"]
             self._matrix = {}
 
@@ -174,9 +206,13 @@ def lightning_module(model: nn.Module, config: dict, class_weights: torch.Tensor
         def configure_optimizers(self):
             params = [p for p in self.parameters() if p.requires_grad]
             optimizer = torch.optim.Adam(params, lr=self.lr)
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs,
-                                                                   eta_min=1e-6)
-            return {"optimizer": optimizer, "lr_scheduler": scheduler}
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            warmup = min(total // 2, round(warmup_epochs * total / max(1, epochs)))
+            floor = min(1.0, 1e-6 / self.lr)  # SpecDeepMap's eta_min
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: warmup_cosine(step, warmup, total, floor))
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     return SegmentationTask()
 
@@ -190,26 +226,6 @@ def _code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
-def tracking_uri(explicit: str | None = None) -> str:
-    """MLflow tracking URI: explicit > $MLFLOW_TRACKING_URI > sqlite:///mlflow.db (embedded)."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-
-
-def ensure_experiment(uri: str, name: str) -> None:
-    """Point MLflow at ``uri`` and create the experiment if needed.
-
-    With an embedded ``sqlite:///PATH`` store the artifacts go beside the database
-    (``mlartifacts/``), not into whatever folder the process happens to run in.
-    """
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(name) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            db = os.path.abspath(uri[len("sqlite:///"):])
-            location = "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
-        mlflow.create_experiment(name, artifact_location=location)
 
 
 def prepare(cfg: TrainConfig) -> tuple:
@@ -239,7 +255,14 @@ def prepare(cfg: TrainConfig) -> tuple:
     normalization = Normalization(scaler=scaler, mean=mean, std=std, nodata=nodata)
     num_classes = len(info.class_values) + 1
     architecture = canonical_architecture(cfg.architecture)
-    spec = ModelSpec(architecture, backbone, bands, num_classes)
+    # pretrained weights expect the raw bands: no front-end unless one is asked for
+    spectral = spectral_channels_for(bands, cfg.spectral_channels if kind == "none"
+                                     else max(cfg.spectral_channels, 0))
+    # pretrained encoders keep all their stages unless fewer are asked for
+    depth = encoder_depth_for(architecture, min(height, width),
+                              cfg.encoder_depth if kind == "none" or cfg.encoder_depth != -1
+                              else 5)
+    spec = ModelSpec(architecture, backbone, bands, num_classes, spectral, depth)
     model = build_model(spec, imagenet=(kind == "imagenet"))
     if kind not in ("none", "imagenet"):
         load_encoder_weights(model, cfg.weights, adapt_first_conv=cfg.adapt_first_conv)
@@ -252,13 +275,16 @@ def prepare(cfg: TrainConfig) -> tuple:
         "ignore_index": IGNORE_INDEX, "tile_size": [height, width],
         "normalization": normalization.to_dict(), "weights": str(cfg.weights),
         "freeze_backbone": freeze, "dataset": cfg.dataset, "version": _code_version(),
+        "spectral_channels": spectral, "encoder_depth": depth,
     }
     if cfg.resume:
         resume_config, _ = read_model_file(cfg.resume)
-        for key in ("class_values", "in_channels", "architecture", "backbone"):
-            if resume_config.get(key) != config[key]:
+        for key in ("class_values", "in_channels", "architecture", "backbone",
+                    "spectral_channels", "encoder_depth"):
+            found = resume_config.get(key, {"spectral_channels": 0, "encoder_depth": 5}.get(key))
+            if found != config[key]:
                 raise InputMismatchError(
-                    f"Checkpoint {cfg.resume} was trained with {key} = {resume_config.get(key)}, "
+                    f"Checkpoint {cfg.resume} was trained with {key} = {found}, "
                     f"the dataset {cfg.dataset} gives {config[key]}: resume needs the same")
     lookup = np.zeros(256, dtype=np.int64)
     for index, value in enumerate(info.class_values, start=1):
@@ -270,7 +296,8 @@ def prepare(cfg: TrainConfig) -> tuple:
             weights = None
     cache = os.path.join(cfg.out, "chip-cache")
     train_set = ChipDataset(info.train, normalization, lookup, augment=cfg.augment,
-                            cache_dir=cache)
+                            cache_dir=cache, augmentation=cfg.augmentation,
+                            spectral_jitter=cfg.spectral_jitter)
     val_set = ChipDataset(info.validation, normalization, lookup, cache_dir=cache)
     return info, model, config, weights, train_set, val_set
 
@@ -287,13 +314,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     import mlflow
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, RandomSampler
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     info, model, config, weights, train_set, val_set = prepare(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = lightning_module(model, config, weights, cfg.lr, cfg.epochs)
+    task = lightning_module(model, config, weights, cfg.lr, cfg.epochs, cfg.loss,
+                            cfg.warmup_epochs)
     os.makedirs(cfg.out, exist_ok=True)
     checkpoint_dir = os.path.join(cfg.out, "checkpoints")
     checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN,
@@ -310,9 +338,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     pin = device.type == "cuda"
     loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
                        persistent_workers=cfg.workers > 0)
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
-                              **loader_args)
+    samples = max(len(train_set), cfg.min_chips_per_epoch)
+    sampler = RandomSampler(train_set, num_samples=samples) if samples > len(train_set) else None
+    train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler,
+                              drop_last=samples > cfg.batch_size, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
+    if cfg.weight_averaging == "ema":
+        steps = len(train_loader) if cfg.limit_batches is None else min(len(train_loader),
+                                                                         cfg.limit_batches)
+        callbacks.append(ema_callback(max(1, steps) * cfg.epochs))
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=cfg.devices, precision=cfg.precision, callbacks=callbacks,
@@ -346,7 +380,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = TrainResult(best_checkpoint=best, best_val_iou=best_iou, model_file=model_file,
                          log_dir=tensorboard.log_dir, run_id=run_id,
                          epochs_run=trainer.current_epoch)
+    baseline = None
+    if cfg.baseline:
+        baseline = run_baseline(info, train_set.normalization,
+                                BaselineParams(max_pixels=cfg.baseline_pixels, seed=cfg.seed))
+        result.baseline = baseline.summary()
     with mlflow.start_run(run_id=run_id):
+        if baseline is not None:
+            log_baseline(baseline, os.path.join(cfg.out, "baseline"))
         for name in (SUMMARY_CSV, NORMALIZE_CSV, "train_files.csv", "validation_files.csv",
                      "test_files.csv", "split.json"):
             uri_csv = storage.join(cfg.dataset, name)
@@ -358,33 +399,19 @@ def train(cfg: TrainConfig) -> TrainResult:
         mlflow.set_tags({"dataset": cfg.dataset, "code_version": config["version"]})
         if cfg.registered_model:
             result.model_uri, result.model_version = register_model(
-                model_file, config, cfg.registered_model, best_iou, cfg.dataset)
+                model_file, config, cfg.registered_model, best_iou, cfg.dataset,
+                result.baseline_mean_iou("validation"))
     result.seconds = time.perf_counter() - started
     log.info("Best val IoU %.4f: %s", best_iou, best)
     return result
 
 
-def register_model(model_file: str, config: dict, name: str, val_iou: float,
-                   dataset: str) -> tuple[str, str]:
-    """Log the model (MLflow pyfunc, code-defined, no pickles) and register a new version.
+def ema_callback(total_steps: int):
+    """Lightning's EMA weight averaging with a horizon of about a twentieth of the training
+    steps (10-1000): long enough to smooth the last epochs' noise, short enough to follow the
+    model on the few hundred steps of a small dataset (a fixed decay of 0.999 would still be
+    averaging the first epochs)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    Must run inside an active MLflow run. Returns (``models:/NAME/VERSION``, version).
-    """
-    import mlflow
-
-    from specdeepmap import mlflow_model
-
-    height, width = config["tile_size"]
-    example = np.zeros((1, config["in_channels"], height, width), dtype=np.float32)
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=mlflow_model.__file__,
-        artifacts={"model_file": model_file}, input_example=example,
-        registered_model_name=name, pip_requirements=[f"specdeepmap=={__version__}"],
-    )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in {"val_iou": f"{val_iou:.4f}", "dataset": dataset,
-                       "code_version": config["version"], "architecture":
-                       config["architecture"], "backbone": config["backbone"]}.items():
-        client.set_model_version_tag(name, version, key, value)
-    return f"models:/{name}/{version}", version
+    horizon = min(1000.0, max(10.0, total_steps / 20))
+    return EMAWeightAveraging(decay=1 - 1 / horizon)

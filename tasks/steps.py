@@ -7,6 +7,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
 from specdeepmap import registry, storage
+from specdeepmap.baseline import summary_metrics
 from specdeepmap.chipping import ChipParams, ChipReport, chip_scene
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.mapping import MapParams, map_scene_products
@@ -67,37 +68,51 @@ def split_task(chip_folder: str, params: SplitParams) -> SplitReport:
 def train_task(config: TrainConfig) -> TrainResult:
     """Deep Learning Trainer; artifact: best validation IoU and the registered version."""
     result = train(config)
-    create_markdown_artifact(
-        key="training", description="Training result",
-        markdown=_table([("best val IoU", f"{result.best_val_iou:.4f}"),
-                         ("epochs", result.epochs_run), ("MLflow run", result.run_id),
-                         ("model", result.model_uri), ("checkpoint", result.best_checkpoint)],
-                        ("", "")))
+    rows = [("best val IoU (pooled)", f"{result.best_val_iou:.4f}")]
+    if result.baseline_mean_iou("validation") is not None:
+        rows.append(("RandomForest baseline val IoU",
+                     f"{result.baseline_mean_iou('validation'):.4f}"))
+    rows += [("epochs", result.epochs_run), ("MLflow run", result.run_id),
+             ("model", result.model_uri), ("checkpoint", result.best_checkpoint)]
+    create_markdown_artifact(key="training", description="Training result",
+                             markdown=_table(rows, ("", "")))
     return result
 
 
 @task(name="evaluate model", **RETRIES, **PERSIST)
-def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | None) -> dict:
-    """Deep Learning Tester; artifact: per-class metrics. Returns the summary metrics."""
-    report = evaluate_model(test_csv, model_uri, out_uri, device="auto", mlflow_run_id=run_id)
+def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | None,
+                  baseline: dict | None = None) -> dict:
+    """Deep Learning Tester; artifact: per-class metrics beside the RandomForest baseline's
+    (``baseline``: :meth:`BaselineResult.summary`). Returns the summary metrics."""
+    forest = summary_metrics(baseline, "test")
+    report = evaluate_model(test_csv, model_uri, out_uri, device="auto", mlflow_run_id=run_id,
+                            baseline=forest)
     m = report.metrics
+    forest_iou = forest.iou if forest is not None else [float("nan")] * len(m.class_values)
+    text = (f"Mean IoU **{m.mean_iou:.4f}** (pooled pixels), "
+            f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap)")
+    if forest is not None:
+        text += f"; RandomForest baseline **{forest.mean_iou:.4f}** on the same chips"
     create_markdown_artifact(
         key="evaluation", description=f"Test metrics of {model_uri}",
-        markdown=f"Mean IoU **{m.mean_iou:.4f}** (pooled pixels), "
-        f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap)\n\n" + _table(
-            [(c, f"{i:.3f}", f"{p:.3f}", f"{r:.3f}") for c, i, p, r in
-             zip(m.class_values, m.iou, m.precision, m.recall)],
-            ("class", "IoU", "precision", "recall")))
+        markdown=text + "\n\n" + _table(
+            [(c, f"{i:.3f}", f"{b:.3f}", f"{p:.3f}", f"{r:.3f}") for c, i, b, p, r in
+             zip(m.class_values, m.iou, forest_iou, m.precision, m.recall)],
+            ("class", "IoU", "RandomForest IoU", "precision", "recall")))
     return {"test_mean_iou": m.mean_iou, "test_mean_iou_per_chip": report.per_chip_mean_iou,
-            "overall_accuracy": m.overall_accuracy, "iou_csv": report.iou_csv}
+            "overall_accuracy": m.overall_accuracy, "iou_csv": report.iou_csv,
+            "baseline_rf_test_mean_iou": forest.mean_iou if forest is not None else None}
 
 
 @task(name="promote model")
-def promote_task(name: str, version: str, test_mean_iou: float) -> str:
-    """Give the new version alias champion if it beats the champion, else challenger."""
-    alias = registry.promote_if_better(name, version, test_mean_iou)
-    get_run_logger().info("%s version %s is now %s (test mean IoU %.4f)", name, version,
-                          alias, test_mean_iou)
+def promote_task(name: str, version: str, test_mean_iou: float,
+                 baseline_mean_iou: float | None = None) -> str:
+    """Give the new version alias champion if it beats the champion and is not below the
+    RandomForest baseline, else challenger."""
+    alias = registry.promote_if_better(name, version, test_mean_iou, baseline_mean_iou)
+    get_run_logger().info("%s version %s is now %s (test mean IoU %.4f, RandomForest %s)",
+                          name, version, alias, test_mean_iou,
+                          "not run" if baseline_mean_iou is None else f"{baseline_mean_iou:.4f}")
     return alias
 
 

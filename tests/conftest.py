@@ -119,7 +119,6 @@ def enmap_folder(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A 384² demo scene chipped into 32 px chips and split 70/15/15 (scaler 10000)."""
-    from specdeepmap.training import TrainConfig, train
     from specdeepmap.chipping import ChipParams, chip_scene
     from specdeepmap.sample_data import generate_scene
     from specdeepmap.splitting import SplitParams, make_dataset

@@ -64,13 +64,29 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
         assert storage.exists(f"{s3_bucket}/work/chips/{name}")
     assert storage.list_files(f"{s3_bucket}/work/chips/images", ".tif")
     assert storage.exists(f"{s3_bucket}/work/evaluation/v{summary['version']}/test_iou.csv")
-    assert summary["alias"] == "champion" and 0 <= summary["test_mean_iou"] <= 1
+    assert 0 <= summary["test_mean_iou"] <= 1 and 0 <= summary["baseline_rf_test_mean_iou"] <= 1
+    # the RandomForest baseline is fitted in the run and gates automatic promotion
+    below = summary["test_mean_iou"] < summary["baseline_rf_test_mean_iou"]
+    assert summary["alias"] == ("challenger" if below else "champion")
     client = mlflow.MlflowClient()
     run = client.get_run(summary["run_id"])
     assert "val_iou" in run.data.metrics and "test_mean_iou" in run.data.metrics
-    champion = client.get_model_version_by_alias("flow-model", "champion")
-    assert str(champion.version) == summary["version"]
-    assert float(champion.tags["test_mean_iou"]) == pytest.approx(summary["test_mean_iou"], abs=1e-6)
+    assert run.data.metrics["baseline_rf_test_mean_iou"] == pytest.approx(
+        summary["baseline_rf_test_mean_iou"])
+    version = client.get_model_version("flow-model", summary["version"])
+    assert version.tags["below_baseline"] == str(below).lower()
+    assert float(version.tags["test_mean_iou"]) == pytest.approx(summary["test_mean_iou"],
+                                                                  abs=1e-6)
+    assert "RandomForest" in version.description
+    assert f"{summary['test_mean_iou']:.4f}" in version.description
+    # the test report shows the baseline beside the model, and is logged although on S3
+    report = storage.read_text(f"{s3_bucket}/work/evaluation/v{summary['version']}/"
+                               "test_metrics.csv")
+    assert "Baseline RF IoU" in report.splitlines()[0]
+    logged = [a.path for a in client.list_artifacts(summary["run_id"], "test")]
+    assert "test/confusion_matrix.png" in logged and "test/test_iou.csv" in logged
+    if below:  # a reviewer's decision, as in the MLflow UI
+        client.set_registered_model_alias("flow-model", "champion", summary["version"])
 
     for i in (1, 2):
         storage.upload(scene.image_uri, f"{s3_bucket}/scenes/scene{i}.tif")
@@ -92,7 +108,7 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
 def test_bad_parameters_are_rejected_before_work(prefect_api, tmp_path):
     from pydantic import ValidationError
 
-    from flows.params import MapSettings, SplitSettings, TrainingPipelineParams
+    from flows.params import MapSettings, SplitSettings
     from flows.pipelines import training_pipeline
 
     with pytest.raises(ValidationError, match="add up to 110"):

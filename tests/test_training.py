@@ -1,8 +1,6 @@
 """Trainer, model files, MLflow registry and Tester, with tiny models and few steps."""
 
-import io
 import os
-import pickle
 
 import numpy as np
 import pandas as pd

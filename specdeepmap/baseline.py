@@ -1,0 +1,203 @@
+"""Per-pixel RandomForest baseline: the classic classifier every deep model must beat.
+
+EnMAP-Box users have classified pixels with a RandomForest for a decade. A deep model that maps
+worse than such a forest is not worth its training time, so every training run fits one on the
+same data and scores it with the same code as the deep model: the labelled pixels of the
+training chips (sampled up to a cap, fixed seed) with the same normalised bands as features,
+then one pooled confusion matrix over the validation and the test chips
+(:func:`specdeepmap.evaluation.metrics_from_matrix`). Trees ignore monotonic band scaling, so
+the normalisation changes nothing but how nodata is filled; using it keeps the features
+identical to what the network sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from specdeepmap import storage
+from specdeepmap.data import DatasetInfo, Normalization, chip_properties, read_dataset_folder
+from specdeepmap.errors import EmptyDatasetError
+from specdeepmap.evaluation import (Metrics, accumulate, metrics_from_matrix, per_chip_iou,
+                                    write_test_outputs)
+
+log = logging.getLogger(__name__)
+
+#: metric-name prefix in MLflow runs and the figures of reports
+PREFIX = "baseline_rf"
+
+
+@dataclass(frozen=True)
+class BaselineParams:
+    """RandomForest settings: EnMAP-Box's defaults (100 trees), a pixel cap, a fixed seed."""
+
+    n_estimators: int = 100
+    max_pixels: int = 100_000  #: labelled training pixels sampled at most (spread over chips)
+    seed: int = 0
+    n_jobs: int = -1
+
+
+@dataclass
+class BaselineScore:
+    """The forest's figures on one set of chips."""
+
+    metrics: Metrics  #: pooled confusion-matrix metrics
+    chip_iou: np.ndarray  #: SpecDeepMap's per-chip mean IoU per class (its IoU CSV)
+    chips: int
+
+
+@dataclass
+class BaselineResult:
+    """What fitting and scoring the baseline produced."""
+
+    class_values: list[int]
+    train_pixels: int
+    fit_seconds: float
+    scores: dict[str, BaselineScore] = field(default_factory=dict)  #: "validation", "test"
+
+    def mean_iou(self, split: str) -> float | None:
+        """Pooled mean IoU on ``split`` (None if that split has no chips)."""
+        score = self.scores.get(split)
+        return None if score is None else score.metrics.mean_iou
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        """``baseline_rf_val_mean_iou``, ``baseline_rf_test_mean_iou``, per-class IoU."""
+        out = {}
+        for split, short in (("validation", "val"), ("test", "test")):
+            score = self.scores.get(split)
+            if score is None:
+                continue
+            out[f"{PREFIX}_{short}_mean_iou"] = score.metrics.mean_iou
+            out[f"{PREFIX}_{short}_overall_accuracy"] = score.metrics.overall_accuracy
+            for value, iou in zip(self.class_values, score.metrics.iou):
+                if np.isfinite(iou):
+                    out[f"{PREFIX}_{short}_iou_class_{value}"] = float(iou)
+        return {k: float(v) for k, v in out.items() if np.isfinite(v)}
+
+    def summary(self) -> dict:
+        """Plain data for reports, flow results and the model card."""
+        return {split: {"mean_iou": s.metrics.mean_iou,
+                        "overall_accuracy": s.metrics.overall_accuracy,
+                        "iou": {str(c): (float(v) if np.isfinite(v) else None)
+                                for c, v in zip(self.class_values, s.metrics.iou)},
+                        "confusion_matrix": s.metrics.matrix.tolist(), "chips": s.chips}
+                for split, s in self.scores.items()} | {
+                    "class_values": list(self.class_values), "train_pixels": self.train_pixels,
+                    "fit_seconds": self.fit_seconds}
+
+
+def summary_metrics(summary: dict | None, split: str) -> Metrics | None:
+    """The :class:`Metrics` of ``split`` from a :meth:`BaselineResult.summary` (or None)."""
+    if not summary or split not in summary:
+        return None
+    return metrics_from_matrix(np.asarray(summary[split]["confusion_matrix"]),
+                               summary["class_values"])
+
+
+def _read_chip(image_uri: str, mask_uri: str, normalization: Normalization,
+               class_values: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features of labelled pixels (n × bands), their labels, the full label chip)."""
+    with storage.open_raster(image_uri) as src:
+        image = src.read()
+    with storage.open_raster(mask_uri) as src:
+        truth = src.read(1).astype(np.int64)
+    keep = np.isin(truth, class_values)
+    features = normalization.apply(image).reshape(image.shape[0], -1).T
+    return features[keep.ravel()], truth[keep], truth
+
+
+def fit_forest(pairs: list[tuple[str, str]], normalization: Normalization,
+               class_values: list[int], params: BaselineParams = BaselineParams()):
+    """Fit a RandomForest on the labelled pixels of ``pairs`` (at most ``max_pixels``).
+
+    The cap is spread evenly over the chips (a random sample within each chip), so memory
+    stays bounded and no single chip dominates. Returns (forest, number of training pixels).
+    """
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(params.seed)
+    per_chip = max(1, params.max_pixels // max(1, len(pairs)))
+    xs, ys = [], []
+    for image_uri, mask_uri in pairs:
+        x, y, _ = _read_chip(image_uri, mask_uri, normalization, class_values)
+        if len(y) > per_chip:
+            pick = rng.choice(len(y), per_chip, replace=False)
+            x, y = x[pick], y[pick]
+        xs.append(x)
+        ys.append(y)
+    y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
+    if len(y) == 0:
+        raise EmptyDatasetError("The training chips hold no labelled pixels for the "
+                                "RandomForest baseline")
+    forest = RandomForestClassifier(n_estimators=params.n_estimators, n_jobs=params.n_jobs,
+                                    random_state=params.seed)
+    forest.fit(np.concatenate(xs), y)
+    return forest, len(y)
+
+
+def score_forest(forest, pairs: list[tuple[str, str]], normalization: Normalization,
+                 class_values: list[int]) -> BaselineScore:
+    """Pooled metrics and SpecDeepMap's per-chip IoU of the forest on ``pairs``."""
+    k = len(class_values)
+    matrix = np.zeros((k, k), dtype=np.int64)
+    chip_ious = []
+    for image_uri, mask_uri in pairs:
+        x, y, truth = _read_chip(image_uri, mask_uri, normalization, class_values)
+        pred = np.zeros_like(truth)
+        if len(y):
+            pred[np.isin(truth, class_values)] = forest.predict(x)
+        accumulate(matrix, truth, pred, class_values)
+        chip_ious.append(per_chip_iou(truth, pred, class_values))
+    with np.errstate(all="ignore"):
+        chip_iou = np.nanmean(np.array(chip_ious), axis=0) if chip_ious else np.full(k, np.nan)
+    return BaselineScore(metrics_from_matrix(matrix, class_values), chip_iou, len(pairs))
+
+
+def run_baseline(info: DatasetInfo, normalization: Normalization,
+                 params: BaselineParams = BaselineParams()) -> BaselineResult:
+    """Fit on the training chips, score on the validation and (if any) the test chips."""
+    started = time.perf_counter()
+    forest, pixels = fit_forest(info.train, normalization, info.class_values, params)
+    result = BaselineResult(class_values=list(info.class_values), train_pixels=pixels,
+                            fit_seconds=time.perf_counter() - started)
+    for split, pairs in (("validation", info.validation), ("test", info.test)):
+        if pairs:
+            result.scores[split] = score_forest(forest, pairs, normalization, info.class_values)
+    log.info("RandomForest baseline (%d pixels, %.1f s): %s", pixels,
+             time.perf_counter() - started,
+             ", ".join(f"{s} mean IoU {v.metrics.mean_iou:.4f}" for s, v in result.scores.items()))
+    return result
+
+
+def dataset_normalization(info: DatasetInfo) -> Normalization:
+    """The dataset's own normalisation (scaler, band statistics, the chips' nodata)."""
+    _, _, _, nodata, _ = chip_properties(info.train[:1])
+    return Normalization(scaler=info.scaler, mean=info.band_mean, std=info.band_std,
+                         nodata=nodata)
+
+
+def baseline_dataset(dataset: str, out_folder: str,
+                     params: BaselineParams = BaselineParams()) -> BaselineResult:
+    """``specdeepmap baseline``: fit, score and write the Tester's files for the forest.
+
+    Writes ``test_iou.csv`` (SpecDeepMap's format), ``test_metrics.csv/json`` and the plots for
+    the test chips, or for the validation chips when the dataset has no test set, plus
+    ``baseline.json`` with both sets' figures.
+    """
+    from specdeepmap.splitting import NORMALIZE_CSV
+
+    info = read_dataset_folder(dataset, normalize=storage.exists(storage.join(dataset,
+                                                                              NORMALIZE_CSV)))
+    result = run_baseline(info, dataset_normalization(info), params)
+    split = "test" if "test" in result.scores else "validation"
+    score = result.scores[split]
+    write_test_outputs(out_folder, score.metrics, score.chip_iou,
+                       {"model": f"RandomForest ({params.n_estimators} trees, per pixel)",
+                        "scored_on": split, "dataset": dataset})
+    storage.write_text(storage.join(out_folder, "baseline.json"),
+                       json.dumps(result.summary(), indent=2))
+    return result

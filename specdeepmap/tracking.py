@@ -1,0 +1,85 @@
+"""MLflow tracking: where runs go, what a training run logs beside its metrics, and the
+registration of a trained model as a new model version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from specdeepmap import __version__
+from specdeepmap.baseline import BaselineResult
+from specdeepmap.evaluation import write_test_outputs
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """MLflow tracking URI: explicit > $MLFLOW_TRACKING_URI > sqlite:///mlflow.db (embedded)."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def ensure_experiment(uri: str, name: str) -> None:
+    """Point MLflow at ``uri`` and create the experiment if needed.
+
+    With an embedded ``sqlite:///PATH`` store the artifacts go beside the database
+    (``mlartifacts/``), not into whatever folder the process happens to run in.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            db = os.path.abspath(uri[len("sqlite:///"):])
+            location = "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
+        mlflow.create_experiment(name, artifact_location=location)
+
+
+def log_baseline(baseline: BaselineResult, folder: str) -> None:
+    """Log the baseline's metrics to the active MLflow run and its files under ``baseline/``."""
+    import mlflow
+
+    mlflow.log_metrics(baseline.mlflow_metrics())
+    os.makedirs(folder, exist_ok=True)
+    score = baseline.scores.get("test") or baseline.scores["validation"]
+    write_test_outputs(folder, score.metrics, score.chip_iou,
+                       {"model": "RandomForest baseline (per pixel)"})
+    with open(os.path.join(folder, "baseline.json"), "w") as handle:
+        json.dump(baseline.summary(), handle, indent=2)
+    mlflow.log_artifacts(folder, artifact_path="baseline")
+
+
+def register_model(model_file: str, config: dict, name: str, val_iou: float,
+                   dataset: str, baseline_val_iou: float | None = None) -> tuple[str, str]:
+    """Log the model (MLflow pyfunc, code-defined, no pickles) and register a new version.
+
+    Must run inside an active MLflow run. The version's description gives its validation IoU
+    beside the RandomForest baseline's (the training pipeline adds the test figures).
+    Returns (``models:/NAME/VERSION``, version).
+    """
+    import mlflow
+
+    from specdeepmap import mlflow_model
+
+    height, width = config["tile_size"]
+    example = np.zeros((1, config["in_channels"], height, width), dtype=np.float32)
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=mlflow_model.__file__,
+        artifacts={"model_file": model_file}, input_example=example,
+        registered_model_name=name, pip_requirements=[f"specdeepmap=={__version__}"],
+    )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in {"val_iou": f"{val_iou:.4f}", "dataset": dataset,
+                       "code_version": config["version"], "architecture":
+                       config["architecture"], "backbone": config["backbone"]}.items():
+        client.set_model_version_tag(name, version, key, value)
+    text = f"{config['architecture']}/{config['backbone']} trained on `{dataset}`: pooled " \
+        f"validation mean IoU **{val_iou:.4f}**"
+    if baseline_val_iou is not None:
+        client.set_model_version_tag(name, version, "baseline_rf_val_mean_iou",
+                                     f"{baseline_val_iou:.4f}")
+        text += f" (per-pixel RandomForest baseline on the same chips: {baseline_val_iou:.4f})"
+    client.update_model_version(name, version, description=text + ".")
+    return f"models:/{name}/{version}", version

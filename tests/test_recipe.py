@@ -1,0 +1,230 @@
+"""The training recipe's switches and the RandomForest baseline: each does what it claims."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from specdeepmap.augmentation import D4, augment_pair, d4_apply, spectral_jitter, tta_d4
+from specdeepmap.losses import DiceCELoss, warmup_cosine
+from specdeepmap.models import ModelSpec, SpectralSegmentation, build_model, spectral_channels_for
+
+
+def test_d4_augmentation_keeps_image_and_label_aligned():
+    """Image and label get the same flip/turn: a label that encodes each pixel's own value
+    stays equal to the transformed image, for every element drawn."""
+    image = torch.arange(2 * 6 * 6, dtype=torch.float32).reshape(2, 6, 6)
+    mask = image[0].long()
+    seen = set()
+    for _ in range(200):
+        x, y = augment_pair(image, mask, "d4")
+        torch.testing.assert_close(x[0].long(), y)
+        torch.testing.assert_close(x[1], x[0] + 36)  # bands move together
+        seen.add(tuple(x[0].flatten()[:3].tolist()))
+    assert len(seen) == 8  # all eight elements of D4 occur
+    x, y = augment_pair(image, mask, "none")
+    assert x is image and y is mask
+
+
+def test_d4_rotate_keeps_the_mask_on_the_image():
+    """With a free rotation the mask is rotated like the image: where the mask is labelled
+    the rotated image still carries that label's constant value."""
+    torch.manual_seed(0)
+    mask = torch.zeros(32, 32, dtype=torch.long)
+    mask[8:24, 8:24] = 3
+    image = (mask.float() * 10)[None].repeat(3, 1, 1)  # 30 inside the square, 0 outside
+    for _ in range(20):
+        x, y = augment_pair(image, mask, "d4-rotate")
+        inner = y == 3
+        assert inner.sum() > 150
+        assert (x[0][inner] > 12).all()  # bilinear edges mix at most half with 0
+        assert (x[0][y == 0] < 30).all()  # and never the square's full value outside it
+
+
+def test_spectral_jitter_is_a_gain_on_the_raw_values():
+    """Normalised (x = (r - mu)/sigma) then jittered equals normalising g * r; nodata stays 0."""
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(100, 1000, (3, 4, 4))
+    mean, std = np.array([300.0, 500.0, 700.0]), np.array([50.0, 80.0, 120.0])
+    x = ((raw - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+    valid = np.ones((4, 4), bool)
+    valid[0, 0] = False
+    x[:, 0, 0] = 0
+    jittered = spectral_jitter(x.copy(), mean / std, valid, np.random.default_rng(1))
+    again = np.random.default_rng(1)
+    gain = (1 + again.uniform(-0.1, 0.1)) * again.normal(1.0, 0.02, 3)
+    expected = (raw * gain[:, None, None] - mean[:, None, None]) / std[:, None, None]
+    np.testing.assert_allclose(jittered[:, valid], expected[:, valid], rtol=1e-4, atol=1e-4)
+    assert (jittered[:, 0, 0] == 0).all()
+    assert not np.allclose(jittered, x)
+
+
+def test_tta_is_the_mean_of_the_back_transformed_predictions():
+    """tta_d4 equals averaging, by hand, the eight predictions mapped back; and for an
+    orientation-dependent predictor it differs from the plain prediction."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        got = tta_d4(conv, x)
+        manual = torch.stack([
+            torch.rot90(conv(torch.rot90(x.flip(-1) if f else x, k, (-2, -1))), -k, (-2, -1))
+            .flip(-1) if f else
+            torch.rot90(conv(torch.rot90(x, k, (-2, -1))), -k, (-2, -1)) for k, f in D4])
+        torch.testing.assert_close(got, manual.mean(0))
+        assert not torch.allclose(got, conv(x))
+        # a predictor that commutes with D4 (per pixel) is unchanged by TTA
+        pixelwise = torch.nn.Conv2d(3, 4, 1)
+        torch.testing.assert_close(tta_d4(pixelwise, x), pixelwise(x))
+    assert len(set(D4)) == 8 and d4_apply(x, 0, False) is x
+
+
+def test_spectral_front_end_width_and_auto_rule():
+    """The front-end turns the bands into N channels that the encoder reads (auto: 32); the
+    per-pixel head sees the same features."""
+    assert spectral_channels_for(224, -1) == 32 and spectral_channels_for(13, -1) == 32
+    assert spectral_channels_for(13, 16) == 16 and spectral_channels_for(224, 0) == 0
+    model = build_model(ModelSpec("unet", "resnet18", 224, 5, 32))
+    assert isinstance(model, SpectralSegmentation)
+    x = torch.randn(2, 224, 32, 32)
+    assert model.spectral(x).shape == (2, 32, 32, 32)
+    assert model.encoder.conv1.in_channels == 32
+    assert model(x).shape == (2, 5, 32, 32)
+    plain = build_model(ModelSpec("unet", "resnet18", 224, 5))
+    assert plain.encoder.conv1.weight.numel() == 7 * model.encoder.conv1.weight.numel()
+    # the per-pixel head adds logits that depend on the pixel's own spectrum only
+    with torch.no_grad():
+        model.eval()
+        y = x.clone()
+        y[:, :, 5, 5] += 3
+        delta = model.pixel_head(model.spectral(y)) - model.pixel_head(model.spectral(x))
+        assert delta[:, :, 5, 5].abs().sum() > 0
+        delta[:, :, 5, 5] = 0
+        assert delta.abs().max() == 0
+
+
+def test_dice_ce_loss_rewards_overlap_and_ignores_unlabelled():
+    """Perfect logits give ~0 Dice, wrong ones ~1; pixels of class 0 change nothing."""
+    target = torch.randint(0, 3, (1, 16, 16), generator=torch.Generator().manual_seed(0))
+    perfect = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 50
+    loss = DiceCELoss(ignore_index=0)
+    assert loss.dice(perfect, target) < 1e-2
+    wrong = perfect[:, [0, 2, 1]]
+    assert loss.dice(wrong, target) > 0.95
+    changed = perfect.clone()
+    unlabelled = target[0] == 0
+    changed[0, :, unlabelled] = torch.tensor([0.0, 0.0, 50.0])[:, None]
+    torch.testing.assert_close(loss(changed, target), loss(perfect, target))
+    ce = torch.nn.functional.cross_entropy(wrong, target, ignore_index=0)
+    torch.testing.assert_close(loss(wrong, target), ce + loss.dice(wrong, target))
+
+
+def test_warmup_then_cosine_schedule():
+    factors = [warmup_cosine(s, 10, 100, 0.01) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.01, abs=1e-3)
+    assert warmup_cosine(0, 0, 100, 0.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("architecture", ["unet", "segformer"])
+def test_int8_quantizes_a_model_with_a_spectral_front_end(architecture):
+    from specdeepmap.inference import Predictor
+    from specdeepmap.quantization import quantize_int8
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(architecture, "resnet18", 40, 4, 8)).eval()
+    config = {"architecture": architecture, "backbone": "resnet18",
+              "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": None}}
+    fp32 = Predictor(model, config, torch.device("cpu"))
+    windows = [np.random.default_rng(i).integers(0, 1000, (1, 40, 64, 64)).astype(np.uint16)
+               for i in range(3)]
+    int8 = quantize_int8(fp32, windows)
+    batch = np.concatenate(windows)
+    assert (fp32.probabilities(batch) - int8.probabilities(batch)).abs().mean() < 0.05
+
+
+def test_baseline_is_logged_with_the_run_and_blocks_promotion(trained, dataset):
+    """Every training run fits the RandomForest: its metrics are in the MLflow run, its files
+    in the run's artifacts; a version below it never becomes champion automatically."""
+    import mlflow
+
+    from specdeepmap.registry import promote_if_better
+
+    config, result = trained
+    assert result.baseline is not None
+    assert 0 < result.baseline_mean_iou("validation") <= 1
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["baseline_rf_val_mean_iou"] == pytest.approx(
+        result.baseline_mean_iou("validation"))
+    assert metrics["baseline_rf_test_mean_iou"] == pytest.approx(
+        result.baseline_mean_iou("test"))
+    assert any(k.startswith("baseline_rf_test_iou_class_") for k in metrics)
+    artifacts = [a.path for a in client.list_artifacts(result.run_id, "baseline")]
+    assert "baseline/test_iou.csv" in artifacts and "baseline/baseline.json" in artifacts
+
+    mlflow.set_tracking_uri(config.tracking_uri)
+    client.create_registered_model("baseline-gate")
+    versions = [client.create_model_version("baseline-gate", source=str(dataset)).version
+                for _ in range(3)]
+    assert promote_if_better("baseline-gate", versions[0], 0.40, baseline_mean_iou=0.50) \
+        == "challenger"
+    tags = client.get_model_version("baseline-gate", versions[0]).tags
+    assert tags["below_baseline"] == "true" and tags["baseline_rf_test_mean_iou"] == "0.500000"
+    assert promote_if_better("baseline-gate", versions[1], 0.55, baseline_mean_iou=0.50) \
+        == "champion"
+    assert client.get_model_version("baseline-gate", versions[1]).tags["below_baseline"] \
+        == "false"
+    # better than the champion but below the baseline: still not champion
+    assert promote_if_better("baseline-gate", versions[2], 0.60, baseline_mean_iou=0.70) \
+        == "challenger"
+    assert client.get_model_version_by_alias("baseline-gate", "champion").version == versions[1]
+
+
+def test_baseline_command_writes_the_testers_csv(dataset, tmp_path):
+    """`specdeepmap baseline` writes test_iou.csv in SpecDeepMap's format with one row per
+    class, and its pooled figures match a fit done through the library."""
+    from typer.testing import CliRunner
+
+    from specdeepmap.baseline import dataset_normalization, run_baseline
+    from specdeepmap.cli import app
+    from specdeepmap.data import read_dataset_folder
+
+    out = tmp_path / "rf"
+    result = CliRunner().invoke(app, ["baseline", str(dataset / "chips"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out / "test_iou.csv")
+    assert list(frame.columns) == ["Class", "IoU"]
+    assert list(frame["Class"]) == ["1", "2", "3", "4", "5", "6", "Mean IoU"]
+    assert frame["IoU"].between(0, 1).all()
+    summary = json.loads((out / "baseline.json").read_text())
+    info = read_dataset_folder(str(dataset / "chips"))
+    again = run_baseline(info, dataset_normalization(info))
+    assert summary["test"]["mean_iou"] == pytest.approx(again.mean_iou("test"))
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert metrics["mean_iou_pooled"] == pytest.approx(again.mean_iou("test"))
+    assert os.path.exists(out / "confusion_matrix.png")
+
+
+def test_encoder_depth_follows_the_chip_size_and_drops_unused_stages():
+    """Auto depth keeps the deepest features >= 4 px; a shallower encoder holds no stage it
+    never runs (every parameter gets a gradient, as DDP requires)."""
+    from specdeepmap.errors import InvalidParameterError
+    from specdeepmap.models import encoder_depth_for
+
+    assert [encoder_depth_for("unet", t, -1) for t in (32, 64, 128, 256)] == [3, 4, 5, 5]
+    assert encoder_depth_for("segformer", 32, -1) == 5
+    with pytest.raises(InvalidParameterError, match="only 5"):
+        encoder_depth_for("deeplabv3plus", 32, 3)
+    model = build_model(ModelSpec("unet", "resnet18", 13, 4, 0, 3))
+    assert isinstance(model.encoder.layer3, torch.nn.Identity)
+    assert not any(k.startswith("encoder.layer3") for k in model.state_dict())
+    full = build_model(ModelSpec("unet", "resnet18", 13, 4))
+    assert sum(p.numel() for p in full.parameters()) > 10 * sum(
+        p.numel() for p in model.parameters())
+    model(torch.randn(2, 13, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
