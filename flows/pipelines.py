@@ -81,7 +81,7 @@ def training_pipeline(params: TrainingPipelineParams) -> dict:
     create_markdown_artifact(
         key="training-pipeline", description="Training pipeline result",
         markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()) +
-        f"\n- **MLflow**: {tracking_uri()} (run `{result.run_id}`)")
+        f"\n- **MLflow**: {storage.redact(tracking_uri())} (run `{result.run_id}`)")
     logger.info("Model %s version %s (%s): test mean IoU %.4f", params.model_name,
                 result.model_version, alias, metrics["test_mean_iou"])
     return summary

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import rasterio
+import rasterio.errors
 from rasterio.windows import Window
 
 from specdeepmap import storage
@@ -45,6 +46,7 @@ from specdeepmap.errors import (
     InputMismatchError,
     InvalidLabelError,
     InvalidParameterError,
+    UnreadableInputError,
 )
 
 log = logging.getLogger(__name__)
@@ -163,11 +165,28 @@ def validate_label_values(label: rasterio.DatasetReader, label_uri: str) -> None
             )
 
 
+def check_readable(dataset: rasterio.DatasetReader, uri: str) -> None:
+    """Read the raster's last pixel in every band, so that a truncated file (cut off at its
+    end, as an interrupted copy leaves it) is refused before any work, naming the file."""
+    try:
+        dataset.read(window=Window(dataset.width - 1, dataset.height - 1, 1, 1))
+    except rasterio.errors.RasterioIOError as error:
+        raise UnreadableInputError(
+            f"{uri} cannot be read to its end: truncated or corrupt ({error}). Copy the file "
+            "again.") from error
+
+
 def _padded_read(dataset: rasterio.DatasetReader, x: int, y: int, tx: int, ty: int,
                  fill: float, indexes: int | list[int] | None = None) -> np.ndarray:
     """Read the chip window at (x, y); the part outside the raster is filled with ``fill``."""
     w, h = min(tx, dataset.width - x), min(ty, dataset.height - y)
-    data = dataset.read(indexes, window=Window(x, y, w, h))
+    try:
+        data = dataset.read(indexes, window=Window(x, y, w, h))
+    except rasterio.errors.RasterioIOError as error:
+        if storage.is_transient(error):
+            raise
+        raise UnreadableInputError(f"{dataset.name}: window at column {x}, row {y} cannot be "
+                                   f"read ({error}): the file is corrupt") from error
     if (w, h) == (tx, ty):
         return data
     pad = [(0, 0)] * (data.ndim - 2) + [(0, ty - h), (0, tx - w)]
@@ -237,6 +256,7 @@ def chip_scene(
     with storage.open_raster(image_uri) as image, storage.open_raster(label_uri) as label:
         check_same_grid(image, label, image_uri, label_uri)
         validate_label_values(label, label_uri)
+        check_readable(image, image_uri)
         width, height = image.width, image.height
         image_nodata = image.nodata
         image_profile = dict(

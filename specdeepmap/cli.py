@@ -27,14 +27,64 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def describe_error(error: BaseException) -> str | None:
+    """One line for an error a user can act on, by family (None: a bug, show the traceback).
+
+    The library's own errors carry their message; GDAL, filesystem, S3 (botocore) and MLflow
+    errors are named by what went wrong, so no third-party traceback reaches the console.
+    """
+    from specdeepmap.storage import is_transient, redact
+
+    if isinstance(error, SpecDeepMapError):
+        return str(error)
+    text = redact(str(error).strip().splitlines()[0] if str(error).strip() else "")
+    kind = type(error).__name__
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        BotoCoreError = ClientError = NoCredentialsError = ()
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        MlflowException = ()
+    from rasterio.errors import RasterioError
+
+    if NoCredentialsError and isinstance(error, NoCredentialsError):
+        return ("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an "
+                "instance role) and AWS_ENDPOINT_URL for a non-AWS store")
+    if MlflowException and isinstance(error, MlflowException):
+        return f"MLflow: {text}"
+    if isinstance(error, RasterioError):
+        return f"cannot read the raster: {text}"
+    if (BotoCoreError and isinstance(error, BotoCoreError | ClientError)) or \
+            isinstance(error, OSError):
+        if is_transient(error):
+            return (f"storage unreachable ({kind}: {text}); check AWS_ENDPOINT_URL and the "
+                    "network, then run again")
+        if isinstance(error, NotADirectoryError):
+            return f"a path that must be a folder is a file: {text}"
+        if isinstance(error, IsADirectoryError):
+            return f"a path that must be a file is a folder: {text}"
+        if isinstance(error, PermissionError):
+            return f"permission denied: {text}"
+        if isinstance(error, FileNotFoundError):
+            return f"not found: {text}"
+        return f"{kind}: {text}"
+    return None
+
+
 def _errors_to_exit(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Print library errors as one line (no traceback) and exit with status 2."""
+    """Print expected errors as one line (no traceback) and exit with status 2."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except SpecDeepMapError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        except Exception as error:  # noqa: BLE001 - classified by describe_error
+            message = describe_error(error)
+            if message is None:
+                raise
+            logging.getLogger(__name__).debug("error details", exc_info=True)
+            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
     return wrapper
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -195,6 +196,12 @@ def _reopen_uncached(uri: str, error: Exception) -> rasterio.io.DatasetReader | 
         return rasterio.open(gdal_path(uri))
     except RasterioIOError:
         return None
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` URI masked, so
+    URIs can be logged and shown (an MLflow tracking URI may carry basic-auth credentials)."""
+    return re.sub(r"(?<=://)([^/\s:@]+):([^/\s@]+)@", r"\1:***@", text)
 
 
 def is_transient(error: BaseException) -> bool:

@@ -32,3 +32,48 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
     assert result.exit_code == 2 and "add up to 120" in result.output
     result = runner.invoke(app, ["chip", "a", "b", "c", "--tile-x", "0"])
     assert result.exit_code == 2  # typer's own range check
+
+
+def test_third_party_errors_are_one_line_by_family(tmp_path, small_scene, monkeypatch):
+    """GDAL, filesystem, MLflow and S3 errors reach the user as one line naming the problem
+    (exit 2), never as a traceback."""
+    import socket
+
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(open(small_scene.image_uri, "rb").read()[:5000])
+    result = runner.invoke(app, ["chip", str(truncated), small_scene.label_uri,
+                                 str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "truncated.tif" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()  # refused before any folder is made
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    result = runner.invoke(app, ["chip", small_scene.image_uri, small_scene.label_uri,
+                                 str(a_file)])
+    assert result.exit_code == 2, result.output
+    assert "a_file" in result.output and "Traceback" not in result.output
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    result = runner.invoke(app, ["test", str(tmp_path / "test_files.csv"), "models:/nope/1"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+    with socket.socket() as sock:  # a port nobody listens on: the S3 endpoint is down
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    result = runner.invoke(app, ["map", small_scene.image_uri, "s3://bucket/model.pt",
+                                 str(tmp_path / "map.tif")])
+    assert result.exit_code == 2, result.output
+    assert "unreachable" in result.output and "Traceback" not in result.output
+
+
+def test_credentials_in_uris_are_redacted():
+    from specdeepmap.storage import redact
+
+    assert redact("http://admin:s3cret@mlflow:5000/x") == "http://admin:***@mlflow:5000/x"
+    assert redact("s3://bucket/key") == "s3://bucket/key"
