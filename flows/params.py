@@ -90,11 +90,15 @@ class TrainSettings(BaseModel):
     loss: Literal["dice-ce", "ce"] = Field("dice-ce", description="Dice + cross-entropy, or "
                                            "cross-entropy alone (class weights apply to both).")
     weight_averaging: Literal["ema", "none"] = Field(
-        "ema", description="Validate and keep an exponential moving average of the weights.")
+        "none", description="ema: validate and keep an exponential moving average of the "
+        "weights (did not help on the shared real data sets, see docs/recipe.md).")
     warmup_epochs: float = Field(1.0, ge=0, le=100, description="Learning-rate warm-up epochs.")
     min_chips_per_epoch: int = Field(
         64, ge=0, description="Draw a small training set repeatedly until an epoch holds this "
         "many chips (0: one pass per epoch).")
+    sampling: Literal["uniform", "class-balanced"] = Field(
+        "uniform", description="uniform: every chip as often; class-balanced: chips rich in "
+        "rare classes are drawn more often.")
     baseline: bool = Field(True, description="Fit and score a per-pixel RandomForest baseline; "
                            "a model below it is never made champion automatically.")
     early_stopping: bool = Field(True, description="Stop when the validation IoU has not "

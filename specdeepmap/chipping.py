@@ -270,6 +270,10 @@ def chip_scene(
         band_tags = [image.tags(b) for b in range(1, image.count + 1)]
         label_nodata = label.nodata
 
+    if tx > width or ty > height:
+        log.warning("The tile (%d x %d px) is larger than the scene %s (%d x %d px): each chip "
+                    "is mostly padding (unlabelled); use a tile of at most the scene's size",
+                    tx, ty, image_uri, width, height)
     manifest_uri = storage.join(out_uri, MANIFEST_FOLDER, f"{scene}.csv")
     previous = _previous_rows(manifest_uri, params)
     existing = _existing_pairs(out_uri)

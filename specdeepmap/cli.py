@@ -214,12 +214,16 @@ def train(
         ">= 4 px on a chip (32 px chips: 3).")] = -1,
     loss: Annotated[str, typer.Option(help="dice-ce or ce.")] = "dice-ce",
     weight_averaging: Annotated[str, typer.Option(
-        help="ema (validate and keep averaged weights) or none.")] = "ema",
+        help="none, or ema (validate and keep an exponential moving average of the "
+        "weights).")] = "none",
     warmup_epochs: Annotated[float, typer.Option(
         min=0, help="Linear learning-rate warm-up before the cosine decay.")] = 1.0,
     min_chips_per_epoch: Annotated[int, typer.Option(
         min=0, help="Draw a small training set repeatedly until an epoch holds this many "
         "chips (0: one pass).")] = 64,
+    sampling: Annotated[str, typer.Option(
+        help="uniform, or class-balanced (chips rich in rare classes drawn more often).")
+    ] = "uniform",
     baseline: Annotated[bool, typer.Option(
         help="Fit and score the per-pixel RandomForest baseline.")] = True,
     balanced: Annotated[bool, typer.Option(help="Class weights in the loss.")] = True,
@@ -250,7 +254,8 @@ def train(
         weights=weights, adapt_first_conv=adapt_first_conv, freeze_backbone=freeze_backbone,
         augment=augment, augmentation=augmentation, spectral_jitter=spectral_jitter,
         spectral_channels=spectral_channels, encoder_depth=encoder_depth, loss=loss, weight_averaging=weight_averaging,
-        warmup_epochs=warmup_epochs, min_chips_per_epoch=min_chips_per_epoch, baseline=baseline,
+        warmup_epochs=warmup_epochs, min_chips_per_epoch=min_chips_per_epoch, sampling=sampling,
+        baseline=baseline,
         balanced=balanced, normalize=normalize, batch_size=batch_size,
         epochs=epochs, lr=lr, lr_finder=lr_finder, early_stopping=early_stopping,
         patience=patience, device=device, devices=devices, precision=precision,

@@ -37,9 +37,12 @@ from specdeepmap.balancing import assign, quality
 from specdeepmap.chipping import CHIP_NAME, COUNT_PREFIX, label_to_classes, read_manifests
 from specdeepmap.errors import (
     EmptyDatasetError,
+    InputMismatchError,
+    InvalidLabelError,
     InvalidParameterError,
     MissingInputError,
     SplitInfeasibleError,
+    UnreadableInputError,
 )
 
 log = logging.getLogger(__name__)
@@ -102,6 +105,7 @@ class SplitReport:
     class_weights: dict[int, float]
     outputs: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  #: legal but surprising inputs
 
 
 def chip_class_counts(folder: str, workers: int = 4) -> pd.DataFrame:
@@ -342,11 +346,22 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
     if not class_values or frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy().sum() == 0:
         raise EmptyDatasetError(f"The label chips in {folder}/labels hold no labelled pixels "
                                 "(every value is 0 = unlabelled)")
+    if len(class_values) == 1:
+        raise InvalidLabelError(
+            f"The label chips in {folder}/labels hold a single class (value {class_values[0]}; "
+            "0 is unlabelled): a segmentation model needs at least two classes to tell apart. "
+            "Label the other land covers too.")
+    say(f"checking {len(frame)} image chips")
+    check_image_chips([storage.join(folder, "images", c) for c in frame["chip"]], workers)
     say(f"balancing {len(frame)} chips over classes {class_values}")
     sets, achieved = split_chips(frame, class_values, params)
     log.info("Split quality: largest class-share gap %.2f pp, Jensen-Shannon divergence %.2e",
              achieved.max_share_gap_pp, achieved.js_divergence)
 
+    warnings = split_warnings(sets, params)
+    for message in warnings:
+        log.warning(message)
+        say(f"warning: {message}")
     chips = frame["chip"]
     prefix = "" if out_folder == folder else folder.rstrip("/") + "/"
     outputs = {}
@@ -373,6 +388,7 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
         class_values=class_values, background=background,
         max_share_gap_pp=achieved.max_share_gap_pp, js_divergence=achieved.js_divergence,
         class_weights=weights, outputs=outputs, seconds=time.perf_counter() - started,
+        warnings=warnings,
     )
     record = {"params": asdict(params), "report": asdict(report), "version": __version__}
     outputs["run"] = storage.join(out_folder, "split.json")
@@ -383,6 +399,50 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
              if report.chips[n]]
     log.info("Final dataset split: %s.", ", ".join(parts))
     return report
+
+
+def check_image_chips(uris: list[str], workers: int = 4) -> None:
+    """Open the header of every image chip (all sets, not only those read for statistics):
+    an unreadable chip, or one whose bands or size differ from the others, is refused here
+    with its name, instead of breaking training or testing later."""
+    def header(uri: str) -> tuple[int, int, int]:
+        try:
+            with storage.open_raster(uri) as src:
+                return src.count, src.height, src.width
+        except UnreadableInputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - GDAL's errors for a broken file
+            if storage.is_transient(error):
+                raise
+            raise UnreadableInputError(f"Image chip {uri} cannot be read as a raster "
+                                       f"({type(error).__name__}: {error})") from error
+
+    with storage.gdal_env(), ThreadPoolExecutor(workers) as pool:
+        shapes = list(pool.map(header, uris))
+    for uri, shape in zip(uris, shapes):
+        if shape != shapes[0]:
+            raise InputMismatchError(
+                f"Image chip {uri} has {shape[0]} bands of {shape[1]} x {shape[2]} px, "
+                f"{uris[0]} has {shapes[0][0]} bands of {shapes[0][1]} x {shapes[0][2]} px: all "
+                "chips of a dataset must match")
+
+
+def split_warnings(sets: np.ndarray, params: SplitParams) -> list[str]:
+    """Legal but surprising outcomes of a split, said out loud."""
+    out = []
+    total = len(sets)
+    unused = int((sets == 3).sum())
+    percent = params.train_percent + params.validation_percent + params.test_percent
+    if percent < 100 - 1e-9:
+        out.append(f"train + validation + test = {percent:g} %: {unused} of {total} chips are "
+                   "left out of every set")
+    for s, name in enumerate(SET_NAMES):
+        wanted = (params.train_percent, params.validation_percent, params.test_percent)[s]
+        n = int((sets == s).sum())
+        if wanted > 0 and n < 3:
+            out.append(f"the {name} set holds only {n} chip(s) of {total}: its IoU will be "
+                       "noisy; more chips (a smaller tile or step) give sounder figures")
+    return out
 
 
 def read_csv(uri: str) -> pd.DataFrame:

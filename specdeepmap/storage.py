@@ -254,7 +254,8 @@ def list_files(folder: str, suffix: str = "") -> list[str]:
     if not fs.exists(path):
         return []
     names = [basename(p) for p in fs.ls(path, detail=False)]
-    return sorted(join(folder, n) for n in names if n.endswith(suffix) and not n.startswith("."))
+    return sorted(join(folder, n) for n in names
+                  if n.endswith(suffix) and not TEMPORARY_NAME.match(n))
 
 
 def read_bytes(uri: str) -> bytes:
@@ -276,6 +277,11 @@ def makedirs(uri: str) -> None:
     """Create a local folder (and parents); S3 has no folders, so nothing to do there."""
     if not is_s3(uri):
         os.makedirs(local_path(uri), exist_ok=True)
+
+
+#: the temporary files of :func:`atomic_output` (never listed: they are not outputs yet);
+#: other names starting with a dot, such as a scene called ``.scene``, are ordinary files
+TEMPORARY_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp[^/]*$")
 
 
 @contextlib.contextmanager

@@ -58,12 +58,14 @@ class TrainConfig:
     spectral_channels: int = -1  #: learned per-pixel front-end width; -1 auto (32), 0 off
     encoder_depth: int = -1  #: encoder stages, 3-5 (U-Net/U-Net++); -1 auto by chip size
     loss: Loss = "dice-ce"  #: ce or dice-ce (class weights apply to the cross-entropy)
-    weight_averaging: Literal["ema", "none"] = "ema"  #: validate and keep averaged weights
+    weight_averaging: Literal["ema", "none"] = "none"  #: ema: validate, keep averaged weights
     warmup_epochs: float = 1.0  #: linear learning-rate warm-up, then cosine decay per step
     #: a small training set is drawn repeatedly (each pass a new permutation and new random
     #: augmentations) until an epoch holds at least this many chips: a few chips give too few
     #: optimisation steps per epoch otherwise; 0: one pass per epoch
     min_chips_per_epoch: int = 64
+    #: uniform: every chip as often; class-balanced: chips rich in rare classes more often
+    sampling: Literal["uniform", "class-balanced"] = "uniform"
     baseline: bool = True  #: fit and score the per-pixel RandomForest baseline
     baseline_pixels: int = 100_000  #: labelled training pixels for the baseline at most
     balanced: bool = True  #: class weights from Summary_train_val.csv in the loss
@@ -302,6 +304,22 @@ def prepare(cfg: TrainConfig) -> tuple:
     return info, model, config, weights, train_set, val_set
 
 
+def class_balanced_weights(dataset: ChipDataset) -> torch.Tensor:
+    """Sampling weight of each training chip: half uniform, half by how much of each class's
+    pixels the chip holds (every class gets the same total weight), so that chips with rare
+    classes are drawn more often (in the spirit of repeat-factor sampling)."""
+    counts = []
+    for _, mask_uri in dataset.pairs:
+        labels = dataset.lookup[dataset._read(mask_uri)[0].astype(np.int64).clip(0, 255)]
+        counts.append(np.bincount(labels.ravel(), minlength=len(dataset.lookup))[1:])
+    counts = np.asarray(counts, np.float64)
+    totals = counts.sum(axis=0)
+    present = totals > 0
+    share = (counts[:, present] / totals[present]).sum(axis=1) / max(1, present.sum())
+    weights = 0.5 / len(counts) + 0.5 * share
+    return torch.as_tensor(weights / weights.sum(), dtype=torch.double)
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train a segmentation model on a dataset folder (Deep Learning Trainer).
 
@@ -314,7 +332,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     import mlflow
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
-    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
     started = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -339,7 +357,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
                        persistent_workers=cfg.workers > 0)
     samples = max(len(train_set), cfg.min_chips_per_epoch)
-    sampler = RandomSampler(train_set, num_samples=samples) if samples > len(train_set) else None
+    if cfg.sampling == "class-balanced":
+        sampler = WeightedRandomSampler(class_balanced_weights(train_set), samples)
+    elif samples > len(train_set):
+        sampler = RandomSampler(train_set, num_samples=samples)
+    else:
+        sampler = None
     train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler,
                               drop_last=samples > cfg.batch_size, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)

@@ -228,3 +228,25 @@ def test_encoder_depth_follows_the_chip_size_and_drops_unused_stages():
         p.numel() for p in model.parameters())
     model(torch.randn(2, 13, 32, 32)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_class_balanced_sampling_favours_chips_with_rare_classes(tmp_path):
+    """A chip holding the only pixels of a rare class is drawn far more often than a chip of
+    the common class; weights sum to 1."""
+    from specdeepmap.data import ChipDataset, Normalization
+    from specdeepmap.training import class_balanced_weights
+    from tests.conftest import write_raster
+
+    pairs = []
+    for i in range(4):
+        label = np.ones((8, 8), np.uint8)
+        if i == 0:
+            label[:2, :2] = 2  # the rare class: 4 pixels in one chip
+        image = write_raster(tmp_path / f"i{i}.tif", np.ones((1, 8, 8), np.uint16))
+        pairs.append((image, write_raster(tmp_path / f"l{i}.tif", label)))
+    lookup = np.zeros(256, np.int64)
+    lookup[1], lookup[2] = 1, 2
+    weights = class_balanced_weights(ChipDataset(pairs, Normalization(), lookup,
+                                                 cache_dir=str(tmp_path / "cache")))
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert weights[0] > 2 * weights[1] and weights[1] == pytest.approx(weights[3].item())

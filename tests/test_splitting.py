@@ -191,3 +191,41 @@ def test_real_enmap_chips(enmap_folder, tmp_path):
     np.testing.assert_allclose(mean[valid], theirs["mean"][valid], rtol=1e-6)
     np.testing.assert_allclose(std[valid], theirs["std"][valid], rtol=1e-5)
     assert np.isnan(mean[~valid]).all()
+
+
+def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
+    """Percentages below 100, a set of one chip, a text file posing as a chip outside the
+    training set, a single class, and a scene whose name starts with a dot."""
+    import logging
+
+    from specdeepmap.errors import InvalidLabelError, UnreadableInputError
+
+    chips = tmp_path / "chips"  # 20 chips of a scene whose name starts with a dot
+    for sub in ("images", "labels"):
+        (chips / sub).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        name = f".scene_tile_{i * 8}_0.tif"
+        write_raster(chips / "images" / name, rng.integers(1, 100, (2, 8, 8)).astype(np.uint16))
+        label = np.ones((8, 8), np.uint8)
+        label[:, 4:] = 2
+        write_raster(chips / "labels" / name, label)
+    with caplog.at_level(logging.WARNING):
+        report = make_dataset(str(chips), SplitParams(80, 5, 5))
+    assert sum(report.chips.values()) == 18  # dot-named chips are seen; 10 % left out
+    assert any("= 90 %" in w and "2 of 20" in w for w in report.warnings)
+    assert any("validation set holds only" in w for w in report.warnings)
+    assert any("= 90 %" in r.message for r in caplog.records)
+
+    test_chip = pd.read_csv(chips / "test_files.csv")["image"][0]
+    (chips / test_chip).write_text("not a raster")
+    with pytest.raises(UnreadableInputError, match=test_chip.split("/")[-1]):
+        make_dataset(str(chips), SplitParams(70, 15, 15))
+
+    one = tmp_path / "one"
+    for sub in ("images", "labels"):
+        (one / sub).mkdir(parents=True)
+    write_raster(one / "images" / "s_tile_0_0.tif", np.ones((2, 8, 8), np.uint16))
+    write_raster(one / "labels" / "s_tile_0_0.tif", np.full((8, 8), 5, np.uint8))
+    with pytest.raises(InvalidLabelError, match="single class"):
+        make_dataset(str(one), SplitParams(100, 0, 0))
