@@ -100,7 +100,7 @@ def run_set(name: str, dataset: str, work: str, epochs: int, overrides: dict, se
                                     result.model_file, os.path.join(run, split), device="cpu",
                                     tta=use_tta)
             target[split] = report.metrics
-    print(f"{name}: TTA {'off' if tta else 'on'} instead: val "
+    print(f"{name} seed {seed}: TTA {'off' if tta else 'on'} instead: val "
           f"{other['validation'].mean_iou:.3f}, test {other['test'].mean_iou:.3f}", flush=True)
     return {"chips": (len(info.train), len(info.validation), len(info.test)),
             "deep": scores, "deep_seconds": seconds,
@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="Override both sets' epochs.")
     parser.add_argument("--seeds", type=int, default=3,
                         help="Training seeds per set (the RandomForest's seed too).")
-    parser.add_argument("--no-tta", action="store_true", help="Score without D4 TTA.")
+    parser.add_argument("--tta", action="store_true",
+                        help="Score with D4 TTA (the figures without it are printed too).")
     parser.add_argument("--verbose", action="store_true", help="Also per-class val IoU.")
     parser.add_argument("--class-weighting", default="one-minus-share",
                         choices=["one-minus-share", "inverse-frequency"])
@@ -130,7 +131,7 @@ def main() -> None:
     data = Path(args.data)
     work = tempfile.mkdtemp(prefix="bench-quality-")
     overrides = parse_overrides(args.overrides)
-    print(f"overrides: {overrides or 'none (defaults)'}; TTA in scoring: {not args.no_tta}")
+    print(f"overrides: {overrides or 'none (defaults)'}; TTA in scoring: {args.tta}")
     header = ("set | chips train/val/test | model | val mean IoU | test mean IoU | test OA | "
               "test per-class IoU | train s")
     rows, means = [], []
@@ -139,7 +140,7 @@ def main() -> None:
         runs = []
         for seed in range(args.seeds):
             r = run_set(name, dataset, work, args.epochs or EPOCHS[name], overrides, seed,
-                        not args.no_tta)
+                        args.tta)
             runs.append(r)
             for model, metrics, seconds in (
                     (f"deep (seed {seed})", r["deep"], r["deep_seconds"]),

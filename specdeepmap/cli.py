@@ -1,7 +1,8 @@
 """The ``specdeepmap`` command line: one sub-command per step of the pipeline.
 
-Every path argument is a URI (local path, ``file://`` or ``s3://``). Errors of the library are
-printed as one clear line and exit with status 2; ``--verbose`` shows the log.
+Every path argument is a URI (local path, ``file://`` or ``s3://``). Expected errors (the
+library's own, and GDAL, filesystem, S3 and MLflow errors, by family) are printed as one clear
+line and exit with status 2; ``--verbose`` shows the log.
 """
 
 from __future__ import annotations
@@ -168,13 +169,16 @@ def split(
         min=1, help="spatial-blocks: chips per block edge.")] = 4,
     class_weighting: Annotated[str, typer.Option(
         help="'one-minus-share' (SpecDeepMap) or 'inverse-frequency'.")] = "one-minus-share",
+    min_class_share: Annotated[float, typer.Option(
+        min=0, max=1, help="Each set holds at least this share of every class's pixels "
+        "(SpecDeepMap: 0.01).")] = 0.01,
     out: Annotated[str | None, typer.Option(help="Folder for the CSVs (default: FOLDER).")] = None,
 ) -> None:
     """Dataset Maker: balanced train/validation/test CSVs, class weights, band statistics."""
     from specdeepmap.splitting import SplitParams, make_dataset
 
     params = SplitParams(train, validation, test, seed, scaler, normalize, strategy,
-                         class_weighting, block_size)
+                         class_weighting, block_size, min_class_share)
     report = make_dataset(folder, params, out_folder=out,
                           progress=lambda message: console.log(message))
     console.print(
@@ -282,7 +286,7 @@ def test_cmd(
     mask_unlabelled: Annotated[bool, typer.Option(
         help="Set exported predictions to 0 where the label is 0.")] = True,
     tta: Annotated[bool, typer.Option(
-        help="Average predictions over the 8 flips and quarter turns of each chip.")] = True,
+        help="Average predictions over the 8 flips and quarter turns of each chip.")] = False,
 ) -> None:
     """Deep Learning Tester: IoU CSV (SpecDeepMap format) and confusion-matrix metrics."""
     from specdeepmap.evaluation import evaluate_model

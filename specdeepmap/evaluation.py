@@ -200,7 +200,7 @@ class EvaluationReport:
 def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str = "auto",
                predictions_folder: str | None = None, mask_unlabelled: bool = True,
                batch_size: int = 8, mlflow_run_id: str | None = None,
-               baseline: Metrics | None = None, tta: bool = True) -> EvaluationReport:
+               baseline: Metrics | None = None, tta: bool = False) -> EvaluationReport:
     """Predict every chip of a test CSV and measure the model (Deep Learning Tester).
 
     Args:
@@ -217,7 +217,8 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
         baseline: the RandomForest baseline's metrics on the same chips, shown beside the
             model's in ``test_metrics.csv/json`` and the IoU plot.
         tta: average predictions over the eight flips and quarter turns of each chip (8
-            forward passes per chip; on by default: test sets are small, see docs/recipe.md).
+            forward passes per chip; it did not raise validation IoU on the shared real data
+            sets, see docs/recipe.md).
     """
     frame = read_csv(test_csv)
     folder = storage.parent(test_csv)

@@ -10,6 +10,7 @@ definition as the Tester's dataset-level IoU (SpecDeepMap averaged per-batch val
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -417,6 +418,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             if storage.exists(uri_csv):
                 local = storage.cached_local_copy(uri_csv, os.path.join(cfg.out, "dataset"))
                 mlflow.log_artifact(local, artifact_path="dataset")
+        split_uri = storage.join(cfg.dataset, "split.json")
+        if storage.exists(split_uri):  # the Dataset Maker's parameters, as run parameters
+            split = json.loads(storage.read_text(split_uri)).get("params", {})
+            mlflow.log_params({f"split_{k}": v for k, v in split.items()})
         mlflow.log_artifact(best, artifact_path="checkpoints")
         mlflow.log_metric("best_val_iou", best_iou)
         mlflow.set_tags({"dataset": cfg.dataset, "code_version": config["version"]})

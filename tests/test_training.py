@@ -109,6 +109,7 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     assert version.tags["dataset"] == config.dataset and "code_version" in version.tags
     artifacts = [a.path for a in client.list_artifacts(result.run_id, "dataset")]
     assert "dataset/Summary_train_val.csv" in artifacts
+    assert run.data.params["split_seed"] == "42" and run.data.params["split_train_percent"] == "70"
 
     mlflow.set_tracking_uri(config.tracking_uri)
     client.set_registered_model_alias("test-model", "champion", result.model_version)
