@@ -141,6 +141,9 @@ class TrainingPipelineParams(BaseModel):
                           description="Folder or s3:// prefix for chips, CSVs and test outputs.")
     model_name: str = Field("specdeepmap-segmentation", min_length=1,
                             description="MLflow registered model name.")
+    min_improvement: float = Field(
+        0.01, ge=0, le=1, description="Pooled test mean IoU by which a new version must beat "
+        "the champion, both scored on this run's test chips, to become champion.")
     chip: ChipSettings = ChipSettings()
     split: SplitSettings = SplitSettings()
     train: TrainSettings = TrainSettings()

@@ -22,7 +22,8 @@ from specdeepmap import registry, storage
 from specdeepmap.mapping import output_uri_for, unmapped_scenes
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
-from tasks import chip_task, evaluate_task, map_scene_task, promote_task, split_task, train_task
+from tasks import (champion_task, chip_task, evaluate_task, map_scene_task, promote_task,
+                   split_task, train_task)
 
 RUNS_DIR = os.environ.get("SPECDEEPMAP_RUNS_DIR", "runs")
 
@@ -60,7 +61,8 @@ def evaluate_flow(test_csv: str, model_uri: str, out_uri: str) -> dict:
 
 @flow(name="training-pipeline")
 def training_pipeline(params: TrainingPipelineParams) -> dict:
-    """chip → split → train → evaluate → register as champion (if better) or challenger."""
+    """chip → split → train → evaluate → score the champion on the same test chips →
+    register as champion (if better by the margin and not below the baseline) or challenger."""
     params = TrainingPipelineParams.model_validate(params.model_dump())  # cross-field rules
     logger = get_run_logger()
     ensure_experiment(tracking_uri(), "specdeepmap")
@@ -68,14 +70,19 @@ def training_pipeline(params: TrainingPipelineParams) -> dict:
     chip_flow(params.scenes, chips_uri, params.chip)
     split_flow(chips_uri, params.split)
     result = train_flow(chips_uri, params.train, params.model_name)
-    metrics = evaluate_task(storage.join(chips_uri, "test_files.csv"), result.model_file,
-                            storage.join(params.work_uri, "evaluation", f"v{result.model_version}"),
-                            result.run_id, result.baseline)
+    test_csv = storage.join(chips_uri, "test_files.csv")
+    evaluation_uri = storage.join(params.work_uri, "evaluation", f"v{result.model_version}")
+    metrics = evaluate_task(test_csv, result.model_file, evaluation_uri, result.run_id,
+                            result.baseline)
+    champion = champion_task(params.model_name, test_csv, result.model_file,
+                             storage.join(evaluation_uri, "champion"))
     alias = promote_task(params.model_name, result.model_version, metrics["test_mean_iou"],
-                         metrics["baseline_rf_test_mean_iou"])
+                         metrics["baseline_rf_test_mean_iou"], champion, params.min_improvement)
     summary = {"model_uri": result.model_uri, "version": result.model_version, "alias": alias,
                "run_id": result.run_id, "best_val_iou": result.best_val_iou,
-               "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"), **metrics}
+               "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"),
+               "champion_version": champion["version"],
+               "champion_test_mean_iou_same_chips": champion["mean_iou"], **metrics}
     registry.describe_version(params.model_name, result.model_version,
                               version_description(summary))
     create_markdown_artifact(
@@ -100,7 +107,10 @@ def version_description(summary: dict) -> str:
         f"| validation | {fmt(summary['best_val_iou'])} | "
         f"{fmt(summary['baseline_rf_val_mean_iou'])} |",
         f"| test | {fmt(summary['test_mean_iou'])} | "
-        f"{fmt(summary['baseline_rf_test_mean_iou'])} |"])
+        f"{fmt(summary['baseline_rf_test_mean_iou'])} |", "",
+        f"Champion before this run: version {summary['champion_version'] or '–'}, pooled test "
+        f"mean IoU on this run's test chips "
+        f"{fmt(summary['champion_test_mean_iou_same_chips'])}."])
 
 
 @flow(name="map-scenes")

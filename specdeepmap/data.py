@@ -205,11 +205,15 @@ class ChipDataset(Dataset):
         with rasterio.open(path) as src:
             return src.read()
 
+    def class_indices(self, index: int) -> np.ndarray:
+        """The (H, W) class-index chip of pair ``index`` (label values through the lookup)."""
+        return self.lookup[self._read(self.pairs[index][1])[0].astype(np.int64).clip(0, 255)]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image_uri, mask_uri = self.pairs[index]
+        image_uri = self.pairs[index][0]
         raw = self._read(image_uri)
         image = self.normalization.apply(raw)
-        mask = self.lookup[self._read(mask_uri)[0].astype(np.int64).clip(0, 255)]
+        mask = self.class_indices(index)
         if self.augment and self.spectral_jitter:
             valid = None
             if self.normalization.nodata is not None:

@@ -200,7 +200,8 @@ class EvaluationReport:
 def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str = "auto",
                predictions_folder: str | None = None, mask_unlabelled: bool = True,
                batch_size: int = 8, mlflow_run_id: str | None = None,
-               baseline: Metrics | None = None, tta: bool = False) -> EvaluationReport:
+               baseline: Metrics | None = None, tta: bool = False,
+               log_to_mlflow: bool = True) -> EvaluationReport:
     """Predict every chip of a test CSV and measure the model (Deep Learning Tester).
 
     Args:
@@ -216,6 +217,8 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
         mlflow_run_id: log the outputs to this MLflow run (default: the registered model's run).
         baseline: the RandomForest baseline's metrics on the same chips, shown beside the
             model's in ``test_metrics.csv/json`` and the IoU plot.
+        log_to_mlflow: log metrics and files to the model's MLflow run (off when another
+            model's test chips are scored, e.g. the champion's in a promotion).
         tta: average predictions over the eight flips and quarter turns of each chip (8
             forward passes per chip; it did not raise validation IoU on the shared real data
             sets, see docs/recipe.md).
@@ -276,7 +279,8 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     report = EvaluationReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,
                               per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"],
                               plots=plots, predictions=exported)
-    _log_to_mlflow(report, model_uri, mlflow_run_id, out_folder)
+    if log_to_mlflow:
+        _log_to_mlflow(report, model_uri, mlflow_run_id, out_folder)
     log.info("Test mean IoU: %.4f pooled over pixels, %.4f per-chip mean (SpecDeepMap)",
              metrics.mean_iou, report.per_chip_mean_iou)
     return report

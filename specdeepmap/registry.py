@@ -1,10 +1,10 @@
-"""MLflow model registry: champion/challenger promotion by test mean IoU.
+"""MLflow model registry: champion/challenger promotion by test mean IoU on the same chips.
 
 A model version's test score is kept as its tag ``test_mean_iou``. A new version becomes
-``champion`` only if it beats the current champion's score (or there is none) and is not below
-the per-pixel RandomForest baseline scored on the same test chips (tag ``below_baseline``);
-otherwise it becomes ``challenger``. Reviewers can still move the aliases by hand in the
-MLflow UI.
+``champion`` only if there is none yet, or if it beats the current champion *scored on the new
+run's test chips* by a margin, and it is not below the per-pixel RandomForest baseline scored on
+those chips (tag ``below_baseline``); otherwise it becomes ``challenger``. Reviewers can still
+move the aliases by hand in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -15,17 +15,19 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 def promote_if_better(name: str, version: str, test_mean_iou: float,
-                      baseline_mean_iou: float | None = None, client=None) -> str:
-    """Tag ``version`` with its score and give it ``champion`` or ``challenger``; return which.
+                      baseline_mean_iou: float | None = None,
+                      champion_mean_iou: float | None = None, min_improvement: float = 0.0,
+                      client=None) -> str:
+    """Tag ``version`` with its scores and give it ``champion`` or ``challenger``; return which.
 
-    With ``baseline_mean_iou`` (the RandomForest's pooled test mean IoU on the same chips) the
-    version is tagged ``below_baseline`` true or false, and a version below the baseline is
-    never made champion automatically.
+    Fair promotion: ``champion_mean_iou`` is the current champion's pooled test mean IoU on
+    the *same* test chips as ``test_mean_iou`` (see :func:`score_champion`); the new version
+    wins only if it beats that by at least ``min_improvement``. Scores measured on different
+    test sets are never compared: without ``champion_mean_iou`` an existing champion stays.
+    With ``baseline_mean_iou`` (the RandomForest on the same chips) the version is tagged
+    ``below_baseline``, and a version below the baseline is never made champion.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = client or mlflow.MlflowClient()
+    client = _client(client)
     client.set_model_version_tag(name, version, "test_mean_iou", f"{test_mean_iou:.6f}")
     if baseline_mean_iou is not None and not math.isnan(baseline_mean_iou):
         below = test_mean_iou < baseline_mean_iou
@@ -35,16 +37,63 @@ def promote_if_better(name: str, version: str, test_mean_iou: float,
         if below:
             client.set_registered_model_alias(name, CHALLENGER, version)
             return CHALLENGER
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    best = float(current.tags.get("test_mean_iou", "nan")) if current else math.nan
-    if current is None or math.isnan(best) or test_mean_iou > best:
+    current = champion_version(name, client)
+    if current is None or current == str(version):
         client.set_registered_model_alias(name, CHAMPION, version)
         return CHAMPION
+    if champion_mean_iou is not None and not math.isnan(champion_mean_iou):
+        client.set_model_version_tag(name, version, "champion_test_mean_iou_same_chips",
+                                     f"{champion_mean_iou:.6f}")
+        client.set_model_version_tag(name, version, "compared_with_version", current)
+        if test_mean_iou >= champion_mean_iou + min_improvement:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            return CHAMPION
     client.set_registered_model_alias(name, CHALLENGER, version)
     return CHALLENGER
+
+
+def champion_version(name: str, client=None) -> str | None:
+    """The version that holds ``champion`` (None when no version does)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(client).get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str,
+                   device: str = "auto", client=None) -> dict:
+    """Score the current champion on the new run's test chips with the Tester's code.
+
+    Returns ``{"version", "mean_iou", "reason"}``: ``mean_iou`` is None (and ``reason`` says
+    why) when there is no champion or its input contract (bands, class values) differs from
+    the new model's, since then the two cannot be scored on the same chips. Nothing is logged
+    to the champion's own MLflow run (its figures there stay those of its own test set).
+    """
+    from specdeepmap.evaluation import evaluate_model
+    from specdeepmap.inference import read_model_file
+
+    version = champion_version(name, client)
+    if version is None:
+        return {"version": None, "mean_iou": None, "reason": "no champion yet"}
+    champion_uri = f"models:/{name}/{version}"
+    champion, _ = read_model_file(champion_uri)
+    new, _ = read_model_file(new_model_uri)
+    for key in ("in_channels", "class_values"):
+        if champion.get(key) != new.get(key):
+            return {"version": version, "mean_iou": None,
+                    "reason": f"champion version {version} has {key} = {champion.get(key)}, "
+                    f"the new model {new.get(key)}: they cannot be scored on the same chips"}
+    report = evaluate_model(test_csv, champion_uri, out_folder, device=device,
+                            log_to_mlflow=False)
+    return {"version": version, "mean_iou": report.metrics.mean_iou, "reason": ""}
+
+
+def _client(client=None):
+    import mlflow
+
+    return client or mlflow.MlflowClient()
 
 
 def describe_version(name: str, version: str, markdown: str, client=None) -> None:

@@ -309,10 +309,8 @@ def class_balanced_weights(dataset: ChipDataset) -> torch.Tensor:
     """Sampling weight of each training chip: half uniform, half by how much of each class's
     pixels the chip holds (every class gets the same total weight), so that chips with rare
     classes are drawn more often (in the spirit of repeat-factor sampling)."""
-    counts = []
-    for _, mask_uri in dataset.pairs:
-        labels = dataset.lookup[dataset._read(mask_uri)[0].astype(np.int64).clip(0, 255)]
-        counts.append(np.bincount(labels.ravel(), minlength=len(dataset.lookup))[1:])
+    counts = [np.bincount(dataset.class_indices(i).ravel(), minlength=len(dataset.lookup))[1:]
+              for i in range(len(dataset))]
     counts = np.asarray(counts, np.float64)
     totals = counts.sum(axis=0)
     present = totals > 0

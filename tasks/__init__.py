@@ -6,6 +6,7 @@ plain data (URIs, metrics) and publishes a Prefect artifact. Business logic live
 """
 
 from tasks.steps import (
+    champion_task,
     chip_task,
     evaluate_task,
     map_scene_task,
@@ -14,5 +15,5 @@ from tasks.steps import (
     train_task,
 )
 
-__all__ = ["chip_task", "evaluate_task", "map_scene_task", "promote_task", "split_task",
+__all__ = ["champion_task", "chip_task", "evaluate_task", "map_scene_task", "promote_task", "split_task",
            "train_task"]

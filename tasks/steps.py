@@ -104,15 +104,40 @@ def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | Non
             "baseline_rf_test_mean_iou": forest.mean_iou if forest is not None else None}
 
 
+@task(name="score champion", **RETRIES)
+def champion_task(name: str, test_csv: str, new_model_uri: str, out_uri: str) -> dict:
+    """The current champion scored on the new run's test chips (fair comparison)."""
+    score = registry.score_champion(name, test_csv, new_model_uri, out_uri)
+    if score["mean_iou"] is None and score["version"] is not None:
+        get_run_logger().warning("Champion not compared: %s", score["reason"])
+    return score
+
+
 @task(name="promote model")
 def promote_task(name: str, version: str, test_mean_iou: float,
-                 baseline_mean_iou: float | None = None) -> str:
-    """Give the new version alias champion if it beats the champion and is not below the
-    RandomForest baseline, else challenger."""
-    alias = registry.promote_if_better(name, version, test_mean_iou, baseline_mean_iou)
-    get_run_logger().info("%s version %s is now %s (test mean IoU %.4f, RandomForest %s)",
-                          name, version, alias, test_mean_iou,
-                          "not run" if baseline_mean_iou is None else f"{baseline_mean_iou:.4f}")
+                 baseline_mean_iou: float | None = None, champion: dict | None = None,
+                 min_improvement: float = 0.0) -> str:
+    """Give the new version alias champion if it beats the champion on the same test chips by
+    ``min_improvement`` and is not below the RandomForest baseline, else challenger."""
+    champion = champion or {}
+    alias = registry.promote_if_better(name, version, test_mean_iou, baseline_mean_iou,
+                                       champion.get("mean_iou"), min_improvement)
+    def fmt(value):
+        return "–" if value is None else f"{value:.4f}"
+
+    create_markdown_artifact(
+        key="promotion", description=f"Promotion of {name} version {version}",
+        markdown=f"Version {version} is now **{alias}**.\n\n" + _table(
+            [(f"version {version} (new)", fmt(test_mean_iou)),
+             (f"champion version {champion.get('version') or '–'}",
+              fmt(champion.get("mean_iou")) + (f" ({champion['reason']})"
+                                                if champion.get("reason") else "")),
+             ("RandomForest baseline", fmt(baseline_mean_iou)),
+             ("required margin over the champion", f"{min_improvement:.3f}")],
+            ("pooled test mean IoU on the new run's test chips", "")))
+    get_run_logger().info("%s version %s is now %s (test mean IoU %.4f, champion on the same "
+                          "chips %s, RandomForest %s)", name, version, alias, test_mean_iou,
+                          fmt(champion.get("mean_iou")), fmt(baseline_mean_iou))
     return alias
 
 
@@ -126,5 +151,5 @@ def map_scene_task(input_uri: str, model_uri: str, output_uri: str, params: MapP
     return products
 
 
-__all__ = ["chip_task", "split_task", "train_task", "evaluate_task", "promote_task",
-           "map_scene_task"]
+__all__ = ["chip_task", "split_task", "train_task", "evaluate_task", "champion_task",
+           "promote_task", "map_scene_task"]

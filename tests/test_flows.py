@@ -22,7 +22,9 @@ def mlflow_store(tmp_path, monkeypatch):
     return uri
 
 
-def test_promotion_keeps_the_better_model_champion(mlflow_store, tmp_path):
+def test_promotion_compares_on_the_same_chips_with_a_margin(mlflow_store, tmp_path):
+    """A champion that scored better on its own (easier) test set but worse on the new run's
+    chips is replaced; a win below the margin, or without a same-chips score, is not enough."""
     import mlflow
 
     from specdeepmap.registry import promote_if_better, resolve
@@ -30,13 +32,53 @@ def test_promotion_keeps_the_better_model_champion(mlflow_store, tmp_path):
     client = mlflow.MlflowClient()
     client.create_registered_model("m")
     versions = [client.create_model_version("m", source=str(tmp_path)).version
-                for _ in range(3)]
-    assert promote_if_better("m", versions[0], 0.50) == "champion"
-    assert promote_if_better("m", versions[1], 0.40) == "challenger"
-    assert promote_if_better("m", versions[2], 0.60) == "champion"
-    assert resolve("models:/m@champion") == f"models:/m/{versions[2]}"
-    assert resolve("models:/m@challenger") == f"models:/m/{versions[1]}"
+                for _ in range(4)]
+    assert promote_if_better("m", versions[0], 0.90) == "champion"  # the first one
+    # v1 scores 0.60 on its chips, where the champion (0.90 on its own chips) scores 0.50
+    assert promote_if_better("m", versions[1], 0.60, champion_mean_iou=0.50,
+                             min_improvement=0.01) == "champion"
+    tags = client.get_model_version("m", versions[1]).tags
+    assert tags["champion_test_mean_iou_same_chips"] == "0.500000"
+    assert tags["compared_with_version"] == str(versions[0])
+    # better, but by less than the margin
+    assert promote_if_better("m", versions[2], 0.605, champion_mean_iou=0.60,
+                             min_improvement=0.01) == "challenger"
+    # a higher number measured on other chips proves nothing: the champion stays
+    assert promote_if_better("m", versions[3], 0.99) == "challenger"
+    assert resolve("models:/m@champion") == f"models:/m/{versions[1]}"
+    assert resolve("models:/m@challenger") == f"models:/m/{versions[3]}"
     assert resolve("/some/model.pt") == "/some/model.pt"
+
+
+def test_champion_is_scored_on_the_new_chips_without_touching_its_run(trained, dataset,
+                                                                       tmp_path):
+    """score_champion gives the Tester's pooled mean IoU of the champion on the given chips,
+    logs nothing to the champion's run, and refuses a comparison across class sets."""
+    import mlflow
+
+    from specdeepmap.evaluation import evaluate_model
+    from specdeepmap.inference import export_model_file, load_model, read_model_file
+    from specdeepmap.registry import score_champion
+
+    config, result = trained
+    mlflow.set_tracking_uri(config.tracking_uri)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("test-model", "champion", result.model_version)
+    before = client.get_run(result.run_id).data.metrics
+    test_csv = str(dataset / "chips" / "test_files.csv")
+    score = score_champion("test-model", test_csv, result.model_file, str(tmp_path / "c"))
+    expected = evaluate_model(test_csv, result.model_file, str(tmp_path / "e"),
+                              log_to_mlflow=False).metrics.mean_iou
+    assert score["version"] == result.model_version and score["reason"] == ""
+    assert score["mean_iou"] == pytest.approx(expected)
+    assert client.get_run(result.run_id).data.metrics == before
+
+    other_config, _ = read_model_file(result.model_file)
+    other = export_model_file({**other_config, "class_values": [1, 2, 3, 4, 5, 9]},
+                              load_model(result.model_file, "cpu").model,
+                              str(tmp_path / "other.pt"))
+    refused = score_champion("test-model", test_csv, other, str(tmp_path / "o"))
+    assert refused["mean_iou"] is None and "class_values" in refused["reason"]
 
 
 def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, mlflow_store,
