@@ -275,7 +275,10 @@ def chip_scene(
                     "is mostly padding (unlabelled); use a tile of at most the scene's size",
                     tx, ty, image_uri, width, height)
     manifest_uri = storage.join(out_uri, MANIFEST_FOLDER, f"{scene}.csv")
-    previous = _previous_rows(manifest_uri, params)
+    # which scene the chips come from: a different file under the same name must not reuse
+    # (and silently keep) the chips of the earlier one
+    scene_id = f"{storage.fingerprint(image_uri)}-{storage.fingerprint(label_uri)}"
+    previous = _previous_rows(manifest_uri, params, scene_id, image_uri)
     existing = _existing_pairs(out_uri)
     for sub in ("images", "labels", MANIFEST_FOLDER):
         storage.makedirs(storage.join(out_uri, sub))
@@ -327,7 +330,7 @@ def chip_scene(
     with storage.gdal_env(), ThreadPoolExecutor(workers) as pool:
         results = [r for chunk in pool.map(work, chunks) for r in chunk]
 
-    rows = [row for _, row in results if row is not None]
+    rows = [row | {"scene_id": scene_id} for _, row in results if row is not None]
     outcome = [kind for kind, _ in results]
     manifest = pd.DataFrame(rows).sort_values(["y", "x"]) if rows else pd.DataFrame(
         columns=["chip", "image", "mask", "scene", "x", "y"])
@@ -361,13 +364,21 @@ def _existing_pairs(out_uri: str) -> set[str]:
     return images & labels
 
 
-def _previous_rows(manifest_uri: str, params: ChipParams) -> dict[str, dict]:
-    """Rows of an earlier run's manifest; refuses to mix chips cut with other parameters."""
+def _previous_rows(manifest_uri: str, params: ChipParams, scene_id: str,
+                   image_uri: str) -> dict[str, dict]:
+    """Rows of an earlier run's manifest; refuses to mix chips cut with other parameters or
+    from another scene file of the same name."""
     if not storage.exists(manifest_uri):
         return {}
     frame = read_manifest(manifest_uri)
     if len(frame):
         first = frame.iloc[0]
+        if "scene_id" in frame.columns and str(first["scene_id"]) != scene_id:
+            raise InputMismatchError(
+                f"{manifest_uri} records chips of another file named like {image_uri} "
+                f"({first['scene']}, or the same path since replaced): its chips would be kept "
+                "as they are. Write into a new folder, or delete that manifest and the scene's "
+                "chips first.")
         earlier = (int(first["tile_x"]), int(first["tile_y"]), int(first["stride_x"]),
                    int(first["stride_y"]))
         now = (*params.tile_size, *params.stride)

@@ -238,6 +238,18 @@ def _looks_transient(message: str) -> bool:
                                             "temporarily"))
 
 
+def fingerprint(uri: str) -> str:
+    """A short digest of what identifies a file's content cheaply: its size and its ETag (S3)
+    or modification time (local). A file replaced under the same name gets another one."""
+    import hashlib
+
+    fs, path = filesystem(uri)
+    info = fs.info(path)
+    stamp = info.get("ETag") or info.get("etag") or info.get("LastModified") or \
+        info.get("mtime") or ""
+    return hashlib.blake2b(f"{info.get('size')}|{stamp}".encode(), digest_size=8).hexdigest()
+
+
 def exists(uri: str) -> bool:
     """True if a file (or S3 object) exists at the URI."""
     fs, path = filesystem(uri)

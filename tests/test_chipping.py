@@ -232,3 +232,23 @@ def test_chip_from_s3_to_s3_matches_local(small_scene, s3_bucket, tmp_path):
     again = chip_scene(f"{s3_bucket}/in/demo_s2.tif", f"{s3_bucket}/in/demo_s2_labels.tif",
                        f"{s3_bucket}/chips", params)
     assert again.written == 0 and again.reused == remote.written
+
+
+def test_another_scene_under_the_same_name_is_not_mixed_with_old_chips(tmp_path):
+    """Re-chipping the same scene reuses its chips; a different file with the same name
+    (another folder, or the same path replaced) is refused instead of keeping the old chips."""
+    from specdeepmap.errors import InputMismatchError
+    from specdeepmap.sample_data import generate_scene
+
+    first = generate_scene(str(tmp_path / "a"), 128, 128, seed=1, field_size=32)
+    other = generate_scene(str(tmp_path / "b"), 128, 128, seed=2, field_size=32)
+    assert os.path.basename(first.image_uri) == os.path.basename(other.image_uri)
+    params = ChipParams((64, 64), (64, 64), 0)
+    out = str(tmp_path / "chips")
+    report = chip_scene(first.image_uri, first.label_uri, out, params)
+    again = chip_scene(first.image_uri, first.label_uri, out, params)
+    assert again.reused == report.written > 0 and again.written == 0
+    before = sorted(os.listdir(os.path.join(out, "images")))
+    with pytest.raises(InputMismatchError, match="another file"):
+        chip_scene(other.image_uri, other.label_uri, out, params)
+    assert sorted(os.listdir(os.path.join(out, "images"))) == before
