@@ -364,24 +364,26 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
         say(f"warning: {message}")
     chips = frame["chip"]
     prefix = "" if out_folder == folder else folder.rstrip("/") + "/"
-    outputs = {}
+    # everything is computed first and written last, so a failure (a corrupt chip met by the
+    # band statistics) leaves the previous split whole instead of new lists beside old stats
+    texts = {}
     for s, name in enumerate(SET_NAMES):
         rows = _rows(chips[sets == s].sort_values())
         if prefix:
             rows = prefix + rows
-        uri = storage.join(out_folder, CSV_NAMES[name])
-        storage.write_text(uri, rows.to_csv(index=False, lineterminator="\n"))
-        outputs[name] = uri
+        texts[name] = (CSV_NAMES[name], rows.to_csv(index=False, lineterminator="\n"))
     summary = summary_table(frame, sets, class_values, background, params, achieved)
-    outputs["summary"] = storage.join(out_folder, SUMMARY_CSV)
-    storage.write_text(outputs["summary"], summary.to_csv(index=False, lineterminator="\n"))
+    texts["summary"] = (SUMMARY_CSV, summary.to_csv(index=False, lineterminator="\n"))
     if params.normalize:
         say("computing band statistics")
         train_uris = [storage.join(folder, "images", c) for c in chips[sets == 0].sort_values()]
         mean, std, _ = band_statistics(train_uris, params.scaler, workers)
-        outputs["normalize"] = storage.join(out_folder, NORMALIZE_CSV)
-        storage.write_text(outputs["normalize"], normalize_table(mean, std, params.scaler)
-                           .to_csv(index=False, lineterminator="\n"))
+        texts["normalize"] = (NORMALIZE_CSV, normalize_table(mean, std, params.scaler)
+                              .to_csv(index=False, lineterminator="\n"))
+    outputs = {}
+    for key, (name, text) in texts.items():
+        outputs[key] = storage.join(out_folder, name)
+        storage.write_text(outputs[key], text)
     weights = dict(zip(class_values, summary["Class Train Weight"].astype(float)))
     report = SplitReport(
         folder=folder, chips={n: int((sets == s).sum()) for s, n in enumerate(SET_NAMES)},

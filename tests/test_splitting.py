@@ -219,8 +219,11 @@ def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
 
     test_chip = pd.read_csv(chips / "test_files.csv")["image"][0]
     (chips / test_chip).write_text("not a raster")
+    previous = {n: (chips / n).read_text() for n in ("train_files.csv", "test_files.csv",
+                                                      "Normalize_Bands.csv", "split.json")}
     with pytest.raises(UnreadableInputError, match=test_chip.split("/")[-1]):
         make_dataset(str(chips), SplitParams(70, 15, 15))
+    assert {n: (chips / n).read_text() for n in previous} == previous  # the old split, whole
 
     one = tmp_path / "one"
     for sub in ("images", "labels"):
