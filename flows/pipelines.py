@@ -84,7 +84,7 @@ def training_pipeline(params: TrainingPipelineParams) -> dict:
                "champion_version": champion["version"],
                "champion_test_mean_iou_same_chips": champion["mean_iou"], **metrics}
     registry.describe_version(params.model_name, result.model_version,
-                              version_description(summary))
+                              registry.version_description(summary))
     create_markdown_artifact(
         key="training-pipeline", description="Training pipeline result",
         markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()) +
@@ -92,25 +92,6 @@ def training_pipeline(params: TrainingPipelineParams) -> dict:
     logger.info("Model %s version %s (%s): test mean IoU %.4f", params.model_name,
                 result.model_version, alias, metrics["test_mean_iou"])
     return summary
-
-
-def version_description(summary: dict) -> str:
-    """The model version's description in the MLflow UI: its scores beside the baseline's."""
-    def fmt(value):
-        return "–" if value is None else f"{value:.4f}"
-
-    return "\n".join([
-        f"Trained by the training pipeline (MLflow run `{summary['run_id']}`); alias after "
-        f"training: **{summary['alias']}**.", "",
-        "| pooled mean IoU | this model | RandomForest baseline (per pixel, same chips) |",
-        "|---|---|---|",
-        f"| validation | {fmt(summary['best_val_iou'])} | "
-        f"{fmt(summary['baseline_rf_val_mean_iou'])} |",
-        f"| test | {fmt(summary['test_mean_iou'])} | "
-        f"{fmt(summary['baseline_rf_test_mean_iou'])} |", "",
-        f"Champion before this run: version {summary['champion_version'] or '–'}, pooled test "
-        f"mean IoU on this run's test chips "
-        f"{fmt(summary['champion_test_mean_iou_same_chips'])}."])
 
 
 @flow(name="map-scenes")

@@ -22,8 +22,8 @@ import numpy as np
 from specdeepmap import storage
 from specdeepmap.data import DatasetInfo, Normalization, chip_properties, read_dataset_folder
 from specdeepmap.errors import EmptyDatasetError
-from specdeepmap.evaluation import (Metrics, accumulate, metrics_from_matrix, per_chip_iou,
-                                    write_test_outputs)
+from specdeepmap.evaluation import (Metrics, accumulate, mean_chip_iou, metrics_from_matrix,
+                                    per_chip_iou, write_test_outputs)
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,8 @@ def score_forest(forest, pairs: list[tuple[str, str]], normalization: Normalizat
             pred[np.isin(truth, class_values)] = forest.predict(x)
         accumulate(matrix, truth, pred, class_values)
         chip_ious.append(per_chip_iou(truth, pred, class_values))
-    with np.errstate(all="ignore"):
-        chip_iou = np.nanmean(np.array(chip_ious), axis=0) if chip_ious else np.full(k, np.nan)
-    return BaselineScore(metrics_from_matrix(matrix, class_values), chip_iou, len(pairs))
+    return BaselineScore(metrics_from_matrix(matrix, class_values), mean_chip_iou(chip_ious, k),
+                         len(pairs))
 
 
 def run_baseline(info: DatasetInfo, normalization: Normalization,
@@ -193,11 +192,17 @@ def baseline_dataset(dataset: str, out_folder: str,
     info = read_dataset_folder(dataset, normalize=storage.exists(storage.join(dataset,
                                                                               NORMALIZE_CSV)))
     result = run_baseline(info, dataset_normalization(info), params)
+    write_baseline(result, out_folder, {"dataset": dataset})
+    return result
+
+
+def write_baseline(result: BaselineResult, out_folder: str, about: dict | None = None) -> None:
+    """The Tester's files for the forest (on the test chips, or the validation chips when
+    there is no test set) and ``baseline.json`` with every set's figures."""
     split = "test" if "test" in result.scores else "validation"
     score = result.scores[split]
     write_test_outputs(out_folder, score.metrics, score.chip_iou,
-                       {"model": f"RandomForest ({params.n_estimators} trees, per pixel)",
-                        "scored_on": split, "dataset": dataset})
+                       {"model": "RandomForest baseline (per pixel)", "scored_on": split,
+                        **(about or {})})
     storage.write_text(storage.join(out_folder, "baseline.json"),
                        json.dumps(result.summary(), indent=2))
-    return result

@@ -40,25 +40,18 @@ def describe_error(error: BaseException) -> str | None:
         return str(error)
     text = redact(str(error).strip().splitlines()[0] if str(error).strip() else "")
     kind = type(error).__name__
-    try:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-    except ImportError:  # pragma: no cover - botocore comes with s3fs
-        BotoCoreError = ClientError = NoCredentialsError = ()
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        MlflowException = ()
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from mlflow.exceptions import MlflowException
     from rasterio.errors import RasterioError
 
-    if NoCredentialsError and isinstance(error, NoCredentialsError):
+    if isinstance(error, NoCredentialsError):
         return ("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an "
                 "instance role) and AWS_ENDPOINT_URL for a non-AWS store")
-    if MlflowException and isinstance(error, MlflowException):
+    if isinstance(error, MlflowException):
         return f"MLflow: {text}"
     if isinstance(error, RasterioError):
         return f"cannot read the raster: {text}"
-    if (BotoCoreError and isinstance(error, BotoCoreError | ClientError)) or \
-            isinstance(error, OSError):
+    if isinstance(error, BotoCoreError | ClientError | OSError):
         if is_transient(error):
             return (f"storage unreachable ({kind}: {text}); check AWS_ENDPOINT_URL and the "
                     "network, then run again")

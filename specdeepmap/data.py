@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 from specdeepmap import storage
 from specdeepmap.augmentation import Augmentation, augment_pair, spectral_jitter
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError, MissingInputError
-from specdeepmap.splitting import CSV_NAMES, NORMALIZE_CSV, SUMMARY_CSV, read_csv
+from specdeepmap.splitting import (CSV_NAMES, NORMALIZE_CSV, SUMMARY_CSV, check_image_chips,
+                                   read_csv)
 
 
 @dataclass(frozen=True)
@@ -152,21 +153,11 @@ def read_dataset_folder(folder: str, normalize: bool = True) -> DatasetInfo:
 def chip_properties(pairs: list[tuple[str, str]]) -> tuple[int, int, int, float | None, str]:
     """(bands, height, width, nodata, dtype) shared by all chips; raises on any difference.
 
-    Reads only the headers of the chips.
+    Reads only the headers of the chips (:func:`specdeepmap.splitting.check_image_chips`).
     """
-    reference = None
-    for image_uri, mask_uri in pairs:
-        with storage.open_raster(image_uri) as src:
-            props = (src.count, src.height, src.width)
-            nodata, dtype = src.nodata, src.dtypes[0]
-        if reference is None:
-            reference = (props, image_uri, nodata, dtype)
-        elif props != reference[0]:
-            raise InputMismatchError(
-                f"Chip {image_uri} has {props[0]} bands of {props[1]} x {props[2]} px, "
-                f"{reference[1]} has {reference[0][0]} bands of {reference[0][1]} x "
-                f"{reference[0][2]} px: all chips of a dataset must match")
-    (bands, height, width), _, nodata, dtype = reference
+    bands, height, width = check_image_chips([image for image, _ in pairs])
+    with storage.open_raster(pairs[0][0]) as src:
+        nodata, dtype = src.nodata, src.dtypes[0]
     return bands, height, width, nodata, dtype
 
 

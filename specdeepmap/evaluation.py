@@ -96,6 +96,15 @@ def per_chip_iou(truth: np.ndarray, pred: np.ndarray, class_values: list[int]) -
     return out
 
 
+def mean_chip_iou(chip_ious: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """SpecDeepMap's per-class IoU: the mean over chips of :func:`per_chip_iou`, ignoring the
+    chips where a class is absent from truth and prediction (NaN when it is absent from all)."""
+    if not chip_ious:
+        return np.full(num_classes, np.nan)
+    with np.errstate(all="ignore"):
+        return np.nanmean(np.array(chip_ious), axis=0)
+
+
 def write_iou_csv(uri: str, class_values: list[int], iou: np.ndarray) -> None:
     """SpecDeepMap's IoU CSV: ``Class,IoU`` rows per class, then ``Mean IoU``."""
     lines = ["Class,IoU"] + [f"{c},{v}" for c, v in zip(class_values, iou)]
@@ -270,8 +279,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
                         count=1, dtype=dtype, crs=crs, transform=transform, nodata=0) as dst:
                     dst.write(out.astype(dtype)[None])
                 exported.append(uri)
-    with np.errstate(all="ignore"):
-        chip_iou = np.nanmean(np.array(chip_ious), axis=0) if chip_ious else np.full(k, np.nan)
+    chip_iou = mean_chip_iou(chip_ious, k)
     metrics = metrics_from_matrix(matrix, class_values)
     iou_csv, metrics_csv, plots, summary = write_test_outputs(
         out_folder, metrics, chip_iou, {"model": model_uri, "test_csv": test_csv, "tta": tta},

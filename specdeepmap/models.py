@@ -97,7 +97,7 @@ def encoder_depth_for(architecture: str, tile: int, requested: int) -> int:
     if requested == -1:
         if architecture not in DEPTH_ARCHITECTURES:
             return 5
-        return max(3, min(5, int(math.log2(max(tile, 1) // 4)) if tile >= 8 else 3))
+        return min(5, max(3, int(math.log2(tile / 4)) if tile >= 4 else 3))
     if requested == 5:
         return 5
     if architecture not in DEPTH_ARCHITECTURES or not 3 <= requested <= 5:

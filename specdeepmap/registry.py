@@ -77,7 +77,7 @@ def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str
     version = champion_version(name, client)
     if version is None:
         return {"version": None, "mean_iou": None, "reason": "no champion yet"}
-    champion_uri = f"models:/{name}/{version}"
+    champion_uri = f"models:/{name}/{version}"  # named so in the champion's test report
     champion, _ = read_model_file(champion_uri)
     new, _ = read_model_file(new_model_uri)
     for key in ("in_channels", "class_values"):
@@ -102,6 +102,27 @@ def describe_version(name: str, version: str, markdown: str, client=None) -> Non
 
     client = client or mlflow.MlflowClient()
     client.update_model_version(name, version, description=markdown)
+
+
+def version_description(summary: dict) -> str:
+    """A version's description for the MLflow UI (Markdown): its pooled mean IoU beside the
+    RandomForest baseline's and the previous champion's on the same chips. ``summary`` is the
+    training pipeline's result."""
+    def fmt(value):
+        return "–" if value is None else f"{value:.4f}"
+
+    return "\n".join([
+        f"Trained by the training pipeline (MLflow run `{summary['run_id']}`); alias after "
+        f"training: **{summary['alias']}**.", "",
+        "| pooled mean IoU | this model | RandomForest baseline (per pixel, same chips) |",
+        "|---|---|---|",
+        f"| validation | {fmt(summary['best_val_iou'])} | "
+        f"{fmt(summary['baseline_rf_val_mean_iou'])} |",
+        f"| test | {fmt(summary['test_mean_iou'])} | "
+        f"{fmt(summary['baseline_rf_test_mean_iou'])} |", "",
+        f"Champion before this run: version {summary['champion_version'] or '–'}, pooled test "
+        f"mean IoU on this run's test chips "
+        f"{fmt(summary['champion_test_mean_iou_same_chips'])}."])
 
 
 def resolve(model_uri: str, client=None) -> str:

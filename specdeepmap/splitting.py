@@ -403,10 +403,11 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
     return report
 
 
-def check_image_chips(uris: list[str], workers: int = 4) -> None:
+def check_image_chips(uris: list[str], workers: int = 4) -> tuple[int, int, int]:
     """Open the header of every image chip (all sets, not only those read for statistics):
     an unreadable chip, or one whose bands or size differ from the others, is refused here
-    with its name, instead of breaking training or testing later."""
+    with its name, instead of breaking training or testing later. Returns the chips'
+    (bands, height, width)."""
     def header(uri: str) -> tuple[int, int, int]:
         try:
             with storage.open_raster(uri) as src:
@@ -427,6 +428,7 @@ def check_image_chips(uris: list[str], workers: int = 4) -> None:
                 f"Image chip {uri} has {shape[0]} bands of {shape[1]} x {shape[2]} px, "
                 f"{uris[0]} has {shapes[0][0]} bands of {shapes[0][1]} x {shapes[0][2]} px: all "
                 "chips of a dataset must match")
+    return shapes[0]
 
 
 def split_warnings(sets: np.ndarray, params: SplitParams) -> list[str]:

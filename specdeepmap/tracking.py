@@ -4,14 +4,12 @@ registration of a trained model as a new model version.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from specdeepmap import __version__
-from specdeepmap.baseline import BaselineResult
-from specdeepmap.evaluation import write_test_outputs
+from specdeepmap.baseline import BaselineResult, write_baseline
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -41,12 +39,7 @@ def log_baseline(baseline: BaselineResult, folder: str) -> None:
     import mlflow
 
     mlflow.log_metrics(baseline.mlflow_metrics())
-    os.makedirs(folder, exist_ok=True)
-    score = baseline.scores.get("test") or baseline.scores["validation"]
-    write_test_outputs(folder, score.metrics, score.chip_iou,
-                       {"model": "RandomForest baseline (per pixel)"})
-    with open(os.path.join(folder, "baseline.json"), "w") as handle:
-        json.dump(baseline.summary(), handle, indent=2)
+    write_baseline(baseline, folder)
     mlflow.log_artifacts(folder, artifact_path="baseline")
 
 
