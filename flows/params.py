@@ -21,6 +21,9 @@ class ScenePair(BaseModel):
     image_uri: str = Field(..., min_length=1, description="Image raster URI (path or s3://).")
     label_uri: str = Field(..., min_length=1,
                            description="Label raster URI: class values 0-255, 0 = unlabelled.")
+    classes_uri: str | None = Field(
+        None, description="Class names and colours: CSV (value,name,color) or QGIS .qml "
+        "(default: those stored with the label raster).")
 
 
 class ChipSettings(BaseModel):

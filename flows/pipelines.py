@@ -32,8 +32,8 @@ RUNS_DIR = os.environ.get("SPECDEEPMAP_RUNS_DIR", "runs")
 def chip_flow(scenes: list[ScenePair], out_uri: str,
               chip: ChipSettings = ChipSettings()) -> list[dict]:
     """Chip one or more scenes into one folder (scenes in parallel)."""
-    futures = [chip_task.submit(s.image_uri, s.label_uri, out_uri, chip.to_core())
-               for s in scenes]
+    futures = [chip_task.submit(s.image_uri, s.label_uri, out_uri, chip.to_core(),
+                                s.classes_uri) for s in scenes]
     return [{"scene": f.result().image_uri, "chips": f.result().chips} for f in futures]
 
 

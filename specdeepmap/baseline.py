@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from specdeepmap import storage
+from specdeepmap.classes import ClassSchema, read_dataset_classes
 from specdeepmap.data import DatasetInfo, Normalization, chip_properties, read_dataset_folder
 from specdeepmap.errors import EmptyDatasetError
 from specdeepmap.evaluation import (Metrics, accumulate, mean_chip_iou, metrics_from_matrix,
@@ -192,17 +193,19 @@ def baseline_dataset(dataset: str, out_folder: str,
     info = read_dataset_folder(dataset, normalize=storage.exists(storage.join(dataset,
                                                                               NORMALIZE_CSV)))
     result = run_baseline(info, dataset_normalization(info), params)
-    write_baseline(result, out_folder, {"dataset": dataset})
+    write_baseline(result, out_folder, {"dataset": dataset}, read_dataset_classes(dataset))
     return result
 
 
-def write_baseline(result: BaselineResult, out_folder: str, about: dict | None = None) -> None:
+def write_baseline(result: BaselineResult, out_folder: str, about: dict | None = None,
+                   classes: ClassSchema | None = None) -> None:
     """The Tester's files for the forest (on the test chips, or the validation chips when
-    there is no test set) and ``baseline.json`` with every set's figures."""
+    there is no test set, with the dataset's class names) and ``baseline.json`` with every
+    set's figures."""
     split = "test" if "test" in result.scores else "validation"
     score = result.scores[split]
     write_test_outputs(out_folder, score.metrics, score.chip_iou,
                        {"model": "RandomForest baseline (per pixel)", "scored_on": split,
-                        **(about or {})})
+                        **(about or {})}, classes=classes)
     storage.write_text(storage.join(out_folder, "baseline.json"),
                        json.dumps(result.summary(), indent=2))

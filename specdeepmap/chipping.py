@@ -5,6 +5,7 @@ Output layout (SpecDeepMap-compatible)::
     OUT/images/{name}_tile_{x}_{y}.tif   all image bands, the image dtype, CRS and nodata
     OUT/labels/{name}_tile_{x}_{y}.tif   one uint8 band of class values (0 = unlabelled)
     OUT/manifest/{name}.csv              one row per chip: offsets, coverage, per-class counts
+    OUT/classes.json                     class names and colours, when the labels have them
 
 ``x``/``y`` are the pixel column/row offsets of the chip in the scene and ``name`` is the image
 file name without its extension. Each scene has its own manifest file, so several scenes can be
@@ -42,6 +43,13 @@ import rasterio.errors
 from rasterio.windows import Window
 
 from specdeepmap import storage
+from specdeepmap.classes import (
+    CLASSES_JSON,
+    read_classes_file,
+    read_dataset_classes,
+    read_label_classes,
+    write_dataset_classes,
+)
 from specdeepmap.errors import (
     InputMismatchError,
     InvalidLabelError,
@@ -89,6 +97,7 @@ class ChipReport:
     below_coverage: int
     class_counts: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
+    class_names: dict[int, str] = field(default_factory=dict)
 
     @property
     def chips(self) -> int:
@@ -226,6 +235,7 @@ def chip_scene(
     params: ChipParams = ChipParams(),
     workers: int = 2,
     progress: Callable[[int, int], None] | None = None,
+    classes_uri: str | None = None,
 ) -> ChipReport:
     """Cut one image/label pair into chips under ``out_uri`` (Raster Splitter).
 
@@ -241,6 +251,8 @@ def chip_scene(
         params: tile size, stride and minimum label coverage (%).
         workers: threads reading and writing chips (GDAL releases the GIL).
         progress: optional callback ``progress(done, total)``.
+        classes_uri: class names and colours (``classes.csv`` or a QGIS ``.qml``); default:
+            those stored with the label raster, if any. Kept in ``out_uri/classes.json``.
 
     Returns:
         A :class:`ChipReport` with counts and the manifest's URI.
@@ -280,6 +292,8 @@ def chip_scene(
     scene_id = f"{storage.fingerprint(image_uri)}-{storage.fingerprint(label_uri)}"
     previous = _previous_rows(manifest_uri, params, scene_id, image_uri)
     existing = _existing_pairs(out_uri)
+    schema = read_classes_file(classes_uri) if classes_uri else read_label_classes(label_uri)
+    read_dataset_classes(out_uri).merge(schema, storage.join(out_uri, CLASSES_JSON))  # early
     for sub in ("images", "labels", MANIFEST_FOLDER):
         storage.makedirs(storage.join(out_uri, sub))
     offsets = tile_offsets(width, height, params)
@@ -340,11 +354,14 @@ def chip_scene(
     manifest = manifest[[c for c in manifest.columns if c not in count_columns] + count_columns]
     storage.write_text(manifest_uri, manifest.to_csv(index=False))
     class_counts = {int(c[len(COUNT_PREFIX):]): int(manifest[c].sum()) for c in count_columns}
+    if schema.classes:
+        write_dataset_classes(out_uri, schema)
     report = ChipReport(
         image_uri=image_uri, label_uri=label_uri, out_uri=out_uri, manifest_uri=manifest_uri,
         windows=len(offsets), written=outcome.count("written"), reused=outcome.count("reused"),
         below_coverage=outcome.count("below"), class_counts=class_counts,
         seconds=time.perf_counter() - started,
+        class_names={c.value: c.name for c in schema.classes},
     )
     log.info("Total created image and label tile pairs: %d (%d kept from an earlier run, "
              "%d below coverage) in %.1f s", report.written, report.reused,

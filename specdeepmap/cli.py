@@ -132,6 +132,9 @@ def chip(
     min_coverage: Annotated[float, typer.Option(
         min=0, max=100, help="Minimum labelled share per tile in % (0 keeps every tile).")] = 50,
     workers: Annotated[int, typer.Option(min=1, help="Reader/writer threads.")] = 2,
+    classes: Annotated[str | None, typer.Option(
+        help="Class names and colours: a CSV (value,name[,color as #rrggbb]) or a QGIS .qml "
+        "style (default: those stored with the label raster, if any).")] = None,
 ) -> None:
     """Raster Splitter: cut an image and its labels into chip pairs."""
     from specdeepmap.chipping import ChipParams, chip_scene
@@ -141,9 +144,12 @@ def chip(
         task = bar.add_task("chipping", total=None)
         report = chip_scene(image, label, out, params, workers=workers,
                             progress=lambda done, total: bar.update(task, completed=done,
-                                                                    total=total))
+                                                                    total=total),
+                            classes_uri=classes)
     console.print(f"{report.chips} chip pairs in {out} ({report.written} new, {report.reused} "
                   f"kept, {report.below_coverage} below coverage) in {report.seconds:.1f} s")
+    if report.class_names:
+        console.print("classes: " + ", ".join(f"{v} {n}" for v, n in report.class_names.items()))
 
 
 @app.command()

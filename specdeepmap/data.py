@@ -161,6 +161,12 @@ def chip_properties(pairs: list[tuple[str, str]]) -> tuple[int, int, int, float 
     return bands, height, width, nodata, dtype
 
 
+def band_names(image_uri: str) -> list[str]:
+    """Band names of a raster: its band descriptions, or ``band N`` where it has none."""
+    with storage.open_raster(image_uri) as src:
+        return [d or f"band {i}" for i, d in enumerate(src.descriptions, start=1)]
+
+
 class ChipDataset(Dataset):
     """Image/label chip pairs as (float32 C×H×W tensor, int64 H×W class-index tensor).
 

@@ -25,6 +25,7 @@ import pandas as pd
 import rasterio
 
 from specdeepmap import storage
+from specdeepmap.classes import ClassSchema
 from specdeepmap.data import resolve_row
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError
 from specdeepmap.inference import load_model
@@ -105,30 +106,43 @@ def mean_chip_iou(chip_ious: list[np.ndarray], num_classes: int) -> np.ndarray:
         return np.nanmean(np.array(chip_ious), axis=0)
 
 
-def write_iou_csv(uri: str, class_values: list[int], iou: np.ndarray) -> None:
-    """SpecDeepMap's IoU CSV: ``Class,IoU`` rows per class, then ``Mean IoU``."""
-    lines = ["Class,IoU"] + [f"{c},{v}" for c, v in zip(class_values, iou)]
+def write_iou_csv(uri: str, class_values: list[int], iou: np.ndarray,
+                  names: list[str] | None = None) -> None:
+    """SpecDeepMap's IoU CSV: ``Class,IoU`` rows per class, then ``Mean IoU``. With class
+    ``names`` a third column ``Name`` follows (SpecDeepMap's two columns stay as they are)."""
     mean = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
-    lines.append(f"Mean IoU,{mean}")
+    if names is None:
+        lines = ["Class,IoU"] + [f"{c},{v}" for c, v in zip(class_values, iou)]
+        lines.append(f"Mean IoU,{mean}")
+    else:
+        lines = ["Class,IoU,Name"] + [f"{c},{v},{_csv_field(n)}"
+                                      for c, v, n in zip(class_values, iou, names)]
+        lines.append(f"Mean IoU,{mean},")
     storage.write_text(uri, "\n".join(lines) + "\n")
 
 
-def plot_metrics(metrics: Metrics, folder: str,
-                 baseline: Metrics | None = None) -> tuple[str, str]:
+def _csv_field(text: str) -> str:
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+
+
+def plot_metrics(metrics: Metrics, folder: str, baseline: Metrics | None = None,
+                 names: list[str] | None = None) -> tuple[str, str]:
     """Confusion-matrix PNG (row-normalised) and per-class IoU bar chart (with the baseline's
-    bars beside the model's when given)."""
+    bars beside the model's when given); axes labelled with the class ``names``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     k = len(metrics.class_values)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * k, 1 + 0.6 * k))
+    labels = names or [str(c) for c in metrics.class_values]
+    fig, ax = plt.subplots(figsize=(2.2 + 0.6 * k, 2 + 0.6 * k))
     rows = metrics.matrix.sum(axis=1, keepdims=True)
     norm = np.divide(metrics.matrix, rows, out=np.zeros(metrics.matrix.shape), where=rows > 0)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), metrics.class_values)
-    ax.set_yticks(range(k), metrics.class_values)
+    ax.set_xticks(range(k), labels, rotation=45 if names else 0, ha="right" if names else
+                  "center")
+    ax.set_yticks(range(k), labels)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     for i in range(k):
@@ -141,7 +155,7 @@ def plot_metrics(metrics: Metrics, folder: str,
     with storage.atomic_output(matrix_uri) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * k, 3))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * k, 3.5 if names else 3))
     x = np.arange(k)
     title = f"mean IoU {metrics.mean_iou:.3f}"
     if baseline is None:
@@ -151,7 +165,7 @@ def plot_metrics(metrics: Metrics, folder: str,
         ax.bar(x + 0.2, np.nan_to_num(baseline.iou), width=0.4, label="RandomForest")
         ax.legend(fontsize=7)
         title += f" (RandomForest {baseline.mean_iou:.3f})"
-    ax.set_xticks(x, [str(c) for c in metrics.class_values])
+    ax.set_xticks(x, labels, rotation=45 if names else 0, ha="right" if names else "center")
     ax.set_ylim(0, 1)
     ax.set_xlabel("class")
     ax.set_ylabel("IoU (pooled pixels)")
@@ -165,20 +179,26 @@ def plot_metrics(metrics: Metrics, folder: str,
 
 
 def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, about: dict,
-                       baseline: Metrics | None = None) -> tuple[str, str, tuple[str, str], dict]:
+                       baseline: Metrics | None = None, classes: ClassSchema | None = None
+                       ) -> tuple[str, str, tuple[str, str], dict]:
     """Write the Tester's files: ``test_iou.csv`` (SpecDeepMap's format), ``test_metrics.csv``
-    and ``.json`` and the two PNGs; ``baseline`` metrics go beside the model's.
+    and ``.json`` and the two PNGs; ``baseline`` metrics go beside the model's, and class
+    names (from ``classes``, when it names them) beside the class values.
 
     Returns (IoU CSV URI, metrics CSV URI, plot URIs, the JSON summary).
     """
     storage.makedirs(out_folder)
     iou_csv = storage.join(out_folder, "test_iou.csv")
-    write_iou_csv(iou_csv, metrics.class_values, chip_iou)
+    names = [classes.name(v) for v in metrics.class_values] \
+        if classes is not None and classes.named else None
+    write_iou_csv(iou_csv, metrics.class_values, chip_iou, names)
     table = metrics.table()
+    if names:
+        table.insert(1, "Name", names)
     summary = {"mean_iou_pooled": metrics.mean_iou, "overall_accuracy": metrics.overall_accuracy,
                "mean_iou_per_chip_specdeepmap": float(np.nanmean(chip_iou))
                if np.isfinite(chip_iou).any() else float("nan"),
-               "class_values": metrics.class_values, **about,
+               "class_values": metrics.class_values, "class_names": names, **about,
                "confusion_matrix": metrics.matrix.tolist()}
     if baseline is not None:
         table["Baseline RF IoU"] = baseline.iou
@@ -190,7 +210,7 @@ def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, 
     storage.write_text(metrics_csv, table.to_csv(index=False))
     storage.write_text(storage.join(out_folder, "test_metrics.json"),
                        json.dumps(summary, indent=2))
-    plots = plot_metrics(metrics, out_folder, baseline)
+    plots = plot_metrics(metrics, out_folder, baseline, names)
     return iou_csv, metrics_csv, plots, summary
 
 
@@ -283,7 +303,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     metrics = metrics_from_matrix(matrix, class_values)
     iou_csv, metrics_csv, plots, summary = write_test_outputs(
         out_folder, metrics, chip_iou, {"model": model_uri, "test_csv": test_csv, "tta": tta},
-        baseline=baseline)
+        baseline=baseline, classes=predictor.classes)
     report = EvaluationReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,
                               per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"],
                               plots=plots, predictions=exported)

@@ -25,6 +25,7 @@ import torch
 
 from specdeepmap import storage
 from specdeepmap.augmentation import tta_d4
+from specdeepmap.classes import ClassSchema, schema_from_config
 from specdeepmap.data import Normalization
 from specdeepmap.errors import DeviceUnavailableError, UnsafeModelFileError
 from specdeepmap.models import ModelSpec, build_model
@@ -103,6 +104,11 @@ class Predictor:
     def class_values(self) -> list[int]:
         """Original label values of output channels 1..K (channel 0 is 'unlabelled')."""
         return list(self.config["class_values"])
+
+    @property
+    def classes(self) -> ClassSchema:
+        """Names and colours of the class values (called by value when the model has none)."""
+        return schema_from_config(self.config)
 
     @property
     def in_channels(self) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -42,6 +43,7 @@ import torch
 from rasterio.windows import Window
 
 from specdeepmap import __version__, storage
+from specdeepmap.classes import ClassSchema, pam_xml, qml
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.evaluation import accumulate, metrics_from_matrix, write_iou_csv
 from specdeepmap.inference import Predictor, fold_batch_norms, load_model
@@ -200,6 +202,9 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
               predictor: Predictor | None = None) -> MapReport:
     """Predict a whole scene into a class-map COG (Deep Learning Mapper).
 
+    The map carries the model's classes: a colour table, category names in ``MAP.tif.aux.xml``
+    (GDAL's sidecar, read by QGIS and ArcGIS) and a QGIS style ``MAP.qml``.
+
     Args:
         input_uri: input raster (local or ``s3://``).
         model_uri: model file path/URI or ``models:/NAME/VERSION`` / ``models:/NAME@ALIAS``.
@@ -257,7 +262,9 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
         metrics = metrics_from_matrix(matrix, [int(v) for v in values])
         result.mean_iou = metrics.mean_iou
         if iou_csv_uri:
-            write_iou_csv(iou_csv_uri, metrics.class_values, metrics.iou)
+            names = predictor.classes
+            write_iou_csv(iou_csv_uri, metrics.class_values, metrics.iou,
+                          [names.name(v) for v in metrics.class_values] if names.named else None)
             base = iou_csv_uri[:-4] if iou_csv_uri.endswith(".csv") else iou_csv_uri
             storage.write_text(base + "_metrics.csv", metrics.table().to_csv(index=False))
             result.iou_csv = iou_csv_uri
@@ -344,6 +351,7 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
     nodata = src.nodata
     fill = nodata if nodata is not None else 0
     class_values = [int(v) for v in values]
+    classes_schema = predictor.classes
     staging = tempfile.mkdtemp(prefix="specdeepmap-map-")
     matrix = np.zeros((k, k), dtype=np.int64)
     pixels = 0
@@ -355,6 +363,8 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
             "SPECDEEPMAP_MODEL_VERSION": str(predictor.config.get("version", "")),
             "SPECDEEPMAP_INPUT": input_uri, "SPECDEEPMAP_SOFTWARE": f"specdeepmap {__version__}",
             "SPECDEEPMAP_CLASS_VALUES": ",".join(str(v) for v in class_values),
+            "SPECDEEPMAP_CLASS_NAMES": json.dumps({v: classes_schema.name(v)
+                                                   for v in class_values}),
             "SPECDEEPMAP_PRECISION": params.precision}
     # every forward pass: (window row, its first window's index in xs)
     jobs = [(r, b) for r in range(len(ys)) for b in range(0, len(xs), batch_size)]
@@ -447,8 +457,16 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                     accumulate(matrix, truth.astype(np.int64), classes.astype(np.int64),
                                class_values)
             out.update_tags(**tags)
+            out.write_colormap(1, classes_schema.colormap(class_values))
             for dst in extra_out.values():
                 dst.update_tags(**tags)
+            if "probabilities" in extra_out:
+                for band, value in enumerate(class_values, start=1):
+                    extra_out["probabilities"].set_band_description(band,
+                                                                    classes_schema.name(value))
+        # class names beside the map (written first: the map's presence means complete)
+        storage.write_text(output_uri + ".aux.xml", pam_xml(classes_schema, class_values))
+        storage.write_text(_base(output_uri) + ".qml", qml(classes_schema, class_values))
         _finish_cog(class_tmp, output_uri, staging, "mode")
         for name, uri in extras.items():
             _finish_cog(os.path.join(staging, f"{name}.tif"), uri, staging, "average")
@@ -467,6 +485,11 @@ def _finish_cog(tmp: str, uri: str, staging: str, resampling: str) -> None:
     storage.upload(cog, uri)
 
 
+def _base(uri: str) -> str:
+    """``uri`` without its ``.tif`` extension (where the map's sidecars go)."""
+    return uri[:-4] if uri.endswith(".tif") else uri
+
+
 def output_uri_for(input_uri: str, out_folder: str, suffix: str = "_classes.tif") -> str:
     """Where the class map of ``input_uri`` goes under ``out_folder``."""
     return storage.join(out_folder, storage.stem(input_uri) + suffix)
@@ -478,26 +501,34 @@ def unmapped_scenes(input_prefix: str, out_folder: str, suffix: str = "_classes.
             if not storage.exists(output_uri_for(uri, out_folder, suffix))]
 
 
-def quicklook(class_uri: str, png_uri: str, max_size: int = 1024) -> str:
-    """A PNG preview of a class map, read from its overviews (never the full raster)."""
+def quicklook(class_uri: str, png_uri: str, max_size: int = 1024,
+              classes: ClassSchema | None = None) -> str:
+    """A PNG preview of a class map, read from its overviews (never the full raster), in the
+    classes' colours with a legend of their names (``classes``; default: by value)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
+    classes = classes or ClassSchema()
     with storage.open_raster(class_uri) as src:
         scale = max(1.0, max(src.width, src.height) / max_size)
         shape = (max(1, int(src.height / scale)), max(1, int(src.width / scale)))
-        classes = src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
-    values = np.unique(classes[classes > 0])
-    fig, ax = plt.subplots(figsize=(shape[1] / 100 + 1.6, shape[0] / 100 + 0.4), dpi=100)
-    shown = np.ma.masked_equal(classes, 0)
-    top = max(int(values.max()) if len(values) else 1, 1)
-    # one discrete colour per class value
-    image = ax.imshow(shown, cmap=plt.get_cmap("tab20", top + 1), interpolation="nearest",
-                      vmin=-0.5, vmax=top + 0.5)
+        labels = src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+    values = [int(v) for v in np.unique(labels[labels > 0])]
+    rgba = np.zeros((*shape, 4), dtype=np.uint8)
+    for value in values:
+        rgba[labels == value] = (*classes.info(value).color, 255)
+    fig, ax = plt.subplots(figsize=(shape[1] / 100 + 2.2, shape[0] / 100 + 0.4), dpi=100)
+    ax.imshow(rgba, interpolation="nearest")
     ax.set_axis_off()
-    fig.colorbar(image, ax=ax, fraction=0.04, label="class value")
+    legend = [Patch(color=np.array(classes.info(v).color) / 255,
+                    label=classes.name(v) if classes.name(v) == str(v)
+                    else f"{v} {classes.name(v)}") for v in values]
+    if legend:
+        ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8,
+                  frameon=False, title="class")
     fig.tight_layout()
     with storage.atomic_output(png_uri) as tmp:
         fig.savefig(tmp)
@@ -525,16 +556,16 @@ def map_scene_products(input_uri: str, model_uri: str, output_uri: str,
     The class map is written last-but-one and the metrics JSON last, so a scene whose metrics
     exist is complete. Returns the output URIs and the headline numbers.
     """
-    import json
-
+    predictor = predictor or load_model(model_uri, params.device)
     report = map_scene(input_uri, model_uri, output_uri, params, predictor=predictor)
-    base = output_uri[:-4] if output_uri.endswith(".tif") else output_uri
-    png = quicklook(output_uri, base + "_quicklook.png")
+    base = _base(output_uri)
+    png = quicklook(output_uri, base + "_quicklook.png", classes=predictor.classes)
     areas = class_areas(output_uri)
     metrics = {"input": input_uri, "model": model_uri, "output": output_uri, "quicklook": png,
                "windows": report.windows, "seconds": round(report.seconds, 3),
                "pixels_processed": report.pixels_processed,
                "class_area": {str(k): v for k, v in areas.items()},
+               "class_names": {str(k): predictor.classes.name(k) for k in areas},
                "software": f"specdeepmap {__version__}"}
     metrics_uri = base + "_metrics.json"
     storage.write_text(metrics_uri, json.dumps(metrics, indent=2))

@@ -5,7 +5,8 @@ The scene is a patchwork of fields (Voronoi cells), each of one land-cover class
 L1C), a per-field brightness factor and per-pixel noise. About a third of the fields are left
 unlabelled (0), as in real reference data, and a strip along the right edge is image nodata
 (0 in every band), as at the edge of a satellite swath; the label raster still holds classes
-there so that the chipper's nodata rule has something to do.
+there so that the chipper's nodata rule has something to do. The label raster carries class
+names and colours as GIS tools write them (a colour table, category names in ``.aux.xml``).
 
 The rasters are written strip by strip, so memory stays small for any scene size.
 """
@@ -22,6 +23,7 @@ from rasterio.windows import Window
 from scipy.spatial import cKDTree
 
 from specdeepmap import storage
+from specdeepmap.classes import ClassInfo, ClassSchema, pam_xml
 
 SENTINEL2_BANDS = (
     "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
@@ -37,6 +39,8 @@ CLASS_SIGNATURES: dict[int, tuple[str, tuple[int, ...]]] = {
     6: ("bare soil", (1500, 1400, 1650, 1950, 2150, 2300, 2400, 2500, 2600, 900, 22, 3300, 2900)),
 }
 CLASS_PROBABILITIES = (0.12, 0.22, 0.26, 0.2, 0.1, 0.1)
+CLASS_COLORS = {1: (31, 120, 180), 2: (27, 94, 32), 3: (240, 200, 60), 4: (140, 200, 90),
+                5: (215, 48, 39), 6: (166, 118, 70)}
 
 #: UTM zone 33N, as the Sentinel-2 tile T33UUU near Brandenburg an der Havel
 DEFAULT_CRS = "EPSG:32633"
@@ -104,6 +108,8 @@ def generate_scene(
     )
     if compress:
         common.update(compress=compress, predictor=2)
+    schema = ClassSchema([ClassInfo(v, CLASS_SIGNATURES[v][0], c)
+                          for v, c in CLASS_COLORS.items()], "sample data")
     image_uri = storage.join(out_folder, f"{name}.tif")
     label_uri = storage.join(out_folder, f"{name}_labels.tif")
     storage.makedirs(out_folder)
@@ -133,4 +139,7 @@ def generate_scene(
                 window = Window(0, row0, width, rows)
                 image.write(pixels, window=window)
                 label.write(labels[None], window=window)
+            label.write_colormap(1, schema.colormap(list(CLASS_COLORS)))
+    # category names as GIS tools store them: GDAL's .aux.xml sidecar
+    storage.write_text(label_uri + ".aux.xml", pam_xml(schema, list(CLASS_COLORS)))
     return SampleScene(image_uri=image_uri, label_uri=label_uri)

@@ -10,6 +10,7 @@ import numpy as np
 
 from specdeepmap import __version__
 from specdeepmap.baseline import BaselineResult, write_baseline
+from specdeepmap.classes import ClassSchema
 
 
 def tracking_uri(explicit: str | None = None) -> str:
@@ -34,12 +35,13 @@ def ensure_experiment(uri: str, name: str) -> None:
         mlflow.create_experiment(name, artifact_location=location)
 
 
-def log_baseline(baseline: BaselineResult, folder: str) -> None:
+def log_baseline(baseline: BaselineResult, folder: str, classes: ClassSchema | None = None
+                 ) -> None:
     """Log the baseline's metrics to the active MLflow run and its files under ``baseline/``."""
     import mlflow
 
     mlflow.log_metrics(baseline.mlflow_metrics())
-    write_baseline(baseline, folder)
+    write_baseline(baseline, folder, classes=classes)
     mlflow.log_artifacts(folder, artifact_path="baseline")
 
 

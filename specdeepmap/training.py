@@ -25,7 +25,8 @@ from torch import nn
 from specdeepmap import __version__, storage
 from specdeepmap.augmentation import Augmentation
 from specdeepmap.baseline import BaselineParams, run_baseline
-from specdeepmap.data import (ChipDataset, Normalization, chip_properties,
+from specdeepmap.classes import ClassSchema, read_dataset_classes
+from specdeepmap.data import (ChipDataset, Normalization, band_names, chip_properties,
                               read_dataset_folder)
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
@@ -235,7 +236,7 @@ def prepare(cfg: TrainConfig) -> tuple:
     """Everything checked and built before training: data, model, normalisation, config."""
     cfg.validate()
     info = read_dataset_folder(cfg.dataset, normalize=cfg.normalize)
-    bands, height, width, nodata, _ = chip_properties(info.train + info.validation)
+    bands, height, width, nodata, dtype = chip_properties(info.train + info.validation)
     kind = weights_kind(cfg.weights)
     scaler = info.scaler
     mean, std = info.band_mean, info.band_std
@@ -279,6 +280,8 @@ def prepare(cfg: TrainConfig) -> tuple:
         "normalization": normalization.to_dict(), "weights": str(cfg.weights),
         "freeze_backbone": freeze, "dataset": cfg.dataset, "version": _code_version(),
         "spectral_channels": spectral, "encoder_depth": depth,
+        "classes": read_dataset_classes(cfg.dataset).restrict(info.class_values).to_dict(),
+        "band_names": band_names(info.train[0][0]), "dtype": dtype,
     }
     if cfg.resume:
         resume_config, _ = read_model_file(cfg.resume)
@@ -409,7 +412,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         result.baseline = baseline.summary()
     with mlflow.start_run(run_id=run_id):
         if baseline is not None:
-            log_baseline(baseline, os.path.join(cfg.out, "baseline"))
+            log_baseline(baseline, os.path.join(cfg.out, "baseline"),
+                         ClassSchema.from_dict(config["classes"]))
         for name in (SUMMARY_CSV, NORMALIZE_CSV, "train_files.csv", "validation_files.csv",
                      "test_files.csv", "split.json"):
             uri_csv = storage.join(cfg.dataset, name)

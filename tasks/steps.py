@@ -39,16 +39,19 @@ def _table(rows: list[tuple], header: tuple) -> str:
 
 
 @task(name="chip scene", **RETRIES, **PERSIST)
-def chip_task(image_uri: str, label_uri: str, out_uri: str, params: ChipParams) -> ChipReport:
+def chip_task(image_uri: str, label_uri: str, out_uri: str, params: ChipParams,
+              classes_uri: str | None = None) -> ChipReport:
     """Raster Splitter on one scene; artifact: chip counts and class distribution."""
-    report = chip_scene(image_uri, label_uri, out_uri, params)
+    report = chip_scene(image_uri, label_uri, out_uri, params, classes_uri=classes_uri)
     total = sum(v for k, v in report.class_counts.items() if k) or 1
+    names = report.class_names
     create_markdown_artifact(
         key="chips", description=f"Chips of {image_uri}",
         markdown=f"**{report.chips} chips** in `{out_uri}` ({report.written} new, "
         f"{report.reused} kept, {report.below_coverage} below coverage)\n\n" + _table(
-            [(k, v, f"{v / total:.1%}") for k, v in sorted(report.class_counts.items()) if k],
-            ("class", "pixels", "share")))
+            [(k, names.get(k, k), v, f"{v / total:.1%}")
+             for k, v in sorted(report.class_counts.items()) if k],
+            ("value", "class", "pixels", "share")))
     return report
 
 

@@ -152,3 +152,41 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def gdal_category_names(path: str) -> list[str]:
+    """Band 1's category names as GDAL itself reads them (through the libgdal that rasterio
+    ships; rasterio has no API for them). GDAL's GTiff driver loads the ``.aux.xml`` sidecar
+    lazily, so the band's metadata is asked for first."""
+    import ctypes
+    import glob
+    import os
+
+    import rasterio
+
+    found = glob.glob(os.path.join(os.path.dirname(rasterio.__file__), os.pardir,
+                                   "rasterio.libs", "libgdal*"))
+    if not found:
+        pytest.skip("rasterio's libgdal was not found (not a manylinux wheel)")
+    lib = ctypes.CDLL(found[0])
+    lib.GDALAllRegister()
+    lib.GDALOpen.restype = ctypes.c_void_p
+    lib.GDALOpen.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    lib.GDALGetRasterBand.restype = ctypes.c_void_p
+    lib.GDALGetRasterBand.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.GDALGetMetadata.restype = ctypes.c_void_p
+    lib.GDALGetMetadata.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.GDALGetRasterCategoryNames.restype = ctypes.POINTER(ctypes.c_char_p)
+    lib.GDALGetRasterCategoryNames.argtypes = [ctypes.c_void_p]
+    lib.GDALClose.argtypes = [ctypes.c_void_p]
+    dataset = lib.GDALOpen(path.encode(), 0)
+    assert dataset, f"GDAL cannot open {path}"
+    band = lib.GDALGetRasterBand(dataset, 1)
+    lib.GDALGetMetadata(band, None)
+    names, i = lib.GDALGetRasterCategoryNames(band), 0
+    out = []
+    while names and names[i] is not None:
+        out.append(names[i].decode())
+        i += 1
+    lib.GDALClose(dataset)
+    return out

@@ -131,7 +131,7 @@ def test_rerun_skips_complete_chips_and_interrupted_run_leaves_no_partial(
 @pytest.fixture
 def pair(tmp_path):
     image = write_raster(tmp_path / "img.tif", np.ones((3, 40, 50), np.uint16), nodata=0)
-    label = write_raster(tmp_path / "lab.tif", np.ones((40, 50), np.uint8))
+    write_raster(tmp_path / "lab.tif", np.ones((40, 50), np.uint8))
     return image, tmp_path
 
 
