@@ -3,7 +3,7 @@
 Embedded defaults: local folders, a SQLite MLflow store beside them, and Prefect's ephemeral
 API (no server needed). Prints where the outputs are and how to open the UIs.
 
-Usage: python -m flows.demo [--out runs/demo] [--epochs 8]
+Usage: python -m flows.demo [--out runs/demo] [--epochs 8] [--verbose]
 """
 
 from __future__ import annotations
@@ -17,7 +17,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' warnings and INFO logs")
     args = parser.parse_args()
+    from specdeepmap.console import configure_console
+
+    configure_console(args.verbose)
     out = os.path.abspath(args.out)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
     os.environ.setdefault("SPECDEEPMAP_RUNS_DIR", out)

@@ -147,6 +147,9 @@ class TrainingPipelineParams(BaseModel):
     min_improvement: float = Field(
         0.01, ge=0, le=1, description="Pooled test mean IoU by which a new version must beat "
         "the champion, both scored on this run's test chips, to become champion.")
+    review_timeout_hours: float = Field(
+        24, gt=0, le=24 * 30, description="With approval: how long the run waits for a "
+        "reviewer's answer; without one the version stays challenger.")
     chip: ChipSettings = ChipSettings()
     split: SplitSettings = SplitSettings()
     train: TrainSettings = TrainSettings()

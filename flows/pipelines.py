@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 import time
 
+from typing import Literal
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import get_run_context
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 
 from flows.params import (
     ChipSettings,
@@ -22,8 +29,8 @@ from specdeepmap import registry, storage
 from specdeepmap.mapping import output_uri_for, unmapped_scenes
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
-from tasks import (champion_task, chip_task, evaluate_task, map_scene_task, promote_task,
-                   split_task, train_task)
+from tasks import (champion_task, chip_task, evaluate_task, map_scene_task, model_card_task,
+                   promote_task, split_task, train_task)
 
 RUNS_DIR = os.environ.get("SPECDEEPMAP_RUNS_DIR", "runs")
 
@@ -49,8 +56,44 @@ def train_flow(dataset_uri: str, train: TrainSettings = TrainSettings(),
                model_name: str = "specdeepmap-segmentation") -> TrainResult:
     """Train on a dataset folder, log to MLflow and register a new model version."""
     out = os.path.join(RUNS_DIR, "training", time.strftime("%Y%m%d-%H%M%S"))
+    run_name, tags = mlflow_run_identity()
     return train_task(TrainConfig(dataset=dataset_uri, out=out, registered_model=model_name,
-                                  **train.model_dump()))
+                                  run_name=run_name, run_tags=tags, **train.model_dump()))
+
+
+def mlflow_run_identity() -> tuple[str, dict[str, str]]:
+    """The MLflow run's name and source tags for the Prefect flow run that trains: the run
+    shows which flow ran it, with a link back to the flow run."""
+    context = get_run_context()
+    flow_run = context.flow_run
+    tags = {"mlflow.source.name": f"prefect flow {context.flow.name}",
+            "mlflow.source.type": "JOB", "prefect.flow_run_id": str(flow_run.id),
+            "prefect.flow_run_name": flow_run.name}
+    if flow_run.parent_task_run_id is not None:
+        tags["prefect.parent_task_run_id"] = str(flow_run.parent_task_run_id)
+    url = flow_run_url(str(flow_run.id))
+    if url:
+        tags["prefect.flow_run_url"] = url
+    return f"{context.flow.name} {flow_run.name}", tags
+
+
+def flow_run_url(flow_run_id: str) -> str | None:
+    """The flow run's page in the Prefect UI (None when no UI address is configured)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    base = PREFECT_UI_URL.value()
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else None
+
+
+def mlflow_run_url(run_id: str) -> str | None:
+    """The MLflow run's page (None for a server-less tracking store)."""
+    import mlflow
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    run = mlflow.MlflowClient().get_run(run_id)
+    return f"{storage.redact(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
 
 @flow(name="evaluate")
@@ -59,10 +102,55 @@ def evaluate_flow(test_csv: str, model_uri: str, out_uri: str) -> dict:
     return evaluate_task(test_csv, model_uri, out_uri, None)
 
 
+class ReviewInput(RunInput):
+    """The reviewer's answer to a promotion request (the form in the Prefect UI)."""
+
+    approve: bool = Field(False, description="Make this version the champion (it maps "
+                          "production scenes from the next scheduled run on).")
+    reviewer: str = Field(..., min_length=1, description="Your name, kept with the version.")
+    comment: str = Field("", description="Why: kept with the version as a tag.")
+
+
+@flow(name="review")
+def review_flow(model_name: str, version: str, rule: str, comparison: str,
+                timeout_hours: float = 24.0) -> dict:
+    """Ask a reviewer to approve a new version as champion: show the comparison, pause until
+    the reviewer answers the form in the Prefect UI (Resume), then move the alias or not.
+
+    The version holds ``challenger`` meanwhile. No answer within ``timeout_hours``: it stays
+    challenger. Returns ``{"alias", "approved", "reviewer", "comment"}``.
+    """
+    logger = get_run_logger()
+    create_markdown_artifact(
+        key="review-request", description=f"Approve {model_name} version {version}?",
+        markdown=f"## Approve {model_name} version {version} as champion?\n\n{comparison}\n\n"
+        f"The promotion rule says: **{rule}**.\n\nAnswer with **Resume** on this flow run.")
+    try:
+        answer = pause_flow_run(wait_for_input=ReviewInput, timeout=int(timeout_hours * 3600),
+                                poll_interval=2, key=f"review-{model_name}-{version}")
+    except FlowPauseTimeout:
+        logger.warning("No review of %s version %s within %s h: it stays challenger",
+                       model_name, version, timeout_hours)
+        registry.set_alias(model_name, version, registry.CHALLENGER,
+                           f"no review within {timeout_hours} h")
+        return {"alias": registry.CHALLENGER, "approved": False, "reviewer": "", "comment": ""}
+    alias = registry.CHAMPION if answer.approve else registry.CHALLENGER
+    verdict = "approved" if answer.approve else "rejected"
+    registry.set_alias(model_name, version, alias, f"{verdict} by {answer.reviewer} "
+                       f"(rule: {rule})", by=answer.reviewer, comment=answer.comment)
+    logger.info("%s version %s %s by %s: %s", model_name, version, verdict, answer.reviewer,
+                alias)
+    return {"alias": alias, "approved": answer.approve, "reviewer": answer.reviewer,
+            "comment": answer.comment}
+
+
 @flow(name="training-pipeline")
-def training_pipeline(params: TrainingPipelineParams) -> dict:
+def training_pipeline(params: TrainingPipelineParams,
+                      promotion: Literal["auto", "approval", "none"] = "auto") -> dict:
     """chip → split → train → evaluate → score the champion on the same test chips →
-    register as champion (if better by the margin and not below the baseline) or challenger."""
+    promote: ``auto`` makes the version champion if it beats the champion by the margin and
+    not below the baseline (else challenger); ``approval`` asks a reviewer (the production
+    deployment's default); ``none`` only registers."""
     params = TrainingPipelineParams.model_validate(params.model_dump())  # cross-field rules
     logger = get_run_logger()
     ensure_experiment(tracking_uri(), "specdeepmap")
@@ -76,21 +164,33 @@ def training_pipeline(params: TrainingPipelineParams) -> dict:
                             result.baseline)
     champion = champion_task(params.model_name, test_csv, result.model_file,
                              storage.join(evaluation_uri, "champion"))
-    alias = promote_task(params.model_name, result.model_version, metrics["test_mean_iou"],
-                         metrics["baseline_rf_test_mean_iou"], champion, params.min_improvement)
-    summary = {"model_uri": result.model_uri, "version": result.model_version, "alias": alias,
-               "run_id": result.run_id, "best_val_iou": result.best_val_iou,
+    if promotion == "auto" and champion["version"] and champion["mean_iou"] is None:
+        logger.warning("The champion cannot be scored on this run's chips (%s): asking a "
+                       "reviewer instead", champion["reason"])
+        promotion = "approval"
+    promoted = promote_task(params.model_name, result.model_version, metrics["test_mean_iou"],
+                            metrics["baseline_rf_test_mean_iou"], champion,
+                            params.min_improvement, promotion)
+    if promotion == "approval":
+        review = review_flow(params.model_name, result.model_version, promoted["reason"],
+                             promoted["comparison"], params.review_timeout_hours)
+        promoted |= {"alias": review["alias"], "reason": f"reviewed: {review}"}
+    summary = {"model_uri": result.model_uri, "version": result.model_version,
+               "alias": promoted["alias"], "promotion": promotion, "run_id": result.run_id,
+               "best_val_iou": result.best_val_iou,
                "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"),
                "champion_version": champion["version"],
                "champion_test_mean_iou_same_chips": champion["mean_iou"], **metrics}
-    registry.describe_version(params.model_name, result.model_version,
-                              registry.version_description(summary))
+    model_card_task(params.model_name, result, chips_uri, evaluation_uri, summary,
+                    promoted["reason"])
+    links = [f"- **MLflow run**: {mlflow_run_url(result.run_id) or result.run_id} "
+             f"({storage.redact(tracking_uri())})"]
     create_markdown_artifact(
         key="training-pipeline", description="Training pipeline result",
-        markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()) +
-        f"\n- **MLflow**: {storage.redact(tracking_uri())} (run `{result.run_id}`)")
+        markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()) + "\n" +
+        "\n".join(links))
     logger.info("Model %s version %s (%s): test mean IoU %.4f", params.model_name,
-                result.model_version, alias, metrics["test_mean_iou"])
+                result.model_version, promoted["alias"] or "no alias", metrics["test_mean_iou"])
     return summary
 
 

@@ -222,7 +222,7 @@ def _manifest_row(name: str, x: int, y: int, labels: np.ndarray, image_uri: str,
         "chip": name, "image": f"images/{name}", "mask": f"labels/{name}",
         "scene": image_uri, "label_scene": label_uri, "x": x, "y": y,
         "tile_x": tx, "tile_y": ty, "stride_x": params.stride[0], "stride_y": params.stride[1],
-        "coverage": float(1.0 - (labels == 0).mean()),
+        "min_coverage": params.min_coverage, "coverage": float(1.0 - (labels == 0).mean()),
     }
     row.update({f"{COUNT_PREFIX}{int(v)}": int(n) for v, n in zip(values, counts)})
     return row

@@ -92,9 +92,10 @@ def _progress() -> Progress:
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the log.")] = False,
 ) -> None:
-    """Configure logging for all commands."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Configure logging for all commands (libraries' chatter only with --verbose)."""
+    from specdeepmap.console import configure_console
+
+    configure_console(verbose)
 
 
 @app.command()
@@ -367,6 +368,43 @@ def baseline(
             console.print(f"RandomForest {split} mean IoU {result.mean_iou(split):.4f} "
                           "(pooled pixels)")
     print(f"iou_csv: {out.rstrip('/')}/test_iou.csv")
+
+
+@app.command()
+@_errors_to_exit
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Model version to promote.")],
+    alias: Annotated[str, typer.Option(help="Alias to move (champion is checked first).")]
+    = "champion",
+    comment: Annotated[str, typer.Option(help="Why (kept as a version tag).")] = "",
+    by: Annotated[str | None, typer.Option(help="Who (default: the login name).")] = None,
+    force: Annotated[bool, typer.Option(
+        help="Promote even if the version does not beat the champion on its test chips by "
+        "the margin, or is below the RandomForest baseline.")] = False,
+    min_improvement: Annotated[float, typer.Option(
+        min=0, max=1, help="Mean IoU the version must gain over the champion.")] = 0.01,
+    out: Annotated[str, typer.Option(help="Folder for the comparison's test files.")]
+    = "runs/promote",
+    device: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    tracking_uri: Annotated[str | None, typer.Option(
+        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db).")] = None,
+) -> None:
+    """Move an alias (champion by default) to a model version, with the training pipeline's
+    checks: scored against the champion on the version's own test chips."""
+    import getpass
+
+    import mlflow
+
+    from specdeepmap.registry import CHAMPION, promote_by_hand
+    from specdeepmap.tracking import tracking_uri as default_tracking_uri
+
+    mlflow.set_tracking_uri(default_tracking_uri(tracking_uri))
+    decision = promote_by_hand(name, version, out, alias, by or getpass.getuser(), comment,
+                               force, min_improvement, device)
+    forced = alias == CHAMPION and decision.alias != CHAMPION
+    console.print(f"{name} version {version} is now {alias}"
+                  f"{' (forced)' if forced else ''}: {decision.reason}")
 
 
 @app.command()

@@ -44,3 +44,7 @@ class UnsafeModelFileError(SpecDeepMapError, ValueError):
 
 class DeviceUnavailableError(SpecDeepMapError, RuntimeError):
     """The requested compute device (e.g. a GPU) is not available."""
+
+
+class PromotionRefusedError(SpecDeepMapError, RuntimeError):
+    """A model version does not meet the promotion rule (and promotion was not forced)."""

@@ -206,6 +206,7 @@ def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, 
                     "baseline_rf_overall_accuracy": baseline.overall_accuracy,
                     "baseline_rf_iou": [None if not np.isfinite(v) else float(v)
                                         for v in baseline.iou]}
+    summary["per_class"] = json.loads(table.to_json(orient="records"))  # NaN → null
     metrics_csv = storage.join(out_folder, "test_metrics.csv")
     storage.write_text(metrics_csv, table.to_csv(index=False))
     storage.write_text(storage.join(out_folder, "test_metrics.json"),

@@ -360,7 +360,11 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                    blockxsize=256, blockysize=256)
     tags = {"SPECDEEPMAP_MODEL": model_uri,
             "SPECDEEPMAP_MODEL_RUN_ID": str(predictor.config.get("run_id", "")),
-            "SPECDEEPMAP_MODEL_VERSION": str(predictor.config.get("version", "")),
+            # the registered model version when mapped with models:/NAME/VERSION, and the
+            # software that trained the model (not to be confused: they were one tag before)
+            "SPECDEEPMAP_MODEL_VERSION": model_uri.rsplit("/", 1)[-1]
+            if model_uri.startswith("models:/") and "@" not in model_uri else "",
+            "SPECDEEPMAP_TRAINED_WITH": f"specdeepmap {predictor.config.get('version', '')}",
             "SPECDEEPMAP_INPUT": input_uri, "SPECDEEPMAP_SOFTWARE": f"specdeepmap {__version__}",
             "SPECDEEPMAP_CLASS_VALUES": ",".join(str(v) for v in class_values),
             "SPECDEEPMAP_CLASS_NAMES": json.dumps({v: classes_schema.name(v)

@@ -3,53 +3,116 @@
 A model version's test score is kept as its tag ``test_mean_iou``. A new version becomes
 ``champion`` only if there is none yet, or if it beats the current champion *scored on the new
 run's test chips* by a margin, and it is not below the per-pixel RandomForest baseline scored on
-those chips (tag ``below_baseline``); otherwise it becomes ``challenger``. Reviewers can still
-move the aliases by hand in the MLflow UI.
+those chips (tag ``below_baseline``); otherwise it becomes ``challenger``. Who moved an alias,
+when and why is kept as version tags (``champion_by``, ``champion_since``, ``champion_reason``,
+``champion_comment``). Reviewers move aliases with approval (:mod:`flows`), ``specdeepmap
+promote`` (:func:`promote_by_hand`, the same checks) or by hand in the MLflow UI.
 """
 
 from __future__ import annotations
 
+import datetime
 import math
+from dataclasses import dataclass
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which alias a new version earns, and why (shown to reviewers)."""
+
+    alias: str
+    reason: str
+
+
+def decide(test_mean_iou: float, baseline_mean_iou: float | None = None,
+           champion_version: str | None = None, champion_mean_iou: float | None = None,
+           min_improvement: float = 0.0) -> Decision:
+    """The promotion rule, on scores measured on the *same* test chips.
+
+    A version below the RandomForest baseline is never champion; the first version is; a
+    later one must beat the champion by ``min_improvement``. Without the champion's score on
+    the same chips the champion stays (a number measured on other chips proves nothing).
+    """
+    if _known(baseline_mean_iou) and test_mean_iou < baseline_mean_iou:
+        return Decision(CHALLENGER, f"test mean IoU {test_mean_iou:.4f} is below the "
+                        f"RandomForest baseline's {baseline_mean_iou:.4f}")
+    if champion_version is None:
+        return Decision(CHAMPION, "no champion yet")
+    if not _known(champion_mean_iou):
+        return Decision(CHALLENGER, f"champion version {champion_version} could not be scored "
+                        "on the same test chips")
+    if test_mean_iou >= champion_mean_iou + min_improvement:
+        return Decision(CHAMPION, f"beats champion version {champion_version} "
+                        f"({champion_mean_iou:.4f}) by {test_mean_iou - champion_mean_iou:.4f}"
+                        f" >= {min_improvement:.4f} on the same test chips")
+    return Decision(CHALLENGER, f"does not beat champion version {champion_version} "
+                    f"({champion_mean_iou:.4f}) by {min_improvement:.4f} on the same test chips")
+
+
+def _known(value: float | None) -> bool:
+    return value is not None and not math.isnan(value)
+
+
+def record_scores(name: str, version: str, test_mean_iou: float,
+                  baseline_mean_iou: float | None = None, champion_version: str | None = None,
+                  champion_mean_iou: float | None = None, client=None) -> None:
+    """Keep the comparison as version tags (the MLflow UI shows them on the version's page)."""
+    client = _client(client)
+    tags = {"test_mean_iou": f"{test_mean_iou:.6f}"}
+    if _known(baseline_mean_iou):
+        tags |= {"baseline_rf_test_mean_iou": f"{baseline_mean_iou:.6f}",
+                 "below_baseline": str(test_mean_iou < baseline_mean_iou).lower()}
+    if champion_version is not None and champion_version != str(version) and \
+            _known(champion_mean_iou):
+        tags |= {"champion_test_mean_iou_same_chips": f"{champion_mean_iou:.6f}",
+                 "compared_with_version": str(champion_version)}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def set_alias(name: str, version: str, alias: str, reason: str, by: str = "",
+              comment: str = "", client=None) -> None:
+    """Move ``alias`` to ``version`` and record who, when and why as version tags."""
+    client = _client(client)
+    client.set_registered_model_alias(name, alias, version)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    tags = {f"{alias}_since": stamp, f"{alias}_reason": reason}
+    if by:
+        tags[f"{alias}_by"] = by
+    if comment:
+        tags[f"{alias}_comment"] = comment
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value[:5000])
 
 
 def promote_if_better(name: str, version: str, test_mean_iou: float,
                       baseline_mean_iou: float | None = None,
                       champion_mean_iou: float | None = None, min_improvement: float = 0.0,
-                      client=None) -> str:
-    """Tag ``version`` with its scores and give it ``champion`` or ``challenger``; return which.
+                      mode: str = "auto", client=None) -> Decision:
+    """Tag ``version`` with its scores and apply :func:`decide`; return the decision.
 
-    Fair promotion: ``champion_mean_iou`` is the current champion's pooled test mean IoU on
-    the *same* test chips as ``test_mean_iou`` (see :func:`score_champion`); the new version
-    wins only if it beats that by at least ``min_improvement``. Scores measured on different
-    test sets are never compared: without ``champion_mean_iou`` an existing champion stays.
-    With ``baseline_mean_iou`` (the RandomForest on the same chips) the version is tagged
-    ``below_baseline``, and a version below the baseline is never made champion.
+    ``champion_mean_iou`` is the current champion's pooled test mean IoU on the *same* test
+    chips as ``test_mean_iou`` (see :func:`score_champion`). ``mode``: ``auto`` gives the
+    version the decided alias; ``approval`` gives it ``challenger`` until a reviewer decides
+    (the decision is what the rule advises); ``none`` sets no alias.
     """
     client = _client(client)
-    client.set_model_version_tag(name, version, "test_mean_iou", f"{test_mean_iou:.6f}")
-    if baseline_mean_iou is not None and not math.isnan(baseline_mean_iou):
-        below = test_mean_iou < baseline_mean_iou
-        client.set_model_version_tag(name, version, "baseline_rf_test_mean_iou",
-                                     f"{baseline_mean_iou:.6f}")
-        client.set_model_version_tag(name, version, "below_baseline", str(below).lower())
-        if below:
-            client.set_registered_model_alias(name, CHALLENGER, version)
-            return CHALLENGER
     current = champion_version(name, client)
-    if current is None or current == str(version):
-        client.set_registered_model_alias(name, CHAMPION, version)
-        return CHAMPION
-    if champion_mean_iou is not None and not math.isnan(champion_mean_iou):
-        client.set_model_version_tag(name, version, "champion_test_mean_iou_same_chips",
-                                     f"{champion_mean_iou:.6f}")
-        client.set_model_version_tag(name, version, "compared_with_version", current)
-        if test_mean_iou >= champion_mean_iou + min_improvement:
-            client.set_registered_model_alias(name, CHAMPION, version)
-            return CHAMPION
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    return CHALLENGER
+    if current == str(version):
+        current = None
+    record_scores(name, version, test_mean_iou, baseline_mean_iou, current, champion_mean_iou,
+                  client)
+    decision = decide(test_mean_iou, baseline_mean_iou, current, champion_mean_iou,
+                      min_improvement)
+    if mode == "auto":
+        set_alias(name, version, decision.alias, decision.reason, by="training pipeline",
+                  client=client)
+    elif mode == "approval":
+        set_alias(name, version, CHALLENGER, f"waiting for a reviewer; the rule says "
+                  f"{decision.alias}: {decision.reason}", by="training pipeline", client=client)
+    return decision
 
 
 def champion_version(name: str, client=None) -> str | None:
@@ -90,39 +153,65 @@ def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str
     return {"version": version, "mean_iou": report.metrics.mean_iou, "reason": ""}
 
 
+def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMPION,
+                    by: str = "", comment: str = "", force: bool = False,
+                    min_improvement: float = 0.01, device: str = "auto",
+                    client=None) -> Decision:
+    """Move ``alias`` to a version by hand, with the training pipeline's checks for champion.
+
+    For ``champion``: the version and the current champion are scored on the version's own
+    test chips (``test_files.csv`` of its ``dataset`` tag) with the Tester's code and judged
+    by :func:`decide` (margin, RandomForest baseline from the version's tags). A version that
+    fails is refused unless ``force``; the reason is kept either way. Other aliases are set
+    without checks. Returns the decision (its alias is what the rule says, not what was set).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from specdeepmap import storage
+    from specdeepmap.errors import MissingInputError, PromotionRefusedError
+    from specdeepmap.evaluation import evaluate_model
+
+    client = _client(client)
+    try:
+        found = client.get_model_version(name, str(version))
+    except MlflowException:
+        raise MissingInputError(f"Registered model {name} has no version {version}") from None
+    if alias != CHAMPION:
+        decision = Decision(alias, f"set by hand{': ' + comment if comment else ''}")
+        set_alias(name, str(version), alias, decision.reason, by, comment, client)
+        return decision
+    model_uri = f"models:/{name}/{version}"
+    dataset = found.tags.get("dataset", "")
+    test_csv = storage.join(dataset, "test_files.csv") if dataset else ""
+    if not test_csv or not storage.exists(test_csv):
+        decision = Decision(CHALLENGER, f"its test chips ({test_csv or 'no dataset tag'}) are "
+                            "not available to compare it with the champion")
+    else:
+        score = evaluate_model(test_csv, model_uri, storage.join(out_folder, f"v{version}"),
+                               device=device, log_to_mlflow=False).metrics.mean_iou
+        current = champion_version(name, client)
+        champion = {"version": None, "mean_iou": None}
+        if current is not None and current != str(version):
+            champion = score_champion(name, test_csv, model_uri,
+                                      storage.join(out_folder, "champion"), device, client)
+        baseline = found.tags.get("baseline_rf_test_mean_iou")
+        baseline = float(baseline) if baseline else None
+        record_scores(name, str(version), score, baseline, champion["version"],
+                      champion["mean_iou"], client)
+        decision = decide(score, baseline, champion["version"], champion["mean_iou"],
+                          min_improvement)
+    if decision.alias != CHAMPION and not force:
+        raise PromotionRefusedError(f"{name} version {version} is not made champion: "
+                                    f"{decision.reason} (force to promote it anyway)")
+    reason = decision.reason if decision.alias == CHAMPION else f"forced: {decision.reason}"
+    set_alias(name, str(version), CHAMPION, reason, by, comment, client)
+    return decision
+
+
 def _client(client=None):
     import mlflow
 
     return client or mlflow.MlflowClient()
-
-
-def describe_version(name: str, version: str, markdown: str, client=None) -> None:
-    """Set the version's description (Markdown, shown on its page in the MLflow UI)."""
-    import mlflow
-
-    client = client or mlflow.MlflowClient()
-    client.update_model_version(name, version, description=markdown)
-
-
-def version_description(summary: dict) -> str:
-    """A version's description for the MLflow UI (Markdown): its pooled mean IoU beside the
-    RandomForest baseline's and the previous champion's on the same chips. ``summary`` is the
-    training pipeline's result."""
-    def fmt(value):
-        return "–" if value is None else f"{value:.4f}"
-
-    return "\n".join([
-        f"Trained by the training pipeline (MLflow run `{summary['run_id']}`); alias after "
-        f"training: **{summary['alias']}**.", "",
-        "| pooled mean IoU | this model | RandomForest baseline (per pixel, same chips) |",
-        "|---|---|---|",
-        f"| validation | {fmt(summary['best_val_iou'])} | "
-        f"{fmt(summary['baseline_rf_val_mean_iou'])} |",
-        f"| test | {fmt(summary['test_mean_iou'])} | "
-        f"{fmt(summary['baseline_rf_test_mean_iou'])} |", "",
-        f"Champion before this run: version {summary['champion_version'] or '–'}, pooled test "
-        f"mean IoU on this run's test chips "
-        f"{fmt(summary['champion_test_mean_iou_same_chips'])}."])
 
 
 def resolve(model_uri: str, client=None) -> str:

@@ -13,6 +13,25 @@ from specdeepmap.baseline import BaselineResult, write_baseline
 from specdeepmap.classes import ClassSchema
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development",
+                   "mlflow.note.content": "Segmentation models trained by specdeepmap: one run "
+                   "per training, with its RandomForest baseline, test results and model card."}
+REGISTERED_MODEL_DESCRIPTION = """Semantic segmentation models trained by specdeepmap.
+
+Aliases:
+- **champion**: the version that maps production scenes. The scheduled mapping flow resolves
+  it once per run, so moving it takes effect from the next scheduled run on; scenes already
+  mapped are not redone (delete a map to have it redone).
+- **challenger**: the latest version that did not replace the champion (not better on the
+  same test chips by the required margin, below the RandomForest baseline, or waiting for a
+  reviewer's approval).
+
+Each version's description is its model card's summary; the whole card (data, input contract,
+per-class results, prediction panels, training recipe) is the run artifact
+`model_card/model_card.md`. Promote by hand with `specdeepmap promote NAME VERSION`."""
+
+
 def tracking_uri(explicit: str | None = None) -> str:
     """MLflow tracking URI: explicit > $MLFLOW_TRACKING_URI > sqlite:///mlflow.db (embedded)."""
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
@@ -22,17 +41,23 @@ def ensure_experiment(uri: str, name: str) -> None:
     """Point MLflow at ``uri`` and create the experiment if needed.
 
     With an embedded ``sqlite:///PATH`` store the artifacts go beside the database
-    (``mlartifacts/``), not into whatever folder the process happens to run in.
+    (``mlartifacts/``), not into whatever folder the process happens to run in. The
+    experiment is marked as model training, so MLflow 3's UI opens it on its runs and models
+    rather than on the GenAI traces view.
     """
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(name) is None:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
         location = None
         if uri.startswith("sqlite:///"):
             db = os.path.abspath(uri[len("sqlite:///"):])
             location = "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
-        mlflow.create_experiment(name, artifact_location=location)
+        mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+    elif experiment.tags.get(EXPERIMENT_KIND) != EXPERIMENT_TAGS[EXPERIMENT_KIND]:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND,
+                                                 EXPERIMENT_TAGS[EXPERIMENT_KIND])
 
 
 def log_baseline(baseline: BaselineResult, folder: str, classes: ClassSchema | None = None
@@ -49,9 +74,8 @@ def register_model(model_file: str, config: dict, name: str, val_iou: float,
                    dataset: str, baseline_val_iou: float | None = None) -> tuple[str, str]:
     """Log the model (MLflow pyfunc, code-defined, no pickles) and register a new version.
 
-    Must run inside an active MLflow run. The version's description gives its validation IoU
-    beside the RandomForest baseline's (the training pipeline adds the test figures).
-    Returns (``models:/NAME/VERSION``, version).
+    Must run inside an active MLflow run (the model card, :mod:`specdeepmap.model_card`,
+    becomes the version's description). Returns (``models:/NAME/VERSION``, version).
     """
     import mlflow
 
@@ -67,14 +91,12 @@ def register_model(model_file: str, config: dict, name: str, val_iou: float,
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for key, value in {"val_iou": f"{val_iou:.4f}", "dataset": dataset,
-                       "code_version": config["version"], "architecture":
+                       "specdeepmap_version": config["version"], "architecture":
                        config["architecture"], "backbone": config["backbone"]}.items():
         client.set_model_version_tag(name, version, key, value)
-    text = f"{config['architecture']}/{config['backbone']} trained on `{dataset}`: pooled " \
-        f"validation mean IoU **{val_iou:.4f}**"
     if baseline_val_iou is not None:
         client.set_model_version_tag(name, version, "baseline_rf_val_mean_iou",
                                      f"{baseline_val_iou:.4f}")
-        text += f" (per-pixel RandomForest baseline on the same chips: {baseline_val_iou:.4f})"
-    client.update_model_version(name, version, description=text + ".")
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     return f"models:/{name}/{version}", version

@@ -30,6 +30,7 @@ from specdeepmap.data import (ChipDataset, Normalization, band_names, chip_prope
                               read_dataset_folder)
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
+from specdeepmap.model_card import dataset_frame, publish_model_card
 from specdeepmap.losses import Loss, build_loss, warmup_cosine
 from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, load_encoder_weights,
@@ -90,6 +91,9 @@ class TrainConfig:
     experiment: str = "specdeepmap"
     registered_model: str | None = "specdeepmap-segmentation"  #: None: do not register
     run_name: str | None = None
+    #: MLflow run tags, e.g. ``mlflow.source.name`` (the command or flow that trained) and a
+    #: link to the Prefect flow run; default source: ``specdeepmap train``
+    run_tags: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Check ranges and names before any data is read."""
@@ -113,6 +117,13 @@ class TrainConfig:
             raise InvalidParameterError("baseline_pixels must be >= 1")
 
 
+#: TrainConfig fields that say how a model was trained (shown on its model card)
+RECIPE_FIELDS = ("epochs", "batch_size", "lr", "augment", "augmentation", "spectral_jitter",
+                 "loss", "weight_averaging", "warmup_epochs", "min_chips_per_epoch", "sampling",
+                 "balanced", "normalize", "early_stopping", "patience", "precision", "devices",
+                 "seed", "resume")
+
+
 @dataclass
 class TrainResult:
     """What a training run produced."""
@@ -128,6 +139,7 @@ class TrainResult:
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     baseline: dict | None = None  #: the RandomForest's figures (BaselineResult.summary())
+    training: dict = field(default_factory=dict)  #: recipe and run facts for the model card
 
     def baseline_mean_iou(self, split: str) -> float | None:
         """The RandomForest's pooled mean IoU on 'validation' or 'test' (None if not run)."""
@@ -353,8 +365,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     uri = tracking_uri(cfg.tracking_uri)
     ensure_experiment(uri, cfg.experiment)
     tensorboard = TensorBoardLogger(cfg.out, name="lightning_logs")
-    mlflow_logger = MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri,
-                                 run_name=cfg.run_name, log_model=False)
+    mlflow_logger = MLFlowLogger(
+        experiment_name=cfg.experiment, tracking_uri=uri, log_model=False,
+        run_name=cfg.run_name or f"train {storage.basename(cfg.dataset.rstrip('/'))}",
+        tags={"mlflow.source.name": "specdeepmap train", "mlflow.source.type": "JOB",
+              **cfg.run_tags})
     pin = device.type == "cuda"
     loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
                        persistent_workers=cfg.workers > 0)
@@ -381,7 +396,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         strategy="ddp" if cfg.devices > 1 else "auto",
     )
     mlflow_logger.log_hyperparams({k: v for k, v in asdict(cfg).items()
-                                   if k not in ("tracking_uri",)} |
+                                   if k not in ("tracking_uri", "run_tags")} |
                                   {"class_values": info.class_values, "in_channels":
                                    config["in_channels"], "tile_size": config["tile_size"]})
     if cfg.lr_finder:
@@ -426,12 +441,23 @@ def train(cfg: TrainConfig) -> TrainResult:
             mlflow.log_params({f"split_{k}": v for k, v in split.items()})
         mlflow.log_artifact(best, artifact_path="checkpoints")
         mlflow.log_metric("best_val_iou", best_iou)
-        mlflow.set_tags({"dataset": cfg.dataset, "code_version": config["version"]})
+        mlflow.set_tags({"dataset": cfg.dataset, "specdeepmap_version": config["version"]})
+        mlflow.log_input(mlflow.data.from_pandas(dataset_frame(cfg.dataset), source=cfg.dataset,
+                                                 name=storage.basename(cfg.dataset) or "chips"),
+                         context="training")
+        result.seconds = time.perf_counter() - started
+        result.training = {
+            **{k: getattr(cfg, k) for k in RECIPE_FIELDS}, "epochs run": result.epochs_run,
+            "wall time (s)": round(result.seconds, 1), "device": str(device),
+            "best validation IoU": round(best_iou, 4)}
         if cfg.registered_model:
             result.model_uri, result.model_version = register_model(
                 model_file, config, cfg.registered_model, best_iou, cfg.dataset,
                 result.baseline_mean_iou("validation"))
-    result.seconds = time.perf_counter() - started
+            publish_model_card(cfg.registered_model, result.model_version, run_id, model_file,
+                               cfg.dataset, {"val": best_iou, "run_id": run_id,
+                                             "baseline_val": result.baseline_mean_iou(
+                                                 "validation")}, result.training)
     log.info("Best val IoU %.4f: %s", best_iou, best)
     return result
 

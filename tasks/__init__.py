@@ -10,10 +10,11 @@ from tasks.steps import (
     chip_task,
     evaluate_task,
     map_scene_task,
+    model_card_task,
     promote_task,
     split_task,
     train_task,
 )
 
-__all__ = ["champion_task", "chip_task", "evaluate_task", "map_scene_task", "promote_task", "split_task",
-           "train_task"]
+__all__ = ["champion_task", "chip_task", "evaluate_task", "map_scene_task", "model_card_task",
+           "promote_task", "split_task", "train_task"]

@@ -11,6 +11,7 @@ from specdeepmap.baseline import summary_metrics
 from specdeepmap.chipping import ChipParams, ChipReport, chip_scene
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.mapping import MapParams, map_scene_products
+from specdeepmap.model_card import publish_model_card
 from specdeepmap.splitting import SplitParams, SplitReport, make_dataset
 from specdeepmap.training import TrainConfig, TrainResult, train
 
@@ -119,29 +120,50 @@ def champion_task(name: str, test_csv: str, new_model_uri: str, out_uri: str) ->
 @task(name="promote model")
 def promote_task(name: str, version: str, test_mean_iou: float,
                  baseline_mean_iou: float | None = None, champion: dict | None = None,
-                 min_improvement: float = 0.0) -> str:
-    """Give the new version alias champion if it beats the champion on the same test chips by
-    ``min_improvement`` and is not below the RandomForest baseline, else challenger."""
+                 min_improvement: float = 0.0, mode: str = "auto") -> dict:
+    """Apply the promotion rule (champion on the same test chips, margin, baseline) in
+    ``mode`` auto, approval or none; artifact: the comparison. Returns ``{"alias", "reason",
+    "comparison"}`` (alias None in mode none)."""
     champion = champion or {}
-    alias = registry.promote_if_better(name, version, test_mean_iou, baseline_mean_iou,
-                                       champion.get("mean_iou"), min_improvement)
+    decision = registry.promote_if_better(name, version, test_mean_iou, baseline_mean_iou,
+                                          champion.get("mean_iou"), min_improvement, mode)
+    alias = {"auto": decision.alias, "approval": registry.CHALLENGER}.get(mode)
+
     def fmt(value):
         return "–" if value is None else f"{value:.4f}"
 
+    comparison = _table(
+        [(f"version {version} (new)", fmt(test_mean_iou)),
+         (f"champion version {champion.get('version') or '–'}",
+          fmt(champion.get("mean_iou")) + (f" ({champion['reason']})"
+                                            if champion.get("reason") else "")),
+         ("RandomForest baseline", fmt(baseline_mean_iou)),
+         ("required margin over the champion", f"{min_improvement:.3f}")],
+        ("pooled test mean IoU on the new run's test chips", ""))
     create_markdown_artifact(
         key="promotion", description=f"Promotion of {name} version {version}",
-        markdown=f"Version {version} is now **{alias}**.\n\n" + _table(
-            [(f"version {version} (new)", fmt(test_mean_iou)),
-             (f"champion version {champion.get('version') or '–'}",
-              fmt(champion.get("mean_iou")) + (f" ({champion['reason']})"
-                                                if champion.get("reason") else "")),
-             ("RandomForest baseline", fmt(baseline_mean_iou)),
-             ("required margin over the champion", f"{min_improvement:.3f}")],
-            ("pooled test mean IoU on the new run's test chips", "")))
-    get_run_logger().info("%s version %s is now %s (test mean IoU %.4f, champion on the same "
-                          "chips %s, RandomForest %s)", name, version, alias, test_mean_iou,
-                          fmt(champion.get("mean_iou")), fmt(baseline_mean_iou))
-    return alias
+        markdown=f"Version {version}: **{alias or 'no alias'}** (mode {mode}; the rule says "
+        f"{decision.alias}: {decision.reason}).\n\n{comparison}")
+    get_run_logger().info("%s version %s: %s (mode %s; rule: %s)", name, version,
+                          alias or "no alias", mode, decision.reason)
+    return {"alias": alias, "reason": decision.reason, "comparison": comparison}
+
+
+@task(name="model card", **RETRIES)
+def model_card_task(name: str, result: TrainResult, dataset: str, evaluation_uri: str,
+                    summary: dict, reason: str) -> str:
+    """The version's model card with its test results, prediction panels and comparison;
+    its summary becomes the version's description."""
+    scores = {"val": result.best_val_iou, "test": summary["test_mean_iou"],
+              "baseline_val": summary["baseline_rf_val_mean_iou"],
+              "baseline_test": summary["baseline_rf_test_mean_iou"],
+              "champion_version": summary["champion_version"],
+              "champion_test": summary["champion_test_mean_iou_same_chips"],
+              "alias": summary["alias"] or "none", "alias_reason": reason,
+              "run_id": result.run_id}
+    return publish_model_card(name, result.model_version, result.run_id, result.model_file,
+                              dataset, scores, result.training, evaluation_uri,
+                              storage.join(dataset, "test_files.csv"))
 
 
 @task(name="map scene", **RETRIES)
@@ -155,4 +177,4 @@ def map_scene_task(input_uri: str, model_uri: str, output_uri: str, params: MapP
 
 
 __all__ = ["chip_task", "split_task", "train_task", "evaluate_task", "champion_task",
-           "promote_task", "map_scene_task"]
+           "promote_task", "model_card_task", "map_scene_task"]

@@ -1,6 +1,7 @@
 """The command line, end to end on the demo scene."""
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from specdeepmap.cli import app
@@ -77,3 +78,38 @@ def test_credentials_in_uris_are_redacted():
 
     assert redact("http://admin:s3cret@mlflow:5000/x") == "http://admin:***@mlflow:5000/x"
     assert redact("s3://bucket/key") == "s3://bucket/key"
+
+
+def test_promote_by_hand_applies_the_pipelines_checks(trained, dataset, tmp_path):
+    """`specdeepmap promote` scores the version and the champion on the version's test chips:
+    a first version becomes champion; an equal one is refused (no margin) unless forced; who,
+    why and when are kept as version tags."""
+    import mlflow
+
+    config, result = trained
+    client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
+    source = client.get_model_version("test-model", result.model_version)
+    client.create_registered_model("by-hand")
+    versions = [str(client.create_model_version(
+        "by-hand", source=source.source, run_id=source.run_id,
+        tags={"dataset": source.tags["dataset"]}).version) for _ in range(2)]
+    base = ["promote", "by-hand", "--tracking-uri", config.tracking_uri, "--device", "cpu",
+            "--out", str(tmp_path / "promote"), "--by", "rita"]
+
+    first = CliRunner().invoke(app, [*base[:2], versions[0], *base[2:]])
+    assert first.exit_code == 0, first.output
+    assert "no champion yet" in first.output
+    equal = CliRunner().invoke(app, [*base[:2], versions[1], *base[2:]])
+    assert equal.exit_code == 2 and "does not beat champion version" in equal.output
+    assert str(client.get_model_version_by_alias("by-hand", "champion").version) == versions[0]
+    forced = CliRunner().invoke(app, [*base[:2], versions[1], *base[2:], "--force",
+                                      "--comment", "new labels"])
+    assert forced.exit_code == 0, forced.output
+    assert str(client.get_model_version_by_alias("by-hand", "champion").version) == versions[1]
+    tags = client.get_model_version("by-hand", versions[1]).tags
+    assert tags["champion_by"] == "rita" and tags["champion_comment"] == "new labels"
+    assert tags["champion_reason"].startswith("forced: does not beat")
+    assert float(tags["champion_test_mean_iou_same_chips"]) == \
+        pytest.approx(float(tags["test_mean_iou"]))
+    missing = CliRunner().invoke(app, [*base[:2], "99", *base[2:]])
+    assert missing.exit_code == 2 and "has no version 99" in missing.output

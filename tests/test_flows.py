@@ -33,18 +33,18 @@ def test_promotion_compares_on_the_same_chips_with_a_margin(mlflow_store, tmp_pa
     client.create_registered_model("m")
     versions = [client.create_model_version("m", source=str(tmp_path)).version
                 for _ in range(4)]
-    assert promote_if_better("m", versions[0], 0.90) == "champion"  # the first one
+    assert promote_if_better("m", versions[0], 0.90).alias == "champion"  # the first one
     # v1 scores 0.60 on its chips, where the champion (0.90 on its own chips) scores 0.50
     assert promote_if_better("m", versions[1], 0.60, champion_mean_iou=0.50,
-                             min_improvement=0.01) == "champion"
+                             min_improvement=0.01).alias == "champion"
     tags = client.get_model_version("m", versions[1]).tags
     assert tags["champion_test_mean_iou_same_chips"] == "0.500000"
     assert tags["compared_with_version"] == str(versions[0])
     # better, but by less than the margin
     assert promote_if_better("m", versions[2], 0.605, champion_mean_iou=0.60,
-                             min_improvement=0.01) == "challenger"
+                             min_improvement=0.01).alias == "challenger"
     # a higher number measured on other chips proves nothing: the champion stays
-    assert promote_if_better("m", versions[3], 0.99) == "challenger"
+    assert promote_if_better("m", versions[3], 0.99).alias == "challenger"
     assert resolve("models:/m@champion") == f"models:/m/{versions[1]}"
     assert resolve("models:/m@challenger") == f"models:/m/{versions[3]}"
     assert resolve("/some/model.pt") == "/some/model.pt"
@@ -121,6 +121,26 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
                                                                   abs=1e-6)
     assert "RandomForest" in version.description
     assert f"{summary['test_mean_iou']:.4f}" in version.description
+    # the model card: data (digest, class names and shares), input contract, results, images
+    from specdeepmap.model_card import dataset_facts
+
+    card = client.download_artifacts(summary["run_id"], "model_card/model_card.md")
+    card = open(card).read()
+    facts = dataset_facts(f"{s3_bucket}/work/chips")
+    assert facts["digest"] in card and facts["digest"] in version.description
+    for text in ("| water | 1 |", "| forest | 2 |", "B01", "| band | name | mean | std |",
+                 "![prediction_panels.png](prediction_panels.png)", "dice-ce",
+                 f"{summary['test_mean_iou']:.4f}"):
+        assert text in card, text
+    images = [a.path for a in client.list_artifacts(summary["run_id"], "model_card")]
+    assert {"model_card/prediction_panels.png", "model_card/confusion_matrix.png"} <= set(images)
+    inputs = client.get_run(summary["run_id"]).inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.source and "chips" in inputs[0].dataset.source
+    run_tags = client.get_run(summary["run_id"]).data.tags
+    assert run_tags["mlflow.source.name"] == "prefect flow train"
+    assert run_tags["mlflow.runName"].startswith("train ")
+    experiment = client.get_experiment(client.get_run(summary["run_id"]).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     # the test report shows the baseline beside the model, and is logged although on S3
     report = storage.read_text(f"{s3_bucket}/work/evaluation/v{summary['version']}/"
                                "test_metrics.csv")
@@ -317,3 +337,66 @@ def test_map_flow_on_a_dask_cluster(prefect_api, trained, dataset, tmp_path):
         assert os.path.exists(p["metrics"]) and os.path.exists(p["quicklook"])
         with rasterio.open(p["classes"]) as dst:  # the form's precision reached the mapper
             assert dst.tags()["SPECDEEPMAP_PRECISION"] == "int8"
+
+
+def _answer_review(flow_run_name_contains: str, run_input: dict, seconds: float = 120):
+    """Wait for a paused review flow run and answer its form through the Prefect API, as a
+    reviewer does in the UI (Resume)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.flow_runs import resume_flow_run
+
+    deadline = time.time() + seconds
+    with get_client(sync_client=True) as client:
+        while time.time() < deadline:
+            paused = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            paused = [r for r in paused if r.state.state_details.run_input_keyset]
+            if paused:
+                resume_flow_run(paused[0].id, run_input=run_input)
+                return paused[0]
+            time.sleep(0.5)
+    raise TimeoutError("no review flow run paused")
+
+
+@pytest.mark.parametrize("approve", [False, True])
+def test_a_reviewer_approves_or_rejects_through_the_prefect_api(prefect_api, mlflow_store,
+                                                                tmp_path, approve):
+    """In approval mode the version waits as challenger; the review flow pauses with a typed
+    form; the answer (given through the API, as the UI does) moves the alias or not, and
+    who, when and why are kept as version tags."""
+    import threading
+
+    import mlflow
+
+    from flows.pipelines import review_flow
+    from specdeepmap.registry import promote_if_better
+
+    client = mlflow.MlflowClient()
+    client.create_registered_model("reviewed")
+    first, second = [str(client.create_model_version("reviewed", source=str(tmp_path)).version)
+                     for _ in range(2)]
+    promote_if_better("reviewed", first, 0.5)
+    decision = promote_if_better("reviewed", second, 0.7, champion_mean_iou=0.6,
+                                 min_improvement=0.01, mode="approval")
+    assert decision.alias == "champion"  # what the rule advises ...
+    assert str(client.get_model_version_by_alias("reviewed", "challenger").version) == second
+    assert str(client.get_model_version_by_alias("reviewed", "champion").version) == first
+
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(review_flow(
+        "reviewed", second, decision.reason, "| comparison |", timeout_hours=0.05)))
+    worker.start()
+    _answer_review("review", {"approve": approve, "reviewer": "rita", "comment": "checked"})
+    worker.join(timeout=120)
+    assert result["approved"] is approve and result["reviewer"] == "rita"
+    champion = str(client.get_model_version_by_alias("reviewed", "champion").version)
+    assert champion == (second if approve else first)
+    tags = client.get_model_version("reviewed", second).tags
+    alias = "champion" if approve else "challenger"
+    assert tags[f"{alias}_by"] == "rita" and tags[f"{alias}_comment"] == "checked"
+    assert ("approved" if approve else "rejected") in tags[f"{alias}_reason"]

@@ -53,11 +53,12 @@ def test_output_is_a_georeferenced_cog_with_lineage(trained, dataset, tmp_path):
     assert set(np.unique(classes)) <= {0, 1, 2, 3, 4, 5, 6}
     assert (classes[nodata] == 0).all() and (classes[~nodata] > 0).all()
     lines = (tmp_path / "out" / "iou.csv").read_text().splitlines()
-    assert lines[0] == "Class,IoU" and lines[-1].startswith("Mean IoU,")
+    # SpecDeepMap's two columns first; the demo labels name their classes
+    assert lines[0] == "Class,IoU,Name" and lines[-1].startswith("Mean IoU,")
     assert report.pixels_processed >= classes.size
     assert sorted(os.listdir(tmp_path / "out")) == [
-        "classes.gpkg", "classes.tif", "confidence.tif", "iou.csv", "iou_metrics.csv",
-        "probabilities.tif"]
+        "classes.gpkg", "classes.qml", "classes.tif", "classes.tif.aux.xml", "confidence.tif",
+        "iou.csv", "iou_metrics.csv", "probabilities.tif"]
     with rasterio.open(tmp_path / "out" / "probabilities.tif") as probs, \
             rasterio.open(tmp_path / "out" / "confidence.tif") as conf:
         p = probs.read().astype(int)
@@ -311,7 +312,8 @@ def test_cli_maps_a_folder_of_scenes_once(trained, dataset, tmp_path):
             "--device", "cpu", "--precision", "int8"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert sorted(os.listdir(tmp_path / "maps")) == ["a_classes.tif", "b_classes.tif"]
+    assert sorted(f for f in os.listdir(tmp_path / "maps") if f.endswith(".tif")) == \
+        ["a_classes.tif", "b_classes.tif"]
     with rasterio.open(tmp_path / "maps" / "a_classes.tif") as dst:
         assert dst.tags()["SPECDEEPMAP_PRECISION"] == "int8"
     wrong = CliRunner().invoke(app, [*args[:5], "--precision", "fp8"])

@@ -171,16 +171,16 @@ def test_baseline_is_logged_with_the_run_and_blocks_promotion(trained, dataset):
     client.create_registered_model("baseline-gate")
     versions = [client.create_model_version("baseline-gate", source=str(dataset)).version
                 for _ in range(3)]
-    assert promote_if_better("baseline-gate", versions[0], 0.40, baseline_mean_iou=0.50) \
+    assert promote_if_better("baseline-gate", versions[0], 0.40, baseline_mean_iou=0.50).alias \
         == "challenger"
     tags = client.get_model_version("baseline-gate", versions[0]).tags
     assert tags["below_baseline"] == "true" and tags["baseline_rf_test_mean_iou"] == "0.500000"
-    assert promote_if_better("baseline-gate", versions[1], 0.55, baseline_mean_iou=0.50) \
+    assert promote_if_better("baseline-gate", versions[1], 0.55, baseline_mean_iou=0.50).alias \
         == "champion"
     assert client.get_model_version("baseline-gate", versions[1]).tags["below_baseline"] \
         == "false"
     # better than the champion but below the baseline: still not champion
-    assert promote_if_better("baseline-gate", versions[2], 0.60, baseline_mean_iou=0.70) \
+    assert promote_if_better("baseline-gate", versions[2], 0.60, baseline_mean_iou=0.70).alias \
         == "challenger"
     assert client.get_model_version_by_alias("baseline-gate", "champion").version == versions[1]
 
@@ -198,7 +198,7 @@ def test_baseline_command_writes_the_testers_csv(dataset, tmp_path):
     result = CliRunner().invoke(app, ["baseline", str(dataset / "chips"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out / "test_iou.csv")
-    assert list(frame.columns) == ["Class", "IoU"]
+    assert list(frame.columns) == ["Class", "IoU", "Name"]
     assert list(frame["Class"]) == ["1", "2", "3", "4", "5", "6", "Mean IoU"]
     assert frame["IoU"].between(0, 1).all()
     summary = json.loads((out / "baseline.json").read_text())

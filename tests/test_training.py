@@ -106,7 +106,7 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     assert len(client.get_metric_history(result.run_id, "val_loss")) == 4
     version = client.get_model_version("test-model", result.model_version)
     assert version.tags["val_iou"] == f"{result.best_val_iou:.4f}"
-    assert version.tags["dataset"] == config.dataset and "code_version" in version.tags
+    assert version.tags["dataset"] == config.dataset and "specdeepmap_version" in version.tags
     artifacts = [a.path for a in client.list_artifacts(result.run_id, "dataset")]
     assert "dataset/Summary_train_val.csv" in artifacts
     assert run.data.params["split_seed"] == "42" and run.data.params["split_train_percent"] == "70"
@@ -128,7 +128,7 @@ def test_tester_outputs_specdeepmap_csv_and_metrics(trained, dataset, tmp_path):
                         str(tmp_path / "test"), device="cpu",
                         predictions_folder=str(tmp_path / "preds"))
     lines = (tmp_path / "test" / "test_iou.csv").read_text().splitlines()
-    assert lines[0] == "Class,IoU" and lines[-1].startswith("Mean IoU,")
+    assert lines[0] == "Class,IoU,Name" and lines[-1].startswith("Mean IoU,")  # named classes
     assert [int(line.split(",")[0]) for line in lines[1:-1]] == [1, 2, 3, 4, 5, 6]
     n_test = len(pd.read_csv(dataset / "chips" / "test_files.csv"))
     assert len(report.predictions) == n_test

@@ -1,0 +1,300 @@
+"""Model card: what a model version was trained on, what it expects, how well it does and how
+it was trained, for the reviewer who decides in the MLflow UI whether it maps production scenes.
+
+The card is Markdown: ``model_card/model_card.md`` in the version's MLflow run (with the
+confusion matrix and sample prediction panels beside it) and, shortened to its summary, the
+model version's description. :func:`dataset_facts` also gives the dataset's digest, which
+training logs with ``mlflow.log_input`` so the run's page shows the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from specdeepmap import storage
+from specdeepmap.chipping import COUNT_PREFIX, read_manifests
+from specdeepmap.classes import ClassSchema, schema_from_config
+from specdeepmap.data import resolve_row
+from specdeepmap.splitting import read_csv
+
+CARD_FOLDER = "model_card"
+SPLITS = ("train", "validation", "test")
+
+
+def dataset_facts(dataset: str) -> dict:
+    """Chips per split, class shares per split, chip and split parameters and a digest of the
+    chip manifests and split CSVs (the same chips give the same digest)."""
+    digest = hashlib.sha256()
+    frames = {}
+    for split in SPLITS:
+        uri = storage.join(dataset, f"{split}_files.csv")
+        if storage.exists(uri):
+            text = storage.read_text(uri)
+            digest.update(text.encode())
+            frames[split] = pd.read_csv(io.StringIO(text))
+    manifests = read_manifests(dataset)
+    if manifests is not None:
+        digest.update(manifests.sort_values(["scene", "y", "x"]).to_csv(index=False).encode())
+    split_uri = storage.join(dataset, "split.json")
+    split_params = json.loads(storage.read_text(split_uri)).get("params", {}) \
+        if storage.exists(split_uri) else {}
+    facts = {"uri": dataset, "digest": digest.hexdigest()[:16],
+             "chips": {s: len(f) for s, f in frames.items()}, "split_params": split_params,
+             "class_shares": {}, "chip_params": {}, "scenes": []}
+    if manifests is not None:
+        counts = manifests.set_index("mask")[[c for c in manifests.columns
+                                              if c.startswith(COUNT_PREFIX) and c != "count_0"]]
+        for split, frame in frames.items():
+            chosen = counts.reindex(frame["mask"]).sum()
+            total = chosen.sum()
+            if total > 0:
+                facts["class_shares"][split] = {int(c[len(COUNT_PREFIX):]): float(v / total)
+                                                for c, v in chosen.items()}
+        first = manifests.iloc[0]
+        facts["chip_params"] = {
+            "tile_size": [int(first["tile_x"]), int(first["tile_y"])],
+            "step": [int(first["stride_x"]), int(first["stride_y"])],
+            "min_coverage": float(first["min_coverage"]) if "min_coverage" in manifests
+            and not pd.isna(first["min_coverage"]) else None}
+        facts["scenes"] = sorted(manifests["scene"].unique().tolist())
+    return facts
+
+
+def dataset_frame(dataset: str) -> pd.DataFrame:
+    """The chips of a dataset with their split (what ``mlflow.log_input`` records)."""
+    rows = []
+    for split in SPLITS:
+        uri = storage.join(dataset, f"{split}_files.csv")
+        if storage.exists(uri):
+            rows.append(read_csv(uri).assign(split=split))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["image", "mask", "split"])
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def _band_stat(values, i: int) -> float | None:
+    """A band's mean or std (None where the band has no valid pixels or no statistics)."""
+    return None if values is None or values[i] is None else float(values[i])
+
+
+def summary(config: dict, facts: dict, scores: dict) -> str:
+    """The card's summary (the model version's description): what the model is, its scores
+    beside the RandomForest's and the champion's on the same chips, and the alias it got.
+
+    ``scores``: ``val``, ``test``, ``baseline_val``, ``baseline_test``, ``champion_version``,
+    ``champion_test``, ``alias``, ``alias_reason``, ``run_id`` (any may be missing).
+    """
+    classes = schema_from_config(config)
+    names = ", ".join(classes.name(v) for v in config["class_values"])
+    bands = config.get("band_names") or []
+    band_text = f"{config['in_channels']} bands" + (
+        f" ({bands[0]} … {bands[-1]})" if len(bands) > 1 else "")
+    champion = scores.get("champion_version")
+    lines = [f"**{config['architecture']} / {config['backbone']}** for "
+             f"{len(config['class_values'])} classes ({names}) from {band_text}, "
+             f"{config['tile_size'][0]} × {config['tile_size'][1]} px chips.", ""]
+    header = ["pooled mean IoU", "this model", "RandomForest (same chips)"]
+    rows = [["validation", scores.get("val"), scores.get("baseline_val")],
+            ["test", scores.get("test"), scores.get("baseline_test")]]
+    if champion:
+        header.append(f"champion v{champion} (same chips)")
+        rows[0].append(None)
+        rows[1].append(scores.get("champion_test"))
+    lines += _table(header, rows) + [""]
+    if scores.get("alias"):
+        lines.append(f"Alias after training: **{scores['alias']}**"
+                     + (f" ({scores['alias_reason']})" if scores.get("alias_reason") else "")
+                     + ".")
+    chips = facts.get("chips", {})
+    lines.append(f"Trained on `{facts.get('uri')}` (digest `{facts.get('digest')}`; chips "
+                 f"train/validation/test {'/'.join(str(chips.get(s, 0)) for s in SPLITS)})"
+                 + (f", MLflow run `{scores['run_id']}`" if scores.get("run_id") else "")
+                 + f". Full model card: run artifact `{CARD_FOLDER}/model_card.md`.")
+    return "\n".join(lines)
+
+
+def model_card(config: dict, facts: dict, scores: dict, training: dict,
+               test: dict | None = None, images: list[str] | None = None) -> str:
+    """The whole card (Markdown).
+
+    Args:
+        config: the model file's config (bands, normalisation, classes, architecture).
+        facts: :func:`dataset_facts`.
+        scores: as for :func:`summary`.
+        training: recipe switches and run facts (epochs, wall time, device, software).
+        test: the Tester's ``test_metrics.json`` summary (per-class rows), if tested.
+        images: file names of images beside the card (confusion matrix, prediction panels).
+    """
+    classes = schema_from_config(config)
+    values = list(config["class_values"])
+    norm = config.get("normalization", {})
+    lines = ["# Model card", "", "## Summary", "", summary(config, facts, scores), "",
+             "## Data", ""]
+    lines += [f"- dataset: `{facts.get('uri')}`, digest `{facts.get('digest')}` (chip "
+              "manifests and split CSVs)",
+              f"- scenes: {', '.join(f'`{s}`' for s in facts.get('scenes', [])) or '–'}",
+              f"- chip parameters: {json.dumps(facts.get('chip_params', {}))}",
+              f"- split parameters: {json.dumps(facts.get('split_params', {}))}", ""]
+    shares = facts.get("class_shares", {})
+    if shares:
+        lines += _table(["class", "value", *[f"{s} share" for s in SPLITS if s in shares]],
+                        [[classes.name(v), v, *[f"{shares[s].get(v, 0.0):.1%}"
+                                                for s in SPLITS if s in shares]]
+                         for v in values]) + [""]
+    lines += _table(["split", "chips"], [[s, facts.get("chips", {}).get(s, 0)]
+                                         for s in SPLITS]) + ["", "## Input contract", ""]
+    bands = config.get("band_names") or [f"band {i + 1}" for i in range(config["in_channels"])]
+    mean, std = norm.get("mean"), norm.get("std")
+    lines += [f"- {config['in_channels']} bands, dtype {config.get('dtype', '–')}, chips of "
+              f"{config['tile_size'][0]} × {config['tile_size'][1]} px",
+              f"- scaler: {norm.get('scaler')} (pixel values are divided by it first); "
+              f"nodata: {norm.get('nodata')}", ""]
+    lines += _table(["band", "name", "mean", "std"],
+                    [[i + 1, name, _band_stat(mean, i), _band_stat(std, i)]
+                     for i, name in enumerate(bands)])
+    lines += ["", "## Results", ""]
+    if test:
+        lines.append(f"Test mean IoU **{_fmt(test.get('mean_iou_pooled'))}** pooled over "
+                     f"pixels, {_fmt(test.get('mean_iou_per_chip_specdeepmap'))} per-chip mean "
+                     f"(SpecDeepMap's), overall accuracy {_fmt(test.get('overall_accuracy'))}.")
+        lines.append("")
+        per_class = {r["Class"]: r for r in test.get("per_class", [])}
+        baseline = test.get("baseline_rf_iou") or [None] * len(values)
+        lines += _table(["class", "value", "IoU", "precision", "recall", "RandomForest IoU"],
+                        [[classes.name(v), v, per_class.get(v, {}).get("IoU"),
+                          per_class.get(v, {}).get("Precision"),
+                          per_class.get(v, {}).get("Recall"), b]
+                         for v, b in zip(values, baseline)])
+    else:
+        lines.append("Not tested yet (the training pipeline tests every version).")
+    for image in images or []:
+        lines += ["", f"![{image}]({image})"]
+    lines += ["", "## Training", ""]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in training.items()]
+    lines += [f"- weights: {config.get('weights')}, frozen encoder: "
+              f"{config.get('freeze_backbone')}",
+              f"- spectral front-end channels: {config.get('spectral_channels')}, encoder "
+              f"depth: {config.get('encoder_depth')}",
+              f"- software: specdeepmap {config.get('version')}"]
+    return "\n".join(lines) + "\n"
+
+
+def prediction_panels(test_csv: str, predictor, png_uri: str, count: int = 4) -> str | None:
+    """A PNG of a few test chips: image (three bands), label and prediction in the classes'
+    colours. The chips shown are those with the most classes (ties: CSV order)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = read_csv(test_csv)
+    if frame.empty:
+        return None
+    folder = storage.parent(test_csv)
+    pairs = [(resolve_row(folder, i), resolve_row(folder, m))
+             for i, m in zip(frame["image"], frame["mask"])]
+    labels = []
+    for _, mask in pairs:
+        with storage.open_raster(mask) as src:
+            labels.append(src.read(1))
+    order = sorted(range(len(pairs)), key=lambda i: -len(np.unique(labels[i][labels[i] > 0])))
+    chosen = order[:count]
+    images = []
+    for i in chosen:
+        with storage.open_raster(pairs[i][0]) as src:
+            images.append(src.read())
+    predictions = predictor.predict_classes(np.stack(images))
+    classes: ClassSchema = predictor.classes
+    fig, axes = plt.subplots(len(chosen), 3, figsize=(7.5, 2.5 * len(chosen)), squeeze=False)
+    for row, (i, image, pred) in enumerate(zip(chosen, images, predictions)):
+        truth = labels[i]
+        pred = np.where(truth == 0, 0, pred)  # unlabelled pixels are not judged
+        for col, (title, panel) in enumerate((("image", _rgb(image, predictor)),
+                                              ("label", _colour(truth, classes)),
+                                              ("prediction", _colour(pred, classes)))):
+            axes[row, col].imshow(panel, interpolation="nearest")
+            axes[row, col].set_axis_off()
+            axes[row, col].set_title(f"{title}: {storage.stem(pairs[i][0])}" if col == 0
+                                     else title, fontsize=7)
+    fig.tight_layout()
+    with storage.atomic_output(png_uri) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return png_uri
+
+
+def _rgb(image: np.ndarray, predictor) -> np.ndarray:
+    """Three bands stretched to 2-98 % (red, green, blue by band name where known)."""
+    names = [n.upper() for n in predictor.config.get("band_names") or []]
+    wanted = ("B04", "B03", "B02")
+    if all(w in names for w in wanted):
+        picks = [names.index(w) for w in wanted]
+    else:
+        n = image.shape[0]
+        picks = [min(n - 1, round(n * f)) for f in (0.6, 0.35, 0.1)] if n >= 3 else [0] * 3
+    rgb = image[picks].astype(np.float32)
+    low, high = np.percentile(rgb, 2), np.percentile(rgb, 98)
+    return np.clip((np.moveaxis(rgb, 0, -1) - low) / max(high - low, 1e-6), 0, 1)
+
+
+def _colour(labels: np.ndarray, classes: ClassSchema) -> np.ndarray:
+    out = np.full((*labels.shape, 3), 255, dtype=np.uint8)  # unlabelled: white
+    for value in np.unique(labels[labels > 0]):
+        out[labels == value] = classes.info(int(value)).color
+    return out
+
+
+def publish_model_card(name: str, version: str, run_id: str, model_uri: str, dataset: str,
+                       scores: dict, training: dict, test_folder: str | None = None,
+                       test_csv: str | None = None, client=None) -> str:
+    """Write the card of a model version and show it in MLflow; returns the Markdown.
+
+    The card and its images go to the run's ``model_card/`` artifacts (replacing an earlier
+    card of the same run); its summary becomes the version's description. ``test_folder``
+    (the Tester's output) adds the test results and confusion matrix, ``test_csv`` sample
+    prediction panels.
+    """
+    import tempfile
+
+    import mlflow
+
+    from specdeepmap.inference import load_model
+
+    client = client or mlflow.MlflowClient()
+    predictor = load_model(model_uri, "cpu")
+    facts = dataset_facts(dataset)
+    test, images = None, []
+    with tempfile.TemporaryDirectory(prefix="specdeepmap-card-") as folder:
+        if test_folder:
+            test = json.loads(storage.read_text(storage.join(test_folder, "test_metrics.json")))
+            for image in ("confusion_matrix.png", "class_iou.png"):
+                uri = storage.join(test_folder, image)
+                if storage.exists(uri):
+                    storage.download(uri, storage.join(folder, image))
+                    images.append(image)
+        if test_csv and prediction_panels(test_csv, predictor,
+                                          storage.join(folder, "prediction_panels.png")):
+            images.append("prediction_panels.png")
+        card = model_card(predictor.config, facts, scores, training, test, images)
+        storage.write_text(storage.join(folder, "model_card.md"), card)
+        client.log_artifacts(run_id, folder, artifact_path=CARD_FOLDER)
+    client.update_model_version(name, version,
+                                description=summary(predictor.config, facts, scores))
+    return card
+
