@@ -127,7 +127,8 @@ class MapSettings(BaseModel):
     precision: Literal["fp32", "bf16", "int8"] = Field(
         "fp32", description="bf16: autocast (GPUs, AMX CPUs); int8: quantized network on the "
         "CPU (several times faster on VNNI CPUs, a few pixels change class).")
-    device: Literal["cpu", "gpu", "auto"] = "auto"
+    device: Literal["cpu", "gpu", "auto"] = Field(
+        "auto", description="auto: a GPU if the worker has one, else the CPU.")
 
     def to_core(self) -> MapParams:
         """The core library's parameters."""
@@ -150,9 +151,12 @@ class TrainingPipelineParams(BaseModel):
     review_timeout_hours: float = Field(
         24, gt=0, le=24 * 30, description="With approval: how long the run waits for a "
         "reviewer's answer; without one the version stays challenger.")
-    chip: ChipSettings = ChipSettings()
-    split: SplitSettings = SplitSettings()
-    train: TrainSettings = TrainSettings()
+    chip: ChipSettings = Field(ChipSettings(), description="Raster Splitter: chip size, step "
+                               "and minimum labelled share.")
+    split: SplitSettings = Field(SplitSettings(), description="Dataset Maker: set shares, "
+                                 "seed, scaler, balancing strategy.")
+    train: TrainSettings = Field(TrainSettings(), description="Deep Learning Trainer: "
+                                 "network, recipe, epochs, device.")
 
 
 class MapFlowParams(BaseModel):
@@ -162,7 +166,7 @@ class MapFlowParams(BaseModel):
     output_uri: str = Field(..., description="Output folder or s3:// prefix.")
     scenes: list[str] = Field(default_factory=list, description="Scene URIs.")
     input_prefix: str | None = Field(None, description="Or: map every .tif under this prefix.")
-    map: MapSettings = MapSettings()
+    map: MapSettings = Field(MapSettings(), description="Deep Learning Mapper settings.")
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="Threads on this worker, or a Dask cluster.")
     dask_address: str | None = Field(None, description="Dask scheduler (default: local).")
@@ -182,4 +186,4 @@ class ScheduledMappingParams(BaseModel):
     output_prefix: str = Field(..., description="Folder or s3:// prefix of the maps.")
     model_name: str = Field("specdeepmap-segmentation", description="Registered model name.")
     alias: str = Field("champion", description="Model alias to map with.")
-    map: MapSettings = MapSettings()
+    map: MapSettings = Field(MapSettings(), description="Deep Learning Mapper settings.")

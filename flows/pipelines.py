@@ -29,8 +29,8 @@ from specdeepmap import registry, storage
 from specdeepmap.mapping import output_uri_for, unmapped_scenes
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
-from tasks import (champion_task, chip_task, evaluate_task, map_scene_task, model_card_task,
-                   promote_task, split_task, train_task)
+from tasks import (champion_task, check_labels_task, chip_task, evaluate_task, map_scene_task,
+                   model_card_task, promote_task, split_task, train_task)
 
 RUNS_DIR = os.environ.get("SPECDEEPMAP_RUNS_DIR", "runs")
 
@@ -147,14 +147,16 @@ def review_flow(model_name: str, version: str, rule: str, comparison: str,
 @flow(name="training-pipeline")
 def training_pipeline(params: TrainingPipelineParams,
                       promotion: Literal["auto", "approval", "none"] = "auto") -> dict:
-    """chip → split → train → evaluate → score the champion on the same test chips →
-    promote: ``auto`` makes the version champion if it beats the champion by the margin and
+    """check labels → chip → split → train → evaluate → score the champion on the same test
+    chips → promote: ``auto`` makes the version champion if it beats the champion by the margin and
     not below the baseline (else challenger); ``approval`` asks a reviewer (the production
     deployment's default); ``none`` only registers."""
     params = TrainingPipelineParams.model_validate(params.model_dump())  # cross-field rules
     logger = get_run_logger()
     ensure_experiment(tracking_uri(), "specdeepmap")
     chips_uri = storage.join(params.work_uri, "chips")
+    check_labels_task([s.label_uri for s in params.scenes], params.chip.to_core(),
+                      params.split.to_core())
     chip_flow(params.scenes, chips_uri, params.chip)
     split_flow(chips_uri, params.split)
     result = train_flow(chips_uri, params.train, params.model_name)

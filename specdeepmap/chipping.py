@@ -369,6 +369,32 @@ def chip_scene(
     return report
 
 
+def label_windows(label_uri: str, params: ChipParams = ChipParams()) -> pd.DataFrame:
+    """Class counts of the chip windows that would pass the coverage threshold, from the label
+    raster alone (one strip of windows at a time): what the split will work with, known before
+    any chip is cut. The image's nodata is not applied (it can only lower the counts)."""
+    params.validate()
+    tx, ty = params.tile_size
+    rows = []
+    with storage.open_raster(label_uri) as label:
+        validate_label_values(label, label_uri)
+        offsets = tile_offsets(label.width, label.height, params)
+        for y in sorted({y for _, y in offsets}):
+            strip = label_to_classes(_padded_read(label, 0, y, label.width, ty, 0, 1),
+                                     label.nodata)
+            strip = np.pad(strip, ((0, 0), (0, tx)))  # the last windows' right padding
+            for x in (x for x, y0 in offsets if y0 == y):
+                counts = np.bincount(strip[:, x:x + tx].ravel(), minlength=256)
+                if counts[1:].sum() >= params.min_coverage / 100.0 * tx * ty and counts[1:].any():
+                    rows.append({"scene": label_uri, "x": x, "y": y, "tile_x": tx} |
+                                {f"{COUNT_PREFIX}{v}": int(n) for v, n in enumerate(counts)
+                                 if n})
+    frame = pd.DataFrame(rows)
+    columns = [c for c in frame.columns if c.startswith(COUNT_PREFIX)]
+    frame[columns] = frame[columns].fillna(0).astype("int64")
+    return frame
+
+
 def _read_label_chip(uri: str) -> np.ndarray:
     with storage.open_raster(uri) as src:
         return label_to_classes(src.read(1), src.nodata)

@@ -16,7 +16,6 @@ import copy
 import glob
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -58,7 +57,8 @@ def local_model_file(uri: str) -> str:
             raise UnsafeModelFileError(f"{uri} holds no {MODEL_FILE}: was it logged by "
                                        "specdeepmap train?")
         return found[0]
-    return storage.cached_local_copy(uri, os.path.join(tempfile.gettempdir(), "specdeepmap-models"))
+    # keyed on the object's ETag: a model replaced under the same key is fetched again
+    return storage.cached_version(uri, storage.private_cache_dir("models"))
 
 
 def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:

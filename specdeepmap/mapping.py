@@ -181,10 +181,7 @@ def _check_input(src: rasterio.DatasetReader, predictor: Predictor, uri: str,
 def check_writable(uri: str) -> None:
     """Fail early when the output location cannot be written."""
     if storage.is_s3(uri):
-        fs, path = storage.filesystem(uri)
-        bucket = path.split("/", 1)[0]
-        if not fs.exists(bucket):
-            raise InvalidParameterError(f"Output {uri}: bucket {bucket} does not exist")
+        storage.check_bucket(uri)
         return
     folder = os.path.dirname(os.path.abspath(storage.local_path(uri)))
     try:

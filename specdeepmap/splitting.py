@@ -34,7 +34,8 @@ import pandas as pd
 
 from specdeepmap import __version__, storage
 from specdeepmap.balancing import assign, quality
-from specdeepmap.chipping import CHIP_NAME, COUNT_PREFIX, label_to_classes, read_manifests
+from specdeepmap.chipping import (CHIP_NAME, COUNT_PREFIX, ChipParams, label_to_classes,
+                                  label_windows, read_manifests)
 from specdeepmap.errors import (
     EmptyDatasetError,
     InputMismatchError,
@@ -211,6 +212,31 @@ def split_chips(frame: pd.DataFrame, class_values: list[int],
                     "class is too rare or too concentrated in a few chips. Add data, merge or "
                     "relabel the class, or change the percentages.")
     return sets, achieved
+
+
+def check_split_before_chipping(label_uris: list[str], chip: ChipParams,
+                                params: SplitParams) -> int:
+    """Refuse, before any chip is cut, a split the labels cannot give: the label rasters'
+    chip windows (:func:`specdeepmap.chipping.label_windows`) must hold at least two classes
+    and admit a split that meets the class-share rule. Returns the number of windows kept."""
+    params.validate()
+    frame = pd.concat([label_windows(uri, chip) for uri in label_uris], ignore_index=True)
+    where = ", ".join(label_uris)
+    if frame.empty:
+        raise EmptyDatasetError(f"No chip window of {where} reaches the minimum labelled share "
+                                f"of {chip.min_coverage} %: lower min_coverage or check the "
+                                "labels")
+    class_values, _ = _class_columns(frame)
+    if len(class_values) < 2:
+        raise InvalidLabelError(f"The labels of {where} hold a single class "
+                                f"({class_values}) in the chips that would be kept: "
+                                "segmentation needs at least two classes")
+    try:
+        split_chips(frame, class_values, params)
+    except SplitInfeasibleError as error:
+        raise SplitInfeasibleError(f"Checked before chipping {where} with chips of "
+                                   f"{chip.tile_size[0]} px: {error}") from None
+    return len(frame)
 
 
 def class_weights(train_counts: np.ndarray, method: str) -> np.ndarray:

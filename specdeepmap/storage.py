@@ -369,11 +369,77 @@ def download(uri: str, local_file: str) -> str:
 def cached_local_copy(uri: str, cache_dir: str) -> str:
     """Local path of ``uri``: the path itself when local, else a copy cached under ``cache_dir``.
 
-    The cache key is the S3 path, so later epochs (and later runs) read the local copy.
+    The cache key is the S3 path, so later epochs (and later runs) read the local copy. A key
+    that would lead outside ``cache_dir`` (``..`` parts) is cached under its hash instead.
     """
     if not is_s3(uri):
         return local_path(uri)
-    target = os.path.join(cache_dir, str(uri)[len("s3://") :])
+    root = os.path.abspath(cache_dir)
+    target = os.path.abspath(os.path.join(root, str(uri)[len("s3://") :]))
+    if os.path.commonpath([root, target]) != root or target == root:
+        target = os.path.join(root, "by-hash", _hash(uri) + "-" + basename(uri)[-64:])
     if not os.path.exists(target):
         download(uri, target)
     return target
+
+
+def private_cache_dir(name: str) -> str:
+    """A cache folder only this user can read (``$SPECDEEPMAP_CACHE`` or
+    ``~/.cache/specdeepmap``, then ``name``): created with mode 0700, refused when another
+    user owns it or others may write to it (files placed there would be trusted later)."""
+    import stat
+
+    base = os.environ.get("SPECDEEPMAP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "specdeepmap")
+    folder = os.path.join(base, name)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    for path in (base, folder):
+        info = os.stat(path)
+        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            from specdeepmap.errors import InvalidParameterError
+
+            raise InvalidParameterError(
+                f"Cache folder {path} is not private (owner uid {info.st_uid}, mode "
+                f"{stat.filemode(info.st_mode)}): make it yours with mode 0700, or set "
+                "SPECDEEPMAP_CACHE to a private folder")
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def cached_version(uri: str, cache_dir: str) -> str:
+    """Local copy of a remote file, re-downloaded when the object changes: the cache key is the
+    object's identity (URI hash + :func:`fingerprint`: size and ETag), never a path built from
+    the key, so every key stays inside ``cache_dir``. Local paths are returned as they are."""
+    if not is_s3(uri):
+        return local_path(uri)
+    suffix = os.path.splitext(basename(uri))[1][:16]
+    target = os.path.join(cache_dir, f"{_hash(uri)}-{fingerprint(uri)}{suffix}")
+    if not os.path.exists(target):
+        download(uri, target)
+        os.chmod(target, 0o600)
+    return target
+
+
+def _hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def check_bucket(uri: str) -> None:
+    """Fail at once when the bucket of an ``s3://`` URI does not exist or is not ours.
+
+    Asks the store directly (``HeadBucket``): an unreachable endpoint raises its connection
+    error (transient: retried by tasks), not a misleading "no such bucket".
+    """
+    from specdeepmap.errors import MissingInputError
+
+    fs, path = filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise MissingInputError(f"{redact(uri)}: bucket {bucket} does not exist") from None
+    except PermissionError as error:
+        raise PermissionError(f"{redact(uri)}: no access to bucket {bucket} ({error})") from None

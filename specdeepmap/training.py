@@ -10,7 +10,6 @@ definition as the Tester's dataset-level IoU (SpecDeepMap averaged per-batch val
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -30,7 +29,7 @@ from specdeepmap.data import (ChipDataset, Normalization, band_names, chip_prope
                               read_dataset_folder)
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
-from specdeepmap.model_card import dataset_frame, publish_model_card
+from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
 from specdeepmap.losses import Loss, build_loss, warmup_cosine
 from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, load_encoder_weights,
@@ -435,13 +434,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             if storage.exists(uri_csv):
                 local = storage.cached_local_copy(uri_csv, os.path.join(cfg.out, "dataset"))
                 mlflow.log_artifact(local, artifact_path="dataset")
-        split_uri = storage.join(cfg.dataset, "split.json")
-        if storage.exists(split_uri):  # the Dataset Maker's parameters, as run parameters
-            split = json.loads(storage.read_text(split_uri)).get("params", {})
-            mlflow.log_params({f"split_{k}": v for k, v in split.items()})
+        # the Raster Splitter's and Dataset Maker's parameters, as run parameters
+        facts = dataset_facts(cfg.dataset)
+        mlflow.log_params({f"chip_{k}": v for k, v in facts["chip_params"].items()} |
+                          {f"split_{k}": v for k, v in facts["split_params"].items()})
         mlflow.log_artifact(best, artifact_path="checkpoints")
         mlflow.log_metric("best_val_iou", best_iou)
-        mlflow.set_tags({"dataset": cfg.dataset, "specdeepmap_version": config["version"]})
+        mlflow.set_tags({"dataset": cfg.dataset, "dataset_digest": facts["digest"],
+                         "specdeepmap_version": config["version"]})
         mlflow.log_input(mlflow.data.from_pandas(dataset_frame(cfg.dataset), source=cfg.dataset,
                                                  name=storage.basename(cfg.dataset) or "chips"),
                          context="training")

@@ -12,7 +12,8 @@ from specdeepmap.chipping import ChipParams, ChipReport, chip_scene
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.mapping import MapParams, map_scene_products
 from specdeepmap.model_card import publish_model_card
-from specdeepmap.splitting import SplitParams, SplitReport, make_dataset
+from specdeepmap.splitting import (SplitParams, SplitReport, check_split_before_chipping,
+                                   make_dataset)
 from specdeepmap.training import TrainConfig, TrainResult, train
 
 
@@ -37,6 +38,15 @@ def _table(rows: list[tuple], header: tuple) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@task(name="check labels", **RETRIES)
+def check_labels_task(label_uris: list[str], chip: ChipParams, split: SplitParams) -> int:
+    """Before chipping: the labels hold two classes or more and admit a split that meets the
+    class-share rule (else the run stops here, with the reason, and nothing is written)."""
+    windows = check_split_before_chipping(label_uris, chip, split)
+    get_run_logger().info("Labels checked: %d chip windows, a valid split exists", windows)
+    return windows
 
 
 @task(name="chip scene", **RETRIES, **PERSIST)
@@ -176,5 +186,5 @@ def map_scene_task(input_uri: str, model_uri: str, output_uri: str, params: MapP
     return products
 
 
-__all__ = ["chip_task", "split_task", "train_task", "evaluate_task", "champion_task",
+__all__ = ["check_labels_task", "chip_task", "split_task", "train_task", "evaluate_task", "champion_task",
            "promote_task", "model_card_task", "map_scene_task"]

@@ -93,6 +93,8 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
     scene = generate_scene(str(tmp_path / "scene"), 320, 320, seed=7, field_size=48)
     storage.upload(scene.image_uri, f"{s3_bucket}/train/demo_s2.tif")
     storage.upload(scene.label_uri, f"{s3_bucket}/train/demo_s2_labels.tif")
+    # class names travel in GDAL's sidecar, as GIS tools write them
+    storage.upload(scene.label_uri + ".aux.xml", f"{s3_bucket}/train/demo_s2_labels.tif.aux.xml")
     summary = training_pipeline(TrainingPipelineParams(
         scenes=[ScenePair(image_uri=f"{s3_bucket}/train/demo_s2.tif",
                           label_uri=f"{s3_bucket}/train/demo_s2_labels.tif")],
@@ -400,3 +402,21 @@ def test_a_reviewer_approves_or_rejects_through_the_prefect_api(prefect_api, mlf
     alias = "champion" if approve else "challenger"
     assert tags[f"{alias}_by"] == "rita" and tags[f"{alias}_comment"] == "checked"
     assert ("approved" if approve else "rejected") in tags[f"{alias}_reason"]
+
+
+def test_training_pipeline_refuses_impossible_labels_before_chipping(prefect_api, mlflow_store,
+                                                                     tmp_path):
+    """A label raster with one class stops the run at its first task: no chips are cut."""
+    from flows.params import ChipSettings, ScenePair, TrainingPipelineParams
+    from flows.pipelines import training_pipeline
+    from specdeepmap.errors import InvalidLabelError
+    from tests.conftest import write_raster
+
+    image = write_raster(tmp_path / "image.tif", np.ones((3, 64, 64), np.uint16))
+    label = write_raster(tmp_path / "label.tif", np.full((64, 64), 4, np.uint8))
+    params = TrainingPipelineParams(scenes=[ScenePair(image_uri=image, label_uri=label)],
+                                    work_uri=str(tmp_path / "work"),
+                                    chip=ChipSettings(tile_size=32, step=32))
+    with pytest.raises(InvalidLabelError, match="single class"):
+        training_pipeline(params)
+    assert not (tmp_path / "work" / "chips").exists()

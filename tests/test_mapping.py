@@ -425,3 +425,29 @@ def test_int8_map_matches_fp32(trained, dataset, tmp_path):
     assert clear.sum() > 0.1 * valid.sum() and same[clear].mean() > 0.99
     assert same[valid].mean() > 0.85
     assert abs(iou["int8"] - iou["fp32"]) < 0.03
+
+
+def test_an_unreachable_output_store_is_not_called_a_missing_bucket(trained, dataset, tmp_path,
+                                                                     monkeypatch):
+    """With the S3 endpoint down, an s3:// output is reported as unreachable (transient, so
+    tasks retry it), not as a bucket that does not exist, and without minutes of waiting."""
+    import socket
+    import time
+
+    from typer.testing import CliRunner
+
+    from specdeepmap.cli import app
+
+    _, result = trained
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    started = time.perf_counter()
+    out = CliRunner().invoke(app, ["map", str(dataset / "scene" / "demo_s2.tif"),
+                                   result.model_file, "s3://maps/scene.tif", "--device", "cpu"])
+    assert out.exit_code == 2, out.output
+    assert "unreachable" in out.output and "does not exist" not in out.output
+    assert time.perf_counter() - started < 60

@@ -232,3 +232,25 @@ def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
     write_raster(one / "labels" / "s_tile_0_0.tif", np.full((8, 8), 5, np.uint8))
     with pytest.raises(InvalidLabelError, match="single class"):
         make_dataset(str(one), SplitParams(100, 0, 0))
+
+
+def test_an_impossible_split_is_refused_before_chipping(tmp_path):
+    """The label raster alone tells that a class is too rare for three sets, or that there is
+    one class only: the check says so before any chip is cut."""
+    from specdeepmap.chipping import ChipParams
+    from specdeepmap.errors import InvalidLabelError, SplitInfeasibleError
+    from specdeepmap.splitting import SplitParams, check_split_before_chipping
+
+    labels = np.ones((128, 128), np.uint8)
+    labels[:, 64:] = 2
+    labels[:8, :8] = 3  # class 3 in one 32 px window only
+    uri = write_raster(tmp_path / "labels.tif", labels)
+    chip, split = ChipParams((32, 32), (32, 32), 50), SplitParams(60, 20, 20)
+    with pytest.raises(SplitInfeasibleError, match="before chipping.*Class 3 occurs in only 1"):
+        check_split_before_chipping([uri], chip, split)
+    labels[:8, :8] = 1
+    fine = write_raster(tmp_path / "fine.tif", labels)
+    assert check_split_before_chipping([fine], chip, split) == 16
+    single = write_raster(tmp_path / "single.tif", np.ones((64, 64), np.uint8))
+    with pytest.raises(InvalidLabelError, match="single class"):
+        check_split_before_chipping([single], chip, split)

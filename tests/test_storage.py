@@ -85,3 +85,38 @@ def test_transient_errors_are_told_apart_from_bad_input():
     assert not storage.is_transient(MissingInputError("gone"))
     assert not storage.is_transient(TypeError("a bug"))
     assert not storage.is_transient(UnreadableInputError("not a raster"))
+
+
+@pytest.mark.integration
+def test_a_model_replaced_under_the_same_key_is_fetched_again(s3_bucket, tmp_path,
+                                                              monkeypatch):
+    """The model cache keys on the object's ETag, lives in a private folder, and keeps every
+    cached file inside it whatever the key."""
+    import stat
+
+    import torch
+
+    from specdeepmap.inference import MODEL_FORMAT, read_model_file
+    from specdeepmap.errors import InvalidParameterError
+
+    monkeypatch.setenv("SPECDEEPMAP_CACHE", str(tmp_path / "cache"))
+    uri = f"{s3_bucket}/models/model.pt"
+    for run in ("first", "second"):
+        local = tmp_path / f"{run}.pt"
+        torch.save({"format": MODEL_FORMAT, "config": {"run_id": run},
+                    "state_dict": {}}, local)
+        storage.upload(str(local), uri)
+        config, _ = read_model_file(uri)
+        assert config["run_id"] == run  # not the first download again
+    folder = tmp_path / "cache" / "models"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert len(list(folder.iterdir())) == 2
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir())
+    # a key with ".." parts is cached inside the cache folder all the same
+    storage.write_text(f"{s3_bucket}/a/../../escape.txt", "x")
+    cached = storage.cached_local_copy(f"{s3_bucket}/a/../../escape.txt", str(tmp_path / "c"))
+    assert os.path.commonpath([cached, str(tmp_path / "c")]) == str(tmp_path / "c")
+    # a cache folder others may write to is refused
+    os.chmod(tmp_path / "cache", 0o777)
+    with pytest.raises(InvalidParameterError, match="not private"):
+        storage.private_cache_dir("models")
