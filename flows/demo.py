@@ -22,7 +22,9 @@ def main() -> None:
     args = parser.parse_args()
     from specdeepmap.console import configure_console
 
-    configure_console(args.verbose)
+    # progress: Prefect's flow and task runs; the ephemeral API sends no telemetry
+    configure_console(args.verbose, progress=("prefect.flow_runs", "prefect.task_runs"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     out = os.path.abspath(args.out)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
     os.environ.setdefault("SPECDEEPMAP_RUNS_DIR", out)

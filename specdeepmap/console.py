@@ -1,37 +1,54 @@
 """What a command prints: the user's progress and results, not the libraries' chatter.
 
-Library warnings (MLflow's type-hint notice, Lightning's tips, deprecation notices) and the
-libraries' INFO logs go to the log only with ``--verbose``; this package's own warnings (about
-the user's input) are always shown.
+Library warnings (MLflow's type-hint notice, Lightning's tips, deprecation notices), the
+libraries' INFO logs and their download progress bars go to the log only with ``--verbose``;
+this package's own warnings (about the user's input) are always shown, and so are the
+progress loggers a command names (the demo shows Prefect's flow and task runs).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
-#: loggers of libraries that log routine INFO messages on their own handlers
-CHATTY_LOGGERS = ("mlflow", "lightning", "lightning.pytorch", "lightning.fabric", "alembic",
-                  "botocore", "urllib3", "matplotlib", "rasterio", "numexpr")
 _OURS = f"{os.sep}specdeepmap{os.sep}"
+_state = {"verbose": False}
 
 
-def configure_console(verbose: bool = False) -> None:
+def configure_console(verbose: bool = False, progress: tuple[str, ...] = ()) -> None:
     """Set up logging and warnings for a command run by a person.
 
-    ``verbose``: every log line at INFO, and every warning as a log line. Otherwise only
-    warnings and errors of this package, and errors of the libraries.
+    ``verbose``: every log record at INFO and every warning as a log line. Otherwise: records
+    at WARNING and above, plus INFO records of the ``progress`` loggers (name prefixes).
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    # Lightning's "GPU available", "💡 Tip" and model summaries are INFO on its own handler
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
-    warnings.showwarning = _show_warning if not verbose else _log_warning
+    _state["verbose"] = verbose
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(lambda record: verbose or record.levelno >= logging.WARNING
+                      or record.name.startswith(progress) if progress else
+                      verbose or record.levelno >= logging.WARNING)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    warnings.showwarning = _log_warning if verbose else _show_warning
+    if not verbose:  # read by MLflow when it is imported
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def quiet_lightning() -> None:
+    """Lightning gives its ``lightning`` logger an INFO handler of its own when imported (GPU
+    availability, tips): keep it to warnings unless verbose. Call after importing Lightning."""
+    if not _state["verbose"]:
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def is_verbose() -> bool:
+    """Whether the libraries' details (e.g. Lightning's model summary) should be shown."""
+    return _state["verbose"]
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -240,7 +240,8 @@ def prediction_panels(test_csv: str, predictor, png_uri: str, count: int = 4) ->
 
 
 def _rgb(image: np.ndarray, predictor) -> np.ndarray:
-    """Three bands stretched to 2-98 % (red, green, blue by band name where known)."""
+    """Three bands, each stretched to its 2-98 % range (red, green, blue by band name where
+    known, else three bands spread over the spectrum)."""
     names = [n.upper() for n in predictor.config.get("band_names") or []]
     wanted = ("B04", "B03", "B02")
     if all(w in names for w in wanted):
@@ -249,8 +250,9 @@ def _rgb(image: np.ndarray, predictor) -> np.ndarray:
         n = image.shape[0]
         picks = [min(n - 1, round(n * f)) for f in (0.6, 0.35, 0.1)] if n >= 3 else [0] * 3
     rgb = image[picks].astype(np.float32)
-    low, high = np.percentile(rgb, 2), np.percentile(rgb, 98)
-    return np.clip((np.moveaxis(rgb, 0, -1) - low) / max(high - low, 1e-6), 0, 1)
+    low = np.percentile(rgb, 2, axis=(1, 2), keepdims=True)  # per band, as GIS quicklooks
+    high = np.percentile(rgb, 98, axis=(1, 2), keepdims=True)
+    return np.moveaxis(np.clip((rgb - low) / np.maximum(high - low, 1e-6), 0, 1), 0, -1)
 
 
 def _colour(labels: np.ndarray, classes: ClassSchema) -> np.ndarray:

@@ -25,6 +25,7 @@ from specdeepmap import __version__, storage
 from specdeepmap.augmentation import Augmentation
 from specdeepmap.baseline import BaselineParams, run_baseline
 from specdeepmap.classes import ClassSchema, read_dataset_classes
+from specdeepmap.console import is_verbose, quiet_lightning
 from specdeepmap.data import (ChipDataset, Normalization, band_names, chip_properties,
                               read_dataset_folder)
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
@@ -347,6 +348,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
     from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
+    quiet_lightning()
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     info, model, config, weights, train_set, val_set = prepare(cfg)
@@ -391,7 +393,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         devices=cfg.devices, precision=cfg.precision, callbacks=callbacks,
         logger=[tensorboard, mlflow_logger], log_every_n_steps=1, enable_progress_bar=True,
         limit_train_batches=cfg.limit_batches, limit_val_batches=cfg.limit_batches,
-        num_sanity_val_steps=0, deterministic=False,
+        num_sanity_val_steps=0, deterministic=False, enable_model_summary=is_verbose(),
         strategy="ddp" if cfg.devices > 1 else "auto",
     )
     mlflow_logger.log_hyperparams({k: v for k, v in asdict(cfg).items()
