@@ -16,14 +16,26 @@ from specdeepmap.splitting import SplitParams
 
 
 class ScenePair(BaseModel):
-    """An image raster and its label raster on the same grid."""
+    """An image (one raster, a VRT, or one file per band) and its label raster, same grid."""
 
-    image_uri: str = Field(..., min_length=1, description="Image raster URI (path or s3://).")
+    image_uri: str | None = Field(None, min_length=1, description="Image raster URI (path or "
+                                  "s3://; a GDAL VRT too). Or give band_uris.")
+    band_uris: list[str] = Field(default_factory=list, description="Or: one file per band, "
+                                 "in band order (e.g. Sentinel-2 JP2 at 10/20/60 m), stacked "
+                                 "as a VRT at the finest resolution.")
+    resampling: Literal["bilinear", "nearest", "cubic", "average"] = Field(
+        "bilinear", description="With band_uris: how coarser bands reach the finest grid.")
     label_uri: str = Field(..., min_length=1,
                            description="Label raster URI: class values 0-255, 0 = unlabelled.")
     classes_uri: str | None = Field(
         None, description="Class names and colours: CSV (value,name,color) or QGIS .qml "
         "(default: those stored with the label raster).")
+
+    @model_validator(mode="after")
+    def _one_image(self) -> ScenePair:
+        if bool(self.image_uri) == bool(self.band_uris):
+            raise ValueError("give either image_uri or band_uris")
+        return self
 
 
 class ChipSettings(BaseModel):
@@ -165,7 +177,7 @@ class MapFlowParams(BaseModel):
     model_uri: str = Field(..., description="Model file URI or models:/NAME@ALIAS.")
     output_uri: str = Field(..., description="Output folder or s3:// prefix.")
     scenes: list[str] = Field(default_factory=list, description="Scene URIs.")
-    input_prefix: str | None = Field(None, description="Or: map every .tif under this prefix.")
+    input_prefix: str | None = Field(None, description="Or: map every scene (.tif, .vrt) under this prefix.")
     map: MapSettings = Field(MapSettings(), description="Deep Learning Mapper settings.")
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="Threads on this worker, or a Dask cluster.")

@@ -26,7 +26,8 @@ from flows.params import (
     TrainSettings,
 )
 from specdeepmap import registry, storage
-from specdeepmap.mapping import output_uri_for, unmapped_scenes
+from specdeepmap.bands import scene_name, stack_bands
+from specdeepmap.mapping import SCENE_SUFFIXES, output_uri_for, unmapped_scenes
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
 from tasks import (champion_task, check_labels_task, chip_task, evaluate_task, map_scene_task,
@@ -38,9 +39,13 @@ RUNS_DIR = os.environ.get("SPECDEEPMAP_RUNS_DIR", "runs")
 @flow(name="chip", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def chip_flow(scenes: list[ScenePair], out_uri: str,
               chip: ChipSettings = ChipSettings()) -> list[dict]:
-    """Chip one or more scenes into one folder (scenes in parallel)."""
-    futures = [chip_task.submit(s.image_uri, s.label_uri, out_uri, chip.to_core(),
-                                s.classes_uri) for s in scenes]
+    """Chip one or more scenes into one folder (scenes in parallel); scenes given as band files
+    are stacked as VRTs under ``out_uri/scenes/`` first."""
+    images = [s.image_uri or stack_bands(
+        s.band_uris, storage.join(out_uri, "scenes", f"{scene_name(s.band_uris)}.vrt"),
+        s.resampling) for s in scenes]
+    futures = [chip_task.submit(image, s.label_uri, out_uri, chip.to_core(), s.classes_uri)
+               for image, s in zip(images, scenes)]
     return [{"scene": f.result().image_uri, "chips": f.result().chips} for f in futures]
 
 
@@ -208,7 +213,7 @@ def _map_scenes(scenes: list[str], model_uri: str, output_uri: str, params: MapF
 def map_flow(params: MapFlowParams) -> list[dict]:
     """Map scenes (a list or every .tif under a prefix) in parallel, threads or Dask."""
     params = MapFlowParams.model_validate(params.model_dump())
-    scenes = params.scenes or storage.list_files(params.input_prefix, ".tif")
+    scenes = params.scenes or storage.list_files(params.input_prefix, SCENE_SUFFIXES)
     model_uri = registry.resolve(params.model_uri)
     if params.task_runner == "dask":
         from prefect_dask import DaskTaskRunner

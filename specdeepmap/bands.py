@@ -17,8 +17,6 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
-import rasterio
-
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidParameterError, MissingInputError
 
@@ -50,7 +48,8 @@ def band_name(uri: str) -> str:
     if not found:
         return storage.stem(uri)
     token = found[-1].upper()
-    return f"B{int(token[1:].rstrip('A')):02d}" + ("A" if token.endswith("A") else "")
+    number = int(token[1:].rstrip("A"))
+    return f"B{number}A" if token.endswith("A") else f"B{number:02d}"
 
 
 def band_files(folder_or_files: str | list[str], order: list[str] | None = None) -> list[str]:
@@ -58,6 +57,8 @@ def band_files(folder_or_files: str | list[str], order: list[str] | None = None)
     by ``order`` (band names; default: Sentinel-2's B01…B12 when the names are Sentinel-2's)."""
     if isinstance(folder_or_files, list):
         return folder_or_files
+    if os.path.splitext(folder_or_files)[1].lower() in (".jp2", ".tif", ".tiff"):
+        return [folder_or_files]
     files = [u for u in storage.list_files(folder_or_files)
              if os.path.splitext(u)[1].lower() in (".jp2", ".tif", ".tiff")]
     if not files:
@@ -171,10 +172,12 @@ def same_band_order(expected: list[str], found: list[str], what: str) -> None:
             f" scene: {', '.join(found)})")
 
 
-def is_band_list(value: str) -> bool:
-    """True for a comma-separated list of band files (a CLI image argument)."""
-    return "," in value and not value.lower().endswith((".tif", ".tiff", ".vrt", ".jp2"))
+def scene_name(band_uris: list[str]) -> str:
+    """A scene's name from its band files: the first file's stem without the band token
+    (``T33UUU_20170216T102101_B01`` → ``T33UUU_20170216T102101``)."""
+    stem = storage.stem(band_uris[0])
+    return _BAND_TOKEN.sub("", stem).strip("_-.") or stem
 
 
 __all__ = ["BandFile", "RESAMPLING", "SENTINEL2_ORDER", "band_files", "band_name",
-           "same_band_order", "stack_bands", "is_band_list"]
+           "same_band_order", "scene_name", "stack_bands"]

@@ -120,6 +120,29 @@ def sample_data(
     print(scene.label_uri)
 
 
+@app.command("stack-bands")
+@_errors_to_exit
+def stack_bands_cmd(
+    out: Annotated[str, typer.Argument(help="VRT to write (e.g. scene.vrt; local or s3://).")],
+    bands: Annotated[list[str], typer.Argument(
+        help="Band files in band order, or one folder of band files (Sentinel-2 names are "
+        "ordered B01…B12).")],
+    resampling: Annotated[str, typer.Option(
+        help="How coarser bands reach the finest grid: bilinear (reflectance), nearest, "
+        "cubic or average.")] = "bilinear",
+    order: Annotated[str | None, typer.Option(
+        help="Band order for a folder, as names: e.g. B02,B03,B04,B08.")] = None,
+) -> None:
+    """Stack one-file-per-band scenes (e.g. Sentinel-2 JP2 at 10/20/60 m) as a GDAL VRT at
+    the finest resolution, without copying pixels; use the VRT wherever an image is asked."""
+    from specdeepmap.bands import band_files, stack_bands
+
+    files = band_files(bands[0], order.split(",") if order else None) if len(bands) == 1 \
+        else bands
+    stack_bands(files, out, resampling)
+    console.print(f"{out}: {len(files)} bands ({resampling} resampling to the finest grid)")
+
+
 @app.command()
 @_errors_to_exit
 def chip(

@@ -43,6 +43,7 @@ import torch
 from rasterio.windows import Window
 
 from specdeepmap import __version__, storage
+from specdeepmap.bands import same_band_order
 from specdeepmap.classes import ClassSchema, pam_xml, qml
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.evaluation import accumulate, metrics_from_matrix, write_iou_csv
@@ -158,6 +159,7 @@ def _check_input(src: rasterio.DatasetReader, predictor: Predictor, uri: str,
     if src.count != predictor.in_channels:
         raise InputMismatchError(f"{uri} has {src.count} bands, the model {model_uri} was "
                                  f"trained on {predictor.in_channels}")
+    same_band_order(predictor.config.get("band_names") or [], list(src.descriptions), uri)
     if src.crs is None:
         warnings.warn(f"{uri} has no CRS: mapping anyway, the output will have none",
                       stacklevel=3)
@@ -496,9 +498,12 @@ def output_uri_for(input_uri: str, out_folder: str, suffix: str = "_classes.tif"
     return storage.join(out_folder, storage.stem(input_uri) + suffix)
 
 
+SCENE_SUFFIXES = (".tif", ".tiff", ".vrt")  #: what counts as a scene under a prefix
+
+
 def unmapped_scenes(input_prefix: str, out_folder: str, suffix: str = "_classes.tif") -> list[str]:
-    """Scenes (``*.tif`` under ``input_prefix``) whose class map does not exist yet."""
-    return [uri for uri in storage.list_files(input_prefix, ".tif")
+    """Scenes (GeoTIFFs and VRTs under ``input_prefix``) whose class map does not exist yet."""
+    return [uri for uri in storage.list_files(input_prefix, SCENE_SUFFIXES)
             if not storage.exists(output_uri_for(uri, out_folder, suffix))]
 
 
@@ -578,7 +583,8 @@ def map_scenes(inputs: list[str] | str, model_uri: str, out_folder: str,
                params: MapParams = MapParams(), suffix: str = "_classes.tif",
                skip_existing: bool = True) -> list[MapReport]:
     """Map several scenes (a list of URIs or a folder/prefix of .tif files), one output each."""
-    uris = storage.list_files(inputs, ".tif") if isinstance(inputs, str) else list(inputs)
+    uris = storage.list_files(inputs, SCENE_SUFFIXES) if isinstance(inputs, str) \
+        else list(inputs)
     predictor = load_model(model_uri, params.device)
     reports = []
     for uri in uris:

@@ -256,8 +256,9 @@ def exists(uri: str) -> bool:
     return bool(fs.exists(path))
 
 
-def list_files(folder: str, suffix: str = "") -> list[str]:
-    """URIs of the files directly inside ``folder`` whose names end with ``suffix``, sorted.
+def list_files(folder: str, suffix: str | tuple[str, ...] = "") -> list[str]:
+    """URIs of the files directly inside ``folder`` whose names end with ``suffix`` (or one of
+    several), sorted.
 
     Sorted so that every run, on every filesystem, sees the same order (SpecDeepMap used the
     unsorted glob order, which made seeded splits differ between machines).
