@@ -27,7 +27,8 @@ from flows.params import (
 )
 from specdeepmap import registry, storage
 from specdeepmap.bands import scene_name, stack_bands
-from specdeepmap.mapping import SCENE_SUFFIXES, output_uri_for, unmapped_scenes
+from specdeepmap.stac import update_catalog
+from specdeepmap.mapping import output_uri_for, scenes_under, unmapped_scenes
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
 from tasks import (champion_task, check_labels_task, chip_task, evaluate_task, map_scene_task,
@@ -213,7 +214,7 @@ def _map_scenes(scenes: list[str], model_uri: str, output_uri: str, params: MapF
 def map_flow(params: MapFlowParams) -> list[dict]:
     """Map scenes (a list or every .tif under a prefix) in parallel, threads or Dask."""
     params = MapFlowParams.model_validate(params.model_dump())
-    scenes = params.scenes or storage.list_files(params.input_prefix, SCENE_SUFFIXES)
+    scenes = params.scenes or scenes_under(params.input_prefix)
     model_uri = registry.resolve(params.model_uri)
     if params.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
@@ -223,8 +224,10 @@ def map_flow(params: MapFlowParams) -> list[dict]:
                                            "threads_per_worker": 1})
     else:
         runner = ThreadPoolTaskRunner(max_workers=params.max_workers)
-    return _map_scenes.with_options(task_runner=runner)(scenes, model_uri, params.output_uri,
-                                                        params)
+    results = _map_scenes.with_options(task_runner=runner)(scenes, model_uri, params.output_uri,
+                                                           params)
+    update_catalog(params.output_uri)  # one writer, after every scene's item exists
+    return results
 
 
 @flow(name="scheduled-mapping")

@@ -199,7 +199,8 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
               iou_csv_uri: str | None = None, confidence_uri: str | None = None,
               probabilities_uri: str | None = None, vector_uri: str | None = None,
               predictor: Predictor | None = None) -> MapReport:
-    """Predict a whole scene into a class-map COG (Deep Learning Mapper).
+    """Predict a whole scene (a raster, a VRT or a STAC item) into a class-map COG (Deep
+    Learning Mapper).
 
     The map carries the model's classes: a colour table, category names in ``MAP.tif.aux.xml``
     (GDAL's sidecar, read by QGIS and ArcGIS) and a QGIS style ``MAP.qml``.
@@ -218,9 +219,17 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
         vector_uri: optional GeoPackage of class polygons (class 0 dropped).
         predictor: an already loaded model (saves reloading across scenes).
     """
+    from specdeepmap.stac import is_item, item_scene
+
     started = time.perf_counter()
     params.validate()
     predictor = predictor or load_model(model_uri, params.device)
+    if is_item(input_uri):  # the item's assets for the model's bands, stacked by name
+        with tempfile.TemporaryDirectory(prefix="specdeepmap-scene-") as folder:
+            scene = item_scene(input_uri, predictor.config.get("band_names") or [],
+                               os.path.join(folder, "scene.vrt"))
+            return map_scene(scene, model_uri, output_uri, params, gt_uri, iou_csv_uri,
+                             confidence_uri, probabilities_uri, vector_uri, predictor)
     check_writable(output_uri)
     tile = max(predictor.tile_size)
     overlap_px = math.ceil(2 * params.overlap / 100 * tile)
@@ -498,12 +507,21 @@ def output_uri_for(input_uri: str, out_folder: str, suffix: str = "_classes.tif"
     return storage.join(out_folder, storage.stem(input_uri) + suffix)
 
 
-SCENE_SUFFIXES = (".tif", ".tiff", ".vrt")  #: what counts as a scene under a prefix
+#: what counts as a scene under a prefix: rasters, VRTs and STAC items
+SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".json")
+
+
+def scenes_under(prefix: str) -> list[str]:
+    """Scene URIs directly under a folder or prefix (rasters, VRTs, STAC items; not catalogs
+    or collections)."""
+    return [u for u in storage.list_files(prefix, SCENE_SUFFIXES)
+            if storage.basename(u) not in ("catalog.json", "collection.json")]
 
 
 def unmapped_scenes(input_prefix: str, out_folder: str, suffix: str = "_classes.tif") -> list[str]:
-    """Scenes (GeoTIFFs and VRTs under ``input_prefix``) whose class map does not exist yet."""
-    return [uri for uri in storage.list_files(input_prefix, SCENE_SUFFIXES)
+    """Scenes (GeoTIFFs, VRTs and STAC items under ``input_prefix``) whose class map does not
+    exist yet."""
+    return [uri for uri in scenes_under(input_prefix)
             if not storage.exists(output_uri_for(uri, out_folder, suffix))]
 
 
@@ -557,25 +575,33 @@ def class_areas(class_uri: str) -> dict[int, float]:
 def map_scene_products(input_uri: str, model_uri: str, output_uri: str,
                        params: MapParams = MapParams(),
                        predictor: Predictor | None = None) -> dict:
-    """Map a scene and write, beside the class COG, ``*_metrics.json`` and ``*_quicklook.png``.
+    """Map a scene and write, beside the class COG, ``*_quicklook.png``, the map's STAC item
+    ``*_classes.json`` and ``*_metrics.json``.
 
-    The class map is written last-but-one and the metrics JSON last, so a scene whose metrics
-    exist is complete. Returns the output URIs and the headline numbers.
+    ``input_uri`` may be a raster, a VRT or a STAC item (its assets for the model's bands are
+    stacked as a VRT, by band name). The metrics JSON is written last, so a scene whose
+    metrics exist is complete. Returns the output URIs and the headline numbers.
     """
+    from specdeepmap.stac import is_item, write_map_item
+
     predictor = predictor or load_model(model_uri, params.device)
-    report = map_scene(input_uri, model_uri, output_uri, params, predictor=predictor)
     base = _base(output_uri)
+    report = map_scene(input_uri, model_uri, output_uri, params, predictor=predictor)
     png = quicklook(output_uri, base + "_quicklook.png", classes=predictor.classes)
     areas = class_areas(output_uri)
+    metrics_uri = base + "_metrics.json"
+    item = write_map_item(output_uri, input_uri, model_uri, predictor.classes,
+                          predictor.class_values,
+                          {"quicklook": png, "metrics": metrics_uri, "style": base + ".qml"},
+                          input_item_uri=input_uri if is_item(input_uri) else None)
     metrics = {"input": input_uri, "model": model_uri, "output": output_uri, "quicklook": png,
-               "windows": report.windows, "seconds": round(report.seconds, 3),
-               "pixels_processed": report.pixels_processed,
+               "stac_item": item, "windows": report.windows,
+               "seconds": round(report.seconds, 3), "pixels_processed": report.pixels_processed,
                "class_area": {str(k): v for k, v in areas.items()},
                "class_names": {str(k): predictor.classes.name(k) for k in areas},
                "software": f"specdeepmap {__version__}"}
-    metrics_uri = base + "_metrics.json"
     storage.write_text(metrics_uri, json.dumps(metrics, indent=2))
-    return {"classes": output_uri, "quicklook": png, "metrics": metrics_uri,
+    return {"classes": output_uri, "quicklook": png, "metrics": metrics_uri, "stac_item": item,
             "seconds": round(report.seconds, 2)}
 
 
@@ -583,8 +609,7 @@ def map_scenes(inputs: list[str] | str, model_uri: str, out_folder: str,
                params: MapParams = MapParams(), suffix: str = "_classes.tif",
                skip_existing: bool = True) -> list[MapReport]:
     """Map several scenes (a list of URIs or a folder/prefix of .tif files), one output each."""
-    uris = storage.list_files(inputs, SCENE_SUFFIXES) if isinstance(inputs, str) \
-        else list(inputs)
+    uris = scenes_under(inputs) if isinstance(inputs, str) else list(inputs)
     predictor = load_model(model_uri, params.device)
     reports = []
     for uri in uris:

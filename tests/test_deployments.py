@@ -139,6 +139,35 @@ def _wait_run(api: str, run_id: str, seconds: float = 420) -> dict:
     raise TimeoutError(f"flow run {run_id} did not finish in {seconds} s")
 
 
+def _emit(api: str, event: str, resource_id: str, payload: dict) -> None:
+    """Send an event to the Prefect server, as an upstream system (or a relay) does."""
+    import datetime
+    import uuid
+
+    import httpx
+
+    body = [{"id": str(uuid.uuid4()), "event": event,
+             "occurred": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+             "resource": {"prefect.resource.id": resource_id}, "payload": payload}]
+    response = _patient(lambda: httpx.post(f"{api}/events", json=body, timeout=30))
+    assert response.status_code < 300, response.text
+
+
+def _wait_deployment_run(api: str, deployment: str, seconds: float = 300) -> dict:
+    """The first flow run of a deployment, once it has finished."""
+    import httpx
+
+    found = _patient(lambda: httpx.get(f"{api}/deployments/name/{deployment}", timeout=30))
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        response = _patient(lambda: httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
+            "deployments": {"id": {"any_": [found.json()["id"]]}}}))
+        if response.status_code < 500 and response.json():
+            return _wait_run(api, response.json()[0]["id"], deadline - time.time())
+        time.sleep(1)
+    raise TimeoutError(f"no run of {deployment} within {seconds} s")
+
+
 def _review(api: str, run_input: dict, seconds: float = 420) -> dict:
     """Wait for the training run's review to pause, then answer its form as the UI does."""
     import httpx
@@ -217,6 +246,19 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
     assert run["state"]["type"] == "COMPLETED"
     again = json.loads(storage.read_text("s3://platform/maps/new_scene_classes_metrics.json"))
     assert again == first  # nothing was mapped a second time
+    # the map is published as a STAC item, listed in the output prefix's catalog
+    item = json.loads(storage.read_text("s3://platform/maps/new_scene_classes.json"))
+    assert item["assets"]["classes"]["href"] == "new_scene_classes.tif"
+    assert "new_scene_classes.json" in storage.read_text("s3://platform/maps/catalog.json")
+
+    # event-driven: an upstream system announces a scene; the trigger maps it at once
+    storage.upload(scene.image_uri, "s3://platform/arrivals/announced.tif")
+    _emit(platform["api"], "specdeepmap.scene.arrived", "specdeepmap.scene.announced",
+          {"scene_uri": "s3://platform/arrivals/announced.tif"})
+    run = _wait_deployment_run(platform["api"], "map/map-on-arrival")
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert run["parameters"]["params"]["scenes"] == ["s3://platform/arrivals/announced.tif"]
+    assert storage.exists("s3://platform/maps/announced_classes.tif")
 
 
 def test_bad_parameters_are_rejected_by_the_api(platform):

@@ -1,0 +1,203 @@
+"""STAC in and out: scenes read from STAC items, maps published as STAC items.
+
+In: a STAC item (JSON, local or ``s3://``) is turned into a VRT of the assets that hold the
+model's bands, matched by band name (the asset key, or its ``eo:bands``/``bands`` name or
+common name), in the model's order (:func:`item_scene`).
+
+Out: every map gets ``<map>.json`` beside it (:func:`write_map_item`): the COG asset with the
+classes (``classification:classes``: values, names, colours), its raster and projection
+fields, the quicklook, metrics and QGIS style as assets, a ``derived_from`` link to the input,
+and the software and model that made it (``processing:`` fields). :func:`update_catalog`
+keeps a ``catalog.json`` of every map item under an output prefix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+
+from rasterio.warp import transform_bounds
+
+from specdeepmap import __version__, storage
+from specdeepmap.bands import stack_bands
+from specdeepmap.classes import ClassSchema
+from specdeepmap.errors import InputMismatchError, InvalidParameterError
+
+PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
+ITEM_SUFFIX = ".json"
+CATALOG = "catalog.json"
+
+
+def is_item(uri: str) -> bool:
+    """True for a STAC item URI (a ``.json`` file) given where a scene is expected."""
+    return uri.lower().endswith(".json")
+
+
+def _read_json(uri: str) -> dict:
+    try:
+        return json.loads(storage.read_text(uri))
+    except ValueError as error:
+        raise InvalidParameterError(f"{uri} is not JSON: {error}") from None
+
+
+def _href(base: str, href: str) -> str:
+    """An asset or link href resolved against the JSON file it is written in."""
+    if re.match(r"^[a-z][a-z0-9+.-]*://", href) or href.startswith("/"):
+        return href
+    return storage.join(storage.parent(base), href.removeprefix("./"))
+
+
+def item_band_assets(item: dict, band_names: list[str], where: str) -> list[str]:
+    """Asset hrefs holding ``band_names``, in that order (matched case-insensitively by asset
+    key, band name or common name)."""
+    index: dict[str, str] = {}
+    for key, asset in item.get("assets", {}).items():
+        names = {key}
+        for band in asset.get("eo:bands", []) + asset.get("bands", []):
+            names |= {band.get("name", ""), band.get("common_name", ""),
+                      band.get("eo:common_name", "")}
+        for name in names:
+            if name:
+                index.setdefault(name.lower(), _href(where, asset["href"]))
+    missing = [b for b in band_names if b.lower() not in index]
+    if missing:
+        raise InputMismatchError(f"STAC item {where} has no asset for band(s) "
+                                 f"{', '.join(missing)} (assets: {', '.join(item['assets'])})")
+    return [index[b.lower()] for b in band_names]
+
+
+def item_scene(item_uri: str, band_names: list[str], vrt_uri: str,
+               resampling: str = "bilinear") -> str:
+    """A VRT of the item's assets for ``band_names`` (the model's bands), at the finest
+    resolution among them; returns ``vrt_uri``."""
+    item = _read_json(item_uri)
+    if item.get("type") != "Feature":
+        raise InvalidParameterError(f"{item_uri} is not a STAC item (type {item.get('type')})")
+    if not band_names or any(re.fullmatch(r"band \d+", b) for b in band_names):
+        raise InputMismatchError(f"The model does not name its bands: the assets of STAC item "
+                                 f"{item_uri} cannot be matched to them")
+    return stack_bands(item_band_assets(item, band_names, item_uri), vrt_uri, resampling,
+                       names=list(band_names))
+
+
+def _acquired(input_uri: str, input_item: dict | None) -> dt.datetime | None:
+    if input_item and input_item.get("properties", {}).get("datetime"):
+        return dt.datetime.fromisoformat(input_item["properties"]["datetime"].replace("Z",
+                                                                                      "+00:00"))
+    found = re.search(r"(20\d{6})T?(\d{6})?", storage.stem(input_uri))
+    if not found:
+        return None
+    stamp = found.group(1) + (found.group(2) or "000000")
+    return dt.datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=dt.timezone.utc)
+
+
+def write_map_item(map_uri: str, input_uri: str, model_uri: str, classes: ClassSchema,
+                   class_values: list[int], extra_assets: dict[str, str] | None = None,
+                   input_item_uri: str | None = None) -> str:
+    """Write ``<map>.json``, the STAC item of a class map; returns its URI.
+
+    ``datetime`` is the scene's acquisition time (from the input item, or a
+    ``YYYYMMDDThhmmss`` stamp in the input's name); without one the item gives the time the
+    map was made as ``processing:datetime`` only and ``datetime`` null with start and end.
+    """
+    import pystac
+    from pystac.extensions.classification import Classification, ClassificationExtension
+    from pystac.extensions.projection import ProjectionExtension
+    from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+
+    with storage.open_raster(map_uri) as src:
+        bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21)
+        crs, shape, transform = src.crs, [src.height, src.width], list(src.transform)[:6]
+        dtype, resolution = src.dtypes[0], abs(src.transform.a)
+    input_item = _read_json(input_item_uri) if input_item_uri else None
+    made = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    acquired = _acquired(input_uri, input_item)
+    geometry = {"type": "Polygon", "coordinates": [[
+        [bounds[0], bounds[1]], [bounds[2], bounds[1]], [bounds[2], bounds[3]],
+        [bounds[0], bounds[3]], [bounds[0], bounds[1]]]]}
+    item = pystac.Item(
+        id=storage.stem(map_uri), geometry=geometry, bbox=list(bounds), datetime=acquired,
+        start_datetime=None if acquired else made, end_datetime=None if acquired else made,
+        properties={"title": f"Land-cover classes of {storage.basename(input_uri)}"})
+    item.stac_extensions.append(PROCESSING_SCHEMA)
+    item.properties |= {
+        "processing:software": {"specdeepmap": __version__},
+        "processing:datetime": made.isoformat().replace("+00:00", "Z"),
+        "processing:lineage": f"semantic segmentation of {input_uri} with {model_uri} "
+                              "(overlapping windows, blended probabilities)",
+        "specdeepmap:model": model_uri}
+    projection = ProjectionExtension.ext(item, add_if_missing=True)
+    projection.code = crs.to_string() if crs else None
+    projection.shape, projection.transform = shape, transform
+    asset = pystac.Asset(href=storage.basename(map_uri), media_type=COG_TYPE,
+                         roles=["data"], title="class map")
+    item.add_asset("classes", asset)
+    ClassificationExtension.ext(asset, add_if_missing=True).classes = [
+        Classification.create(value=0, name="unlabelled", description="no class (nodata)",
+                              nodata=True)] + [
+        Classification.create(value=int(v), name=_slug(classes.name(v)),
+                              title=classes.name(v),
+                              color_hint="{:02X}{:02X}{:02X}".format(*classes.info(v).color))
+        for v in class_values]
+    RasterExtension.ext(asset, add_if_missing=True).bands = [RasterBand.create(
+        nodata=0, data_type=DataType(dtype), spatial_resolution=resolution)]
+    kinds = {"quicklook": ("image/png", ["overview", "visual"]),
+             "metrics": ("application/json", ["metadata"]),
+             "style": ("text/xml", ["style", "metadata"])}
+    for key, uri in (extra_assets or {}).items():
+        media_type, roles = kinds.get(key, (None, ["metadata"]))
+        item.add_asset(key, pystac.Asset(href=storage.basename(uri), media_type=media_type,
+                                         roles=roles))
+    source = input_item_uri or input_uri
+    item.add_link(pystac.Link("derived_from", source, media_type="application/json"
+                              if input_item_uri else "image/tiff"))
+    uri = _item_uri(map_uri)
+    data = item.to_dict(include_self_link=False, transform_hrefs=False)
+    storage.write_text(uri, json.dumps(data, indent=2))
+    return uri
+
+
+def _slug(name: str) -> str:
+    """A ``classification:classes`` name: lowercase words joined by ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "class"
+
+
+def _item_uri(map_uri: str) -> str:
+    return (map_uri[:-4] if map_uri.endswith(".tif") else map_uri) + ITEM_SUFFIX
+
+
+def update_catalog(prefix: str, title: str = "specdeepmap maps") -> str:
+    """Write ``prefix/catalog.json`` linking every map item under the prefix (one writer at a
+    time: the flow calls it after mapping)."""
+    items = [u for u in storage.list_files(prefix, "_classes" + ITEM_SUFFIX)]
+    catalog = {"type": "Catalog", "stac_version": "1.1.0", "id": _slug(storage.basename(prefix))
+               or "maps", "title": title, "description": "Class maps made by specdeepmap, one "
+               "STAC item per scene.",
+               "links": [{"rel": "root", "href": "./" + CATALOG, "type": "application/json"}] +
+               [{"rel": "item", "href": "./" + storage.basename(u), "type": "application/json"}
+                for u in items]}
+    uri = storage.join(prefix, CATALOG)
+    storage.write_text(uri, json.dumps(catalog, indent=2))
+    return uri
+
+
+def catalog_items(uri: str) -> list[str]:
+    """Item URIs of a static catalog or collection (following child catalogs), or of one
+    item."""
+    data = _read_json(uri)
+    if data.get("type") == "Feature":
+        return [uri]
+    found = []
+    for link in data.get("links", []):
+        href = _href(uri, link["href"])
+        if link.get("rel") == "item":
+            found.append(href)
+        elif link.get("rel") == "child":
+            found += catalog_items(href)
+    return found
+
+
+__all__ = ["is_item", "item_scene", "item_band_assets", "write_map_item", "update_catalog",
+           "catalog_items"]
