@@ -176,8 +176,11 @@ class MapFlowParams(BaseModel):
 
     model_uri: str = Field(..., description="Model file URI or models:/NAME@ALIAS.")
     output_uri: str = Field(..., description="Output folder or s3:// prefix.")
-    scenes: list[str] = Field(default_factory=list, description="Scene URIs.")
-    input_prefix: str | None = Field(None, description="Or: map every scene (.tif, .vrt) under this prefix.")
+    scenes: list[str] = Field(default_factory=list, description="Scene URIs: rasters, VRTs, "
+                              "STAC items or catalogs.")
+    input_prefix: str | None = Field(
+        None, description="Or: map every scene (GeoTIFF, VRT, STAC item) under this prefix, "
+        "or every item of a STAC catalog/collection JSON.")
     map: MapSettings = Field(MapSettings(), description="Deep Learning Mapper settings.")
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="Threads on this worker, or a Dask cluster.")
@@ -194,7 +197,8 @@ class MapFlowParams(BaseModel):
 class ScheduledMappingParams(BaseModel):
     """Map every new scene under a prefix with the champion model."""
 
-    input_prefix: str = Field(..., description="Folder or s3:// prefix of incoming scenes.")
+    input_prefix: str = Field(..., description="Folder or s3:// prefix of incoming scenes "
+                              "(GeoTIFF, VRT, STAC item), or a STAC catalog/collection JSON.")
     output_prefix: str = Field(..., description="Folder or s3:// prefix of the maps.")
     model_name: str = Field("specdeepmap-segmentation", description="Registered model name.")
     alias: str = Field("champion", description="Model alias to map with.")

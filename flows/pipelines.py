@@ -27,7 +27,7 @@ from flows.params import (
 )
 from specdeepmap import registry, storage
 from specdeepmap.bands import scene_name, stack_bands
-from specdeepmap.stac import update_catalog
+from specdeepmap.stac import is_catalog, update_catalog
 from specdeepmap.mapping import output_uri_for, scenes_under, unmapped_scenes
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
@@ -212,9 +212,12 @@ def _map_scenes(scenes: list[str], model_uri: str, output_uri: str, params: MapF
 
 @flow(name="map")
 def map_flow(params: MapFlowParams) -> list[dict]:
-    """Map scenes (a list or every .tif under a prefix) in parallel, threads or Dask."""
+    """Map scenes in parallel (threads or Dask): a list of rasters, VRTs, STAC items or
+    catalogs, or every scene under a prefix (or in a STAC catalog)."""
     params = MapFlowParams.model_validate(params.model_dump())
-    scenes = params.scenes or scenes_under(params.input_prefix)
+    scenes = [item for uri in params.scenes for item in
+              (scenes_under(uri) if is_catalog(uri) else [uri])] or \
+        scenes_under(params.input_prefix)
     model_uri = registry.resolve(params.model_uri)
     if params.task_runner == "dask":
         from prefect_dask import DaskTaskRunner

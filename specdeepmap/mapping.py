@@ -513,7 +513,11 @@ SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".json")
 
 def scenes_under(prefix: str) -> list[str]:
     """Scene URIs directly under a folder or prefix (rasters, VRTs, STAC items; not catalogs
-    or collections)."""
+    or collections), or the items of a STAC catalog or collection given as its JSON."""
+    from specdeepmap.stac import catalog_items
+
+    if prefix.lower().endswith(".json"):
+        return catalog_items(prefix)
     return [u for u in storage.list_files(prefix, SCENE_SUFFIXES)
             if storage.basename(u) not in ("catalog.json", "collection.json")]
 

@@ -183,6 +183,12 @@ def update_catalog(prefix: str, title: str = "specdeepmap maps") -> str:
     return uri
 
 
+def is_catalog(uri: str) -> bool:
+    """True for a STAC catalog or collection JSON (not an item)."""
+    return uri.lower().endswith(".json") and _read_json(uri).get("type") in ("Catalog",
+                                                                             "Collection")
+
+
 def catalog_items(uri: str) -> list[str]:
     """Item URIs of a static catalog or collection (following child catalogs), or of one
     item."""
@@ -199,5 +205,5 @@ def catalog_items(uri: str) -> list[str]:
     return found
 
 
-__all__ = ["is_item", "item_scene", "item_band_assets", "write_map_item", "update_catalog",
-           "catalog_items"]
+__all__ = ["is_item", "is_catalog", "item_scene", "item_band_assets", "write_map_item",
+           "update_catalog", "catalog_items"]

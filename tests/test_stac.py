@@ -78,6 +78,11 @@ def test_a_map_is_published_as_a_stac_item(trained, dataset, scene_item, tmp_pat
 
     catalog = update_catalog(str(tmp_path / "maps"))
     assert catalog_items(catalog) == [products["stac_item"]]
+    from specdeepmap.mapping import scenes_under
+    from specdeepmap.stac import is_catalog
+
+    assert is_catalog(catalog) and not is_catalog(products["stac_item"])
+    assert scenes_under(catalog) == [products["stac_item"]]  # a catalog as the input prefix
 
 
 def test_an_item_without_a_models_band_is_refused(trained, scene_item, tmp_path):
