@@ -122,6 +122,10 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
     dtypes = {b.dtype for b in bands}
     if len(dtypes) > 1:
         raise InputMismatchError(f"Band files differ in data type: {sorted(dtypes)}")
+    # GDAL's plain nearest path decodes a JPEG 2000 source again for every row it upsamples
+    # (40 s instead of 0.7 s for the shared 13-band scene); "mode", when upsampling, takes the
+    # one source pixel under each destination pixel: the same values, read once
+    gdal_resampling = "mode" if resampling == "nearest" else resampling
     root = ET.Element("VRTDataset", rasterXSize=str(finest.width),
                       rasterYSize=str(finest.height))
     ET.SubElement(root, "SRS").text = finest.crs.to_wkt()
@@ -134,7 +138,7 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
         ET.SubElement(element, "Description").text = name
         if band.nodata is not None and not math.isnan(band.nodata):
             ET.SubElement(element, "NoDataValue").text = repr(float(band.nodata))
-        source = ET.SubElement(element, "ComplexSource", resampling=resampling)
+        source = ET.SubElement(element, "ComplexSource", resampling=gdal_resampling)
         ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = _gdal_path(band.uri)
         ET.SubElement(source, "SourceBand").text = "1"
         ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(band.width),
