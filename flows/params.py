@@ -202,4 +202,7 @@ class ScheduledMappingParams(BaseModel):
     output_prefix: str = Field(..., description="Folder or s3:// prefix of the maps.")
     model_name: str = Field("specdeepmap-segmentation", description="Registered model name.")
     alias: str = Field("champion", description="Model alias to map with.")
+    redo_with_new_model: bool = Field(
+        False, description="Map again the scenes mapped by another model version (done = "
+        "scene + model version); off: a scene is mapped once.")
     map: MapSettings = Field(MapSettings(), description="Deep Learning Mapper settings.")

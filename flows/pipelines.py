@@ -237,15 +237,20 @@ def map_flow(params: MapFlowParams) -> list[dict]:
 def scheduled_mapping(params: ScheduledMappingParams) -> list[dict]:
     """Map the scenes under the input prefix that have no map yet, with the champion model.
 
-    Running it again maps nothing new: a scene counts as done once its class map exists (the
-    map, metrics JSON and quicklook are each placed atomically).
+    Running it again maps nothing new: a scene counts as done once its metrics JSON exists
+    (written last; the map, quicklook and STAC item are each placed atomically before it).
+    With ``redo_with_new_model`` a scene mapped by another model version is mapped again.
     """
     logger = get_run_logger()
-    scenes = unmapped_scenes(params.input_prefix, params.output_prefix)
+    alias_uri = f"models:/{params.model_name}@{params.alias}"
+    # without redo_with_new_model no model is needed to find the new scenes (nor to do
+    # nothing when there are none, even before the first champion exists)
+    model_uri = registry.resolve(alias_uri) if params.redo_with_new_model else None
+    scenes = unmapped_scenes(params.input_prefix, params.output_prefix, model_uri=model_uri)
     if not scenes:
         logger.info("No new scenes under %s", params.input_prefix)
         return []
-    model_uri = registry.resolve(f"models:/{params.model_name}@{params.alias}")
+    model_uri = model_uri or registry.resolve(alias_uri)
     logger.info("Mapping %d new scene(s) with %s", len(scenes), model_uri)
     return map_flow(MapFlowParams(model_uri=model_uri, output_uri=params.output_prefix,
                                   scenes=scenes, map=params.map))

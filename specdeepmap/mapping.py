@@ -522,11 +522,19 @@ def scenes_under(prefix: str) -> list[str]:
             if storage.basename(u) not in ("catalog.json", "collection.json")]
 
 
-def unmapped_scenes(input_prefix: str, out_folder: str, suffix: str = "_classes.tif") -> list[str]:
-    """Scenes (GeoTIFFs, VRTs and STAC items under ``input_prefix``) whose class map does not
-    exist yet."""
-    return [uri for uri in scenes_under(input_prefix)
-            if not storage.exists(output_uri_for(uri, out_folder, suffix))]
+def unmapped_scenes(input_prefix: str, out_folder: str, suffix: str = "_classes.tif",
+                    model_uri: str | None = None) -> list[str]:
+    """Scenes (GeoTIFFs, VRTs and STAC items under ``input_prefix``) not mapped yet: their
+    metrics JSON (written last, see :func:`map_scene_products`) does not exist, or, with
+    ``model_uri`` (``models:/NAME/VERSION``), was written for another model."""
+    todo = []
+    for uri in scenes_under(input_prefix):
+        metrics = _base(output_uri_for(uri, out_folder, suffix)) + "_metrics.json"
+        if not storage.exists(metrics):
+            todo.append(uri)
+        elif model_uri and json.loads(storage.read_text(metrics)).get("model") != model_uri:
+            todo.append(uri)
+    return todo
 
 
 def quicklook(class_uri: str, png_uri: str, max_size: int = 1024,

@@ -22,7 +22,8 @@ REGISTERED_MODEL_DESCRIPTION = """Semantic segmentation models trained by specde
 Aliases:
 - **champion**: the version that maps production scenes. The scheduled mapping flow resolves
   it once per run, so moving it takes effect from the next scheduled run on; scenes already
-  mapped are not redone (delete a map to have it redone).
+  mapped are not redone unless the flow runs with `redo_with_new_model` (or a map's
+  `*_metrics.json` is deleted).
 - **challenger**: the latest version that did not replace the champion (not better on the
   same test chips by the required margin, below the RandomForest baseline, or waiting for a
   reviewer's approval).

@@ -451,3 +451,26 @@ def test_an_unreachable_output_store_is_not_called_a_missing_bucket(trained, dat
     assert out.exit_code == 2, out.output
     assert "unreachable" in out.output and "does not exist" not in out.output
     assert time.perf_counter() - started < 60
+
+
+def test_a_scene_is_done_once_its_metrics_exist_or_for_its_model_version(tmp_path):
+    """The scheduled flow's bookkeeping: a scene is mapped when its metrics JSON (written
+    last) exists; asked per model version, a map made by another version is redone."""
+    import json
+
+    from specdeepmap.mapping import unmapped_scenes
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "in" / f"{name}.tif").write_bytes(b"")
+    (tmp_path / "out" / "a_classes.tif").write_bytes(b"")  # map without metrics: unfinished
+    (tmp_path / "out" / "b_classes.tif").write_bytes(b"")
+    (tmp_path / "out" / "b_classes_metrics.json").write_text(json.dumps({"model": "models:/m/1"}))
+    names = [os.path.basename(u) for u in unmapped_scenes(str(tmp_path / "in"),
+                                                          str(tmp_path / "out"))]
+    assert names == ["a.tif", "c.tif"]
+    again = unmapped_scenes(str(tmp_path / "in"), str(tmp_path / "out"), model_uri="models:/m/2")
+    assert [os.path.basename(u) for u in again] == ["a.tif", "b.tif", "c.tif"]
+    same = unmapped_scenes(str(tmp_path / "in"), str(tmp_path / "out"), model_uri="models:/m/1")
+    assert [os.path.basename(u) for u in same] == ["a.tif", "c.tif"]
