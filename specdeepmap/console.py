@@ -33,6 +33,7 @@ def configure_console(verbose: bool = False, progress: tuple[str, ...] = ()) -> 
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     warnings.showwarning = _log_warning if verbose else _show_warning
+    os.environ["SPECDEEPMAP_VERBOSE"] = "1" if verbose else "0"  # for spawned processes
     if not verbose:  # read by MLflow when it is imported
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -40,7 +41,11 @@ def configure_console(verbose: bool = False, progress: tuple[str, ...] = ()) -> 
 
 def quiet_lightning() -> None:
     """Lightning gives its ``lightning`` logger an INFO handler of its own when imported (GPU
-    availability, tips): keep it to warnings unless verbose. Call after importing Lightning."""
+    availability, tips): keep it to warnings unless verbose. Call after importing Lightning;
+    processes spawned for multi-device training call it too (and drop library warnings), as
+    told by the environment the command set."""
+    if os.environ.get("SPECDEEPMAP_VERBOSE") == "0" and not _state["verbose"]:
+        warnings.simplefilter("ignore")
     if not _state["verbose"]:
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -31,7 +31,8 @@ from specdeepmap.data import (ChipDataset, Normalization, band_names, chip_prope
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
-from specdeepmap.losses import Loss, build_loss, warmup_cosine
+from specdeepmap.lightning_task import IGNORE_INDEX
+from specdeepmap.losses import Loss
 from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, load_encoder_weights,
                                 encoder_depth_for, spectral_channels_for, weights_kind)
@@ -41,7 +42,6 @@ from specdeepmap.tracking import ensure_experiment, log_baseline, register_model
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = "{epoch:05d}-val_iou_{val_iou:.4f}"
-IGNORE_INDEX = 0
 
 
 @dataclass
@@ -146,91 +146,13 @@ class TrainResult:
         return ((self.baseline or {}).get(split) or {}).get("mean_iou")
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int | None = IGNORE_INDEX) -> torch.Tensor:
-    """(num_classes × num_classes) counts, rows = truth, columns = prediction."""
-    pred, target = pred.reshape(-1), target.reshape(-1)
-    if ignore_index is not None:
-        keep = target != ignore_index
-        pred, target = pred[keep], target[keep]
-    flat = target.long() * num_classes + pred.long()
-    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def mean_iou(matrix: torch.Tensor, skip: int | None = IGNORE_INDEX) -> float:
-    """Mean IoU over classes that occur in truth or prediction (``skip`` left out)."""
-    matrix = matrix.double()
-    tp = matrix.diag()
-    union = matrix.sum(0) + matrix.sum(1) - tp
-    keep = union > 0
-    if skip is not None:
-        keep[skip] = False
-    return float((tp[keep] / union[keep]).mean()) if keep.any() else 0.0
-
-
 def lightning_module(model: nn.Module, config: dict, class_weights: torch.Tensor | None,
                      lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0):
-    """The LightningModule: loss (ignore 0), Adam, warm-up + cosine per step, pooled IoU."""
-    import lightning as L
+    """The LightningModule: loss (ignore 0), Adam, warm-up + cosine per step, pooled IoU
+    (:class:`specdeepmap.lightning_task.SegmentationTask`)."""
+    from specdeepmap.lightning_task import SegmentationTask
 
-    class SegmentationTask(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-            self.lr = lr
-            self.save_hyperparameters({"config": config})
-            self.loss = build_loss(loss, class_weights, IGNORE_INDEX)
-            self.num_classes = config["num_classes"]
-            self._matrix = {}
-
-        def forward(self, x):
-            return self.model(x)
-
-        def _step(self, batch, stage):
-            x, y = batch
-            logits = self(x)
-            loss = self.loss(logits, y)
-            if torch.isnan(loss):  # a batch without labelled pixels
-                loss = logits.sum() * 0.0
-            pred = logits[:, 1:].argmax(1) + 1
-            matrix = confusion_matrix(pred, y, self.num_classes)
-            self._matrix[stage] = self._matrix.get(stage, 0) + matrix
-            self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                     batch_size=len(x), sync_dist=True)
-            return loss
-
-        def training_step(self, batch, batch_idx):
-            return self._step(batch, "train")
-
-        def validation_step(self, batch, batch_idx):
-            return self._step(batch, "val")
-
-        def _epoch_end(self, stage):
-            matrix = self._matrix.pop(stage, None)
-            if matrix is None:
-                return
-            if self.trainer.world_size > 1:
-                matrix = self.all_gather(matrix).sum(0)
-            self.log(f"{stage}_iou", mean_iou(matrix), prog_bar=True, sync_dist=False)
-
-        def on_train_epoch_end(self):
-            self._epoch_end("train")
-
-        def on_validation_epoch_end(self):
-            self._epoch_end("val")
-
-        def configure_optimizers(self):
-            params = [p for p in self.parameters() if p.requires_grad]
-            optimizer = torch.optim.Adam(params, lr=self.lr)
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            warmup = min(total // 2, round(warmup_epochs * total / max(1, epochs)))
-            floor = min(1.0, 1e-6 / self.lr)  # SpecDeepMap's eta_min
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: warmup_cosine(step, warmup, total, floor))
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    return SegmentationTask()
+    return SegmentationTask(model, config, class_weights, lr, epochs, loss, warmup_epochs)
 
 
 def _code_version() -> str:
@@ -394,7 +316,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger=[tensorboard, mlflow_logger], log_every_n_steps=1, enable_progress_bar=True,
         limit_train_batches=cfg.limit_batches, limit_val_batches=cfg.limit_batches,
         num_sanity_val_steps=0, deterministic=False, enable_model_summary=is_verbose(),
-        strategy="ddp" if cfg.devices > 1 else "auto",
+        strategy=ddp_strategy(cfg.devices),
     )
     mlflow_logger.log_hyperparams({k: v for k, v in asdict(cfg).items()
                                    if k not in ("tracking_uri", "run_tags")} |
@@ -411,9 +333,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     if not trainer.is_global_zero:
         return TrainResult("", 0.0, "", tensorboard.log_dir)
     best = checkpointing.best_model_path
-    best_iou = float(checkpointing.best_model_score or 0.0)
     _, state = read_model_file(best)
     model.load_state_dict(state)
+    if cfg.devices > 1:
+        # the processes' validation shards are padded to equal length (a chip or two counted
+        # twice): the best model's figure is measured again here, on each chip once
+        best_iou = pooled_iou(model, val_set, cfg.batch_size, config["num_classes"])
+        mlflow.MlflowClient(uri).log_metric(mlflow_logger.run_id, "best_val_iou_single_pass",
+                                            best_iou)
+    else:
+        best_iou = float(checkpointing.best_model_score or 0.0)
     run_id = mlflow_logger.run_id
     # lineage: maps made with this model file name the MLflow run that produced it
     model_file = export_model_file({**config, "run_id": run_id}, model,
@@ -462,6 +391,35 @@ def train(cfg: TrainConfig) -> TrainResult:
                                                  "validation")}, result.training)
     log.info("Best val IoU %.4f: %s", best_iou, best)
     return result
+
+
+@torch.inference_mode()
+def pooled_iou(model: nn.Module, dataset: ChipDataset, batch_size: int,
+               num_classes: int) -> float:
+    """Pooled mean IoU of ``model`` on every chip of ``dataset`` once (one process, CPU)."""
+    from torch.utils.data import DataLoader
+
+    from specdeepmap.lightning_task import PooledIoU
+
+    metric = PooledIoU(num_classes)
+    model = model.eval().cpu()
+    for x, y in DataLoader(dataset, batch_size=batch_size):
+        metric.update(model(x)[:, 1:].argmax(1) + 1, y)
+    return float(metric.compute())
+
+
+def ddp_strategy(devices: int):
+    """Lightning's spawn-based DDP for several devices ("auto" for one).
+
+    Spawned processes run only the training loop; Lightning's default launcher would instead
+    re-run the process's command line in each extra process, which inside a Prefect worker is
+    the flow run itself. Rank 0's results (best checkpoint, metrics) come back to this process.
+    """
+    if devices <= 1:
+        return "auto"
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(start_method="spawn")
 
 
 def ema_callback(total_steps: int):

@@ -420,3 +420,16 @@ def test_training_pipeline_refuses_impossible_labels_before_chipping(prefect_api
     with pytest.raises(InvalidLabelError, match="single class"):
         training_pipeline(params)
     assert not (tmp_path / "work" / "chips").exists()
+
+
+def test_two_process_training_inside_a_flow_run(prefect_api, mlflow_store, dataset):
+    """Multi-device training inside a Prefect flow run: the processes are spawned (the flow
+    is not re-entered by a re-run command line), one MLflow run, one registered version."""
+    from flows.params import TrainSettings
+    from flows.pipelines import train_flow
+    from tests.test_training import _check_ddp_run
+
+    result = train_flow(str(dataset / "chips"), TrainSettings(
+        devices=2, device="cpu", epochs=2, batch_size=8, baseline=False), "ddp-model")
+    assert result.model_version == "1"
+    _check_ddp_run(mlflow_store, str(dataset / "chips"), result.model_file)

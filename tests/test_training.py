@@ -209,3 +209,38 @@ def test_tensorboard_command_serves_the_logs(trained, dataset):
         proc.terminate()
         out = proc.communicate(timeout=20)[0]
     assert f"http://127.0.0.1:{port}/" in out
+
+
+def _check_ddp_run(config_uri: str, dataset_folder: str, model_file: str):
+    import mlflow
+
+    from specdeepmap.evaluation import evaluate_model
+
+    client = mlflow.MlflowClient(tracking_uri=config_uri)
+    runs = client.search_runs([client.get_experiment_by_name("specdeepmap").experiment_id])
+    assert len(runs) == 1  # one MLflow run, not one per process
+    assert len(client.search_model_versions("name='ddp-model'")) == 1
+    single = evaluate_model(f"{dataset_folder}/validation_files.csv", model_file,
+                            os.path.join(os.path.dirname(model_file), "val"), device="cpu",
+                            log_to_mlflow=False).metrics.mean_iou
+    best = runs[0].data.metrics["best_val_iou"]
+    assert best == pytest.approx(single, abs=1e-6)  # every validation chip once
+
+
+def test_two_process_ddp_on_cpu_from_the_command_line(dataset, tmp_path):
+    """`--devices 2` on CPU (gloo, spawned processes) trains to the end (it used to hang at
+    the first epoch's end), logs one MLflow run and registers one version; the reported
+    validation IoU is the whole validation set's, each chip counted once."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "specdeepmap"), "train",
+         str(dataset / "chips"), "--out", str(tmp_path / "run"), "--devices", "2", "--device",
+         "cpu", "--epochs", "2", "--batch-size", "8", "--tracking-uri", uri,
+         "--registered-model", "ddp-model", "--no-baseline"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "model_uri: models:/ddp-model/1" in done.stdout
+    _check_ddp_run(uri, str(dataset / "chips"), str(tmp_path / "run" / "model.pt"))

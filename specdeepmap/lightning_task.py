@@ -1,0 +1,129 @@
+"""The Lightning side of training: the task (loss, optimiser, schedule) and the pooled IoU.
+
+A module of its own, with module-level classes, so that multi-process training can start its
+processes by spawning (the task is pickled to them): a Prefect worker must not have its
+command line re-run, as Lightning's default launcher would. Metrics are torchmetrics objects
+logged to Lightning, which reduces them across processes at the same point in every process;
+a collective of our own in an epoch-end hook could meet another process inside Lightning's
+metric sync and deadlock (it did: the progress bar's sync on rank 0 against our all_gather
+on rank 1).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+from specdeepmap.losses import Loss, build_loss, warmup_cosine
+
+IGNORE_INDEX = 0
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int | None = IGNORE_INDEX) -> torch.Tensor:
+    """(num_classes × num_classes) counts, rows = truth, columns = prediction."""
+    pred, target = pred.reshape(-1), target.reshape(-1)
+    if ignore_index is not None:
+        keep = target != ignore_index
+        pred, target = pred[keep], target[keep]
+    flat = target.long() * num_classes + pred.long()
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def mean_iou(matrix: torch.Tensor, skip: int | None = IGNORE_INDEX) -> float:
+    """Mean IoU over classes that occur in truth or prediction (``skip`` left out)."""
+    matrix = matrix.double()
+    tp = matrix.diag()
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    keep = union > 0
+    if skip is not None:
+        keep[skip] = False
+    return float((tp[keep] / union[keep]).mean()) if keep.any() else 0.0
+
+
+class PooledIoU(Metric):
+    """Mean IoU of one confusion matrix pooled over every pixel of the epoch (and of every
+    process: the matrices are summed across processes before the IoU is taken)."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.add_state("matrix", default=torch.zeros(num_classes, num_classes,
+                                                     dtype=torch.long),
+                       dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.matrix += confusion_matrix(pred, target, self.num_classes)
+
+    def compute(self) -> torch.Tensor:
+        return torch.tensor(mean_iou(self.matrix))
+
+
+class SegmentationTask(L.LightningModule):
+    """Loss (ignore index 0), Adam, warm-up then cosine per step, pooled IoU per epoch."""
+
+    def __init__(self, model: nn.Module, config: dict, class_weights: torch.Tensor | None,
+                 lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.epochs = epochs
+        self.warmup_epochs = warmup_epochs
+        self.save_hyperparameters({"config": config})
+        self.loss = build_loss(loss, class_weights, IGNORE_INDEX)
+        self.num_classes = config["num_classes"]
+        self.train_iou = PooledIoU(self.num_classes)
+        self.val_iou = PooledIoU(self.num_classes)
+
+    def setup(self, stage: str) -> None:
+        from specdeepmap.console import quiet_lightning
+
+        quiet_lightning()  # also in processes spawned for multi-device training
+
+    def forward(self, x):
+        return self.model(x)
+
+    def _step(self, batch, stage: str):
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        if torch.isnan(loss):  # a batch without labelled pixels
+            loss = logits.sum() * 0.0
+        pred = logits[:, 1:].argmax(1) + 1
+        metric = self.train_iou if stage == "train" else self.val_iou
+        metric.update(pred, y)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=len(x), sync_dist=True)
+        self.log(f"{stage}_iou", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=self.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(total // 2, round(self.warmup_epochs * total / max(1, self.epochs)))
+        floor = min(1.0, 1e-6 / self.lr)  # SpecDeepMap's eta_min
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _Schedule(warmup, total, floor))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _Schedule:
+    """Warm-up + cosine as a picklable callable (LambdaLR keeps it in its state)."""
+
+    def __init__(self, warmup: int, total: int, floor: float):
+        self.warmup, self.total, self.floor = warmup, total, floor
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine(step, self.warmup, self.total, self.floor)
