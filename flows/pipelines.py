@@ -59,12 +59,19 @@ def split_flow(chip_folder: str, split: SplitSettings = SplitSettings()) -> dict
 
 @flow(name="train")
 def train_flow(dataset_uri: str, train: TrainSettings = TrainSettings(),
-               model_name: str = "specdeepmap-segmentation") -> TrainResult:
-    """Train on a dataset folder, log to MLflow and register a new model version."""
+               model_name: str = "specdeepmap-segmentation",
+               checkpoint_uri: str | None = None) -> TrainResult:
+    """Train on a dataset folder, log to MLflow and register a new model version.
+
+    With ``checkpoint_uri`` (the training pipeline gives one per flow run, in the work
+    folder) checkpoints are written there as training goes, and a retried task or a restarted
+    flow run continues from the last one, in the same MLflow run.
+    """
     out = os.path.join(RUNS_DIR, "training", time.strftime("%Y%m%d-%H%M%S"))
     run_name, tags = mlflow_run_identity()
     return train_task(TrainConfig(dataset=dataset_uri, out=out, registered_model=model_name,
-                                  run_name=run_name, run_tags=tags, **train.model_dump()))
+                                  run_name=run_name, run_tags=tags,
+                                  checkpoint_uri=checkpoint_uri, **train.model_dump()))
 
 
 def mlflow_run_identity() -> tuple[str, dict[str, str]]:
@@ -165,7 +172,9 @@ def training_pipeline(params: TrainingPipelineParams,
                       params.split.to_core())
     chip_flow(params.scenes, chips_uri, params.chip)
     split_flow(chips_uri, params.split)
-    result = train_flow(chips_uri, params.train, params.model_name)
+    # one checkpoint folder per flow run: a restarted run (same id) continues its training
+    checkpoints = storage.join(params.work_uri, "checkpoints", str(get_run_context().flow_run.id))
+    result = train_flow(chips_uri, params.train, params.model_name, checkpoints)
     test_csv = storage.join(chips_uri, "test_files.csv")
     evaluation_uri = storage.join(params.work_uri, "evaluation", f"v{result.model_version}")
     metrics = evaluate_task(test_csv, result.model_file, evaluation_uri, result.run_id,

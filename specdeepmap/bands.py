@@ -139,7 +139,10 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
         if band.nodata is not None and not math.isnan(band.nodata):
             ET.SubElement(element, "NoDataValue").text = repr(float(band.nodata))
         source = ET.SubElement(element, "ComplexSource", resampling=gdal_resampling)
-        ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = _gdal_path(band.uri)
+        # absolute: the VRT may be written anywhere (a work folder, a temporary file, S3)
+        ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = \
+            storage.gdal_path(band.uri) if storage.is_s3(band.uri) else \
+            os.path.abspath(storage.local_path(band.uri))
         ET.SubElement(source, "SourceBand").text = "1"
         ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(band.width),
                       ySize=str(band.height))
@@ -153,13 +156,6 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
     ET.indent(root)
     storage.write_text(vrt_path, ET.tostring(root, encoding="unicode") + "\n")
     return vrt_path
-
-
-def _gdal_path(uri: str) -> str:
-    """The path GDAL opens: ``/vsis3/`` for ``s3://``, an absolute path for local files."""
-    if storage.is_s3(uri):
-        return "/vsis3/" + uri[len("s3://"):]
-    return os.path.abspath(storage.local_path(uri))
 
 
 def same_band_order(expected: list[str], found: list[str], what: str) -> None:

@@ -267,6 +267,9 @@ def train(
     workers: Annotated[int, typer.Option(min=0, help="Data-loader workers.")] = 0,
     resume: Annotated[str | None, typer.Option(help="Checkpoint to resume from.")] = None,
     keep_top_k: Annotated[int, typer.Option(help="Best checkpoints kept (-1: all).")] = 1,
+    checkpoint_uri: Annotated[str | None, typer.Option(
+        help="Also write checkpoints here as training goes (s3:// or a folder); run the same "
+        "command again to continue an interrupted training from its last checkpoint.")] = None,
     registered_model: Annotated[str, typer.Option(
         help="MLflow registered model name ('' to skip).")] = "specdeepmap-segmentation",
     tracking_uri: Annotated[str | None, typer.Option(
@@ -287,7 +290,8 @@ def train(
         epochs=epochs, lr=lr, lr_finder=lr_finder, early_stopping=early_stopping,
         patience=patience, device=device, devices=devices, precision=precision,
         workers=workers, resume=resume, keep_top_k=keep_top_k,
-        registered_model=registered_model or None, tracking_uri=tracking_uri))
+        registered_model=registered_model or None, tracking_uri=tracking_uri,
+        checkpoint_uri=checkpoint_uri))
     console.print(f"best val IoU {result.best_val_iou:.4f}: {result.best_checkpoint}")
     if result.baseline_mean_iou("validation") is not None:
         console.print(f"RandomForest baseline val IoU "

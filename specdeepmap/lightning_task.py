@@ -127,3 +127,45 @@ class _Schedule:
 
     def __call__(self, step: int) -> float:
         return warmup_cosine(step, self.warmup, self.total, self.floor)
+
+
+RESUME_STATE = "resume.json"
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's checkpointing, each saved file (the best ones and ``last.ckpt``) also
+    copied to ``mirror_uri`` (object storage or another folder) as soon as it is written: one
+    PUT on S3, a rename locally, so a copy is never half-written. ``resume.json`` beside it
+    names the MLflow run, so that a restarted training continues that run."""
+
+    def __init__(self, mirror_uri: str | None, mlflow_run_id: str, **kwargs):
+        super().__init__(**kwargs)
+        self.mirror_uri = mirror_uri
+        self.mlflow_run_id = mlflow_run_id
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.mirror_uri and trainer.is_global_zero:
+            import json
+
+            from specdeepmap import storage
+
+            storage.upload(filepath, self._mirrored(filepath))
+            storage.write_text(storage.join(self.mirror_uri, RESUME_STATE), json.dumps({
+                "mlflow_run_id": self.mlflow_run_id, "epoch": trainer.current_epoch,
+                "global_step": trainer.global_step, "last": LAST_CHECKPOINT}))
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if self.mirror_uri and trainer.is_global_zero:  # a best checkpoint no longer best
+            from specdeepmap import storage
+
+            storage.remove(self._mirrored(filepath))
+
+    def _mirrored(self, filepath: str) -> str:
+        import os
+
+        from specdeepmap import storage
+
+        return storage.join(self.mirror_uri, os.path.basename(filepath))

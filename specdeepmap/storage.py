@@ -351,6 +351,13 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
+def remove(uri: str) -> None:
+    """Delete a file or S3 object (nothing when it is not there)."""
+    fs, path = filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
 def download(uri: str, local_file: str) -> str:
     """Copy a URI to a local file (atomically) and return the local path."""
     os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)

@@ -10,6 +10,8 @@ definition as the Tester's dataset-level IoU (SpecDeepMap averaged per-batch val
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -31,7 +33,8 @@ from specdeepmap.data import (ChipDataset, Normalization, band_names, chip_prope
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
-from specdeepmap.lightning_task import IGNORE_INDEX
+from specdeepmap.lightning_task import (IGNORE_INDEX, LAST_CHECKPOINT, RESUME_STATE,
+                                        MirroredCheckpoint)
 from specdeepmap.losses import Loss
 from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, load_encoder_weights,
@@ -83,7 +86,10 @@ class TrainConfig:
     devices: int = 1
     precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
     workers: int = 0
-    resume: str | None = None
+    resume: str | None = None  #: a checkpoint to continue from (local or s3://)
+    #: where checkpoints are mirrored as training goes (s3:// or a folder); a training started
+    #: again with the same URI continues from its last checkpoint and its MLflow run
+    checkpoint_uri: str | None = None
     keep_top_k: int = 1  #: best checkpoints kept (-1: all)
     seed: int = 42
     limit_batches: int | None = None  #: cap batches per epoch (smoke tests)
@@ -164,6 +170,26 @@ def _code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
+
+
+def resumable(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+    """Where training continues from: ``cfg.resume``, or the last checkpoint mirrored under
+    ``cfg.checkpoint_uri`` by an earlier, interrupted run (with its MLflow run id). A remote
+    checkpoint is downloaded once into ``out/`` and that checked copy is what is loaded."""
+    resume, run_id = cfg.resume, None
+    if cfg.checkpoint_uri and not resume:
+        state_uri = storage.join(cfg.checkpoint_uri, RESUME_STATE)
+        if storage.exists(state_uri):
+            state = json.loads(storage.read_text(state_uri))
+            resume = storage.join(cfg.checkpoint_uri, state.get("last", LAST_CHECKPOINT))
+            run_id = state.get("mlflow_run_id")
+            log.warning("Continuing the interrupted training in %s from epoch %s (MLflow run "
+                        "%s)", storage.redact(cfg.checkpoint_uri), state.get("epoch"), run_id)
+    if resume and (storage.is_s3(resume) or resume.startswith("file://")):
+        local = os.path.join(cfg.out, "resume-from.ckpt")
+        os.makedirs(cfg.out, exist_ok=True)
+        resume = storage.download(resume, local)
+    return dataclasses.replace(cfg, resume=resume), run_id
 
 
 def prepare(cfg: TrainConfig) -> tuple:
@@ -266,25 +292,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     import lightning as L
     import mlflow
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
     from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
     quiet_lightning()
     started = time.perf_counter()
     device = resolve_device(cfg.device)
+    cfg, previous_run = resumable(cfg)
     info, model, config, weights, train_set, val_set = prepare(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = lightning_module(model, config, weights, cfg.lr, cfg.epochs, cfg.loss,
                             cfg.warmup_epochs)
     os.makedirs(cfg.out, exist_ok=True)
     checkpoint_dir = os.path.join(cfg.out, "checkpoints")
-    checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN,
-                                    monitor="val_iou", mode="max", save_top_k=cfg.keep_top_k,
-                                    auto_insert_metric_name=False)
-    callbacks = [checkpointing]
-    if cfg.early_stopping:
-        callbacks.append(EarlyStopping(monitor="val_iou", mode="max", patience=cfg.patience))
     uri = tracking_uri(cfg.tracking_uri)
     ensure_experiment(uri, cfg.experiment)
     tensorboard = TensorBoardLogger(cfg.out, name="lightning_logs")
@@ -292,7 +313,20 @@ def train(cfg: TrainConfig) -> TrainResult:
         experiment_name=cfg.experiment, tracking_uri=uri, log_model=False,
         run_name=cfg.run_name or f"train {storage.basename(cfg.dataset.rstrip('/'))}",
         tags={"mlflow.source.name": "specdeepmap train", "mlflow.source.type": "JOB",
-              **cfg.run_tags})
+              **cfg.run_tags}, run_id=previous_run)
+    checkpointing = MirroredCheckpoint(
+        cfg.checkpoint_uri, mlflow_logger.run_id,  # the run exists from here on
+        dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN, monitor="val_iou", mode="max",
+        save_top_k=cfg.keep_top_k, auto_insert_metric_name=False)
+    callbacks = [checkpointing]
+    if cfg.checkpoint_uri:  # the latest state, every epoch (Lightning's save_last only saves
+        # when a best checkpoint is saved too)
+        callbacks.append(MirroredCheckpoint(
+            cfg.checkpoint_uri, mlflow_logger.run_id, dirpath=checkpoint_dir,
+            filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1,
+            enable_version_counter=False))
+    if cfg.early_stopping:
+        callbacks.append(EarlyStopping(monitor="val_iou", mode="max", patience=cfg.patience))
     pin = device.type == "cuda"
     loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
                        persistent_workers=cfg.workers > 0)
@@ -318,10 +352,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         num_sanity_val_steps=0, deterministic=False, enable_model_summary=is_verbose(),
         strategy=ddp_strategy(cfg.devices),
     )
-    mlflow_logger.log_hyperparams({k: v for k, v in asdict(cfg).items()
-                                   if k not in ("tracking_uri", "run_tags")} |
-                                  {"class_values": info.class_values, "in_channels":
-                                   config["in_channels"], "tile_size": config["tile_size"]})
+    if previous_run is None:  # a continued run keeps its parameters (MLflow's are immutable)
+        mlflow_logger.log_hyperparams({k: v for k, v in asdict(cfg).items()
+                                       if k not in ("tracking_uri", "run_tags", "resume")} |
+                                      {"class_values": info.class_values, "in_channels":
+                                       config["in_channels"], "tile_size": config["tile_size"]})
     if cfg.lr_finder:
         from lightning.pytorch.tuner import Tuner
 
@@ -329,7 +364,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                                         attr_name="lr")
         log.info("Learning-rate finder suggests %s (used for training)",
                  finder.suggestion() if finder else None)
-    trainer.fit(task, train_loader, val_loader, ckpt_path=cfg.resume)
+    # the checked local copy, loaded once more by Lightning as plain data (weights_only)
+    trainer.fit(task, train_loader, val_loader, ckpt_path=cfg.resume, weights_only=True)
     if not trainer.is_global_zero:
         return TrainResult("", 0.0, "", tensorboard.log_dir)
     best = checkpointing.best_model_path

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+from specdeepmap import storage
 from specdeepmap.errors import (InputMismatchError, InvalidParameterError, MissingInputError,
                                 UnsafeModelFileError)
 from specdeepmap.evaluation import accumulate, metrics_from_matrix, evaluate_model
@@ -244,3 +245,52 @@ def test_two_process_ddp_on_cpu_from_the_command_line(dataset, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "model_uri: models:/ddp-model/1" in done.stdout
     _check_ddp_run(uri, str(dataset / "chips"), str(tmp_path / "run" / "model.pt"))
+
+
+def test_a_killed_training_continues_from_its_checkpoint_in_object_storage(dataset, s3_bucket,
+                                                                           tmp_path):
+    """Checkpoints go to S3 as training goes; a training process killed (SIGKILL) after a
+    checkpoint and started again with the same checkpoint URI continues from there, in the
+    same MLflow run, and registers one version."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    epochs = 8
+    command = [os.path.join(os.path.dirname(sys.executable), "specdeepmap"), "train",
+               str(dataset / "chips"), "--device", "cpu", "--epochs", str(epochs),
+               "--batch-size", "8", "--no-baseline", "--no-early-stopping", "--tracking-uri",
+               uri, "--registered-model", "resumed", "--checkpoint-uri",
+               f"{s3_bucket}/checkpoints/run-1"]
+    state = f"{s3_bucket}/checkpoints/run-1/resume.json"
+    first = subprocess.Popen([*command, "--out", str(tmp_path / "first")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (storage.exists(state) and json.loads(storage.read_text(state))["epoch"] >= 1):
+        assert first.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # a lost worker: no clean-up, no final upload
+    first.wait()
+    killed_at = json.loads(storage.read_text(state))
+    assert storage.exists(f"{s3_bucket}/checkpoints/run-1/last.ckpt")
+
+    again = subprocess.run([*command, "--out", str(tmp_path / "second")], capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "Continuing the interrupted training" in again.stderr + again.stdout
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("specdeepmap").experiment_id])
+    assert [r.info.run_id for r in runs] == [killed_at["mlflow_run_id"]]  # the same run
+    history = client.get_metric_history(runs[0].info.run_id, "val_iou")
+    # each epoch validated once (a kill between an epoch's validation and its checkpoint
+    # can repeat that one epoch), not a restart from epoch 0
+    assert epochs <= len(history) <= epochs + 1
+    final = json.loads(storage.read_text(state))
+    assert final["global_step"] > killed_at["global_step"] and final["epoch"] == epochs - 1
+    assert len(client.search_model_versions("name='resumed'")) == 1
