@@ -51,6 +51,9 @@ def platform(s3_server, tmp_path_factory):
            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
            "PREFECT_HOME": str(root / "prefect"),
            "PREFECT_WORKER_QUERY_SECONDS": "1",
+           # a lost worker is noticed within seconds (production: 30 s heartbeats, 90 s)
+           "PREFECT_WORKER_HEARTBEAT_SECONDS": "3",
+           "PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS": "2",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "SPECDEEPMAP_HOME": str(REPO),
            "SPECDEEPMAP_RUNS_DIR": str(root / "runs"),
@@ -60,8 +63,10 @@ def platform(s3_server, tmp_path_factory):
 
     def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
         log = root / f"{name}.log"
+        # each service in a session of its own: a test can take one down with its children
         proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=REPO,
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                                stdout=open(log, "a"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
         procs.append(proc)
         return proc, log
 
@@ -83,12 +88,17 @@ def platform(s3_server, tmp_path_factory):
 
         cli("work-pool", "create", "specdeepmap-process", "--type", "process", "--overwrite")
         cli("deploy", "--all")
-        start("worker", "prefect", "worker", "start", "--pool", "specdeepmap-process")
+        worker_command = ("prefect", "worker", "start", "--pool", "specdeepmap-process")
+        worker, _ = start("worker", *worker_command)
         yield {"api": env["PREFECT_API_URL"], "tracking": env["MLFLOW_TRACKING_URI"],
-               "root": root}
+               "root": root, "worker": [worker],
+               "start_worker": lambda: start("worker", *worker_command)[0]}
     finally:
         for proc in reversed(procs):
-            proc.terminate()
+            try:
+                os.killpg(proc.pid, 15)  # the service and what it started (flow runs)
+            except ProcessLookupError:
+                pass
         for proc in procs:
             try:
                 proc.wait(20)
@@ -267,3 +277,64 @@ def test_bad_parameters_are_rejected_by_the_api(platform):
     created = _trigger(platform["api"], "training-pipeline/training-pipeline", bad)
     assert created.status_code in (409, 422), created.text
     assert "epochs" in created.text
+
+
+def test_a_lost_worker_does_not_lose_the_training(platform, tmp_path):
+    """The worker (and the flow run it started) is killed mid-training, as when its machine
+    is lost; a new worker picks up the restarted flow run, which continues the training from
+    its last checkpoint in object storage: one MLflow run, one registered version."""
+    import signal
+
+    import httpx
+    import mlflow
+
+    from specdeepmap.sample_data import generate_scene
+
+    scene = generate_scene(str(tmp_path / "scene"), 320, 320, seed=12, field_size=48)
+    storage.upload(scene.image_uri, "s3://platform/lost/image.tif")
+    storage.upload(scene.label_uri, "s3://platform/lost/labels.tif")
+    params = {"promotion": "auto", "params": {
+        "scenes": [{"image_uri": "s3://platform/lost/image.tif",
+                    "label_uri": "s3://platform/lost/labels.tif"}],
+        "work_uri": "s3://platform/lost-work", "model_name": "survivor",
+        "chip": {"tile_size": 32, "step": 32, "min_coverage": 40},
+        "split": {"train_percent": 70, "validation_percent": 15, "test_percent": 15,
+                  "scaler": 10000},
+        "train": {"epochs": 12, "batch_size": 8, "device": "cpu", "early_stopping": False,
+                  "baseline": False}}}
+    created = _trigger(platform["api"], "training-pipeline/training-pipeline", params)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    state = f"s3://platform/lost-work/checkpoints/{run_id}/resume.json"
+    deadline = time.time() + 400
+    while not (storage.exists(state) and json.loads(storage.read_text(state))["epoch"] >= 1):
+        assert time.time() < deadline, "no checkpoint in object storage"
+        time.sleep(0.5)
+    for worker in platform["worker"]:
+        os.killpg(worker.pid, signal.SIGKILL)  # the worker and its flow-run process
+    killed_at = json.loads(storage.read_text(state))
+    # the server notices the lost worker and marks its run crashed ...
+    deadline = time.time() + 120
+    while _patient(lambda: httpx.get(f"{platform['api']}/flow_runs/{run_id}", timeout=30)
+                   ).json()["state"]["type"] != "CRASHED":
+        assert time.time() < deadline, "the lost worker's run was never marked crashed"
+        time.sleep(1)
+    # ... the operator (or an automation) reschedules it; a new worker takes it
+    response = _patient(lambda: httpx.post(
+        f"{platform['api']}/flow_runs/{run_id}/set_state", timeout=30,
+        json={"state": {"type": "SCHEDULED", "name": "Scheduled"}, "force": True}))
+    assert response.status_code < 300, response.text
+    rescheduled = response.json()["state"]["timestamp"]
+    platform["worker"][:] = [platform["start_worker"]()]
+    deadline = time.time() + 420
+    while (run := _wait_run(platform["api"], run_id, deadline - time.time()))["state"][
+            "type"] == "CRASHED" and run["state"]["timestamp"] < rescheduled:
+        time.sleep(1)  # the crash recorded before the reschedule
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+
+    client = mlflow.MlflowClient(tracking_uri=platform["tracking"])
+    versions = client.search_model_versions("name='survivor'")
+    assert len(versions) == 1
+    history = client.get_metric_history(versions[0].run_id, "val_iou")
+    assert versions[0].run_id == killed_at["mlflow_run_id"]  # the same MLflow run
+    assert 12 <= len(history) <= 13  # each epoch once (not again from epoch 0)
