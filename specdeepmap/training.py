@@ -161,7 +161,7 @@ def lightning_module(model: nn.Module, config: dict, class_weights: torch.Tensor
     return SegmentationTask(model, config, class_weights, lr, epochs, loss, warmup_epochs)
 
 
-def _code_version() -> str:
+def _software_version() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
@@ -238,7 +238,7 @@ def prepare(cfg: TrainConfig) -> tuple:
         "num_classes": num_classes, "class_values": info.class_values,
         "ignore_index": IGNORE_INDEX, "tile_size": [height, width],
         "normalization": normalization.to_dict(), "weights": str(cfg.weights),
-        "freeze_backbone": freeze, "dataset": cfg.dataset, "version": _code_version(),
+        "freeze_backbone": freeze, "dataset": cfg.dataset, "version": _software_version(),
         "spectral_channels": spectral, "encoder_depth": depth,
         "classes": read_dataset_classes(cfg.dataset).restrict(info.class_values).to_dict(),
         "band_names": band_names(info.train[0][0]), "dtype": dtype,
