@@ -35,6 +35,7 @@ bench: install
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_mapping.py
 	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_bands.py
 
 clean:
 	rm -rf $(VENV) runs
