@@ -26,7 +26,7 @@ from flows.params import (
     TrainSettings,
 )
 from specdeepmap import registry, storage
-from specdeepmap.bands import scene_name, stack_bands
+from specdeepmap.bands import stack_scene
 from specdeepmap.stac import is_catalog, update_catalog
 from specdeepmap.mapping import output_uri_for, scenes_under, unmapped_scenes
 from specdeepmap.tracking import ensure_experiment, tracking_uri
@@ -42,9 +42,8 @@ def chip_flow(scenes: list[ScenePair], out_uri: str,
               chip: ChipSettings = ChipSettings()) -> list[dict]:
     """Chip one or more scenes into one folder (scenes in parallel); scenes given as band files
     are stacked as VRTs under ``out_uri/scenes/`` first."""
-    images = [s.image_uri or stack_bands(
-        s.band_uris, storage.join(out_uri, "scenes", f"{scene_name(s.band_uris)}.vrt"),
-        s.resampling) for s in scenes]
+    images = [s.image_uri or stack_scene(s.band_uris, storage.join(out_uri, "scenes"),
+                                         s.resampling) for s in scenes]
     futures = [chip_task.submit(image, s.label_uri, out_uri, chip.to_core(), s.classes_uri)
                for image, s in zip(images, scenes)]
     return [{"scene": f.result().image_uri, "chips": f.result().chips} for f in futures]

@@ -158,6 +158,12 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
     return vrt_path
 
 
+def stack_scene(band_uris: list[str], folder: str, resampling: str = "bilinear") -> str:
+    """Stack a scene's band files as ``folder/<scene name>.vrt`` (:func:`scene_name`)."""
+    return stack_bands(band_uris, storage.join(folder, f"{scene_name(band_uris)}.vrt"),
+                       resampling)
+
+
 def same_band_order(expected: list[str], found: list[str], what: str) -> None:
     """Refuse a scene whose named bands are in another order than the model's (by name, when
     both sides have real names: GDAL's ``band N`` defaults are not names)."""
@@ -180,4 +186,4 @@ def scene_name(band_uris: list[str]) -> str:
 
 
 __all__ = ["BandFile", "RESAMPLING", "SENTINEL2_ORDER", "band_files", "band_name",
-           "same_band_order", "scene_name", "stack_bands"]
+           "same_band_order", "scene_name", "stack_bands", "stack_scene"]

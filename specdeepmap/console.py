@@ -27,8 +27,7 @@ def configure_console(verbose: bool = False, progress: tuple[str, ...] = ()) -> 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(lambda record: verbose or record.levelno >= logging.WARNING
-                      or record.name.startswith(progress) if progress else
-                      verbose or record.levelno >= logging.WARNING)
+                      or record.name.startswith(progress))  # startswith(()) is False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

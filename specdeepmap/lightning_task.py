@@ -11,11 +11,15 @@ on rank 1).
 
 from __future__ import annotations
 
+import json
+import os
+
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import Metric
 
+from specdeepmap import storage
 from specdeepmap.losses import Loss, build_loss, warmup_cosine
 
 IGNORE_INDEX = 0
@@ -147,10 +151,6 @@ class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         if self.mirror_uri and trainer.is_global_zero:
-            import json
-
-            from specdeepmap import storage
-
             storage.upload(filepath, self._mirrored(filepath))
             storage.write_text(storage.join(self.mirror_uri, RESUME_STATE), json.dumps({
                 "mlflow_run_id": self.mlflow_run_id, "epoch": trainer.current_epoch,
@@ -159,13 +159,7 @@ class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)
         if self.mirror_uri and trainer.is_global_zero:  # a best checkpoint no longer best
-            from specdeepmap import storage
-
             storage.remove(self._mirrored(filepath))
 
     def _mirrored(self, filepath: str) -> str:
-        import os
-
-        from specdeepmap import storage
-
         return storage.join(self.mirror_uri, os.path.basename(filepath))

@@ -264,13 +264,14 @@ def _colour(labels: np.ndarray, classes: ClassSchema) -> np.ndarray:
 
 def publish_model_card(name: str, version: str, run_id: str, model_uri: str, dataset: str,
                        scores: dict, training: dict, test_folder: str | None = None,
-                       test_csv: str | None = None, client=None) -> str:
+                       test_csv: str | None = None, facts: dict | None = None,
+                       client=None) -> str:
     """Write the card of a model version and show it in MLflow; returns the Markdown.
 
     The card and its images go to the run's ``model_card/`` artifacts (replacing an earlier
     card of the same run); its summary becomes the version's description. ``test_folder``
     (the Tester's output) adds the test results and confusion matrix, ``test_csv`` sample
-    prediction panels.
+    prediction panels. ``facts``: :func:`dataset_facts` when the caller has them already.
     """
     import tempfile
 
@@ -280,7 +281,7 @@ def publish_model_card(name: str, version: str, run_id: str, model_uri: str, dat
 
     client = client or mlflow.MlflowClient()
     predictor = load_model(model_uri, "cpu")
-    facts = dataset_facts(dataset)
+    facts = facts or dataset_facts(dataset)
     test, images = None, []
     with tempfile.TemporaryDirectory(prefix="specdeepmap-card-") as folder:
         if test_folder:

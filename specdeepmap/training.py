@@ -10,13 +10,12 @@ definition as the Tester's dataset-level IoU (SpecDeepMap averaged per-batch val
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -34,7 +33,7 @@ from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
 from specdeepmap.lightning_task import (IGNORE_INDEX, LAST_CHECKPOINT, RESUME_STATE,
-                                        MirroredCheckpoint)
+                                        MirroredCheckpoint, SegmentationTask)
 from specdeepmap.losses import Loss
 from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, load_encoder_weights,
@@ -152,15 +151,6 @@ class TrainResult:
         return ((self.baseline or {}).get(split) or {}).get("mean_iou")
 
 
-def lightning_module(model: nn.Module, config: dict, class_weights: torch.Tensor | None,
-                     lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0):
-    """The LightningModule: loss (ignore 0), Adam, warm-up + cosine per step, pooled IoU
-    (:class:`specdeepmap.lightning_task.SegmentationTask`)."""
-    from specdeepmap.lightning_task import SegmentationTask
-
-    return SegmentationTask(model, config, class_weights, lr, epochs, loss, warmup_epochs)
-
-
 def _software_version() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -189,7 +179,7 @@ def resumable(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
         local = os.path.join(cfg.out, "resume-from.ckpt")
         os.makedirs(cfg.out, exist_ok=True)
         resume = storage.download(resume, local)
-    return dataclasses.replace(cfg, resume=resume), run_id
+    return replace(cfg, resume=resume), run_id
 
 
 def prepare(cfg: TrainConfig) -> tuple:
@@ -302,7 +292,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     cfg, previous_run = resumable(cfg)
     info, model, config, weights, train_set, val_set = prepare(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = lightning_module(model, config, weights, cfg.lr, cfg.epochs, cfg.loss,
+    task = SegmentationTask(model, config, weights, cfg.lr, cfg.epochs, cfg.loss,
                             cfg.warmup_epochs)
     os.makedirs(cfg.out, exist_ok=True)
     checkpoint_dir = os.path.join(cfg.out, "checkpoints")
@@ -424,7 +414,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             publish_model_card(cfg.registered_model, result.model_version, run_id, model_file,
                                cfg.dataset, {"val": best_iou, "run_id": run_id,
                                              "baseline_val": result.baseline_mean_iou(
-                                                 "validation")}, result.training)
+                                                 "validation")}, result.training, facts=facts)
     log.info("Best val IoU %.4f: %s", best_iou, best)
     return result
 
