@@ -14,17 +14,26 @@ GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
 * ``baseline``: SpecDeepMap's mapper: 256 px tiles, stride ⌊256·0.8⌋, margins cropped, batch 1,
   the whole output in memory, a plain striped GeoTIFF;
 * peak RSS against scene width (1024 rows; ``--widths``): the buffers that span the scene;
+  every row also gives the *floor*: RSS once torch, smp and the model are loaded, before any
+  pixel (the same in the baseline's process);
+* ``--repeats N``: ``map`` and ``model`` N times each, alternating (the table gives the
+  median, and the spread of map/model);
+* band files (``--bands-size``, 0 to skip): the scene written as 13 single-band GeoTIFFs at
+  Sentinel-2's 10/20/60 m, stacked as a VRT (``specdeepmap.bands.stack_bands``), mapped
+  beside the same scene stacked in one GeoTIFF;
 * ``quality``: with a trained model (``--quality-model``, default the one ``make run`` trains),
   the share of pixels whose class differs from fp32 and the mean IoU against the labels, per
   precision (random weights say nothing about that).
 
-Usage: python benchmarks/bench_mapping.py [--sizes 2048 4096] [--device cpu]
-       [--precisions fp32 int8] [--quality-model runs/demo/train/model.pt]
+Usage: python benchmarks/bench_mapping.py [--sizes 2048 4096 10980] [--device cpu]
+       [--precisions fp32 int8] [--repeats 5] [--bands-size 4092]
+       [--quality-model runs/demo/training/<run>/model.pt]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -42,6 +51,9 @@ CHILD = textwrap.dedent("""
     mode, _, precision = mode.partition(":")
     result = {}
     predictor = load_model(model_file, device)  # loading is not timed
+    # the runtime floor: interpreter, torch, smp and the model, before any pixel
+    result["floor_rss_mb"] = int([l for l in open("/proc/self/status")
+                                  if l.startswith("VmRSS")][0].split()[1]) / 1024
     start = time.perf_counter()
     if mode == "map":
         report = map_scene(scene, model_file, out,
@@ -122,6 +134,35 @@ def make_model(path: str) -> str:
     return export_model_file(config, build_model(ModelSpec("unet", "resnet18", 13, 7)), path)
 
 
+def band_files_scene(stacked: str, folder: str) -> str:
+    """The stacked generated scene as 13 single-band GeoTIFFs at Sentinel-2's resolutions
+    (10 m: B02-B04, B08; 20 m: B05-B07, B8A, B11, B12; 60 m: B01, B09, B10; coarser bands
+    averaged), stacked again as a VRT through :func:`specdeepmap.bands.stack_bands`."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from specdeepmap.bands import stack_bands
+    from specdeepmap.sample_data import SENTINEL2_BANDS
+
+    factor = {"B01": 6, "B09": 6, "B10": 6, "B05": 2, "B06": 2, "B07": 2, "B8A": 2, "B11": 2,
+              "B12": 2}
+    os.makedirs(folder, exist_ok=True)
+    files = []
+    with rasterio.open(stacked) as src:
+        for band, name in enumerate(SENTINEL2_BANDS, start=1):
+            f = factor.get(name, 1)
+            shape = (src.height // f, src.width // f)
+            data = src.read(band, out_shape=shape, resampling=Resampling.average)
+            path = os.path.join(folder, f"T33UUU_20260101T101010_{name}.tif")
+            with rasterio.open(path, "w", driver="GTiff", width=shape[1], height=shape[0],
+                               count=1, dtype="uint16", crs=src.crs, nodata=src.nodata,
+                               transform=src.transform * src.transform.scale(f, f),
+                               tiled=True, compress="deflate") as dst:
+                dst.write(data, 1)
+            files.append(path)
+    return stack_bands(files, os.path.join(folder, "scene.vrt"), resampling="nearest")
+
+
 def quality(model_file: str, scene: str, labels: str, precisions: list[str], device: str,
             work: str) -> list[tuple]:
     """(precision, share of pixels whose class differs from fp32, mean IoU) with a real model."""
@@ -143,15 +184,43 @@ def quality(model_file: str, scene: str, labels: str, precisions: list[str], dev
     return rows
 
 
+def latest_demo_model() -> str:
+    """The model file of the newest demo training (``make run``), or "" when there is none."""
+    found = sorted(glob.glob("runs/demo/training/*/model.pt"))
+    return found[-1] if found else ""
+
+
+def measure(size: int, scene: str, precision: str, model_file: str, work: str, device: str,
+            repeats: int) -> tuple[dict, dict, list[float]]:
+    """Median map and model-only runs (alternating, each in a fresh process) and every
+    run's map/model ratio."""
+    maps, models = [], []
+    for _ in range(repeats):
+        maps.append(run(f"map:{precision}", scene, model_file,
+                        os.path.join(work, f"map{size}-{precision}.tif"), device))
+        ours = maps[-1]
+        models.append(run(f"model:{precision}", scene, model_file,
+                          f"{ours['windows']},{ours['side']},{ours['batch']}", device))
+    ratios = [m["seconds"] / o["seconds"] for o, m in zip(maps, models)]
+    median = lambda runs: sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # noqa: E731
+    return median(maps), median(models), ratios
+
+
 def main() -> None:
     """Generate scenes, run every measurement, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--sizes", "--size", type=int, nargs="+", default=[2048, 4096, 10980],
+                        help="square scene edges in px (10980: a whole Sentinel-2 tile)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"],
                         choices=["fp32", "bf16", "int8"])
-    parser.add_argument("--quality-model", default="runs/demo/train/model.pt",
-                        help="a trained model file (default: the one `make run` trains)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="map and model-only runs per size and precision")
+    parser.add_argument("--bands-size", type=int, default=4092,
+                        help="edge of the band-files scene (a multiple of 6 px: 60 m bands); "
+                             "0 skips it")
+    parser.add_argument("--quality-model", default=latest_demo_model(),
+                        help="a trained model file (default: the newest `make run` trained)")
     parser.add_argument("--quality-scene", default="runs/demo/scene/demo_s2.tif")
     parser.add_argument("--quality-labels", default="runs/demo/scene/demo_s2_labels.tif")
     parser.add_argument("--widths", type=int, nargs="*", default=[2048, 16384],
@@ -169,41 +238,60 @@ def main() -> None:
         base = run("baseline", scene, model_file, os.path.join(work, f"base{size}.tif"),
                    args.device)
         for precision in args.precisions:
-            ours = run(f"map:{precision}", scene, model_file,
-                       os.path.join(work, f"map{size}-{precision}.tif"), args.device)
-            model = run(f"model:{precision}", scene, model_file,
-                        f"{ours['windows']},{ours['side']},{ours['batch']}", args.device)
-            rows.append((size, precision, ours, model, read, base))
+            ours, model, ratios = measure(size, scene, precision, model_file, work,
+                                          args.device, args.repeats)
+            rows.append((size, precision, ours, model, read, base, ratios))
 
     mpx = lambda size, r: size * size / 1e6 / r["seconds"]  # noqa: E731
     print(f"\nMapper, U-Net/ResNet-18, 13 bands, 256 px tiles, 10 % overlap, device "
-          f"{args.device}, {os.cpu_count()} cores, GDAL_CACHEMAX 64 MB")
+          f"{args.device}, {os.cpu_count()} cores, GDAL_CACHEMAX 64 MB, median of "
+          f"{args.repeats} run(s)")
     header = ["scene", "precision", "window", "windows", "map s", "map Mpx/s",
-              "model-only Mpx/s", "map/model", "read Mpx/s", "processed/scene px",
-              "baseline s", "baseline Mpx/s", "speed-up", "RSS map MB", "RSS baseline MB", "int8 setup s"]
+              "model-only Mpx/s", "map/model", "map/model range", "read Mpx/s",
+              "processed/scene px", "baseline s", "baseline Mpx/s", "speed-up", "RSS map MB",
+              "RSS baseline MB", "RSS floor MB", "int8 setup s"]
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
-    for size, precision, ours, model, read, base in rows:
+    for size, precision, ours, model, read, base, ratios in rows:
         cells = [f"{size}²", precision, str(ours["window"]), str(ours["windows"]),
                  f"{ours['seconds']:.1f}", f"{mpx(size, ours):.2f}", f"{mpx(size, model):.2f}",
-                 f"{model['seconds'] / ours['seconds']:.2f}", f"{mpx(size, read):.0f}",
+                 f"{model['seconds'] / ours['seconds']:.2f}",
+                 f"{min(ratios):.2f}-{max(ratios):.2f}", f"{mpx(size, read):.0f}",
                  f"{ours['pixels'] / size**2:.2f}", f"{base['seconds']:.1f}",
                  f"{mpx(size, base):.2f}", f"{base['seconds'] / ours['seconds']:.2f}x",
                  f"{ours['peak_rss_mb']:.0f}", f"{base['peak_rss_mb']:.0f}",
+                 f"{ours['floor_rss_mb']:.0f}",
                  f"{ours['setup']:.1f}" if precision == "int8" else "–"]
         print(" | ".join(cells))
+    if args.bands_size:
+        size = args.bands_size
+        stacked = generate_scene(os.path.join(work, f"b{size}"), size, size, seed=4).image_uri
+        vrt = band_files_scene(stacked, os.path.join(work, f"bands{size}"))
+        print(f"\nBand files: {size}² scene as one GeoTIFF and as 13 GeoTIFFs at 10/20/60 m "
+              "through a VRT")
+        print("precision | input | map s | map Mpx/s | ratio | RSS map MB\n--- | --- | --- | --- "
+              "| --- | ---")
+        for precision in args.precisions:
+            one = run(f"map:{precision}", stacked, model_file,
+                      os.path.join(work, f"stacked{size}.tif"), args.device)
+            many = run(f"map:{precision}", vrt, model_file,
+                       os.path.join(work, f"vrt{size}.tif"), args.device)
+            for name, r in (("stacked GeoTIFF", one), ("13-file VRT", many)):
+                print(f"{precision} | {name} | {r['seconds']:.1f} | {mpx(size, r):.2f} | "
+                      f"{r['seconds'] / one['seconds']:.2f} | {r['peak_rss_mb']:.0f}")
     if args.widths:
         precision = args.precisions[-1]
         print(f"\nPeak RSS against scene width, 1024 rows, {precision}")
-        print("width | map s | RSS map MB\n--- | --- | ---")
+        print("width | map s | RSS map MB | RSS floor MB\n--- | --- | --- | ---")
         for width in args.widths:
             scene = generate_scene(os.path.join(work, f"w{width}"), width, 1024,
                                    seed=3).image_uri
             ours = run(f"map:{precision}", scene, model_file,
                        os.path.join(work, f"w{width}.tif"), args.device)
-            print(f"{width} | {ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f}")
+            print(f"{width} | {ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f} | "
+                  f"{ours['floor_rss_mb']:.0f}")
     if not os.path.exists(args.quality_model):
-        print(f"\nNo trained model at {args.quality_model} (run `make run` first): "
+        print(f"\nNo trained model at {args.quality_model!r} (run `make run` first): "
               "quality per precision skipped")
         return
     print(f"\nQuality per precision, {args.quality_model} on {args.quality_scene}")

@@ -40,7 +40,8 @@ from specdeepmap.models import SpectralSegmentation
 
 #: the quantized-kernel library: oneDNN uses VNNI and changed fewer classes than fbgemm
 ENGINE = "onednn"
-#: pixels per calibration pass: four 256² crops, what one mapping batch holds
+#: pixels per calibration pass (observers cost per call, so few passes; memory: no more than
+#: one mapping batch holds): the mapper's eight 128² crops make one pass
 CALIBRATION_PIXELS = 4 * 256 * 256
 _TRACE_LOCK = threading.Lock()
 #: fingerprint of the weights → traced network with fresh observers (a few, most recent last)
@@ -107,18 +108,30 @@ def _fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _sharing_tensors(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are ``model``'s own tensors.
+
+    Tracing, calibrating and converting never write to the float weights (fusion and
+    conversion make new tensors), so the copies share them: one copy of the weights in memory,
+    not three. Channels-last tensors are copied, so that making the copy contiguous leaves the
+    original's layout alone.
+    """
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers()) if t.is_contiguous()}
+    return copy.deepcopy(model, memo)
+
+
 def _prepared_copy(predictor: Predictor, example: tuple) -> torch.nn.Module:
     """A fresh copy of the network traced with observers, tracing at most once per model."""
     key = _fingerprint(predictor.model)
     with _TRACE_LOCK:
         if key not in _TEMPLATES:
-            model = _traceable(copy.deepcopy(predictor.model).to(
+            model = _traceable(_sharing_tensors(predictor.model).to(
                 memory_format=torch.contiguous_format))
             _TEMPLATES[key] = _prepare(model, example, predictor.config)
             while len(_TEMPLATES) > _MAX_TEMPLATES:
                 _TEMPLATES.popitem(last=False)
         _TEMPLATES.move_to_end(key)
-        return copy.deepcopy(_TEMPLATES[key])
+        return _sharing_tensors(_TEMPLATES[key])
 
 
 def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Predictor:

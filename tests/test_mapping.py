@@ -1,6 +1,9 @@
 """Mapper: coverage, blending, georeferencing, COG output, errors, S3 and real EnMAP data."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,7 +163,10 @@ def test_streamed_blend_equals_whole_scene_blend(trained, dataset, tmp_path, mon
 
 
 def test_batch_norm_folding_keeps_the_outputs(trained):
-    """Every batch norm of the trained U-Net folds into its convolution; outputs unchanged."""
+    """Every batch norm of the trained U-Net folds into its convolution, in place (no second
+    copy of the weights); outputs unchanged; folding again changes nothing."""
+    import copy
+
     from specdeepmap.inference import fold_batch_norms
 
     _, result = trained
@@ -171,13 +177,20 @@ def test_batch_norm_folding_keeps_the_outputs(trained):
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.5, generator=generator)
             module.running_var.uniform_(0.2, 3, generator=generator)
+    original = copy.deepcopy(predictor.model)
+    weights = {id(p) for p in predictor.model.parameters()}
     folded = fold_batch_norms(predictor.model, predictor.in_channels)
+    assert folded is predictor.model
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in predictor.model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in original.modules())
+    conv_weights = [m.weight for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(id(w) in weights for w in conv_weights)  # scaled where they are
     x = torch.rand(2, predictor.in_channels, 96, 96)
     with torch.inference_mode():
-        expected, got = predictor.model(x), folded(x)
+        expected, got = original(x), folded(x)
+        again = fold_batch_norms(folded, predictor.in_channels)(x)
     assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(again, got)
 
 
 def test_batch_norm_folding_refuses_a_convolution_used_twice():
@@ -197,9 +210,12 @@ def test_batch_norm_folding_refuses_a_convolution_used_twice():
 
     model = Residual().eval()
     model.bn.running_mean.fill_(0.7)
+    model.bn.running_var.fill_(2.5)
+    weight, bias = model.conv.weight.detach().clone(), model.conv.bias.detach().clone()
     with pytest.warns(UserWarning, match="not folded"):
         kept = fold_batch_norms(model, 3)
     assert isinstance(kept.bn, torch.nn.BatchNorm2d)
+    assert torch.allclose(kept.conv.weight, weight) and torch.equal(kept.conv.bias, bias)
 
 
 def test_tiny_scene_uint16_classes_and_errors(tmp_path):
@@ -399,18 +415,17 @@ def test_int8_quantization_traces_every_architecture(architecture):
 
 
 def test_int8_map_matches_fp32(trained, dataset, tmp_path):
-    """int8 changes only near-ties: pixels whose fp32 top-two probabilities differ by more
-    than 0.25 keep their class, and the IoU stays.
-
-    (The fixture's model is trained for seconds, so many of its pixels are near-ties; the demo
-    model, trained for a minute, keeps 99.9 % of its classes under int8.)"""
+    """int8 and fp32 maps of the demo scene agree on at least 99.5 % of its pixels; the pixels
+    whose fp32 top-two probabilities differ by more than 0.25 all keep their class, and the IoU
+    stays. (The fixture's model is trained for seconds, so many of its pixels are near-ties;
+    the demo model `make run` trains keeps 99.97 % of its classes under int8.)"""
     _, result = trained
     scene = str(dataset / "scene" / "demo_s2.tif")
     maps, iou = {}, {}
     for precision in ("fp32", "int8"):
         out = tmp_path / f"{precision}.tif"
         iou[precision] = map_scene(scene, result.model_file, str(out),
-                                   MapParams(device="cpu", precision=precision, window=128),
+                                   MapParams(device="cpu", precision=precision),
                                    gt_uri=str(dataset / "scene" / "demo_s2_labels.tif"),
                                    probabilities_uri=str(tmp_path / f"{precision}_p.tif")
                                    ).mean_iou
@@ -422,8 +437,8 @@ def test_int8_map_matches_fp32(trained, dataset, tmp_path):
     clear = valid & (top2[1] - top2[0] > 0.25 * 255)
     same = maps["int8"] == maps["fp32"]
     assert ((maps["int8"] == 0) == ~valid).all()
-    assert clear.sum() > 0.1 * valid.sum() and same[clear].mean() > 0.99
-    assert same[valid].mean() > 0.85
+    assert clear.sum() > 0.1 * valid.sum() and same[clear].all()
+    assert same[valid].mean() >= 0.995
     assert abs(iou["int8"] - iou["fp32"]) < 0.03
 
 
@@ -474,3 +489,43 @@ def test_a_scene_is_done_once_its_metrics_exist_or_for_its_model_version(tmp_pat
     assert [os.path.basename(u) for u in again] == ["a.tif", "b.tif", "c.tif"]
     same = unmapped_scenes(str(tmp_path / "in"), str(tmp_path / "out"), model_uri="models:/m/1")
     assert [os.path.basename(u) for u in same] == ["a.tif", "c.tif"]
+
+
+_PEAK_RSS = """
+import json, sys
+from specdeepmap.inference import load_model
+from specdeepmap.mapping import MapParams, map_scene
+scene, model, out, precision = sys.argv[1:]
+predictor = load_model(model, "cpu")
+status = lambda key: int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1])
+floor = status("VmRSS")
+map_scene(scene, model, out, MapParams(device="cpu", precision=precision), predictor=predictor)
+print(json.dumps({"floor": floor / 1024, "peak": status("VmHWM") / 1024}))
+"""
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_peak_memory_does_not_grow_with_the_scene(tmp_path, precision):
+    """Mapping a scene 16 times larger (4 x wider, 4 x taller) raises the peak RSS above the
+    runtime floor (torch and the model) by less than a tenth of what one whole-scene array of
+    class probabilities would take: nothing is sized by the scene but a few overlap rows."""
+    from specdeepmap.sample_data import generate_scene
+
+    torch.manual_seed(0)
+    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 13,
+              "num_classes": 7, "class_values": [1, 2, 3, 4, 5, 6], "ignore_index": 0,
+              "tile_size": [256, 256],
+              "normalization": {"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0}}
+    model = export_model_file(config, build_model(ModelSpec("unet", "resnet18", 13, 7)),
+                              str(tmp_path / "model.pt"))
+    above_floor = {}
+    for width, height in ((1024, 512), (4096, 2048)):
+        scene = generate_scene(str(tmp_path / f"s{width}"), height, width, seed=1).image_uri
+        env = {**os.environ, "GDAL_CACHEMAX": "8"}  # a cache both scenes fill
+        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, scene, model,
+                               str(tmp_path / f"m{width}.tif"), precision],
+                              capture_output=True, text=True, env=env, check=True)
+        rss = json.loads(proc.stdout.strip().splitlines()[-1])
+        above_floor[width] = rss["peak"] - rss["floor"]
+    whole_scene_probabilities_mb = 6 * 4096 * 2048 * 4 / 2**20  # 192 MB
+    assert above_floor[4096] - above_floor[1024] < 0.1 * whole_scene_probabilities_mb, above_floor
