@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -19,11 +20,11 @@ from tests.conftest import REPO, _free_port
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
+#: the Prefect REST API as the UI reaches it (the platform fixture sets its credentials)
+_API = httpx.Client(timeout=30)
 
 
 def _wait_http(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> None:
-    import httpx
-
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -39,13 +40,31 @@ def _wait_http(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> N
 
 @pytest.fixture(scope="module")
 def platform(s3_server, tmp_path_factory):
-    """MLflow server (SQLite registry, artifacts in S3), Prefect server, deployments, worker."""
+    """MLflow server (basic-auth app, SQLite registry, artifacts in S3), Prefect server (API
+    auth string), deployments, worker. The secrets are canaries: no output may hold them."""
+    import uuid
+
     import boto3
 
     root = tmp_path_factory.mktemp("platform")
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="platform")
     mlflow_port, prefect_port = _free_port(), _free_port()
-    env = {**os.environ,
+    canary = f"canary{uuid.uuid4().hex}"
+    secrets = {"prefect": f"{canary}prefect", "mlflow": f"{canary}mlflow",
+               "s3": f"{canary}s3", "flask": f"{canary}flask"}
+    (root / "mlflow-auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root}/mlflow-auth.db\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    auth_env = {"PREFECT_SERVER_API_AUTH_STRING": f"admin:{secrets['prefect']}",
+                "PREFECT_API_AUTH_STRING": f"admin:{secrets['prefect']}",
+                "MLFLOW_AUTH_CONFIG_PATH": str(root / "mlflow-auth.ini"),
+                "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+                "MLFLOW_AUTH_ADMIN_PASSWORD": secrets["mlflow"],
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets["flask"],
+                "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets["mlflow"],
+                "AWS_SECRET_ACCESS_KEY": secrets["s3"]}  # (the test's moto takes any key)
+    env = {**os.environ, **auth_env,
            "MLFLOW_S3_ENDPOINT_URL": s3_server,
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
            "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
@@ -70,7 +89,8 @@ def platform(s3_server, tmp_path_factory):
         procs.append(proc)
         return proc, log
 
-    mlflow, mlflow_log = start("mlflow", "mlflow", "server", "--host", "127.0.0.1", "--port",
+    mlflow, mlflow_log = start("mlflow", "mlflow", "server", "--app-name", "basic-auth",
+                               "--host", "127.0.0.1", "--port",
                                str(mlflow_port), "--backend-store-uri",
                                f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
                                "s3://platform/mlflow", "--workers", "1")
@@ -90,10 +110,15 @@ def platform(s3_server, tmp_path_factory):
         cli("deploy", "--all")
         worker_command = ("prefect", "worker", "start", "--pool", "specdeepmap-process")
         worker, _ = start("worker", *worker_command)
-        yield {"api": env["PREFECT_API_URL"], "tracking": env["MLFLOW_TRACKING_URI"],
-               "root": root, "worker": [worker],
-               "start_worker": lambda: start("worker", *worker_command)[0]}
+        _API.auth = httpx.BasicAuth("admin", secrets["prefect"])
+        with pytest.MonkeyPatch.context() as patch:  # this test's MLflow client logs in
+            patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", secrets["mlflow"])
+            yield {"api": env["PREFECT_API_URL"], "tracking": env["MLFLOW_TRACKING_URI"],
+                   "root": root, "worker": [worker], "secrets": secrets,
+                   "start_worker": lambda: start("worker", *worker_command)[0]}
     finally:
+        _API.auth = None
         for proc in reversed(procs):
             try:
                 os.killpg(proc.pid, 15)  # the service and what it started (flow runs)
@@ -108,19 +133,15 @@ def platform(s3_server, tmp_path_factory):
 
 def _trigger(api: str, deployment: str, parameters: dict):
     """Create a flow run of a deployment, as the UI's 'Run' button does."""
-    import httpx
-
-    found = _patient(lambda: httpx.get(f"{api}/deployments/name/{deployment}", timeout=30))
+    found = _patient(lambda: _API.get(f"{api}/deployments/name/{deployment}", timeout=30))
     found.raise_for_status()
-    return _patient(lambda: httpx.post(f"{api}/deployments/{found.json()['id']}/create_flow_run",
+    return _patient(lambda: _API.post(f"{api}/deployments/{found.json()['id']}/create_flow_run",
                                        json={"parameters": parameters}, timeout=30))
 
 
 def _patient(call, attempts: int = 5):
     """A request to the SQLite-backed test server, which can answer 5xx ("database is
     locked") or not at all for a while when training takes both CPU cores."""
-    import httpx
-
     for attempt in range(attempts):
         try:
             response = call()
@@ -134,11 +155,9 @@ def _patient(call, attempts: int = 5):
 
 
 def _wait_run(api: str, run_id: str, seconds: float = 420) -> dict:
-    import httpx
-
     deadline = time.time() + seconds
     while time.time() < deadline:
-        response = _patient(lambda: httpx.get(f"{api}/flow_runs/{run_id}", timeout=30))
+        response = _patient(lambda: _API.get(f"{api}/flow_runs/{run_id}", timeout=30))
         if response.status_code >= 500:
             time.sleep(1)
             continue
@@ -154,23 +173,19 @@ def _emit(api: str, event: str, resource_id: str, payload: dict) -> None:
     import datetime
     import uuid
 
-    import httpx
-
     body = [{"id": str(uuid.uuid4()), "event": event,
              "occurred": datetime.datetime.now(datetime.timezone.utc).isoformat(),
              "resource": {"prefect.resource.id": resource_id}, "payload": payload}]
-    response = _patient(lambda: httpx.post(f"{api}/events", json=body, timeout=30))
+    response = _patient(lambda: _API.post(f"{api}/events", json=body, timeout=30))
     assert response.status_code < 300, response.text
 
 
 def _wait_deployment_run(api: str, deployment: str, seconds: float = 300) -> dict:
     """The first flow run of a deployment, once it has finished."""
-    import httpx
-
-    found = _patient(lambda: httpx.get(f"{api}/deployments/name/{deployment}", timeout=30))
+    found = _patient(lambda: _API.get(f"{api}/deployments/name/{deployment}", timeout=30))
     deadline = time.time() + seconds
     while time.time() < deadline:
-        response = _patient(lambda: httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
+        response = _patient(lambda: _API.post(f"{api}/flow_runs/filter", timeout=30, json={
             "deployments": {"id": {"any_": [found.json()["id"]]}}}))
         if response.status_code < 500 and response.json():
             return _wait_run(api, response.json()[0]["id"], deadline - time.time())
@@ -180,15 +195,13 @@ def _wait_deployment_run(api: str, deployment: str, seconds: float = 300) -> dic
 
 def _review(api: str, run_input: dict, seconds: float = 420) -> dict:
     """Wait for the training run's review to pause, then answer its form as the UI does."""
-    import httpx
-
     deadline = time.time() + seconds
     while time.time() < deadline:
-        response = _patient(lambda: httpx.post(f"{api}/flow_runs/filter", timeout=30, json={
+        response = _patient(lambda: _API.post(f"{api}/flow_runs/filter", timeout=30, json={
             "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}}))
         if response.status_code < 500 and response.json():
             paused = response.json()[0]
-            answer = _patient(lambda: httpx.post(f"{api}/flow_runs/{paused['id']}/resume",
+            answer = _patient(lambda: _API.post(f"{api}/flow_runs/{paused['id']}/resume",
                                                  timeout=30, json={"run_input": run_input}))
             assert answer.json()["status"] == "ACCEPT", answer.text
             return paused
@@ -285,7 +298,6 @@ def test_a_lost_worker_does_not_lose_the_training(platform, tmp_path):
     its last checkpoint in object storage: one MLflow run, one registered version."""
     import signal
 
-    import httpx
     import mlflow
 
     from specdeepmap.sample_data import generate_scene
@@ -315,12 +327,12 @@ def test_a_lost_worker_does_not_lose_the_training(platform, tmp_path):
     killed_at = json.loads(storage.read_text(state))
     # the server notices the lost worker and marks its run crashed ...
     deadline = time.time() + 120
-    while _patient(lambda: httpx.get(f"{platform['api']}/flow_runs/{run_id}", timeout=30)
+    while _patient(lambda: _API.get(f"{platform['api']}/flow_runs/{run_id}", timeout=30)
                    ).json()["state"]["type"] != "CRASHED":
         assert time.time() < deadline, "the lost worker's run was never marked crashed"
         time.sleep(1)
     # ... the operator (or an automation) reschedules it; a new worker takes it
-    response = _patient(lambda: httpx.post(
+    response = _patient(lambda: _API.post(
         f"{platform['api']}/flow_runs/{run_id}/set_state", timeout=30,
         json={"state": {"type": "SCHEDULED", "name": "Scheduled"}, "force": True}))
     assert response.status_code < 300, response.text
@@ -338,3 +350,26 @@ def test_a_lost_worker_does_not_lose_the_training(platform, tmp_path):
     history = client.get_metric_history(versions[0].run_id, "val_iou")
     assert versions[0].run_id == killed_at["mlflow_run_id"]  # the same MLflow run
     assert 12 <= len(history) <= 13  # each epoch once (not again from epoch 0)
+
+
+def test_secrets_reach_no_output(platform):
+    """After the whole pipeline ran through the deployments with authentication on, none of
+    the services' secrets (Prefect's auth string, MLflow's password, the S3 secret key, Flask's
+    key) is in any output: the runs folder, the service logs, MLflow's and Prefect's
+    databases (parameters, tags, artifacts' metadata, flow-run parameters, Prefect artifacts),
+    or any object in the bucket (MLflow artifacts, chips, maps and their tags)."""
+    import boto3
+
+    assert _API.get(f"{platform['api']}/flows/filter", auth=None).status_code == 401
+    secrets = {name: value.encode() for name, value in platform["secrets"].items()}
+    found = [f"{path}: {name}" for path in platform["root"].rglob("*") if path.is_file()
+             for name, secret in secrets.items() if secret in path.read_bytes()]
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="platform")
+            for o in page.get("Contents", [])]
+    assert len(keys) > 20  # chips, models, maps: the pipeline did write
+    for key in keys:
+        body = s3.get_object(Bucket="platform", Key=key)["Body"].read()
+        found += [f"s3://platform/{key}: {name}" for name, secret in secrets.items()
+                  if secret in body]
+    assert not found
