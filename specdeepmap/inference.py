@@ -24,7 +24,7 @@ from specdeepmap import storage
 from specdeepmap.augmentation import tta_d4
 from specdeepmap.classes import ClassSchema, schema_from_config
 from specdeepmap.data import Normalization
-from specdeepmap.errors import DeviceUnavailableError, UnsafeModelFileError
+from specdeepmap.errors import DeviceUnavailableError, MissingInputError, UnsafeModelFileError
 from specdeepmap.models import ModelSpec, build_model
 
 MODEL_FORMAT = "specdeepmap-model/1"
@@ -49,7 +49,14 @@ def local_model_file(uri: str) -> str:
     if uri.startswith("models:/") or uri.startswith("runs:/"):
         import mlflow
 
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        # a registry that knows the model (an unknown one raises MLflow's own error here)
+        # whose artifact store lost the files: said at once, not after MLflow's retries
+        if not mlflow.artifacts.list_artifacts(artifact_uri=uri):
+            raise MissingInputError(_artifacts_missing(uri, "nothing is stored under it"))
+        try:
+            folder = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        except Exception as error:  # MLflow, HTTP and storage errors alike
+            raise MissingInputError(_artifacts_missing(uri, error)) from error
         found = sorted(glob.glob(os.path.join(folder, "**", MODEL_FILE), recursive=True))
         if not found:
             raise UnsafeModelFileError(f"{uri} holds no {MODEL_FILE}: was it logged by "
@@ -57,6 +64,13 @@ def local_model_file(uri: str) -> str:
         return found[0]
     # keyed on the object's ETag: a model replaced under the same key is fetched again
     return storage.cached_version(uri, storage.private_cache_dir("models"))
+
+
+def _artifacts_missing(uri: str, why: object) -> str:
+    return (f"{uri}: model artifacts missing from the store ({str(why)[:300]}). The registry "
+            "knows this model but the artifact store does not hold its files: was the object "
+            "store reset (an in-memory S3 restarted) or the files deleted? Restore the store, "
+            "or train and register the model again.")
 
 
 def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:

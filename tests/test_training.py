@@ -294,3 +294,45 @@ def test_a_killed_training_continues_from_its_checkpoint_in_object_storage(datas
     final = json.loads(storage.read_text(state))
     assert final["global_step"] > killed_at["global_step"] and final["epoch"] == epochs - 1
     assert len(client.search_model_versions("name='resumed'")) == 1
+
+
+def test_a_registered_model_whose_files_are_gone_says_so(tmp_path):
+    """A registry that knows a model whose artifact store lost its files (an object store
+    reset under a registry that survived): "model artifacts missing from the store" at once,
+    not an unreadable-model error; an unknown model keeps MLflow's own message."""
+    import shutil
+
+    import mlflow
+    import torch
+
+    from specdeepmap.errors import MissingInputError
+    from specdeepmap.inference import export_model_file
+    from specdeepmap.models import ModelSpec, build_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("gone", artifact_location=str(tmp_path / "store"))
+    run = client.create_run(experiment)
+    torch.manual_seed(0)
+    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 3,
+              "num_classes": 3, "class_values": [1, 2], "ignore_index": 0,
+              "tile_size": [32, 32],
+              "normalization": {"scaler": 1.0, "mean": None, "std": None, "nodata": None}}
+    model_file = export_model_file(config, build_model(ModelSpec("unet", "resnet18", 3, 3)),
+                                   str(tmp_path / "model.pt"))
+    client.log_artifact(run.info.run_id, model_file, "model")
+    client.create_registered_model("gone-model")
+    client.create_model_version("gone-model", f"runs:/{run.info.run_id}/model",
+                                run_id=run.info.run_id)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        assert load_model("models:/gone-model/1", "cpu").in_channels == 3
+        shutil.rmtree(tmp_path / "store")
+        with pytest.raises(MissingInputError, match="model artifacts missing from the store"):
+            load_model("models:/gone-model/1", "cpu")
+        with pytest.raises(Exception, match="(?i)not found|does not exist") as unknown:
+            load_model("models:/no-such-model/1", "cpu")
+        assert not isinstance(unknown.value, MissingInputError)
+    finally:
+        mlflow.set_tracking_uri(previous)
