@@ -76,8 +76,8 @@ def _artifacts_missing(uri: str, why: object) -> str:
 def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, state dict) of a model file, never unpickling arbitrary objects.
 
-    The tensors are memory-mapped from the (local or cached) file rather than read into a
-    buffer and copied: a model costs its size in memory once, not three times.
+    The tensors are loaded straight from the (local or cached) file, not from a copy of its
+    bytes in memory, so loading holds the weights once.
     """
     path = local_model_file(uri)
     try:
