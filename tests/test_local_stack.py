@@ -137,7 +137,10 @@ def test_state_survives_stop_and_start_and_stop_leaves_nothing(stack, tmp_path):
         client.create_registered_model("stack-model")
         version = client.create_model_version("stack-model", f"runs:/{run.info.run_id}/model",
                                               run_id=run.info.run_id)
-        s3 = boto3.client("s3", endpoint_url=cfg["AWS_ENDPOINT_URL"])
+        # explicit keys: boto3's default session keeps the credentials it resolved first
+        s3 = boto3.client("s3", endpoint_url=cfg["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id=cfg["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=cfg["AWS_SECRET_ACCESS_KEY"])
         s3.put_object(Bucket="specdeepmap", Key="scenes/a.tif", Body=b"scene")
 
         groups = _groups(stack["state"])
