@@ -127,12 +127,8 @@ def test_state_survives_stop_and_start_and_stop_leaves_nothing(stack, tmp_path):
     cfg = _exports(stack["env"])
     saved = {k: os.environ.get(k) for k in cfg}
     os.environ.update(cfg)  # credentials and endpoints, as `eval "$(local-stack.sh env)"`
-    # models:/ URIs resolve through MLflow's process-wide registry URI (other tests set it)
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     try:
         uri = cfg["MLFLOW_TRACKING_URI"]
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
         client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         (tmp_path / "weights.txt").write_text("weights")
         run = client.create_run(client.create_experiment("stack-test"))
@@ -155,13 +151,11 @@ def test_state_survives_stop_and_start_and_stop_leaves_nothing(stack, tmp_path):
 
         _script(stack["env"], "start")
         assert s3.get_object(Bucket="specdeepmap", Key="scenes/a.tif")["Body"].read() == b"scene"
-        got = mlflow.artifacts.download_artifacts(f"models:/stack-model/{version.version}",
-                                                  dst_path=str(tmp_path / "back"),
-                                                  tracking_uri=uri, registry_uri=uri)
+        # (through this client, not MLflow's process-wide URIs, which other tests set)
+        kept = client.get_model_version("stack-model", version.version)
+        got = client.download_artifacts(kept.run_id, "model", str(tmp_path))
         assert (Path(got) / "weights.txt").read_text() == "weights"
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
