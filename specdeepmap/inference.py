@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -171,6 +172,10 @@ class Predictor:
         return np.asarray(self.class_values, dtype=np.int64)[index]
 
 
+#: folding changes a network in place: two threads mapping with one model fold it once
+_FOLD_LOCK = threading.Lock()
+
+
 def fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Module:
     """Fold, in place, every BatchNorm2d of an inference network that directly follows a
     Conv2d into that convolution's weights (a tenth of a U-Net's CPU time is batch norm).
@@ -181,6 +186,11 @@ def fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Modul
     so that mapping never holds two copies of a network; a folded network has nothing left to
     fold, so folding again is a no-op. Returns ``model``.
     """
+    with _FOLD_LOCK:
+        return _fold_batch_norms(model, in_channels)
+
+
+def _fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Module:
     model.eval()
     outputs: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # tensor id → (conv, tensor)
     calls: dict[torch.nn.Module, int] = {}
@@ -228,7 +238,7 @@ def fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Modul
             conv.bias = bias
             _replace(model, names[bn], bn)
         warnings.warn(f"folding batch norms changed the output by {error:.3g}; not folded",
-                      stacklevel=2)
+                      stacklevel=3)
     return model
 
 
