@@ -32,9 +32,15 @@ def main() -> None:
     from flows.params import (ChipSettings, MapFlowParams, ScenePair, SplitSettings,
                               TrainingPipelineParams, TrainSettings)
     from flows.pipelines import map_flow, training_pipeline
-    from specdeepmap.sample_data import generate_scene
+    from specdeepmap.sample_data import SampleScene, generate_scene
 
-    scene = generate_scene(os.path.join(out, "scene"), 1024, 1024, seed=0)
+    folder = os.path.join(out, "scene")
+    kept = SampleScene(os.path.join(folder, "demo_s2.tif"),
+                       os.path.join(folder, "demo_s2_labels.tif"))
+    # the scene of seed 0 is always the same: a second run keeps the first's file, so that the
+    # chips the chipper recorded for it stay valid (it refuses a replaced file of the same name)
+    scene = kept if os.path.exists(kept.image_uri) and os.path.exists(kept.label_uri) \
+        else generate_scene(folder, 1024, 1024, seed=0)
     summary = training_pipeline(TrainingPipelineParams(
         scenes=[ScenePair(image_uri=scene.image_uri, label_uri=scene.label_uri)],
         work_uri=out, chip=ChipSettings(tile_size=64, step=64),
