@@ -98,6 +98,31 @@ def spectral_jitter(image: np.ndarray, offset: np.ndarray, valid: np.ndarray | N
     return image
 
 
+def cutmix(images: torch.Tensor, masks: torch.Tensor, probability: float = 0.5,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix for segmentation: each chip of a batch, with ``probability``, gets a random box
+    (a quarter to three quarters of each side) copied from another chip of the batch, pixels
+    and labels alike (French et al. 2020). Objects then appear in new surroundings, which a
+    network trained on a few chips would otherwise learn by heart. Returns new tensors."""
+    n, _, height, width = images.shape
+    images, masks = images.clone(), masks.clone()
+    if n < 2:
+        return images, masks
+    source = torch.roll(torch.arange(n), 1)  # every chip takes from another one
+    originals, original_masks = images.clone(), masks.clone()
+    for i in range(n):
+        if float(torch.rand((), generator=generator)) >= probability:
+            continue
+        h, w = (int(side * (0.25 + 0.5 * float(torch.rand((), generator=generator))))
+                for side in (height, width))
+        top = int(torch.randint(height - h + 1, (), generator=generator))
+        left = int(torch.randint(width - w + 1, (), generator=generator))
+        j = int(source[i])
+        images[i, :, top:top + h, left:left + w] = originals[j, :, top:top + h, left:left + w]
+        masks[i, top:top + h, left:left + w] = original_masks[j, top:top + h, left:left + w]
+    return images, masks
+
+
 def tta_d4(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Average of ``predict`` over the eight D4 views of an (N, C, H, W) batch.
 

@@ -11,12 +11,12 @@ ArcGIS) and a QGIS ``.qml`` style. Without any names a class is called by its va
 from __future__ import annotations
 
 import colorsys
+import math
 import json
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from io import StringIO
 
-import pandas as pd
 
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidLabelError, MissingInputError
@@ -110,7 +110,7 @@ def _hex(color: RGB) -> str:
 
 
 def _parse_color(text, value: int, where: str = "") -> RGB:
-    if text is None or (isinstance(text, float) and pd.isna(text)) or str(text).strip() == "":
+    if text is None or (isinstance(text, float) and math.isnan(text)) or str(text).strip() == "":
         return default_color(value)
     text = str(text).strip()
     if text.startswith("#") and len(text) in (7, 9):
@@ -133,6 +133,8 @@ def read_classes_file(uri: str) -> ClassSchema:
     text = storage.read_text(uri)
     if uri.lower().endswith(".qml"):
         return _from_qml(text, uri)
+    import pandas as pd  # here, not at the top: mapping imports this module without it
+
     try:
         frame = pd.read_csv(StringIO(text))
     except (ValueError, pd.errors.ParserError) as error:

@@ -240,6 +240,18 @@ def train(
         min=-1, max=5, help="Encoder stages 3-5 (U-Net, U-Net++); -1 auto: deepest features "
         ">= 4 px on a chip (32 px chips: 3).")] = -1,
     loss: Annotated[str, typer.Option(help="dice-ce or ce.")] = "dice-ce",
+    cutmix: Annotated[float, typer.Option(
+        min=0, max=1, help="Share of training chips given a random box of another chip "
+        "(image and labels; 0: off).")] = 0.0,
+    pseudo_labels: Annotated[float, typer.Option(
+        min=0, max=1, help="Label the training chips' unlabelled pixels with the "
+        "RandomForest's class where its vote share reaches this (0: off).")] = 0.0,
+    pixel_loss_weight: Annotated[float, typer.Option(
+        min=0, help="Also train the per-pixel head alone, with this loss weight.")] = 0.0,
+    norm: Annotated[str, typer.Option(
+        help="batch or group normalisation (networks trained from scratch).")] = "batch",
+    weight_decay: Annotated[float, typer.Option(
+        min=0, help="AdamW weight decay (0: Adam).")] = 0.0,
     weight_averaging: Annotated[str, typer.Option(
         help="none, or ema (validate and keep an exponential moving average of the "
         "weights).")] = "none",
@@ -283,7 +295,9 @@ def train(
         dataset=dataset, out=out, architecture=architecture, backbone=backbone,
         weights=weights, adapt_first_conv=adapt_first_conv, freeze_backbone=freeze_backbone,
         augment=augment, augmentation=augmentation, spectral_jitter=spectral_jitter,
-        spectral_channels=spectral_channels, encoder_depth=encoder_depth, loss=loss, weight_averaging=weight_averaging,
+        spectral_channels=spectral_channels, encoder_depth=encoder_depth, loss=loss,
+        cutmix=cutmix, pseudo_labels=pseudo_labels, pixel_loss_weight=pixel_loss_weight,
+        norm=norm, weight_decay=weight_decay, weight_averaging=weight_averaging,
         warmup_epochs=warmup_epochs, min_chips_per_epoch=min_chips_per_epoch, sampling=sampling,
         baseline=baseline,
         balanced=balanced, normalize=normalize, batch_size=batch_size,

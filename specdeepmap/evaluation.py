@@ -19,17 +19,18 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import rasterio
 
 from specdeepmap import storage
 from specdeepmap.classes import ClassSchema
-from specdeepmap.data import resolve_row
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError
 from specdeepmap.inference import load_model
-from specdeepmap.splitting import read_csv
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class Metrics:
 
     def table(self) -> pd.DataFrame:
         """One row per class."""
+        import pandas as pd  # here: the mapper imports this module and never needs pandas
+
         return pd.DataFrame({"Class": self.class_values, "IoU": self.iou,
                              "Precision": self.precision, "Recall": self.recall, "F1": self.f1,
                              "Pixels": self.matrix.sum(axis=1)})
@@ -253,6 +256,9 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
             forward passes per chip; it did not raise validation IoU on the shared real data
             sets, see docs/recipe.md).
     """
+    from specdeepmap.data import resolve_row  # here: the mapper imports this module, and
+    from specdeepmap.splitting import read_csv  # these bring the tables' pandas along
+
     frame = read_csv(test_csv)
     folder = storage.parent(test_csv)
     pairs = [(resolve_row(folder, i), resolve_row(folder, m)) for i, m in zip(frame["image"],

@@ -24,7 +24,7 @@ import torch
 from specdeepmap import storage
 from specdeepmap.augmentation import tta_d4
 from specdeepmap.classes import ClassSchema, schema_from_config
-from specdeepmap.data import Normalization
+from specdeepmap.normalization import Normalization
 from specdeepmap.errors import DeviceUnavailableError, MissingInputError, UnsafeModelFileError
 from specdeepmap.models import ModelSpec, build_model
 
@@ -264,7 +264,7 @@ def load_model(uri: str, device: str = "auto") -> Predictor:
     config, state = read_model_file(uri)
     spec = ModelSpec(config["architecture"], config["backbone"], int(config["in_channels"]),
                      int(config["num_classes"]), int(config.get("spectral_channels") or 0),
-                     int(config.get("encoder_depth") or 5))
+                     int(config.get("encoder_depth") or 5), config.get("norm") or "batch")
     with torch.device("meta"):
         model = build_model(spec)
     model.load_state_dict(state, assign=True)

@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from specdeepmap import storage
+from specdeepmap.augmentation import cutmix
 from specdeepmap.losses import Loss, build_loss, warmup_cosine
 
 IGNORE_INDEX = 0
@@ -71,10 +72,15 @@ class SegmentationTask(L.LightningModule):
     """Loss (ignore index 0), Adam, warm-up then cosine per step, pooled IoU per epoch."""
 
     def __init__(self, model: nn.Module, config: dict, class_weights: torch.Tensor | None,
-                 lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0):
+                 lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0,
+                 weight_decay: float = 0.0, pixel_loss_weight: float = 0.0,
+                 cutmix: float = 0.0):
         super().__init__()
         self.model = model
         self.lr = lr
+        self.weight_decay = weight_decay
+        self.pixel_loss_weight = pixel_loss_weight
+        self.cutmix = cutmix
         self.epochs = epochs
         self.warmup_epochs = warmup_epochs
         self.save_hyperparameters({"config": config})
@@ -93,8 +99,14 @@ class SegmentationTask(L.LightningModule):
 
     def _step(self, batch, stage: str):
         x, y = batch
-        logits = self(x)
-        loss = self.loss(logits, y)
+        if stage == "train" and self.cutmix:
+            x, y = cutmix(x, y, self.cutmix)
+        if stage == "train" and self.pixel_loss_weight and hasattr(self.model, "forward_parts"):
+            logits, pixel = self.model.forward_parts(x)
+            loss = self.loss(logits, y) + self.pixel_loss_weight * self.loss(pixel, y)
+        else:
+            logits = self(x)
+            loss = self.loss(logits, y)
         if torch.isnan(loss):  # a batch without labelled pixels
             loss = logits.sum() * 0.0
         pred = logits[:, 1:].argmax(1) + 1
@@ -113,7 +125,8 @@ class SegmentationTask(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=self.lr)
+        optimizer = (torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+                     if self.weight_decay else torch.optim.Adam(params, lr=self.lr))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(total // 2, round(self.warmup_epochs * total / max(1, self.epochs)))
         floor = min(1.0, 1e-6 / self.lr)  # SpecDeepMap's eta_min

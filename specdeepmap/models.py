@@ -77,6 +77,7 @@ class ModelSpec:
     num_classes: int
     spectral_channels: int = 0  #: > 0: a learned per-pixel front-end of this many channels
     encoder_depth: int = 5  #: encoder stages (U-Net/U-Net++: 3-5; others: 5)
+    norm: str = "batch"  #: batch (as built) or group: every BatchNorm2d becomes a GroupNorm
 
 
 #: U-Net decoder widths by resolution (stride 16 … 1); a shallower network keeps the last ones
@@ -147,6 +148,13 @@ class SpectralSegmentation(nn.Module):
         features = self.spectral(x)
         return self.net(features) + self.pixel_head(features)
 
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits :meth:`forward` returns and the per-pixel head's share of them (for an
+        auxiliary loss that trains the per-pixel path on its own)."""
+        features = self.spectral(x)
+        pixel = self.pixel_head(features)
+        return self.net(features) + pixel, pixel
+
 
 def backbone_encoder(model: nn.Module) -> nn.Module:
     """The encoder that pretrained weights and freezing apply to (never the front-end)."""
@@ -190,7 +198,37 @@ def build_model(spec: ModelSpec, imagenet: bool = False) -> nn.Module:
     if spec.spectral_channels:
         model = SpectralSegmentation(spec.in_channels, spec.spectral_channels,
                                      spec.num_classes, model)
+    if spec.norm == "group":
+        to_group_norm(model)
+    elif spec.norm != "batch":
+        raise InvalidParameterError(f"norm must be 'batch' or 'group', got {spec.norm!r}")
     return model
+
+
+#: channels per group of :func:`to_group_norm` (at most 32 groups, as in Wu & He 2018)
+GROUP_NORM_GROUPS = 32
+
+
+def group_count(channels: int) -> int:
+    """The most groups (≤ 32) that divide ``channels`` evenly."""
+    return next(g for g in range(min(GROUP_NORM_GROUPS, channels), 0, -1) if channels % g == 0)
+
+
+def to_group_norm(model: nn.Module) -> None:
+    """Replace every ``BatchNorm2d`` of ``model`` by a ``GroupNorm`` over the same channels.
+
+    Batch norm estimates its statistics from the batch: with the Trainer's default batch of 2
+    small chips the deepest features give it a few dozen values per channel, and the running
+    averages used at inference differ from what training saw. Group norm normalises each
+    sample on its own, the same way in training and inference.
+    """
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            parent, _, child = name.rpartition(".")
+            norm = nn.GroupNorm(group_count(module.num_features), module.num_features,
+                                eps=module.eps, affine=module.affine,
+                                device=module.weight.device if module.affine else None)
+            setattr(model.get_submodule(parent), child, norm)
 
 
 def _drop_unused_stages(encoder: nn.Module, in_channels: int) -> None:

@@ -24,6 +24,7 @@ run other networks in the same process while a *new* network is first quantized.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import threading
@@ -83,20 +84,39 @@ def _prepare(model: torch.nn.Module, example: tuple, config: dict) -> torch.nn.M
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     qconfig = get_default_qconfig_mapping(ENGINE)
+    with _without_stack_traces():
+        try:
+            return prepare_fx(model, qconfig, example)
+        except Exception:  # torch.fx raises many types on untraceable code
+            decoder = getattr(getattr(model, "net", model), "decoder", None)
+            if decoder is None:
+                raise
+        custom = PrepareCustomConfig().set_non_traceable_module_classes([type(decoder)])
+        try:
+            return prepare_fx(model, qconfig, example, prepare_custom_config=custom)
+        except Exception as error:
+            raise InvalidParameterError(
+                f"int8: the {config.get('architecture')}/{config.get('backbone')} network "
+                f"cannot be traced for quantization ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:200]}); use fp32") from error
+
+
+@contextlib.contextmanager
+def _without_stack_traces():
+    """Trace without recording each node's Python stack (``torch.fx.config``).
+
+    The stacks are only for debugging messages, and filtering them imports torch.export,
+    Inductor and their dependencies (networkx, redis, OpenTelemetry): ~35 MB more resident
+    memory in every int8 mapping process and a slower first trace. Callers hold the trace lock.
+    """
+    import torch.fx.config
+
+    before = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
     try:
-        return prepare_fx(model, qconfig, example)
-    except Exception:  # torch.fx raises many types on untraceable code
-        decoder = getattr(getattr(model, "net", model), "decoder", None)
-        if decoder is None:
-            raise
-    custom = PrepareCustomConfig().set_non_traceable_module_classes([type(decoder)])
-    try:
-        return prepare_fx(model, qconfig, example, prepare_custom_config=custom)
-    except Exception as error:
-        raise InvalidParameterError(
-            f"int8: the {config.get('architecture')}/{config.get('backbone')} network cannot "
-            f"be traced for quantization ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}); use fp32") from error
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = before
 
 
 def _fingerprint(model: torch.nn.Module) -> str:

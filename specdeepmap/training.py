@@ -24,11 +24,10 @@ from torch import nn
 
 from specdeepmap import __version__, storage
 from specdeepmap.augmentation import Augmentation
-from specdeepmap.baseline import BaselineParams, run_baseline
+from specdeepmap.baseline import BaselineParams, pseudo_labels, run_baseline
 from specdeepmap.classes import ClassSchema, read_dataset_classes
 from specdeepmap.console import is_verbose, quiet_lightning
-from specdeepmap.data import (ChipDataset, Normalization, band_names, chip_properties,
-                              read_dataset_folder)
+from specdeepmap.data import ChipDataset, band_names, chip_properties, read_dataset_folder
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
@@ -38,6 +37,7 @@ from specdeepmap.losses import Loss
 from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, load_encoder_weights,
                                 encoder_depth_for, spectral_channels_for, weights_kind)
+from specdeepmap.normalization import Normalization
 from specdeepmap.splitting import NORMALIZE_CSV, SUMMARY_CSV
 from specdeepmap.tracking import ensure_experiment, log_baseline, register_model, tracking_uri
 
@@ -63,6 +63,16 @@ class TrainConfig:
     spectral_channels: int = -1  #: learned per-pixel front-end width; -1 auto (32), 0 off
     encoder_depth: int = -1  #: encoder stages, 3-5 (U-Net/U-Net++); -1 auto by chip size
     loss: Loss = "dice-ce"  #: ce or dice-ce (class weights apply to the cross-entropy)
+    #: batch or group normalisation in the network trained from scratch (pretrained encoders
+    #: keep batch norm: their weights were trained with it)
+    norm: Literal["batch", "group"] = "batch"
+    weight_decay: float = 0.0  #: > 0: AdamW's decoupled weight decay instead of plain Adam
+    #: > 0: the per-pixel head of the spectral front-end also learns alone, with this weight
+    pixel_loss_weight: float = 0.0
+    cutmix: float = 0.0  #: > 0: share of training chips given a box from another chip
+    #: > 0: unlabelled pixels of the training chips are labelled by the baseline forest where
+    #: its vote share reaches this (semi-supervised); 0: off
+    pseudo_labels: float = 0.0
     weight_averaging: Literal["ema", "none"] = "none"  #: ema: validate, keep averaged weights
     warmup_epochs: float = 1.0  #: linear learning-rate warm-up, then cosine decay per step
     #: a small training set is drawn repeatedly (each pass a new permutation and new random
@@ -118,15 +128,20 @@ class TrainConfig:
             raise InvalidParameterError("spectral_channels must be -1 (auto), 0 (off) or > 0")
         if self.min_chips_per_epoch < 0:
             raise InvalidParameterError("min_chips_per_epoch must be >= 0")
+        if self.norm not in ("batch", "group"):
+            raise InvalidParameterError(f"norm must be 'batch' or 'group', got {self.norm!r}")
+        if self.weight_decay < 0:
+            raise InvalidParameterError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.baseline_pixels < 1:
             raise InvalidParameterError("baseline_pixels must be >= 1")
 
 
 #: TrainConfig fields that say how a model was trained (shown on its model card)
 RECIPE_FIELDS = ("epochs", "batch_size", "lr", "augment", "augmentation", "spectral_jitter",
-                 "loss", "weight_averaging", "warmup_epochs", "min_chips_per_epoch", "sampling",
-                 "balanced", "normalize", "early_stopping", "patience", "precision", "devices",
-                 "seed", "resume")
+                 "loss", "norm", "weight_decay", "pixel_loss_weight", "cutmix", "pseudo_labels",
+                 "weight_averaging",
+                 "warmup_epochs", "min_chips_per_epoch", "sampling", "balanced", "normalize",
+                 "early_stopping", "patience", "precision", "devices", "seed", "resume")
 
 
 @dataclass
@@ -216,7 +231,8 @@ def prepare(cfg: TrainConfig) -> tuple:
     depth = encoder_depth_for(architecture, min(height, width),
                               cfg.encoder_depth if kind == "none" or cfg.encoder_depth != -1
                               else 5)
-    spec = ModelSpec(architecture, backbone, bands, num_classes, spectral, depth)
+    norm = cfg.norm if kind == "none" else "batch"
+    spec = ModelSpec(architecture, backbone, bands, num_classes, spectral, depth, norm)
     model = build_model(spec, imagenet=(kind == "imagenet"))
     if kind not in ("none", "imagenet"):
         load_encoder_weights(model, cfg.weights, adapt_first_conv=cfg.adapt_first_conv)
@@ -229,15 +245,16 @@ def prepare(cfg: TrainConfig) -> tuple:
         "ignore_index": IGNORE_INDEX, "tile_size": [height, width],
         "normalization": normalization.to_dict(), "weights": str(cfg.weights),
         "freeze_backbone": freeze, "dataset": cfg.dataset, "version": _software_version(),
-        "spectral_channels": spectral, "encoder_depth": depth,
+        "spectral_channels": spectral, "encoder_depth": depth, "norm": norm,
         "classes": read_dataset_classes(cfg.dataset).restrict(info.class_values).to_dict(),
         "band_names": band_names(info.train[0][0]), "dtype": dtype,
     }
     if cfg.resume:
         resume_config, _ = read_model_file(cfg.resume)
         for key in ("class_values", "in_channels", "architecture", "backbone",
-                    "spectral_channels", "encoder_depth"):
-            found = resume_config.get(key, {"spectral_channels": 0, "encoder_depth": 5}.get(key))
+                    "spectral_channels", "encoder_depth", "norm"):
+            found = resume_config.get(key, {"spectral_channels": 0, "encoder_depth": 5,
+                                            "norm": "batch"}.get(key))
             if found != config[key]:
                 raise InputMismatchError(
                     f"Checkpoint {cfg.resume} was trained with {key} = {found}, "
@@ -291,9 +308,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     device = resolve_device(cfg.device)
     cfg, previous_run = resumable(cfg)
     info, model, config, weights, train_set, val_set = prepare(cfg)
+    baseline = None
+    if cfg.baseline or cfg.pseudo_labels:  # seconds; first, as pseudo-labels need the forest
+        baseline = run_baseline(info, train_set.normalization,
+                                BaselineParams(max_pixels=cfg.baseline_pixels, seed=cfg.seed))
+    if cfg.pseudo_labels:
+        train_set.pseudo_labels = pseudo_labels(baseline.forest, info.train,
+                                                train_set.normalization, cfg.pseudo_labels)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = SegmentationTask(model, config, weights, cfg.lr, cfg.epochs, cfg.loss,
-                            cfg.warmup_epochs)
+                            cfg.warmup_epochs, cfg.weight_decay, cfg.pixel_loss_weight,
+                            cfg.cutmix)
     os.makedirs(cfg.out, exist_ok=True)
     checkpoint_dir = os.path.join(cfg.out, "checkpoints")
     uri = tracking_uri(cfg.tracking_uri)
@@ -376,10 +401,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = TrainResult(best_checkpoint=best, best_val_iou=best_iou, model_file=model_file,
                          log_dir=tensorboard.log_dir, run_id=run_id,
                          epochs_run=trainer.current_epoch)
-    baseline = None
-    if cfg.baseline:
-        baseline = run_baseline(info, train_set.normalization,
-                                BaselineParams(max_pixels=cfg.baseline_pixels, seed=cfg.seed))
+    if baseline is not None:
         result.baseline = baseline.summary()
     with mlflow.start_run(run_id=run_id):
         if baseline is not None:

@@ -508,6 +508,32 @@ print(json.dumps({"floor": floor / 1024, "peak": status("VmHWM") / 1024}))
 """
 
 
+_IMPORTS = """
+import sys, numpy as np, torch
+import specdeepmap.mapping, specdeepmap.inference
+loaded = [m for m in ("pandas", "specdeepmap.splitting", "specdeepmap.data") if m in sys.modules]
+from specdeepmap.inference import Predictor
+from specdeepmap.models import ModelSpec, build_model
+from specdeepmap.quantization import quantize_int8
+config = {"architecture": "unet", "backbone": "resnet18",
+          "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": None}}
+model = build_model(ModelSpec("unet", "resnet18", 4, 4, encoder_depth=3)).eval()
+windows = [np.random.default_rng(0).integers(0, 1000, (2, 4, 64, 64)).astype(np.uint16)]
+quantize_int8(Predictor(model, config, torch.device("cpu")), windows)
+loaded += [m for m in ("networkx", "redis") if m in sys.modules]
+print(loaded)
+"""
+
+
+def test_the_mapper_loads_no_library_it_does_not_use():
+    """A mapping process, int8 included, imports neither pandas nor the Dataset Maker (~70 MB
+    of resident memory in every mapping worker), nor the compiler stack that torch.fx's
+    stack-trace recording would pull in while quantizing (torch.export, networkx, redis: ~35 MB)."""
+    proc = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_peak_memory_does_not_grow_with_the_scene(tmp_path, precision):
     """Mapping a scene 16 times larger (4 x wider, 4 x taller) raises the peak RSS above the

@@ -250,3 +250,103 @@ def test_class_balanced_sampling_favours_chips_with_rare_classes(tmp_path):
                                                  cache_dir=str(tmp_path / "cache")))
     assert weights.sum().item() == pytest.approx(1.0)
     assert weights[0] > 2 * weights[1] and weights[1] == pytest.approx(weights[3].item())
+
+
+def test_cutmix_pastes_a_box_of_another_chip_into_image_and_label():
+    """Each chip gets one axis-aligned box from the chip before it in the batch, copied into
+    the image (every band) and the label at the same place; nothing else changes."""
+    from specdeepmap.augmentation import cutmix
+
+    images = torch.stack([torch.full((3, 16, 16), float(i)) for i in range(3)])
+    masks = torch.stack([torch.full((16, 16), i + 1) for i in range(3)])
+    generator = torch.Generator().manual_seed(0)
+    mixed, mixed_masks = cutmix(images, masks, 1.0, generator)
+    assert torch.equal(images[:, 0], torch.arange(3.0).view(3, 1, 1).expand(3, 16, 16))
+    for i in range(3):
+        changed = mixed_masks[i] != i + 1
+        rows, cols = changed.any(1).nonzero().ravel(), changed.any(0).nonzero().ravel()
+        assert 4 <= len(rows) <= 12 and 4 <= len(cols) <= 12  # a quarter to 3/4 per side
+        assert changed.sum() == len(rows) * len(cols)  # one rectangle
+        assert (mixed_masks[i][changed] == (i - 1) % 3 + 1).all()
+        assert (mixed[i][:, changed] == float((i - 1) % 3)).all()
+        assert (mixed[i][:, ~changed] == float(i)).all()
+    untouched, same = cutmix(images, masks, 0.0)
+    assert torch.equal(untouched, images) and torch.equal(same, masks)
+
+
+def test_pseudo_labels_fill_only_unlabelled_pixels_the_forest_is_sure_of(tmp_path):
+    """The forest labels a chip's unlabelled pixels (never its labelled ones) where its vote
+    share reaches the threshold; the training chips then carry those labels."""
+    from specdeepmap.baseline import BaselineParams, fit_forest, pseudo_labels
+    from specdeepmap.data import ChipDataset
+    from specdeepmap.normalization import Normalization
+    from tests.conftest import write_raster
+
+    image = np.zeros((2, 16, 16), np.uint16)
+    image[:, :, 8:] = 1000  # two spectra: left half class 1, right half class 2
+    label = np.zeros((16, 16), np.uint8)
+    label[:4, :4], label[:4, 12:] = 1, 2  # a few labelled pixels per class
+    pair = (write_raster(tmp_path / "i.tif", image), write_raster(tmp_path / "l.tif", label))
+    forest, _ = fit_forest([pair], Normalization(), [1, 2], BaselineParams(n_estimators=10))
+    pseudo = pseudo_labels(forest, [pair], Normalization(), 0.9)[0]
+    assert (pseudo[label > 0] == 0).all()
+    assert (pseudo[4:, :8] == 1).all() and (pseudo[4:, 8:] == 2).all()
+    assert not pseudo_labels(forest, [pair], Normalization(), 1.01)[0].any()
+
+    lookup = np.zeros(256, np.int64)
+    lookup[1], lookup[2] = 1, 2
+    chips = ChipDataset([pair], Normalization(), lookup, cache_dir=str(tmp_path / "cache"),
+                        pseudo_labels=[pseudo])
+    _, mask = chips[0]
+    assert (mask.numpy() == np.where(label > 0, label, pseudo)).all()
+
+
+def test_per_pixel_head_loss_sees_the_heads_own_logits():
+    """forward_parts returns the network's logits and the per-pixel head's share of them."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("unet", "resnet18", 6, 4, 8, 3)).eval()
+    x = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        logits, pixel = model.forward_parts(x)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+        assert torch.allclose(pixel, model.pixel_head(model.spectral(x)), atol=1e-6)
+
+
+def test_group_norm_replaces_every_batch_norm_and_survives_export(tmp_path):
+    """norm=group leaves no BatchNorm2d; the model file rebuilds the same network."""
+    from specdeepmap.inference import export_model_file, load_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("unet", "resnet18", 5, 3, 8, 3, "group")).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
+    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 5,
+              "num_classes": 3, "spectral_channels": 8, "encoder_depth": 3, "norm": "group",
+              "normalization": {"scaler": None, "mean": None, "std": None, "nodata": None}}
+    path = export_model_file(config, model, str(tmp_path / "model.pt"))
+    x = torch.randn(1, 5, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(load_model(path, "cpu").model(x), model(x), atol=1e-5)
+
+
+def test_recipe_switches_reach_the_training_run(dataset, tmp_path):
+    """CutMix, pseudo-labels, the per-pixel loss, group norm and weight decay train together,
+    are recorded as the run's parameters, and AdamW is used when weight decay is on."""
+    import mlflow
+
+    from specdeepmap.lightning_task import SegmentationTask
+    from specdeepmap.training import TrainConfig, train
+
+    result = train(TrainConfig(
+        dataset=str(dataset / "chips"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+        limit_batches=2, device="cpu", registered_model=None, baseline=False,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", cutmix=0.5, pseudo_labels=0.6,
+        pixel_loss_weight=0.5, norm="group", weight_decay=0.01))
+    params = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(
+        result.run_id).data.params
+    assert (params["cutmix"], params["pseudo_labels"], params["norm"]) == ("0.5", "0.6", "group")
+    assert result.baseline is not None  # pseudo-labels fit the forest even without baseline
+    task = SegmentationTask(torch.nn.Conv2d(1, 2, 1), {"num_classes": 2}, None, 1e-3, 1,
+                            weight_decay=0.01)
+    task.trainer = type("T", (), {"estimated_stepping_batches": 4})()
+    assert isinstance(task.configure_optimizers()["optimizer"], torch.optim.AdamW)
