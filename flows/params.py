@@ -104,6 +104,18 @@ class TrainSettings(BaseModel):
         "features at least 4 px wide on a chip (32 px chips: 3, 64: 4, larger: 5).")
     loss: Literal["dice-ce", "ce"] = Field("dice-ce", description="Dice + cross-entropy, or "
                                            "cross-entropy alone (class weights apply to both).")
+    cutmix: float = Field(0.5, ge=0, le=1, description="Share of training chips given a "
+                          "random box of another chip, image and labels (0: off).")
+    consistency: float = Field(0.0, ge=0, le=10, description="Weight of a FixMatch "
+                               "consistency loss on unlabelled pixels (0: off).")
+    pseudo_labels: float = Field(
+        0.0, ge=0, le=1, description="Label the training chips' unlabelled pixels with the "
+        "RandomForest's class where its vote share reaches this (0: off).")
+    pixel_loss_weight: float = Field(0.0, ge=0, le=10, description="Also train the per-pixel "
+                                     "head alone, with this loss weight (0: off).")
+    norm: Literal["batch", "group"] = Field("batch", description="Batch or group "
+                                            "normalisation in networks trained from scratch.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (0: Adam).")
     weight_averaging: Literal["ema", "none"] = Field(
         "none", description="ema: validate and keep an exponential moving average of the "
         "weights (did not help on the shared real data sets, see docs/recipe.md).")

@@ -242,7 +242,10 @@ def train(
     loss: Annotated[str, typer.Option(help="dice-ce or ce.")] = "dice-ce",
     cutmix: Annotated[float, typer.Option(
         min=0, max=1, help="Share of training chips given a random box of another chip "
-        "(image and labels; 0: off).")] = 0.0,
+        "(image and labels; 0: off).")] = 0.5,
+    consistency: Annotated[float, typer.Option(
+        min=0, help="Weight of a FixMatch consistency loss on unlabelled pixels (0: off).")
+    ] = 0.0,
     pseudo_labels: Annotated[float, typer.Option(
         min=0, max=1, help="Label the training chips' unlabelled pixels with the "
         "RandomForest's class where its vote share reaches this (0: off).")] = 0.0,
@@ -296,8 +299,8 @@ def train(
         weights=weights, adapt_first_conv=adapt_first_conv, freeze_backbone=freeze_backbone,
         augment=augment, augmentation=augmentation, spectral_jitter=spectral_jitter,
         spectral_channels=spectral_channels, encoder_depth=encoder_depth, loss=loss,
-        cutmix=cutmix, pseudo_labels=pseudo_labels, pixel_loss_weight=pixel_loss_weight,
-        norm=norm, weight_decay=weight_decay, weight_averaging=weight_averaging,
+        cutmix=cutmix, consistency=consistency, pseudo_labels=pseudo_labels,
+        pixel_loss_weight=pixel_loss_weight, norm=norm, weight_decay=weight_decay, weight_averaging=weight_averaging,
         warmup_epochs=warmup_epochs, min_chips_per_epoch=min_chips_per_epoch, sampling=sampling,
         baseline=baseline,
         balanced=balanced, normalize=normalize, batch_size=batch_size,

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from specdeepmap import storage
-from specdeepmap.augmentation import cutmix
+from specdeepmap.augmentation import D4, cutmix, d4_apply, d4_invert
 from specdeepmap.losses import Loss, build_loss, warmup_cosine
 
 IGNORE_INDEX = 0
@@ -74,13 +74,14 @@ class SegmentationTask(L.LightningModule):
     def __init__(self, model: nn.Module, config: dict, class_weights: torch.Tensor | None,
                  lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0,
                  weight_decay: float = 0.0, pixel_loss_weight: float = 0.0,
-                 cutmix: float = 0.0):
+                 cutmix: float = 0.0, consistency: float = 0.0):
         super().__init__()
         self.model = model
         self.lr = lr
         self.weight_decay = weight_decay
         self.pixel_loss_weight = pixel_loss_weight
         self.cutmix = cutmix
+        self.consistency = consistency
         self.epochs = epochs
         self.warmup_epochs = warmup_epochs
         self.save_hyperparameters({"config": config})
@@ -109,6 +110,8 @@ class SegmentationTask(L.LightningModule):
             loss = self.loss(logits, y)
         if torch.isnan(loss):  # a batch without labelled pixels
             loss = logits.sum() * 0.0
+        if stage == "train" and self.consistency:
+            loss = loss + self.consistency * consistency_loss(self.model, x, logits, y)
         pred = logits[:, 1:].argmax(1) + 1
         metric = self.train_iou if stage == "train" else self.val_iou
         metric.update(pred, y)
@@ -134,6 +137,36 @@ class SegmentationTask(L.LightningModule):
             optimizer, _Schedule(warmup, total, floor))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+#: FixMatch's confidence threshold for a prediction to become a target
+CONSISTENCY_THRESHOLD = 0.9
+
+
+def consistency_loss(model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
+    """FixMatch-style consistency on the unlabelled pixels of a batch (Sohn et al. 2020).
+
+    Where the network's prediction for an unlabelled pixel is confident (class probability at
+    least :data:`CONSISTENCY_THRESHOLD`), that class becomes the target for the same pixel
+    seen in another orientation (a random non-identity D4 element, mapped back): the network
+    learns from the two thirds of a sparsely labelled chip that the labelled loss never sees.
+    Averaged over the batch's unlabelled pixels, so the weight does not depend on how many
+    are confident.
+    """
+    unlabelled = y == IGNORE_INDEX
+    if not unlabelled.any():
+        return logits.sum() * 0.0
+    with torch.no_grad():
+        confidence, target = torch.softmax(logits.detach()[:, 1:].float(), 1).max(1)
+        keep = unlabelled & (confidence >= CONSISTENCY_THRESHOLD)
+        target = torch.where(keep, target + 1, IGNORE_INDEX)
+    if not keep.any():
+        return logits.sum() * 0.0
+    k, flip = D4[int(torch.randint(1, len(D4), ()))]
+    student = d4_invert(model(d4_apply(x, k, flip)), k, flip)
+    return nn.functional.cross_entropy(student.float(), target, ignore_index=IGNORE_INDEX,
+                                       reduction="sum") / unlabelled.sum()
 
 
 class _Schedule:

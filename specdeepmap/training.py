@@ -69,7 +69,9 @@ class TrainConfig:
     weight_decay: float = 0.0  #: > 0: AdamW's decoupled weight decay instead of plain Adam
     #: > 0: the per-pixel head of the spectral front-end also learns alone, with this weight
     pixel_loss_weight: float = 0.0
-    cutmix: float = 0.0  #: > 0: share of training chips given a box from another chip
+    cutmix: float = 0.5  #: share of training chips given a box from another chip (0: off)
+    #: > 0: weight of a FixMatch consistency loss on unlabelled pixels (semi-supervised)
+    consistency: float = 0.0
     #: > 0: unlabelled pixels of the training chips are labelled by the baseline forest where
     #: its vote share reaches this (semi-supervised); 0: off
     pseudo_labels: float = 0.0
@@ -138,10 +140,10 @@ class TrainConfig:
 
 #: TrainConfig fields that say how a model was trained (shown on its model card)
 RECIPE_FIELDS = ("epochs", "batch_size", "lr", "augment", "augmentation", "spectral_jitter",
-                 "loss", "norm", "weight_decay", "pixel_loss_weight", "cutmix", "pseudo_labels",
-                 "weight_averaging",
-                 "warmup_epochs", "min_chips_per_epoch", "sampling", "balanced", "normalize",
-                 "early_stopping", "patience", "precision", "devices", "seed", "resume")
+                 "loss", "norm", "weight_decay", "pixel_loss_weight", "cutmix", "consistency",
+                 "pseudo_labels", "weight_averaging", "warmup_epochs", "min_chips_per_epoch",
+                 "sampling", "balanced", "normalize", "early_stopping", "patience",
+                 "precision", "devices", "seed", "resume")
 
 
 @dataclass
@@ -318,7 +320,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = SegmentationTask(model, config, weights, cfg.lr, cfg.epochs, cfg.loss,
                             cfg.warmup_epochs, cfg.weight_decay, cfg.pixel_loss_weight,
-                            cfg.cutmix)
+                            cfg.cutmix, cfg.consistency)
     os.makedirs(cfg.out, exist_ok=True)
     checkpoint_dir = os.path.join(cfg.out, "checkpoints")
     uri = tracking_uri(cfg.tracking_uri)

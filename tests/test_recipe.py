@@ -350,3 +350,29 @@ def test_recipe_switches_reach_the_training_run(dataset, tmp_path):
                             weight_decay=0.01)
     task.trainer = type("T", (), {"estimated_stepping_batches": 4})()
     assert isinstance(task.configure_optimizers()["optimizer"], torch.optim.AdamW)
+
+
+def test_consistency_loss_targets_confident_unlabelled_pixels_only():
+    """The FixMatch term learns the network's confident classes on unlabelled pixels (seen in
+    another orientation), ignores labelled and unsure pixels, and is 0 without either."""
+    from specdeepmap.lightning_task import consistency_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Conv2d(3, 4, 1)  # per pixel, so every D4 view gives the same logits
+    x = torch.randn(2, 3, 8, 8)
+    y = torch.zeros(2, 8, 8, dtype=torch.long)
+    y[:, :2] = 1  # labelled rows
+    with torch.no_grad():
+        model.weight *= 20  # confident on most pixels
+    logits = model(x)
+    loss = consistency_loss(model, x, logits, y)
+    probs = torch.softmax(logits.detach()[:, 1:], 1)
+    confidence, target = probs.max(1)
+    keep = (y == 0) & (confidence >= 0.9)
+    assert 0 < keep.sum() < (y == 0).sum()
+    expected = torch.nn.functional.cross_entropy(logits, target + 1, reduction="none")[keep]
+    assert loss.item() == pytest.approx((expected.sum() / (y == 0).sum()).item(), rel=1e-4)
+    loss.backward()
+    assert model.weight.grad.abs().sum() > 0
+    assert consistency_loss(model, x, logits, torch.ones_like(y)).item() == 0
+    assert consistency_loss(model, x, logits * 0, y).item() == 0  # nothing confident
