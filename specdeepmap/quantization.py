@@ -48,6 +48,8 @@ _TRACE_LOCK = threading.Lock()
 #: fingerprint of the weights → traced network with fresh observers (a few, most recent last)
 _TEMPLATES: OrderedDict[str, torch.nn.Module] = OrderedDict()
 _MAX_TEMPLATES = 2
+#: (tensor addresses and versions) → weights digest, see :func:`_fingerprint`
+_DIGESTS: dict[tuple, str] = {}
 
 
 def int8_supported() -> bool:
@@ -120,12 +122,25 @@ def _without_stack_traces():
 
 
 def _fingerprint(model: torch.nn.Module) -> str:
-    """A digest of the network's class and weights: equal for every copy of one model."""
+    """A digest of the network's class and weights: equal for every copy of one model.
+
+    Hashing 50 MB of weights takes ~0.2 s, so the digest is remembered for the tensors it was
+    computed from: their storage addresses and version counters (an in-place change such as
+    batch-norm folding bumps the counter and gets a new digest).
+    """
+    state = model.state_dict()
+    identity = (type(model).__qualname__, tuple(
+        (name, t.data_ptr(), t._version) for name, t in state.items()))
+    if identity in _DIGESTS:
+        return _DIGESTS[identity]
     digest = hashlib.blake2b(type(model).__qualname__.encode(), digest_size=16)
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    if len(_DIGESTS) >= _MAX_TEMPLATES * 4:
+        _DIGESTS.pop(next(iter(_DIGESTS), None), None)
+    _DIGESTS[identity] = digest.hexdigest()
+    return _DIGESTS[identity]
 
 
 def _sharing_tensors(model: torch.nn.Module) -> torch.nn.Module:
