@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="Override both sets' epochs.")
     parser.add_argument("--seeds", type=int, default=3,
                         help="Training seeds per set (the RandomForest's seed too).")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="Seeds run are first-seed … first-seed + seeds − 1.")
     parser.add_argument("--tta", action="store_true",
                         help="Score with D4 TTA (the figures without it are printed too).")
     parser.add_argument("--verbose", action="store_true", help="Also per-class val IoU.")
@@ -138,7 +140,7 @@ def main() -> None:
     for name in args.sets:
         dataset = prepare_enmap(data, work) if name == "enmap" else prepare_s2(data, work)
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             r = run_set(name, dataset, work, args.epochs or EPOCHS[name], overrides, seed,
                         args.tta)
             runs.append(r)

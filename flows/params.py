@@ -121,7 +121,7 @@ class TrainSettings(BaseModel):
         "weights (did not help on the shared real data sets, see docs/recipe.md).")
     warmup_epochs: float = Field(1.0, ge=0, le=100, description="Learning-rate warm-up epochs.")
     min_chips_per_epoch: int = Field(
-        64, ge=0, description="Draw a small training set repeatedly until an epoch holds this "
+        128, ge=0, description="Draw a small training set repeatedly until an epoch holds this "
         "many chips (0: one pass per epoch).")
     sampling: Literal["uniform", "class-balanced"] = Field(
         "uniform", description="uniform: every chip as often; class-balanced: chips rich in "

@@ -262,7 +262,7 @@ def train(
         min=0, help="Linear learning-rate warm-up before the cosine decay.")] = 1.0,
     min_chips_per_epoch: Annotated[int, typer.Option(
         min=0, help="Draw a small training set repeatedly until an epoch holds this many "
-        "chips (0: one pass).")] = 64,
+        "chips (0: one pass).")] = 128,
     sampling: Annotated[str, typer.Option(
         help="uniform, or class-balanced (chips rich in rare classes drawn more often).")
     ] = "uniform",

@@ -80,7 +80,7 @@ class TrainConfig:
     #: a small training set is drawn repeatedly (each pass a new permutation and new random
     #: augmentations) until an epoch holds at least this many chips: a few chips give too few
     #: optimisation steps per epoch otherwise; 0: one pass per epoch
-    min_chips_per_epoch: int = 64
+    min_chips_per_epoch: int = 128
     #: uniform: every chip as often; class-balanced: chips rich in rare classes more often
     sampling: Literal["uniform", "class-balanced"] = "uniform"
     baseline: bool = True  #: fit and score the per-pixel RandomForest baseline
