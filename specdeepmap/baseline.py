@@ -102,15 +102,21 @@ def summary_metrics(summary: dict | None, split: str) -> Metrics | None:
                                summary["class_values"])
 
 
-def _read_chip(image_uri: str, mask_uri: str, normalization: Normalization,
-               class_values: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features of labelled pixels (n × bands), their labels, the full label chip)."""
+def _read_pixels(image_uri: str, mask_uri: str,
+                 normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised features of every pixel (pixels × bands), the (H, W) label chip)."""
     with storage.open_raster(image_uri) as src:
         image = src.read()
     with storage.open_raster(mask_uri) as src:
         truth = src.read(1).astype(np.int64)
+    return normalization.apply(image).reshape(image.shape[0], -1).T, truth
+
+
+def _read_chip(image_uri: str, mask_uri: str, normalization: Normalization,
+               class_values: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features of labelled pixels (n × bands), their labels, the full label chip)."""
+    features, truth = _read_pixels(image_uri, mask_uri, normalization)
     keep = np.isin(truth, class_values)
-    features = normalization.apply(image).reshape(image.shape[0], -1).T
     return features[keep.ravel()], truth[keep], truth
 
 
@@ -173,14 +179,10 @@ def pseudo_labels(forest, pairs: list[tuple[str, str]], normalization: Normaliza
     """
     out = []
     for image_uri, mask_uri in pairs:
-        with storage.open_raster(image_uri) as src:
-            image = src.read()
-        with storage.open_raster(mask_uri) as src:
-            truth = src.read(1)
+        features, truth = _read_pixels(image_uri, mask_uri, normalization)
         pseudo = np.zeros(truth.shape, np.int64)
         unlabelled = truth == 0
         if unlabelled.any():
-            features = normalization.apply(image).reshape(image.shape[0], -1).T
             share = forest.predict_proba(features[unlabelled.ravel()])
             best = share.argmax(axis=1)
             confident = share[np.arange(len(best)), best] >= min_share

@@ -26,7 +26,7 @@ from specdeepmap.augmentation import tta_d4
 from specdeepmap.classes import ClassSchema, schema_from_config
 from specdeepmap.normalization import Normalization
 from specdeepmap.errors import DeviceUnavailableError, MissingInputError, UnsafeModelFileError
-from specdeepmap.models import ModelSpec, build_model
+from specdeepmap.models import ModelSpec, build_model, replace_submodule
 
 MODEL_FORMAT = "specdeepmap-model/1"
 MODEL_FILE = "model.pt"
@@ -226,7 +226,7 @@ def _fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Modu
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
                 shift = bn.bias if bn.bias is not None else 0
                 conv.bias = torch.nn.Parameter((bias - bn.running_mean) * scale + shift)
-            _replace(model, names[bn], torch.nn.Identity())
+            replace_submodule(model, names[bn], torch.nn.Identity())
     if not folded:
         return model
     with torch.inference_mode():
@@ -236,7 +236,7 @@ def _fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Modu
             with torch.no_grad():
                 conv.weight.div_(scale.reshape(-1, 1, 1, 1))
             conv.bias = bias
-            _replace(model, names[bn], bn)
+            replace_submodule(model, names[bn], bn)
         warnings.warn(f"folding batch norms changed the output by {error:.3g}; not folded",
                       stacklevel=3)
     return model
@@ -247,12 +247,6 @@ def _bn_scale(bn: torch.nn.BatchNorm2d) -> torch.Tensor:
     with torch.no_grad():
         scale = torch.rsqrt(bn.running_var + bn.eps)
         return scale * bn.weight if bn.weight is not None else scale
-
-
-def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    """Put ``module`` where the submodule ``name`` was."""
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def load_model(uri: str, device: str = "auto") -> Predictor:

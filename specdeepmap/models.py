@@ -145,8 +145,7 @@ class SpectralSegmentation(nn.Module):
         return self.net.encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.spectral(x)
-        return self.net(features) + self.pixel_head(features)
+        return self.forward_parts(x)[0]
 
     def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits :meth:`forward` returns and the per-pixel head's share of them (for an
@@ -224,11 +223,15 @@ def to_group_norm(model: nn.Module) -> None:
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.BatchNorm2d):
-            parent, _, child = name.rpartition(".")
-            norm = nn.GroupNorm(group_count(module.num_features), module.num_features,
-                                eps=module.eps, affine=module.affine,
-                                device=module.weight.device if module.affine else None)
-            setattr(model.get_submodule(parent), child, norm)
+            replace_submodule(model, name, nn.GroupNorm(
+                group_count(module.num_features), module.num_features, eps=module.eps,
+                affine=module.affine, device=module.weight.device if module.affine else None))
+
+
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the submodule ``name`` (a dotted path) was."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 
 def _drop_unused_stages(encoder: nn.Module, in_channels: int) -> None:
