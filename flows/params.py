@@ -106,6 +106,8 @@ class TrainSettings(BaseModel):
                                            "cross-entropy alone (class weights apply to both).")
     cutmix: float = Field(0.5, ge=0, le=1, description="Share of training chips given a "
                           "random box of another chip, image and labels (0: off).")
+    band_dropout: float = Field(0.0, ge=0, le=0.9, description="Share of the bands zeroed "
+                                "at random in each training chip (dropout over bands; 0: off).")
     consistency: float = Field(0.0, ge=0, le=10, description="Weight of a FixMatch "
                                "consistency loss on unlabelled pixels (0: off).")
     pseudo_labels: float = Field(

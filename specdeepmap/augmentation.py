@@ -123,6 +123,23 @@ def cutmix(images: torch.Tensor, masks: torch.Tensor, probability: float = 0.5,
     return images, masks
 
 
+def band_dropout(images: torch.Tensor, probability: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Zero each band of each chip with ``probability`` and scale the others by
+    ``1 / (1 − probability)`` (dropout over whole bands, ``torch.nn.Dropout2d``'s rule).
+
+    On normalised inputs a zeroed band holds its mean. Neighbouring bands of a spectrometer
+    are strongly correlated, so a network can learn to lean on a few of them; forced to do
+    without random ones it spreads its weight over all, as a RandomForest's random feature
+    subsets do. Returns a new tensor; the expectation of every band is unchanged.
+    """
+    if not probability:
+        return images
+    keep = torch.rand(images.shape[:2], generator=generator, device="cpu") >= probability
+    scale = keep.to(images.dtype) / (1.0 - probability)
+    return images * scale.to(images.device)[:, :, None, None]
+
+
 def tta_d4(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Average of ``predict`` over the eight D4 views of an (N, C, H, W) batch.
 

@@ -243,6 +243,9 @@ def train(
     cutmix: Annotated[float, typer.Option(
         min=0, max=1, help="Share of training chips given a random box of another chip "
         "(image and labels; 0: off).")] = 0.5,
+    band_dropout: Annotated[float, typer.Option(
+        min=0, max=0.9, help="Share of the bands zeroed at random in each training chip "
+        "(dropout over bands; 0: off).")] = 0.0,
     consistency: Annotated[float, typer.Option(
         min=0, help="Weight of a FixMatch consistency loss on unlabelled pixels (0: off).")
     ] = 0.0,
@@ -299,7 +302,8 @@ def train(
         weights=weights, adapt_first_conv=adapt_first_conv, freeze_backbone=freeze_backbone,
         augment=augment, augmentation=augmentation, spectral_jitter=spectral_jitter,
         spectral_channels=spectral_channels, encoder_depth=encoder_depth, loss=loss,
-        cutmix=cutmix, consistency=consistency, pseudo_labels=pseudo_labels,
+        cutmix=cutmix, band_dropout=band_dropout, consistency=consistency,
+        pseudo_labels=pseudo_labels,
         pixel_loss_weight=pixel_loss_weight, norm=norm, weight_decay=weight_decay,
         weight_averaging=weight_averaging, warmup_epochs=warmup_epochs,
         min_chips_per_epoch=min_chips_per_epoch, sampling=sampling, baseline=baseline,

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from specdeepmap import storage
-from specdeepmap.augmentation import D4, cutmix, d4_apply, d4_invert
+from specdeepmap.augmentation import D4, band_dropout, cutmix, d4_apply, d4_invert
 from specdeepmap.losses import Loss, build_loss, warmup_cosine
 
 IGNORE_INDEX = 0
@@ -74,7 +74,7 @@ class SegmentationTask(L.LightningModule):
     def __init__(self, model: nn.Module, config: dict, class_weights: torch.Tensor | None,
                  lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0,
                  weight_decay: float = 0.0, pixel_loss_weight: float = 0.0,
-                 cutmix: float = 0.0, consistency: float = 0.0):
+                 cutmix: float = 0.0, consistency: float = 0.0, band_dropout: float = 0.0):
         super().__init__()
         self.model = model
         self.lr = lr
@@ -82,6 +82,7 @@ class SegmentationTask(L.LightningModule):
         self.pixel_loss_weight = pixel_loss_weight
         self.cutmix = cutmix
         self.consistency = consistency
+        self.band_dropout = band_dropout
         self.epochs = epochs
         self.warmup_epochs = warmup_epochs
         self.save_hyperparameters({"config": config})
@@ -102,6 +103,8 @@ class SegmentationTask(L.LightningModule):
         x, y = batch
         if stage == "train" and self.cutmix:
             x, y = cutmix(x, y, self.cutmix)
+        if stage == "train" and self.band_dropout:
+            x = band_dropout(x, self.band_dropout)
         if stage == "train" and self.pixel_loss_weight and hasattr(self.model, "forward_parts"):
             logits, pixel = self.model.forward_parts(x)
             loss = self.loss(logits, y) + self.pixel_loss_weight * self.loss(pixel, y)

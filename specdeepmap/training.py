@@ -70,6 +70,8 @@ class TrainConfig:
     #: > 0: the per-pixel head of the spectral front-end also learns alone, with this weight
     pixel_loss_weight: float = 0.0
     cutmix: float = 0.5  #: share of training chips given a box from another chip (0: off)
+    #: share of the bands zeroed at random in each training chip (dropout over bands; 0: off)
+    band_dropout: float = 0.0
     #: > 0: weight of a FixMatch consistency loss on unlabelled pixels (semi-supervised)
     consistency: float = 0.0
     #: > 0: unlabelled pixels of the training chips are labelled by the baseline forest where
@@ -132,6 +134,8 @@ class TrainConfig:
             raise InvalidParameterError("min_chips_per_epoch must be >= 0")
         if self.norm not in ("batch", "group"):
             raise InvalidParameterError(f"norm must be 'batch' or 'group', got {self.norm!r}")
+        if not 0 <= self.band_dropout < 1:
+            raise InvalidParameterError(f"band_dropout must be in [0, 1), got {self.band_dropout}")
         if self.weight_decay < 0:
             raise InvalidParameterError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.baseline_pixels < 1:
@@ -140,10 +144,10 @@ class TrainConfig:
 
 #: TrainConfig fields that say how a model was trained (shown on its model card)
 RECIPE_FIELDS = ("epochs", "batch_size", "lr", "augment", "augmentation", "spectral_jitter",
-                 "loss", "norm", "weight_decay", "pixel_loss_weight", "cutmix", "consistency",
-                 "pseudo_labels", "weight_averaging", "warmup_epochs", "min_chips_per_epoch",
-                 "sampling", "balanced", "normalize", "early_stopping", "patience",
-                 "precision", "devices", "seed", "resume")
+                 "loss", "norm", "weight_decay", "pixel_loss_weight", "cutmix", "band_dropout",
+                 "consistency", "pseudo_labels", "weight_averaging", "warmup_epochs",
+                 "min_chips_per_epoch", "sampling", "balanced", "normalize", "early_stopping",
+                 "patience", "precision", "devices", "seed", "resume")
 
 
 @dataclass
@@ -320,7 +324,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = SegmentationTask(model, config, weights, cfg.lr, cfg.epochs, cfg.loss,
                             cfg.warmup_epochs, cfg.weight_decay, cfg.pixel_loss_weight,
-                            cfg.cutmix, cfg.consistency)
+                            cfg.cutmix, cfg.consistency, cfg.band_dropout)
     os.makedirs(cfg.out, exist_ok=True)
     checkpoint_dir = os.path.join(cfg.out, "checkpoints")
     uri = tracking_uri(cfg.tracking_uri)

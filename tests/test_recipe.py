@@ -274,6 +274,24 @@ def test_cutmix_pastes_a_box_of_another_chip_into_image_and_label():
     assert torch.equal(untouched, images) and torch.equal(same, masks)
 
 
+def test_band_dropout_zeroes_whole_bands_and_keeps_each_bands_expectation():
+    """Band dropout zeroes a band over the whole chip (never single pixels), a share close to
+    the probability, per chip, and scales the kept bands so that their mean is unchanged."""
+    from specdeepmap.augmentation import band_dropout
+
+    images = torch.randn(64, 50, 4, 4) + 3.0
+    generator = torch.Generator().manual_seed(0)
+    dropped = band_dropout(images, 0.3, generator)
+    zeroed = (dropped == 0).all(dim=(2, 3))
+    assert ((dropped == 0).any(dim=(2, 3)) == zeroed).all()  # whole bands only
+    assert 0.25 < zeroed.float().mean() < 0.35
+    assert not torch.equal(zeroed[0], zeroed[1])  # drawn per chip
+    kept = ~zeroed
+    assert torch.allclose(dropped[kept], images[kept] / 0.7)
+    assert dropped.mean().item() == pytest.approx(images.mean().item(), rel=0.05)
+    assert band_dropout(images, 0.0) is images
+
+
 def test_pseudo_labels_fill_only_unlabelled_pixels_the_forest_is_sure_of(tmp_path):
     """The forest labels a chip's unlabelled pixels (never its labelled ones) where its vote
     share reaches the threshold; the training chips then carry those labels."""
@@ -330,8 +348,9 @@ def test_group_norm_replaces_every_batch_norm_and_survives_export(tmp_path):
 
 
 def test_recipe_switches_reach_the_training_run(dataset, tmp_path):
-    """CutMix, pseudo-labels, the per-pixel loss, group norm and weight decay train together,
-    are recorded as the run's parameters, and AdamW is used when weight decay is on."""
+    """CutMix, band dropout, pseudo-labels, the per-pixel loss, group norm and weight decay
+    train together, are recorded as the run's parameters, and AdamW is used when weight decay
+    is on."""
     import mlflow
 
     from specdeepmap.lightning_task import SegmentationTask
@@ -341,10 +360,11 @@ def test_recipe_switches_reach_the_training_run(dataset, tmp_path):
         dataset=str(dataset / "chips"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
         limit_batches=2, device="cpu", registered_model=None, baseline=False,
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", cutmix=0.5, pseudo_labels=0.6,
-        pixel_loss_weight=0.5, norm="group", weight_decay=0.01))
+        pixel_loss_weight=0.5, norm="group", weight_decay=0.01, band_dropout=0.2))
     params = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(
         result.run_id).data.params
     assert (params["cutmix"], params["pseudo_labels"], params["norm"]) == ("0.5", "0.6", "group")
+    assert params["band_dropout"] == "0.2"
     assert result.baseline is not None  # pseudo-labels fit the forest even without baseline
     task = SegmentationTask(torch.nn.Conv2d(1, 2, 1), {"num_classes": 2}, None, 1e-3, 1,
                             weight_decay=0.01)
