@@ -81,6 +81,8 @@ def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
     bytes in memory, so loading holds the weights once.
     """
     path = local_model_file(uri)
+    if not os.path.isfile(path):
+        raise MissingInputError(f"Model file {uri} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

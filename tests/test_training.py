@@ -70,6 +70,11 @@ def test_crafted_pickle_payload_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_missing_model_file_is_named_as_missing_not_as_unsafe(tmp_path):
+    with pytest.raises(MissingInputError, match=r"absent\.pt does not exist"):
+        read_model_file(str(tmp_path / "absent.pt"))
+
+
 def test_confusion_matrix_metrics_against_hand_computed_case():
     truth = np.array([1, 1, 1, 2, 2, 5, 5, 5, 0, 0])
     pred = np.array([1, 1, 2, 2, 5, 5, 5, 1, 1, 5])
