@@ -296,9 +296,7 @@ def prepare_predictor(predictor: Predictor, params: MapParams,
     ``params.channels_last`` its weights channels-last. Folding and the memory format change
     ``predictor``'s network in place (its outputs stay the same), so that a process never holds
     two copies of it; folded first, the int8 trace shares the folded weights instead of fusing
-    batch norms into copies of them (~45 MB for a ResNet-18 U-Net). Large freed buffers are
-    given back to the system at once from here on (:func:`return_freed_memory`)."""
-    return_freed_memory()
+    batch norms into copies of them (~45 MB for a ResNet-18 U-Net)."""
     fold_batch_norms(predictor.model, predictor.in_channels)
     if params.precision == "int8":
         from specdeepmap.quantization import quantize_int8
@@ -307,31 +305,6 @@ def prepare_predictor(predictor: Predictor, params: MapParams,
     if params.channels_last:
         predictor.model.to(memory_format=torch.channels_last)
     return predictor
-
-
-#: glibc's M_MMAP_THRESHOLD option, and the size from which blocks are mmapped (its default
-#: starting value: 128 KiB)
-_M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 * 1024
-
-
-def return_freed_memory() -> bool:
-    """Have glibc give large freed blocks back to the system at once, for this process.
-
-    glibc serves blocks above a threshold with their own memory mapping, returned to the system
-    when freed, but raises that threshold (up to 32 MiB) whenever such a block is freed. After
-    the first windows, the mapper's per-window tensors and arrays (1–17 MB each) then come
-    from the heap, where freed space stays resident behind live blocks: ~60 MB more peak memory
-    than the mapper uses (``benchmarks/bench_mapping.py``). Setting the threshold fixes it
-    (glibc stops adjusting it). Returns whether it was set (not on other C libraries).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError, TypeError):  # no C library found, or no mallopt
-        return False
 
 
 def _to_stride(size: int) -> int:

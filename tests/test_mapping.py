@@ -534,39 +534,6 @@ def test_the_mapper_loads_no_library_it_does_not_use():
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
 
 
-_FREED = """
-import sys, numpy as np
-from specdeepmap.mapping import return_freed_memory
-rss = lambda: int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1])
-if sys.argv[1] == "fixed" and not return_freed_memory():
-    sys.exit(3)  # not glibc
-big = np.ones(32 << 20, np.uint8)
-del big  # glibc's default: the mmap threshold rises to 32 MiB
-before = rss()
-held = []
-for _ in range(4):  # window-sized buffers, each followed by a small block that outlives it
-    block = np.ones(8 << 20, np.uint8)
-    held.append(np.ones(4096, np.uint8))
-    del block
-print((rss() - before) / 1024)
-"""
-
-
-def test_freed_window_buffers_leave_the_process_at_once():
-    """After :func:`return_freed_memory` a freed 8 MB buffer stops being resident even when a
-    smaller block allocated after it lives on; by glibc's default (its threshold raised by an
-    earlier 32 MB free) the buffer stays resident in the heap (what cost the mapper ~60 MB)."""
-    held = {}
-    for mode in ("default", "fixed"):
-        proc = subprocess.run([sys.executable, "-c", _FREED, mode], capture_output=True,
-                              text=True)
-        if proc.returncode == 3:
-            pytest.skip("not glibc: mallopt's threshold is not available")
-        assert proc.returncode == 0, proc.stderr
-        held[mode] = float(proc.stdout.strip().splitlines()[-1])
-    assert held["default"] >= 6 and held["fixed"] < 2, held
-
-
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_peak_memory_does_not_grow_with_the_scene(tmp_path, precision):
     """Mapping a scene 16 times larger (4 x wider, 4 x taller) raises the peak RSS above the
