@@ -99,6 +99,9 @@ class TrainSettings(BaseModel):
     spectral_channels: int = Field(
         -1, ge=-1, le=512, description="Learned per-pixel front-end and head width: -1 auto "
         "(32; off with pretrained weights), 0 off.")
+    spectral_init: Literal["pca", "random"] = Field(
+        "pca", description="pca: the front-end's first filters start on the training chips' "
+        "principal axes (every pixel, labelled or not); random: the usual random start.")
     encoder_depth: Literal[-1, 3, 4, 5] = Field(
         -1, description="Encoder stages for U-Net/U-Net++; -1 auto: as many as keep the deepest "
         "features at least 4 px wide on a chip (32 px chips: 3, 64: 4, larger: 5).")

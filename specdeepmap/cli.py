@@ -236,6 +236,9 @@ def train(
     spectral_channels: Annotated[int, typer.Option(
         min=-1, help="Learned per-pixel front-end (and per-pixel head) width: -1 auto (32; "
         "off with pretrained weights), 0 off.")] = -1,
+    spectral_init: Annotated[str, typer.Option(
+        help="pca: the front-end's first filters start on the training chips' principal "
+        "axes (every pixel, labelled or not); random: the usual random start.")] = "pca",
     encoder_depth: Annotated[int, typer.Option(
         min=-1, max=5, help="Encoder stages 3-5 (U-Net, U-Net++); -1 auto: deepest features "
         ">= 4 px on a chip (32 px chips: 3).")] = -1,
@@ -301,7 +304,8 @@ def train(
         dataset=dataset, out=out, architecture=architecture, backbone=backbone,
         weights=weights, adapt_first_conv=adapt_first_conv, freeze_backbone=freeze_backbone,
         augment=augment, augmentation=augmentation, spectral_jitter=spectral_jitter,
-        spectral_channels=spectral_channels, encoder_depth=encoder_depth, loss=loss,
+        spectral_channels=spectral_channels, spectral_init=spectral_init,
+        encoder_depth=encoder_depth, loss=loss,
         cutmix=cutmix, band_dropout=band_dropout, consistency=consistency,
         pseudo_labels=pseudo_labels,
         pixel_loss_weight=pixel_loss_weight, norm=norm, weight_decay=weight_decay,

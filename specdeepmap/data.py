@@ -108,6 +108,26 @@ def band_names(image_uri: str) -> list[str]:
         return [d or f"band {i}" for i, d in enumerate(src.descriptions, start=1)]
 
 
+def principal_axes(dataset: "ChipDataset", count: int, max_pixels: int = 100_000,
+                   seed: int = 0) -> np.ndarray:
+    """The ``count`` leading principal axes (count × bands, unit rows) of the normalised
+    spectra of the dataset's chips: every valid pixel, labelled or not (at most
+    ``max_pixels``, spread evenly over the chips). Fewer rows when there are fewer bands."""
+    rng = np.random.default_rng(seed)
+    per_chip = max(1, max_pixels // max(1, len(dataset)))
+    samples = []
+    for image_uri, _ in dataset.pairs:
+        raw = dataset._read(image_uri)
+        pixels = dataset.normalization.apply(raw).reshape(raw.shape[0], -1).T
+        if dataset.normalization.nodata is not None:
+            pixels = pixels[~np.all(raw == dataset.normalization.nodata, axis=0).ravel()]
+        samples.append(pixels[rng.permutation(len(pixels))[:per_chip]])
+    x = np.concatenate(samples).astype(np.float64)
+    x -= x.mean(axis=0)
+    _, _, axes = np.linalg.svd(x, full_matrices=False)
+    return axes[:count].astype(np.float32)
+
+
 class ChipDataset(Dataset):
     """Image/label chip pairs as (float32 C×H×W tensor, int64 H×W class-index tensor).
 

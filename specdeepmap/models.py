@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -123,10 +124,10 @@ class SpectralSegmentation(nn.Module):
     channels before the encoder's first spatial convolution. For the many, strongly correlated
     bands of a hyperspectral image that first convolution then has ``k² · channels`` instead of
     ``k² · bands`` weights per filter (a 224-band ResNet stem alone has 700 000: more than a
-    few chips can train). The same per-pixel features also feed a 1×1 head whose logits are added to the
-    network's: smp's decoders rebuild full resolution from stride-2 features, so without it a
-    pixel's own spectrum reaches the output only blurred with its neighbours', and a
-    per-pixel classifier (what a RandomForest is) would see more of it than the network.
+    few chips can train). The same per-pixel features also feed a 1×1 head whose logits are
+    added to the network's: smp's decoders rebuild full resolution from stride-2 features, so
+    without it a pixel's own spectrum reaches the output only blurred with its neighbours',
+    and a per-pixel classifier (what a RandomForest is) would see more of it than the network.
     """
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, net: nn.Module):
@@ -153,6 +154,27 @@ class SpectralSegmentation(nn.Module):
         features = self.spectral(x)
         pixel = self.pixel_head(features)
         return self.net(features) + pixel, pixel
+
+
+def init_spectral_front_end(model: nn.Module, axes: np.ndarray) -> int:
+    """Start the spectral front-end's first layer on the bands' principal axes.
+
+    Its first filters become the leading principal axes (``axes``, k × bands, e.g. from
+    :func:`specdeepmap.data.principal_axes`), at the layer's initial weight scale; filters
+    beyond the number of axes keep their random start. Training then begins from the
+    directions in which the spectra vary most, found on every pixel of the training chips,
+    labelled or not, instead of from random mixtures of many correlated bands. Returns the
+    number of filters set (0 without a front-end).
+    """
+    if not isinstance(model, SpectralSegmentation):
+        return 0
+    conv = model.spectral[0]
+    k = min(conv.out_channels, len(axes))
+    with torch.no_grad():
+        start = torch.as_tensor(axes[:k], dtype=conv.weight.dtype)
+        scale = conv.weight.std() / start.std().clamp_min(1e-12)
+        conv.weight[:k, :, 0, 0] = start * scale
+    return k
 
 
 def backbone_encoder(model: nn.Module) -> nn.Module:

@@ -27,7 +27,8 @@ from specdeepmap.augmentation import Augmentation
 from specdeepmap.baseline import BaselineParams, pseudo_labels, run_baseline
 from specdeepmap.classes import ClassSchema, read_dataset_classes
 from specdeepmap.console import is_verbose, quiet_lightning
-from specdeepmap.data import ChipDataset, band_names, chip_properties, read_dataset_folder
+from specdeepmap.data import (ChipDataset, band_names, chip_properties, principal_axes,
+                              read_dataset_folder)
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
@@ -35,8 +36,9 @@ from specdeepmap.lightning_task import (IGNORE_INDEX, LAST_CHECKPOINT, RESUME_ST
                                         MirroredCheckpoint, SegmentationTask)
 from specdeepmap.losses import Loss
 from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
-                                canonical_architecture, freeze_encoder, load_encoder_weights,
-                                encoder_depth_for, spectral_channels_for, weights_kind)
+                                canonical_architecture, freeze_encoder, init_spectral_front_end,
+                                load_encoder_weights, encoder_depth_for, spectral_channels_for,
+                                weights_kind)
 from specdeepmap.normalization import Normalization
 from specdeepmap.splitting import NORMALIZE_CSV, SUMMARY_CSV
 from specdeepmap.tracking import ensure_experiment, log_baseline, register_model, tracking_uri
@@ -61,6 +63,8 @@ class TrainConfig:
     augmentation: Augmentation = "d4"  #: d4 (flips, quarter turns), d4-rotate (+ ±45°), none
     spectral_jitter: bool = True  #: random spectral gain per chip (with augment)
     spectral_channels: int = -1  #: learned per-pixel front-end width; -1 auto (32), 0 off
+    #: pca: the front-end's first filters start on the training chips' principal axes
+    spectral_init: Literal["pca", "random"] = "pca"
     encoder_depth: int = -1  #: encoder stages, 3-5 (U-Net/U-Net++); -1 auto by chip size
     loss: Loss = "dice-ce"  #: ce or dice-ce (class weights apply to the cross-entropy)
     #: batch or group normalisation in the network trained from scratch (pretrained encoders
@@ -134,6 +138,9 @@ class TrainConfig:
             raise InvalidParameterError("min_chips_per_epoch must be >= 0")
         if self.norm not in ("batch", "group"):
             raise InvalidParameterError(f"norm must be 'batch' or 'group', got {self.norm!r}")
+        if self.spectral_init not in ("pca", "random"):
+            raise InvalidParameterError(
+                f"spectral_init must be 'pca' or 'random', got {self.spectral_init!r}")
         if not 0 <= self.band_dropout < 1:
             raise InvalidParameterError(f"band_dropout must be in [0, 1), got {self.band_dropout}")
         if self.weight_decay < 0:
@@ -144,6 +151,7 @@ class TrainConfig:
 
 #: TrainConfig fields that say how a model was trained (shown on its model card)
 RECIPE_FIELDS = ("epochs", "batch_size", "lr", "augment", "augmentation", "spectral_jitter",
+                 "spectral_init",
                  "loss", "norm", "weight_decay", "pixel_loss_weight", "cutmix", "band_dropout",
                  "consistency", "pseudo_labels", "weight_averaging", "warmup_epochs",
                  "min_chips_per_epoch", "sampling", "balanced", "normalize", "early_stopping",
@@ -278,6 +286,8 @@ def prepare(cfg: TrainConfig) -> tuple:
                             cache_dir=cache, augmentation=cfg.augmentation,
                             spectral_jitter=cfg.spectral_jitter)
     val_set = ChipDataset(info.validation, normalization, lookup, cache_dir=cache)
+    if spectral and cfg.spectral_init == "pca" and not cfg.resume:
+        init_spectral_front_end(model, principal_axes(train_set, spectral * 2, seed=cfg.seed))
     return info, model, config, weights, train_set, val_set
 
 

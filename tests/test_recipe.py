@@ -292,6 +292,60 @@ def test_band_dropout_zeroes_whole_bands_and_keeps_each_bands_expectation():
     assert band_dropout(images, 0.0) is images
 
 
+def test_pca_start_puts_the_spectra_main_axis_into_the_first_front_end_filter(tmp_path):
+    """Chips whose spectra vary along one known direction (plus small noise): the first
+    principal axis is that direction, whether a pixel is labelled or not, and the front-end's
+    first filter starts on it, at the layer's initial weight scale; the other filters are left
+    alone when there are fewer axes than filters."""
+    from specdeepmap.data import ChipDataset, principal_axes
+    from specdeepmap.models import ModelSpec, build_model, init_spectral_front_end
+    from specdeepmap.normalization import Normalization
+    from tests.conftest import write_raster
+
+    rng = np.random.default_rng(0)
+    direction = np.array([3.0, -1.0, 2.0, 0.5, 0.0, 1.0])
+    direction /= np.linalg.norm(direction)
+    pairs = []
+    for i in range(3):
+        amount = rng.normal(0, 300, (16, 16))
+        image = 1000 + direction[:, None, None] * amount + rng.normal(0, 5, (6, 16, 16))
+        label = np.zeros((16, 16), np.uint8)  # no labelled pixel at all
+        pairs.append((write_raster(tmp_path / f"i{i}.tif", image.astype(np.uint16)),
+                      write_raster(tmp_path / f"l{i}.tif", label)))
+    dataset = ChipDataset(pairs, Normalization(), np.zeros(256, np.int64),
+                          cache_dir=str(tmp_path / "cache"))
+    axes = principal_axes(dataset, 8)
+    assert axes.shape == (6, 6)  # no more axes than bands
+    assert abs(float(axes[0] @ direction)) > 0.99
+    model = build_model(ModelSpec("unet", "resnet18", 6, 3, spectral_channels=4,
+                                  encoder_depth=3))
+    conv = model.spectral[0]
+    before = conv.weight.detach().clone()
+    assert init_spectral_front_end(model, axes[:2]) == 2
+    first = conv.weight[0, :, 0, 0].detach().numpy()
+    assert abs(first @ direction) / np.linalg.norm(first) > 0.99
+    assert torch.equal(conv.weight[2:], before[2:])
+    assert float(conv.weight[:2].std()) == pytest.approx(float(before.std()), rel=0.5)
+    assert init_spectral_front_end(build_model(ModelSpec("unet", "resnet18", 6, 3)), axes) == 0
+
+
+def test_training_starts_the_front_end_on_the_principal_axes_by_default(dataset, tmp_path):
+    """The Trainer's default start (``spectral_init='pca'``) is the training chips' principal
+    axes; ``random`` keeps the usual random start."""
+    from dataclasses import replace
+
+    from specdeepmap.data import principal_axes
+    from specdeepmap.training import TrainConfig, prepare
+
+    cfg = TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "run"), device="cpu")
+    _, model, _, _, train_set, _ = prepare(cfg)
+    axes = principal_axes(train_set, 64, seed=cfg.seed)
+    cosine = lambda net: abs(float(torch.nn.functional.cosine_similarity(  # noqa: E731
+        net.spectral[0].weight[0, :, 0, 0], torch.as_tensor(axes[0]), dim=0)))
+    assert cosine(model) > 0.999
+    assert cosine(prepare(replace(cfg, spectral_init="random"))[1]) < 0.99
+
+
 def test_pseudo_labels_fill_only_unlabelled_pixels_the_forest_is_sure_of(tmp_path):
     """The forest labels a chip's unlabelled pixels (never its labelled ones) where its vote
     share reaches the threshold; the training chips then carry those labels."""
@@ -360,11 +414,12 @@ def test_recipe_switches_reach_the_training_run(dataset, tmp_path):
         dataset=str(dataset / "chips"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
         limit_batches=2, device="cpu", registered_model=None, baseline=False,
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", cutmix=0.5, pseudo_labels=0.6,
-        pixel_loss_weight=0.5, norm="group", weight_decay=0.01, band_dropout=0.2))
+        pixel_loss_weight=0.5, norm="group", weight_decay=0.01, band_dropout=0.2,
+        spectral_init="random"))
     params = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(
         result.run_id).data.params
     assert (params["cutmix"], params["pseudo_labels"], params["norm"]) == ("0.5", "0.6", "group")
-    assert params["band_dropout"] == "0.2"
+    assert (params["band_dropout"], params["spectral_init"]) == ("0.2", "random")
     assert result.baseline is not None  # pseudo-labels fit the forest even without baseline
     task = SegmentationTask(torch.nn.Conv2d(1, 2, 1), {"num_classes": 2}, None, 1e-3, 1,
                             weight_decay=0.01)
