@@ -287,7 +287,7 @@ def prepare(cfg: TrainConfig) -> tuple:
                             spectral_jitter=cfg.spectral_jitter)
     val_set = ChipDataset(info.validation, normalization, lookup, cache_dir=cache)
     if spectral and cfg.spectral_init == "pca" and not cfg.resume:
-        init_spectral_front_end(model, principal_axes(train_set, spectral * 2, seed=cfg.seed))
+        init_spectral_front_end(model, principal_axes(train_set, bands, seed=cfg.seed))
     return info, model, config, weights, train_set, val_set
 
 
