@@ -131,6 +131,10 @@ class TrainSettings(BaseModel):
     sampling: Literal["uniform", "class-balanced"] = Field(
         "uniform", description="uniform: every chip as often; class-balanced: chips rich in "
         "rare classes are drawn more often.")
+    ensemble: int = Field(
+        1, ge=1, le=16, description="Networks trained from different random starts whose mean "
+        "class probabilities the model gives (N times the training and the mapping time; for "
+        "small training sets).")
     baseline: bool = Field(True, description="Fit and score a per-pixel RandomForest baseline; "
                            "a model below it is never made champion automatically.")
     early_stopping: bool = Field(True, description="Stop when the validation IoU has not "

@@ -64,13 +64,15 @@ def train_flow(dataset_uri: str, train: TrainSettings = TrainSettings(),
 
     With ``checkpoint_uri`` (the training pipeline gives one per flow run, in the work
     folder) checkpoints are written there as training goes, and a retried task or a restarted
-    flow run continues from the last one, in the same MLflow run.
+    flow run continues from the last one, in the same MLflow run (a single network: an
+    ensemble, ``train.ensemble > 1``, starts again from the first member).
     """
     out = os.path.join(RUNS_DIR, "training", time.strftime("%Y%m%d-%H%M%S"))
     run_name, tags = mlflow_run_identity()
     return train_task(TrainConfig(dataset=dataset_uri, out=out, registered_model=model_name,
                                   run_name=run_name, run_tags=tags,
-                                  checkpoint_uri=checkpoint_uri, **train.model_dump()))
+                                  checkpoint_uri=checkpoint_uri if train.ensemble == 1
+                                  else None, **train.model_dump()))
 
 
 def mlflow_run_identity() -> tuple[str, dict[str, str]]:

@@ -26,7 +26,7 @@ from specdeepmap.augmentation import tta_d4
 from specdeepmap.classes import ClassSchema, schema_from_config
 from specdeepmap.normalization import Normalization
 from specdeepmap.errors import DeviceUnavailableError, MissingInputError, UnsafeModelFileError
-from specdeepmap.models import ModelSpec, build_model, replace_submodule
+from specdeepmap.models import build_network, replace_submodule
 
 MODEL_FORMAT = "specdeepmap-model/1"
 MODEL_FILE = "model.pt"
@@ -258,14 +258,11 @@ def load_model(uri: str, device: str = "auto") -> Predictor:
     file's tensors as they are (``assign``), so loading never holds two copies of the weights.
     """
     config, state = read_model_file(uri)
-    spec = ModelSpec(config["architecture"], config["backbone"], int(config["in_channels"]),
-                     int(config["num_classes"]), int(config.get("spectral_channels") or 0),
-                     int(config.get("encoder_depth") or 5), config.get("norm") or "batch")
     with torch.device("meta"):
-        model = build_model(spec)
+        model = build_network(config)
     model.load_state_dict(state, assign=True)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model = build_model(spec)  # a tensor the file does not hold (a non-persistent buffer)
+        model = build_network(config)  # a tensor the file lacks (a non-persistent buffer)
         model.load_state_dict(state)
     target = resolve_device(device)
     model.to(target).eval()

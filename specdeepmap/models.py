@@ -80,6 +80,13 @@ class ModelSpec:
     encoder_depth: int = 5  #: encoder stages (U-Net/U-Net++: 3-5; others: 5)
     norm: str = "batch"  #: batch (as built) or group: every BatchNorm2d becomes a GroupNorm
 
+    @classmethod
+    def from_config(cls, config: dict) -> ModelSpec:
+        """The spec a model file's config describes (older files lack the later keys)."""
+        return cls(config["architecture"], config["backbone"], int(config["in_channels"]),
+                   int(config["num_classes"]), int(config.get("spectral_channels") or 0),
+                   int(config.get("encoder_depth") or 5), config.get("norm") or "batch")
+
 
 #: U-Net decoder widths by resolution (stride 16 … 1); a shallower network keeps the last ones
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -175,6 +182,38 @@ def init_spectral_front_end(model: nn.Module, axes: np.ndarray) -> int:
         scale = conv.weight.std() / start.std().clamp_min(1e-12)
         conv.weight[:k, :, 0, 0] = start * scale
     return k
+
+
+class EnsembleSegmentation(nn.Module):
+    """Several networks of one spec, trained from different random starts, as one network.
+
+    Its output is the log of the members' mean probabilities of the real classes (channels
+    1…K; channel 0, 'unlabelled', is never trained and gets a probability of ~0): the softmax
+    that every caller applies to the real classes' logits then gives that mean, so testing,
+    TTA, mapping and int8 quantization treat an ensemble as any other network. Averaging
+    independently trained networks removes part of the variance that a small training set
+    leaves in any one of them (docs/recipe.md, step 10c); it costs one training and one
+    forward pass per member.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.stack([m(x)[:, 1:].softmax(dim=1) for m in self.members]).mean(dim=0)
+        logits = mean.clamp_min(1e-12).log()
+        return torch.cat([torch.full_like(logits[:, :1], math.log(1e-12)), logits], dim=1)
+
+
+def build_network(config: dict) -> nn.Module:
+    """The untrained network a model file's config describes: one network, or an
+    :class:`EnsembleSegmentation` of ``config["ensemble"]`` of them."""
+    spec = ModelSpec.from_config(config)
+    members = int(config.get("ensemble") or 1)
+    if members == 1:
+        return build_model(spec)
+    return EnsembleSegmentation([build_model(spec) for _ in range(members)])
 
 
 def backbone_encoder(model: nn.Module) -> nn.Module:

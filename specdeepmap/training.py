@@ -35,7 +35,7 @@ from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_c
 from specdeepmap.lightning_task import (IGNORE_INDEX, LAST_CHECKPOINT, RESUME_STATE,
                                         MirroredCheckpoint, SegmentationTask)
 from specdeepmap.losses import Loss
-from specdeepmap.models import (SENTINEL2_WEIGHTS, ModelSpec, build_model,
+from specdeepmap.models import (SENTINEL2_WEIGHTS, EnsembleSegmentation, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, init_spectral_front_end,
                                 load_encoder_weights, encoder_depth_for, spectral_channels_for,
                                 weights_kind)
@@ -46,6 +46,8 @@ from specdeepmap.tracking import ensure_experiment, log_baseline, register_model
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = "{epoch:05d}-val_iou_{val_iou:.4f}"
+#: ensemble member i trains with seed + i × this: runs with neighbouring seeds share no member
+MEMBER_SEED_STEP = 1000
 
 
 @dataclass
@@ -89,6 +91,9 @@ class TrainConfig:
     min_chips_per_epoch: int = 128
     #: uniform: every chip as often; class-balanced: chips rich in rare classes more often
     sampling: Literal["uniform", "class-balanced"] = "uniform"
+    #: networks trained from different random starts (seeds seed, seed + 1000, …) whose mean
+    #: class probabilities the model file gives: N× the training and the mapping time
+    ensemble: int = 1
     baseline: bool = True  #: fit and score the per-pixel RandomForest baseline
     baseline_pixels: int = 100_000  #: labelled training pixels for the baseline at most
     balanced: bool = True  #: class weights from Summary_train_val.csv in the loss
@@ -145,6 +150,12 @@ class TrainConfig:
             raise InvalidParameterError(f"band_dropout must be in [0, 1), got {self.band_dropout}")
         if self.weight_decay < 0:
             raise InvalidParameterError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.ensemble < 1:
+            raise InvalidParameterError(f"ensemble must be >= 1, got {self.ensemble}")
+        if self.ensemble > 1 and (self.resume or self.checkpoint_uri or self.devices > 1):
+            raise InvalidParameterError(
+                "an ensemble (ensemble > 1) trains its members one after the other on one "
+                "device: resume, checkpoint_uri and devices > 1 are for single networks")
         if self.baseline_pixels < 1:
             raise InvalidParameterError("baseline_pixels must be >= 1")
 
@@ -154,16 +165,16 @@ RECIPE_FIELDS = ("epochs", "batch_size", "lr", "augment", "augmentation", "spect
                  "spectral_init",
                  "loss", "norm", "weight_decay", "pixel_loss_weight", "cutmix", "band_dropout",
                  "consistency", "pseudo_labels", "weight_averaging", "warmup_epochs",
-                 "min_chips_per_epoch", "sampling", "balanced", "normalize", "early_stopping",
-                 "patience", "precision", "devices", "seed", "resume")
+                 "min_chips_per_epoch", "ensemble", "sampling", "balanced", "normalize",
+                 "early_stopping", "patience", "precision", "devices", "seed", "resume")
 
 
 @dataclass
 class TrainResult:
     """What a training run produced."""
 
-    best_checkpoint: str
-    best_val_iou: float
+    best_checkpoint: str  #: the best checkpoint (of the first member, for an ensemble)
+    best_val_iou: float  #: the model file's validation IoU (an ensemble's: of the mean)
     model_file: str
     log_dir: str
     run_id: str | None = None
@@ -246,13 +257,7 @@ def prepare(cfg: TrainConfig) -> tuple:
                               cfg.encoder_depth if kind == "none" or cfg.encoder_depth != -1
                               else 5)
     norm = cfg.norm if kind == "none" else "batch"
-    spec = ModelSpec(architecture, backbone, bands, num_classes, spectral, depth, norm)
-    model = build_model(spec, imagenet=(kind == "imagenet"))
-    if kind not in ("none", "imagenet"):
-        load_encoder_weights(model, cfg.weights, adapt_first_conv=cfg.adapt_first_conv)
     freeze = cfg.freeze_backbone if cfg.freeze_backbone is not None else kind != "none"
-    if freeze:
-        freeze_encoder(model)
     config = {
         "architecture": architecture, "backbone": backbone, "in_channels": bands,
         "num_classes": num_classes, "class_values": info.class_values,
@@ -286,9 +291,24 @@ def prepare(cfg: TrainConfig) -> tuple:
                             cache_dir=cache, augmentation=cfg.augmentation,
                             spectral_jitter=cfg.spectral_jitter)
     val_set = ChipDataset(info.validation, normalization, lookup, cache_dir=cache)
-    if spectral and cfg.spectral_init == "pca" and not cfg.resume:
-        init_spectral_front_end(model, principal_axes(train_set, bands, seed=cfg.seed))
+    model = initial_model(cfg, config, train_set)
     return info, model, config, weights, train_set, val_set
+
+
+def initial_model(cfg: TrainConfig, config: dict, train_set: ChipDataset) -> nn.Module:
+    """A new network as ``config`` describes it, started as ``cfg`` asks: pretrained encoder
+    weights (frozen or not), or the spectral front-end on the training chips' principal axes;
+    torch's random generator draws the rest (each ensemble member its own start)."""
+    kind = weights_kind(cfg.weights)
+    model = build_model(ModelSpec.from_config(config), imagenet=(kind == "imagenet"))
+    if kind not in ("none", "imagenet"):
+        load_encoder_weights(model, cfg.weights, adapt_first_conv=cfg.adapt_first_conv)
+    if config["freeze_backbone"]:
+        freeze_encoder(model)
+    if config["spectral_channels"] and cfg.spectral_init == "pca" and not cfg.resume:
+        init_spectral_front_end(model, principal_axes(train_set, config["in_channels"],
+                                                      seed=cfg.seed))
+    return model
 
 
 def class_balanced_weights(dataset: ChipDataset) -> torch.Tensor:
@@ -315,7 +335,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     """
     import lightning as L
     import mlflow
-    from lightning.pytorch.callbacks import EarlyStopping
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
     from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
@@ -323,6 +342,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     cfg, previous_run = resumable(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the network's random start too
     info, model, config, weights, train_set, val_set = prepare(cfg)
     baseline = None
     if cfg.baseline or cfg.pseudo_labels:  # seconds; first, as pseudo-labels need the forest
@@ -331,12 +351,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.pseudo_labels:
         train_set.pseudo_labels = pseudo_labels(baseline.forest, info.train,
                                                 train_set.normalization, cfg.pseudo_labels)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = SegmentationTask(model, config, weights, cfg.lr, cfg.epochs, cfg.loss,
-                            cfg.warmup_epochs, cfg.weight_decay, cfg.pixel_loss_weight,
-                            cfg.cutmix, cfg.consistency, cfg.band_dropout)
     os.makedirs(cfg.out, exist_ok=True)
-    checkpoint_dir = os.path.join(cfg.out, "checkpoints")
     uri = tracking_uri(cfg.tracking_uri)
     ensure_experiment(uri, cfg.experiment)
     tensorboard = TensorBoardLogger(cfg.out, name="lightning_logs")
@@ -345,19 +360,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         run_name=cfg.run_name or f"train {storage.basename(cfg.dataset.rstrip('/'))}",
         tags={"mlflow.source.name": "specdeepmap train", "mlflow.source.type": "JOB",
               **cfg.run_tags}, run_id=previous_run)
-    checkpointing = MirroredCheckpoint(
-        cfg.checkpoint_uri, mlflow_logger.run_id,  # the run exists from here on
-        dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN, monitor="val_iou", mode="max",
-        save_top_k=cfg.keep_top_k, auto_insert_metric_name=False)
-    callbacks = [checkpointing]
-    if cfg.checkpoint_uri:  # the latest state, every epoch (Lightning's save_last only saves
-        # when a best checkpoint is saved too)
-        callbacks.append(MirroredCheckpoint(
-            cfg.checkpoint_uri, mlflow_logger.run_id, dirpath=checkpoint_dir,
-            filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1,
-            enable_version_counter=False))
-    if cfg.early_stopping:
-        callbacks.append(EarlyStopping(monitor="val_iou", mode="max", patience=cfg.patience))
+    run_id = mlflow_logger.run_id  # the run exists from here on
     pin = device.type == "cuda"
     loader_args = dict(batch_size=cfg.batch_size, num_workers=cfg.workers, pin_memory=pin,
                        persistent_workers=cfg.workers > 0)
@@ -371,52 +374,52 @@ def train(cfg: TrainConfig) -> TrainResult:
     train_loader = DataLoader(train_set, shuffle=sampler is None, sampler=sampler,
                               drop_last=samples > cfg.batch_size, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
-    if cfg.weight_averaging == "ema":
-        steps = len(train_loader) if cfg.limit_batches is None else min(len(train_loader),
-                                                                         cfg.limit_batches)
-        callbacks.append(ema_callback(max(1, steps) * cfg.epochs))
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=cfg.devices, precision=cfg.precision, callbacks=callbacks,
-        logger=[tensorboard, mlflow_logger], log_every_n_steps=1, enable_progress_bar=True,
-        limit_train_batches=cfg.limit_batches, limit_val_batches=cfg.limit_batches,
-        num_sanity_val_steps=0, deterministic=False, enable_model_summary=is_verbose(),
-        strategy=ddp_strategy(cfg.devices),
-    )
     if previous_run is None:  # a continued run keeps its parameters (MLflow's are immutable)
         mlflow_logger.log_hyperparams({k: v for k, v in asdict(cfg).items()
                                        if k not in ("tracking_uri", "run_tags", "resume")} |
                                       {"class_values": info.class_values, "in_channels":
                                        config["in_channels"], "tile_size": config["tile_size"]})
-    if cfg.lr_finder:
-        from lightning.pytorch.tuner import Tuner
-
-        finder = Tuner(trainer).lr_find(task, train_loader, val_loader, update_attr=True,
-                                        attr_name="lr")
-        log.info("Learning-rate finder suggests %s (used for training)",
-                 finder.suggestion() if finder else None)
-    # the checked local copy, loaded once more by Lightning as plain data (weights_only)
-    trainer.fit(task, train_loader, val_loader, ckpt_path=cfg.resume, weights_only=True)
-    if not trainer.is_global_zero:
-        return TrainResult("", 0.0, "", tensorboard.log_dir)
-    best = checkpointing.best_model_path
-    _, state = read_model_file(best)
-    model.load_state_dict(state)
-    if cfg.devices > 1:
+    members: list[tuple[nn.Module, MemberFit]] = []
+    for member in range(cfg.ensemble):
+        if member:  # a new random start (and new batches) for each further member
+            L.seed_everything(cfg.seed + MEMBER_SEED_STEP * member, workers=True,
+                              verbose=False)
+            model = initial_model(cfg, config, train_set)
+            loggers = [TensorBoardLogger(cfg.out, name="lightning_logs",
+                                         version=f"member{member}"),
+                       MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri,
+                                    log_model=False, run_id=run_id, prefix=f"member{member}")]
+        else:
+            loggers = [tensorboard, mlflow_logger]
+        fit = fit_member(cfg, model, config, weights, train_loader, val_loader, device,
+                         loggers, os.path.join(cfg.out, "checkpoints",
+                                               *([f"member{member}"] if member else [])))
+        if not fit.global_zero:
+            return TrainResult("", 0.0, "", tensorboard.log_dir)
+        _, state = read_model_file(fit.best_checkpoint)
+        model.load_state_dict(state)
+        members.append((model, fit))
+    best_checkpoint = members[0][1].best_checkpoint
+    if cfg.ensemble > 1:
+        config["ensemble"] = cfg.ensemble
+        model = EnsembleSegmentation([m for m, _ in members])
+        client = mlflow.MlflowClient(uri)
+        for member, (_, fit) in enumerate(members):
+            client.log_metric(run_id, "member_best_val_iou", fit.best_score, step=member)
+        best_iou = pooled_iou(model, val_set, cfg.batch_size, config["num_classes"])
+    elif cfg.devices > 1:
         # the processes' validation shards are padded to equal length (a chip or two counted
         # twice): the best model's figure is measured again here, on each chip once
         best_iou = pooled_iou(model, val_set, cfg.batch_size, config["num_classes"])
-        mlflow.MlflowClient(uri).log_metric(mlflow_logger.run_id, "best_val_iou_single_pass",
-                                            best_iou)
+        mlflow.MlflowClient(uri).log_metric(run_id, "best_val_iou_single_pass", best_iou)
     else:
-        best_iou = float(checkpointing.best_model_score or 0.0)
-    run_id = mlflow_logger.run_id
+        best_iou = members[0][1].best_score
     # lineage: maps made with this model file name the MLflow run that produced it
     model_file = export_model_file({**config, "run_id": run_id}, model,
                                    os.path.join(cfg.out, MODEL_FILE))
-    result = TrainResult(best_checkpoint=best, best_val_iou=best_iou, model_file=model_file,
-                         log_dir=tensorboard.log_dir, run_id=run_id,
-                         epochs_run=trainer.current_epoch)
+    result = TrainResult(best_checkpoint=best_checkpoint, best_val_iou=best_iou,
+                         model_file=model_file, log_dir=tensorboard.log_dir, run_id=run_id,
+                         epochs_run=sum(fit.epochs for _, fit in members))
     if baseline is not None:
         result.baseline = baseline.summary()
     with mlflow.start_run(run_id=run_id):
@@ -433,7 +436,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         facts = dataset_facts(cfg.dataset)
         mlflow.log_params({f"chip_{k}": v for k, v in facts["chip_params"].items()} |
                           {f"split_{k}": v for k, v in facts["split_params"].items()})
-        mlflow.log_artifact(best, artifact_path="checkpoints")
+        for member, (_, fit) in enumerate(members):
+            mlflow.log_artifact(fit.best_checkpoint, artifact_path="checkpoints" + (
+                f"/member{member}" if member else ""))
         mlflow.log_metric("best_val_iou", best_iou)
         mlflow.set_tags({"dataset": cfg.dataset, "dataset_digest": facts["digest"],
                          "specdeepmap_version": config["version"]})
@@ -453,8 +458,68 @@ def train(cfg: TrainConfig) -> TrainResult:
                                cfg.dataset, {"val": best_iou, "run_id": run_id,
                                              "baseline_val": result.baseline_mean_iou(
                                                  "validation")}, result.training, facts=facts)
-    log.info("Best val IoU %.4f: %s", best_iou, best)
+    log.info("Best val IoU %.4f: %s", best_iou, model_file)
     return result
+
+
+@dataclass
+class MemberFit:
+    """One network's training: its best checkpoint and validation IoU, epochs run."""
+
+    best_checkpoint: str
+    best_score: float
+    epochs: int
+    global_zero: bool = True  #: False in the other processes of a multi-device run
+
+
+def fit_member(cfg: TrainConfig, model: nn.Module, config: dict,
+               class_weights: torch.Tensor | None, train_loader, val_loader,
+               device: torch.device, loggers: list, checkpoint_dir: str) -> MemberFit:
+    """Train one network with Lightning (checkpointing on validation IoU, early stopping,
+    weight averaging and the learning-rate finder as ``cfg`` says); ``loggers[-1]`` is the
+    run's MLflow logger."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    task = SegmentationTask(model, config, class_weights, cfg.lr, cfg.epochs, cfg.loss,
+                            cfg.warmup_epochs, cfg.weight_decay, cfg.pixel_loss_weight,
+                            cfg.cutmix, cfg.consistency, cfg.band_dropout)
+    run_id = loggers[-1].run_id
+    checkpointing = MirroredCheckpoint(
+        cfg.checkpoint_uri, run_id, dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN,
+        monitor="val_iou", mode="max", save_top_k=cfg.keep_top_k, auto_insert_metric_name=False)
+    callbacks = [checkpointing]
+    if cfg.checkpoint_uri:  # the latest state, every epoch (Lightning's save_last only saves
+        # when a best checkpoint is saved too)
+        callbacks.append(MirroredCheckpoint(
+            cfg.checkpoint_uri, run_id, dirpath=checkpoint_dir,
+            filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1,
+            enable_version_counter=False))
+    if cfg.early_stopping:
+        callbacks.append(EarlyStopping(monitor="val_iou", mode="max", patience=cfg.patience))
+    if cfg.weight_averaging == "ema":
+        steps = len(train_loader) if cfg.limit_batches is None else min(len(train_loader),
+                                                                         cfg.limit_batches)
+        callbacks.append(ema_callback(max(1, steps) * cfg.epochs))
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=cfg.devices, precision=cfg.precision, callbacks=callbacks,
+        logger=loggers, log_every_n_steps=1, enable_progress_bar=True,
+        limit_train_batches=cfg.limit_batches, limit_val_batches=cfg.limit_batches,
+        num_sanity_val_steps=0, deterministic=False, enable_model_summary=is_verbose(),
+        strategy=ddp_strategy(cfg.devices),
+    )
+    if cfg.lr_finder:
+        from lightning.pytorch.tuner import Tuner
+
+        finder = Tuner(trainer).lr_find(task, train_loader, val_loader, update_attr=True,
+                                        attr_name="lr")
+        log.info("Learning-rate finder suggests %s (used for training)",
+                 finder.suggestion() if finder else None)
+    # the checked local copy, loaded once more by Lightning as plain data (weights_only)
+    trainer.fit(task, train_loader, val_loader, ckpt_path=cfg.resume, weights_only=True)
+    return MemberFit(checkpointing.best_model_path, float(checkpointing.best_model_score or 0.0),
+                     trainer.current_epoch, trainer.is_global_zero)
 
 
 @torch.inference_mode()

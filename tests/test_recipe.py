@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from specdeepmap.augmentation import D4, augment_pair, d4_apply, spectral_jitter, tta_d4
+from specdeepmap.errors import InvalidParameterError
 from specdeepmap.losses import DiceCELoss, warmup_cosine
 from specdeepmap.models import ModelSpec, SpectralSegmentation, build_model, spectral_channels_for
 
@@ -451,3 +452,72 @@ def test_consistency_loss_targets_confident_unlabelled_pixels_only():
     assert model.weight.grad.abs().sum() > 0
     assert consistency_loss(model, x, logits, torch.ones_like(y)).item() == 0
     assert consistency_loss(model, x, logits * 0, y).item() == 0  # nothing confident
+
+
+def test_an_ensemble_gives_the_mean_of_its_members_probabilities():
+    """An ensemble's softmax is its members' mean class probabilities, and it quantizes to
+    int8 as one network does."""
+    from specdeepmap.inference import Predictor
+    from specdeepmap.models import EnsembleSegmentation
+    from specdeepmap.quantization import quantize_int8
+
+    torch.manual_seed(0)
+    members = [build_model(ModelSpec("unet", "resnet18", 6, 4, 8, 3)).eval() for _ in range(3)]
+    ensemble = EnsembleSegmentation(members).eval()
+    x = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        each = torch.stack([m(x)[:, 1:].softmax(1) for m in members])  # channel 0: unlabelled
+        mean = ensemble(x)[:, 1:].softmax(1)
+    assert (each[0] - each[1]).abs().max() > 1e-3  # the members differ
+    torch.testing.assert_close(mean, each.mean(0), atol=1e-5, rtol=1e-4)
+    config = {"architecture": "unet", "backbone": "resnet18",
+              "normalization": {"scaler": 1.0, "mean": None, "std": None, "nodata": None}}
+    fp32 = Predictor(ensemble, config, torch.device("cpu"))
+    windows = [np.random.default_rng(i).normal(0, 1, (1, 6, 64, 64)).astype(np.float32)
+               for i in range(3)]
+    int8 = quantize_int8(fp32, windows)
+    batch = np.concatenate(windows)
+    assert (fp32.probabilities(batch) - int8.probabilities(batch)).abs().mean() < 0.05
+
+
+def test_training_an_ensemble_writes_one_model_of_its_members(dataset, tmp_path):
+    """``ensemble=2`` trains two networks from different starts, each with its own
+    checkpoints and metrics in the one MLflow run; the model file holds both, and its
+    probabilities are the mean of the two best checkpoints'. Resuming an ensemble is refused
+    before any work."""
+    import mlflow
+
+    from specdeepmap.inference import load_model, read_model_file
+    from specdeepmap.training import TrainConfig, train
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train(TrainConfig(
+        dataset=str(dataset / "chips"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+        limit_batches=2, device="cpu", registered_model=None, baseline=False,
+        tracking_uri=uri, ensemble=2))
+    config, state = read_model_file(result.model_file)
+    assert config["ensemble"] == 2
+    assert {key.split(".")[1] for key in state} == {"0", "1"}
+    checkpoints = [read_model_file(os.path.join(tmp_path, "run", "checkpoints", *sub, name))
+                   for sub in ([], ["member1"])
+                   for name in os.listdir(os.path.join(tmp_path, "run", "checkpoints", *sub))
+                   if name.endswith(".ckpt")]
+    assert len(checkpoints) == 2
+    x = np.random.default_rng(0).integers(100, 4000, (2, 13, 32, 32)).astype(np.uint16)
+    members = []
+    for member_config, member_state in checkpoints:
+        path = tmp_path / f"m{len(members)}.pt"
+        torch.save({"format": "specdeepmap-model/1", "config": member_config,
+                    "state_dict": member_state}, path)
+        members.append(load_model(str(path), "cpu").probabilities(x))
+    assert (members[0] - members[1]).abs().max() > 1e-3  # different random starts
+    torch.testing.assert_close(load_model(result.model_file, "cpu").probabilities(x),
+                               (members[0] + members[1]) / 2, atol=1e-5, rtol=1e-4)
+    client = mlflow.MlflowClient(uri)
+    metrics = client.get_run(result.run_id).data.metrics
+    assert "val_iou" in metrics and "member1-val_iou" in metrics
+    assert len(client.get_metric_history(result.run_id, "member_best_val_iou")) == 2
+    assert client.get_run(result.run_id).data.params["ensemble"] == "2"
+    with pytest.raises(InvalidParameterError, match="ensemble"):
+        train(TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "again"),
+                          ensemble=2, resume=result.model_file))
