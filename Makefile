@@ -34,6 +34,7 @@ bench: install
 	$(PY) benchmarks/bench_splitting.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_mapping.py
+	$(PY) benchmarks/bench_ensemble.py
 	$(PY) benchmarks/bench_quality.py
 	$(PY) benchmarks/bench_bands.py
 
