@@ -450,6 +450,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             **{k: getattr(cfg, k) for k in RECIPE_FIELDS}, "epochs run": result.epochs_run,
             "wall time (s)": round(result.seconds, 1), "device": str(device),
             "best validation IoU": round(best_iou, 4)}
+        if cfg.ensemble > 1:  # how far the members alone spread, beside the ensemble's figure
+            result.training["members' best validation IoU"] = ", ".join(
+                f"{fit.best_score:.4f}" for _, fit in members)
         if cfg.registered_model:
             result.model_uri, result.model_version = register_model(
                 model_file, config, cfg.registered_model, best_iou, cfg.dataset,

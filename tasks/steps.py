@@ -83,6 +83,8 @@ def train_task(config: TrainConfig) -> TrainResult:
     """Deep Learning Trainer; artifact: best validation IoU and the registered version."""
     result = train(config)
     rows = [("best val IoU (pooled)", f"{result.best_val_iou:.4f}")]
+    if "members' best validation IoU" in result.training:  # an ensemble
+        rows.append(("members' best val IoU", result.training["members' best validation IoU"]))
     if result.baseline_mean_iou("validation") is not None:
         rows.append(("RandomForest baseline val IoU",
                      f"{result.baseline_mean_iou('validation'):.4f}"))

@@ -518,6 +518,7 @@ def test_training_an_ensemble_writes_one_model_of_its_members(dataset, tmp_path)
     assert "val_iou" in metrics and "member1-val_iou" in metrics
     assert len(client.get_metric_history(result.run_id, "member_best_val_iou")) == 2
     assert client.get_run(result.run_id).data.params["ensemble"] == "2"
+    assert len(result.training["members' best validation IoU"].split(", ")) == 2  # model card
     with pytest.raises(InvalidParameterError, match="ensemble"):
         train(TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "again"),
                           ensemble=2, resume=result.model_file))
