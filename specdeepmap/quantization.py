@@ -37,7 +37,7 @@ import torch
 
 from specdeepmap.errors import InvalidParameterError
 from specdeepmap.inference import Predictor
-from specdeepmap.models import SpectralSegmentation
+from specdeepmap.models import EnsembleSegmentation, SpectralSegmentation
 
 #: the quantized-kernel library: oneDNN uses VNNI and changed fewer classes than fbgemm
 ENGINE = "onednn"
@@ -72,7 +72,9 @@ class _EncoderDecoder(torch.nn.Module):
 
 
 def _traceable(model: torch.nn.Module) -> torch.nn.Module:
-    if isinstance(model, SpectralSegmentation):
+    if isinstance(model, EnsembleSegmentation):
+        model.members = torch.nn.ModuleList(_traceable(m) for m in model.members)
+    elif isinstance(model, SpectralSegmentation):
         model.net = _traceable(model.net)
     elif all(hasattr(model, name) for name in ("encoder", "decoder", "segmentation_head")):
         model = _EncoderDecoder(model)
@@ -90,10 +92,12 @@ def _prepare(model: torch.nn.Module, example: tuple, config: dict) -> torch.nn.M
         try:
             return prepare_fx(model, qconfig, example)
         except Exception:  # torch.fx raises many types on untraceable code
-            decoder = getattr(getattr(model, "net", model), "decoder", None)
-            if decoder is None:
+            # the decoders, of one network or of each member of an ensemble
+            decoders = {type(module) for name, module in model.named_modules()
+                        if name.rpartition(".")[2] == "decoder"}
+            if not decoders:
                 raise
-        custom = PrepareCustomConfig().set_non_traceable_module_classes([type(decoder)])
+        custom = PrepareCustomConfig().set_non_traceable_module_classes(list(decoders))
         try:
             return prepare_fx(model, qconfig, example, prepare_custom_config=custom)
         except Exception as error:
