@@ -180,7 +180,7 @@ class TrainResult:
     run_id: str | None = None
     model_uri: str | None = None  #: models:/NAME/VERSION when registered
     model_version: str | None = None
-    epochs_run: int = 0
+    epochs_run: int = 0  #: summed over an ensemble's members
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list)
     baseline: dict | None = None  #: the RandomForest's figures (BaselineResult.summary())
@@ -331,7 +331,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     Checks the data, the weights, the device and a resume checkpoint before the first step.
     Logs TensorBoard events under ``out/lightning_logs`` and an MLflow run (parameters,
     per-epoch metrics, the dataset CSVs, the best checkpoint), and registers the best model in
-    the MLflow model registry.
+    the MLflow model registry. With ``cfg.ensemble`` > 1 the networks are trained one after
+    the other into the same run (:func:`fit_member`), and the model file is their
+    :class:`~specdeepmap.models.EnsembleSegmentation`.
     """
     import lightning as L
     import mlflow
