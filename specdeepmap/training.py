@@ -394,8 +394,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:
             loggers = [tensorboard, mlflow_logger]
         fit = fit_member(cfg, model, config, weights, train_loader, val_loader, device,
-                         loggers, os.path.join(cfg.out, "checkpoints",
-                                               *([f"member{member}"] if member else [])))
+                         loggers, run_id, os.path.join(cfg.out, "checkpoints",
+                                                       *([f"member{member}"] if member else [])))
         if not fit.global_zero:
             return TrainResult("", 0.0, "", tensorboard.log_dir)
         _, state = read_model_file(fit.best_checkpoint)
@@ -479,17 +479,17 @@ class MemberFit:
 
 def fit_member(cfg: TrainConfig, model: nn.Module, config: dict,
                class_weights: torch.Tensor | None, train_loader, val_loader,
-               device: torch.device, loggers: list, checkpoint_dir: str) -> MemberFit:
+               device: torch.device, loggers: list, run_id: str,
+               checkpoint_dir: str) -> MemberFit:
     """Train one network with Lightning (checkpointing on validation IoU, early stopping,
-    weight averaging and the learning-rate finder as ``cfg`` says); ``loggers[-1]`` is the
-    run's MLflow logger."""
+    weight averaging and the learning-rate finder as ``cfg`` says), logging to ``loggers``;
+    checkpoints mirrored to ``cfg.checkpoint_uri`` name the MLflow ``run_id`` to continue."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
     task = SegmentationTask(model, config, class_weights, cfg.lr, cfg.epochs, cfg.loss,
                             cfg.warmup_epochs, cfg.weight_decay, cfg.pixel_loss_weight,
                             cfg.cutmix, cfg.consistency, cfg.band_dropout)
-    run_id = loggers[-1].run_id
     checkpointing = MirroredCheckpoint(
         cfg.checkpoint_uri, run_id, dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN,
         monitor="val_iou", mode="max", save_top_k=cfg.keep_top_k, auto_insert_metric_name=False)
