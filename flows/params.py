@@ -105,8 +105,9 @@ class TrainSettings(BaseModel):
     encoder_depth: Literal[-1, 3, 4, 5] = Field(
         -1, description="Encoder stages for U-Net/U-Net++; -1 auto: as many as keep the deepest "
         "features at least 4 px wide on a chip (32 px chips: 3, 64: 4, larger: 5).")
-    loss: Literal["dice-ce", "ce"] = Field("dice-ce", description="Dice + cross-entropy, or "
-                                           "cross-entropy alone (class weights apply to both).")
+    loss: Literal["dice-ce", "lovasz-ce", "ce"] = Field(
+        "dice-ce", description="Dice + cross-entropy, Lovász-softmax + cross-entropy, or "
+        "cross-entropy alone (class weights apply to the cross-entropy).")
     cutmix: float = Field(0.5, ge=0, le=1, description="Share of training chips given a "
                           "random box of another chip, image and labels (0: off).")
     band_dropout: float = Field(0.0, ge=0, le=0.9, description="Share of the bands zeroed "

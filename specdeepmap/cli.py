@@ -242,7 +242,7 @@ def train(
     encoder_depth: Annotated[int, typer.Option(
         min=-1, max=5, help="Encoder stages 3-5 (U-Net, U-Net++); -1 auto: deepest features "
         ">= 4 px on a chip (32 px chips: 3).")] = -1,
-    loss: Annotated[str, typer.Option(help="dice-ce or ce.")] = "dice-ce",
+    loss: Annotated[str, typer.Option(help="dice-ce, lovasz-ce or ce.")] = "dice-ce",
     cutmix: Annotated[float, typer.Option(
         min=0, max=1, help="Share of training chips given a random box of another chip "
         "(image and labels; 0: off).")] = 0.5,

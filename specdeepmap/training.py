@@ -34,7 +34,7 @@ from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
 from specdeepmap.lightning_task import (IGNORE_INDEX, LAST_CHECKPOINT, RESUME_STATE,
                                         MirroredCheckpoint, SegmentationTask)
-from specdeepmap.losses import Loss
+from specdeepmap.losses import LOSSES, Loss
 from specdeepmap.models import (SENTINEL2_WEIGHTS, EnsembleSegmentation, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, init_spectral_front_end,
                                 load_encoder_weights, encoder_depth_for, spectral_channels_for,
@@ -68,7 +68,7 @@ class TrainConfig:
     #: pca: the front-end's first filters start on the training chips' principal axes
     spectral_init: Literal["pca", "random"] = "pca"
     encoder_depth: int = -1  #: encoder stages, 3-5 (U-Net/U-Net++); -1 auto by chip size
-    loss: Loss = "dice-ce"  #: ce or dice-ce (class weights apply to the cross-entropy)
+    loss: Loss = "dice-ce"  #: ce, dice-ce or lovasz-ce (class weights: on the cross-entropy)
     #: batch or group normalisation in the network trained from scratch (pretrained encoders
     #: keep batch norm: their weights were trained with it)
     norm: Literal["batch", "group"] = "batch"
@@ -141,6 +141,9 @@ class TrainConfig:
             raise InvalidParameterError("spectral_channels must be -1 (auto), 0 (off) or > 0")
         if self.min_chips_per_epoch < 0:
             raise InvalidParameterError("min_chips_per_epoch must be >= 0")
+        if self.loss not in LOSSES:
+            raise InvalidParameterError(f"loss must be one of {', '.join(LOSSES)}, got "
+                                        f"{self.loss!r}")
         if self.norm not in ("batch", "group"):
             raise InvalidParameterError(f"norm must be 'batch' or 'group', got {self.norm!r}")
         if self.spectral_init not in ("pca", "random"):

@@ -10,7 +10,7 @@ import torch
 
 from specdeepmap.augmentation import D4, augment_pair, d4_apply, spectral_jitter, tta_d4
 from specdeepmap.errors import InvalidParameterError
-from specdeepmap.losses import DiceCELoss, warmup_cosine
+from specdeepmap.losses import DiceCELoss, LovaszCELoss, warmup_cosine
 from specdeepmap.models import ModelSpec, SpectralSegmentation, build_model, spectral_channels_for
 
 
@@ -121,6 +121,32 @@ def test_dice_ce_loss_rewards_overlap_and_ignores_unlabelled():
     torch.testing.assert_close(loss(changed, target), loss(perfect, target))
     ce = torch.nn.functional.cross_entropy(wrong, target, ignore_index=0)
     torch.testing.assert_close(loss(wrong, target), ce + loss.dice(wrong, target))
+
+
+def test_lovasz_ce_loss_is_one_minus_mean_iou_on_hard_predictions():
+    """On saturated predictions the Lovász-softmax term equals 1 − the mean IoU over the
+    classes present (the Lovász extension is exact on sets); class-0 pixels count nowhere; an
+    unknown loss name is refused before training."""
+    from specdeepmap.errors import InvalidParameterError
+    from specdeepmap.training import TrainConfig
+
+    generator = torch.Generator().manual_seed(1)
+    target = torch.randint(0, 4, (2, 16, 16), generator=generator)
+    predicted = target.clone()
+    flip = torch.rand(target.shape, generator=generator) < 0.3
+    predicted[flip] = torch.randint(1, 4, (int(flip.sum()),), generator=generator)
+    logits = torch.nn.functional.one_hot(predicted, 4).permute(0, 3, 1, 2).float() * 50
+    labelled = target > 0
+    ious = [((predicted == c) & (target == c)).sum() / (((predicted == c) | (target == c))
+                                                         & labelled).sum() for c in (1, 2, 3)]
+    loss = LovaszCELoss(ignore_index=0)
+    torch.testing.assert_close(loss.lovasz(logits, target),
+                               1 - torch.stack(ious).mean(), atol=1e-4, rtol=0)
+    assert 0.2 < float(loss.lovasz(logits, target)) < 0.9
+    changed = torch.where(labelled[:, None], logits, 0.0)  # another prediction off the labels
+    torch.testing.assert_close(loss(changed, target), loss(logits, target))
+    with pytest.raises(InvalidParameterError, match="loss must be one of"):
+        TrainConfig(dataset="d", out="o", loss="focal").validate()
 
 
 def test_warmup_then_cosine_schedule():
