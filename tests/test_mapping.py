@@ -521,6 +521,7 @@ model = build_model(ModelSpec("unet", "resnet18", 4, 4, encoder_depth=3)).eval()
 windows = [np.random.default_rng(0).integers(0, 1000, (2, 4, 64, 64)).astype(np.uint16)]
 quantize_int8(Predictor(model, config, torch.device("cpu")), windows)
 loaded += [m for m in ("networkx", "redis") if m in sys.modules]
+loaded += ["triton"] if sys.modules.get("triton") is not None else []
 print(loaded)
 """
 
@@ -528,10 +529,24 @@ print(loaded)
 def test_the_mapper_loads_no_library_it_does_not_use():
     """A mapping process, int8 included, imports neither pandas nor the Dataset Maker (~70 MB
     of resident memory in every mapping worker), nor the compiler stack that torch.fx's
-    stack-trace recording would pull in while quantizing (torch.export, networkx, redis: ~35 MB)."""
+    stack-trace recording would pull in while quantizing (torch.export, networkx, redis: ~35 MB),
+    nor, on a host without a GPU, Triton (~70 MB), unless ``SPECDEEPMAP_HIDE_TRITON=0``."""
+    import importlib.metadata
+
+    from specdeepmap import GPU_DEVICE_FILES
+
+    if any(os.path.exists(path) for path in GPU_DEVICE_FILES):
+        pytest.skip("this host has a GPU: Triton stays importable")
     proc = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True,
                           check=True)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    try:
+        importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return  # nothing to hide: a CPU-only torch build has no Triton
+    kept = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True,
+                          check=True, env={**os.environ, "SPECDEEPMAP_HIDE_TRITON": "0"})
+    assert kept.stdout.strip().splitlines()[-1] == "['triton']", kept.stdout
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
