@@ -186,6 +186,21 @@ RESUME_STATE = "resume.json"
 LAST_CHECKPOINT = "last.ckpt"
 
 
+class ValidationHistory(L.Callback):
+    """The validation IoU of every validated epoch, in order (``scores``).
+
+    The best of them chose the checkpoint, so it overstates the model on these chips; their
+    median tells a reviewer by how much (see :func:`specdeepmap.model_card.summary`).
+    """
+
+    def __init__(self) -> None:
+        self.scores: list[float] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and "val_iou" in trainer.callback_metrics:
+            self.scores.append(float(trainer.callback_metrics["val_iou"]))
+
+
 class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     """Lightning's checkpointing, each saved file (the best ones and ``last.ckpt``) also
     copied to ``mirror_uri`` (object storage or another folder) as soon as it is written: one

@@ -98,7 +98,14 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
     beside the RandomForest's and the champion's on the same chips, and the alias it got.
 
     ``scores``: ``val``, ``test``, ``baseline_val``, ``baseline_test``, ``champion_version``,
-    ``champion_test``, ``alias``, ``alias_reason``, ``run_id`` (any may be missing).
+    ``champion_test``, ``alias``, ``alias_reason``, ``run_id``, ``val_epochs`` and
+    ``val_median`` (the validated epochs and their median IoU; any may be missing).
+
+    The validation IoU chose the checkpoint (the best of the validated epochs), so on a few
+    validation chips it overstates the model: on the shared EnMAP set the best epoch scored
+    0.04 above the median one, while test IoU hardly differed between epochs. The card says
+    so beside the median, and points to the test chips for the comparison with the forest,
+    which was not chosen on them.
     """
     classes = schema_from_config(config)
     names = ", ".join(classes.name(v) for v in config["class_values"])
@@ -117,6 +124,11 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
         rows[0].append(None)
         rows[1].append(scores.get("champion_test"))
     lines += _table(header, rows) + [""]
+    if scores.get("val_median") is not None and scores.get("val_epochs", 0) > 1:
+        lines += [f"The validation IoU chose this checkpoint, the best of {scores['val_epochs']}"
+                  f" validated epochs (their median: {_fmt(scores['val_median'])}), so it "
+                  "overstates the model on these chips; the test chips, used neither in "
+                  "training nor in choosing, compare it fairly with the forest.", ""]
     if scores.get("alias"):
         lines.append(f"Alias after training: **{scores['alias']}**"
                      + (f" ({scores['alias_reason']})" if scores.get("alias_reason") else "")

@@ -41,6 +41,11 @@ from specdeepmap.models import EnsembleSegmentation, SpectralSegmentation
 
 #: the quantized-kernel library: oneDNN uses VNNI and changed fewer classes than fbgemm
 ENGINE = "onednn"
+# torch warns, at the first forward pass of a process, that a quantized concatenation (a
+# U-Net's skip connections, DeepLabV3+'s ASPP) requantizes inputs of different scales: that
+# is the accuracy cost measured and reported above, not news to a mapping run's log
+warnings.filterwarnings("ignore", message="All inputs of this cat operator must share",
+                        category=UserWarning)
 #: pixels per calibration pass (observers cost per call, so few passes; memory: no more than
 #: one mapping batch holds): the mapper's eight 128² crops make one pass
 CALIBRATION_PIXELS = 4 * 256 * 256

@@ -33,7 +33,8 @@ from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
 from specdeepmap.lightning_task import (IGNORE_INDEX, LAST_CHECKPOINT, RESUME_STATE,
-                                        MirroredCheckpoint, SegmentationTask)
+                                        MirroredCheckpoint, SegmentationTask,
+                                        ValidationHistory)
 from specdeepmap.losses import LOSSES, Loss
 from specdeepmap.models import (SENTINEL2_WEIGHTS, EnsembleSegmentation, ModelSpec, build_model,
                                 canonical_architecture, freeze_encoder, init_spectral_front_end,
@@ -188,6 +189,16 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     baseline: dict | None = None  #: the RandomForest's figures (BaselineResult.summary())
     training: dict = field(default_factory=dict)  #: recipe and run facts for the model card
+    #: a single network's validated epochs, and their median validation IoU: the best of them
+    #: chose the checkpoint, so ``best_val_iou`` overstates the model by about the difference
+    val_epochs: int = 0
+    val_epoch_median: float | None = None
+
+    def selection_scores(self) -> dict:
+        """``val_epochs`` and ``val_median`` for the model card's scores (empty if unknown)."""
+        if self.val_epoch_median is None:
+            return {}
+        return {"val_epochs": self.val_epochs, "val_median": self.val_epoch_median}
 
     def baseline_mean_iou(self, split: str) -> float | None:
         """The RandomForest's pooled mean IoU on 'validation' or 'test' (None if not run)."""
@@ -425,6 +436,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     result = TrainResult(best_checkpoint=best_checkpoint, best_val_iou=best_iou,
                          model_file=model_file, log_dir=tensorboard.log_dir, run_id=run_id,
                          epochs_run=sum(fit.epochs for _, fit in members))
+    scores = members[0][1].val_scores
+    if cfg.ensemble == 1 and scores:
+        result.val_epochs, result.val_epoch_median = len(scores), float(np.median(scores))
     if baseline is not None:
         result.baseline = baseline.summary()
     with mlflow.start_run(run_id=run_id):
@@ -445,6 +459,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             mlflow.log_artifact(fit.best_checkpoint, artifact_path="checkpoints" + (
                 f"/member{member}" if member else ""))
         mlflow.log_metric("best_val_iou", best_iou)
+        if result.val_epoch_median is not None:
+            mlflow.log_metric("val_iou_epoch_median", result.val_epoch_median)
         mlflow.set_tags({"dataset": cfg.dataset, "dataset_digest": facts["digest"],
                          "specdeepmap_version": config["version"]})
         mlflow.log_input(mlflow.data.from_pandas(dataset_frame(cfg.dataset), source=cfg.dataset,
@@ -455,6 +471,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             **{k: getattr(cfg, k) for k in RECIPE_FIELDS}, "epochs run": result.epochs_run,
             "wall time (s)": round(result.seconds, 1), "device": str(device),
             "best validation IoU": round(best_iou, 4)}
+        if result.val_epoch_median is not None:
+            result.training[f"median validation IoU of the {result.val_epochs} validated "
+                            "epochs"] = round(result.val_epoch_median, 4)
         if cfg.ensemble > 1:  # how far the members alone spread, beside the ensemble's figure
             result.training["members' best validation IoU"] = ", ".join(
                 f"{fit.best_score:.4f}" for _, fit in members)
@@ -465,7 +484,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             publish_model_card(cfg.registered_model, result.model_version, run_id, model_file,
                                cfg.dataset, {"val": best_iou, "run_id": run_id,
                                              "baseline_val": result.baseline_mean_iou(
-                                                 "validation")}, result.training, facts=facts)
+                                                 "validation"), **result.selection_scores()},
+                               result.training, facts=facts)
     log.info("Best val IoU %.4f: %s", best_iou, model_file)
     return result
 
@@ -478,6 +498,8 @@ class MemberFit:
     best_score: float
     epochs: int
     global_zero: bool = True  #: False in the other processes of a multi-device run
+    #: validation IoU of each epoch validated in this process, in order
+    val_scores: list[float] = field(default_factory=list)
 
 
 def fit_member(cfg: TrainConfig, model: nn.Module, config: dict,
@@ -496,7 +518,8 @@ def fit_member(cfg: TrainConfig, model: nn.Module, config: dict,
     checkpointing = MirroredCheckpoint(
         cfg.checkpoint_uri, run_id, dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN,
         monitor="val_iou", mode="max", save_top_k=cfg.keep_top_k, auto_insert_metric_name=False)
-    callbacks = [checkpointing]
+    history = ValidationHistory()
+    callbacks = [checkpointing, history]
     if cfg.checkpoint_uri:  # the latest state, every epoch (Lightning's save_last only saves
         # when a best checkpoint is saved too)
         callbacks.append(MirroredCheckpoint(
@@ -527,7 +550,7 @@ def fit_member(cfg: TrainConfig, model: nn.Module, config: dict,
     # the checked local copy, loaded once more by Lightning as plain data (weights_only)
     trainer.fit(task, train_loader, val_loader, ckpt_path=cfg.resume, weights_only=True)
     return MemberFit(checkpointing.best_model_path, float(checkpointing.best_model_score or 0.0),
-                     trainer.current_epoch, trainer.is_global_zero)
+                     trainer.current_epoch, trainer.is_global_zero, history.scores)
 
 
 @torch.inference_mode()

@@ -82,7 +82,10 @@ def split_task(chip_folder: str, params: SplitParams) -> SplitReport:
 def train_task(config: TrainConfig) -> TrainResult:
     """Deep Learning Trainer; artifact: best validation IoU and the registered version."""
     result = train(config)
-    rows = [("best val IoU (pooled)", f"{result.best_val_iou:.4f}")]
+    rows = [("best val IoU (pooled; it chose the checkpoint)", f"{result.best_val_iou:.4f}")]
+    if result.val_epoch_median is not None:
+        rows.append((f"median val IoU of the {result.val_epochs} validated epochs",
+                     f"{result.val_epoch_median:.4f}"))
     if "members' best validation IoU" in result.training:  # an ensemble
         rows.append(("members' best val IoU", result.training["members' best validation IoU"]))
     if result.baseline_mean_iou("validation") is not None:
@@ -172,7 +175,7 @@ def model_card_task(name: str, result: TrainResult, dataset: str, evaluation_uri
               "champion_version": summary["champion_version"],
               "champion_test": summary["champion_test_mean_iou_same_chips"],
               "alias": summary["alias"] or "none", "alias_reason": reason,
-              "run_id": result.run_id}
+              "run_id": result.run_id, **result.selection_scores()}
     return publish_model_card(name, result.model_version, result.run_id, result.model_file,
                               dataset, scores, result.training, evaluation_uri,
                               storage.join(dataset, "test_files.csv"))

@@ -123,6 +123,7 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
                                                                   abs=1e-6)
     assert "RandomForest" in version.description
     assert f"{summary['test_mean_iou']:.4f}" in version.description
+    assert "the best of 2 validated epochs (their median:" in version.description
     # the model card: data (digest, class names and shares), input contract, results, images
     from specdeepmap.model_card import dataset_facts
 

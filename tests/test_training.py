@@ -110,8 +110,15 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     run = client.get_run(result.run_id)
     assert "val_iou" in run.data.metrics and "train_loss" in run.data.metrics
     assert len(client.get_metric_history(result.run_id, "val_loss")) == 4
+    # the best epoch chose the checkpoint: the card gives the median epoch beside it
+    val_ious = [m.value for m in client.get_metric_history(result.run_id, "val_iou")]
+    assert result.val_epochs == 4 and result.best_val_iou == pytest.approx(max(val_ious))
+    assert result.val_epoch_median == pytest.approx(float(np.median(val_ious)))
+    assert run.data.metrics["val_iou_epoch_median"] == pytest.approx(result.val_epoch_median)
     version = client.get_model_version("test-model", result.model_version)
     assert version.tags["val_iou"] == f"{result.best_val_iou:.4f}"
+    assert (f"the best of 4 validated epochs (their median: {result.val_epoch_median:.4f})"
+            in version.description), version.description
     assert version.tags["dataset"] == config.dataset and "specdeepmap_version" in version.tags
     artifacts = [a.path for a in client.list_artifacts(result.run_id, "dataset")]
     assert "dataset/Summary_train_val.csv" in artifacts
