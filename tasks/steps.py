@@ -191,5 +191,5 @@ def map_scene_task(input_uri: str, model_uri: str, output_uri: str, params: MapP
     return products
 
 
-__all__ = ["check_labels_task", "chip_task", "split_task", "train_task", "evaluate_task", "champion_task",
-           "promote_task", "model_card_task", "map_scene_task"]
+__all__ = ["check_labels_task", "chip_task", "split_task", "train_task", "evaluate_task",
+           "champion_task", "promote_task", "model_card_task", "map_scene_task"]
