@@ -437,7 +437,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                          model_file=model_file, log_dir=tensorboard.log_dir, run_id=run_id,
                          epochs_run=sum(fit.epochs for _, fit in members))
     scores = members[0][1].val_scores
-    if cfg.ensemble == 1 and scores:
+    if cfg.ensemble == 1 and scores and not cfg.resume:  # a continued run saw some epochs
         result.val_epochs, result.val_epoch_median = len(scores), float(np.median(scores))
     if baseline is not None:
         result.baseline = baseline.summary()
