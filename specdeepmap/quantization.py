@@ -5,8 +5,9 @@ int8 convolutions run on AVX512-VNNI/AVX-VNNI, which most x86 servers have: the 
 several times faster. The network is traced with torch.fx, conv + batch-norm + ReLU are fused,
 and activation ranges are calibrated on crops of the scene being mapped (histogram observers,
 robust to a few extreme pixels; weights quantized per channel). That is static post-training
-quantization: no retraining, ~1.5 s of setup per scene, and a small share of pixels whose class changes
-(``benchmarks/bench_mapping.py`` measures it with a trained model: 0.03 % on the demo).
+quantization: no retraining, ~1.5 s of setup per scene, and a small share of pixels whose
+class changes (``benchmarks/bench_mapping.py`` measures it with a trained model: 0.03 % on the
+demo).
 
 DeepLabV3+'s ASPP concatenates branches whose int8 scales differ; torch requantizes them (and
 warns once), which costs a little accuracy: check a model with ``bench_mapping.py
