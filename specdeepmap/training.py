@@ -186,7 +186,6 @@ class TrainResult:
     model_version: str | None = None
     epochs_run: int = 0  #: summed over an ensemble's members
     seconds: float = 0.0
-    history: list[dict] = field(default_factory=list)
     baseline: dict | None = None  #: the RandomForest's figures (BaselineResult.summary())
     training: dict = field(default_factory=dict)  #: recipe and run facts for the model card
     #: a single network's validated epochs, and their median validation IoU: the best of them
