@@ -244,7 +244,9 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     values = predictor.value_lut()[1:]
     dtype = "uint8" if values.max() < 256 else "uint16"
     with contextlib.ExitStack() as stack:
-        src = stack.enter_context(storage.open_raster(input_uri))
+        # the windows' blocks decoded on as many threads as the network uses
+        src = stack.enter_context(storage.open_raster(input_uri,
+                                                      threads=torch.get_num_threads()))
         _check_input(src, predictor, input_uri, model_uri)
         window = params.window or choose_window(src.height, src.width, tile, overlap_px)
         stride = max(1, window - overlap_px)
