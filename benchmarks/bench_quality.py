@@ -10,7 +10,9 @@ calls (the CLI's defaults unless ``--set`` overrides them):
 
 The Trainer fits the RandomForest baseline itself (every run does); both models are scored on
 the same chips with the same pooled confusion matrix. Prints, per set: chips per split, pooled
-mean IoU on validation and test, overall accuracy, per-class IoU and wall time.
+mean IoU on validation and test, overall accuracy, per-class IoU, wall time, and the deep
+model's test mean IoU minus the forest's with its 90 % paired bootstrap interval over the test
+chips (``specdeepmap.comparison``: whether the test chips can tell the two apart).
 
 Usage: python benchmarks/bench_quality.py [--sets enmap s2] [--set loss=ce ...] [--seeds 1]
 Choose recipes on the validation columns only; the test columns are for the final table.
@@ -40,7 +42,8 @@ def prepare_enmap(data: Path, work: str) -> str:
     from specdeepmap.splitting import SplitParams, make_dataset
 
     out = os.path.join(work, "enmap-ds")
-    make_dataset(str(data / "enmap_potsdam"), SplitParams(60, 20, 20, class_weighting=CLASS_WEIGHTING["value"]),
+    make_dataset(str(data / "enmap_potsdam"),
+                 SplitParams(60, 20, 20, class_weighting=CLASS_WEIGHTING["value"]),
                  out_folder=out)
     return out
 
@@ -93,18 +96,20 @@ def run_set(name: str, dataset: str, work: str, epochs: int, overrides: dict, se
                                    "tracking_uri": f"sqlite:///{work}/mlflow.db"}
                                   | overrides)))
     seconds = time.perf_counter() - start
-    scores, other = {}, {}
+    scores, other, versus = {}, {}, {}
+    forest = {s: summary_metrics(result.baseline, s) for s in ("validation", "test")}
     for split in ("validation", "test"):
         for use_tta, target in ((tta, scores), (not tta, other)):
             report = evaluate_model(os.path.join(dataset, f"{split}_files.csv"),
                                     result.model_file, os.path.join(run, split), device="cpu",
-                                    tta=use_tta)
+                                    tta=use_tta, baseline=forest[split], log_to_mlflow=False)
             target[split] = report.metrics
+            if use_tta == tta:
+                versus[split] = report.versus_baseline
     print(f"{name} seed {seed}: TTA {'off' if tta else 'on'} instead: val "
           f"{other['validation'].mean_iou:.3f}, test {other['test'].mean_iou:.3f}", flush=True)
     return {"chips": (len(info.train), len(info.validation), len(info.test)),
-            "deep": scores, "deep_seconds": seconds,
-            "forest": {s: summary_metrics(result.baseline, s) for s in ("validation", "test")},
+            "deep": scores, "deep_seconds": seconds, "versus": versus, "forest": forest,
             "forest_seconds": result.baseline["fit_seconds"], "classes": info.class_values}
 
 
@@ -135,7 +140,7 @@ def main() -> None:
     overrides = parse_overrides(args.overrides)
     print(f"overrides: {overrides or 'none (defaults)'}; TTA in scoring: {args.tta}")
     header = ("set | chips train/val/test | model | val mean IoU | test mean IoU | test OA | "
-              "test per-class IoU | train s")
+              "test per-class IoU | train s | test: deep − forest (90 % interval)")
     rows, means = [], []
     for name in args.sets:
         dataset = prepare_enmap(data, work) if name == "enmap" else prepare_s2(data, work)
@@ -154,9 +159,12 @@ def main() -> None:
                     per_class += " (val " + " ".join(
                         f"{c}:{v:.2f}" for c, v in zip(r["classes"], np.nan_to_num(
                             metrics["validation"].iou))) + ")"
+                versus = r["versus"]["test"] if model.startswith("deep") else None
                 rows.append(f"{name} | {'/'.join(map(str, r['chips']))} | {model} | "
                             f"{metrics['validation'].mean_iou:.3f} | {test.mean_iou:.3f} | "
-                            f"{test.overall_accuracy:.3f} | {per_class} | {seconds:.0f}")
+                            f"{test.overall_accuracy:.3f} | {per_class} | {seconds:.0f} | "
+                            + (f"{versus.difference:+.3f} ({versus.low:+.3f} to "
+                               f"{versus.high:+.3f}, {versus.verdict})" if versus else ""))
                 print(rows[-1], flush=True)
         for model in ("deep", "forest"):
             val = [r[model]["validation"].mean_iou for r in runs]
@@ -165,7 +173,10 @@ def main() -> None:
                          f" | {np.mean(test):.3f} ({min(test):.3f}–{max(test):.3f}) | "
                          f"{np.mean([r[model]['test'].overall_accuracy for r in runs]):.3f}")
         gap = np.mean([r["deep"]["test"].mean_iou - r["forest"]["test"].mean_iou for r in runs])
-        means.append(f"{name} | deep − forest | | {gap:+.3f} | ")
+        verdicts = [r["versus"]["test"].verdict for r in runs if r["versus"]["test"]]
+        means.append(f"{name} | deep − forest | | {gap:+.3f} (seeds the test chips call "
+                     + ", ".join(f"{v}: {verdicts.count(v)}" for v in
+                                 ("better", "undecided", "worse")) + ") | ")
     print()
     print(header)
     print("|".join("---" for _ in header.split("|")))

@@ -88,7 +88,9 @@ class BaselineResult:
                         "overall_accuracy": s.metrics.overall_accuracy,
                         "iou": {str(c): (float(v) if np.isfinite(v) else None)
                                 for c, v in zip(self.class_values, s.metrics.iou)},
-                        "confusion_matrix": s.metrics.matrix.tolist(), "chips": s.chips}
+                        "confusion_matrix": s.metrics.matrix.tolist(), "chips": s.chips,
+                        "chip_confusion_matrices": {name: m.tolist() for name, m in
+                                                    (s.metrics.chip_matrices or {}).items()}}
                 for split, s in self.scores.items()} | {
                     "class_values": list(self.class_values), "train_pixels": self.train_pixels,
                     "fit_seconds": self.fit_seconds}
@@ -98,8 +100,11 @@ def summary_metrics(summary: dict | None, split: str) -> Metrics | None:
     """The :class:`Metrics` of ``split`` from a :meth:`BaselineResult.summary` (or None)."""
     if not summary or split not in summary:
         return None
+    chips = summary[split].get("chip_confusion_matrices")  # (not in older summaries)
     return metrics_from_matrix(np.asarray(summary[split]["confusion_matrix"]),
-                               summary["class_values"])
+                               summary["class_values"],
+                               {name: np.asarray(m) for name, m in chips.items()}
+                               if chips else None)
 
 
 def _read_pixels(image_uri: str, mask_uri: str,
@@ -153,17 +158,20 @@ def score_forest(forest, pairs: list[tuple[str, str]], normalization: Normalizat
                  class_values: list[int]) -> BaselineScore:
     """Pooled metrics and SpecDeepMap's per-chip IoU of the forest on ``pairs``."""
     k = len(class_values)
-    matrix = np.zeros((k, k), dtype=np.int64)
-    chip_ious = []
+    chip_matrices, chip_ious = {}, []
     for image_uri, mask_uri in pairs:
         x, y, truth = _read_chip(image_uri, mask_uri, normalization, class_values)
         pred = np.zeros_like(truth)
         if len(y):
             pred[np.isin(truth, class_values)] = forest.predict(x)
+        # (chips of one name in several folders count as one chip, as in the Tester)
+        matrix = chip_matrices.setdefault(storage.basename(image_uri),
+                                          np.zeros((k, k), dtype=np.int64))
         accumulate(matrix, truth, pred, class_values)
         chip_ious.append(per_chip_iou(truth, pred, class_values))
-    return BaselineScore(metrics_from_matrix(matrix, class_values), mean_chip_iou(chip_ious, k),
-                         len(pairs))
+    total = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
+    return BaselineScore(metrics_from_matrix(total, class_values, chip_matrices),
+                         mean_chip_iou(chip_ious, k), len(pairs))
 
 
 def pseudo_labels(forest, pairs: list[tuple[str, str]], normalization: Normalization,

@@ -26,6 +26,7 @@ import rasterio
 
 from specdeepmap import storage
 from specdeepmap.classes import ClassSchema
+from specdeepmap.comparison import Difference, paired_bootstrap
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError
 from specdeepmap.inference import load_model
 
@@ -47,6 +48,9 @@ class Metrics:
     f1: np.ndarray
     overall_accuracy: float
     mean_iou: float
+    #: each chip's confusion matrix by chip file name (they sum to ``matrix``), for the
+    #: paired comparison of two models on the same chips (:mod:`comparison`); None if unknown
+    chip_matrices: dict[str, np.ndarray] | None = None
 
     def table(self) -> pd.DataFrame:
         """One row per class."""
@@ -57,7 +61,8 @@ class Metrics:
                              "Pixels": self.matrix.sum(axis=1)})
 
 
-def metrics_from_matrix(matrix: np.ndarray, class_values: list[int]) -> Metrics:
+def metrics_from_matrix(matrix: np.ndarray, class_values: list[int],
+                        chip_matrices: dict[str, np.ndarray] | None = None) -> Metrics:
     """IoU, precision, recall, F1 per class, overall accuracy and mean IoU.
 
     Classes with neither truth nor prediction get NaN and are left out of the mean.
@@ -75,7 +80,8 @@ def metrics_from_matrix(matrix: np.ndarray, class_values: list[int]) -> Metrics:
     return Metrics(class_values=list(class_values), matrix=matrix.astype(np.int64), iou=iou,
                    precision=precision, recall=recall, f1=f1,
                    overall_accuracy=float(tp.sum() / total) if total else float("nan"),
-                   mean_iou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"))
+                   mean_iou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+                   chip_matrices=chip_matrices)
 
 
 def accumulate(matrix: np.ndarray, truth: np.ndarray, pred: np.ndarray,
@@ -182,11 +188,14 @@ def plot_metrics(metrics: Metrics, folder: str, baseline: Metrics | None = None,
 
 
 def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, about: dict,
-                       baseline: Metrics | None = None, classes: ClassSchema | None = None
+                       baseline: Metrics | None = None, classes: ClassSchema | None = None,
+                       versus_baseline: Difference | None = None
                        ) -> tuple[str, str, tuple[str, str], dict]:
     """Write the Tester's files: ``test_iou.csv`` (SpecDeepMap's format), ``test_metrics.csv``
     and ``.json`` and the two PNGs; ``baseline`` metrics go beside the model's, and class
-    names (from ``classes``, when it names them) beside the class values.
+    names (from ``classes``, when it names them) beside the class values, and
+    ``versus_baseline`` (:func:`compare_with_baseline`) as the JSON's
+    ``baseline_rf_difference``.
 
     Returns (IoU CSV URI, metrics CSV URI, plot URIs, the JSON summary).
     """
@@ -209,6 +218,8 @@ def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, 
                     "baseline_rf_overall_accuracy": baseline.overall_accuracy,
                     "baseline_rf_iou": [None if not np.isfinite(v) else float(v)
                                         for v in baseline.iou]}
+        if versus_baseline is not None:
+            summary["baseline_rf_difference"] = versus_baseline.to_dict()
     summary["per_class"] = json.loads(table.to_json(orient="records"))  # NaN → null
     metrics_csv = storage.join(out_folder, "test_metrics.csv")
     storage.write_text(metrics_csv, table.to_csv(index=False))
@@ -216,6 +227,18 @@ def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, 
                        json.dumps(summary, indent=2))
     plots = plot_metrics(metrics, out_folder, baseline, names)
     return iou_csv, metrics_csv, plots, summary
+
+
+def compare_with_baseline(metrics: Metrics, baseline: Metrics) -> Difference | None:
+    """The model's mean IoU minus the baseline's on the same chips, with its interval; None
+    (with a warning) when either lacks per-chip matrices or they were scored on other chips."""
+    if metrics.chip_matrices is None or baseline.chip_matrices is None:
+        return None
+    try:
+        return paired_bootstrap(metrics.chip_matrices, baseline.chip_matrices)
+    except InputMismatchError as error:
+        log.warning("No interval for the difference with the baseline: %s", error)
+        return None
 
 
 @dataclass
@@ -228,6 +251,8 @@ class EvaluationReport:
     per_chip_mean_iou: float
     plots: tuple[str, str]
     predictions: list[str]
+    #: mean IoU minus the baseline's on these chips, with its interval (given a baseline)
+    versus_baseline: Difference | None = None
 
 
 def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str = "auto",
@@ -269,7 +294,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     class_values = predictor.class_values
     k = len(class_values)
     matrix = np.zeros((k, k), dtype=np.int64)
-    chip_ious = []
+    chip_ious, chip_matrices = [], {}
     exported = []
     if predictions_folder:
         storage.makedirs(predictions_folder)
@@ -291,6 +316,11 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
         for (image_uri, _), image, truth, pred, (transform, crs, nodata) in zip(
                 batch_pairs, images, labels, preds, profiles):
             accumulate(matrix, truth, pred, class_values)
+            # per chip name for paired comparisons (chips of one name in several folders
+            # count as one chip, for both models alike)
+            accumulate(chip_matrices.setdefault(storage.basename(image_uri),
+                                                np.zeros((k, k), dtype=np.int64)),
+                       truth, pred, class_values)
             chip_ious.append(per_chip_iou(truth, np.where(truth == 0, 0, pred), class_values))
             if predictions_folder:
                 out = pred.copy()
@@ -307,13 +337,16 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
                     dst.write(out.astype(dtype)[None])
                 exported.append(uri)
     chip_iou = mean_chip_iou(chip_ious, k)
-    metrics = metrics_from_matrix(matrix, class_values)
+    metrics = metrics_from_matrix(matrix, class_values, chip_matrices)
+    versus = compare_with_baseline(metrics, baseline) if baseline is not None else None
     iou_csv, metrics_csv, plots, summary = write_test_outputs(
         out_folder, metrics, chip_iou, {"model": model_uri, "test_csv": test_csv, "tta": tta},
-        baseline=baseline, classes=predictor.classes)
+        baseline=baseline, classes=predictor.classes, versus_baseline=versus)
     report = EvaluationReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,
                               per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"],
-                              plots=plots, predictions=exported)
+                              plots=plots, predictions=exported, versus_baseline=versus)
+    if versus is not None:
+        log.info(versus.sentence("The model", "the RandomForest baseline"))
     if log_to_mlflow:
         _log_to_mlflow(report, model_uri, mlflow_run_id, out_folder)
     log.info("Test mean IoU: %.4f pooled over pixels, %.4f per-chip mean (SpecDeepMap)",
@@ -342,6 +375,11 @@ def _log_to_mlflow(report: EvaluationReport, model_uri: str, run_id: str | None,
     client.log_metric(run_id, "test_mean_iou", report.metrics.mean_iou)
     client.log_metric(run_id, "test_mean_iou_per_chip", report.per_chip_mean_iou)
     client.log_metric(run_id, "test_overall_accuracy", report.metrics.overall_accuracy)
+    if report.versus_baseline is not None:
+        versus = report.versus_baseline
+        for suffix, value in (("", versus.difference), ("_low", versus.low),
+                              ("_high", versus.high)):
+            client.log_metric(run_id, f"test_mean_iou_minus_baseline_rf{suffix}", value)
     m = report.metrics
     for name, values in (("iou", m.iou), ("precision", m.precision), ("recall", m.recall)):
         for c, v in zip(m.class_values, values):

@@ -20,6 +20,7 @@ import pandas as pd
 from specdeepmap import storage
 from specdeepmap.chipping import COUNT_PREFIX, read_manifests
 from specdeepmap.classes import ClassSchema, schema_from_config
+from specdeepmap.comparison import Difference
 from specdeepmap.data import resolve_row
 from specdeepmap.splitting import read_csv
 
@@ -99,7 +100,8 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
 
     ``scores``: ``val``, ``test``, ``baseline_val``, ``baseline_test``, ``champion_version``,
     ``champion_test``, ``alias``, ``alias_reason``, ``run_id``, ``val_epochs`` and
-    ``val_median`` (the validated epochs and their median IoU; any may be missing).
+    ``val_median`` (the validated epochs and their median IoU), ``baseline_difference``
+    (:meth:`comparison.Difference.to_dict` on the test chips); any may be missing.
 
     The validation IoU chose the checkpoint (the best of the validated epochs), so on a few
     validation chips it overstates the model: on the shared EnMAP set the best epoch scored
@@ -124,6 +126,9 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
         rows[0].append(None)
         rows[1].append(scores.get("champion_test"))
     lines += _table(header, rows) + [""]
+    if scores.get("baseline_difference"):
+        lines += [Difference.from_dict(scores["baseline_difference"]).sentence(
+            "This model", "the RandomForest"), ""]
     if scores.get("val_median") is not None and scores.get("val_epochs", 0) > 1:
         lines += [f"The validation IoU chose this checkpoint, the best of {scores['val_epochs']}"
                   f" validated epochs (their median: {_fmt(scores['val_median'])}), so it "

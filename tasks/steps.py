@@ -112,6 +112,8 @@ def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | Non
             f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap)")
     if forest is not None:
         text += f"; RandomForest baseline **{forest.mean_iou:.4f}** on the same chips"
+    if report.versus_baseline is not None:
+        text += ". " + report.versus_baseline.sentence("The model", "the RandomForest")
     create_markdown_artifact(
         key="evaluation", description=f"Test metrics of {model_uri}",
         markdown=text + "\n\n" + _table(
@@ -120,7 +122,9 @@ def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | Non
             ("class", "IoU", "RandomForest IoU", "precision", "recall")))
     return {"test_mean_iou": m.mean_iou, "test_mean_iou_per_chip": report.per_chip_mean_iou,
             "overall_accuracy": m.overall_accuracy, "iou_csv": report.iou_csv,
-            "baseline_rf_test_mean_iou": forest.mean_iou if forest is not None else None}
+            "baseline_rf_test_mean_iou": forest.mean_iou if forest is not None else None,
+            "baseline_rf_difference": report.versus_baseline.to_dict()
+            if report.versus_baseline is not None else None}
 
 
 @task(name="score champion", **RETRIES)
@@ -172,6 +176,7 @@ def model_card_task(name: str, result: TrainResult, dataset: str, evaluation_uri
     scores = {"val": result.best_val_iou, "test": summary["test_mean_iou"],
               "baseline_val": summary["baseline_rf_val_mean_iou"],
               "baseline_test": summary["baseline_rf_test_mean_iou"],
+              "baseline_difference": summary.get("baseline_rf_difference"),
               "champion_version": summary["champion_version"],
               "champion_test": summary["champion_test_mean_iou_same_chips"],
               "alias": summary["alias"] or "none", "alias_reason": reason,

@@ -122,6 +122,14 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
     assert float(version.tags["test_mean_iou"]) == pytest.approx(summary["test_mean_iou"],
                                                                   abs=1e-6)
     assert "RandomForest" in version.description
+    # how far the test chips can tell the model from the forest: a paired bootstrap interval
+    versus = summary["baseline_rf_difference"]
+    assert versus["difference"] == pytest.approx(
+        summary["test_mean_iou"] - summary["baseline_rf_test_mean_iou"])
+    assert versus["low"] <= versus["difference"] <= versus["high"]
+    assert run.data.metrics["test_mean_iou_minus_baseline_rf_low"] == pytest.approx(
+        versus["low"])
+    assert "90% interval over" in version.description
     assert f"{summary['test_mean_iou']:.4f}" in version.description
     assert "the best of 2 validated epochs (their median:" in version.description
     # the model card: data (digest, class names and shares), input contract, results, images

@@ -1,0 +1,89 @@
+"""The paired bootstrap that says whether the test chips can tell two models apart."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specdeepmap.comparison import Difference, paired_bootstrap, pooled_mean_iou
+from specdeepmap.errors import InputMismatchError
+from specdeepmap.evaluation import accumulate, metrics_from_matrix
+
+CLASSES = [1, 2, 3]
+
+
+def chip_matrices(truths: list[np.ndarray], preds: list[np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for i, (truth, pred) in enumerate(zip(truths, preds)):
+        out[f"chip_{i}.tif"] = m = np.zeros((3, 3), np.int64)
+        accumulate(m, truth, pred, CLASSES)
+    return out
+
+
+def noisy(truth: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """``truth`` with ``share`` of its pixels set to a random class."""
+    pred = truth.copy()
+    flip = rng.random(truth.shape) < share
+    pred[flip] = rng.choice(CLASSES, flip.sum())
+    return pred
+
+
+@pytest.fixture
+def truths() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.choice(CLASSES, (16, 16)) for _ in range(12)]
+
+
+def test_pooled_mean_iou_equals_the_testers_mean_iou():
+    rng = np.random.default_rng(1)
+    stack = rng.integers(0, 50, (5, 4, 4))
+    stack[0, 2, :] = stack[0, :, 2] = 0  # a class absent from truth and prediction
+    expected = [metrics_from_matrix(m, [1, 2, 3, 4]).mean_iou for m in stack]
+    assert pooled_mean_iou(stack) == pytest.approx(expected)
+
+
+def test_a_model_better_on_every_chip_is_called_better(truths):
+    rng = np.random.default_rng(2)
+    good = chip_matrices(truths, [noisy(t, 0.1, rng) for t in truths])
+    bad = chip_matrices(truths, [noisy(t, 0.5, rng) for t in truths])
+    result = paired_bootstrap(good, bad)
+    pooled = [metrics_from_matrix(sum(m.values()), CLASSES).mean_iou for m in (good, bad)]
+    assert result.difference == pytest.approx(pooled[0] - pooled[1])
+    assert 0 < result.low <= result.difference <= result.high
+    assert result.verdict == "better" and result.share_a_better == 1.0
+    assert result.chips == 12 and result.level == 0.9
+    assert paired_bootstrap(bad, good).verdict == "worse"
+    assert "the test chips favour the forest" in paired_bootstrap(bad, good).sentence(
+        "the model", "the forest")
+
+
+def test_the_same_predictions_differ_by_exactly_nothing(truths):
+    rng = np.random.default_rng(3)
+    a = chip_matrices(truths, [noisy(t, 0.3, rng) for t in truths])
+    result = paired_bootstrap(a, {k: v.copy() for k, v in a.items()})
+    assert (result.difference, result.low, result.high) == (0.0, 0.0, 0.0)
+    assert result.verdict == "undecided"
+
+
+def test_models_that_win_different_chips_are_undecided(truths):
+    """Each model better on half the chips: the interval spans 0, and more such chips
+    narrow it."""
+    rng = np.random.default_rng(4)
+    a_preds = [noisy(t, 0.1 if i % 2 else 0.5, rng) for i, t in enumerate(truths)]
+    b_preds = [noisy(t, 0.5 if i % 2 else 0.1, rng) for i, t in enumerate(truths)]
+    few = paired_bootstrap(chip_matrices(truths, a_preds), chip_matrices(truths, b_preds))
+    assert few.low < 0 < few.high and few.verdict == "undecided"
+    assert "cannot tell the two apart" in few.sentence("A", "B")
+    many = paired_bootstrap(chip_matrices(truths * 8, a_preds * 8),
+                            chip_matrices(truths * 8, b_preds * 8))
+    assert many.high - many.low < (few.high - few.low) / 2
+    assert Difference.from_dict(few.to_dict()) == few  # it travels as plain data
+
+
+def test_models_scored_on_other_chips_are_not_compared(truths):
+    rng = np.random.default_rng(5)
+    a = chip_matrices(truths, [noisy(t, 0.1, rng) for t in truths])
+    b = dict(a)
+    b["elsewhere.tif"] = b.pop("chip_0.tif")
+    with pytest.raises(InputMismatchError, match="chip_0.tif"):
+        paired_bootstrap(a, b)
