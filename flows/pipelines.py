@@ -181,14 +181,15 @@ def training_pipeline(params: TrainingPipelineParams,
     metrics = evaluate_task(test_csv, result.model_file, evaluation_uri, result.run_id,
                             result.baseline)
     champion = champion_task(params.model_name, test_csv, result.model_file,
-                             storage.join(evaluation_uri, "champion"))
+                             storage.join(evaluation_uri, "champion"), evaluation_uri)
     if promotion == "auto" and champion["version"] and champion["mean_iou"] is None:
         logger.warning("The champion cannot be scored on this run's chips (%s): asking a "
                        "reviewer instead", champion["reason"])
         promotion = "approval"
     promoted = promote_task(params.model_name, result.model_version, metrics["test_mean_iou"],
                             metrics["baseline_rf_test_mean_iou"], champion,
-                            params.min_improvement, promotion)
+                            params.min_improvement, promotion,
+                            metrics["baseline_rf_difference"])
     if promotion == "approval":
         review = review_flow(params.model_name, result.model_version, promoted["reason"],
                              promoted["comparison"], params.review_timeout_hours)

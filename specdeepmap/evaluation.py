@@ -212,6 +212,9 @@ def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, 
                if np.isfinite(chip_iou).any() else float("nan"),
                "class_values": metrics.class_values, "class_names": names, **about,
                "confusion_matrix": metrics.matrix.tolist()}
+    if metrics.chip_matrices is not None:  # for paired comparisons with other models later
+        summary["chip_confusion_matrices"] = {name: m.tolist() for name, m in
+                                              metrics.chip_matrices.items()}
     if baseline is not None:
         table["Baseline RF IoU"] = baseline.iou
         summary |= {"baseline_rf_mean_iou": baseline.mean_iou,

@@ -12,10 +12,14 @@ promote`` (:func:`promote_by_hand`, the same checks) or by hand in the MLflow UI
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 CHAMPION, CHALLENGER = "champion", "challenger"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,20 +130,26 @@ def champion_version(name: str, client=None) -> str | None:
 
 
 def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str,
-                   device: str = "auto", client=None) -> dict:
+                   device: str = "auto", client=None,
+                   new_chip_matrices: dict | None = None) -> dict:
     """Score the current champion on the new run's test chips with the Tester's code.
 
-    Returns ``{"version", "mean_iou", "reason"}``: ``mean_iou`` is None (and ``reason`` says
-    why) when there is no champion or its input contract (bands, class values) differs from
-    the new model's, since then the two cannot be scored on the same chips. Nothing is logged
-    to the champion's own MLflow run (its figures there stay those of its own test set).
+    Returns ``{"version", "mean_iou", "reason", "difference"}``: ``mean_iou`` is None (and
+    ``reason`` says why) when there is no champion or its input contract (bands, class values)
+    differs from the new model's, since then the two cannot be scored on the same chips.
+    Given the new model's per-chip confusion matrices (``Metrics.chip_matrices``, or the
+    Tester's ``chip_confusion_matrices``), ``difference`` is the new model's mean IoU minus
+    the champion's with its bootstrap interval over the chips
+    (:meth:`comparison.Difference.to_dict`), else None. Nothing is logged to the champion's own
+    MLflow run (its figures there stay those of its own test set).
     """
     from specdeepmap.evaluation import evaluate_model
     from specdeepmap.inference import read_model_file
 
     version = champion_version(name, client)
     if version is None:
-        return {"version": None, "mean_iou": None, "reason": "no champion yet"}
+        return {"version": None, "mean_iou": None, "reason": "no champion yet",
+                "difference": None}
     champion_uri = f"models:/{name}/{version}"  # named so in the champion's test report
     champion, _ = read_model_file(champion_uri)
     new, _ = read_model_file(new_model_uri)
@@ -147,10 +157,23 @@ def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str
         if champion.get(key) != new.get(key):
             return {"version": version, "mean_iou": None,
                     "reason": f"champion version {version} has {key} = {champion.get(key)}, "
-                    f"the new model {new.get(key)}: they cannot be scored on the same chips"}
+                    f"the new model {new.get(key)}: they cannot be scored on the same chips",
+                    "difference": None}
     report = evaluate_model(test_csv, champion_uri, out_folder, device=device,
                             log_to_mlflow=False)
-    return {"version": version, "mean_iou": report.metrics.mean_iou, "reason": ""}
+    difference = None
+    if new_chip_matrices:
+        from specdeepmap.comparison import paired_bootstrap
+        from specdeepmap.errors import InputMismatchError
+
+        try:
+            difference = paired_bootstrap(
+                {k: np.asarray(m) for k, m in new_chip_matrices.items()},
+                report.metrics.chip_matrices or {}).to_dict()
+        except InputMismatchError as error:  # the new model's figures are for other chips
+            log.warning("No interval for the difference with the champion: %s", error)
+    return {"version": version, "mean_iou": report.metrics.mean_iou, "reason": "",
+            "difference": difference}
 
 
 def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMPION,
@@ -187,19 +210,26 @@ def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMP
         decision = Decision(CHALLENGER, f"its test chips ({test_csv or 'no dataset tag'}) are "
                             "not available to compare it with the champion")
     else:
-        score = evaluate_model(test_csv, model_uri, storage.join(out_folder, f"v{version}"),
-                               device=device, log_to_mlflow=False).metrics.mean_iou
+        metrics = evaluate_model(test_csv, model_uri, storage.join(out_folder, f"v{version}"),
+                                 device=device, log_to_mlflow=False).metrics
+        score = metrics.mean_iou
         current = champion_version(name, client)
-        champion = {"version": None, "mean_iou": None}
+        champion = {"version": None, "mean_iou": None, "difference": None}
         if current is not None and current != str(version):
             champion = score_champion(name, test_csv, model_uri,
-                                      storage.join(out_folder, "champion"), device, client)
+                                      storage.join(out_folder, "champion"), device, client,
+                                      new_chip_matrices=metrics.chip_matrices)
         baseline = found.tags.get("baseline_rf_test_mean_iou")
         baseline = float(baseline) if baseline else None
         record_scores(name, str(version), score, baseline, champion["version"],
                       champion["mean_iou"], client)
         decision = decide(score, baseline, champion["version"], champion["mean_iou"],
                           min_improvement)
+        if champion["difference"]:  # how sure the chips make it, beside the rule's reason
+            from specdeepmap.comparison import Difference
+
+            decision = Decision(decision.alias, decision.reason + "; " + Difference.from_dict(
+                champion["difference"]).sentence(f"version {version}", "the champion"))
     if decision.alias != CHAMPION and not force:
         raise PromotionRefusedError(f"{name} version {version} is not made champion: "
                                     f"{decision.reason} (force to promote it anyway)")

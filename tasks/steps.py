@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
@@ -9,6 +11,7 @@ from prefect.tasks import exponential_backoff
 from specdeepmap import registry, storage
 from specdeepmap.baseline import summary_metrics
 from specdeepmap.chipping import ChipParams, ChipReport, chip_scene
+from specdeepmap.comparison import Difference
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.mapping import MapParams, map_scene_products
 from specdeepmap.model_card import publish_model_card
@@ -128,9 +131,16 @@ def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | Non
 
 
 @task(name="score champion", **RETRIES)
-def champion_task(name: str, test_csv: str, new_model_uri: str, out_uri: str) -> dict:
-    """The current champion scored on the new run's test chips (fair comparison)."""
-    score = registry.score_champion(name, test_csv, new_model_uri, out_uri)
+def champion_task(name: str, test_csv: str, new_model_uri: str, out_uri: str,
+                  new_evaluation_uri: str | None = None) -> dict:
+    """The current champion scored on the new run's test chips (fair comparison); with the
+    new model's Tester output folder, also the difference with its interval over the chips."""
+    chips = None
+    if new_evaluation_uri:
+        chips = json.loads(storage.read_text(storage.join(
+            new_evaluation_uri, "test_metrics.json"))).get("chip_confusion_matrices")
+    score = registry.score_champion(name, test_csv, new_model_uri, out_uri,
+                                    new_chip_matrices=chips)
     if score["mean_iou"] is None and score["version"] is not None:
         get_run_logger().warning("Champion not compared: %s", score["reason"])
     return score
@@ -139,10 +149,13 @@ def champion_task(name: str, test_csv: str, new_model_uri: str, out_uri: str) ->
 @task(name="promote model")
 def promote_task(name: str, version: str, test_mean_iou: float,
                  baseline_mean_iou: float | None = None, champion: dict | None = None,
-                 min_improvement: float = 0.0, mode: str = "auto") -> dict:
+                 min_improvement: float = 0.0, mode: str = "auto",
+                 baseline_difference: dict | None = None) -> dict:
     """Apply the promotion rule (champion on the same test chips, margin, baseline) in
-    ``mode`` auto, approval or none; artifact: the comparison. Returns ``{"alias", "reason",
-    "comparison"}`` (alias None in mode none)."""
+    ``mode`` auto, approval or none; artifact: the comparison, with how sure the test chips
+    make each difference (``champion["difference"]``, ``baseline_difference``:
+    :meth:`comparison.Difference.to_dict`). Returns ``{"alias", "reason", "comparison"}``
+    (alias None in mode none)."""
     champion = champion or {}
     decision = registry.promote_if_better(name, version, test_mean_iou, baseline_mean_iou,
                                           champion.get("mean_iou"), min_improvement, mode)
@@ -159,6 +172,12 @@ def promote_task(name: str, version: str, test_mean_iou: float,
          ("RandomForest baseline", fmt(baseline_mean_iou)),
          ("required margin over the champion", f"{min_improvement:.3f}")],
         ("pooled test mean IoU on the new run's test chips", ""))
+    sentences = [Difference.from_dict(difference).sentence(f"Version {version}", other)
+                 for difference, other in ((champion.get("difference"), "the champion"),
+                                           (baseline_difference, "the RandomForest"))
+                 if difference]
+    if sentences:
+        comparison += "\n\n" + "\n".join(f"- {s}" for s in sentences)
     create_markdown_artifact(
         key="promotion", description=f"Promotion of {name} version {version}",
         markdown=f"Version {version}: **{alias or 'no alias'}** (mode {mode}; the rule says "

@@ -101,6 +101,9 @@ def test_promote_by_hand_applies_the_pipelines_checks(trained, dataset, tmp_path
     assert "no champion yet" in first.output
     equal = CliRunner().invoke(app, [*base[:2], versions[1], *base[2:]])
     assert equal.exit_code == 2 and "does not beat champion version" in equal.output
+    # the same weights: the paired interval over the test chips is exactly 0
+    assert "+0.000 mean IoU against the champion (90% interval over" in equal.output
+    assert "cannot tell the two apart" in " ".join(equal.output.split())
     assert str(client.get_model_version_by_alias("by-hand", "champion").version) == versions[0]
     forced = CliRunner().invoke(app, [*base[:2], versions[1], *base[2:], "--force",
                                       "--comment", "new labels"])
