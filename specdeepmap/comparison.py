@@ -13,7 +13,8 @@ differences give an interval. Both models see the same draws, so what the chips 
 easy or a hard chip) cancels out of the difference. An interval that excludes 0 says the
 test chips favour one model; one that spans 0 says they cannot tell (the usual case with a
 handful of chips, whatever the point estimate). The interval says nothing about chips unlike
-the test set's.
+the test set's, and with very few chips it is too narrow (resampling 4 chips gives 35 distinct
+draws, none unlike those 4): below :data:`FEW_CHIPS` the sentence says so.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from specdeepmap.errors import InputMismatchError
 RESAMPLES = 2000
 #: the interval's coverage
 LEVEL = 0.90
+#: below this many chips the bootstrap interval understates the uncertainty
+FEW_CHIPS = 10
 
 
 @dataclass
@@ -57,8 +60,13 @@ class Difference:
         text = (f"{a} scores {self.difference:+.3f} mean IoU against {b} "
                 f"({where}: {self.low:+.3f} to {self.high:+.3f}); ")
         if self.verdict == "undecided":
-            return text + "the test chips cannot tell the two apart."
-        return text + f"the test chips favour {a if self.verdict == 'better' else b}."
+            text += "the test chips cannot tell the two apart."
+        else:
+            text += f"the test chips favour {a if self.verdict == 'better' else b}."
+        if self.chips < FEW_CHIPS:
+            text += (f" With only {self.chips} test chips the interval is narrower than the "
+                     "true uncertainty.")
+        return text
 
     def to_dict(self) -> dict:
         """Plain data, with the verdict."""

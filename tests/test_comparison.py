@@ -74,6 +74,10 @@ def test_models_that_win_different_chips_are_undecided(truths):
     few = paired_bootstrap(chip_matrices(truths, a_preds), chip_matrices(truths, b_preds))
     assert few.low < 0 < few.high and few.verdict == "undecided"
     assert "cannot tell the two apart" in few.sentence("A", "B")
+    assert "With only" not in few.sentence("A", "B")  # 12 chips
+    four = paired_bootstrap(chip_matrices(truths[:4], a_preds[:4]),
+                            chip_matrices(truths[:4], b_preds[:4]))
+    assert "With only 4 test chips the interval is narrower" in four.sentence("A", "B")
     many = paired_bootstrap(chip_matrices(truths * 8, a_preds * 8),
                             chip_matrices(truths * 8, b_preds * 8))
     assert many.high - many.low < (few.high - few.low) / 2
