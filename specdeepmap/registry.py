@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from specdeepmap.comparison import Difference, paired_bootstrap
+from specdeepmap.errors import InputMismatchError
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 log = logging.getLogger(__name__)
 
@@ -163,9 +166,6 @@ def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str
                             log_to_mlflow=False)
     difference = None
     if new_chip_matrices:
-        from specdeepmap.comparison import paired_bootstrap
-        from specdeepmap.errors import InputMismatchError
-
         try:
             difference = paired_bootstrap(
                 {k: np.asarray(m) for k, m in new_chip_matrices.items()},
@@ -226,8 +226,6 @@ def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMP
         decision = decide(score, baseline, champion["version"], champion["mean_iou"],
                           min_improvement)
         if champion["difference"]:  # how sure the chips make it, beside the rule's reason
-            from specdeepmap.comparison import Difference
-
             decision = Decision(decision.alias, decision.reason + "; " + Difference.from_dict(
                 champion["difference"]).sentence(f"version {version}", "the champion"))
     if decision.alias != CHAMPION and not force:
