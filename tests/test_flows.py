@@ -19,8 +19,10 @@ def mlflow_store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("SPECDEEPMAP_RUNS_DIR", str(tmp_path / "runs"))
+    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    return uri
+    yield uri
+    mlflow.set_tracking_uri(previous)  # later tests' stores are not this deleted one
 
 
 def test_promotion_compares_on_the_same_chips_with_a_margin(mlflow_store, tmp_path):
