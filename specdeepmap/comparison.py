@@ -97,8 +97,8 @@ def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
     """The difference of two models' pooled mean IoU on the same chips, with its interval.
 
     Args:
-        a, b: each chip's (K, K) confusion matrix per model, keyed by chip name; both must
-            hold the same chips over the same classes.
+        a, b: each chip's (K, K) confusion matrix per model (arrays or nested lists, as in the
+            Tester's JSON), keyed by chip name; both must hold the same chips and classes.
         resamples: bootstrap draws.
         level: coverage of the (percentile) interval.
         seed: the draws' random seed (the result is reproducible).

@@ -296,7 +296,6 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     predictor = load_model(model_uri, device)
     class_values = predictor.class_values
     k = len(class_values)
-    matrix = np.zeros((k, k), dtype=np.int64)
     chip_ious, chip_matrices = [], {}
     exported = []
     if predictions_folder:
@@ -318,9 +317,8 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
         preds = predictor.predict_classes(np.stack(images), tta=tta)
         for (image_uri, _), image, truth, pred, (transform, crs, nodata) in zip(
                 batch_pairs, images, labels, preds, profiles):
-            accumulate(matrix, truth, pred, class_values)
-            # per chip name for paired comparisons (chips of one name in several folders
-            # count as one chip, for both models alike)
+            # per chip name (they sum to the pooled matrix; for paired comparisons, chips of
+            # one name in several folders count as one chip, for both models alike)
             accumulate(chip_matrices.setdefault(storage.basename(image_uri),
                                                 np.zeros((k, k), dtype=np.int64)),
                        truth, pred, class_values)
@@ -340,6 +338,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
                     dst.write(out.astype(dtype)[None])
                 exported.append(uri)
     chip_iou = mean_chip_iou(chip_ious, k)
+    matrix = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
     metrics = metrics_from_matrix(matrix, class_values, chip_matrices)
     versus = compare_with_baseline(metrics, baseline) if baseline is not None else None
     iou_csv, metrics_csv, plots, summary = write_test_outputs(

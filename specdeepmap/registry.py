@@ -16,8 +16,6 @@ import logging
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from specdeepmap.comparison import Difference, paired_bootstrap
 from specdeepmap.errors import InputMismatchError
 
@@ -167,9 +165,8 @@ def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str
     difference = None
     if new_chip_matrices:
         try:
-            difference = paired_bootstrap(
-                {k: np.asarray(m) for k, m in new_chip_matrices.items()},
-                report.metrics.chip_matrices or {}).to_dict()
+            difference = paired_bootstrap(new_chip_matrices,
+                                          report.metrics.chip_matrices or {}).to_dict()
         except InputMismatchError as error:  # the new model's figures are for other chips
             log.warning("No interval for the difference with the champion: %s", error)
     return {"version": version, "mean_iou": report.metrics.mean_iou, "reason": "",
