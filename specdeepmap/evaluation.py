@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,7 +112,8 @@ def mean_chip_iou(chip_ious: list[np.ndarray], num_classes: int) -> np.ndarray:
     chips where a class is absent from truth and prediction (NaN when it is absent from all)."""
     if not chip_ious:
         return np.full(num_classes, np.nan)
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # a class absent from every chip is NaN, said above
+        warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(np.array(chip_ious), axis=0)
 
 

@@ -163,8 +163,9 @@ def _class_columns(frame: pd.DataFrame) -> tuple[list[int], bool]:
     return [v for v in values if v != 0], background
 
 
-def _items(frame: pd.DataFrame, params: SplitParams) -> np.ndarray:
-    """Item id of every chip: the chip itself, or its spatial block."""
+def split_units(frame: pd.DataFrame, params: SplitParams) -> np.ndarray:
+    """The unit each chip is assigned with (0, 1, …): the chip itself (``balanced``), or its
+    spatial block (``spatial-blocks``), whose chips always go to the same set."""
     if params.strategy == "balanced":
         return np.arange(len(frame))
     edge = params.block_size * frame.get("tile_x", pd.Series(256, index=frame.index))
@@ -178,7 +179,7 @@ def split_chips(frame: pd.DataFrame, class_values: list[int],
     counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy(np.float64)
     fractions = (params.train_percent / 100, params.validation_percent / 100,
                  params.test_percent / 100)
-    items = _items(frame, params)
+    items = split_units(frame, params)
     n_items = items.max() + 1
     item_counts = np.zeros((n_items, counts.shape[1]))
     np.add.at(item_counts, items, counts)
@@ -364,7 +365,6 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
     """
     started = time.perf_counter()
     params.validate()
-    out_folder = out_folder or folder
     say = progress or (lambda message: None)
     say("reading class counts")
     frame = chip_class_counts(folder, workers)
@@ -380,10 +380,35 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
     say(f"checking {len(frame)} image chips")
     check_image_chips([storage.join(folder, "images", c) for c in frame["chip"]], workers)
     say(f"balancing {len(frame)} chips over classes {class_values}")
-    sets, achieved = split_chips(frame, class_values, params)
+    sets, _ = split_chips(frame, class_values, params)
+    return write_split(folder, frame, sets, params, out_folder, workers, progress, started)
+
+
+def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: SplitParams,
+                out_folder: str | None = None, workers: int = 4,
+                progress: Callable[[str], None] | None = None,
+                started: float | None = None) -> SplitReport:
+    """Write the CSVs, band statistics and ``split.json`` of a chosen split.
+
+    :func:`make_dataset` chooses the sets; a caller that chooses them otherwise (the folds of
+    a cross-validation) writes them here in the same formats.
+
+    Args:
+        folder: chip folder URI holding ``images/`` and ``labels/``.
+        frame: :func:`chip_class_counts` of the folder.
+        sets: set index of every row of ``frame`` (0 train, 1 validation, 2 test, 3 unused).
+        params: the scaler, normalisation and class weighting (percentages are not used).
+        out_folder, workers, progress: as in :func:`make_dataset`.
+        started: ``time.perf_counter()`` when the work began (for the report's seconds).
+    """
+    started = time.perf_counter() if started is None else started
+    out_folder = out_folder or folder
+    say = progress or (lambda message: None)
+    class_values, background = _class_columns(frame)
+    counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy(np.float64)
+    achieved = quality(counts, sets, 3, params.min_class_share)
     log.info("Split quality: largest class-share gap %.2f pp, Jensen-Shannon divergence %.2e",
              achieved.max_share_gap_pp, achieved.js_divergence)
-
     warnings = split_warnings(sets, params)
     for message in warnings:
         log.warning(message)

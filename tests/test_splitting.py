@@ -254,3 +254,24 @@ def test_an_impossible_split_is_refused_before_chipping(tmp_path):
     single = write_raster(tmp_path / "single.tif", np.ones((64, 64), np.uint8))
     with pytest.raises(InvalidLabelError, match="single class"):
         check_split_before_chipping([single], chip, split)
+
+
+def test_a_chosen_split_is_written_as_given(tmp_path):
+    """write_split (what make_dataset ends with) writes the sets a caller chose, e.g. the
+    folds of a cross-validation, with statistics of that training set."""
+    from specdeepmap.splitting import chip_class_counts, write_split
+
+    folder = make_chip_folder(tmp_path / "chips", n=12)
+    frame = chip_class_counts(str(folder))
+    sets = np.arange(len(frame)) % 3  # every third chip to train, validation, test
+    out = tmp_path / "fold"
+    report = write_split(str(folder), frame, sets, SplitParams(), out_folder=str(out))
+    assert report.chips == {"train": 4, "validation": 4, "test": 4}
+    for s, name in enumerate(("train", "validation", "test")):
+        listed = pd.read_csv(out / f"{name}_files.csv")["image"].map(os.path.basename)
+        assert sorted(listed) == sorted(frame["chip"][sets == s])
+    stats = pd.read_csv(out / "Normalize_Bands.csv")
+    train = [rasterio.open(folder / "images" / c).read() for c in frame["chip"][sets == 0]]
+    pixels = np.concatenate([t.reshape(3, -1) for t in train], axis=1)
+    expected = np.array([row[row != -1.0].mean() for row in pixels])
+    np.testing.assert_allclose(stats["mean"], expected, rtol=1e-5)
