@@ -16,10 +16,11 @@ chips (``specdeepmap.comparison``: whether the test chips can tell the two apart
 
 ``--folds K`` measures by cross-validation instead: the chips (S2: the spatial blocks) are
 dealt into K folds, stratified by each chip's main class; run k tests on fold k, validates on
-fold k + 1 and trains on the rest, so every chip is a test chip exactly once. Both models'
-test confusion matrices of all K runs are pooled, and the difference is bootstrapped over all
-the chips: on a set as small as EnMAP's (4 test chips in one split) that is the only way to
-measure a difference of a few hundredths. It costs K trainings per seed.
+fold k + 1 and trains on the rest, so every chip is a test chip exactly once (and a
+validation chip once). Both models' confusion matrices of all K runs are pooled per split,
+and the test difference is bootstrapped over all the chips: on a set as small as EnMAP's
+(4 test chips in one split) that is the only way to measure a difference of a few
+hundredths. It costs K trainings per seed.
 
 Usage: python benchmarks/bench_quality.py [--sets enmap s2] [--set loss=ce ...] [--seeds 1]
        [--folds 6]
@@ -29,6 +30,7 @@ Choose recipes on the validation columns only; the test columns are for the fina
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
@@ -177,26 +179,28 @@ def cross_validate(name: str, chips: str, args: argparse.Namespace, overrides: d
     datasets = fold_datasets(name, chips, split, args.folds, work)
     out = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        pooled = {"deep": {}, "forest": {}}
+        pooled = {split: {"deep": {}, "forest": {}} for split in ("validation", "test")}
         seconds = {"deep": 0.0, "forest": 0.0}
         for k, dataset in enumerate(datasets):
             r = run_set(name, dataset, work, args.epochs or EPOCHS[name], overrides, seed,
                         args.tta, tag=f"-fold-{k}")
-            for model in ("deep", "forest"):
-                pooled[model].update(r[model]["test"].chip_matrices)
+            for split, model in itertools.product(pooled, ("deep", "forest")):
+                pooled[split][model].update(r[model][split].chip_matrices)
             seconds["deep"] += r["deep_seconds"]
             seconds["forest"] += r["forest_seconds"]
             print(f"{name} fold {k} seed {seed}: chips {'/'.join(map(str, r['chips']))}, "
                   f"test deep {r['deep']['test'].mean_iou:.3f}, forest "
                   f"{r['forest']['test'].mean_iou:.3f}", flush=True)
         classes = r["classes"]
-        metrics = {model: metrics_from_matrix(sum(chip.values()), classes, chip)
-                   for model, chip in pooled.items()}
-        versus = paired_bootstrap(pooled["deep"], pooled["forest"])
+        val, metrics = ({model: metrics_from_matrix(sum(chip.values()), classes, chip)
+                         for model, chip in pooled[split].items()}
+                        for split in ("validation", "test"))
+        versus = paired_bootstrap(pooled["test"]["deep"], pooled["test"]["forest"])
         for model in ("deep", "forest"):
             test = metrics[model]
             per_class = " ".join(f"{c}:{v:.2f}" for c, v in zip(classes, np.nan_to_num(test.iou)))
             out.append(f"{name} | {args.folds} folds, seed {seed} | {model} | "
+                       f"{val[model].mean_iou:.3f} | "
                        f"{test.mean_iou:.3f} | {test.overall_accuracy:.3f} | {per_class} | "
                        f"{seconds[model]:.0f} | " + (
                            f"{versus.difference:+.3f} ({versus.low:+.3f} to {versus.high:+.3f}"
@@ -282,9 +286,9 @@ def main() -> None:
         print("\n".join(rows))
     if args.folds:
         print(f"\nCross-validation: every chip tested once, pooled over {args.folds} folds")
-        print("set | runs | model | test mean IoU | test OA | test per-class IoU | train s | "
-              "deep − forest (90 % interval)")
-        print("|".join("---" for _ in range(8)))
+        print("set | runs | model | val mean IoU | test mean IoU | test OA | "
+              "test per-class IoU | train s | test: deep − forest (90 % interval)")
+        print("|".join("---" for _ in range(9)))
         print("\n".join(means))
         return
     print(f"\nMean over {args.seeds} seed(s) (range)")
