@@ -161,11 +161,18 @@ def run_set(name: str, dataset: str, work: str, epochs: int, overrides: dict, se
             target[split] = report.metrics
             if use_tta == tta:
                 versus[split] = report.versus_baseline
+    teacher = os.path.join(run, "ensemble.pt")  # with distill=true: the ensemble too
+    if os.path.exists(teacher):
+        other["teacher"] = {split: evaluate_model(
+            os.path.join(dataset, f"{split}_files.csv"), teacher,
+            os.path.join(run, f"teacher-{split}"), device="cpu", tta=tta,
+            log_to_mlflow=False).metrics for split in ("validation", "test")}
     print(f"{name}{tag} seed {seed}: TTA {'off' if tta else 'on'} instead: val "
           f"{other['validation'].mean_iou:.3f}, test {other['test'].mean_iou:.3f}", flush=True)
     return {"chips": (len(info.train), len(info.validation), len(info.test)),
             "deep": scores, "deep_seconds": seconds, "versus": versus, "forest": forest,
-            "forest_seconds": result.baseline["fit_seconds"], "classes": info.class_values}
+            "forest_seconds": result.baseline["fit_seconds"], "classes": info.class_values,
+            "teacher": other.get("teacher")}
 
 
 def cross_validate(name: str, chips: str, args: argparse.Namespace, overrides: dict,
@@ -179,13 +186,15 @@ def cross_validate(name: str, chips: str, args: argparse.Namespace, overrides: d
     datasets = fold_datasets(name, chips, split, args.folds, work)
     out = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        pooled = {split: {"deep": {}, "forest": {}} for split in ("validation", "test")}
-        seconds = {"deep": 0.0, "forest": 0.0}
+        pooled = {split: {"deep": {}, "forest": {}, "teacher": {}}
+                  for split in ("validation", "test")}
+        seconds = {"deep": 0.0, "forest": 0.0, "teacher": 0.0}
         for k, dataset in enumerate(datasets):
             r = run_set(name, dataset, work, args.epochs or EPOCHS[name], overrides, seed,
                         args.tta, tag=f"-fold-{k}")
-            for split, model in itertools.product(pooled, ("deep", "forest")):
-                pooled[split][model].update(r[model][split].chip_matrices)
+            for split, model in itertools.product(pooled, ("deep", "forest", "teacher")):
+                if r[model]:
+                    pooled[split][model].update(r[model][split].chip_matrices)
             seconds["deep"] += r["deep_seconds"]
             seconds["forest"] += r["forest_seconds"]
             print(f"{name} fold {k} seed {seed}: chips {'/'.join(map(str, r['chips']))}, "
@@ -193,19 +202,19 @@ def cross_validate(name: str, chips: str, args: argparse.Namespace, overrides: d
                   f"{r['forest']['test'].mean_iou:.3f}", flush=True)
         classes = r["classes"]
         val, metrics = ({model: metrics_from_matrix(sum(chip.values()), classes, chip)
-                         for model, chip in pooled[split].items()}
+                         for model, chip in pooled[split].items() if chip}
                         for split in ("validation", "test"))
-        versus = paired_bootstrap(pooled["test"]["deep"], pooled["test"]["forest"])
-        for model in ("deep", "forest"):
+        for model in metrics:
             test = metrics[model]
+            versus = (paired_bootstrap(pooled["test"][model], pooled["test"]["forest"])
+                      if model != "forest" else None)
             per_class = " ".join(f"{c}:{v:.2f}" for c, v in zip(classes, np.nan_to_num(test.iou)))
             out.append(f"{name} | {args.folds} folds, seed {seed} | {model} | "
                        f"{val[model].mean_iou:.3f} | "
                        f"{test.mean_iou:.3f} | {test.overall_accuracy:.3f} | {per_class} | "
                        f"{seconds[model]:.0f} | " + (
                            f"{versus.difference:+.3f} ({versus.low:+.3f} to {versus.high:+.3f}"
-                           f", {versus.verdict}, {versus.chips} chips)" if model == "deep"
-                           else ""))
+                           f", {versus.verdict}, {versus.chips} chips)" if versus else ""))
             print(out[-1], flush=True)
     return out
 
@@ -253,7 +262,10 @@ def main() -> None:
             runs.append(r)
             for model, metrics, seconds in (
                     (f"deep (seed {seed})", r["deep"], r["deep_seconds"]),
-                    (f"RandomForest (seed {seed})", r["forest"], r["forest_seconds"])):
+                    (f"RandomForest (seed {seed})", r["forest"], r["forest_seconds"]),
+                    (f"its teacher ensemble (seed {seed})", r["teacher"], 0)):
+                if metrics is None:  # no teacher: the run did not distill
+                    continue
                 test = metrics["test"]
                 per_class = " ".join(f"{c}:{v:.2f}" for c, v in
                                      zip(r["classes"], np.nan_to_num(test.iou)))

@@ -136,6 +136,10 @@ class TrainSettings(BaseModel):
         1, ge=1, le=16, description="Networks trained from different random starts whose mean "
         "class probabilities the model gives (N times the training and the mapping time; for "
         "small training sets).")
+    distill: bool = Field(
+        False, description="With ensemble > 1: one more network learns the members' mean "
+        "class probabilities on every pixel, and the model is that one network (the "
+        "ensemble's training time plus about two networks', one network's mapping time).")
     baseline: bool = Field(True, description="Fit and score a per-pixel RandomForest baseline; "
                            "a model below it is never made champion automatically.")
     early_stopping: bool = Field(True, description="Stop when the validation IoU has not "

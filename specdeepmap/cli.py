@@ -275,6 +275,9 @@ def train(
     ensemble: Annotated[int, typer.Option(
         min=1, help="Train this many networks from different random starts; the model file "
         "gives their mean class probabilities (N x the training and mapping time).")] = 1,
+    distill: Annotated[bool, typer.Option(
+        help="With --ensemble N: one more network learns the members' mean probabilities on "
+        "every pixel; the model file is that network (one network's mapping time).")] = False,
     baseline: Annotated[bool, typer.Option(
         help="Fit and score the per-pixel RandomForest baseline.")] = True,
     balanced: Annotated[bool, typer.Option(help="Class weights in the loss.")] = True,
@@ -314,7 +317,7 @@ def train(
         pixel_loss_weight=pixel_loss_weight, norm=norm, weight_decay=weight_decay,
         weight_averaging=weight_averaging, warmup_epochs=warmup_epochs,
         min_chips_per_epoch=min_chips_per_epoch, sampling=sampling, ensemble=ensemble,
-        baseline=baseline,
+        distill=distill, baseline=baseline,
         balanced=balanced, normalize=normalize, batch_size=batch_size,
         epochs=epochs, lr=lr, lr_finder=lr_finder, early_stopping=early_stopping,
         patience=patience, device=device, devices=devices, precision=precision,
@@ -322,7 +325,8 @@ def train(
         registered_model=registered_model or None, tracking_uri=tracking_uri,
         checkpoint_uri=checkpoint_uri))
     console.print(f"best val IoU {result.best_val_iou:.4f}: " + (
-        result.best_checkpoint if ensemble == 1 else f"the mean of {ensemble} networks"))
+        result.best_checkpoint if ensemble == 1 or distill
+        else f"the mean of {ensemble} networks"))
     if result.baseline_mean_iou("validation") is not None:
         console.print(f"RandomForest baseline val IoU "
                       f"{result.baseline_mean_iou('validation'):.4f}")

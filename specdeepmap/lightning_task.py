@@ -74,9 +74,13 @@ class SegmentationTask(L.LightningModule):
     def __init__(self, model: nn.Module, config: dict, class_weights: torch.Tensor | None,
                  lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0,
                  weight_decay: float = 0.0, pixel_loss_weight: float = 0.0,
-                 cutmix: float = 0.0, consistency: float = 0.0, band_dropout: float = 0.0):
+                 cutmix: float = 0.0, consistency: float = 0.0, band_dropout: float = 0.0,
+                 teacher: nn.Module | None = None, distillation: float = 1.0):
         super().__init__()
         self.model = model
+        # a plain attribute, not a submodule: the teacher is neither trained nor checkpointed
+        self.__dict__["teacher"] = teacher.eval().requires_grad_(False) if teacher else None
+        self.distillation = distillation
         self.lr = lr
         self.weight_decay = weight_decay
         self.pixel_loss_weight = pixel_loss_weight
@@ -115,6 +119,9 @@ class SegmentationTask(L.LightningModule):
             loss = logits.sum() * 0.0
         if stage == "train" and self.consistency:
             loss = loss + self.consistency * consistency_loss(self.model, x, logits, y)
+        if stage == "train" and self.teacher is not None:
+            loss = loss + self.distillation * distillation_loss(self.teacher.to(x.device), x,
+                                                                logits)
         pred = logits[:, 1:].argmax(1) + 1
         metric = self.train_iou if stage == "train" else self.val_iou
         metric.update(pred, y)
@@ -170,6 +177,22 @@ def consistency_loss(model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
     student = d4_invert(model(d4_apply(x, k, flip)), k, flip)
     return nn.functional.cross_entropy(student.float(), target, ignore_index=IGNORE_INDEX,
                                        reduction="sum") / unlabelled.sum()
+
+
+def distillation_loss(teacher: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Knowledge distillation (Hinton et al. 2015) on every pixel of a batch, labelled or not.
+
+    The student's class distribution (real classes 1…K) is pulled towards the teacher's
+    (typically an ensemble's mean probabilities) by the KL divergence, averaged over pixels:
+    the unlabelled two thirds of a sparsely labelled chip get the teacher's soft targets, and
+    the labelled pixels its view of which wrong classes are near. An ensemble's gain then
+    comes at one network's mapping cost.
+    """
+    with torch.no_grad():
+        target = teacher(x)[:, 1:].float().log_softmax(dim=1)
+    student = logits[:, 1:].float().log_softmax(dim=1)
+    return nn.functional.kl_div(student, target, log_target=True,
+                                reduction="none").sum(dim=1).mean()
 
 
 class _Schedule:

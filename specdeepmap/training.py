@@ -47,6 +47,8 @@ from specdeepmap.tracking import ensure_experiment, log_baseline, register_model
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = "{epoch:05d}-val_iou_{val_iou:.4f}"
+#: with ``distill``: the ensemble the model file's network learned from, beside it
+TEACHER_FILE = "ensemble.pt"
 #: ensemble member i trains with seed + i × this: runs with neighbouring seeds share no member
 MEMBER_SEED_STEP = 1000
 
@@ -95,6 +97,9 @@ class TrainConfig:
     #: networks trained from different random starts (seeds seed, seed + 1000, …) whose mean
     #: class probabilities the model file gives: N× the training and the mapping time
     ensemble: int = 1
+    #: with ensemble > 1: one more network learns the members' mean probabilities on every
+    #: pixel (and the labels); the model file is that one network (1× the mapping time)
+    distill: bool = False
     baseline: bool = True  #: fit and score the per-pixel RandomForest baseline
     baseline_pixels: int = 100_000  #: labelled training pixels for the baseline at most
     balanced: bool = True  #: class weights from Summary_train_val.csv in the loss
@@ -160,6 +165,9 @@ class TrainConfig:
             raise InvalidParameterError(
                 "an ensemble (ensemble > 1) trains its members one after the other on one "
                 "device: resume, checkpoint_uri and devices > 1 are for single networks")
+        if self.distill and self.ensemble < 2:
+            raise InvalidParameterError("distill learns from an ensemble's mean: set ensemble "
+                                        ">= 2 (e.g. 3) with it")
         if self.baseline_pixels < 1:
             raise InvalidParameterError("baseline_pixels must be >= 1")
 
@@ -169,7 +177,7 @@ RECIPE_FIELDS = ("epochs", "batch_size", "lr", "augment", "augmentation", "spect
                  "spectral_init",
                  "loss", "norm", "weight_decay", "pixel_loss_weight", "cutmix", "band_dropout",
                  "consistency", "pseudo_labels", "weight_averaging", "warmup_epochs",
-                 "min_chips_per_epoch", "ensemble", "sampling", "balanced", "normalize",
+                 "min_chips_per_epoch", "ensemble", "distill", "sampling", "balanced", "normalize",
                  "early_stopping", "patience", "precision", "devices", "seed", "resume")
 
 
@@ -415,13 +423,25 @@ def train(cfg: TrainConfig) -> TrainResult:
         model.load_state_dict(state)
         members.append((model, fit))
     best_checkpoint = members[0][1].best_checkpoint
+    student = None
     if cfg.ensemble > 1:
-        config["ensemble"] = cfg.ensemble
         model = EnsembleSegmentation([m for m, _ in members])
         client = mlflow.MlflowClient(uri)
         for member, (_, fit) in enumerate(members):
             client.log_metric(run_id, "member_best_val_iou", fit.best_score, step=member)
         best_iou = pooled_iou(model, val_set, cfg.batch_size, config["num_classes"])
+        if cfg.distill:
+            client.log_metric(run_id, "ensemble_val_iou", best_iou)
+            ensemble_iou = best_iou
+            # the teacher beside the model, to compare the two on any chips (not registered)
+            export_model_file({**config, "ensemble": cfg.ensemble, "run_id": run_id}, model,
+                              os.path.join(cfg.out, TEACHER_FILE))
+            student = distill_student(cfg, model, config, train_set, weights, train_loader,
+                                      val_loader, device, uri, run_id)
+            model, best_iou, best_checkpoint = (student[0], student[1].best_score,
+                                                student[1].best_checkpoint)
+        else:
+            config["ensemble"] = cfg.ensemble
     elif cfg.devices > 1:
         # the processes' validation shards are padded to equal length (a chip or two counted
         # twice): the best model's figure is measured again here, on each chip once
@@ -432,9 +452,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     # lineage: maps made with this model file name the MLflow run that produced it
     model_file = export_model_file({**config, "run_id": run_id}, model,
                                    os.path.join(cfg.out, MODEL_FILE))
+    fits = [fit for _, fit in members] + ([student[1]] if student else [])
     result = TrainResult(best_checkpoint=best_checkpoint, best_val_iou=best_iou,
                          model_file=model_file, log_dir=tensorboard.log_dir, run_id=run_id,
-                         epochs_run=sum(fit.epochs for _, fit in members))
+                         epochs_run=sum(fit.epochs for fit in fits))
     scores = members[0][1].val_scores
     if cfg.ensemble == 1 and scores and not cfg.resume:  # a continued run saw some epochs
         result.val_epochs, result.val_epoch_median = len(scores), float(np.median(scores))
@@ -457,6 +478,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         for member, (_, fit) in enumerate(members):
             mlflow.log_artifact(fit.best_checkpoint, artifact_path="checkpoints" + (
                 f"/member{member}" if member else ""))
+        if student:
+            mlflow.log_artifact(student[1].best_checkpoint, artifact_path="checkpoints/student")
         mlflow.log_metric("best_val_iou", best_iou)
         if result.val_epoch_median is not None:
             mlflow.log_metric("val_iou_epoch_median", result.val_epoch_median)
@@ -476,6 +499,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.ensemble > 1:  # how far the members alone spread, beside the ensemble's figure
             result.training["members' best validation IoU"] = ", ".join(
                 f"{fit.best_score:.4f}" for _, fit in members)
+        if student:
+            result.training["validation IoU of the ensemble distilled"] = round(
+                ensemble_iou, 4)
         if cfg.registered_model:
             result.model_uri, result.model_version = register_model(
                 model_file, config, cfg.registered_model, best_iou, cfg.dataset,
@@ -487,6 +513,28 @@ def train(cfg: TrainConfig) -> TrainResult:
                                result.training, facts=facts)
     log.info("Best val IoU %.4f: %s", best_iou, model_file)
     return result
+
+
+def distill_student(cfg: TrainConfig, teacher: nn.Module, config: dict, train_set,
+                    class_weights: torch.Tensor | None, train_loader, val_loader,
+                    device: torch.device, uri: str, run_id: str) -> tuple[nn.Module, MemberFit]:
+    """Train one network from a new random start on the labels plus the ensemble
+    ``teacher``'s class probabilities on every pixel (``lightning_task.distillation_loss``);
+    return it, with its best weights loaded, and its fit."""
+    import lightning as L
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    L.seed_everything(cfg.seed + MEMBER_SEED_STEP * cfg.ensemble, workers=True, verbose=False)
+    student = initial_model(cfg, config, train_set)
+    loggers = [TensorBoardLogger(cfg.out, name="lightning_logs", version="student"),
+               MLFlowLogger(experiment_name=cfg.experiment, tracking_uri=uri, log_model=False,
+                            run_id=run_id, prefix="student")]
+    fit = fit_member(cfg, student, config, class_weights, train_loader, val_loader, device,
+                     loggers, run_id, os.path.join(cfg.out, "checkpoints", "student"),
+                     teacher=teacher)
+    _, state = read_model_file(fit.best_checkpoint)
+    student.load_state_dict(state)
+    return student, fit
 
 
 @dataclass
@@ -504,16 +552,17 @@ class MemberFit:
 def fit_member(cfg: TrainConfig, model: nn.Module, config: dict,
                class_weights: torch.Tensor | None, train_loader, val_loader,
                device: torch.device, loggers: list, run_id: str,
-               checkpoint_dir: str) -> MemberFit:
+               checkpoint_dir: str, teacher: nn.Module | None = None) -> MemberFit:
     """Train one network with Lightning (checkpointing on validation IoU, early stopping,
     weight averaging and the learning-rate finder as ``cfg`` says), logging to ``loggers``;
-    checkpoints mirrored to ``cfg.checkpoint_uri`` name the MLflow ``run_id`` to continue."""
+    checkpoints mirrored to ``cfg.checkpoint_uri`` name the MLflow ``run_id`` to continue.
+    A ``teacher`` adds its distillation loss."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping
 
     task = SegmentationTask(model, config, class_weights, cfg.lr, cfg.epochs, cfg.loss,
                             cfg.warmup_epochs, cfg.weight_decay, cfg.pixel_loss_weight,
-                            cfg.cutmix, cfg.consistency, cfg.band_dropout)
+                            cfg.cutmix, cfg.consistency, cfg.band_dropout, teacher=teacher)
     checkpointing = MirroredCheckpoint(
         cfg.checkpoint_uri, run_id, dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN,
         monitor="val_iou", mode="max", save_top_k=cfg.keep_top_k, auto_insert_metric_name=False)

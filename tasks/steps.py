@@ -91,6 +91,9 @@ def train_task(config: TrainConfig) -> TrainResult:
                      f"{result.val_epoch_median:.4f}"))
     if "members' best validation IoU" in result.training:  # an ensemble
         rows.append(("members' best val IoU", result.training["members' best validation IoU"]))
+    if "validation IoU of the ensemble distilled" in result.training:
+        rows.append(("val IoU of the ensemble it was distilled from",
+                     f"{result.training['validation IoU of the ensemble distilled']:.4f}"))
     if result.baseline_mean_iou("validation") is not None:
         rows.append(("RandomForest baseline val IoU",
                      f"{result.baseline_mean_iou('validation'):.4f}"))

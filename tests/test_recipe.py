@@ -551,3 +551,58 @@ def test_training_an_ensemble_writes_one_model_of_its_members(dataset, tmp_path)
     with pytest.raises(InvalidParameterError, match="ensemble"):
         train(TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "again"),
                           ensemble=2, resume=result.model_file))
+
+
+def test_the_distillation_loss_pulls_the_student_towards_the_teacher():
+    """Zero where the student's class probabilities equal the teacher's (whatever channel 0,
+    'unlabelled', holds), positive elsewhere, on every pixel; a gradient step lowers it."""
+    from specdeepmap.lightning_task import distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Conv2d(4, 5, 1).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        same = teacher(x) + 3.0  # the same distribution: softmax ignores a constant shift
+        same[:, 0] = 100.0  # channel 0 is never a class
+    assert distillation_loss(teacher, x, same).item() == pytest.approx(0, abs=1e-5)
+    student = torch.nn.Conv2d(4, 5, 1)
+    before = distillation_loss(teacher, x, student(x))
+    assert before.item() > 0.01
+    before.backward()
+    with torch.no_grad():
+        for p in student.parameters():
+            p -= 0.5 * p.grad
+    assert distillation_loss(teacher, x, student(x)).item() < before.item()
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher is not trained
+
+
+def test_distilling_an_ensemble_writes_one_network(dataset, tmp_path):
+    """``distill`` with ``ensemble=2``: the members train, then one more network learns from
+    their mean; the model file is that single network (no ensemble in its config), its
+    checkpoint and metrics are in the run beside the ensemble's validation IoU. Without an
+    ensemble the switch is refused before any work."""
+    import mlflow
+
+    from specdeepmap.inference import read_model_file
+    from specdeepmap.training import TrainConfig, train
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train(TrainConfig(
+        dataset=str(dataset / "chips"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+        limit_batches=2, device="cpu", registered_model=None, baseline=False,
+        tracking_uri=uri, ensemble=2, distill=True))
+    config, state = read_model_file(result.model_file)
+    assert not config.get("ensemble")
+    assert not any(key.startswith("members.") for key in state)
+    assert "student" in result.best_checkpoint
+    _, student = read_model_file(result.best_checkpoint)
+    assert all(torch.equal(state[k], student[k]) for k in state)
+    teacher_config, _ = read_model_file(str(tmp_path / "run" / "ensemble.pt"))
+    assert teacher_config["ensemble"] == 2  # the teacher, kept beside for comparison
+    metrics = mlflow.MlflowClient(uri).get_run(result.run_id).data.metrics
+    assert {"student-val_iou", "ensemble_val_iou", "member1-val_iou"} <= set(metrics)
+    assert result.best_val_iou == pytest.approx(metrics["best_val_iou"])
+    assert "validation IoU of the ensemble distilled" in result.training
+    with pytest.raises(InvalidParameterError, match="distill"):
+        TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "x"),
+                    distill=True).validate()
