@@ -161,10 +161,10 @@ def run_set(name: str, dataset: str, work: str, epochs: int, overrides: dict, se
             target[split] = report.metrics
             if use_tta == tta:
                 versus[split] = report.versus_baseline
-    teacher = os.path.join(run, "ensemble.pt")  # with distill=true: the ensemble too
-    if os.path.exists(teacher):
-        other["teacher"] = {split: evaluate_model(
-            os.path.join(dataset, f"{split}_files.csv"), teacher,
+    teacher_file, teacher = os.path.join(run, "ensemble.pt"), None  # with distill=true
+    if os.path.exists(teacher_file):
+        teacher = {split: evaluate_model(
+            os.path.join(dataset, f"{split}_files.csv"), teacher_file,
             os.path.join(run, f"teacher-{split}"), device="cpu", tta=tta,
             log_to_mlflow=False).metrics for split in ("validation", "test")}
     print(f"{name}{tag} seed {seed}: TTA {'off' if tta else 'on'} instead: val "
@@ -172,7 +172,7 @@ def run_set(name: str, dataset: str, work: str, epochs: int, overrides: dict, se
     return {"chips": (len(info.train), len(info.validation), len(info.test)),
             "deep": scores, "deep_seconds": seconds, "versus": versus, "forest": forest,
             "forest_seconds": result.baseline["fit_seconds"], "classes": info.class_values,
-            "teacher": other.get("teacher")}
+            "teacher": teacher}
 
 
 def cross_validate(name: str, chips: str, args: argparse.Namespace, overrides: dict,

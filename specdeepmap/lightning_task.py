@@ -100,6 +100,10 @@ class SegmentationTask(L.LightningModule):
 
         quiet_lightning()  # also in processes spawned for multi-device training
 
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:  # once, on the student's device (not a submodule)
+            self.teacher.to(self.device)
+
     def forward(self, x):
         return self.model(x)
 
@@ -120,8 +124,7 @@ class SegmentationTask(L.LightningModule):
         if stage == "train" and self.consistency:
             loss = loss + self.consistency * consistency_loss(self.model, x, logits, y)
         if stage == "train" and self.teacher is not None:
-            loss = loss + self.distillation * distillation_loss(self.teacher.to(x.device), x,
-                                                                logits)
+            loss = loss + self.distillation * distillation_loss(self.teacher, x, logits)
         pred = logits[:, 1:].argmax(1) + 1
         metric = self.train_iou if stage == "train" else self.val_iou
         metric.update(pred, y)
