@@ -50,7 +50,8 @@ def permutation_search(counts: np.ndarray, seconds: float, seed: int = 42,
         if any((h < min_share * totals).any() for h in hists):
             continue
         p_test, p_val, p_train = (h / h.sum() for h in hists)
-        score = np.mean([wasserstein_distance(p_test, p_train), wasserstein_distance(p_val, p_train),
+        score = np.mean([wasserstein_distance(p_test, p_train),
+                         wasserstein_distance(p_val, p_train),
                          wasserstein_distance(p_test, p_val)])
         if score < best_score:
             best_score, best = score, order

@@ -129,7 +129,8 @@ def check_same_grid(image: rasterio.DatasetReader, label: rasterio.DatasetReader
         raise differ("CRS", image.crs, label.crs)
     if not np.allclose(image.res, label.res, rtol=1e-9, atol=0):
         raise differ("pixel size", image.res, label.res)
-    (ix, iy), (lx, ly) = (image.transform.c, image.transform.f), (label.transform.c, label.transform.f)
+    (ix, iy) = (image.transform.c, image.transform.f)
+    (lx, ly) = (label.transform.c, label.transform.f)
     if not np.allclose((ix, iy), (lx, ly), rtol=0, atol=1e-6 * abs(image.res[0])):
         raise differ("origin", (ix, iy), (lx, ly))
     if (image.width, image.height) != (label.width, label.height):
@@ -147,7 +148,9 @@ def label_to_classes(values: np.ndarray, nodata: float | None) -> np.ndarray:
 
 
 def _equals(values: np.ndarray, nodata: float) -> np.ndarray:
-    return np.isnan(values) if isinstance(nodata, float) and math.isnan(nodata) else values == nodata
+    if isinstance(nodata, float) and math.isnan(nodata):
+        return np.isnan(values)
+    return values == nodata
 
 
 def validate_label_values(label: rasterio.DatasetReader, label_uri: str) -> None:
@@ -402,8 +405,9 @@ def _read_label_chip(uri: str) -> np.ndarray:
 
 def _existing_pairs(out_uri: str) -> set[str]:
     """Names of chips whose image and label both exist (each was moved into place whole)."""
-    images = {storage.basename(u) for u in storage.list_files(storage.join(out_uri, "images"), ".tif")}
-    labels = {storage.basename(u) for u in storage.list_files(storage.join(out_uri, "labels"), ".tif")}
+    images, labels = ({storage.basename(u) for u in
+                       storage.list_files(storage.join(out_uri, folder), ".tif")}
+                      for folder in ("images", "labels"))
     return images & labels
 
 

@@ -218,7 +218,8 @@ def train(
     dataset: Annotated[str, typer.Argument(help="Dataset folder URI (what `split` wrote).")],
     out: Annotated[str, typer.Option(help="Local folder for checkpoints and logs.")] = "runs/train",
     architecture: Annotated[str, typer.Option(
-        help="unet, unetplusplus, deeplabv3plus, segformer (or 'U-Net', 'U-Net++', ...).")] = "unet",
+        help="unet, unetplusplus, deeplabv3plus, segformer "
+             "(or 'U-Net', 'U-Net++', ...).")] = "unet",
     backbone: Annotated[str, typer.Option(help="smp encoder or tu-<timm model>.")] = "resnet18",
     weights: Annotated[str | None, typer.Option(
         help="None, 'imagenet', or a weights file/URI (state dict, SSL4EO-S12 MoCo).")] = None,

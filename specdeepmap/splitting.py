@@ -369,7 +369,8 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
     say("reading class counts")
     frame = chip_class_counts(folder, workers)
     class_values, background = _class_columns(frame)
-    if not class_values or frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy().sum() == 0:
+    counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy()
+    if not class_values or counts.sum() == 0:
         raise EmptyDatasetError(f"The label chips in {folder}/labels hold no labelled pixels "
                                 "(every value is 0 = unlabelled)")
     if len(class_values) == 1:
