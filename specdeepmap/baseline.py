@@ -107,7 +107,7 @@ def summary_metrics(summary: dict | None, split: str) -> Metrics | None:
                                if chips else None)
 
 
-def _read_pixels(image_uri: str, mask_uri: str,
+def read_pixels(image_uri: str, mask_uri: str,
                  normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """(normalised features of every pixel (pixels × bands), the (H, W) label chip)."""
     with storage.open_raster(image_uri) as src:
@@ -120,7 +120,7 @@ def _read_pixels(image_uri: str, mask_uri: str,
 def _read_chip(image_uri: str, mask_uri: str, normalization: Normalization,
                class_values: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features of labelled pixels (n × bands), their labels, the full label chip)."""
-    features, truth = _read_pixels(image_uri, mask_uri, normalization)
+    features, truth = read_pixels(image_uri, mask_uri, normalization)
     keep = np.isin(truth, class_values)
     return features[keep.ravel()], truth[keep], truth
 
@@ -187,7 +187,7 @@ def pseudo_labels(forest, pairs: list[tuple[str, str]], normalization: Normaliza
     """
     out = []
     for image_uri, mask_uri in pairs:
-        features, truth = _read_pixels(image_uri, mask_uri, normalization)
+        features, truth = read_pixels(image_uri, mask_uri, normalization)
         pseudo = np.zeros(truth.shape, np.int64)
         unlabelled = truth == 0
         if unlabelled.any():
