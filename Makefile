@@ -36,6 +36,7 @@ bench: install
 	$(PY) benchmarks/bench_mapping.py
 	$(PY) benchmarks/bench_ensemble.py
 	$(PY) benchmarks/bench_quality.py
+	$(PY) benchmarks/bench_spatial_context.py
 	$(PY) benchmarks/bench_bands.py
 
 clean:
