@@ -108,7 +108,7 @@ def summary_metrics(summary: dict | None, split: str) -> Metrics | None:
 
 
 def read_pixels(image_uri: str, mask_uri: str,
-                 normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
+                normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
     """(normalised features of every pixel (pixels × bands), the (H, W) label chip)."""
     with storage.open_raster(image_uri) as src:
         image = src.read()
