@@ -87,6 +87,10 @@ def prepare_s2(data: Path, work: str) -> tuple[str, str]:
     return chips, chips
 
 
+#: per set: how its chips are prepared (chip folder, dataset folder) and split
+SETS = {"enmap": (prepare_enmap, enmap_split), "s2": (prepare_s2, s2_split)}
+
+
 def fold_datasets(name: str, chips: str, params: SplitParams, folds: int, work: str) -> list[str]:
     """K dataset folders of one chip folder for cross-validation (fold k tests, fold k + 1
     validates, the rest trains). Chips, or the spatial blocks ``params`` groups them in, are
@@ -182,7 +186,7 @@ def cross_validate(name: str, chips: str, args: argparse.Namespace, overrides: d
     from specdeepmap.comparison import paired_bootstrap
     from specdeepmap.evaluation import metrics_from_matrix
 
-    split = enmap_split() if name == "enmap" else s2_split()
+    split = SETS[name][1]()
     datasets = fold_datasets(name, chips, split, args.folds, work)
     out = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -251,7 +255,7 @@ def main() -> None:
               "test per-class IoU | train s | test: deep − forest (90 % interval)")
     rows, means = [], []
     for name in args.sets:
-        chips, dataset = (prepare_enmap if name == "enmap" else prepare_s2)(data, work)
+        chips, dataset = SETS[name][0](data, work)
         if args.folds:
             means.extend(cross_validate(name, chips, args, overrides, work))
             continue

@@ -21,8 +21,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from bench_quality import (DATA, enmap_split, fold_datasets, prepare_enmap, prepare_s2,
-                           s2_split)
+from bench_quality import DATA, SETS, fold_datasets
 from scipy.ndimage import uniform_filter
 
 from specdeepmap.baseline import BaselineParams, dataset_normalization, fit_forest, read_pixels
@@ -65,13 +64,9 @@ def main() -> None:
     print("set | window | test mean IoU | test OA | chips | ratio to the per-pixel forest")
     print("--- | --- | --- | --- | --- | ---")
     for name in args.sets:
-        if name == "enmap":
-            chips, _ = prepare_enmap(Path(args.data), work)
-            params = enmap_split()
-        else:
-            chips, _ = prepare_s2(Path(args.data), work)
-            params = s2_split()
-        datasets = fold_datasets(name, chips, params, args.folds, work)
+        prepare, split = SETS[name]
+        chips, _ = prepare(Path(args.data), work)
+        datasets = fold_datasets(name, chips, split(), args.folds, work)
         matrices, classes = smoothed_forest_matrices(datasets, windows, args.seed)
         scores = {w: metrics_from_matrix(sum(m.values()), classes, m)
                   for w, m in matrices.items()}
