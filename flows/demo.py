@@ -29,6 +29,12 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out}/mlflow.db")
     os.environ.setdefault("SPECDEEPMAP_RUNS_DIR", out)
 
+    from flows.ephemeral import EphemeralAPIError, start_ephemeral_api
+
+    try:
+        start_ephemeral_api()
+    except EphemeralAPIError as error:
+        raise SystemExit(f"error: {error}") from None
     from flows.params import (ChipSettings, MapFlowParams, ScenePair, SplitSettings,
                               TrainingPipelineParams, TrainSettings)
     from flows.pipelines import map_flow, training_pipeline

@@ -21,6 +21,7 @@
 # infrastructure/s3_server.py, which enforces the stack's keys and keeps the objects on disk
 # ($STACK_STATE/s3), so that the store survives stop/start together with the registry.
 set -euo pipefail
+umask 077  # state, databases and logs: the operator's only
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
 venv="$(cd "$root" && realpath -m "${VENV:-.venv}")"
@@ -46,10 +47,22 @@ secrets() {  # generate what the environment does not give, once; load it
       echo "MLFLOW_FLASK_SERVER_SECRET_KEY=${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(rand 32)}"
     } >> "$file"
   fi
-  set -a
   # shellcheck disable=SC1090
   . "$file"
-  set +a
+  # never in the environment of every process: each service is handed the secrets it needs
+  # (see start), so that no process holds a secret it does not use
+  export -n AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY PREFECT_AUTH_STRING \
+    MLFLOW_TRACKING_USERNAME MLFLOW_TRACKING_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY \
+    PREFECT_API_AUTH_STRING MLFLOW_AUTH_ADMIN_USERNAME MLFLOW_AUTH_ADMIN_PASSWORD \
+    PREFECT_SERVER_API_AUTH_STRING 2>/dev/null || true
+}
+
+s3_keys() {  # command...: run it with the object store's keys
+  AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" "$@"
+}
+
+prefect_client() {  # command...: run it with the Prefect API's credentials
+  PREFECT_API_AUTH_STRING="$PREFECT_AUTH_STRING" "$@"
 }
 
 exports() {
@@ -58,8 +71,8 @@ exports() {
   export MLFLOW_S3_ENDPOINT_URL="$AWS_ENDPOINT_URL"
   export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
   export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
-  export PREFECT_API_AUTH_STRING="$PREFECT_AUTH_STRING"
   export PREFECT_HOME="$state/prefect"
+  PREFECT_API_AUTH_STRING="$PREFECT_AUTH_STRING"  # for `env`; handed to clients by hand
 }
 
 pid_of() { cat "$state/$1.pid" 2>/dev/null || true; }
@@ -101,12 +114,13 @@ start() {
     MINIO_ROOT_USER="$AWS_ACCESS_KEY_ID" MINIO_ROOT_PASSWORD="$AWS_SECRET_ACCESS_KEY" \
       start_bg s3 minio server "$state/minio" --address "127.0.0.1:$S3_PORT"
   else
-    start_bg s3 "$venv/bin/python" "$here/s3_server.py" --port "$S3_PORT" --data "$state/s3"
+    s3_keys start_bg s3 "$venv/bin/python" "$here/s3_server.py" --port "$S3_PORT" \
+      --data "$state/s3"
   fi
   # MinIO answers its health URL; the moto launcher opens its port once restored (any answer)
   if command -v minio > /dev/null; then wait_healthy s3 "$AWS_ENDPOINT_URL/minio/health/live"
   else wait_healthy s3 "$AWS_ENDPOINT_URL" any; fi
-  "$venv/bin/python" - <<PY
+  s3_keys "$venv/bin/python" - <<PY
 import boto3, botocore
 s3 = boto3.client("s3")
 try:
@@ -124,6 +138,8 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
     # the admin account is created from these on the first start (not on a command line)
     MLFLOW_AUTH_CONFIG_PATH="$state/mlflow-auth.ini" \
+      AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" \
+      MLFLOW_FLASK_SERVER_SECRET_KEY="$MLFLOW_FLASK_SERVER_SECRET_KEY" \
       MLFLOW_AUTH_ADMIN_USERNAME="$MLFLOW_TRACKING_USERNAME" \
       MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_TRACKING_PASSWORD" \
       MLFLOW_BACKEND_STORE_URI="sqlite:///$state/mlflow.db" \
@@ -136,14 +152,20 @@ INI
   fi
   wait_healthy mlflow "$MLFLOW_TRACKING_URI/health"
   wait_healthy prefect "$PREFECT_API_URL/health"
-  if "$venv/bin/prefect" work-pool inspect "$POOL" > /dev/null 2>&1; then
+  if prefect_client "$venv/bin/prefect" work-pool inspect "$POOL" > /dev/null 2>&1; then
     echo "  work pool $POOL exists"
   else
-    "$venv/bin/prefect" work-pool create "$POOL" --type process > /dev/null
+    prefect_client "$venv/bin/prefect" work-pool create "$POOL" --type process > /dev/null
     echo "  work pool $POOL created"
   fi
   if running worker; then echo "  worker already running"; else
-    (cd "$root" && start_bg worker "$venv/bin/prefect" worker start --pool "$POOL")
+    # flow runs read and write the store and the registry: the worker passes these on
+    (cd "$root" && AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" \
+      AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" \
+      PREFECT_API_AUTH_STRING="$PREFECT_AUTH_STRING" \
+      MLFLOW_TRACKING_USERNAME="$MLFLOW_TRACKING_USERNAME" \
+      MLFLOW_TRACKING_PASSWORD="$MLFLOW_TRACKING_PASSWORD" \
+      start_bg worker "$venv/bin/prefect" worker start --pool "$POOL")
     echo "  worker started (log $state/worker.log)"
   fi
   echo "Stack is up. In your shell: eval \"\$($0 env)\""

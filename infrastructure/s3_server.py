@@ -72,6 +72,10 @@ def _hmac(key: bytes, text: str) -> bytes:
     return hmac.new(key, text.encode(), hashlib.sha256).digest()
 
 
+#: the longest validity a presigned URL may ask for: 7 days, as on AWS S3
+MAX_PRESIGNED_SECONDS = 7 * 24 * 3600
+
+
 def _presigned_valid(environ: dict, key_id: str, secret: str) -> bool:
     """Whether a query-signed (SigV4 presigned) request was signed with the stack's key and
     has not expired: the signature computed again as AWS defines it."""
@@ -87,6 +91,8 @@ def _presigned_valid(environ: dict, key_id: str, secret: str) -> bool:
     except (KeyError, ValueError):
         return False
     now = datetime.datetime.now(datetime.timezone.utc)
+    if not 1 <= expires <= MAX_PRESIGNED_SECONDS:  # AWS refuses the same (SigV4 presigning)
+        return False
     if key != key_id or now > signed + datetime.timedelta(seconds=expires):
         return False
     encode = lambda text: quote(text, safe="-_.~")  # noqa: E731

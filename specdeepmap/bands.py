@@ -57,7 +57,7 @@ def band_files(folder_or_files: str | list[str], order: list[str] | None = None)
     by ``order`` (band names; default: Sentinel-2's B01…B12 when the names are Sentinel-2's)."""
     if isinstance(folder_or_files, list):
         return folder_or_files
-    if os.path.splitext(folder_or_files)[1].lower() in (".jp2", ".tif", ".tiff"):
+    if os.path.splitext(folder_or_files)[1].lower() in (".jp2", ".tif", ".tiff", ".vrt"):
         return [folder_or_files]
     files = [u for u in storage.list_files(folder_or_files)
              if os.path.splitext(u)[1].lower() in (".jp2", ".tif", ".tiff")]
@@ -86,7 +86,7 @@ def _describe(uri: str) -> BandFile:
 
 
 def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear",
-                names: list[str] | None = None) -> str:
+                names: list[str] | None = None, overwrite: bool = False) -> str:
     """Write a VRT stacking single-band files (same CRS and extent) at the finest resolution.
 
     Args:
@@ -94,10 +94,23 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
         vrt_path: local path of the VRT to write (atomically).
         resampling: how coarser bands are brought onto the finest grid.
         names: band names (default: from the file names).
+        overwrite: replace an existing file at ``vrt_path`` (a band file is never replaced).
 
     Raises:
         InputMismatchError: CRS or extents differ, or a file has several bands.
+        OutputConflictError: ``vrt_path`` is one of the band files, or exists (without
+            ``overwrite``).
+        InvalidParameterError: ``vrt_path`` does not end in ``.vrt``.
     """
+    from specdeepmap import guards
+
+    if not vrt_path.lower().endswith(".vrt"):
+        raise InvalidParameterError(
+            f"{vrt_path}: the stack is a GDAL VRT (XML that points at the band files); give "
+            "it a .vrt name")
+    guards.refuse_overwriting_inputs({"VRT": vrt_path},
+                                     {f"band file {i}": u for i, u in enumerate(band_uris, 1)})
+    guards.refuse_foreign_output(vrt_path, "VRT", None, overwrite)
     if resampling not in RESAMPLING:
         raise InvalidParameterError(f"resampling must be one of {', '.join(RESAMPLING)}, "
                                     f"got {resampling!r}")
@@ -161,7 +174,7 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
 def stack_scene(band_uris: list[str], folder: str, resampling: str = "bilinear") -> str:
     """Stack a scene's band files as ``folder/<scene name>.vrt`` (:func:`scene_name`)."""
     return stack_bands(band_uris, storage.join(folder, f"{scene_name(band_uris)}.vrt"),
-                       resampling)
+                       resampling, overwrite=True)  # the pipeline's own work folder
 
 
 def same_band_order(expected: list[str], found: list[str], what: str) -> None:

@@ -11,8 +11,10 @@ ArcGIS) and a QGIS ``.qml`` style. Without any names a class is called by its va
 from __future__ import annotations
 
 import colorsys
-import math
 import json
+import logging
+import math
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from io import StringIO
@@ -21,7 +23,11 @@ from io import StringIO
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidLabelError, MissingInputError
 
+log = logging.getLogger(__name__)
+
 CLASSES_JSON = "classes.json"
+#: control characters (not allowed in XML 1.0, and they break CSV and markdown tables)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 RGB = tuple[int, int, int]
 # GDAL raster attribute table field usages (GDALRATFieldUsage)
 _GFU_NAME, _GFU_MIN, _GFU_MINMAX, _GFU_RED, _GFU_GREEN, _GFU_BLUE = 2, 3, 5, 6, 7, 8
@@ -113,7 +119,7 @@ def _parse_color(text, value: int, where: str = "") -> RGB:
     if text is None or (isinstance(text, float) and math.isnan(text)) or str(text).strip() == "":
         return default_color(value)
     text = str(text).strip()
-    if text.startswith("#") and len(text) in (7, 9):
+    if re.fullmatch(r"#[0-9a-fA-F]{6}(?:[0-9a-fA-F]{2})?", text):
         return int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16)
     parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
     if len(parts) in (3, 4) and all(p.isdigit() and int(p) < 256 for p in parts):
@@ -146,15 +152,43 @@ def read_classes_file(uri: str) -> ClassSchema:
     classes = []
     for row in frame.itertuples(index=False):
         value = pd.to_numeric(getattr(row, "value"), errors="coerce")
-        if pd.isna(value) or value != int(value) or not 0 < value < 65536:
+        if pd.isna(value) or value != int(value) or not 0 < value < 256:
             raise InvalidLabelError(f"Classes file {uri}: value '{row.value}' is not a class "
-                                    "value (1-65535; 0 is unlabelled)")
-        classes.append(ClassInfo(int(value), str(row.name).strip(),
+                                    "value (1-255, as label rasters hold; 0 is unlabelled)")
+        name = row.name if isinstance(row.name, str) else ""
+        classes.append(ClassInfo(int(value), _class_name(name, int(value), uri),
                                  _parse_color(getattr(row, "color", None), int(value),
                                               f"Classes file {uri}")))
-    if len({c.value for c in classes}) != len(classes):
-        raise InvalidLabelError(f"Classes file {uri} lists a value twice")
-    return ClassSchema(sorted(classes, key=lambda c: c.value), uri)
+    return _checked(classes, uri)
+
+
+def _class_name(name: str, value: int, where: str) -> str:
+    """A class name as given, stripped; the value when empty (with a warning); control
+    characters refused (they make the map's .aux.xml and .qml unreadable)."""
+    name = str(name).strip()
+    if _CONTROL.search(name):
+        raise InvalidLabelError(f"{where}: the name of class {value} holds a control "
+                                f"character ({name!r}): use printable text")
+    if not name:
+        log.warning("%s: class %d has no name; it is called %d", where, value, value)
+        return str(value)
+    return name
+
+
+def _checked(classes: list[ClassInfo], where: str) -> ClassSchema:
+    """The schema of a user's classes file: each value and each name once."""
+    values = [c.value for c in classes]
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise InvalidLabelError(f"Classes file {where} lists value(s) "
+                                f"{', '.join(map(str, twice))} twice")
+    names = [c.name.casefold() for c in classes]
+    same = sorted({c.name for c in classes if names.count(c.name.casefold()) > 1})
+    if same:
+        raise InvalidLabelError(f"Classes file {where} gives the name(s) "
+                                f"{', '.join(repr(n) for n in same)} to several values: "
+                                "each class needs its own name")
+    return ClassSchema(sorted(classes, key=lambda c: c.value), where)
 
 
 def _from_qml(text: str, uri: str) -> ClassSchema:
@@ -163,21 +197,30 @@ def _from_qml(text: str, uri: str) -> ClassSchema:
     except ET.ParseError as error:
         raise InvalidLabelError(f"QGIS style {uri} is not valid XML: {error}") from None
     classes = []
-    for entry in root.iter("paletteEntry"):  # paletted renderer
-        classes.append(ClassInfo(int(float(entry.get("value"))), entry.get("label") or
-                                 entry.get("value"),
-                                 _parse_color(entry.get("color"), 0, f"QGIS style {uri}")))
-    if not classes:  # singleband pseudocolor with exact interpolation
-        for item in root.iter("item"):
-            if item.get("value") is not None:
-                value = int(float(item.get("value")))
-                classes.append(ClassInfo(value, item.get("label") or str(value),
-                                         _parse_color(item.get("color"), value,
-                                                      f"QGIS style {uri}")))
-    classes = [c for c in classes if c.value != 0]
+    entries = list(root.iter("paletteEntry")) or [  # paletted renderer, else singleband
+        item for item in root.iter("item") if item.get("value") is not None]  # pseudocolor
+    for entry in entries:
+        value = _qml_value(entry.get("value"), uri)
+        if value == 0:
+            continue
+        classes.append(ClassInfo(value, _class_name(entry.get("label") or str(value), value,
+                                                    f"QGIS style {uri}"),
+                                 _parse_color(entry.get("color"), value, f"QGIS style {uri}")))
     if not classes:
         raise InvalidLabelError(f"QGIS style {uri} has no paletted classes")
-    return ClassSchema(sorted(classes, key=lambda c: c.value), uri)
+    return _checked(classes, uri)
+
+
+def _qml_value(text: str | None, uri: str) -> int:
+    """A palette entry's class value (a whole number 0-255)."""
+    try:
+        value = float(text) if text is not None else math.nan
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or value != int(value) or not 0 <= value < 256:
+        raise InvalidLabelError(f"QGIS style {uri}: palette entry value {text!r} is not a "
+                                "class value (a whole number 0-255)")
+    return int(value)
 
 
 def read_label_classes(label_uri: str, values: list[int] | None = None) -> ClassSchema:
@@ -191,7 +234,7 @@ def read_label_classes(label_uri: str, values: list[int] | None = None) -> Class
     colors: dict[int, RGB] = {}
     aux = label_uri + ".aux.xml"
     if storage.exists(aux):
-        names, colors = _from_pam(storage.read_text(aux))
+        names, colors = _from_pam(storage.read_bytes(aux).decode("utf-8", "replace"), aux)
     with storage.open_raster(label_uri) as src:
         envi = src.tags(ns="ENVI")
         if not names and envi.get("class_names"):
@@ -213,11 +256,14 @@ def read_label_classes(label_uri: str, values: list[int] | None = None) -> Class
                         for v in chosen if v != 0], label_uri)
 
 
-def _from_pam(text: str) -> tuple[dict[int, str], dict[int, RGB]]:
-    """Category names and colours of band 1 from a GDAL PAM ``.aux.xml``."""
+def _from_pam(text: str, where: str = "") -> tuple[dict[int, str], dict[int, RGB]]:
+    """Category names and colours of band 1 from a GDAL PAM ``.aux.xml`` (none, with a
+    warning, when it cannot be read: the labels are still usable, called by value)."""
     try:
         root = ET.fromstring(text)
-    except ET.ParseError:
+    except ET.ParseError as error:
+        log.warning("%s is not valid XML (%s): its class names are not used; give them with "
+                    "--classes", where or "the label's .aux.xml", error)
         return {}, {}
     band = next((b for b in root.iter("PAMRasterBand") if b.get("band", "1") == "1"), None)
     if band is None:
@@ -225,26 +271,43 @@ def _from_pam(text: str) -> tuple[dict[int, str], dict[int, RGB]]:
     names, colors = {}, {}
     categories = band.find("CategoryNames")
     if categories is not None:
-        names = {i: (c.text or "").strip() for i, c in enumerate(categories.iter("Category"))
-                 if (c.text or "").strip()}
+        names = {i: _printable(c.text) for i, c in enumerate(categories.iter("Category"))
+                 if _printable(c.text)}
     rat = band.find("GDALRasterAttributeTable")
     if rat is not None:
-        usage = {int(f.findtext("Usage", "0")): int(f.get("index"))
-                 for f in rat.iter("FieldDefn")}
-        real = {int(f.get("index")) for f in rat.iter("FieldDefn") if f.findtext("Type") == "1"}
-        value_col = usage.get(_GFU_MINMAX, usage.get(_GFU_MIN))
-        for row in rat.iter("Row"):
-            cells = [c.text or "" for c in row.findall("F")]
-            value = int(float(cells[value_col])) if value_col is not None else \
-                int(row.get("index"))
-            if _GFU_NAME in usage and cells[usage[_GFU_NAME]].strip():
-                names.setdefault(value, cells[usage[_GFU_NAME]].strip())
-            if all(u in usage for u in (_GFU_RED, _GFU_GREEN, _GFU_BLUE)):
-                columns = [usage[u] for u in (_GFU_RED, _GFU_GREEN, _GFU_BLUE)]
-                rgb = [float(cells[c]) for c in columns]
-                scale = 255 if set(columns) <= real and max(rgb) <= 1 else 1  # 0-1 reals
-                colors[value] = tuple(int(round(c * scale)) for c in rgb)
+        try:
+            _read_rat(rat, names, colors)
+        except (ValueError, TypeError, IndexError) as error:
+            log.warning("%s: its raster attribute table cannot be read (%s): its class names "
+                        "are not used; give them with --classes", where or "the label's "
+                        ".aux.xml", error)
+            return {}, {}
     return names, colors
+
+
+def _read_rat(rat: ET.Element, names: dict[int, str], colors: dict[int, RGB]) -> None:
+    """Names and colours from a GDAL raster attribute table (into ``names``, ``colors``)."""
+    usage = {int(f.findtext("Usage", "0")): int(f.get("index"))
+             for f in rat.iter("FieldDefn")}
+    real = {int(f.get("index")) for f in rat.iter("FieldDefn") if f.findtext("Type") == "1"}
+    value_col = usage.get(_GFU_MINMAX, usage.get(_GFU_MIN))
+    for row in rat.iter("Row"):
+        cells = [c.text or "" for c in row.findall("F")]
+        value = int(float(cells[value_col])) if value_col is not None else \
+            int(row.get("index"))
+        if _GFU_NAME in usage and _printable(cells[usage[_GFU_NAME]]):
+            names.setdefault(value, _printable(cells[usage[_GFU_NAME]]))
+        if all(u in usage for u in (_GFU_RED, _GFU_GREEN, _GFU_BLUE)):
+            columns = [usage[u] for u in (_GFU_RED, _GFU_GREEN, _GFU_BLUE)]
+            rgb = [float(cells[c]) for c in columns]
+            scale = 255 if set(columns) <= real and max(rgb) <= 1 else 1  # 0-1 reals
+            colors[value] = tuple(int(round(c * scale)) for c in rgb)
+
+
+def _printable(name: str | None) -> str:
+    """A name with control characters blanked and spaces stripped (names read from label
+    sidecars and written into XML, where control characters are not allowed)."""
+    return _CONTROL.sub(" ", name or "").strip()
 
 
 def read_dataset_classes(folder: str) -> ClassSchema:
@@ -277,7 +340,7 @@ def pam_xml(schema: ClassSchema, values: list[int]) -> str:
     names = [""] * (top + 1)
     names[0] = "unlabelled"
     for v in values:
-        names[int(v)] = schema.name(int(v))
+        names[int(v)] = _printable(schema.name(int(v)))
     root = ET.Element("PAMDataset")
     band = ET.SubElement(root, "PAMRasterBand", band="1")
     categories = ET.SubElement(band, "CategoryNames")
@@ -297,7 +360,7 @@ def qml(schema: ClassSchema, values: list[int]) -> str:
     for v in values:
         item = schema.info(int(v))
         ET.SubElement(palette, "paletteEntry", value=str(item.value), color=_hex(item.color),
-                      alpha="255", label=item.name)
+                      alpha="255", label=_printable(item.name))
     ET.indent(root)
     return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + \
         ET.tostring(root, encoding="unicode") + "\n"

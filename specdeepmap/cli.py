@@ -63,6 +63,8 @@ def describe_error(error: BaseException) -> str | None:
             return f"permission denied: {text}"
         if isinstance(error, FileNotFoundError):
             return f"not found: {text}"
+        if isinstance(error, FileExistsError):
+            return f"already exists: {text}"
         return f"{kind}: {text}"
     return None
 
@@ -96,6 +98,21 @@ def main(
     from specdeepmap.console import configure_console
 
     configure_console(verbose)
+    _exit_cleanly_on_sigterm()
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (``kill``, a scheduler's timeout, a container stopping) ends the command like
+    Ctrl+C does: as an exception in the main thread, so that every ``finally`` runs and no
+    staging folder or temporary file is left behind (exit status 143, as for the signal)."""
+    import signal
+    import threading
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
 
 
 @app.command()
@@ -132,6 +149,8 @@ def stack_bands_cmd(
         "cubic or average.")] = "bilinear",
     order: Annotated[str | None, typer.Option(
         help="Band order for a folder, as names: e.g. B02,B03,B04,B08.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing OUT (a band file is never replaced).")] = False,
 ) -> None:
     """Stack one-file-per-band scenes (e.g. Sentinel-2 JP2 at 10/20/60 m) as a GDAL VRT at
     the finest resolution, without copying pixels; use the VRT wherever an image is asked."""
@@ -139,7 +158,7 @@ def stack_bands_cmd(
 
     files = band_files(bands[0], order.split(",") if order else None) if len(bands) == 1 \
         else bands
-    stack_bands(files, out, resampling)
+    stack_bands(files, out, resampling, overwrite=overwrite)
     console.print(f"{out}: {len(files)} bands ({resampling} resampling to the finest grid)")
 
 
@@ -392,6 +411,9 @@ def map_cmd(
         help="GeoPackage of class polygons (class 0 dropped).")] = None,
     tta: Annotated[bool, typer.Option(
         help="Average each window over its 8 flips and quarter turns (8x the time).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace existing output files that are not maps of ours (an input is never "
+        "replaced; earlier maps are replaced anyway).")] = False,
 ) -> None:
     """Deep Learning Mapper: whole-scene prediction to a Cloud Optimized GeoTIFF."""
     import os
@@ -405,7 +427,7 @@ def map_cmd(
         return
     report = map_scene(image, model, output, params,
                        gt_uri=ground_truth, iou_csv_uri=iou_csv, confidence_uri=confidence,
-                       probabilities_uri=probabilities, vector_uri=vector)
+                       probabilities_uri=probabilities, vector_uri=vector, overwrite=overwrite)
     console.print(f"{report.windows} windows in {report.seconds:.1f} s → {output}")
     if report.mean_iou is not None:
         console.print(f"mean IoU {report.mean_iou:.4f}")

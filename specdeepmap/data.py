@@ -9,7 +9,6 @@ first read, so later epochs read local files.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +41,23 @@ class DatasetInfo:
     band_std: tuple[float, ...] | None
 
 
+def read_chip_list(uri: str) -> list[tuple[str, str]]:
+    """The (image, mask) URIs a chip list CSV names (``train_files.csv``, ``test_files.csv``
+    …: SpecDeepMap's columns ``image,mask``; relative paths resolved against the CSV's folder).
+
+    Raises:
+        InputMismatchError: the CSV does not start with the columns ``image,mask``.
+    """
+    frame = read_csv(uri)
+    if list(frame.columns[:2]) != ["image", "mask"]:
+        raise InputMismatchError(
+            f"{uri} must start with the columns image,mask (SpecDeepMap's chip lists); it has "
+            f"{', '.join(map(str, frame.columns)) or 'none'}")
+    folder = storage.parent(uri)
+    return [(resolve_row(folder, str(i)), resolve_row(folder, str(m)))
+            for i, m in zip(frame["image"], frame["mask"])]
+
+
 def resolve_row(folder: str, row: str) -> str:
     """URI of a CSV row: absolute URIs stay, relative ones are joined to the CSV's folder."""
     if storage.is_s3(row) or os.path.isabs(row) or row.startswith("file://"):
@@ -65,12 +81,7 @@ def read_dataset_folder(folder: str, normalize: bool = True) -> DatasetInfo:
         if not storage.exists(uri):
             lists[key] = []
             continue
-        frame = read_csv(uri)
-        if list(frame.columns[:2]) != ["image", "mask"]:
-            raise InputMismatchError(f"{uri} must have the columns image,mask; has "
-                                     f"{list(frame.columns)}")
-        lists[key] = [(resolve_row(folder, i), resolve_row(folder, m))
-                      for i, m in zip(frame["image"], frame["mask"])]
+        lists[key] = read_chip_list(uri)
     if not lists["train"]:
         raise EmptyDatasetError(f"{storage.join(folder, CSV_NAMES['train'])} lists no chips")
     if not lists["validation"]:
@@ -149,7 +160,9 @@ class ChipDataset(Dataset):
         self.augment = augment
         self.augmentation = augmentation
         self.spectral_jitter = spectral_jitter
-        self.cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "specdeepmap-cache")
+        # default: the user's private cache (0700, refused when others may write to it),
+        # never a predictable shared folder whose files would be trusted
+        self.cache_dir = cache_dir or storage.private_cache_dir("chips")
         mean, std = normalization.mean, normalization.std
         if mean is None:
             self._offset = None  # no per-band statistics: x = r / scaler, a gain is a gain

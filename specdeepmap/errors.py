@@ -48,3 +48,7 @@ class DeviceUnavailableError(SpecDeepMapError, RuntimeError):
 
 class PromotionRefusedError(SpecDeepMapError, RuntimeError):
     """A model version does not meet the promotion rule (and promotion was not forced)."""
+
+
+class OutputConflictError(SpecDeepMapError, FileExistsError):
+    """An output would replace an input, another output, or a file that is not ours."""

@@ -286,19 +286,18 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
             forward passes per chip; it did not raise validation IoU on the shared real data
             sets, see docs/recipe.md).
     """
-    from specdeepmap.data import resolve_row  # here: the mapper imports this module, and
-    from specdeepmap.splitting import read_csv  # these bring the tables' pandas along
+    # here: the mapper imports this module, and this brings the tables' pandas along
+    from specdeepmap.data import read_chip_list
 
-    frame = read_csv(test_csv)
-    folder = storage.parent(test_csv)
-    pairs = [(resolve_row(folder, i), resolve_row(folder, m)) for i, m in zip(frame["image"],
-                                                                       frame["mask"])]
+    pairs = read_chip_list(test_csv)
     if not pairs:
         raise EmptyDatasetError(f"{test_csv} lists no chips")
     predictor = load_model(model_uri, device)
     class_values = predictor.class_values
     k = len(class_values)
     chip_ious, chip_matrices = [], {}
+    foreign: set[int] = set()  # labelled values the model does not know
+    foreign_pixels = 0
     exported = []
     if predictions_folder:
         storage.makedirs(predictions_folder)
@@ -325,6 +324,10 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
                                                 np.zeros((k, k), dtype=np.int64)),
                        truth, pred, class_values)
             chip_ious.append(per_chip_iou(truth, np.where(truth == 0, 0, pred), class_values))
+            unknown = (truth != 0) & ~np.isin(truth, class_values)
+            if unknown.any():
+                foreign.update(np.unique(truth[unknown]).tolist())
+                foreign_pixels += int(unknown.sum())
             if predictions_folder:
                 out = pred.copy()
                 if mask_unlabelled:
@@ -339,6 +342,12 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
                         count=1, dtype=dtype, crs=crs, transform=transform, nodata=0) as dst:
                     dst.write(out.astype(dtype)[None])
                 exported.append(uri)
+    if foreign:
+        warnings.warn(
+            f"{test_csv}: {foreign_pixels} labelled pixel(s) hold class value(s) "
+            f"{', '.join(map(str, sorted(foreign)))} that the model {model_uri} does not "
+            f"predict (it knows {', '.join(map(str, class_values))}): they are left out of "
+            "every figure; were these chips made for another model?", stacklevel=2)
     chip_iou = mean_chip_iou(chip_ious, k)
     matrix = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
     metrics = metrics_from_matrix(matrix, class_values, chip_matrices)

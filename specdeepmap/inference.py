@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from specdeepmap import storage
 from specdeepmap.augmentation import tta_d4
 from specdeepmap.classes import ClassSchema, schema_from_config
 from specdeepmap.normalization import Normalization
-from specdeepmap.errors import DeviceUnavailableError, MissingInputError, UnsafeModelFileError
+from specdeepmap.errors import (DeviceUnavailableError, MissingInputError, UnreadableInputError,
+                                UnsafeModelFileError)
 from specdeepmap.models import build_network, replace_submodule
 
 MODEL_FORMAT = "specdeepmap-model/1"
@@ -74,25 +76,42 @@ def _artifacts_missing(uri: str, why: object) -> str:
             "or train and register the model again.")
 
 
+def load_plain_data(path: str, uri: str | None = None) -> object:
+    """A PyTorch file's contents, loaded as plain data and tensors only.
+
+    Raises:
+        MissingInputError: no such file.
+        UnsafeModelFileError: it holds pickled objects other than plain data (code).
+        UnreadableInputError: it is not a PyTorch file at all (random bytes, text).
+    """
+    uri = uri or path
+    if not os.path.isfile(path):
+        raise MissingInputError(f"Model file {uri} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, KeyError, RuntimeError...
+        found = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(error),
+                          re.IGNORECASE)
+        if found:
+            raise UnsafeModelFileError(
+                f"{uri} is not a plain-data model file: it holds pickled objects "
+                f"({found.group(1)}) that loading would run; refusing to unpickle it (model "
+                "files written by specdeepmap never need that)") from None
+        raise UnreadableInputError(
+            f"{uri} is not a PyTorch model or checkpoint file (it cannot be read as one: "
+            f"{type(error).__name__})") from None
+
+
 def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, state dict) of a model file, never unpickling arbitrary objects.
 
     The tensors are loaded straight from the (local or cached) file, not from a copy of its
     bytes in memory, so loading holds the weights once.
     """
-    path = local_model_file(uri)
-    if not os.path.isfile(path):
-        raise MissingInputError(f"Model file {uri} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UnsafeModelFileError(
-            f"{uri} is not a plain-data model file: loading it would unpickle arbitrary objects "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Model files written "
-            "by specdeepmap never need that; refusing to load.") from error
+    obj = load_plain_data(local_model_file(uri), uri)
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
         return obj["config"], obj["state_dict"]
-    if isinstance(obj, dict) and "config" in obj.get("hyper_parameters", {}):
+    if isinstance(obj, dict) and "config" in (obj.get("hyper_parameters") or {}):
         state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()
                  if k.startswith("model.")}
         return obj["hyper_parameters"]["config"], state

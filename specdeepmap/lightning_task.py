@@ -11,7 +11,6 @@ on rank 1).
 
 from __future__ import annotations
 
-import json
 import os
 
 import lightning as L
@@ -22,6 +21,7 @@ from torchmetrics import Metric
 from specdeepmap import storage
 from specdeepmap.augmentation import D4, band_dropout, cutmix, d4_apply, d4_invert
 from specdeepmap.losses import Loss, build_loss, warmup_cosine
+from specdeepmap.resume import LAST_CHECKPOINT, RESUME_STATE, ResumeState
 
 IGNORE_INDEX = 0
 
@@ -208,8 +208,6 @@ class _Schedule:
         return warmup_cosine(step, self.warmup, self.total, self.floor)
 
 
-RESUME_STATE = "resume.json"
-LAST_CHECKPOINT = "last.ckpt"
 
 
 class ValidationHistory(L.Callback):
@@ -231,20 +229,23 @@ class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     """Lightning's checkpointing, each saved file (the best ones and ``last.ckpt``) also
     copied to ``mirror_uri`` (object storage or another folder) as soon as it is written: one
     PUT on S3, a rename locally, so a copy is never half-written. ``resume.json`` beside it
-    names the MLflow run, so that a restarted training continues that run."""
+    names the MLflow run and the dataset, so that a restarted training continues that run
+    (see :mod:`specdeepmap.resume`)."""
 
-    def __init__(self, mirror_uri: str | None, mlflow_run_id: str, **kwargs):
+    def __init__(self, mirror_uri: str | None, mlflow_run_id: str, dataset: str | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.mirror_uri = mirror_uri
         self.mlflow_run_id = mlflow_run_id
+        self.dataset = dataset
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         if self.mirror_uri and trainer.is_global_zero:
             storage.upload(filepath, self._mirrored(filepath))
-            storage.write_text(storage.join(self.mirror_uri, RESUME_STATE), json.dumps({
-                "mlflow_run_id": self.mlflow_run_id, "epoch": trainer.current_epoch,
-                "global_step": trainer.global_step, "last": LAST_CHECKPOINT}))
+            state = ResumeState(self.mlflow_run_id, trainer.current_epoch,
+                                trainer.global_step, LAST_CHECKPOINT, self.dataset)
+            storage.write_text(storage.join(self.mirror_uri, RESUME_STATE), state.to_json())
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

@@ -38,6 +38,7 @@ from typing import Literal
 import numpy as np
 import rasterio
 import rasterio.enums
+import rasterio.errors
 import rasterio.shutil
 import torch
 from rasterio.windows import Window
@@ -176,6 +177,12 @@ def _check_input(src: rasterio.DatasetReader, predictor: Predictor, uri: str,
     sample = src.read(window=Window((src.width - w) // 2, (src.height - h) // 2, w, h))
     valid = sample[:, ~np.all(sample == norm.nodata, axis=0)] if norm.nodata is not None \
         else sample.reshape(sample.shape[0], -1)
+    if valid.size and np.issubdtype(valid.dtype, np.floating) and \
+            not np.isfinite(valid).all():
+        share = float(np.mean(~np.isfinite(valid).all(axis=0)))
+        warnings.warn(f"{uri}: {share:.1%} of the sampled pixels hold NaN or infinite values: "
+                      "they are left unclassified (0), like nodata", stacklevel=3)
+        valid = np.where(np.isfinite(valid), valid, 0)
     if valid.size and norm.scaler and norm.scaler >= 100 and float(np.nanmax(valid)) <= 2.0:
         warnings.warn(f"{uri} holds values up to {float(np.nanmax(valid)):.3g}, but the model "
                       f"divides inputs by {norm.scaler}: is the input already scaled?",
@@ -202,11 +209,77 @@ def check_writable(uri: str) -> None:
         raise InvalidParameterError(f"Output {uri} is not writable: {error}") from error
 
 
+#: bytes per window pixel beyond the input and the blending buffers: the network's
+#: activations (a ResNet-18 U-Net at fp32 peaks near 2 KB per pixel)
+ACTIVATION_BYTES_PER_PIXEL = 2048
+
+
+def check_memory(src, window: int, batch_size: int, classes: int, uri: str) -> None:
+    """Refuse a window and batch size whose buffers would not fit in the memory available,
+    before any allocation (``--window 100000`` would otherwise ask for tens of GiB)."""
+    import psutil
+
+    pad_h, pad_w = _padded_shape(src.height, src.width, window)
+    batch_pixels = batch_size * pad_h * pad_w
+    # input (raw, float32, the prefetched batch), activations, blending buffers
+    need = batch_pixels * (src.count * 4 * 3 + ACTIVATION_BYTES_PER_PIXEL) + \
+        (classes + 1) * 4 * pad_h * (src.width + batch_size * pad_w)
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise InvalidParameterError(
+            f"mapping {uri} with {pad_w} x {pad_h} px windows, {batch_size} per batch, needs "
+            f"about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
+            "available: give a smaller --window or --batch-size (or leave both to their "
+            "defaults)")
+
+
+def _is_our_raster(uri: str) -> bool:
+    """True for a raster this mapper wrote (it carries the ``SPECDEEPMAP_MODEL`` tag)."""
+    try:
+        with storage.open_raster(uri) as src:
+            return "SPECDEEPMAP_MODEL" in src.tags()
+    except (OSError, rasterio.errors.RasterioError):
+        return False
+
+
+def _is_our_iou_csv(uri: str) -> bool:
+    """True for an IoU CSV in SpecDeepMap's format (``Class,IoU`` header)."""
+    try:
+        return storage.read_bytes(uri)[:9] == b"Class,IoU"
+    except OSError:
+        return False
+
+
+def check_outputs(input_uri: str, model_uri: str, gt_uri: str | None,
+                  outputs: dict[str, str | None], overwrite: bool = False) -> None:
+    """Before any work: no output replaces the scene, the model or the ground truth (nor
+    their sidecars), no two outputs are one file, and an existing output that is not a map of
+    ours is replaced only with ``overwrite``."""
+    from specdeepmap import guards
+
+    class_map = outputs.get("class map")
+    if class_map:  # the sidecars written beside the map are outputs too
+        outputs = {**outputs, "category names (.aux.xml)": class_map + ".aux.xml",
+                   "QGIS style (.qml)": _base(class_map) + ".qml"}
+    iou_csv = outputs.get("IoU CSV")
+    if iou_csv:
+        base = iou_csv[:-4] if iou_csv.endswith(".csv") else iou_csv
+        outputs = {**outputs, "metrics CSV": base + "_metrics.csv"}
+    inputs = {"input scene": input_uri, "ground truth": gt_uri,
+              "model file": None if model_uri.startswith("models:/") else model_uri}
+    guards.refuse_overwriting_inputs(outputs, inputs)
+    for role in ("class map", "confidence raster", "probability raster"):
+        if outputs.get(role):
+            guards.refuse_foreign_output(outputs[role], role, _is_our_raster, overwrite)
+    if iou_csv:
+        guards.refuse_foreign_output(iou_csv, "IoU CSV", _is_our_iou_csv, overwrite)
+
+
 def map_scene(input_uri: str, model_uri: str, output_uri: str,
               params: MapParams = MapParams(), gt_uri: str | None = None,
               iou_csv_uri: str | None = None, confidence_uri: str | None = None,
               probabilities_uri: str | None = None, vector_uri: str | None = None,
-              predictor: Predictor | None = None) -> MapReport:
+              predictor: Predictor | None = None, overwrite: bool = False) -> MapReport:
     """Predict a whole scene (a raster, a VRT or a STAC item) into a class-map COG (Deep
     Learning Mapper).
 
@@ -226,18 +299,29 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
             per class in the order of the class values).
         vector_uri: optional GeoPackage of class polygons (class 0 dropped).
         predictor: an already loaded model (saves reloading across scenes).
+        overwrite: replace existing outputs that are not maps of ours (an input is never
+            replaced).
+
+    Raises:
+        OutputConflictError: an output is an input, two outputs are one file, or an output
+            exists and is not ours (without ``overwrite``); checked before any work.
     """
     from specdeepmap.stac import is_item, item_scene
 
     started = time.perf_counter()
     params.validate()
+    check_outputs(input_uri, model_uri, gt_uri, {
+        "class map": output_uri, "confidence raster": confidence_uri,
+        "probability raster": probabilities_uri, "polygon file": vector_uri,
+        "IoU CSV": iou_csv_uri}, overwrite)
     predictor = predictor or load_model(model_uri, params.device)
     if is_item(input_uri):  # the item's assets for the model's bands, stacked by name
         with tempfile.TemporaryDirectory(prefix="specdeepmap-scene-") as folder:
             scene = item_scene(input_uri, predictor.config.get("band_names") or [],
                                os.path.join(folder, "scene.vrt"))
             return map_scene(scene, model_uri, output_uri, params, gt_uri, iou_csv_uri,
-                             confidence_uri, probabilities_uri, vector_uri, predictor)
+                             confidence_uri, probabilities_uri, vector_uri, predictor,
+                             overwrite=True)  # checked above
     check_writable(output_uri)
     tile = max(predictor.tile_size)
     overlap_px = math.ceil(2 * params.overlap / 100 * tile)
@@ -249,8 +333,11 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
                                                       threads=torch.get_num_threads()))
         _check_input(src, predictor, input_uri, model_uri)
         window = params.window or choose_window(src.height, src.width, tile, overlap_px)
+        # a window larger than the scene maps it in one padded window either way
+        window = min(window, max(_to_stride(src.height), _to_stride(src.width)))
         stride = max(1, window - overlap_px)
         batch_size = params.batch_size or max(1, BATCH_PIXELS // (window * window))
+        check_memory(src, window, batch_size, len(values), input_uri)
         blend_1d = weight_window(window, overlap_px, params.blend)
         blend = np.outer(blend_1d, blend_1d)
         setup_started = time.perf_counter()
@@ -271,6 +358,9 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
 
         polygonize(output_uri, vector_uri)
     matrix = report.pop("matrix")
+    if report["classified"] == 0:
+        warnings.warn(f"{input_uri}: every pixel is nodata (or NaN): the map {output_uri} holds "
+                      "no class", stacklevel=2)
     result = MapReport(output_uri=output_uri, windows=report["windows"],
                        pixels_processed=report["pixels"], seconds=0.0,
                        confidence_uri=confidence_uri, window=window, batch_size=batch_size,
@@ -377,7 +467,7 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
     classes_schema = predictor.classes
     staging = tempfile.mkdtemp(prefix="specdeepmap-map-")
     matrix = np.zeros((k, k), dtype=np.int64)
-    pixels = 0
+    pixels = classified = 0
     profile = dict(driver="GTiff", width=width, height=height, count=1, dtype=dtype,
                    crs=src.crs, transform=src.transform, nodata=0, tiled=True,
                    blockxsize=256, blockysize=256)
@@ -401,8 +491,15 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
         x0 = xs[b]
         batch_x = xs[b:b + batch_size]
         span = _read_span(src, ys[r], x0, batch_x[-1] + pad_w, pad_h, fill)
-        windows = np.stack([span[:, :, x - x0:x - x0 + pad_w] for x in batch_x])
         mask = np.all(span == nodata, axis=0) if nodata is not None else None
+        if np.issubdtype(span.dtype, np.floating):
+            # NaN or ±inf in any band: no data (a NaN nodata never equals itself), and
+            # zeroed so that no NaN reaches the network
+            broken = ~np.isfinite(span).all(axis=0)
+            if broken.any():
+                span[:, broken] = 0
+                mask = broken if mask is None else mask | broken
+        windows = np.stack([span[:, :, x - x0:x - x0 + pad_w] for x in batch_x])
         return windows, mask
 
     extras = {name: uri for name, uri in extras.items() if uri}
@@ -471,6 +568,7 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                     classes[mask[:rows, :c1 - c0]] = 0
                 final_window = Window(c0, y, c1 - c0, rows)
                 out.write(classes[None], window=final_window)
+                classified += int(np.count_nonzero(classes))
                 if extra_out:
                     final = done[:k, :rows] / done[k, :rows]
                     scaled = {"confidence": final.max(axis=0, keepdims=True),
@@ -499,7 +597,8 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
             _finish_cog(os.path.join(staging, f"{name}.tif"), uri, staging, "average")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"windows": len(xs) * len(ys), "pixels": pixels, "matrix": matrix}
+    return {"windows": len(xs) * len(ys), "pixels": pixels, "matrix": matrix,
+            "classified": classified}
 
 
 def _finish_cog(tmp: str, uri: str, staging: str, resampling: str) -> None:
@@ -529,12 +628,19 @@ SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".json")
 def scenes_under(prefix: str) -> list[str]:
     """Scene URIs directly under a folder or prefix (rasters, VRTs, STAC items; not catalogs
     or collections), or the items of a STAC catalog or collection given as its JSON."""
-    from specdeepmap.stac import catalog_items
+    from specdeepmap.stac import catalog_items, is_item_file
 
     if prefix.lower().endswith(".json"):
         return catalog_items(prefix)
-    return [u for u in storage.list_files(prefix, SCENE_SUFFIXES)
-            if storage.basename(u) not in ("catalog.json", "collection.json")]
+    scenes = []
+    for uri in storage.list_files(prefix, SCENE_SUFFIXES):
+        if uri.lower().endswith(".json") and not is_item_file(uri):
+            # a catalog, a collection or another JSON beside the scenes: not a scene
+            log.warning("%s is not a STAC item: skipped (give a catalog as the input itself "
+                        "to map its items)", uri)
+            continue
+        scenes.append(uri)
+    return scenes
 
 
 def unmapped_scenes(input_prefix: str, out_folder: str, suffix: str = "_classes.tif",

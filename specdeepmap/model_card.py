@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -78,10 +79,23 @@ def dataset_frame(dataset: str) -> pd.DataFrame:
         columns=["image", "mask", "split"])
 
 
+def escape_md(text: object) -> str:
+    """User text (class and band names, paths) made inert in Markdown and HTML: no tags, no
+    links, no emphasis, no table breaks; control characters and newlines become spaces."""
+    text = re.sub(r"[\x00-\x1f\x7f]", " ", str(text))
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", text)
+
+
 def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.4f}" if isinstance(value, float) else escape_md(value)
+
+
+def _code(text: object) -> str:
+    """Text for inside a Markdown code span (no backticks, no line breaks)."""
+    return re.sub(r"[\x00-\x1f\x7f`]", "'", str(text))
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -110,10 +124,10 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
     which was not chosen on them.
     """
     classes = schema_from_config(config)
-    names = ", ".join(classes.name(v) for v in config["class_values"])
+    names = ", ".join(escape_md(classes.name(v)) for v in config["class_values"])
     bands = config.get("band_names") or []
     band_text = f"{config['in_channels']} bands" + (
-        f" ({bands[0]} … {bands[-1]})" if len(bands) > 1 else "")
+        f" ({escape_md(bands[0])} … {escape_md(bands[-1])})" if len(bands) > 1 else "")
     champion = scores.get("champion_version")
     lines = [f"**{config['architecture']} / {config['backbone']}** for "
              f"{len(config['class_values'])} classes ({names}) from {band_text}, "
@@ -139,7 +153,7 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
                      + (f" ({scores['alias_reason']})" if scores.get("alias_reason") else "")
                      + ".")
     chips = facts.get("chips", {})
-    lines.append(f"Trained on `{facts.get('uri')}` (digest `{facts.get('digest')}`; chips "
+    lines.append(f"Trained on `{_code(facts.get('uri'))}` (digest `{facts.get('digest')}`; chips "
                  f"train/validation/test {'/'.join(str(chips.get(s, 0)) for s in SPLITS)})"
                  + (f", MLflow run `{scores['run_id']}`" if scores.get("run_id") else "")
                  + f". Full model card: run artifact `{CARD_FOLDER}/model_card.md`.")
@@ -163,9 +177,9 @@ def model_card(config: dict, facts: dict, scores: dict, training: dict,
     norm = config.get("normalization", {})
     lines = ["# Model card", "", "## Summary", "", summary(config, facts, scores), "",
              "## Data", ""]
-    lines += [f"- dataset: `{facts.get('uri')}`, digest `{facts.get('digest')}` (chip "
+    lines += [f"- dataset: `{_code(facts.get('uri'))}`, digest `{facts.get('digest')}` (chip "
               "manifests and split CSVs)",
-              f"- scenes: {', '.join(f'`{s}`' for s in facts.get('scenes', [])) or '–'}",
+              f"- scenes: {', '.join(f'`{_code(s)}`' for s in facts.get('scenes', [])) or '–'}",
               f"- chip parameters: {json.dumps(facts.get('chip_params', {}))}",
               f"- split parameters: {json.dumps(facts.get('split_params', {}))}", ""]
     shares = facts.get("class_shares", {})

@@ -203,9 +203,15 @@ def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMP
     model_uri = f"models:/{name}/{version}"
     dataset = found.tags.get("dataset", "")
     test_csv = storage.join(dataset, "test_files.csv") if dataset else ""
+    digest = found.tags.get("dataset_digest") or (client.get_run(found.run_id).data.tags.get(
+        "dataset_digest") if found.run_id else None)  # versions registered before the tag
+    changed = _dataset_changed(dataset, digest) if test_csv and storage.exists(test_csv) \
+        else None
     if not test_csv or not storage.exists(test_csv):
         decision = Decision(CHALLENGER, f"its test chips ({test_csv or 'no dataset tag'}) are "
                             "not available to compare it with the champion")
+    elif changed:
+        decision = Decision(CHALLENGER, changed)
     else:
         metrics = evaluate_model(test_csv, model_uri, storage.join(out_folder, f"v{version}"),
                                  device=device, log_to_mlflow=False).metrics
@@ -231,6 +237,21 @@ def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMP
     reason = decision.reason if decision.alias == CHAMPION else f"forced: {decision.reason}"
     set_alias(name, str(version), CHAMPION, reason, by, comment, client)
     return decision
+
+
+def _dataset_changed(dataset: str, digest: str | None) -> str | None:
+    """Why a version cannot be scored on the dataset its tag names, when the chips or the
+    split there changed since it was trained (another digest); None when they did not."""
+    from specdeepmap.model_card import dataset_facts
+
+    if not digest:
+        return None
+    now = dataset_facts(dataset)["digest"]
+    if now == digest:
+        return None
+    return (f"its dataset {dataset} changed since it was trained (digest {digest}, now {now}):"
+            " its test chips are not the ones it was trained beside, so it cannot be scored "
+            "on them")
 
 
 def _client(client=None):

@@ -35,37 +35,72 @@ def is_item(uri: str) -> bool:
     return uri.lower().endswith(".json")
 
 
+#: links one catalog file may hold, and items one walk may collect: a catalog larger than
+#: this is refused (split it into child catalogs or map it in parts), not read without end
+MAX_LINKS_PER_CATALOG = 10_000
+MAX_ITEMS = 100_000
+
+
 def _read_json(uri: str) -> dict:
+    """A STAC object: a JSON object (not an array or a string), else one clear error."""
     try:
-        return json.loads(storage.read_text(uri))
+        data = json.loads(storage.read_text(uri))
     except ValueError as error:
         raise InvalidParameterError(f"{uri} is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise InvalidParameterError(f"{uri} is a JSON {type(data).__name__}, not a STAC "
+                                    "object (an item, catalog or collection is a JSON object)")
+    return data
 
 
-def _href(base: str, href: str) -> str:
-    """An asset or link href resolved against the JSON file it is written in."""
-    if re.match(r"^[a-z][a-z0-9+.-]*://", href) or href.startswith("/"):
+def _href(base: str, href: object, what: str = "link") -> str:
+    """An asset or link href resolved against the JSON file it is written in.
+
+    Raises:
+        InvalidParameterError: no href, or one with a scheme other than ``s3://``/``file://``.
+    """
+    if not isinstance(href, str) or not href.strip():
+        raise InvalidParameterError(f"{base}: a {what} has no href")
+    scheme = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", href)
+    if scheme and scheme.group(1).lower() not in ("s3", "file"):
+        raise InvalidParameterError(
+            f"{base}: {what} href {href} is a {scheme.group(1)}:// URL, which is not "
+            "supported: copy the file to a local path or to s3:// and point the item there")
+    if scheme or href.startswith("/"):
         return href
     return storage.join(storage.parent(base), href.removeprefix("./"))
+
+
+def _assets(item: dict, where: str) -> dict[str, dict]:
+    """The item's assets, each checked to be an object."""
+    assets = item.get("assets", {})
+    if not isinstance(assets, dict) or not all(isinstance(a, dict) for a in assets.values()):
+        raise InvalidParameterError(f"STAC item {where}: 'assets' must be an object of asset "
+                                    "objects (key → {href, ...})")
+    return assets
 
 
 def item_band_assets(item: dict, band_names: list[str], where: str) -> list[str]:
     """Asset hrefs holding ``band_names``, in that order (matched case-insensitively by asset
     key, band name or common name)."""
-    index: dict[str, str] = {}
-    for key, asset in item.get("assets", {}).items():
+    index: dict[str, tuple[str, object]] = {}
+    assets = _assets(item, where)
+    for key, asset in assets.items():
         names = {key}
-        for band in asset.get("eo:bands", []) + asset.get("bands", []):
-            names |= {band.get("name", ""), band.get("common_name", ""),
-                      band.get("eo:common_name", "")}
+        bands = [*(asset.get("eo:bands") or []), *(asset.get("bands") or [])]
+        for band in bands if isinstance(bands, list) else []:
+            if isinstance(band, dict):
+                names |= {band.get("name", ""), band.get("common_name", ""),
+                          band.get("eo:common_name", "")}
         for name in names:
-            if name:
-                index.setdefault(name.lower(), _href(where, asset["href"]))
+            if name and isinstance(name, str):
+                index.setdefault(name.lower(), (key, asset.get("href")))
     missing = [b for b in band_names if b.lower() not in index]
     if missing:
         raise InputMismatchError(f"STAC item {where} has no asset for band(s) "
-                                 f"{', '.join(missing)} (assets: {', '.join(item['assets'])})")
-    return [index[b.lower()] for b in band_names]
+                                 f"{', '.join(missing)} (assets: {', '.join(assets)})")
+    return [_href(where, index[b.lower()][1], f"asset '{index[b.lower()][0]}'")
+            for b in band_names]
 
 
 def item_scene(item_uri: str, band_names: list[str], vrt_uri: str,
@@ -183,6 +218,14 @@ def update_catalog(prefix: str, title: str = "specdeepmap maps") -> str:
     return uri
 
 
+def is_item_file(uri: str) -> bool:
+    """True for a JSON file holding a STAC item (False for catalogs and any other JSON)."""
+    try:
+        return _read_json(uri).get("type") == "Feature"
+    except InvalidParameterError:
+        return False
+
+
 def is_catalog(uri: str) -> bool:
     """True for a STAC catalog or collection JSON (not an item)."""
     return uri.lower().endswith(".json") and _read_json(uri).get("type") in ("Catalog",
@@ -191,19 +234,46 @@ def is_catalog(uri: str) -> bool:
 
 def catalog_items(uri: str) -> list[str]:
     """Item URIs of a static catalog or collection (following child catalogs), or of one
-    item."""
+    item.
+
+    Raises:
+        InvalidParameterError: a link without href, a catalog that links back to itself or
+            to one of its parents, more than :data:`MAX_LINKS_PER_CATALOG` links in one file
+            or :data:`MAX_ITEMS` items in all.
+    """
+    found: list[str] = []
+    _walk_catalog(uri, found, [])
+    return list(dict.fromkeys(found))  # an item linked from two catalogs is mapped once
+
+
+def _walk_catalog(uri: str, found: list[str], parents: list[str]) -> None:
+    from specdeepmap.guards import location
+
+    where = location(uri)
+    if where in parents:
+        raise InvalidParameterError(f"STAC catalog {uri} links back to itself (a child link "
+                                    "cycle): fix its 'child' links")
     data = _read_json(uri)
     if data.get("type") == "Feature":
-        return [uri]
-    found = []
-    for link in data.get("links", []):
-        href = _href(uri, link["href"])
+        found.append(uri)
+        return
+    links = data.get("links", [])
+    if not isinstance(links, list) or not all(isinstance(k, dict) for k in links):
+        raise InvalidParameterError(f"{uri}: 'links' must be a list of link objects")
+    if len(links) > MAX_LINKS_PER_CATALOG:
+        raise InvalidParameterError(
+            f"STAC catalog {uri} has {len(links)} links, more than the "
+            f"{MAX_LINKS_PER_CATALOG} read from one file: split it into child catalogs")
+    for link in links:
         if link.get("rel") == "item":
-            found.append(href)
+            found.append(_href(uri, link.get("href")))
+            if len(found) > MAX_ITEMS:
+                raise InvalidParameterError(f"STAC catalog {uri} lists more than {MAX_ITEMS} "
+                                            "items: map it in parts (child catalogs)")
         elif link.get("rel") == "child":
-            found += catalog_items(href)
-    return found
+            _walk_catalog(_href(uri, link.get("href")), found, [*parents, where])
 
 
-__all__ = ["is_item", "is_catalog", "item_scene", "item_band_assets", "write_map_item",
+__all__ = ["is_item", "is_item_file", "is_catalog", "item_scene", "item_band_assets",
+           "write_map_item",
            "update_catalog", "catalog_items"]

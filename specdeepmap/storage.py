@@ -14,6 +14,7 @@ or touches credentials.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -55,6 +56,15 @@ def join(base: str, *parts: str) -> str:
     return str(Path(local_path(base), *parts))
 
 
+def absolute(uri: str) -> str:
+    """The URI with a local path made absolute (``s3://`` URIs as they are), so that what is
+    recorded (a dataset in a model, a tag) still names the same place from another folder."""
+    uri = str(uri)
+    if is_s3(uri):
+        return uri
+    return os.path.abspath(local_path(uri))
+
+
 def basename(uri: str) -> str:
     """Last path component of a URI."""
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
@@ -73,12 +83,28 @@ def parent(uri: str) -> str:
     return str(Path(local_path(uri)).parent)
 
 
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def check_scheme(uri: str) -> None:
+    """Refuse URIs of schemes this library does not read or write (``http://``, ``gs://``…)
+    with one clear line, instead of "not found" for a path that looks local."""
+    found = _SCHEME.match(str(uri))
+    if found and found.group(1).lower() not in ("s3", "file"):
+        from specdeepmap.errors import InvalidParameterError
+
+        raise InvalidParameterError(
+            f"{redact(str(uri))}: {found.group(1)}:// URIs are not supported (local paths, "
+            "file:// and s3:// are): download the file or copy it to object storage first")
+
+
 def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Return the fsspec filesystem for a URI and the path to use with it."""
+    check_scheme(uri)
     if is_s3(uri):
         endpoint = _endpoint()
         fs = fsspec.filesystem(
@@ -137,6 +163,7 @@ def open_raster(uri: str, threads: int = 1) -> Iterator[rasterio.io.DatasetReade
     such as the mapper's windows (measured: a 4096² DEFLATE scene's windows read in 0.86 s on
     two threads instead of 1.36 s on one).
     """
+    check_scheme(uri)
     with gdal_env():
         if not is_s3(uri) and not os.path.exists(local_path(uri)):
             raise MissingInputError(f"Raster not found: {uri}")
@@ -233,9 +260,18 @@ def is_transient(error: BaseException) -> bool:
         code = str(error.response.get("Error", {}).get("Code", ""))
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         return status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
+    if isinstance(error, FileExistsError | IsADirectoryError | NotADirectoryError):
+        return False  # a local path problem: the same on every try
     if isinstance(error, OSError):  # GDAL/curl and socket errors surface as OSError
-        return _looks_transient(str(error)) or error.errno is not None
+        return _looks_transient(str(error)) or error.errno in _NETWORK_ERRNOS
     return False
+
+
+#: errno values of network failures a retry can fix (a full disk, a read-only filesystem or
+#: a bad path is not one of them)
+_NETWORK_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ECONNREFUSED", "ECONNRESET", "ECONNABORTED", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH",
+    "ENETDOWN", "EPIPE", "EAGAIN") if hasattr(errno, name))
 
 
 def _looks_transient(message: str) -> bool:
@@ -289,8 +325,18 @@ def read_bytes(uri: str) -> bytes:
 
 
 def read_text(uri: str) -> str:
-    """Read a whole (small) text file as UTF-8."""
-    return read_bytes(uri).decode("utf-8")
+    """Read a whole (small) text file as UTF-8 (a byte-order mark is dropped).
+
+    Raises:
+        UnreadableInputError: the file is not UTF-8 text (e.g. saved as Latin-1).
+    """
+    data = read_bytes(uri)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UnreadableInputError(
+            f"{uri} is not UTF-8 text (byte {error.start} is 0x{data[error.start]:02x}): save "
+            "it as UTF-8") from None
 
 
 def makedirs(uri: str) -> None:

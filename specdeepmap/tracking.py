@@ -72,7 +72,8 @@ def log_baseline(baseline: BaselineResult, folder: str, classes: ClassSchema | N
 
 
 def register_model(model_file: str, config: dict, name: str, val_iou: float,
-                   dataset: str, baseline_val_iou: float | None = None) -> tuple[str, str]:
+                   dataset: str, baseline_val_iou: float | None = None,
+                   dataset_digest: str | None = None) -> tuple[str, str]:
     """Log the model (MLflow pyfunc, code-defined, no pickles) and register a new version.
 
     Must run inside an active MLflow run (the model card, :mod:`specdeepmap.model_card`,
@@ -95,6 +96,8 @@ def register_model(model_file: str, config: dict, name: str, val_iou: float,
                        "specdeepmap_version": config["version"], "architecture":
                        config["architecture"], "backbone": config["backbone"]}.items():
         client.set_model_version_tag(name, version, key, value)
+    if dataset_digest:  # promotion checks that the test chips are still these
+        client.set_model_version_tag(name, version, "dataset_digest", dataset_digest)
     if baseline_val_iou is not None:
         client.set_model_version_tag(name, version, "baseline_rf_val_mean_iou",
                                      f"{baseline_val_iou:.4f}")

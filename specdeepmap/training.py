@@ -10,7 +10,6 @@ definition as the Tester's dataset-level IoU (SpecDeepMap averaged per-batch val
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -32,7 +31,9 @@ from specdeepmap.data import (ChipDataset, band_names, chip_properties, principa
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
-from specdeepmap.lightning_task import (IGNORE_INDEX, LAST_CHECKPOINT, RESUME_STATE,
+from specdeepmap.resume import (LAST_CHECKPOINT, RESUME_STATE, ResumeState, check_prefix_owner,
+                                check_resume_checkpoint, check_run_continuable, read_state)
+from specdeepmap.lightning_task import (IGNORE_INDEX,
                                         MirroredCheckpoint, SegmentationTask,
                                         ValidationHistory)
 from specdeepmap.losses import LOSSES, Loss
@@ -223,24 +224,89 @@ def _software_version() -> str:
 
 
 
-def resumable(cfg: TrainConfig) -> tuple[TrainConfig, str | None]:
+def resumable(cfg: TrainConfig, mlflow_uri: str) -> tuple[TrainConfig, str | None]:
     """Where training continues from: ``cfg.resume``, or the last checkpoint mirrored under
-    ``cfg.checkpoint_uri`` by an earlier, interrupted run (with its MLflow run id). A remote
-    checkpoint is downloaded once into ``out/`` and that checked copy is what is loaded."""
+    ``cfg.checkpoint_uri`` by an earlier, interrupted run of the same dataset (with its MLflow
+    run id, which must not have finished). A remote checkpoint is downloaded once into
+    ``out/`` and that checked copy is what is loaded; it must be a training checkpoint of
+    this dataset with epochs left (:mod:`specdeepmap.resume`)."""
     resume, run_id = cfg.resume, None
+    if cfg.checkpoint_uri:
+        check_checkpoint_prefix(cfg.checkpoint_uri)
     if cfg.checkpoint_uri and not resume:
-        state_uri = storage.join(cfg.checkpoint_uri, RESUME_STATE)
-        if storage.exists(state_uri):
-            state = json.loads(storage.read_text(state_uri))
-            resume = storage.join(cfg.checkpoint_uri, state.get("last", LAST_CHECKPOINT))
-            run_id = state.get("mlflow_run_id")
+        state = read_state(cfg.checkpoint_uri)
+        if state is not None:
+            check_prefix_owner(state, cfg.checkpoint_uri, cfg.dataset)
+            check_mlflow_run(mlflow_uri, state.mlflow_run_id, cfg.checkpoint_uri, cfg.dataset)
+            resume = storage.join(cfg.checkpoint_uri, state.last)
+            run_id = state.mlflow_run_id
             log.warning("Continuing the interrupted training in %s from epoch %s (MLflow run "
-                        "%s)", storage.redact(cfg.checkpoint_uri), state.get("epoch"), run_id)
+                        "%s)", storage.redact(cfg.checkpoint_uri), state.epoch, run_id)
     if resume and (storage.is_s3(resume) or resume.startswith("file://")):
         local = os.path.join(cfg.out, "resume-from.ckpt")
         os.makedirs(cfg.out, exist_ok=True)
         resume = storage.download(resume, local)
+    if resume:
+        check_resume_checkpoint(load_checkpoint(resume), cfg.resume or resume, cfg.dataset,
+                                cfg.epochs)
     return replace(cfg, resume=resume), run_id
+
+
+def load_checkpoint(path: str) -> dict:
+    """A training checkpoint's contents as plain data (never unpickling arbitrary objects).
+
+    Raises:
+        MissingInputError: no such file.
+        UnreadableInputError: not a checkpoint file at all.
+    """
+    from specdeepmap.inference import load_plain_data
+
+    return load_plain_data(path)
+
+
+def check_mlflow_run(mlflow_uri: str, run_id: str, prefix: str, dataset: str) -> None:
+    """The MLflow run a checkpoint prefix names: it must exist here, not have finished and
+    have trained on ``dataset``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient(mlflow_uri).get_run(run_id)
+    except MlflowException:
+        raise InputMismatchError(
+            f"{storage.redact(prefix)}/{RESUME_STATE} names MLflow run {run_id}, which the "
+            f"tracking store {storage.redact(mlflow_uri)} does not hold: give a new "
+            "checkpoint prefix, or the tracking URI of that training") from None
+    check_run_continuable(run.info.status, run.data.params.get("dataset"), run_id, prefix,
+                          dataset)
+
+
+def check_checkpoint_prefix(prefix: str) -> None:
+    """Fail before the first epoch when checkpoints cannot be written under ``prefix``."""
+    if storage.is_s3(prefix):
+        storage.check_bucket(prefix)
+        return
+    folder = storage.local_path(prefix)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise InvalidParameterError(f"checkpoint_uri {prefix} is not writable: "
+                                    f"{error.strerror or error}") from None
+
+
+def mark_finished(cfg: TrainConfig, run_id: str) -> None:
+    """Record in the checkpoint prefix that its training finished, so that it is never
+    continued (nor its MLflow run reopened) by a later training."""
+    if not cfg.checkpoint_uri:
+        return
+    state = read_state(cfg.checkpoint_uri)
+    epoch, step = (state.epoch, state.global_step) if state else (0, 0)
+    storage.write_text(storage.join(cfg.checkpoint_uri, RESUME_STATE), ResumeState(
+        run_id, epoch, step, LAST_CHECKPOINT, cfg.dataset, finished=True).to_json())
 
 
 def prepare(cfg: TrainConfig) -> tuple:
@@ -364,7 +430,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     quiet_lightning()
     started = time.perf_counter()
     device = resolve_device(cfg.device)
-    cfg, previous_run = resumable(cfg)
+    # recorded in the model, the run and resume.json: a relative path would name another
+    # folder when read from elsewhere
+    cfg = replace(cfg, dataset=storage.absolute(cfg.dataset))
+    uri = tracking_uri(cfg.tracking_uri)
+    cfg, previous_run = resumable(cfg, uri)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the network's random start too
     info, model, config, weights, train_set, val_set = prepare(cfg)
     baseline = None
@@ -375,7 +445,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         train_set.pseudo_labels = pseudo_labels(baseline.forest, info.train,
                                                 train_set.normalization, cfg.pseudo_labels)
     os.makedirs(cfg.out, exist_ok=True)
-    uri = tracking_uri(cfg.tracking_uri)
     ensure_experiment(uri, cfg.experiment)
     tensorboard = TensorBoardLogger(cfg.out, name="lightning_logs")
     mlflow_logger = MLFlowLogger(
@@ -505,12 +574,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.registered_model:
             result.model_uri, result.model_version = register_model(
                 model_file, config, cfg.registered_model, best_iou, cfg.dataset,
-                result.baseline_mean_iou("validation"))
+                result.baseline_mean_iou("validation"), facts["digest"])
             publish_model_card(cfg.registered_model, result.model_version, run_id, model_file,
                                cfg.dataset, {"val": best_iou, "run_id": run_id,
                                              "baseline_val": result.baseline_mean_iou(
                                                  "validation"), **result.selection_scores()},
                                result.training, facts=facts)
+    mark_finished(cfg, run_id)
     log.info("Best val IoU %.4f: %s", best_iou, model_file)
     return result
 
@@ -564,14 +634,15 @@ def fit_member(cfg: TrainConfig, model: nn.Module, config: dict,
                             cfg.warmup_epochs, cfg.weight_decay, cfg.pixel_loss_weight,
                             cfg.cutmix, cfg.consistency, cfg.band_dropout, teacher=teacher)
     checkpointing = MirroredCheckpoint(
-        cfg.checkpoint_uri, run_id, dirpath=checkpoint_dir, filename=CHECKPOINT_PATTERN,
+        cfg.checkpoint_uri, run_id, cfg.dataset, dirpath=checkpoint_dir,
+        filename=CHECKPOINT_PATTERN,
         monitor="val_iou", mode="max", save_top_k=cfg.keep_top_k, auto_insert_metric_name=False)
     history = ValidationHistory()
     callbacks = [checkpointing, history]
     if cfg.checkpoint_uri:  # the latest state, every epoch (Lightning's save_last only saves
         # when a best checkpoint is saved too)
         callbacks.append(MirroredCheckpoint(
-            cfg.checkpoint_uri, run_id, dirpath=checkpoint_dir,
+            cfg.checkpoint_uri, run_id, cfg.dataset, dirpath=checkpoint_dir,
             filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1,
             enable_version_counter=False))
     if cfg.early_stopping:

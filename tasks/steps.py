@@ -14,7 +14,7 @@ from specdeepmap.chipping import ChipParams, ChipReport, chip_scene
 from specdeepmap.comparison import Difference
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.mapping import MapParams, map_scene_products
-from specdeepmap.model_card import publish_model_card
+from specdeepmap.model_card import escape_md, publish_model_card
 from specdeepmap.splitting import (SplitParams, SplitReport, check_split_before_chipping,
                                    make_dataset)
 from specdeepmap.training import TrainConfig, TrainResult, train
@@ -39,7 +39,7 @@ PERSIST = dict(persist_result=True)
 
 def _table(rows: list[tuple], header: tuple) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(escape_md(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

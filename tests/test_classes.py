@@ -55,7 +55,7 @@ def test_a_classes_csv_names_the_classes_and_a_conflicting_one_is_refused(tmp_pa
     ("id,label\n1,water\n", "needs the columns value,name"),
     ("value,name\n0,nothing\n", "'0' is not a class value"),
     ("value,name,color\n1,water,blue\n", "colour 'blue' of class 1"),
-    ("value,name\n1,a\n1,b\n", "lists a value twice"),
+    ("value,name\n1,a\n1,b\n", "lists value.s. 1 twice"),
 ])
 def test_a_bad_classes_file_is_refused_with_its_name(tmp_path, text, message):
     csv = tmp_path / "bad.csv"

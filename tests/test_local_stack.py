@@ -161,3 +161,55 @@ def test_state_survives_stop_and_start_and_stop_leaves_nothing(stack, tmp_path):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def test_each_service_holds_only_its_own_secrets_and_the_state_is_private(stack):
+    """No process of the stack receives a secret it does not use (a leaked environment, e.g.
+    through /proc or a crash report, gives away only that service's keys), and the stack's
+    databases and logs are the operator's only."""
+    cfg = _exports(stack["env"])
+    secret = {"s3": cfg["AWS_SECRET_ACCESS_KEY"], "prefect": cfg["PREFECT_API_AUTH_STRING"],
+              "mlflow": cfg["MLFLOW_TRACKING_PASSWORD"]}
+    flask_key = next(line.split("=", 1)[1] for line in
+                     (stack["state"] / "secrets.env").read_text().splitlines()
+                     if line.startswith("MLFLOW_FLASK_SERVER_SECRET_KEY="))
+    allowed = {"s3": {"s3"}, "mlflow": {"s3", "mlflow", "flask"}, "prefect": {"prefect"},
+               "worker": {"s3", "prefect", "mlflow"}}
+    for service, group in _groups(stack["state"]).items():
+        pids = [int(p) for p in subprocess.run(["pgrep", "-g", str(group)], capture_output=True,
+                                               text=True).stdout.split()]
+        assert pids, f"{service} has no process"
+        for pid in pids:
+            try:
+                environment = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # a short-lived child
+            held = {name for name, value in {**secret, "flask": flask_key}.items()
+                    if value in environment}
+            assert held <= allowed[service], (service, pid, held - allowed[service])
+    for path in stack["state"].rglob("*"):
+        if path.is_file() and path.suffix in (".db", ".log", ".env", ".ini"):
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+
+
+def test_presigned_urls_are_honoured_up_to_seven_days(stack):
+    """A presigned GET works within AWS's 7-day cap; one that asks for 10 years is refused,
+    as AWS refuses it (a leaked link must not open the store for a decade)."""
+    import boto3
+    import httpx
+
+    from botocore.config import Config
+
+    cfg = _exports(stack["env"])
+    s3 = boto3.client("s3", endpoint_url=cfg["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                      aws_access_key_id=cfg["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=cfg["AWS_SECRET_ACCESS_KEY"],
+                      config=Config(signature_version="s3v4"))  # SigV4 query signing
+    s3.put_object(Bucket="specdeepmap", Key="presign/a.txt", Body=b"hello")
+    url = lambda seconds: s3.generate_presigned_url(  # noqa: E731
+        "get_object", Params={"Bucket": "specdeepmap", "Key": "presign/a.txt"},
+        ExpiresIn=seconds)
+    ok = httpx.get(url(3600), timeout=30)
+    assert ok.status_code == 200 and ok.content == b"hello"
+    assert httpx.get(url(7 * 24 * 3600), timeout=30).status_code == 200
+    assert httpx.get(url(10 * 365 * 24 * 3600), timeout=30).status_code == 403

@@ -155,13 +155,13 @@ def test_errors_before_training(dataset, trained):
     with pytest.raises(InvalidParameterError, match="batch_size"):
         train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"), batch_size=0))
     _, result = trained
-    config, state = read_model_file(result.model_file)
-    config = {**config, "class_values": [1, 2, 3]}
-    other = dataset / "other.pt"
-    torch.save({"format": "specdeepmap-model/1", "config": config, "state_dict": state}, other)
+    checkpoint = torch.load(result.best_checkpoint, weights_only=True)
+    checkpoint["hyper_parameters"]["config"]["class_values"] = [1, 2, 3]
+    other = dataset / "other.ckpt"
+    torch.save(checkpoint, other)
     with pytest.raises(InputMismatchError, match="class_values"):
         train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"),
-                          resume=str(other), device="cpu"))
+                          resume=str(other), device="cpu", epochs=10))
     if not torch.cuda.is_available():
         from specdeepmap.errors import DeviceUnavailableError
         with pytest.raises(DeviceUnavailableError):
