@@ -62,8 +62,11 @@ class SplitSettings(BaseModel):
     scaler: float | None = Field(None, gt=0, description="Divide pixel values by this "
                                  "(e.g. 10000 for reflectance x 10000).")
     normalize: bool = Field(True, description="Write per-band mean/std for normalisation.")
-    strategy: Literal["balanced", "spatial-blocks"] = Field(
-        "balanced", description="Balance class shares per chip, or per block of chips.")
+    strategy: Literal["balanced-groups", "balanced", "spatial-blocks"] = Field(
+        "balanced-groups", description="balanced-groups: balance class shares over groups of "
+        "touching chips and leave out training chips that touch a validation or test chip "
+        "(no spatial leakage); balanced: SpecDeepMap's, over single chips (neighbours may "
+        "leak); spatial-blocks: over blocks of chips.")
 
     @model_validator(mode="after")
     def _percentages(self) -> SplitSettings:

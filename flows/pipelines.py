@@ -189,7 +189,7 @@ def training_pipeline(params: TrainingPipelineParams,
     promoted = promote_task(params.model_name, result.model_version, metrics["test_mean_iou"],
                             metrics["baseline_rf_test_mean_iou"], champion,
                             params.min_improvement, promotion,
-                            metrics["baseline_rf_difference"])
+                            metrics["baseline_rf_difference"], metrics["split_leakage"])
     if promotion == "approval":
         review = review_flow(params.model_name, result.model_version, promoted["reason"],
                              promoted["comparison"], params.review_timeout_hours)

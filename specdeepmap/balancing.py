@@ -99,6 +99,14 @@ class _Objective:
         return np.where(self.scored[s], share_term + 10.0 * shortfall.sum(axis=-1), 0.0) + size_term
 
 
+#: weight of the cut term (touching chip pairs across training and evaluation, per chip):
+#: losing 5 % of the chips to the buffer costs as much as a 3-point gap in one class's share
+CUT_WEIGHT = 0.02
+#: X[a, b] = 1 where chips of sets a and b may not touch (training against validation/test)
+_CROSS = np.zeros((4, 4))
+_CROSS[0, 1] = _CROSS[1, 0] = _CROSS[0, 2] = _CROSS[2, 0] = 1.0
+
+
 def assign(
     counts: np.ndarray,
     fractions: tuple[float, float, float],
@@ -107,6 +115,7 @@ def assign(
     sizes: np.ndarray | None = None,
     max_seconds: float = 2.0,
     restarts: int = 16,
+    adjacency=None,
 ) -> np.ndarray:
     """Assign items to sets 0 = train, 1 = validation, 2 = test, 3 = unused.
 
@@ -121,6 +130,10 @@ def assign(
         sizes: chips per item (blocks of chips); ``None`` for one chip per item.
         max_seconds: time budget of the whole search.
         restarts: most random starts.
+        adjacency: optional (items, items) sparse matrix of touching chip pairs between
+            items; the search then also keeps touching items on one side of the
+            training/evaluation divide (``CUT_WEIGHT`` per touching pair and chip), so that
+            few training chips must be left out as a buffer.
 
     Returns:
         The set index of every item.
@@ -132,7 +145,8 @@ def assign(
         remaining = deadline - time.perf_counter()
         if best is not None and remaining <= 0:
             break
-        assignment, loss = _search(counts, fractions, rng, min_share, sizes, max(remaining, 0.05))
+        assignment, loss = _search(counts, fractions, rng, min_share, sizes,
+                                   max(remaining, 0.05), adjacency=adjacency)
         if loss < best_loss:
             best, best_loss = assignment, loss
         if best_loss < GOOD_ENOUGH:
@@ -149,6 +163,7 @@ def _search(
     max_seconds: float,
     candidates: int = 2048,
     patience: int = 30,
+    adjacency=None,
 ) -> tuple[np.ndarray, float]:
     """One local search from a random start; returns the assignment and its total loss."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -174,6 +189,8 @@ def _search(
     n = np.array([sizes[assignment == s].sum() for s in range(4)])
     set_ids = np.arange(4)
     current = objective.loss(hist, n, set_ids)
+    cut = _Cut(adjacency, assignment, n_chips) if adjacency is not None and \
+        adjacency.nnz else None
     active = [s for s in range(4) if targets[s] > 0 or n[s] > 0]
     pairs = [(a, b) for i, a in enumerate(active) for b in active[i + 1:]]
     if not pairs:
@@ -199,6 +216,8 @@ def _search(
         new_a = objective.loss(hist[a] - hi + hj, n[a] - si + sj, a)
         new_b = objective.loss(hist[b] + hi - hj, n[b] + si - sj, b)
         delta = new_a + new_b - current[a] - current[b]
+        if cut is not None:
+            delta = delta + cut.delta(i, np.where(move, -1, j), a, b)
         delta[~valid] = np.inf
         if equal_sizes:
             delta[move] = np.inf
@@ -208,6 +227,10 @@ def _search(
             continue
         stale = 0
         sa, sb = a[best], b[best]
+        if cut is not None:
+            cut.move(i[best], sa, sb)
+            if not move[best]:
+                cut.move(j[best], sb, sa)
         assignment[i[best]] = sb
         hist[sa] += hj[best] - hi[best]
         hist[sb] += hi[best] - hj[best]
@@ -216,7 +239,45 @@ def _search(
         if not move[best]:
             assignment[j[best]] = sa
         current[[sa, sb]] = objective.loss(hist[[sa, sb]], n[[sa, sb]], np.array([sa, sb]))
-    return assignment, float(current.sum())
+    return assignment, float(current.sum()) + (cut.loss() if cut is not None else 0.0)
+
+
+class _Cut:
+    """The cut term: touching chip pairs between training and evaluation items, kept as
+    ``T[i, s]`` (pairs between item ``i`` and the items of set ``s``) so that a candidate's
+    change is read off in O(1)."""
+
+    def __init__(self, adjacency, assignment: np.ndarray, n_chips: int):
+        self.w = adjacency.tocsr()
+        self.scale = CUT_WEIGHT / max(n_chips, 1)
+        onehot = np.zeros((len(assignment), 4))
+        onehot[np.arange(len(assignment)), assignment] = 1.0
+        self.t = np.asarray(self.w @ onehot)
+        self.assignment = assignment
+
+    def delta(self, i: np.ndarray, j: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Change of the weighted cut when item ``i`` moves a→b and ``j`` (−1: none) b→a."""
+        ii = np.maximum(i, 0)
+        change = ((_CROSS[b] - _CROSS[a]) * self.t[ii]).sum(axis=1)
+        swap = j >= 0
+        jj = np.maximum(j, 0)
+        change += np.where(swap, ((_CROSS[a] - _CROSS[b]) * self.t[jj]).sum(axis=1), 0.0)
+        pair = np.asarray(self.w[ii, jj]).ravel()
+        # the pair (i, j) itself: both moves above counted it as cut away; it stays as it was
+        change += np.where(swap, 2 * pair * _CROSS[a, b], 0.0)
+        return self.scale * change
+
+    def move(self, item: int, source: int, target: int) -> None:
+        """Item ``item`` moved from set ``source`` to ``target``."""
+        column = self.w.getcol(int(item))
+        rows = column.indices
+        self.t[rows, source] -= column.data
+        self.t[rows, target] += column.data
+
+    def loss(self) -> float:
+        """The weighted cut of the current assignment."""
+        crossing = (self.t * _CROSS[self.assignment]).sum() / 2
+        return self.scale * float(crossing)
 
 
 def _sample_members(members: list[np.ndarray], sets: np.ndarray,

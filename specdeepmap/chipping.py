@@ -389,7 +389,9 @@ def label_windows(label_uri: str, params: ChipParams = ChipParams()) -> pd.DataF
             for x in (x for x, y0 in offsets if y0 == y):
                 counts = np.bincount(strip[:, x:x + tx].ravel(), minlength=256)
                 if counts[1:].sum() >= params.min_coverage / 100.0 * tx * ty and counts[1:].any():
-                    rows.append({"scene": label_uri, "x": x, "y": y, "tile_x": tx} |
+                    rows.append({"scene": label_uri, "x": x, "y": y, "tile_x": tx,
+                                 "tile_y": ty, "stride_x": params.stride[0],
+                                 "stride_y": params.stride[1]} |
                                 {f"{COUNT_PREFIX}{v}": int(n) for v, n in enumerate(counts)
                                  if n})
     frame = pd.DataFrame(rows)

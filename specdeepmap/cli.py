@@ -206,7 +206,11 @@ def split(
     scaler: Annotated[float | None, typer.Option(
         help="Divide pixel values by this (e.g. 10000) before statistics and training.")] = None,
     normalize: Annotated[bool, typer.Option(help="Write Normalize_Bands.csv.")] = True,
-    strategy: Annotated[str, typer.Option(help="'balanced' or 'spatial-blocks'.")] = "balanced",
+    strategy: Annotated[str, typer.Option(
+        help="'balanced-groups' (class-balanced; chips that touch stay in one set, training "
+        "chips touching a validation or test chip are left out: no spatial leakage), "
+        "'balanced' (SpecDeepMap's, over single chips) or 'spatial-blocks'.")
+    ] = "balanced-groups",
     block_size: Annotated[int, typer.Option(
         min=1, help="spatial-blocks: chips per block edge.")] = 4,
     class_weighting: Annotated[str, typer.Option(
@@ -227,6 +231,10 @@ def split(
         f"train {report.chips['train']}, validation {report.chips['validation']}, test "
         f"{report.chips['test']} chips; largest class-share gap "
         f"{report.max_share_gap_pp:.2f} pp, JS divergence {report.js_divergence:.2e}")
+    test = report.leakage["test"]
+    console.print(f"spatial leakage: {test['touching_chips']} of {test['chips']} test chips "
+                  "touch a training chip" + (f" ({report.buffer_chips} training chips left out "
+                                             "as a buffer)" if report.buffer_chips else ""))
     for name, uri in report.outputs.items():
         print(f"{name}: {uri}")
 

@@ -28,6 +28,7 @@ import rasterio
 from specdeepmap import storage
 from specdeepmap.classes import ClassSchema
 from specdeepmap.comparison import Difference, paired_bootstrap
+from specdeepmap.leakage import Leakage, read_split_leakage
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError
 from specdeepmap.inference import load_model
 
@@ -258,6 +259,8 @@ class EvaluationReport:
     predictions: list[str]
     #: mean IoU minus the baseline's on these chips, with its interval (given a baseline)
     versus_baseline: Difference | None = None
+    #: how far the test chips touch training chips (from the dataset's ``split.json``)
+    split_leakage: Leakage | None = None
 
 
 def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str = "auto",
@@ -352,14 +355,19 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     matrix = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
     metrics = metrics_from_matrix(matrix, class_values, chip_matrices)
     versus = compare_with_baseline(metrics, baseline) if baseline is not None else None
+    leakage = read_split_leakage(storage.parent(test_csv))
     iou_csv, metrics_csv, plots, summary = write_test_outputs(
-        out_folder, metrics, chip_iou, {"model": model_uri, "test_csv": test_csv, "tta": tta},
+        out_folder, metrics, chip_iou, {"model": model_uri, "test_csv": test_csv, "tta": tta,
+                                        "split_leakage": leakage.to_dict() if leakage else None},
         baseline=baseline, classes=predictor.classes, versus_baseline=versus)
     report = EvaluationReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,
                               per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"],
-                              plots=plots, predictions=exported, versus_baseline=versus)
+                              plots=plots, predictions=exported, versus_baseline=versus,
+                              split_leakage=leakage)
     if versus is not None:
         log.info(versus.sentence("The model", "the RandomForest baseline"))
+    if leakage is not None and leakage.test.touching_chips:
+        log.warning("%s: %s", test_csv, leakage.sentence())
     if log_to_mlflow:
         _log_to_mlflow(report, model_uri, mlflow_run_id, out_folder)
     log.info("Test mean IoU: %.4f pooled over pixels, %.4f per-chip mean (SpecDeepMap)",

@@ -22,6 +22,7 @@ from specdeepmap import storage
 from specdeepmap.chipping import COUNT_PREFIX, read_manifests
 from specdeepmap.classes import ClassSchema, schema_from_config
 from specdeepmap.comparison import Difference
+from specdeepmap.leakage import Leakage, read_split_leakage
 from specdeepmap.data import resolve_row
 from specdeepmap.splitting import read_csv
 
@@ -65,6 +66,9 @@ def dataset_facts(dataset: str) -> dict:
             "min_coverage": float(first["min_coverage"]) if "min_coverage" in manifests
             and not pd.isna(first["min_coverage"]) else None}
         facts["scenes"] = sorted(manifests["scene"].unique().tolist())
+    leakage = read_split_leakage(dataset)
+    if leakage is not None:
+        facts["leakage"] = leakage.to_dict()
     return facts
 
 
@@ -143,6 +147,10 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
     if scores.get("baseline_difference"):
         lines += [Difference.from_dict(scores["baseline_difference"]).sentence(
             "This model", "the RandomForest"), ""]
+    if facts.get("leakage"):  # how honest the comparison is
+        leakage = Leakage.from_dict(facts["leakage"])
+        lines += [("**The split leaks**: " if leakage.leaks else "Split: ")
+                  + leakage.sentence(), ""]
     if scores.get("val_median") is not None and scores.get("val_epochs", 0) > 1:
         lines += [f"The validation IoU chose this checkpoint, the best of {scores['val_epochs']}"
                   f" validated epochs (their median: {_fmt(scores['val_median'])}), so it "

@@ -190,6 +190,7 @@ def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMP
     from specdeepmap import storage
     from specdeepmap.errors import MissingInputError, PromotionRefusedError
     from specdeepmap.evaluation import evaluate_model
+    from specdeepmap.leakage import read_split_leakage
 
     client = _client(client)
     try:
@@ -231,6 +232,10 @@ def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMP
         if champion["difference"]:  # how sure the chips make it, beside the rule's reason
             decision = Decision(decision.alias, decision.reason + "; " + Difference.from_dict(
                 champion["difference"]).sentence(f"version {version}", "the champion"))
+        leakage = read_split_leakage(dataset)
+        if leakage is not None and leakage.leaks:  # how honest those figures are
+            decision = Decision(decision.alias, f"{decision.reason}; the split leaks: "
+                                f"{leakage.sentence()}")
     if decision.alias != CHAMPION and not force:
         raise PromotionRefusedError(f"{name} version {version} is not made champion: "
                                     f"{decision.reason} (force to promote it anyway)")

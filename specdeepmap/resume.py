@@ -113,14 +113,15 @@ def same_dataset(a: str, b: str) -> bool:
     return location(a) == location(b)
 
 
-def check_resume_checkpoint(checkpoint: dict, uri: str, dataset: str, epochs: int) -> None:
+def check_resume_checkpoint(checkpoint: dict, uri: str, dataset: str,
+                            epochs: int | None) -> None:
     """Check a loaded ``resume`` checkpoint before training starts.
 
     Args:
         checkpoint: what ``torch.load(..., weights_only=True)`` returned.
         uri: where it came from (for the messages).
         dataset: the dataset about to be trained on.
-        epochs: the training's ``epochs``.
+        epochs: the training's ``epochs`` (None: do not require epochs left).
 
     Raises:
         InvalidParameterError: not a Lightning training checkpoint (e.g. a ``model.pt``), or
@@ -140,7 +141,7 @@ def check_resume_checkpoint(checkpoint: dict, uri: str, dataset: str, epochs: in
             f"{uri} is a training on {trained_on}, not on {dataset}: resume continues the "
             "same training; start a new one for another dataset")
     done = int(checkpoint["epoch"]) + 1
-    if done >= epochs:
+    if epochs is not None and done >= epochs:
         raise InvalidParameterError(
             f"{uri} has already trained {done} epoch(s) of the {epochs} asked: nothing is "
             "left to train (raise epochs to continue it)")

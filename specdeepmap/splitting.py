@@ -26,14 +26,16 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from specdeepmap import __version__, storage
-from specdeepmap.balancing import assign, quality
+from specdeepmap.balancing import assign, quality, set_counts
+from specdeepmap.leakage import (TEST, TRAIN, UNUSED, VALIDATION, Leakage, measure,
+                                 touch_groups, touching_other_sets, touching_pairs)
 from specdeepmap.chipping import (CHIP_NAME, COUNT_PREFIX, ChipParams, label_to_classes,
                                   label_windows, read_manifests)
 from specdeepmap.errors import (
@@ -53,6 +55,8 @@ CSV_NAMES = {"train": "train_files.csv", "validation": "validation_files.csv",
              "test": "test_files.csv"}
 SUMMARY_CSV = "Summary_train_val.csv"
 NORMALIZE_CSV = "Normalize_Bands.csv"
+LEAKAGE_CSV = "Split_leakage.csv"
+STRATEGIES = ("balanced-groups", "balanced", "spatial-blocks")
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,11 @@ class SplitParams:
     seed: int = 42
     scaler: float | None = None
     normalize: bool = True
-    strategy: Literal["balanced", "spatial-blocks"] = "balanced"
+    #: "balanced-groups": class-balanced over groups of touching chips, training chips that
+    #: touch a validation or test chip left out (no spatial leakage; the same as "balanced"
+    #: when no chips touch); "balanced": SpecDeepMap's, over single chips; "spatial-blocks":
+    #: blocks of ``block_size`` chips per edge
+    strategy: Literal["balanced-groups", "balanced", "spatial-blocks"] = "balanced-groups"
     class_weighting: Literal["one-minus-share", "inverse-frequency"] = "one-minus-share"
     block_size: int = 4  #: spatial-blocks: chips per block edge
     min_class_share: float = 0.01  #: each set holds at least this share of every class
@@ -83,9 +91,9 @@ class SplitParams:
             raise InvalidParameterError("The training percentage must be > 0")
         if self.scaler is not None and self.scaler <= 0:
             raise InvalidParameterError(f"The scaler must be > 0, got {self.scaler}")
-        if self.strategy not in ("balanced", "spatial-blocks"):
+        if self.strategy not in STRATEGIES:
             raise InvalidParameterError(
-                f"Unknown strategy {self.strategy!r}: use 'balanced' or 'spatial-blocks'")
+                f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
         if self.class_weighting not in ("one-minus-share", "inverse-frequency"):
             raise InvalidParameterError(f"Unknown class weighting {self.class_weighting!r}: use "
                                         "'one-minus-share' or 'inverse-frequency'")
@@ -107,6 +115,11 @@ class SplitReport:
     outputs: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  #: legal but surprising inputs
+    #: validation and test chips touching a training chip (:meth:`Leakage.to_dict`)
+    leakage: dict = field(default_factory=dict)
+    #: training chips left out because they touch a validation or test chip
+    buffer_chips: int = 0
+    strategy: str = ""  #: the strategy that chose the sets (see SplitChoice.note)
 
 
 def chip_class_counts(folder: str, workers: int = 4) -> pd.DataFrame:
@@ -139,10 +152,10 @@ def chip_class_counts(folder: str, workers: int = 4) -> pd.DataFrame:
     def count(uri: str) -> dict:
         with storage.open_raster(uri) as src:
             labels = label_to_classes(src.read(1), src.nodata)
-            width = src.width
+            width, height = src.width, src.height
         values, counts = np.unique(labels, return_counts=True)
         match = CHIP_NAME.match(storage.basename(uri))
-        row = {"chip": storage.basename(uri), "tile_x": width,
+        row = {"chip": storage.basename(uri), "tile_x": width, "tile_y": height,
                "scene": match["scene"] if match else "", "x": int(match["x"]) if match else 0,
                "y": int(match["y"]) if match else 0}
         row.update({f"{COUNT_PREFIX}{int(v)}": int(n) for v, n in zip(values, counts)})
@@ -163,23 +176,169 @@ def _class_columns(frame: pd.DataFrame) -> tuple[list[int], bool]:
     return [v for v in values if v != 0], background
 
 
-def split_units(frame: pd.DataFrame, params: SplitParams) -> np.ndarray:
-    """The unit each chip is assigned with (0, 1, …): the chip itself (``balanced``), or its
-    spatial block (``spatial-blocks``), whose chips always go to the same set."""
+def split_units(frame: pd.DataFrame, params: SplitParams,
+                pairs: np.ndarray | None = None) -> np.ndarray:
+    """The unit each chip is assigned with (0, 1, …): the chip itself (``balanced``), its
+    spatial block (``spatial-blocks``), or its group of touching chips (``balanced-groups``,
+    :func:`group_units`); the chips of a unit always go to the same set."""
     if params.strategy == "balanced":
         return np.arange(len(frame))
+    if params.strategy == "balanced-groups":
+        return group_units(frame, params, pairs)
     edge = params.block_size * frame.get("tile_x", pd.Series(256, index=frame.index))
     keys = pd.Series(list(zip(frame["scene"], frame["x"] // edge, frame["y"] // edge)))
     return pd.factorize(keys)[0]
 
 
+def max_group_size(frame: pd.DataFrame, params: SplitParams) -> int:
+    """The most chips one unit of ``balanced-groups`` may hold at first: half the smallest
+    evaluation set (at least 4), so that every set can be made of several units."""
+    evaluation = [p for p in (params.validation_percent, params.test_percent) if p > 0]
+    smallest = min(evaluation) / 100 if evaluation else 1.0
+    return max(4, int(len(frame) * smallest / 2))
+
+
+def group_units(frame: pd.DataFrame, params: SplitParams, pairs: np.ndarray | None = None,
+                max_group: int | None = None) -> np.ndarray:
+    """Units of ``balanced-groups``: chips connected through touching chips form a group; a
+    group larger than ``max_group`` chips (default :func:`max_group_size`) is cut into
+    square blocks of the chip grid (``b`` × ``b`` steps, ``b² ≤ max_group``). Chips that touch
+    across a cut are separated afterwards by leaving the training side out
+    (:func:`_assign_units`)."""
+    groups = touch_groups(frame, pairs)
+    max_group = max_group_size(frame, params) if max_group is None else max_group
+    large = np.bincount(groups)[groups] > max_group
+    if not large.any():
+        return groups
+    b = max(1, math.isqrt(max_group))
+    tile_x = frame["tile_x"].to_numpy(np.int64) if "tile_x" in frame else \
+        np.full(len(frame), 256)
+    step_x = frame["stride_x"].fillna(0).to_numpy(np.int64) if "stride_x" in frame else \
+        np.zeros(len(frame), np.int64)
+    step_y = frame["stride_y"].fillna(0).to_numpy(np.int64) if "stride_y" in frame else \
+        np.zeros(len(frame), np.int64)
+    step_x = np.where(step_x > 0, step_x, tile_x)
+    step_y = np.where(step_y > 0, step_y, step_x)
+    bx = frame["x"].to_numpy(np.int64) // (b * step_x)
+    by = frame["y"].to_numpy(np.int64) // (b * step_y)
+    keys = [(int(g), int(x), int(y)) if cut else (int(g), -1, -1)
+            for g, x, y, cut in zip(groups, bx, by, large)]
+    return pd.factorize(pd.Series(keys))[0]
+
+
+#: ``balanced-groups`` keeps at least this share of the training chips a plain split gives;
+#: below it (chips too few and too close, e.g. 18 touching chips) it splits as ``balanced``
+#: and says so, since a model trained on a third of the chips is worse than a leaky figure
+MIN_TRAINING_KEPT = 0.5
+
+
+@dataclass(frozen=True)
+class SplitChoice:
+    """The sets :func:`split_chips` chose, their quality, and the strategy that chose them."""
+
+    sets: np.ndarray
+    quality: object
+    strategy: str
+    note: str | None = None  #: why another strategy than the one asked for was used
+
+
 def split_chips(frame: pd.DataFrame, class_values: list[int],
-                params: SplitParams) -> tuple[np.ndarray, object]:
-    """Set index (0 train, 1 validation, 2 test, 3 unused) of every chip, and its quality."""
+                params: SplitParams) -> SplitChoice:
+    """Set index (0 train, 1 validation, 2 test, 3 unused) of every chip, and its quality.
+
+    ``balanced-groups`` assigns whole groups of touching chips (cutting only groups too large
+    to balance, along the chip grid, and keeping touching units on one side where the class
+    balance allows: :func:`specdeepmap.balancing.assign` with the units' adjacency), then
+    leaves out the training chips that touch a validation or test chip. When the classes are
+    too concentrated for that, it cuts the groups finer, down to single chips, and keeps the
+    split that leaks least (then loses fewest training chips): a class whose every chip
+    touches another set's keeps just enough training chips for the class-share rule, and the
+    leak that remains is measured and reported (:mod:`specdeepmap.leakage`). When even that
+    keeps fewer than :data:`MIN_TRAINING_KEPT` of the training chips, the plain split is used
+    with a note.
+    """
+    pairs = touching_pairs(frame)
+    if params.strategy != "balanced-groups":
+        sets, achieved = _assign_units(frame, class_values, params,
+                                       split_units(frame, params), pairs)
+        return SplitChoice(sets, achieved, params.strategy)
+    labelled = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy().sum(axis=1)
+    best, error, limit = None, None, max_group_size(frame, params)
+    while True:
+        try:
+            sets, achieved = _assign_units(frame, class_values, params,
+                                           group_units(frame, params, pairs, limit), pairs)
+        except SplitInfeasibleError as failed:
+            error = failed
+        else:
+            leak = measure(frame, sets, labelled, pairs)
+            score = (leak.validation.touching_pixels + leak.test.touching_pixels,
+                     int((sets == UNUSED).sum()))
+            if best is None or score < best[0]:
+                best = (score, sets, achieved)
+            if score[0] == 0:
+                break
+        if limit <= 1:
+            break
+        limit //= 2
+        log.info("Cutting groups of touching chips into blocks of at most %d chip(s)", limit)
+    fractions = (params.train_percent / 100, params.validation_percent / 100,
+                 params.test_percent / 100)
+    wanted = set_counts(len(frame), fractions)[0]
+    kept = int((best[1] == TRAIN).sum()) if best else 0
+    if best is not None and kept >= MIN_TRAINING_KEPT * wanted:
+        return SplitChoice(best[1], best[2], params.strategy)
+    plain = replace(params, strategy="balanced")
+    sets, achieved = _assign_units(frame, class_values, plain, split_units(frame, plain), pairs)
+    why = (f"a split without spatial leakage would keep only {kept} of {wanted} training chips"
+           if best is not None else f"no split without spatial leakage exists ({error})")
+    return SplitChoice(sets, achieved, "balanced", note=(
+        f"{why}: split as 'balanced' (SpecDeepMap's) instead, with the leakage reported. Cut "
+        "the chips with a step larger than the tile, or add scenes, for an honest split"))
+
+
+def unit_adjacency(items: np.ndarray, pairs: np.ndarray):
+    """(units, units) sparse matrix: how many touching chip pairs join two units."""
+    from scipy.sparse import coo_matrix
+
+    n = int(items.max()) + 1
+    a, b = items[pairs[:, 0]], items[pairs[:, 1]]
+    keep = a != b
+    a, b = a[keep], b[keep]
+    ones = np.ones(2 * len(a))
+    return coo_matrix((ones, (np.r_[a, b], np.r_[b, a])), shape=(n, n)).tocsr()
+
+
+def _buffer(sets: np.ndarray, counts: np.ndarray, pairs: np.ndarray,
+            min_share: float) -> np.ndarray:
+    """Leave out the training chips that touch a validation or test chip; where that would
+    leave a class below ``min_share`` of its pixels in training, keep the touching chips
+    richest in that class until it is not (the least leak the class-share rule allows)."""
+    touching = touching_other_sets(sets, pairs, TRAIN, (VALIDATION, TEST))
+    sets = sets.copy()
+    sets[touching] = UNUSED
+    need = min_share * counts.sum(axis=0) - 1e-9
+    held = counts[sets == TRAIN].sum(axis=0)
+    for c in range(counts.shape[1]):
+        candidates = [int(i) for i in np.flatnonzero(touching) if counts[i, c] > 0]
+        candidates.sort(key=lambda i: -counts[i, c])
+        for i in candidates:
+            if held[c] >= need[c]:
+                break
+            if sets[i] == UNUSED:
+                sets[i] = TRAIN
+                held += counts[i]
+    return sets
+
+
+def _assign_units(frame: pd.DataFrame, class_values: list[int], params: SplitParams,
+                  items: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, object]:
+    """Assign units (chips, blocks or groups: ``items``) to sets with the class-balancing
+    search; with ``balanced-groups``, leave out the training chips that touch a validation or
+    test chip. Raises :class:`SplitInfeasibleError` when the class-share rule cannot hold."""
     counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy(np.float64)
     fractions = (params.train_percent / 100, params.validation_percent / 100,
                  params.test_percent / 100)
-    items = split_units(frame, params)
     n_items = items.max() + 1
     item_counts = np.zeros((n_items, counts.shape[1]))
     np.add.at(item_counts, items, counts)
@@ -188,15 +347,20 @@ def split_chips(frame: pd.DataFrame, class_values: list[int],
     for k, value in enumerate(class_values):
         holders = int((item_counts[:, k] > 0).sum())
         if holders < n_sets:
-            unit = "chip(s)" if params.strategy == "balanced" else "spatial block(s)"
+            unit = {"balanced": "chip(s)", "spatial-blocks": "spatial block(s)"}.get(
+                params.strategy, "chip(s)")
             raise SplitInfeasibleError(
                 f"Class {value} occurs in only {holders} {unit}, too rare to appear in each of "
                 f"the {n_sets} sets: add data with class {value}, merge it into another class "
                 "or relabel it as 0 (unlabelled).")
     item_sets = assign(item_counts, fractions, seed=params.seed,
                        min_share=params.min_class_share, sizes=sizes,
-                       max_seconds=params.max_search_seconds)
+                       max_seconds=params.max_search_seconds,
+                       adjacency=unit_adjacency(items, pairs)
+                       if params.strategy == "balanced-groups" else None)
     sets = item_sets[items]
+    if params.strategy == "balanced-groups":  # the buffer: no evaluation chip touches training
+        sets = _buffer(sets, counts, pairs, params.min_class_share)
     achieved = quality(counts, sets, 3, params.min_class_share)
     if not achieved.min_share_ok:
         totals = counts.sum(axis=0)
@@ -233,7 +397,7 @@ def check_split_before_chipping(label_uris: list[str], chip: ChipParams,
                                 f"({class_values}) in the chips that would be kept: "
                                 "segmentation needs at least two classes")
     try:
-        split_chips(frame, class_values, params)
+        split_chips(frame, class_values, params)  # the sets are chosen again after chipping
     except SplitInfeasibleError as error:
         raise SplitInfeasibleError(f"Checked before chipping {where} with chips of "
                                    f"{chip.tile_size[0]} px: {error}") from None
@@ -381,14 +545,20 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
     say(f"checking {len(frame)} image chips")
     check_image_chips([storage.join(folder, "images", c) for c in frame["chip"]], workers)
     say(f"balancing {len(frame)} chips over classes {class_values}")
-    sets, _ = split_chips(frame, class_values, params)
-    return write_split(folder, frame, sets, params, out_folder, workers, progress, started)
+    choice = split_chips(frame, class_values, params)
+    if choice.note:
+        log.warning(choice.note)
+        say(f"warning: {choice.note}")
+    return write_split(folder, frame, choice.sets, params, out_folder, workers, progress,
+                       started, notes=[choice.note] if choice.note else [],
+                       strategy=choice.strategy)
 
 
 def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: SplitParams,
                 out_folder: str | None = None, workers: int = 4,
                 progress: Callable[[str], None] | None = None,
-                started: float | None = None) -> SplitReport:
+                started: float | None = None, notes: list[str] | None = None,
+                strategy: str | None = None) -> SplitReport:
     """Write the CSVs, band statistics and ``split.json`` of a chosen split.
 
     :func:`make_dataset` chooses the sets; a caller that chooses them otherwise (the folds of
@@ -401,6 +571,8 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
         params: the scaler, normalisation and class weighting (percentages are not used).
         out_folder, workers, progress: as in :func:`make_dataset`.
         started: ``time.perf_counter()`` when the work began (for the report's seconds).
+        notes: warnings the choice of the sets gave (kept with the others).
+        strategy: the strategy that chose the sets, when not ``params.strategy``.
     """
     started = time.perf_counter() if started is None else started
     out_folder = out_folder or folder
@@ -410,7 +582,13 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
     achieved = quality(counts, sets, 3, params.min_class_share)
     log.info("Split quality: largest class-share gap %.2f pp, Jensen-Shannon divergence %.2e",
              achieved.max_share_gap_pp, achieved.js_divergence)
-    warnings = split_warnings(sets, params)
+    pairs = touching_pairs(frame)
+    leakage = measure(frame, sets, counts.sum(axis=1), pairs)
+    buffer_chips = int(touching_other_sets(sets, pairs, UNUSED, (VALIDATION, TEST)).sum()) \
+        if (strategy or params.strategy) == "balanced-groups" else 0
+    used = strategy or params.strategy
+    warnings = [*(notes or []), *split_warnings(sets, params),
+                *leakage_warnings(leakage, buffer_chips, used, len(frame))]
     for message in warnings:
         log.warning(message)
         say(f"warning: {message}")
@@ -426,6 +604,8 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
         texts[name] = (CSV_NAMES[name], rows.to_csv(index=False, lineterminator="\n"))
     summary = summary_table(frame, sets, class_values, background, params, achieved)
     texts["summary"] = (SUMMARY_CSV, summary.to_csv(index=False, lineterminator="\n"))
+    texts["leakage"] = (LEAKAGE_CSV, leakage_table(leakage).to_csv(index=False,
+                                                                   lineterminator="\n"))
     if params.normalize:
         say("computing band statistics")
         train_uris = [storage.join(folder, "images", c) for c in chips[sets == 0].sort_values()]
@@ -442,7 +622,8 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
         class_values=class_values, background=background,
         max_share_gap_pp=achieved.max_share_gap_pp, js_divergence=achieved.js_divergence,
         class_weights=weights, outputs=outputs, seconds=time.perf_counter() - started,
-        warnings=warnings,
+        warnings=warnings, leakage=leakage.to_dict(), buffer_chips=buffer_chips,
+        strategy=used,
     )
     record = {"params": asdict(params), "report": asdict(report), "version": __version__}
     outputs["run"] = storage.join(out_folder, "split.json")
@@ -453,6 +634,39 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
              if report.chips[n]]
     log.info("Final dataset split: %s.", ", ".join(parts))
     return report
+
+
+def leakage_table(leakage: Leakage) -> pd.DataFrame:
+    """``Split_leakage.csv``: per evaluation set, its chips and labelled pixels that touch a
+    training chip (the companion of ``Summary_train_val.csv``)."""
+    rows = []
+    for name, part in (("Validation", leakage.validation), ("Test", leakage.test)):
+        rows.append({"Set": name, "Chips": part.chips,
+                     "Chips Touching Train": part.touching_chips,
+                     "Chip Share (%)": round(part.chip_share * 100, 2),
+                     "Labelled Pixels": part.labelled_pixels,
+                     "Pixels In Touching Chips": part.touching_pixels,
+                     "Pixel Share (%)": round(part.pixel_share * 100, 2)})
+    return pd.DataFrame(rows)
+
+
+def leakage_warnings(leakage: Leakage, buffer_chips: int, strategy: str,
+                     total: int) -> list[str]:
+    """What a user should know about the split's spatial separation (``strategy``: the one
+    that chose the sets)."""
+    out = []
+    if leakage.leaks and strategy == "balanced-groups":
+        out.append(f"spatial leakage: {leakage.sentence()} Some classes occur only in chips "
+                   "that touch each other's: a few were kept in training for the class-share "
+                   "rule")
+    elif leakage.leaks:
+        out.append(f"spatial leakage: {leakage.sentence()} Strategy '{strategy}' "
+                   "assigns chips that touch to different sets; the default 'balanced-groups' "
+                   "keeps them apart (or cut chips with a step larger than the tile)")
+    if buffer_chips:
+        out.append(f"{buffer_chips} of {total} chips touch a validation or test chip and are "
+                   "left out of training (the buffer that keeps the sets apart)")
+    return out
 
 
 def check_image_chips(uris: list[str], workers: int = 4) -> tuple[int, int, int]:

@@ -247,8 +247,10 @@ def resumable(cfg: TrainConfig, mlflow_uri: str) -> tuple[TrainConfig, str | Non
         os.makedirs(cfg.out, exist_ok=True)
         resume = storage.download(resume, local)
     if resume:
+        # an explicit resume must leave epochs to train; a prefix's own last checkpoint may
+        # not (a training killed after its last epoch, before it was logged, is completed)
         check_resume_checkpoint(load_checkpoint(resume), cfg.resume or resume, cfg.dataset,
-                                cfg.epochs)
+                                cfg.epochs if cfg.resume else None)
     return replace(cfg, resume=resume), run_id
 
 

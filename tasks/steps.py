@@ -13,6 +13,7 @@ from specdeepmap.baseline import summary_metrics
 from specdeepmap.chipping import ChipParams, ChipReport, chip_scene
 from specdeepmap.comparison import Difference
 from specdeepmap.evaluation import evaluate_model
+from specdeepmap.leakage import Leakage
 from specdeepmap.mapping import MapParams, map_scene_products
 from specdeepmap.model_card import escape_md, publish_model_card
 from specdeepmap.splitting import (SplitParams, SplitReport, check_split_before_chipping,
@@ -73,11 +74,16 @@ def chip_task(image_uri: str, label_uri: str, out_uri: str, params: ChipParams,
 def split_task(chip_folder: str, params: SplitParams) -> SplitReport:
     """Dataset Maker; artifact: chips per set and split quality."""
     report = make_dataset(chip_folder, params)
+    leakage = Leakage.from_dict(report.leakage)
     create_markdown_artifact(
         key="split", description=f"Split of {chip_folder}",
         markdown=_table([(k, v) for k, v in report.chips.items()], ("set", "chips")) +
         f"\n\nLargest class-share gap **{report.max_share_gap_pp:.2f} pp**, "
-        f"Jensen-Shannon divergence {report.js_divergence:.2e}")
+        f"Jensen-Shannon divergence {report.js_divergence:.2e} (strategy {report.strategy})."
+        f"\n\n**Spatial leakage**: {leakage.sentence()}" +
+        (f" {report.buffer_chips} chips touching a validation or test chip were left out of "
+         "training." if report.buffer_chips else "") +
+        "".join(f"\n\n- warning: {escape_md(w)}" for w in report.warnings))
     return report
 
 
@@ -120,6 +126,8 @@ def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | Non
         text += f"; RandomForest baseline **{forest.mean_iou:.4f}** on the same chips"
     if report.versus_baseline is not None:
         text += ". " + report.versus_baseline.sentence("The model", "the RandomForest")
+    if report.split_leakage is not None and report.split_leakage.leaks:
+        text += f"\n\n**The split leaks**: {report.split_leakage.sentence()}"
     create_markdown_artifact(
         key="evaluation", description=f"Test metrics of {model_uri}",
         markdown=text + "\n\n" + _table(
@@ -130,7 +138,9 @@ def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | Non
             "overall_accuracy": m.overall_accuracy, "iou_csv": report.iou_csv,
             "baseline_rf_test_mean_iou": forest.mean_iou if forest is not None else None,
             "baseline_rf_difference": report.versus_baseline.to_dict()
-            if report.versus_baseline is not None else None}
+            if report.versus_baseline is not None else None,
+            "split_leakage": report.split_leakage.to_dict()
+            if report.split_leakage is not None else None}
 
 
 @task(name="score champion", **RETRIES)
@@ -153,7 +163,8 @@ def champion_task(name: str, test_csv: str, new_model_uri: str, out_uri: str,
 def promote_task(name: str, version: str, test_mean_iou: float,
                  baseline_mean_iou: float | None = None, champion: dict | None = None,
                  min_improvement: float = 0.0, mode: str = "auto",
-                 baseline_difference: dict | None = None) -> dict:
+                 baseline_difference: dict | None = None,
+                 split_leakage: dict | None = None) -> dict:
     """Apply the promotion rule (champion on the same test chips, margin, baseline) in
     ``mode`` auto, approval or none; artifact: the comparison, with how sure the test chips
     make each difference (``champion["difference"]``, ``baseline_difference``:
@@ -179,6 +190,9 @@ def promote_task(name: str, version: str, test_mean_iou: float,
                  for difference, other in ((champion.get("difference"), "the champion"),
                                            (baseline_difference, "the RandomForest"))
                  if difference]
+    if split_leakage and Leakage.from_dict(split_leakage).leaks:
+        sentences.append("**The split leaks**, so these test figures overstate every model on "
+                         "new areas: " + Leakage.from_dict(split_leakage).sentence())
     if sentences:
         comparison += "\n\n" + "\n".join(f"- {s}" for s in sentences)
     create_markdown_artifact(

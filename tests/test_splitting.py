@@ -38,7 +38,8 @@ def make_chip_folder(folder, n=40, classes=(1, 5, 200), size=16, seed=0, nodata=
 
 def test_outputs_have_specdeepmaps_names_columns_and_values(tmp_path):
     folder = make_chip_folder(tmp_path / "chips", n=60)
-    report = make_dataset(str(folder), SplitParams(scaler=10000))
+    # SpecDeepMap's own split over single chips (its neighbours touch: tests/test_leakage.py)
+    report = make_dataset(str(folder), SplitParams(scaler=10000, strategy="balanced"))
     files = {k: pd.read_csv(folder / f"{k}_files.csv") for k in ("train", "validation", "test")}
     for frame in files.values():
         assert list(frame.columns) == ["image", "mask"]
@@ -210,8 +211,8 @@ def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
         label = np.ones((8, 8), np.uint8)
         label[:, 4:] = 2
         write_raster(chips / "labels" / name, label)
-    with caplog.at_level(logging.WARNING):
-        report = make_dataset(str(chips), SplitParams(80, 5, 5))
+    with caplog.at_level(logging.WARNING):  # the chips touch in a row: SpecDeepMap's split
+        report = make_dataset(str(chips), SplitParams(80, 5, 5, strategy="balanced"))
     assert sum(report.chips.values()) == 18  # dot-named chips are seen; 10 % left out
     assert any("= 90 %" in w and "2 of 20" in w for w in report.warnings)
     assert any("validation set holds only" in w for w in report.warnings)
