@@ -32,6 +32,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_chipping.py
 	$(PY) benchmarks/bench_splitting.py
+	$(PY) benchmarks/bench_leakage.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_mapping.py
 	$(PY) benchmarks/bench_ensemble.py

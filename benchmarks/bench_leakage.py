@@ -12,7 +12,7 @@ per-pixel RandomForest itself) and both models scored on the same test chips:
 Printed per case: chips per set, training chips left out as the buffer, the share of test
 chips (and test pixels) that touch a training chip, the class-share gap, pooled test mean IoU
 of both models and the deep model's difference with its 90 % paired bootstrap interval over
-the test chips; the last column is the forest's test IoU as a ratio of its figure on the
+the test chips (resampled in groups of touching chips, the units counted); the last column is the forest's test IoU as a ratio of its figure on the
 baseline split (how much of the forest's score the leak gave it).
 
 Usage: python benchmarks/bench_leakage.py [--epochs 30] [--seed 0] [--cases 1 2 3 4]
@@ -82,13 +82,14 @@ def main() -> None:
             f"{split.buffer_chips} | {test['touching_chips']}/{test['chips']} "
             f"({test['pixel_share']:.0%}) | {split.max_share_gap_pp:.1f} | {deep:.3f} | "
             f"{forest:.3f} | {versus.difference:+.3f} ({versus.low:+.3f} to "
-            f"{versus.high:+.3f}) | {forest / baseline_forest:.2f} |")
+            f"{versus.high:+.3f}; {versus.units} units) | {forest / baseline_forest:.2f} |")
         print(rows[-1], flush=True)
     print(f"\nSentinel-2, 64 px chips, step 64, {args.epochs} epochs, seed {args.seed}; "
           "pooled test mean IoU on each case's own test chips\n")
     print("| case | coverage | batch | split % | strategy | chips train/val/test | buffer | "
           "test chips touching train (pixels) | class-share gap (pp) | deep | forest | "
-          "deep − forest (90 % interval) | forest ÷ case 1 |")
+          "deep − forest (90 % interval over groups of touching test chips) | "
+          "forest ÷ case 1 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(row)

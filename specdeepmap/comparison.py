@@ -42,8 +42,11 @@ class Difference:
     low: float  #: lower end of the interval
     high: float  #: upper end
     level: float  #: the interval's coverage, e.g. 0.9
-    chips: int  #: chips resampled
+    chips: int  #: test chips
     share_a_better: float  #: share of resamples where A scored higher
+    #: independent units resampled: groups of touching chips (a chip's neighbours share its
+    #: fields and woods, so they are not independent draws); ``chips`` when not grouped
+    units: int | None = None
 
     @property
     def verdict(self) -> str:
@@ -57,16 +60,20 @@ class Difference:
 
     def sentence(self, a: str, b: str) -> str:
         """The difference in words, e.g. for a model card."""
-        where = f"{self.level:.0%} interval over {self.chips} resampled test chips"
+        units = self.units if self.units is not None else self.chips
+        where = f"{self.level:.0%} interval over {self.chips} resampled test chips" \
+            if units == self.chips else (f"{self.level:.0%} interval over {units} resampled "
+                                         f"groups of touching test chips ({self.chips} chips)")
         text = (f"{a} scores {self.difference:+.3f} mean IoU against {b} "
                 f"({where}: {self.low:+.3f} to {self.high:+.3f}); ")
         if self.verdict == "undecided":
             text += "the test chips cannot tell the two apart."
         else:
             text += f"the test chips favour {a if self.verdict == 'better' else b}."
-        if self.chips < FEW_CHIPS:
-            text += (f" With only {self.chips} test chips the interval is narrower than the "
-                     "true uncertainty.")
+        if units < FEW_CHIPS:
+            what = "test chips" if units == self.chips else "independent groups of test chips"
+            text += (f" With only {units} {what} the interval is narrower than the true "
+                     "uncertainty.")
         return text
 
     def to_dict(self) -> dict:
@@ -76,7 +83,7 @@ class Difference:
     @classmethod
     def from_dict(cls, data: dict) -> Difference:
         """Back from :meth:`to_dict`."""
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
 def pooled_mean_iou(matrices: np.ndarray) -> np.ndarray:
@@ -93,7 +100,7 @@ def pooled_mean_iou(matrices: np.ndarray) -> np.ndarray:
 
 def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
                      resamples: int = RESAMPLES, level: float = LEVEL,
-                     seed: int = 0) -> Difference:
+                     seed: int = 0, units: dict[str, object] | None = None) -> Difference:
     """The difference of two models' pooled mean IoU on the same chips, with its interval.
 
     Args:
@@ -102,6 +109,9 @@ def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
         resamples: bootstrap draws.
         level: coverage of the (percentile) interval.
         seed: the draws' random seed (the result is reproducible).
+        units: the independent unit of each chip (e.g. its group of touching chips,
+            :func:`specdeepmap.leakage.chip_units`): the chips of a unit are drawn together
+            (a block bootstrap). Default: every chip is its own unit.
 
     Raises:
         InputMismatchError: the two models were not scored on the same chips.
@@ -118,7 +128,14 @@ def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
     if ma.shape != mb.shape:
         raise InputMismatchError(f"The two models' confusion matrices differ in shape "
                                  f"({ma.shape[1:]} and {mb.shape[1:]})")
-    n = len(names)
+    chips = len(names)
+    if units:
+        keys = [units.get(name, ("chip", name)) for name in names]
+        index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        rows = np.array([index[key] for key in keys])
+        ma = np.stack([ma[rows == u].sum(axis=0) for u in range(len(index))])
+        mb = np.stack([mb[rows == u].sum(axis=0) for u in range(len(index))])
+    n = len(ma)
     rng = np.random.default_rng(seed)
     differences = []
     for start in range(0, resamples, 250):  # bounded memory: 250 draws × chips at a time
@@ -132,4 +149,4 @@ def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
     low, high = np.quantile(diffs, [tail, 1 - tail])
     point = float(pooled_mean_iou(ma.sum(axis=0)) - pooled_mean_iou(mb.sum(axis=0)))
     return Difference(difference=point, low=float(low), high=float(high), level=level,
-                      chips=n, share_a_better=float(np.mean(diffs > 0)))
+                      chips=chips, share_a_better=float(np.mean(diffs > 0)), units=n)

@@ -28,7 +28,7 @@ import rasterio
 from specdeepmap import storage
 from specdeepmap.classes import ClassSchema
 from specdeepmap.comparison import Difference, paired_bootstrap
-from specdeepmap.leakage import Leakage, read_split_leakage
+from specdeepmap.leakage import Leakage, chip_units, read_split_leakage
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError
 from specdeepmap.inference import load_model
 
@@ -53,6 +53,8 @@ class Metrics:
     #: each chip's confusion matrix by chip file name (they sum to ``matrix``), for the
     #: paired comparison of two models on the same chips (:mod:`comparison`); None if unknown
     chip_matrices: dict[str, np.ndarray] | None = None
+    #: each chip's independent unit (its group of touching chips), resampled together
+    chip_units: dict[str, int] | None = None
 
     def table(self) -> pd.DataFrame:
         """One row per class."""
@@ -218,6 +220,8 @@ def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, 
     if metrics.chip_matrices is not None:  # for paired comparisons with other models later
         summary["chip_confusion_matrices"] = {name: m.tolist() for name, m in
                                               metrics.chip_matrices.items()}
+    if metrics.chip_units is not None:  # resampled together: groups of touching chips
+        summary["chip_units"] = metrics.chip_units
     if baseline is not None:
         table["Baseline RF IoU"] = baseline.iou
         summary |= {"baseline_rf_mean_iou": baseline.mean_iou,
@@ -241,7 +245,8 @@ def compare_with_baseline(metrics: Metrics, baseline: Metrics) -> Difference | N
     if metrics.chip_matrices is None or baseline.chip_matrices is None:
         return None
     try:
-        return paired_bootstrap(metrics.chip_matrices, baseline.chip_matrices)
+        return paired_bootstrap(metrics.chip_matrices, baseline.chip_matrices,
+                                units=metrics.chip_units)
     except InputMismatchError as error:
         log.warning("No interval for the difference with the baseline: %s", error)
         return None
@@ -299,6 +304,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     class_values = predictor.class_values
     k = len(class_values)
     chip_ious, chip_matrices = [], {}
+    chip_sizes: dict[str, tuple[int, int]] = {}
     foreign: set[int] = set()  # labelled values the model does not know
     foreign_pixels = 0
     exported = []
@@ -326,6 +332,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
             accumulate(chip_matrices.setdefault(storage.basename(image_uri),
                                                 np.zeros((k, k), dtype=np.int64)),
                        truth, pred, class_values)
+            chip_sizes[storage.basename(image_uri)] = truth.shape
             chip_ious.append(per_chip_iou(truth, np.where(truth == 0, 0, pred), class_values))
             unknown = (truth != 0) & ~np.isin(truth, class_values)
             if unknown.any():
@@ -354,6 +361,9 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     chip_iou = mean_chip_iou(chip_ious, k)
     matrix = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
     metrics = metrics_from_matrix(matrix, class_values, chip_matrices)
+    metrics.chip_units = chip_units(chip_sizes)
+    if baseline is not None and baseline.chip_units is None:  # the same chips, the same units
+        baseline.chip_units = metrics.chip_units
     versus = compare_with_baseline(metrics, baseline) if baseline is not None else None
     leakage = read_split_leakage(storage.parent(test_csv))
     iou_csv, metrics_csv, plots, summary = write_test_outputs(

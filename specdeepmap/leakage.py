@@ -17,9 +17,12 @@ labelled pixels.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a frame is built: the mapper never needs it
+    import pandas as pd
 
 #: set indices as the Dataset Maker uses them
 TRAIN, VALIDATION, TEST, UNUSED = 0, 1, 2, 3
@@ -88,6 +91,8 @@ def chip_extents(frame: pd.DataFrame) -> tuple[np.ndarray, ...]:
     ``frame`` needs ``scene``, ``x``, ``y`` and ``tile_x``; ``tile_y`` defaults to
     ``tile_x`` (square chips, as SpecDeepMap's names do not carry the height).
     """
+    import pandas as pd
+
     scene = pd.factorize(frame["scene"].astype(str))[0] if "scene" in frame else \
         np.zeros(len(frame), np.int64)
     x0 = frame["x"].to_numpy(np.int64)
@@ -165,6 +170,29 @@ def measure(frame: pd.DataFrame, sets: np.ndarray, labelled: np.ndarray,
     return Leakage(*parts)
 
 
+def chip_units(chips: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """The independent units of a set of chips, for resampling: chips named by the Raster
+    Splitter (``{scene}_tile_{x}_{y}.tif``, SpecDeepMap's names too) that touch share a unit;
+    chips without a position in their name are units of their own.
+
+    Args:
+        chips: (height, width) of each chip, by file name.
+    """
+    import pandas as pd
+
+    from specdeepmap.chipping import CHIP_NAME
+
+    rows = []
+    for name, (height, width) in chips.items():
+        found = CHIP_NAME.match(name)
+        rows.append({"scene": found["scene"] if found else f"\0{name}",
+                     "x": int(found["x"]) if found else 0, "y": int(found["y"]) if found else 0,
+                     "tile_x": int(width), "tile_y": int(height)})
+    if not rows:
+        return {}
+    return dict(zip(chips, touch_groups(pd.DataFrame(rows)).tolist()))
+
+
 def read_split_leakage(folder: str) -> Leakage | None:
     """The leakage recorded in a dataset folder's ``split.json`` (None when the split was
     made before it was measured, or elsewhere)."""
@@ -180,6 +208,7 @@ def read_split_leakage(folder: str) -> Leakage | None:
         return None
 
 
-__all__ = ["Leakage", "SetLeakage", "chip_extents", "measure", "read_split_leakage",
+__all__ = ["Leakage", "SetLeakage", "chip_extents", "chip_units", "measure",
+           "read_split_leakage",
            "touch_groups",
            "touching_other_sets", "touching_pairs"]

@@ -132,7 +132,8 @@ def champion_version(name: str, client=None) -> str | None:
 
 def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str,
                    device: str = "auto", client=None,
-                   new_chip_matrices: dict | None = None) -> dict:
+                   new_chip_matrices: dict | None = None,
+                   chip_units: dict | None = None) -> dict:
     """Score the current champion on the new run's test chips with the Tester's code.
 
     Returns ``{"version", "mean_iou", "reason", "difference"}``: ``mean_iou`` is None (and
@@ -165,8 +166,9 @@ def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str
     difference = None
     if new_chip_matrices:
         try:
-            difference = paired_bootstrap(new_chip_matrices,
-                                          report.metrics.chip_matrices or {}).to_dict()
+            difference = paired_bootstrap(
+                new_chip_matrices, report.metrics.chip_matrices or {},
+                units=chip_units or report.metrics.chip_units).to_dict()
         except InputMismatchError as error:  # the new model's figures are for other chips
             log.warning("No interval for the difference with the champion: %s", error)
     return {"version": version, "mean_iou": report.metrics.mean_iou, "reason": "",

@@ -50,7 +50,8 @@ def read_state(prefix: str) -> ResumeState | None:
         data = json.loads(storage.read_text(uri))
     except (ValueError, UnicodeDecodeError) as error:
         raise UnreadableInputError(f"{uri} is not JSON ({error}): it is not a resume state "
-                                   "written by specdeepmap; use an empty checkpoint prefix")
+                                   "written by specdeepmap; use an empty checkpoint "
+                                   "prefix") from None
     if not isinstance(data, dict) or not isinstance(data.get("mlflow_run_id"), str):
         raise UnreadableInputError(f"{uri} is not a resume state written by specdeepmap (a "
                                    "JSON object with mlflow_run_id); use an empty prefix")

@@ -148,12 +148,13 @@ def champion_task(name: str, test_csv: str, new_model_uri: str, out_uri: str,
                   new_evaluation_uri: str | None = None) -> dict:
     """The current champion scored on the new run's test chips (fair comparison); with the
     new model's Tester output folder, also the difference with its interval over the chips."""
-    chips = None
+    chips = units = None
     if new_evaluation_uri:
-        chips = json.loads(storage.read_text(storage.join(
-            new_evaluation_uri, "test_metrics.json"))).get("chip_confusion_matrices")
+        tested = json.loads(storage.read_text(storage.join(new_evaluation_uri,
+                                                           "test_metrics.json")))
+        chips, units = tested.get("chip_confusion_matrices"), tested.get("chip_units")
     score = registry.score_champion(name, test_csv, new_model_uri, out_uri,
-                                    new_chip_matrices=chips)
+                                    new_chip_matrices=chips, chip_units=units)
     if score["mean_iou"] is None and score["version"] is not None:
         get_run_logger().warning("Champion not compared: %s", score["reason"])
     return score

@@ -22,8 +22,12 @@ from typer.testing import CliRunner
 
 from specdeepmap import storage
 from specdeepmap.cli import app
-from specdeepmap.errors import (InputMismatchError, InvalidLabelError, InvalidParameterError,
-                                UnreadableInputError)
+from specdeepmap.errors import (
+    InputMismatchError,
+    InvalidLabelError,
+    InvalidParameterError,
+    UnreadableInputError,
+)
 from tests.conftest import write_raster
 
 runner = CliRunner()

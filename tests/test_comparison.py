@@ -91,3 +91,30 @@ def test_models_scored_on_other_chips_are_not_compared(truths):
     b["elsewhere.tif"] = b.pop("chip_0.tif")
     with pytest.raises(InputMismatchError, match="chip_0.tif"):
         paired_bootstrap(a, b)
+
+
+def test_touching_chips_are_resampled_together():
+    """Chips of one unit (a group of touching chips) are drawn together: with every chip in one
+    unit each draw is the whole set, so the interval collapses onto the difference; with one
+    unit per chip it is the chip bootstrap; the sentence counts the units."""
+    from specdeepmap.comparison import paired_bootstrap
+    from specdeepmap.leakage import chip_units
+
+    rng = np.random.default_rng(3)
+    a = {f"s_tile_{i * 32}_0.tif": rng.integers(0, 50, (3, 3)) for i in range(12)}
+    b = {name: rng.integers(0, 50, (3, 3)) for name in a}
+    single = paired_bootstrap(a, b, units={name: 0 for name in a})
+    assert single.units == 1 and single.chips == 12
+    assert single.low == pytest.approx(single.difference) == pytest.approx(single.high)
+    assert "over 1 resampled groups of touching test chips (12 chips)" in \
+        single.sentence("A", "B")
+    assert "only 1 independent groups" in single.sentence("A", "B")
+    each = paired_bootstrap(a, b, units={name: i for i, name in enumerate(a)})
+    plain = paired_bootstrap(a, b)
+    assert (each.low, each.high, each.units) == (plain.low, plain.high, 12)
+    # chips 32 px apart in a row touch: one unit; 40 px apart leave gaps: a unit each
+    assert len(set(chip_units({n: (32, 32) for n in a}).values())) == 1
+    apart = {f"s_tile_{i * 40}_0.tif": (32, 32) for i in range(5)}
+    assert len(set(chip_units(apart).values())) == 5
+    assert chip_units({"no_position.tif": (8, 8), "other.tif": (8, 8)}) == {
+        "no_position.tif": 0, "other.tif": 1}
