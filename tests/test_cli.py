@@ -87,6 +87,9 @@ def test_promote_by_hand_applies_the_pipelines_checks(trained, dataset, tmp_path
     import mlflow
 
     config, result = trained
+    # MLflow's registry resolves a models:/m-… source through the global tracking URI (not
+    # the client's), which other tests' trainings moved
+    mlflow.set_tracking_uri(config.tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
     source = client.get_model_version("test-model", result.model_version)
     client.create_registered_model("by-hand")
