@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 OUT ?= runs/demo
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# the loop while working: no services, no spawned processes (< 3 min on 2 cores)
+test-fast: install
+	$(PY) -m pytest -q -m "not integration and not slow"
 
 bench: install
 	$(PY) benchmarks/bench_chipping.py

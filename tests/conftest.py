@@ -20,6 +20,18 @@ SHARED_DATA = Path(os.environ.get("SPECDEEPMAP_SHARED_DATA", REPO.parent / "shar
 UTM33 = "EPSG:32633"
 
 
+#: fixtures that start a real service: a test using one is marked ``integration``, so that
+#: ``make test-fast`` (``-m "not integration and not slow"``) never waits for a server
+SERVICE_FIXTURES = {"s3_server", "s3_bucket", "prefect_api", "platform", "stack"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a service fixture as ``integration``."""
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 def write_raster(path, array, crs=UTM33, transform=None, nodata=None, **extra) -> str:
     """Write a (bands, rows, cols) or (rows, cols) array as a GeoTIFF and return its path."""
     array = np.asarray(array)

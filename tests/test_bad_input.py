@@ -122,6 +122,7 @@ def test_stack_bands_never_replaces_a_file(tmp_path):
     assert odd.read_text() == "<VRTDataset/>"
 
 
+@pytest.mark.slow
 def test_sigterm_mid_map_leaves_no_staging_folder_and_no_output(trained, tmp_path):
     from specdeepmap.sample_data import generate_scene
 

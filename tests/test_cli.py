@@ -35,6 +35,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path):
     assert result.exit_code == 2  # typer's own range check
 
 
+@pytest.mark.slow
 def test_third_party_errors_are_one_line_by_family(tmp_path, small_scene, monkeypatch):
     """GDAL, filesystem, MLflow and S3 errors reach the user as one line naming the problem
     (exit 2), never as a traceback."""

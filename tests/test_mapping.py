@@ -276,6 +276,7 @@ def test_s3_in_and_out(trained, dataset, s3_bucket, tmp_path):
         assert remote.transform == local.transform
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 def test_real_enmap_scene_through_the_registry(enmap_folder, tmp_path):
     """A 128 x 64 EnMAP mosaic of the real chips, mapped with a model from its registry URI."""
@@ -526,6 +527,7 @@ print(loaded)
 """
 
 
+@pytest.mark.slow
 def test_the_mapper_loads_no_library_it_does_not_use():
     """A mapping process, int8 included, imports neither pandas nor the Dataset Maker (~70 MB
     of resident memory in every mapping worker), nor the compiler stack that torch.fx's
@@ -549,6 +551,7 @@ def test_the_mapper_loads_no_library_it_does_not_use():
     assert kept.stdout.strip().splitlines()[-1] == "['triton']", kept.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_peak_memory_does_not_grow_with_the_scene(tmp_path, precision):
     """Mapping a scene 16 times larger (4 x wider, 4 x taller) raises the peak RSS above the

@@ -240,6 +240,7 @@ def _check_ddp_run(config_uri: str, dataset_folder: str, model_file: str):
     assert best == pytest.approx(single, abs=1e-6)  # every validation chip once
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu_from_the_command_line(dataset, tmp_path):
     """`--devices 2` on CPU (gloo, spawned processes) trains to the end (it used to hang at
     the first epoch's end), logs one MLflow run and registers one version; the reported
