@@ -120,3 +120,56 @@ def test_promote_by_hand_applies_the_pipelines_checks(trained, dataset, tmp_path
         pytest.approx(float(tags["test_mean_iou"]))
     missing = CliRunner().invoke(app, [*base[:2], "99", *base[2:]])
     assert missing.exit_code == 2 and "has no version 99" in missing.output
+
+
+def test_promotion_compares_two_different_models_with_the_right_sign(trained, dataset,
+                                                                    tmp_path):
+    """A worse model (the trained one with its classifier weights scrambled) as champion, the
+    trained one promoted over it: the difference and its sign match the two models' own test
+    figures, computed apart; the reverse is refused with the opposite difference."""
+    import mlflow
+    import torch
+
+    from specdeepmap.errors import PromotionRefusedError
+    from specdeepmap.evaluation import evaluate_model
+    from specdeepmap.inference import export_model_file, load_model, read_model_file
+    from specdeepmap.model_card import dataset_facts
+    from specdeepmap.registry import CHAMPION, promote_by_hand
+    from specdeepmap.tracking import ensure_experiment, register_model
+
+    config, result = trained
+    model_config, state = read_model_file(result.model_file)
+    worse = load_model(result.model_file, device="cpu").model
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in worse.state_dict().items():
+            if "segmentation_head" in name or "head" in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    worse_file = export_model_file(model_config, worse, str(tmp_path / "worse" / "model.pt"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    previous = mlflow.get_tracking_uri()
+    ensure_experiment(uri, "specdeepmap")
+    try:
+        chips = str(dataset / "chips")
+        digest = dataset_facts(chips)["digest"]
+        versions = []
+        for file in (worse_file, result.model_file):
+            with mlflow.start_run():
+                versions.append(register_model(file, model_config, "signs", 0.5, chips,
+                                               dataset_digest=digest)[1])
+        test_csv = str(dataset / "chips" / "test_files.csv")
+        scores = [evaluate_model(test_csv, f, str(tmp_path / f"t{i}"), device="cpu",
+                                 log_to_mlflow=False).metrics.mean_iou
+                  for i, f in enumerate((worse_file, result.model_file))]
+        assert scores[1] > scores[0] + 0.05  # the scrambled head is clearly worse
+        promote_by_hand("signs", versions[0], str(tmp_path / "p0"), device="cpu")
+        decision = promote_by_hand("signs", versions[1], str(tmp_path / "p1"), device="cpu")
+        assert decision.alias == CHAMPION
+        expected = f"{scores[1] - scores[0]:+.3f} mean IoU against the champion"
+        assert expected in decision.reason, decision.reason
+        with pytest.raises(PromotionRefusedError) as refused:
+            promote_by_hand("signs", versions[0], str(tmp_path / "p2"), device="cpu")
+        assert f"{scores[0] - scores[1]:+.3f} mean IoU against the champion" in \
+            str(refused.value)
+    finally:
+        mlflow.set_tracking_uri(previous)

@@ -295,8 +295,22 @@ def test_s3_read_cut_off_mid_way_is_a_transient_error(s3_server, s3_bucket, tmp_
         assert src.read(window=Window(512, 512, 512, 512)).shape == (13, 512, 512)
 
 
+async def _task_states(prefix: str, since) -> list[str]:
+    """The state names of the task runs named ``prefix…`` created since ``since``."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        names = []
+        for run in await client.read_task_runs():
+            if run.name.startswith(prefix) and run.created and run.created >= since:
+                names += [state.name for state in await client.read_task_run_states(run.id)]
+        return names
+
+
 def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
         prefect_api, s3_server, s3_bucket, tmp_path, monkeypatch):
+    import asyncio
+    import datetime
     import threading
     from urllib.parse import urlparse
 
@@ -320,6 +334,7 @@ def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
     import time
 
     thread = threading.Thread(target=outage)
+    started = datetime.datetime.now(datetime.timezone.utc)
     thread.start()
     result = chip_flow([ScenePair(image_uri=f"{s3_bucket}/in/demo_s2.tif",
                                   label_uri=f"{s3_bucket}/in/demo_s2_labels.tif")],
@@ -327,6 +342,10 @@ def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
                                                           min_coverage=0))
     thread.join()
     assert result[0]["chips"] == 400
+    # the outage failed the chipping task, which Prefect ran again (not a run that happened
+    # to miss the outage)
+    assert "Retrying" in asyncio.run(_task_states("chip scene", started)), \
+        "the chipping task was never retried"
     manifest = read_manifest(f"{s3_bucket}/chips/manifest/demo_s2.csv")
     images = storage.list_files(f"{s3_bucket}/chips/images", ".tif")
     assert len(manifest) == len(images) == 400

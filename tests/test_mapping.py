@@ -58,6 +58,17 @@ def test_output_is_a_georeferenced_cog_with_lineage(trained, dataset, tmp_path):
     lines = (tmp_path / "out" / "iou.csv").read_text().splitlines()
     # SpecDeepMap's two columns first; the demo labels name their classes
     assert lines[0] == "Class,IoU,Name" and lines[-1].startswith("Mean IoU,")
+    # each class's IoU, computed again from the map and the label raster alone: pixels
+    # labelled with a class and mapped (not nodata)
+    with rasterio.open(dataset / "scene" / "demo_s2_labels.tif") as gt:
+        truth = gt.read(1).astype(int)
+    counted = (truth > 0) & (classes > 0)
+    expected = [((truth == c) & (classes == c) & counted).sum()
+                / (((truth == c) | (classes == c)) & counted).sum() for c in range(1, 7)]
+    written = [float(line.split(",")[1]) for line in lines[1:-1]]
+    np.testing.assert_allclose(written, expected, atol=1e-9)
+    assert float(lines[-1].split(",")[1]) == pytest.approx(np.mean(expected))
+    assert report.mean_iou == pytest.approx(np.mean(expected))
     assert report.pixels_processed >= classes.size
     assert sorted(os.listdir(tmp_path / "out")) == [
         "classes.gpkg", "classes.qml", "classes.tif", "classes.tif.aux.xml", "confidence.tif",
@@ -568,7 +579,8 @@ def test_peak_memory_does_not_grow_with_the_scene(tmp_path, precision):
                               str(tmp_path / "model.pt"))
     above_floor = {}
     for width, height in ((1024, 512), (4096, 2048)):
-        scene = generate_scene(str(tmp_path / f"s{width}"), height, width, seed=1).image_uri
+        scene = generate_scene(str(tmp_path / f"s{width}"), width=width, height=height,
+                               seed=1).image_uri
         env = {**os.environ, "GDAL_CACHEMAX": "8"}  # a cache both scenes fill
         proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, scene, model,
                                str(tmp_path / f"m{width}.tif"), precision],

@@ -147,6 +147,31 @@ def test_tester_outputs_specdeepmap_csv_and_metrics(trained, dataset, tmp_path):
     assert len(report.predictions) == n_test
     assert report.metrics.matrix.sum() > 0
     assert (tmp_path / "test" / "confusion_matrix.png").stat().st_size > 1000
+    # the figures, computed again from the exported predictions and the label chips alone
+    import rasterio
+
+    truth, pred = [], []
+    for mask in pd.read_csv(dataset / "chips" / "test_files.csv")["mask"]:
+        name = os.path.basename(mask).removesuffix(".tif")
+        with rasterio.open(dataset / "chips" / mask) as t, \
+                rasterio.open(tmp_path / "preds" / f"{name}_prediction.tif") as p:
+            truth.append(t.read(1).astype(int))
+            pred.append(p.read(1).astype(int))
+    per_chip, pooled = [], []
+    for c in range(1, 7):
+        ious = [((t == c) & (q == c)).sum() / ((t == c) | (q == c)).sum()
+                for t, q in zip(truth, pred) if ((t == c) | (q == c)).any()]
+        per_chip.append(np.mean(ious) if ious else np.nan)  # SpecDeepMap: mean over chips
+        t, q = np.concatenate([x.ravel() for x in truth]), np.concatenate(
+            [x.ravel() for x in pred])
+        labelled = t > 0
+        union = (((t == c) | (q == c)) & labelled).sum()
+        pooled.append(((t == c) & (q == c)).sum() / union if union else np.nan)
+    written = [float(line.split(",")[1]) for line in lines[1:-1]]
+    np.testing.assert_allclose(written, per_chip, atol=1e-9)
+    assert float(lines[-1].split(",")[1]) == pytest.approx(np.nanmean(per_chip))
+    np.testing.assert_allclose(report.metrics.iou, pooled, atol=1e-9)
+    assert np.isfinite(written).all()
 
 
 def test_errors_before_training(dataset, trained):
