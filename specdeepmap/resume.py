@@ -30,10 +30,12 @@ class ResumeState:
     last: str = LAST_CHECKPOINT  #: the latest checkpoint's file name inside the prefix
     dataset: str | None = None  #: the dataset trained on (absolute URI)
     finished: bool = False  #: the training ran to its end and was logged
+    #: written before ``finished`` was recorded: whether it finished must be asked of MLflow
+    legacy: bool = False
 
     def to_json(self) -> str:
         """The file's text."""
-        return json.dumps(asdict(self))
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "legacy"})
 
 
 def read_state(prefix: str) -> ResumeState | None:
@@ -60,7 +62,7 @@ def read_state(prefix: str) -> ResumeState | None:
             mlflow_run_id=data["mlflow_run_id"], epoch=int(data.get("epoch", 0)),
             global_step=int(data.get("global_step", 0)),
             last=str(data.get("last", LAST_CHECKPOINT)), dataset=data.get("dataset"),
-            finished=bool(data.get("finished", False)))
+            finished=bool(data.get("finished", False)), legacy="finished" not in data)
     except (TypeError, ValueError) as error:
         raise UnreadableInputError(f"{uri}: a field has the wrong type ({error})") from None
     if "/" in state.last or "\\" in state.last or state.last in ("", ".", ".."):
@@ -87,13 +89,18 @@ def check_prefix_owner(state: ResumeState, prefix: str, dataset: str) -> None:
             f"{dataset}: give a new checkpoint prefix (one prefix per training)")
 
 
-def check_run_continuable(status: str, run_dataset: str | None, run_id: str, prefix: str,
-                          dataset: str) -> None:
+def check_run_continuable(status: str | None, run_dataset: str | None, run_id: str,
+                          prefix: str, dataset: str) -> None:
     """Refuse to reopen an MLflow run that finished or trained on another dataset.
 
     Args:
-        status: the run's MLflow status (``RUNNING``, ``FAILED``, ``KILLED``, ``FINISHED``).
+        status: the run's MLflow status (``RUNNING``, ``FAILED``, ``KILLED``, ``FINISHED``);
+            None when ``resume.json`` itself says whether the training finished (Lightning
+            marks the run FINISHED when fitting ends, before the model is logged, so a
+            training interrupted after that is still to be completed).
         run_dataset: the run's ``dataset`` parameter, if logged.
+        run_id: the run's id; prefix: the checkpoint prefix; dataset: the dataset about to
+            be trained on (for the checks and the messages).
     """
     where = storage.redact(prefix)
     if status == "FINISHED":

@@ -237,7 +237,8 @@ def resumable(cfg: TrainConfig, mlflow_uri: str) -> tuple[TrainConfig, str | Non
         state = read_state(cfg.checkpoint_uri)
         if state is not None:
             check_prefix_owner(state, cfg.checkpoint_uri, cfg.dataset)
-            check_mlflow_run(mlflow_uri, state.mlflow_run_id, cfg.checkpoint_uri, cfg.dataset)
+            check_mlflow_run(mlflow_uri, state.mlflow_run_id, cfg.checkpoint_uri, cfg.dataset,
+                             ask_status=state.legacy)
             resume = storage.join(cfg.checkpoint_uri, state.last)
             run_id = state.mlflow_run_id
             log.warning("Continuing the interrupted training in %s from epoch %s (MLflow run "
@@ -266,9 +267,11 @@ def load_checkpoint(path: str) -> dict:
     return load_plain_data(path)
 
 
-def check_mlflow_run(mlflow_uri: str, run_id: str, prefix: str, dataset: str) -> None:
-    """The MLflow run a checkpoint prefix names: it must exist here, not have finished and
-    have trained on ``dataset``."""
+def check_mlflow_run(mlflow_uri: str, run_id: str, prefix: str, dataset: str,
+                     ask_status: bool = True) -> None:
+    """The MLflow run a checkpoint prefix names: it must exist here and have trained on
+    ``dataset``; with ``ask_status`` (a ``resume.json`` that does not say whether its
+    training finished), it must not have finished either."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -279,8 +282,8 @@ def check_mlflow_run(mlflow_uri: str, run_id: str, prefix: str, dataset: str) ->
             f"{storage.redact(prefix)}/{RESUME_STATE} names MLflow run {run_id}, which the "
             f"tracking store {storage.redact(mlflow_uri)} does not hold: give a new "
             "checkpoint prefix, or the tracking URI of that training") from None
-    check_run_continuable(run.info.status, run.data.params.get("dataset"), run_id, prefix,
-                          dataset)
+    check_run_continuable(run.info.status if ask_status else None,
+                          run.data.params.get("dataset"), run_id, prefix, dataset)
 
 
 def check_checkpoint_prefix(prefix: str) -> None:

@@ -178,7 +178,8 @@ def test_a_checkpoint_prefix_belongs_to_one_unfinished_training(dataset, tmp_pat
     with pytest.raises(InputMismatchError, match="finished training"):
         train(_quick(dataset / "chips", tmp_path / "again", checkpoint_uri=str(prefix)))
     # an older resume.json without the flag: the MLflow run itself says it finished
-    (prefix / RESUME_STATE).write_text(json.dumps({**state, "finished": False}))
+    legacy = {k: v for k, v in state.items() if k != "finished"}
+    (prefix / RESUME_STATE).write_text(json.dumps(legacy))
     with pytest.raises(InputMismatchError, match="which has finished"):
         train(_quick(dataset / "chips", tmp_path / "again", checkpoint_uri=str(prefix)))
     other = tmp_path / "other-chips"
@@ -186,6 +187,13 @@ def test_a_checkpoint_prefix_belongs_to_one_unfinished_training(dataset, tmp_pat
     with pytest.raises(InputMismatchError, match="not on"):
         train(_quick(other, tmp_path / "again", checkpoint_uri=str(prefix)))
     assert len(runs()) == 1 and runs()[0].info.status == "FINISHED"  # never reopened
+    # killed after its last epoch but before it was logged (Lightning had already marked the
+    # MLflow run FINISHED): the same command completes that training, in that run
+    (prefix / RESUME_STATE).write_text(json.dumps({**state, "finished": False}))
+    completed = train(_quick(dataset / "chips", tmp_path / "again",
+                             checkpoint_uri=str(prefix)))
+    assert completed.run_id == first.run_id and len(runs()) == 1
+    assert json.loads((prefix / RESUME_STATE).read_text())["finished"] is True
 
     for text, match in (("{not json", "is not JSON"), ("[1, 2]", "not a resume state"),
                         (json.dumps({**state, "finished": False, "last": "/etc/passwd"}),
