@@ -12,8 +12,9 @@ per-pixel RandomForest itself) and both models scored on the same test chips:
 Printed per case: chips per set, training chips left out as the buffer, the share of test
 chips (and test pixels) that touch a training chip, the class-share gap, pooled test mean IoU
 of both models and the deep model's difference with its 90 % paired bootstrap interval over
-the test chips (resampled in groups of touching chips, the units counted); the last column is the forest's test IoU as a ratio of its figure on the
-baseline split (how much of the forest's score the leak gave it).
+the test chips (resampled in groups of touching chips, the units counted); the last column is
+the forest's test IoU as a ratio of its figure on the baseline split (how much of the
+forest's score the leak gave it).
 
 Usage: python benchmarks/bench_leakage.py [--epochs 30] [--seed 0] [--cases 1 2 3 4]
 """

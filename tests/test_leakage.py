@@ -134,6 +134,7 @@ def test_chips_with_gaps_split_as_before(tmp_path):
                          out_folder=str(tmp_path / "p"))
     assert _sets_of(tmp_path / "g") == _sets_of(tmp_path / "p")
     assert grouped.buffer_chips == 0 and not Leakage.from_dict(grouped.leakage).leaks
+    assert grouped.max_share_gap_pp == plain.max_share_gap_pp
 
 
 @pytest.mark.slow

@@ -178,6 +178,10 @@ def test_real_enmap_chips(enmap_folder, tmp_path):
     report = make_dataset(str(enmap_folder), SplitParams(60, 20, 20),
                           out_folder=str(tmp_path / "csv"))
     assert sum(report.chips.values()) == 18 and report.class_values == [1, 2, 3, 4, 5, 6]
+    # the 18 chips all touch: a split without leakage would keep too few training chips, so
+    # the default says so and splits SpecDeepMap's way, with the leak reported
+    assert report.strategy == "balanced" and report.leakage["test"]["touching_chips"] > 0
+    assert any("would keep only" in w for w in report.warnings)
     train = pd.read_csv(tmp_path / "csv" / "train_files.csv")
     assert train["image"].str.startswith(str(enmap_folder)).all()  # absolute: CSVs elsewhere
     stats = pd.read_csv(tmp_path / "csv" / "Normalize_Bands.csv")
