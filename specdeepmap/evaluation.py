@@ -362,8 +362,6 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     matrix = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
     metrics = metrics_from_matrix(matrix, class_values, chip_matrices)
     metrics.chip_units = chip_units(chip_sizes)
-    if baseline is not None and baseline.chip_units is None:  # the same chips, the same units
-        baseline.chip_units = metrics.chip_units
     versus = compare_with_baseline(metrics, baseline) if baseline is not None else None
     leakage = read_split_leakage(storage.parent(test_csv))
     iou_csv, metrics_csv, plots, summary = write_test_outputs(

@@ -26,7 +26,7 @@ def location(uri: str) -> str:
         while "//" in bucket_key:
             bucket_key = bucket_key.replace("//", "/")
         return "s3://" + bucket_key.rstrip("/")
-    return os.path.realpath(os.path.abspath(storage.local_path(uri)))
+    return os.path.realpath(storage.absolute(uri))
 
 
 def refuse_overwriting_inputs(outputs: Mapping[str, str | None],

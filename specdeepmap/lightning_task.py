@@ -208,8 +208,6 @@ class _Schedule:
         return warmup_cosine(step, self.warmup, self.total, self.floor)
 
 
-
-
 class ValidationHistory(L.Callback):
     """The validation IoU of every validated epoch, in order (``scores``).
 

@@ -197,16 +197,8 @@ def _check_input(src: rasterio.DatasetReader, predictor: Predictor, uri: str,
 
 def check_writable(uri: str) -> None:
     """Fail early when the output location cannot be written."""
-    if storage.is_s3(uri):
-        storage.check_bucket(uri)
-        return
-    folder = os.path.dirname(os.path.abspath(storage.local_path(uri)))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as error:
-        raise InvalidParameterError(f"Output {uri} is not writable: {error}") from error
+    storage.check_writable_folder(uri if storage.is_s3(uri) else storage.parent(uri),
+                                  f"Output {uri}")
 
 
 #: bytes per window pixel beyond the input and the blending buffers: the network's

@@ -79,6 +79,12 @@ class SplitParams:
     min_class_share: float = 0.01  #: each set holds at least this share of every class
     max_search_seconds: float = 2.0
 
+    @property
+    def fractions(self) -> tuple[float, float, float]:
+        """(train, validation, test) shares of the chips, 0-1."""
+        return (self.train_percent / 100, self.validation_percent / 100,
+                self.test_percent / 100)
+
     def validate(self) -> None:
         """Raise :class:`InvalidParameterError` for impossible percentages or settings."""
         percents = (self.train_percent, self.validation_percent, self.test_percent)
@@ -239,6 +245,7 @@ class SplitChoice:
     sets: np.ndarray
     quality: object
     strategy: str
+    pairs: np.ndarray  #: the touching chip pairs (:func:`touching_pairs`), found once
     note: str | None = None  #: why another strategy than the one asked for was used
 
 
@@ -261,7 +268,7 @@ def split_chips(frame: pd.DataFrame, class_values: list[int],
     if params.strategy != "balanced-groups":
         sets, achieved = _assign_units(frame, class_values, params,
                                        split_units(frame, params), pairs)
-        return SplitChoice(sets, achieved, params.strategy)
+        return SplitChoice(sets, achieved, params.strategy, pairs)
     labelled = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy().sum(axis=1)
     best, error, limit = None, None, max_group_size(frame, params)
     while True:
@@ -282,17 +289,15 @@ def split_chips(frame: pd.DataFrame, class_values: list[int],
             break
         limit //= 2
         log.info("Cutting groups of touching chips into blocks of at most %d chip(s)", limit)
-    fractions = (params.train_percent / 100, params.validation_percent / 100,
-                 params.test_percent / 100)
-    wanted = set_counts(len(frame), fractions)[0]
+    wanted = set_counts(len(frame), params.fractions)[0]
     kept = int((best[1] == TRAIN).sum()) if best else 0
     if best is not None and kept >= MIN_TRAINING_KEPT * wanted:
-        return SplitChoice(best[1], best[2], params.strategy)
+        return SplitChoice(best[1], best[2], params.strategy, pairs)
     plain = replace(params, strategy="balanced")
     sets, achieved = _assign_units(frame, class_values, plain, split_units(frame, plain), pairs)
     why = (f"a split without spatial leakage would keep only {kept} of {wanted} training chips"
            if best is not None else f"no split without spatial leakage exists ({error})")
-    return SplitChoice(sets, achieved, "balanced", note=(
+    return SplitChoice(sets, achieved, "balanced", pairs, note=(
         f"{why}: split as 'balanced' (SpecDeepMap's) instead, with the leakage reported. Cut "
         "the chips with a step larger than the tile, or add scenes, for an honest split"))
 
@@ -337,8 +342,7 @@ def _assign_units(frame: pd.DataFrame, class_values: list[int], params: SplitPar
     search; with ``balanced-groups``, leave out the training chips that touch a validation or
     test chip. Raises :class:`SplitInfeasibleError` when the class-share rule cannot hold."""
     counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy(np.float64)
-    fractions = (params.train_percent / 100, params.validation_percent / 100,
-                 params.test_percent / 100)
+    fractions = params.fractions
     n_items = items.max() + 1
     item_counts = np.zeros((n_items, counts.shape[1]))
     np.add.at(item_counts, items, counts)
@@ -551,14 +555,14 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
         say(f"warning: {choice.note}")
     return write_split(folder, frame, choice.sets, params, out_folder, workers, progress,
                        started, notes=[choice.note] if choice.note else [],
-                       strategy=choice.strategy)
+                       strategy=choice.strategy, pairs=choice.pairs)
 
 
 def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: SplitParams,
                 out_folder: str | None = None, workers: int = 4,
                 progress: Callable[[str], None] | None = None,
                 started: float | None = None, notes: list[str] | None = None,
-                strategy: str | None = None) -> SplitReport:
+                strategy: str | None = None, pairs: np.ndarray | None = None) -> SplitReport:
     """Write the CSVs, band statistics and ``split.json`` of a chosen split.
 
     :func:`make_dataset` chooses the sets; a caller that chooses them otherwise (the folds of
@@ -573,6 +577,7 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
         started: ``time.perf_counter()`` when the work began (for the report's seconds).
         notes: warnings the choice of the sets gave (kept with the others).
         strategy: the strategy that chose the sets, when not ``params.strategy``.
+        pairs: the chips' :func:`touching_pairs`, when already found.
     """
     started = time.perf_counter() if started is None else started
     out_folder = out_folder or folder
@@ -582,11 +587,11 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
     achieved = quality(counts, sets, 3, params.min_class_share)
     log.info("Split quality: largest class-share gap %.2f pp, Jensen-Shannon divergence %.2e",
              achieved.max_share_gap_pp, achieved.js_divergence)
-    pairs = touching_pairs(frame)
+    pairs = touching_pairs(frame) if pairs is None else pairs
     leakage = measure(frame, sets, counts.sum(axis=1), pairs)
-    buffer_chips = int(touching_other_sets(sets, pairs, UNUSED, (VALIDATION, TEST)).sum()) \
-        if (strategy or params.strategy) == "balanced-groups" else 0
     used = strategy or params.strategy
+    buffer_chips = int(touching_other_sets(sets, pairs, UNUSED, (VALIDATION, TEST)).sum()) \
+        if used == "balanced-groups" else 0
     warnings = [*(notes or []), *split_warnings(sets, params),
                 *leakage_warnings(leakage, buffer_chips, used, len(frame))]
     for message in warnings:

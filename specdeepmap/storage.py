@@ -339,6 +339,29 @@ def read_text(uri: str) -> str:
             "it as UTF-8") from None
 
 
+def check_writable_folder(uri: str, what: str) -> None:
+    """Fail before any work when files cannot be written into the folder or prefix ``uri``
+    (``what`` names the output in the message): the bucket is asked for on S3; locally the
+    folder is made and a file is created in it and removed.
+
+    Raises:
+        InvalidParameterError: the folder cannot be made or written.
+    """
+    from specdeepmap.errors import InvalidParameterError
+
+    if is_s3(uri):
+        check_bucket(uri)
+        return
+    folder = os.path.abspath(local_path(uri))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise InvalidParameterError(f"{what} is not writable: "
+                                    f"{error.strerror or error}") from None
+
+
 def makedirs(uri: str) -> None:
     """Create a local folder (and parents); S3 has no folders, so nothing to do there."""
     if not is_s3(uri):

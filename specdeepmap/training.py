@@ -29,7 +29,8 @@ from specdeepmap.console import is_verbose, quiet_lightning
 from specdeepmap.data import (ChipDataset, band_names, chip_properties, principal_axes,
                               read_dataset_folder)
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
-from specdeepmap.inference import MODEL_FILE, export_model_file, read_model_file, resolve_device
+from specdeepmap.inference import (MODEL_FILE, export_model_file, load_plain_data,
+                                   read_model_file, resolve_device)
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
 from specdeepmap.resume import (LAST_CHECKPOINT, RESUME_STATE, ResumeState, check_prefix_owner,
                                 check_resume_checkpoint, check_run_continuable, read_state)
@@ -231,8 +232,9 @@ def resumable(cfg: TrainConfig, mlflow_uri: str) -> tuple[TrainConfig, str | Non
     ``out/`` and that checked copy is what is loaded; it must be a training checkpoint of
     this dataset with epochs left (:mod:`specdeepmap.resume`)."""
     resume, run_id = cfg.resume, None
-    if cfg.checkpoint_uri:
-        check_checkpoint_prefix(cfg.checkpoint_uri)
+    if cfg.checkpoint_uri:  # found before the first epoch, not when it is saved
+        storage.check_writable_folder(cfg.checkpoint_uri,
+                                      f"checkpoint_uri {storage.redact(cfg.checkpoint_uri)}")
     if cfg.checkpoint_uri and not resume:
         state = read_state(cfg.checkpoint_uri)
         if state is not None:
@@ -250,21 +252,9 @@ def resumable(cfg: TrainConfig, mlflow_uri: str) -> tuple[TrainConfig, str | Non
     if resume:
         # an explicit resume must leave epochs to train; a prefix's own last checkpoint may
         # not (a training killed after its last epoch, before it was logged, is completed)
-        check_resume_checkpoint(load_checkpoint(resume), cfg.resume or resume, cfg.dataset,
+        check_resume_checkpoint(load_plain_data(resume), cfg.resume or resume, cfg.dataset,
                                 cfg.epochs if cfg.resume else None)
     return replace(cfg, resume=resume), run_id
-
-
-def load_checkpoint(path: str) -> dict:
-    """A training checkpoint's contents as plain data (never unpickling arbitrary objects).
-
-    Raises:
-        MissingInputError: no such file.
-        UnreadableInputError: not a checkpoint file at all.
-    """
-    from specdeepmap.inference import load_plain_data
-
-    return load_plain_data(path)
 
 
 def check_mlflow_run(mlflow_uri: str, run_id: str, prefix: str, dataset: str,
@@ -284,23 +274,6 @@ def check_mlflow_run(mlflow_uri: str, run_id: str, prefix: str, dataset: str,
             "checkpoint prefix, or the tracking URI of that training") from None
     check_run_continuable(run.info.status if ask_status else None,
                           run.data.params.get("dataset"), run_id, prefix, dataset)
-
-
-def check_checkpoint_prefix(prefix: str) -> None:
-    """Fail before the first epoch when checkpoints cannot be written under ``prefix``."""
-    if storage.is_s3(prefix):
-        storage.check_bucket(prefix)
-        return
-    folder = storage.local_path(prefix)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise InvalidParameterError(f"checkpoint_uri {prefix} is not writable: "
-                                    f"{error.strerror or error}") from None
 
 
 def mark_finished(cfg: TrainConfig, run_id: str) -> None:
