@@ -97,8 +97,11 @@ def main() -> None:
 
 
 def grouped(counts: np.ndarray) -> None:
-    """The default split of the same chips laid out edge to edge on a square grid (every chip
-    touches its neighbours): the whole path, from finding touching chips to the buffer."""
+    """The default split of the same chips laid out edge to edge on a square grid.
+
+    Every chip touches its neighbours; timed is the whole path, from finding touching chips to
+    the buffer.
+    """
     import pandas as pd
 
     from specdeepmap.splitting import SplitParams, split_chips

@@ -24,8 +24,9 @@ class EphemeralAPIError(RuntimeError):
 
 
 def start_ephemeral_api(attempts: int = ATTEMPTS) -> str | None:
-    """Start the ephemeral API before the first flow call (nothing when ``PREFECT_API_URL``
-    names a server); return its URL.
+    """Start the ephemeral API before the first flow call and return its URL.
+
+    Nothing is started when ``PREFECT_API_URL`` names a server.
 
     Raises:
         EphemeralAPIError: it did not answer within the timeout, ``attempts`` times.

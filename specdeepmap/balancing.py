@@ -243,9 +243,11 @@ def _search(
 
 
 class _Cut:
-    """The cut term: touching chip pairs between training and evaluation items, kept as
-    ``T[i, s]`` (pairs between item ``i`` and the items of set ``s``) so that a candidate's
-    change is read off in O(1)."""
+    """The cut term.
+
+    Touching chip pairs between training and evaluation items, kept as ``T[i, s]`` (pairs between
+    item ``i`` and the items of set ``s``) so that a candidate's change is read off in O(1).
+    """
 
     def __init__(self, adjacency, assignment: np.ndarray, n_chips: int):
         self.w = adjacency.tocsr()

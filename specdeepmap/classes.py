@@ -163,8 +163,11 @@ def read_classes_file(uri: str) -> ClassSchema:
 
 
 def _class_name(name: str, value: int, where: str) -> str:
-    """A class name as given, stripped; the value when empty (with a warning); control
-    characters refused (they make the map's .aux.xml and .qml unreadable)."""
+    """A class name as given, stripped.
+
+    The value when empty (with a warning); control characters refused (they make the map's .aux.xml
+    and .qml unreadable).
+    """
     name = str(name).strip()
     if _CONTROL.search(name):
         raise InvalidLabelError(f"{where}: the name of class {value} holds a control "
@@ -257,8 +260,10 @@ def read_label_classes(label_uri: str, values: list[int] | None = None) -> Class
 
 
 def _from_pam(text: str, where: str = "") -> tuple[dict[int, str], dict[int, RGB]]:
-    """Category names and colours of band 1 from a GDAL PAM ``.aux.xml`` (none, with a
-    warning, when it cannot be read: the labels are still usable, called by value)."""
+    """Category names and colours of band 1 from a GDAL PAM ``.aux.xml``.
+
+    None, with a warning, when it cannot be read: the labels are still usable, called by value.
+    """
     try:
         root = ET.fromstring(text)
     except ET.ParseError as error:
@@ -305,8 +310,11 @@ def _read_rat(rat: ET.Element, names: dict[int, str], colors: dict[int, RGB]) ->
 
 
 def _printable(name: str | None) -> str:
-    """A name with control characters blanked and spaces stripped (names read from label
-    sidecars and written into XML, where control characters are not allowed)."""
+    """A name with control characters blanked and spaces stripped.
+
+    For names read from label sidecars and written into XML, where control characters are not
+    allowed.
+    """
     return _CONTROL.sub(" ", name or "").strip()
 
 

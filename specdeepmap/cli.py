@@ -102,9 +102,12 @@ def main(
 
 
 def _exit_cleanly_on_sigterm() -> None:
-    """SIGTERM (``kill``, a scheduler's timeout, a container stopping) ends the command like
-    Ctrl+C does: as an exception in the main thread, so that every ``finally`` runs and no
-    staging folder or temporary file is left behind (exit status 143, as for the signal)."""
+    """End the command on SIGTERM as Ctrl+C does.
+
+    SIGTERM (``kill``, a scheduler's timeout, a container stopping) becomes an exception in the
+    main thread, so that every ``finally`` runs and no staging folder or temporary file is left
+    behind (exit status 143, as for the signal).
+    """
     import signal
     import threading
 

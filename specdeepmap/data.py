@@ -42,8 +42,10 @@ class DatasetInfo:
 
 
 def read_chip_list(uri: str) -> list[tuple[str, str]]:
-    """The (image, mask) URIs a chip list CSV names (``train_files.csv``, ``test_files.csv``
-    …: SpecDeepMap's columns ``image,mask``; relative paths resolved against the CSV's folder).
+    """The (image, mask) URIs a chip list CSV names.
+
+    The lists are ``train_files.csv``, ``test_files.csv`` … with SpecDeepMap's columns
+    ``image,mask``; relative paths are resolved against the CSV's folder.
 
     Raises:
         InputMismatchError: the CSV does not start with the columns ``image,mask``.
@@ -55,7 +57,7 @@ def read_chip_list(uri: str) -> list[tuple[str, str]]:
             f"{', '.join(map(str, frame.columns)) or 'none'}")
     folder = storage.parent(uri)
     return [(resolve_row(folder, str(i)), resolve_row(folder, str(m)))
-            for i, m in zip(frame["image"], frame["mask"])]
+            for i, m in zip(frame["image"], frame["mask"], strict=True)]
 
 
 def resolve_row(folder: str, row: str) -> str:

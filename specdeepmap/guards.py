@@ -18,8 +18,11 @@ from specdeepmap.errors import OutputConflictError
 
 
 def location(uri: str) -> str:
-    """A canonical spelling of a URI, for comparing two of them: an absolute, resolved local
-    path (symbolic links followed), or the ``s3://bucket/key`` without repeated slashes."""
+    """A canonical spelling of a URI, for comparing two of them.
+
+    An absolute, resolved local path (symbolic links followed), or the ``s3://bucket/key`` without
+    repeated slashes.
+    """
     uri = str(uri)
     if storage.is_s3(uri):
         bucket_key = uri[len("s3://"):]

@@ -104,16 +104,18 @@ def chip_extents(frame: pd.DataFrame) -> tuple[np.ndarray, ...]:
 
 
 def touching_pairs(frame: pd.DataFrame) -> np.ndarray:
-    """(i, j) index pairs, i < j, of chips of the same scene that overlap or touch (edge or
-    corner). A spatial hash on cells as large as the largest chip: two touching chips start at
-    most one cell apart, so each chip is compared with the chips of 9 cells only."""
+    """(i, j) index pairs, i < j, of chips of one scene that overlap or touch (edge, corner).
+
+    A spatial hash on cells as large as the largest chip: two touching chips start at most one
+    cell apart, so each chip is compared with the chips of 9 cells only.
+    """
     scene, x0, y0, x1, y1 = chip_extents(frame)
     if len(x0) < 2:
         return np.empty((0, 2), np.int64)
     cell = int(max((x1 - x0).max(), (y1 - y0).max(), 1))
     cx, cy = x0 // cell, y0 // cell
     buckets: dict[tuple[int, int, int], list[int]] = {}
-    for i, key in enumerate(zip(scene.tolist(), cx.tolist(), cy.tolist())):
+    for i, key in enumerate(zip(scene.tolist(), cx.tolist(), cy.tolist(), strict=True)):
         buckets.setdefault(key, []).append(i)
     pairs = []
     for (s, bx, by), members in buckets.items():
@@ -150,8 +152,9 @@ def touching_other_sets(sets: np.ndarray, pairs: np.ndarray, which: int,
 
 def measure(frame: pd.DataFrame, sets: np.ndarray, labelled: np.ndarray,
             pairs: np.ndarray | None = None) -> Leakage:
-    """What a split leaks: per evaluation set, its chips (and labelled pixels) that touch a
-    training chip.
+    """What a split leaks.
+
+    Per evaluation set, its chips (and labelled pixels) that touch a training chip.
 
     Args:
         frame: one row per chip with ``scene``, ``x``, ``y``, ``tile_x`` (``tile_y``).
@@ -171,9 +174,10 @@ def measure(frame: pd.DataFrame, sets: np.ndarray, labelled: np.ndarray,
 
 
 def chip_units(chips: dict[str, tuple[int, int]]) -> dict[str, int]:
-    """The independent units of a set of chips, for resampling: chips named by the Raster
-    Splitter (``{scene}_tile_{x}_{y}.tif``, SpecDeepMap's names too) that touch share a unit;
-    chips without a position in their name are units of their own.
+    """The independent units of a set of chips, for resampling.
+
+    Chips named by the Raster Splitter (``{scene}_tile_{x}_{y}.tif``, SpecDeepMap's names too) that
+    touch share a unit; chips without a position in their name are units of their own.
 
     Args:
         chips: (height, width) of each chip, by file name.
@@ -190,12 +194,14 @@ def chip_units(chips: dict[str, tuple[int, int]]) -> dict[str, int]:
                      "tile_x": int(width), "tile_y": int(height)})
     if not rows:
         return {}
-    return dict(zip(chips, touch_groups(pd.DataFrame(rows)).tolist()))
+    return dict(zip(chips, touch_groups(pd.DataFrame(rows)).tolist(), strict=True))
 
 
 def read_split_leakage(folder: str) -> Leakage | None:
-    """The leakage recorded in a dataset folder's ``split.json`` (None when the split was
-    made before it was measured, or elsewhere)."""
+    """The leakage recorded in a dataset folder's ``split.json``.
+
+    None when the split was made before leakage was measured, or elsewhere.
+    """
     import json
 
     from specdeepmap import storage

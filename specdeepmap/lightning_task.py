@@ -228,7 +228,8 @@ class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     copied to ``mirror_uri`` (object storage or another folder) as soon as it is written: one
     PUT on S3, a rename locally, so a copy is never half-written. ``resume.json`` beside it
     names the MLflow run and the dataset, so that a restarted training continues that run
-    (see :mod:`specdeepmap.resume`)."""
+    (see :mod:`specdeepmap.resume`).
+    """
 
     def __init__(self, mirror_uri: str | None, mlflow_run_id: str, dataset: str | None = None,
                  **kwargs):

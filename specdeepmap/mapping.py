@@ -207,8 +207,10 @@ ACTIVATION_BYTES_PER_PIXEL = 2048
 
 
 def check_memory(src, window: int, batch_size: int, classes: int, uri: str) -> None:
-    """Refuse a window and batch size whose buffers would not fit in the memory available,
-    before any allocation (``--window 100000`` would otherwise ask for tens of GiB)."""
+    """Refuse a window and batch size whose buffers would not fit in the available memory.
+
+    Checked before any allocation: ``--window 100000`` would otherwise ask for tens of GiB.
+    """
     import psutil
 
     pad_h, pad_w = _padded_shape(src.height, src.width, window)
@@ -244,9 +246,12 @@ def _is_our_iou_csv(uri: str) -> bool:
 
 def check_outputs(input_uri: str, model_uri: str, gt_uri: str | None,
                   outputs: dict[str, str | None], overwrite: bool = False) -> None:
-    """Before any work: no output replaces the scene, the model or the ground truth (nor
-    their sidecars), no two outputs are one file, and an existing output that is not a map of
-    ours is replaced only with ``overwrite``."""
+    """Before any work.
+
+    No output replaces the scene, the model or the ground truth (nor their sidecars), no two outputs
+    are one file, and an existing output that is not a map of ours is replaced only with
+    ``overwrite``.
+    """
     from specdeepmap import guards
 
     class_map = outputs.get("class map")

@@ -84,8 +84,10 @@ def dataset_frame(dataset: str) -> pd.DataFrame:
 
 
 def escape_md(text: object) -> str:
-    """User text (class and band names, paths) made inert in Markdown and HTML: no tags, no
-    links, no emphasis, no table breaks; control characters and newlines become spaces."""
+    """User text (class and band names, paths) made inert in Markdown and HTML.
+
+    No tags, no links, no emphasis, no table breaks; control characters and newlines become spaces.
+    """
     text = re.sub(r"[\x00-\x1f\x7f]", " ", str(text))
     text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", text)

@@ -247,8 +247,11 @@ def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMP
 
 
 def _dataset_changed(dataset: str, digest: str | None) -> str | None:
-    """Why a version cannot be scored on the dataset its tag names, when the chips or the
-    split there changed since it was trained (another digest); None when they did not."""
+    """Why a version cannot be scored on the dataset its tag names, or None.
+
+    A reason is given when the chips or the split there changed since the version was trained
+    (another digest).
+    """
     from specdeepmap.model_card import dataset_facts
 
     if not digest:

@@ -99,8 +99,9 @@ def check_run_continuable(status: str | None, run_dataset: str | None, run_id: s
             marks the run FINISHED when fitting ends, before the model is logged, so a
             training interrupted after that is still to be completed).
         run_dataset: the run's ``dataset`` parameter, if logged.
-        run_id: the run's id; prefix: the checkpoint prefix; dataset: the dataset about to
-            be trained on (for the checks and the messages).
+        run_id: the run's id (for the messages).
+        prefix: the checkpoint prefix (for the messages).
+        dataset: the dataset about to be trained on.
     """
     where = storage.redact(prefix)
     if status == "FINISHED":
@@ -114,8 +115,10 @@ def check_run_continuable(status: str | None, run_dataset: str | None, run_id: s
 
 
 def same_dataset(a: str, b: str) -> bool:
-    """True when two dataset URIs name one folder (spelled relative, absolute or with a
-    trailing slash)."""
+    """True when two dataset URIs name one folder.
+
+    They may be spelled relative, absolute or with a trailing slash.
+    """
     from specdeepmap.guards import location
 
     return location(a) == location(b)

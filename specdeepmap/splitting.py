@@ -184,9 +184,11 @@ def _class_columns(frame: pd.DataFrame) -> tuple[list[int], bool]:
 
 def split_units(frame: pd.DataFrame, params: SplitParams,
                 pairs: np.ndarray | None = None) -> np.ndarray:
-    """The unit each chip is assigned with (0, 1, …): the chip itself (``balanced``), its
-    spatial block (``spatial-blocks``), or its group of touching chips (``balanced-groups``,
-    :func:`group_units`); the chips of a unit always go to the same set."""
+    """The unit each chip is assigned with (0, 1, …).
+
+    The chip itself (``balanced``), its spatial block (``spatial-blocks``), or its group of touching
+    chips (``balanced-groups``, :func:`group_units`); the chips of a unit always go to the same set.
+    """
     if params.strategy == "balanced":
         return np.arange(len(frame))
     if params.strategy == "balanced-groups":
@@ -197,8 +199,10 @@ def split_units(frame: pd.DataFrame, params: SplitParams,
 
 
 def max_group_size(frame: pd.DataFrame, params: SplitParams) -> int:
-    """The most chips one unit of ``balanced-groups`` may hold at first: half the smallest
-    evaluation set (at least 4), so that every set can be made of several units."""
+    """The most chips one unit of ``balanced-groups`` may hold at first.
+
+    Half the smallest evaluation set (at least 4), so that every set can be made of several units.
+    """
     evaluation = [p for p in (params.validation_percent, params.test_percent) if p > 0]
     smallest = min(evaluation) / 100 if evaluation else 1.0
     return max(4, int(len(frame) * smallest / 2))
@@ -206,11 +210,13 @@ def max_group_size(frame: pd.DataFrame, params: SplitParams) -> int:
 
 def group_units(frame: pd.DataFrame, params: SplitParams, pairs: np.ndarray | None = None,
                 max_group: int | None = None) -> np.ndarray:
-    """Units of ``balanced-groups``: chips connected through touching chips form a group; a
-    group larger than ``max_group`` chips (default :func:`max_group_size`) is cut into
-    square blocks of the chip grid (``b`` × ``b`` steps, ``b² ≤ max_group``). Chips that touch
-    across a cut are separated afterwards by leaving the training side out
-    (:func:`_assign_units`)."""
+    """Units of ``balanced-groups``.
+
+    Chips connected through touching chips form a group; a group larger than ``max_group`` chips
+    (default :func:`max_group_size`) is cut into square blocks of the chip grid (``b`` × ``b``
+    steps, ``b² ≤ max_group``). Chips that touch across a cut are separated afterwards by leaving
+    the training side out (:func:`_assign_units`).
+    """
     groups = touch_groups(frame, pairs)
     max_group = max_group_size(frame, params) if max_group is None else max_group
     large = np.bincount(groups)[groups] > max_group
@@ -228,7 +234,7 @@ def group_units(frame: pd.DataFrame, params: SplitParams, pairs: np.ndarray | No
     bx = frame["x"].to_numpy(np.int64) // (b * step_x)
     by = frame["y"].to_numpy(np.int64) // (b * step_y)
     keys = [(int(g), int(x), int(y)) if cut else (int(g), -1, -1)
-            for g, x, y, cut in zip(groups, bx, by, large)]
+            for g, x, y, cut in zip(groups, bx, by, large, strict=True)]
     return pd.factorize(pd.Series(keys))[0]
 
 
@@ -316,9 +322,11 @@ def unit_adjacency(items: np.ndarray, pairs: np.ndarray):
 
 def _buffer(sets: np.ndarray, counts: np.ndarray, pairs: np.ndarray,
             min_share: float) -> np.ndarray:
-    """Leave out the training chips that touch a validation or test chip; where that would
-    leave a class below ``min_share`` of its pixels in training, keep the touching chips
-    richest in that class until it is not (the least leak the class-share rule allows)."""
+    """Leave out the training chips that touch a validation or test chip.
+
+    Where that would leave a class below ``min_share`` of its pixels in training, keep the touching
+    chips richest in that class until it is not (the least leak the class-share rule allows).
+    """
     touching = touching_other_sets(sets, pairs, TRAIN, (VALIDATION, TEST))
     sets = sets.copy()
     sets[touching] = UNUSED
@@ -338,9 +346,12 @@ def _buffer(sets: np.ndarray, counts: np.ndarray, pairs: np.ndarray,
 
 def _assign_units(frame: pd.DataFrame, class_values: list[int], params: SplitParams,
                   items: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, object]:
-    """Assign units (chips, blocks or groups: ``items``) to sets with the class-balancing
-    search; with ``balanced-groups``, leave out the training chips that touch a validation or
-    test chip. Raises :class:`SplitInfeasibleError` when the class-share rule cannot hold."""
+    """Assign units (chips, blocks or groups.
+
+    ``items``) to sets with the class-balancing search; with ``balanced-groups``, leave out the
+    training chips that touch a validation or test chip. Raises :class:`SplitInfeasibleError` when
+    the class-share rule cannot hold.
+    """
     counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy(np.float64)
     fractions = params.fractions
     n_items = items.max() + 1
@@ -642,8 +653,11 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
 
 
 def leakage_table(leakage: Leakage) -> pd.DataFrame:
-    """``Split_leakage.csv``: per evaluation set, its chips and labelled pixels that touch a
-    training chip (the companion of ``Summary_train_val.csv``)."""
+    """``Split_leakage.csv``.
+
+    Per evaluation set, its chips and labelled pixels that touch a training chip (the companion of
+    ``Summary_train_val.csv``).
+    """
     rows = []
     for name, part in (("Validation", leakage.validation), ("Test", leakage.test)):
         rows.append({"Set": name, "Chips": part.chips,
@@ -657,8 +671,10 @@ def leakage_table(leakage: Leakage) -> pd.DataFrame:
 
 def leakage_warnings(leakage: Leakage, buffer_chips: int, strategy: str,
                      total: int) -> list[str]:
-    """What a user should know about the split's spatial separation (``strategy``: the one
-    that chose the sets)."""
+    """What a user should know about the split's spatial separation.
+
+    ``strategy`` is the strategy that chose the sets.
+    """
     out = []
     if leakage.leaks and strategy == "balanced-groups":
         out.append(f"spatial leakage: {leakage.sentence()} Some classes occur only in chips "

@@ -57,8 +57,10 @@ def join(base: str, *parts: str) -> str:
 
 
 def absolute(uri: str) -> str:
-    """The URI with a local path made absolute (``s3://`` URIs as they are), so that what is
-    recorded (a dataset in a model, a tag) still names the same place from another folder."""
+    """The URI with a local path made absolute (``s3://`` URIs as they are).
+
+    What is recorded (a dataset in a model, a tag) then names the same place from another folder.
+    """
     uri = str(uri)
     if is_s3(uri):
         return uri
@@ -87,8 +89,10 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
 def check_scheme(uri: str) -> None:
-    """Refuse URIs of schemes this library does not read or write (``http://``, ``gs://``…)
-    with one clear line, instead of "not found" for a path that looks local."""
+    """Refuse URIs of schemes this library does not read or write (``http://``, ``gs://``…).
+
+    One clear line, instead of "not found" for a path that looks local.
+    """
     found = _SCHEME.match(str(uri))
     if found and found.group(1).lower() not in ("s3", "file"):
         from specdeepmap.errors import InvalidParameterError
@@ -340,9 +344,10 @@ def read_text(uri: str) -> str:
 
 
 def check_writable_folder(uri: str, what: str) -> None:
-    """Fail before any work when files cannot be written into the folder or prefix ``uri``
-    (``what`` names the output in the message): the bucket is asked for on S3; locally the
-    folder is made and a file is created in it and removed.
+    """Fail before any work when files cannot be written into the folder or prefix ``uri``.
+
+    ``what`` names the output in the message. On S3 the bucket is asked for; locally the folder
+    is made and a file is created in it and removed.
 
     Raises:
         InvalidParameterError: the folder cannot be made or written.

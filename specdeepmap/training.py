@@ -230,7 +230,8 @@ def resumable(cfg: TrainConfig, mlflow_uri: str) -> tuple[TrainConfig, str | Non
     ``cfg.checkpoint_uri`` by an earlier, interrupted run of the same dataset (with its MLflow
     run id, which must not have finished). A remote checkpoint is downloaded once into
     ``out/`` and that checked copy is what is loaded; it must be a training checkpoint of
-    this dataset with epochs left (:mod:`specdeepmap.resume`)."""
+    this dataset with epochs left (:mod:`specdeepmap.resume`).
+    """
     resume, run_id = cfg.resume, None
     if cfg.checkpoint_uri:  # found before the first epoch, not when it is saved
         storage.check_writable_folder(cfg.checkpoint_uri,
@@ -259,9 +260,11 @@ def resumable(cfg: TrainConfig, mlflow_uri: str) -> tuple[TrainConfig, str | Non
 
 def check_mlflow_run(mlflow_uri: str, run_id: str, prefix: str, dataset: str,
                      ask_status: bool = True) -> None:
-    """The MLflow run a checkpoint prefix names: it must exist here and have trained on
-    ``dataset``; with ``ask_status`` (a ``resume.json`` that does not say whether its
-    training finished), it must not have finished either."""
+    """The MLflow run a checkpoint prefix names.
+
+    It must exist here and have trained on ``dataset``; with ``ask_status`` (a ``resume.json`` that
+    does not say whether its training finished), it must not have finished either.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -277,8 +280,10 @@ def check_mlflow_run(mlflow_uri: str, run_id: str, prefix: str, dataset: str,
 
 
 def mark_finished(cfg: TrainConfig, run_id: str) -> None:
-    """Record in the checkpoint prefix that its training finished, so that it is never
-    continued (nor its MLflow run reopened) by a later training."""
+    """Record in the checkpoint prefix that its training finished.
+
+    A later training then never continues it, nor reopens its MLflow run.
+    """
     if not cfg.checkpoint_uri:
         return
     state = read_state(cfg.checkpoint_uri)

@@ -1,6 +1,9 @@
-"""Bad input, second round: outputs never replace inputs, checkpoint prefixes belong to one
-training, and malformed STAC, classes, checkpoints and numbers are one line naming the file
-(docs/bad-input.md lists every case with its test)."""
+"""Bad input, second round.
+
+Outputs never replace inputs, checkpoint prefixes belong to one training, and malformed STAC,
+classes, checkpoints and numbers are one line naming the file (docs/bad-input.md lists every case
+with its test).
+"""
 
 from __future__ import annotations
 
@@ -50,6 +53,10 @@ def _fails(args: list[str], *expected: str) -> str:
 
 
 def test_map_never_replaces_its_inputs_or_a_foreign_file(trained, dataset, tmp_path):
+    """The scene, the model and the ground truth are never outputs, however spelled.
+
+    A foreign file only with --overwrite.
+    """
     _, result = trained
     scene = tmp_path / "in.tif"
     shutil.copy(dataset / "scene" / "demo_s2.tif", scene)
@@ -95,6 +102,7 @@ def test_map_never_replaces_its_inputs_or_a_foreign_file(trained, dataset, tmp_p
 
 
 def test_stack_bands_never_replaces_a_file(tmp_path):
+    """stack-bands writes a .vrt only, never over a band file; over a file with --overwrite."""
     bands = tmp_path / "bands"
     bands.mkdir()
     for i, name in enumerate(("B02", "B03", "B04")):
@@ -124,6 +132,7 @@ def test_stack_bands_never_replaces_a_file(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_mid_map_leaves_no_staging_folder_and_no_output(trained, tmp_path):
+    """SIGTERM mid-map exits 143 and leaves no staging folder, map or temporary file."""
     from specdeepmap.sample_data import generate_scene
 
     _, result = trained
@@ -160,6 +169,10 @@ def _quick(dataset_folder, out, **extra):
 
 
 def test_a_checkpoint_prefix_belongs_to_one_unfinished_training(dataset, tmp_path):
+    """A finished training, another dataset or a broken resume.json are refused.
+
+    An unlogged one is completed.
+    """
     import mlflow
 
     from specdeepmap.resume import RESUME_STATE
@@ -214,6 +227,7 @@ def test_a_checkpoint_prefix_belongs_to_one_unfinished_training(dataset, tmp_pat
 
 def test_resume_takes_only_an_unfinished_checkpoint_of_the_same_dataset(dataset, trained,
                                                                         tmp_path):
+    """--resume takes a training checkpoint of this dataset with epochs left, nothing else."""
     from specdeepmap.training import train
 
     _, result = trained
@@ -247,6 +261,7 @@ def test_resume_takes_only_an_unfinished_checkpoint_of_the_same_dataset(dataset,
 
 
 def test_a_crafted_checkpoint_runs_nothing(tmp_path):
+    """A checkpoint whose unpickling would run a command is refused, and runs nothing."""
     import torch
 
     marker = tmp_path / "marker"
@@ -266,6 +281,10 @@ def test_a_crafted_checkpoint_runs_nothing(tmp_path):
 
 
 def test_malformed_stac_is_one_line_naming_the_file(trained, tmp_path, monkeypatch):
+    """Arrays, bad assets, missing hrefs, link cycles, huge catalogs and http URLs.
+
+    One line each.
+    """
     from specdeepmap import stac
 
     _, result = trained
@@ -304,6 +323,7 @@ def test_malformed_stac_is_one_line_naming_the_file(trained, tmp_path, monkeypat
 
 def test_a_catalog_file_beside_the_scenes_does_not_stop_a_folder_run(trained, dataset,
                                                                      tmp_path):
+    """JSON files that are not STAC items are skipped with a warning in a folder of scenes."""
     _, result = trained
     scenes = tmp_path / "in"
     scenes.mkdir()
@@ -321,6 +341,7 @@ def test_a_catalog_file_beside_the_scenes_does_not_stop_a_folder_run(trained, da
 
 
 def test_a_bad_classes_file_is_one_line_naming_it(small_scene, tmp_path):
+    """Bad colours, encodings, values, names and .qml entries: one line naming the file."""
     from specdeepmap.classes import pam_xml, qml, read_classes_file, read_label_classes
 
     def refused(name: str, content: bytes, match: str) -> None:
@@ -372,6 +393,7 @@ def test_a_bad_classes_file_is_one_line_naming_it(small_scene, tmp_path):
 
 
 def test_user_text_is_inert_in_the_model_card(trained):
+    """HTML, links, pipes and newlines in class names cannot change the card's markup."""
     from specdeepmap.model_card import model_card, summary
 
     config, result = trained
@@ -382,7 +404,7 @@ def test_user_text_is_inert_in_the_model_card(trained):
         {"value": v, "name": name, "color": "#102030"} for v, name in zip(
             model_config["class_values"],
             ["<script>alert(1)</script>", "[x](javascript:alert(1))", "a | b", "line\nbreak",
-             "*bold*", "`code`"])]}}
+             "*bold*", "`code`"], strict=True)]}}
     card = model_card(evil, {"uri": "/d`x", "digest": "0"}, {}, {})
     text = summary(evil, {"uri": "/d"}, {})
     for rendered in (card, text):
@@ -404,6 +426,10 @@ def test_user_text_is_inert_in_the_model_card(trained):
 
 
 def test_absurd_windows_nan_pixels_and_empty_scenes(trained, dataset, tmp_path):
+    """Huge windows are clamped or refused.
+
+    NaN pixels and empty scenes are mapped with a warning.
+    """
     from specdeepmap.mapping import MapParams, map_scene
 
     _, result = trained
@@ -440,6 +466,7 @@ def test_absurd_windows_nan_pixels_and_empty_scenes(trained, dataset, tmp_path):
 
 
 def test_a_test_csv_with_other_columns_and_foreign_classes(trained, dataset, tmp_path):
+    """A chip list without image,mask is refused; labels the model does not know are warned."""
     _, result = trained
     csv = tmp_path / "test.csv"
     csv.write_text("img,label\na.tif,b.tif\n")
@@ -465,6 +492,7 @@ def test_a_test_csv_with_other_columns_and_foreign_classes(trained, dataset, tmp
 
 
 def test_local_errors_are_not_retried_as_network_failures(tmp_path):
+    """File-exists, folder and disk errors are local: not transient, not called unreachable."""
     from specdeepmap.cli import describe_error
 
     local = [FileExistsError(errno.EEXIST, "File exists", "x"),
@@ -481,6 +509,7 @@ def test_local_errors_are_not_retried_as_network_failures(tmp_path):
 
 
 def test_promote_refuses_a_version_whose_dataset_changed(dataset, tmp_path):
+    """A version whose test chips changed since training is not scored on them."""
     import mlflow
 
     from specdeepmap.errors import PromotionRefusedError
@@ -505,6 +534,7 @@ def test_promote_refuses_a_version_whose_dataset_changed(dataset, tmp_path):
 
 
 def test_the_default_chip_cache_is_private(dataset, monkeypatch, tmp_path):
+    """The training chips' default cache is private, and refused when others may write to it."""
     from specdeepmap.data import ChipDataset, read_dataset_folder
     from specdeepmap.normalization import Normalization
 
@@ -519,6 +549,7 @@ def test_the_default_chip_cache_is_private(dataset, monkeypatch, tmp_path):
 
 
 def test_unreadable_text_is_named(tmp_path):
+    """Text that is not UTF-8 is named as such, with the file."""
     path = tmp_path / "latin.txt"
     path.write_bytes("Wässer".encode("latin-1"))
     with pytest.raises(UnreadableInputError, match="latin.txt is not UTF-8"):

@@ -124,9 +124,12 @@ def test_promote_by_hand_applies_the_pipelines_checks(trained, dataset, tmp_path
 
 def test_promotion_compares_two_different_models_with_the_right_sign(trained, dataset,
                                                                     tmp_path):
-    """A worse model (the trained one with its classifier weights scrambled) as champion, the
-    trained one promoted over it: the difference and its sign match the two models' own test
-    figures, computed apart; the reverse is refused with the opposite difference."""
+    """Promotion over a worse champion: the difference's sign and size are right.
+
+    The champion is the trained model with its classifier weights scrambled; the trained one is
+    promoted over it, and the difference matches the two models' own test figures, computed
+    apart. The reverse is refused with the opposite difference.
+    """
     import mlflow
     import torch
 

@@ -94,9 +94,11 @@ def test_models_scored_on_other_chips_are_not_compared(truths):
 
 
 def test_touching_chips_are_resampled_together():
-    """Chips of one unit (a group of touching chips) are drawn together: with every chip in one
-    unit each draw is the whole set, so the interval collapses onto the difference; with one
-    unit per chip it is the chip bootstrap; the sentence counts the units."""
+    """Chips of one unit (a group of touching chips) are drawn together.
+
+    With every chip in one unit each draw is the whole set, so the interval collapses onto the
+    difference; with one unit per chip it is the chip bootstrap; the sentence counts the units.
+    """
     from specdeepmap.comparison import paired_bootstrap
     from specdeepmap.leakage import chip_units
 

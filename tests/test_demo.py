@@ -1,5 +1,8 @@
-"""The main job's start on a busy machine: the ephemeral Prefect API gets time and a second
-try, and a start that still fails is one line, not a traceback."""
+"""The main job's start on a busy machine.
+
+The ephemeral Prefect API gets time and a second try, and a start that still fails is one line, not
+a traceback.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pytest
 
 @pytest.mark.slow
 def test_an_ephemeral_api_that_never_answers_is_one_line_after_two_tries(tmp_path):
+    """Two tries, then one error line and nothing started."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"),
                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0")  # nothing answers in 0 s

@@ -239,9 +239,11 @@ class _Proxy:
         self._threading.Thread(target=self._accept, args=(server,), daemon=True).start()
 
     def stop(self, reset: bool = False) -> None:
-        """Cut the open connections and refuse new ones, as an outage does: by closing the
-        port, or (``reset``) by accepting each connection and resetting it at once, counted
-        in ``refused``, as a load balancer without a backend does."""
+        """Cut the open connections and refuse new ones, as an outage does.
+
+        By closing the port, or (``reset``) by accepting each connection and resetting it at once,
+        counted in ``refused``, as a load balancer without a backend does.
+        """
         if reset:
             self.down = True
         else:
@@ -363,7 +365,7 @@ def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
     import time
 
     thread = threading.Thread(target=outage)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     thread.start()
     result = chip_flow([ScenePair(image_uri=f"{s3_bucket}/in/demo_s2.tif",
                                   label_uri=f"{s3_bucket}/in/demo_s2_labels.tif")],

@@ -1,5 +1,8 @@
-"""Spatial leakage: chips that touch across sets are found, measured, avoided by default and
-named wherever models are compared."""
+"""Spatial leakage.
+
+Chips that touch across sets are found, measured, avoided by default and named wherever models are
+compared.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ def _grid(n: int, tile: int, step: int, scene: str = "a") -> pd.DataFrame:
 
 
 def _brute_force_touching(frame: pd.DataFrame) -> set[tuple[int, int]]:
-    """Every pair compared directly (no spatial hash): closed extents overlap on both axes,
-    same scene."""
+    """Every pair compared directly (no spatial hash).
+
+    Closed extents overlap on both axes, same scene.
+    """
     scene = frame["scene"].to_numpy()
     x, y = frame["x"].to_numpy(), frame["y"].to_numpy()
     w = frame["tile_x"].to_numpy()
@@ -28,14 +33,16 @@ def _brute_force_touching(frame: pd.DataFrame) -> set[tuple[int, int]]:
     touch = (scene[:, None] == scene[None]) & (x[:, None] <= x[None] + w[None]) & \
         (x[None] <= x[:, None] + w[:, None]) & (y[:, None] <= y[None] + h[None]) & \
         (y[None] <= y[:, None] + h[:, None])
-    return {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(touch, 1)))}
+    return {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(touch, 1)), strict=True)}
 
 
 @pytest.mark.parametrize("step, expected", [(10, 2 * 4 * 3 + 2 * 3 * 3), (11, 0), (5, None)])
 def test_touching_pairs_match_the_geometry(step, expected):
-    """A 4 × 4 grid of 10 px chips: with step 10 every chip touches its 8 neighbours (24 edge
-    and 18 corner pairs); with step 11 none touch; with step 5 they overlap (checked against
-    comparing every pair)."""
+    """A 4 × 4 grid of 10 px chips.
+
+    With step 10 every chip touches its 8 neighbours (24 edge and 18 corner pairs); with step 11
+    none touch; with step 5 they overlap (checked against comparing every pair).
+    """
     frame = _grid(4, 10, step)
     found = {tuple(p) for p in touching_pairs(frame).tolist()}
     assert found == _brute_force_touching(frame)
@@ -48,6 +55,7 @@ def test_touching_pairs_match_the_geometry(step, expected):
 
 
 def test_measure_counts_touching_chips_and_their_pixels():
+    """The evaluation chips touching training chips, and their pixels, on a 3 x 3 grid."""
     frame = _grid(3, 10, 10)  # chips 0..8, row-major
     sets = np.array([0, 0, 0, 3, 3, 3, 1, 3, 2])  # val chip 6 touches nothing in train
     labelled = np.arange(1, 10) * 10
@@ -83,10 +91,12 @@ def _sets_of(folder) -> dict[str, str]:
 
 
 def test_the_default_split_keeps_touching_chips_apart(tmp_path):
-    """Adjacent chips of a generated scene: the default split leaves no validation or test
-    chip touching a training chip (checked pair by pair on the chip positions), records the
-    leakage (none) and the buffer; SpecDeepMap's plain split, asked for by name, leaks and says
-    how much."""
+    """Adjacent chips of a generated scene.
+
+    The default split leaves no validation or test chip touching a training chip (checked pair by
+    pair on the chip positions), records the leakage (none) and the buffer; SpecDeepMap's plain
+    split, asked for by name, leaks and says how much.
+    """
     from specdeepmap.chipping import ChipParams, chip_scene, read_manifests
     from specdeepmap.sample_data import generate_scene
     from specdeepmap.splitting import SplitParams, make_dataset
@@ -119,8 +129,11 @@ def test_the_default_split_keeps_touching_chips_apart(tmp_path):
 
 
 def test_chips_with_gaps_split_as_before(tmp_path):
-    """A step larger than the tile (SpecDeepMap's tutorial): no chips touch, so the default
-    split is SpecDeepMap's balanced split, chip for chip, with no buffer."""
+    """A step larger than the tile (SpecDeepMap's tutorial).
+
+    No chips touch, so the default split is SpecDeepMap's balanced split, chip for chip, with no
+    buffer.
+    """
     from specdeepmap.chipping import ChipParams, chip_scene
     from specdeepmap.sample_data import generate_scene
     from specdeepmap.splitting import SplitParams, make_dataset
@@ -139,9 +152,11 @@ def test_chips_with_gaps_split_as_before(tmp_path):
 
 @pytest.mark.slow
 def test_the_shared_sentinel2_scene_splits_without_leakage(shared_data, tmp_path):
-    """The shared S2 scene cut into adjacent 64 px chips at 10 % coverage (the case where the
-    forest looked better): the default split leaks nothing, the plain one leaks every test
-    chip."""
+    """The shared S2 scene's adjacent chips: the default split leaks nothing.
+
+    The scene is cut into 64 px chips at 10 % coverage (the case where the forest looked
+    better); SpecDeepMap's plain split leaks nearly every test chip.
+    """
     from specdeepmap.chipping import ChipParams, chip_scene, read_manifests
     from specdeepmap.splitting import SplitParams, make_dataset
 
@@ -162,9 +177,11 @@ def test_the_shared_sentinel2_scene_splits_without_leakage(shared_data, tmp_path
 
 
 def test_the_comparison_names_the_leakage(trained, dataset, tmp_path):
-    """The Tester's JSON and the model card say how far the test chips touch training chips:
-    the same chips split the plain way make the card say the split leaks, and leak far more
-    than the session's default split of them."""
+    """The Tester's JSON and the model card say how far the test chips touch training chips.
+
+    The same chips split the plain way make the card say the split leaks, and leak far more than the
+    session's default split of them.
+    """
     import shutil
 
     from specdeepmap.evaluation import evaluate_model

@@ -164,9 +164,11 @@ def test_state_survives_stop_and_start_and_stop_leaves_nothing(stack, tmp_path):
 
 
 def test_each_service_holds_only_its_own_secrets_and_the_state_is_private(stack):
-    """No process of the stack receives a secret it does not use (a leaked environment, e.g.
-    through /proc or a crash report, gives away only that service's keys), and the stack's
-    databases and logs are the operator's only."""
+    """Each service holds only its own secrets, and the stack's files are private.
+
+    A leaked environment (through /proc or a crash report) gives away only that service's keys;
+    the stack's databases and logs are the operator's only.
+    """
     cfg = _exports(stack["env"])
     secret = {"s3": cfg["AWS_SECRET_ACCESS_KEY"], "prefect": cfg["PREFECT_API_AUTH_STRING"],
               "mlflow": cfg["MLFLOW_TRACKING_PASSWORD"]}
@@ -193,11 +195,13 @@ def test_each_service_holds_only_its_own_secrets_and_the_state_is_private(stack)
 
 
 def test_presigned_urls_are_honoured_up_to_seven_days(stack):
-    """A presigned GET works within AWS's 7-day cap; one that asks for 10 years is refused,
-    as AWS refuses it (a leaked link must not open the store for a decade)."""
+    """A presigned GET works within AWS's 7-day cap.
+
+    One that asks for 10 years is refused, as AWS refuses it (a leaked link must not open the store
+    for a decade).
+    """
     import boto3
     import httpx
-
     from botocore.config import Config
 
     cfg = _exports(stack["env"])

@@ -160,7 +160,7 @@ def test_tester_outputs_specdeepmap_csv_and_metrics(trained, dataset, tmp_path):
     per_chip, pooled = [], []
     for c in range(1, 7):
         ious = [((t == c) & (q == c)).sum() / ((t == c) | (q == c)).sum()
-                for t, q in zip(truth, pred) if ((t == c) | (q == c)).any()]
+                for t, q in zip(truth, pred, strict=True) if ((t == c) | (q == c)).any()]
         per_chip.append(np.mean(ious) if ious else np.nan)  # SpecDeepMap: mean over chips
         t, q = np.concatenate([x.ravel() for x in truth]), np.concatenate(
             [x.ravel() for x in pred])
