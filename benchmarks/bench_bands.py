@@ -26,9 +26,10 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "s2l1c_b
 CHILD = textwrap.dedent("""
     import json, resource, sys, time
     image, label, out = sys.argv[1:4]
-    from specdeepmap.chipping import ChipParams, chip_scene
+    from specdeepmap.chipping import chip_scene
+    from specdeepmap.params import ChipParams
     start = time.perf_counter()
-    report = chip_scene(image, label, out, ChipParams((256, 256), (128, 128), 0), workers=2)
+    report = chip_scene(image, label, out, ChipParams(tile_x=256, tile_y=256, step_x=128, step_y=128, min_coverage=0), workers=2)
     print(json.dumps({"seconds": time.perf_counter() - start, "chips": report.chips,
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)

@@ -26,7 +26,8 @@ CHILD = textwrap.dedent("""
     mode, image, label, out = sys.argv[1:5]
     import numpy as np, rasterio  # imports are not timed
     from rasterio.windows import Window
-    from specdeepmap.chipping import ChipParams, chip_scene
+    from specdeepmap.chipping import chip_scene
+    from specdeepmap.params import ChipParams
     start = time.perf_counter()
     result = {}
     if mode == "read":
@@ -34,7 +35,7 @@ CHILD = textwrap.dedent("""
             data = src.read()
         result["bytes"] = data.nbytes
     elif mode == "chip":
-        report = chip_scene(image, label, out, ChipParams((256, 256), (256, 256), 50), workers=2)
+        report = chip_scene(image, label, out, ChipParams(tile_x=256, tile_y=256, step_x=256, step_y=256, min_coverage=50), workers=2)
         result["chips"] = report.chips
     else:
         import os

@@ -37,14 +37,15 @@ CASES = {1: (10, 8, (80, 10, 10), "balanced"), 2: (10, 8, (80, 10, 10), "balance
 
 def chips_at(coverage: int, work: str) -> str:
     """The S2 scene cut into adjacent 64 px chips at ``coverage`` % (cut once per run)."""
-    from specdeepmap.chipping import ChipParams, chip_scene
+    from specdeepmap.chipping import chip_scene
+    from specdeepmap.params import ChipParams
 
     folder = DATA / "s2l1c_brandenburg_osm"
     out = os.path.join(work, f"chips-{coverage}")
     if not os.path.isdir(out):
         chip_scene(str(folder / "s2l1c_T33UUU_20170216_13b_10m.tif"),
                    str(folder / "osm_landuse_labels_10m.tif"), out,
-                   ChipParams((64, 64), (64, 64), coverage))
+                   ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=coverage))
     return out
 
 
@@ -60,7 +61,8 @@ def main() -> None:
     from bench_quality import run_set
 
     from specdeepmap.console import configure_console
-    from specdeepmap.splitting import SplitParams, make_dataset
+    from specdeepmap.params import SplitParams
+    from specdeepmap.splitting import make_dataset
 
     configure_console(False)
     work = tempfile.mkdtemp(prefix="bench-leakage-")

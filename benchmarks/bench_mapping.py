@@ -46,7 +46,8 @@ CHILD = textwrap.dedent("""
     import numpy as np, rasterio
     from rasterio.windows import Window
     from specdeepmap.inference import load_model
-    from specdeepmap.mapping import MapParams, map_scene, prepare_predictor
+    from specdeepmap.mapping import map_scene, prepare_predictor
+    from specdeepmap.params import MapParams
     mode, scene, model_file, out, device = sys.argv[1:6]
     mode, _, precision = mode.partition(":")
     result = {}
@@ -168,7 +169,8 @@ def quality(model_file: str, scene: str, labels: str, precisions: list[str], dev
     """(precision, share of pixels whose class differs from fp32, mean IoU) with a real model."""
     import rasterio
 
-    from specdeepmap.mapping import MapParams, map_scene
+    from specdeepmap.mapping import map_scene
+    from specdeepmap.params import MapParams
 
     rows, reference = [], None
     for precision in ["fp32", *[p for p in precisions if p != "fp32"]]:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from specdeepmap.splitting import SplitParams
+    from specdeepmap.params import SplitParams
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: epochs a user would give for each set (the CLI default is SpecDeepMap's 1)
@@ -52,17 +52,17 @@ CLASS_WEIGHTING = {"value": "one-minus-share"}
 
 
 def enmap_split() -> SplitParams:
-    from specdeepmap.splitting import SplitParams
+    from specdeepmap.params import SplitParams
 
     # SpecDeepMap's split by name: the 18 chips all touch, so a split without leakage would
     # keep 4 training chips and the default falls back to this one anyway (docs/leakage.md)
-    return SplitParams(60, 20, 20, strategy="balanced", class_weighting=CLASS_WEIGHTING["value"])
+    return SplitParams(train_percent=60, validation_percent=20, test_percent=20, strategy="balanced", class_weighting=CLASS_WEIGHTING["value"])
 
 
 def s2_split() -> SplitParams:
-    from specdeepmap.splitting import SplitParams
+    from specdeepmap.params import SplitParams
 
-    return SplitParams(70, 15, 15, strategy="spatial-blocks",
+    return SplitParams(train_percent=70, validation_percent=15, test_percent=15, strategy="spatial-blocks",
                        class_weighting=CLASS_WEIGHTING["value"])
 
 
@@ -77,14 +77,15 @@ def prepare_enmap(data: Path, work: str) -> tuple[str, str]:
 
 def prepare_s2(data: Path, work: str) -> tuple[str, str]:
     """Chip the Sentinel-2 scene at 64 px and split it 70/15/15 in spatial blocks."""
-    from specdeepmap.chipping import ChipParams, chip_scene
+    from specdeepmap.chipping import chip_scene
+    from specdeepmap.params import ChipParams
     from specdeepmap.splitting import make_dataset
 
     folder = data / "s2l1c_brandenburg_osm"
     chips = os.path.join(work, "s2-chips")
     chip_scene(str(folder / "s2l1c_T33UUU_20170216_13b_10m.tif"),
                str(folder / "osm_landuse_labels_10m.tif"), chips,
-               ChipParams((64, 64), (64, 64)))
+               ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64))
     make_dataset(chips, s2_split())
     return chips, chips
 
@@ -147,6 +148,7 @@ def run_set(name: str, dataset: str, work: str, epochs: int, overrides: dict, se
     from specdeepmap.baseline import summary_metrics
     from specdeepmap.data import read_dataset_folder
     from specdeepmap.evaluation import evaluate_model
+    from specdeepmap.params import EvaluateParams
     from specdeepmap.training import TrainConfig, train
 
     info = read_dataset_folder(dataset)
@@ -162,8 +164,8 @@ def run_set(name: str, dataset: str, work: str, epochs: int, overrides: dict, se
     for split in ("validation", "test"):
         for use_tta, target in ((tta, scores), (not tta, other)):
             report = evaluate_model(os.path.join(dataset, f"{split}_files.csv"),
-                                    result.model_file, os.path.join(run, split), device="cpu",
-                                    tta=use_tta, baseline=forest[split], log_to_mlflow=False)
+                                    result.model_file, os.path.join(run, split), EvaluateParams(device="cpu", tta=use_tta),
+                                     baseline=forest[split], log_to_mlflow=False)
             target[split] = report.metrics
             if use_tta == tta:
                 versus[split] = report.versus_baseline
@@ -171,7 +173,7 @@ def run_set(name: str, dataset: str, work: str, epochs: int, overrides: dict, se
     if os.path.exists(teacher_file):
         teacher = {split: evaluate_model(
             os.path.join(dataset, f"{split}_files.csv"), teacher_file,
-            os.path.join(run, f"teacher-{split}"), device="cpu", tta=tta,
+            os.path.join(run, f"teacher-{split}"), EvaluateParams(device="cpu", tta=tta),
             log_to_mlflow=False).metrics for split in ("validation", "test")}
     print(f"{name}{tag} seed {seed}: TTA {'off' if tta else 'on'} instead: val "
           f"{other['validation'].mean_iou:.3f}, test {other['test'].mean_iou:.3f}", flush=True)

@@ -24,9 +24,10 @@ import numpy as np
 from bench_quality import DATA, SETS, fold_datasets
 from scipy.ndimage import uniform_filter
 
-from specdeepmap.baseline import BaselineParams, dataset_normalization, fit_forest, read_pixels
+from specdeepmap.baseline import dataset_normalization, fit_forest, read_pixels
 from specdeepmap.data import read_dataset_folder
 from specdeepmap.evaluation import accumulate, metrics_from_matrix
+from specdeepmap.params import BaselineParams
 
 
 def smoothed_forest_matrices(datasets: list[str], windows: list[int],

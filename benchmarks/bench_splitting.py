@@ -104,7 +104,8 @@ def grouped(counts: np.ndarray) -> None:
     """
     import pandas as pd
 
-    from specdeepmap.splitting import SplitParams, split_chips
+    from specdeepmap.params import SplitParams
+    from specdeepmap.splitting import split_chips
 
     n = len(counts)
     side = int(np.ceil(np.sqrt(n)))

@@ -27,15 +27,16 @@ from torch.utils.data import DataLoader
 
 def build_dataset(folder: str) -> tuple:
     """Chip a generated 1792² scene into 64 chips of 224², split it, return the datasets."""
-    from specdeepmap.chipping import ChipParams, chip_scene
+    from specdeepmap.chipping import chip_scene
     from specdeepmap.data import ChipDataset, Normalization, read_dataset_folder
+    from specdeepmap.params import ChipParams, SplitParams
     from specdeepmap.sample_data import generate_scene
-    from specdeepmap.splitting import SplitParams, make_dataset
+    from specdeepmap.splitting import make_dataset
 
     scene = generate_scene(os.path.join(folder, "scene"), 1792, 1792, seed=4)
     chip_scene(scene.image_uri, scene.label_uri, os.path.join(folder, "chips"),
-               ChipParams((224, 224), (224, 224), 0))
-    make_dataset(os.path.join(folder, "chips"), SplitParams(80, 10, 10, scaler=10000))
+               ChipParams(tile_x=224, tile_y=224, step_x=224, step_y=224, min_coverage=0))
+    make_dataset(os.path.join(folder, "chips"), SplitParams(train_percent=80, validation_percent=10, test_percent=10, scaler=10000))
     info = read_dataset_folder(os.path.join(folder, "chips"))
     lookup = np.zeros(256, np.int64)
     for i, v in enumerate(info.class_values, start=1):

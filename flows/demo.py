@@ -35,9 +35,9 @@ def main() -> None:
         start_ephemeral_api()
     except EphemeralAPIError as error:
         raise SystemExit(f"error: {error}") from None
-    from flows.params import (ChipSettings, MapFlowParams, ScenePair, SplitSettings,
-                              TrainingPipelineParams, TrainSettings)
+    from flows.params import MapFlowParams, ScenePair, TrainingPipelineParams
     from flows.pipelines import map_flow, training_pipeline
+    from specdeepmap.params import ChipParams, SplitParams, TrainParams
     from specdeepmap.sample_data import SampleScene, generate_scene
 
     folder = os.path.join(out, "scene")
@@ -49,9 +49,9 @@ def main() -> None:
         else generate_scene(folder, 1024, 1024, seed=0)
     summary = training_pipeline(TrainingPipelineParams(
         scenes=[ScenePair(image_uri=scene.image_uri, label_uri=scene.label_uri)],
-        work_uri=out, chip=ChipSettings(tile_size=64, step=64),
-        split=SplitSettings(scaler=10000),
-        train=TrainSettings(epochs=args.epochs, batch_size=16)))
+        work_uri=out, chip=ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64),
+        split=SplitParams(scaler=10000),
+        train=TrainParams(epochs=args.epochs, batch_size=16)))
     # the model just trained (it is champion only if it beat the champion and the baseline)
     maps = map_flow(MapFlowParams(model_uri=summary["model_uri"],
                                   output_uri=os.path.join(out, "maps"),

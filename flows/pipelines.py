@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -16,48 +15,53 @@ from prefect.input import RunInput
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows.params import (
-    ChipSettings,
-    MapFlowParams,
-    ScenePair,
-    ScheduledMappingParams,
-    SplitSettings,
-    TrainingPipelineParams,
-    TrainSettings,
-)
+from flows.params import MapFlowParams, ScenePair, ScheduledMappingParams, TrainingPipelineParams
 from specdeepmap import registry, storage
 from specdeepmap.bands import stack_scene
-from specdeepmap.stac import is_catalog, update_catalog
 from specdeepmap.mapping import output_uri_for, scenes_under, unmapped_scenes
+from specdeepmap.params import ChipParams, SplitParams, TrainParams
+from specdeepmap.stac import is_catalog, update_catalog
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
-from tasks import (champion_task, check_labels_task, chip_task, evaluate_task, map_scene_task,
-                   model_card_task, promote_task, split_task, train_task)
+from tasks import (
+    champion_task,
+    check_labels_task,
+    chip_task,
+    evaluate_task,
+    map_scene_task,
+    model_card_task,
+    promote_task,
+    split_task,
+    train_task,
+)
 
-RUNS_DIR = os.environ.get("SPECDEEPMAP_RUNS_DIR", "runs")
+
+def runs_dir() -> str:
+    """The worker's local folder for training logs: $SPECDEEPMAP_RUNS_DIR, default ``runs``."""
+    return os.environ.get("SPECDEEPMAP_RUNS_DIR", "runs")
 
 
 @flow(name="chip", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def chip_flow(scenes: list[ScenePair], out_uri: str,
-              chip: ChipSettings = ChipSettings()) -> list[dict]:
+              chip: ChipParams = ChipParams()) -> list[dict]:
     """Chip one or more scenes into one folder (scenes in parallel); scenes given as band files
     are stacked as VRTs under ``out_uri/scenes/`` first."""
     images = [s.image_uri or stack_scene(s.band_uris, storage.join(out_uri, "scenes"),
                                          s.resampling) for s in scenes]
-    futures = [chip_task.submit(image, s.label_uri, out_uri, chip.to_core(), s.classes_uri)
+    futures = [chip_task.submit(image, s.label_uri, out_uri, chip, s.classes_uri)
                for image, s in zip(images, scenes)]
     return [{"scene": f.result().image_uri, "chips": f.result().chips} for f in futures]
 
 
 @flow(name="split")
-def split_flow(chip_folder: str, split: SplitSettings = SplitSettings()) -> dict:
+def split_flow(chip_folder: str, split: SplitParams = SplitParams()) -> dict:
     """Balanced train/validation/test CSVs, class weights and band statistics."""
-    report = split_task(chip_folder, split.to_core())
+    report = split_task(chip_folder, split)
     return {"chips": report.chips, "max_share_gap_pp": report.max_share_gap_pp}
 
 
 @flow(name="train")
-def train_flow(dataset_uri: str, train: TrainSettings = TrainSettings(),
+def train_flow(dataset_uri: str, train: TrainParams = TrainParams(),
                model_name: str = "specdeepmap-segmentation",
                checkpoint_uri: str | None = None) -> TrainResult:
     """Train on a dataset folder, log to MLflow and register a new model version.
@@ -67,12 +71,11 @@ def train_flow(dataset_uri: str, train: TrainSettings = TrainSettings(),
     flow run continues from the last one, in the same MLflow run (a single network: an
     ensemble, ``train.ensemble > 1``, starts again from the first member).
     """
-    out = os.path.join(RUNS_DIR, "training", time.strftime("%Y%m%d-%H%M%S"))
+    out = os.path.join(runs_dir(), "training", time.strftime("%Y%m%d-%H%M%S"))
     run_name, tags = mlflow_run_identity()
-    return train_task(TrainConfig(dataset=dataset_uri, out=out, registered_model=model_name,
-                                  run_name=run_name, run_tags=tags,
-                                  checkpoint_uri=checkpoint_uri if train.ensemble == 1
-                                  else None, **train.model_dump()))
+    return train_task(TrainConfig.from_params(
+        train, dataset=dataset_uri, out=out, registered_model=model_name, run_name=run_name,
+        run_tags=tags, checkpoint_uri=checkpoint_uri if train.ensemble == 1 else None))
 
 
 def mlflow_run_identity() -> tuple[str, dict[str, str]]:
@@ -169,8 +172,7 @@ def training_pipeline(params: TrainingPipelineParams,
     logger = get_run_logger()
     ensure_experiment(tracking_uri(), "specdeepmap")
     chips_uri = storage.join(params.work_uri, "chips")
-    check_labels_task([s.label_uri for s in params.scenes], params.chip.to_core(),
-                      params.split.to_core())
+    check_labels_task([s.label_uri for s in params.scenes], params.chip, params.split)
     chip_flow(params.scenes, chips_uri, params.chip)
     split_flow(chips_uri, params.split)
     # one checkpoint folder per flow run: a restarted run (same id) continues its training
@@ -217,7 +219,7 @@ def training_pipeline(params: TrainingPipelineParams,
 def _map_scenes(scenes: list[str], model_uri: str, output_uri: str, params: MapFlowParams
                 ) -> list[dict]:
     futures = [map_scene_task.submit(s, model_uri, output_uri_for(s, output_uri),
-                                     params.map.to_core()) for s in scenes]
+                                     params.map) for s in scenes]
     return [f.result() for f in futures]
 
 

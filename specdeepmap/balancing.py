@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 #: loss below which no restart is tried (all class shares within ~0.3 percentage points)
 GOOD_ENOUGH = 1e-5
 

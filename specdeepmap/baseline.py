@@ -24,24 +24,21 @@ from specdeepmap import storage
 from specdeepmap.classes import ClassSchema, read_dataset_classes
 from specdeepmap.data import DatasetInfo, chip_properties, read_dataset_folder
 from specdeepmap.errors import EmptyDatasetError
-from specdeepmap.evaluation import (Metrics, accumulate, mean_chip_iou, metrics_from_matrix,
-                                    per_chip_iou, write_test_outputs)
+from specdeepmap.evaluation import (
+    Metrics,
+    accumulate,
+    mean_chip_iou,
+    metrics_from_matrix,
+    per_chip_iou,
+    write_test_outputs,
+)
 from specdeepmap.normalization import Normalization
+from specdeepmap.params import BaselineParams
 
 log = logging.getLogger(__name__)
 
 #: metric-name prefix in MLflow runs and the figures of reports
 PREFIX = "baseline_rf"
-
-
-@dataclass(frozen=True)
-class BaselineParams:
-    """RandomForest settings: EnMAP-Box's defaults (100 trees), a pixel cap, a fixed seed."""
-
-    n_estimators: int = 100
-    max_pixels: int = 100_000  #: labelled training pixels sampled at most (spread over chips)
-    seed: int = 0
-    n_jobs: int = -1
 
 
 @dataclass
@@ -148,7 +145,7 @@ def fit_forest(pairs: list[tuple[str, str]], normalization: Normalization,
     if len(y) == 0:
         raise EmptyDatasetError("The training chips hold no labelled pixels for the "
                                 "RandomForest baseline")
-    forest = RandomForestClassifier(n_estimators=params.n_estimators, n_jobs=params.n_jobs,
+    forest = RandomForestClassifier(n_estimators=params.trees, n_jobs=params.n_jobs,
                                     random_state=params.seed)
     forest.fit(np.concatenate(xs), y)
     return forest, len(y)

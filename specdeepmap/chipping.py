@@ -56,31 +56,13 @@ from specdeepmap.errors import (
     InvalidParameterError,
     UnreadableInputError,
 )
+from specdeepmap.params import ChipParams
 
 log = logging.getLogger(__name__)
 
 CHIP_NAME = re.compile(r"^(?P<scene>.+)_tile_(?P<x>\d+)_(?P<y>\d+)\.tif$")
 MANIFEST_FOLDER = "manifest"
 COUNT_PREFIX = "count_"
-
-
-@dataclass(frozen=True)
-class ChipParams:
-    """Raster Splitter parameters, with SpecDeepMap's defaults."""
-
-    tile_size: tuple[int, int] = (256, 256)
-    stride: tuple[int, int] = (256, 256)
-    min_coverage: float = 50.0
-
-    def validate(self) -> None:
-        """Raise :class:`InvalidParameterError` for sizes < 1 or a coverage outside 0–100."""
-        for label, pair in (("tile size", self.tile_size), ("step", self.stride)):
-            if len(pair) != 2 or min(pair) < 1:
-                raise InvalidParameterError(f"{label} must be two integers >= 1, got {pair}")
-        if not 0 <= self.min_coverage <= 100:
-            raise InvalidParameterError(
-                f"minimum label coverage must be within 0-100 %, got {self.min_coverage}"
-            )
 
 
 @dataclass
@@ -265,7 +247,6 @@ def chip_scene(
         UnreadableInputError.
     """
     started = time.perf_counter()
-    params.validate()
     scene = storage.stem(image_uri)
     tx, ty = params.tile_size
     with storage.open_raster(image_uri) as image, storage.open_raster(label_uri) as label:
@@ -376,7 +357,6 @@ def label_windows(label_uri: str, params: ChipParams = ChipParams()) -> pd.DataF
     """Class counts of the chip windows that would pass the coverage threshold, from the label
     raster alone (one strip of windows at a time): what the split will work with, known before
     any chip is cut. The image's nodata is not applied (it can only lower the counts)."""
-    params.validate()
     tx, ty = params.tile_size
     rows = []
     with storage.open_raster(label_uri) as label:

@@ -19,7 +19,6 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from io import StringIO
 
-
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidLabelError, MissingInputError
 

@@ -21,8 +21,7 @@ from specdeepmap import storage
 from specdeepmap.augmentation import Augmentation, augment_pair, spectral_jitter
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError, MissingInputError
 from specdeepmap.normalization import Normalization
-from specdeepmap.splitting import (CSV_NAMES, NORMALIZE_CSV, SUMMARY_CSV, check_image_chips,
-                                   read_csv)
+from specdeepmap.splitting import CSV_NAMES, NORMALIZE_CSV, SUMMARY_CSV, check_image_chips, read_csv
 
 
 @dataclass(frozen=True)

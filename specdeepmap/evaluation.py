@@ -28,9 +28,10 @@ import rasterio
 from specdeepmap import storage
 from specdeepmap.classes import ClassSchema
 from specdeepmap.comparison import Difference, paired_bootstrap
-from specdeepmap.leakage import Leakage, chip_units, read_split_leakage
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError
 from specdeepmap.inference import load_model
+from specdeepmap.leakage import Leakage, chip_units, read_split_leakage
+from specdeepmap.params import EvaluateParams
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -268,11 +269,11 @@ class EvaluationReport:
     split_leakage: Leakage | None = None
 
 
-def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str = "auto",
-               predictions_folder: str | None = None, mask_unlabelled: bool = True,
-               batch_size: int = 8, mlflow_run_id: str | None = None,
-               baseline: Metrics | None = None, tta: bool = False,
-               log_to_mlflow: bool = True) -> EvaluationReport:
+def evaluate_model(test_csv: str, model_uri: str, out_folder: str,
+                   params: EvaluateParams = EvaluateParams(),
+                   predictions_folder: str | None = None, mlflow_run_id: str | None = None,
+                   baseline: Metrics | None = None,
+                   log_to_mlflow: bool = True) -> EvaluationReport:
     """Predict every chip of a test CSV and measure the model (Deep Learning Tester).
 
     Args:
@@ -280,19 +281,16 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
         model_uri: checkpoint / model file path or URI, or ``models:/NAME/VERSION|@ALIAS``.
         out_folder: where ``test_iou.csv`` (SpecDeepMap format), ``test_metrics.csv``,
             ``test_metrics.json`` and the two PNGs go.
-        device: cpu, gpu or auto.
+        params: device, batch size, masking of exported predictions and test-time
+            augmentation (:class:`~specdeepmap.params.EvaluateParams`; TTA did not raise
+            validation IoU on the shared real data sets, see docs/recipe.md).
         predictions_folder: optional folder for ``{chip}_prediction.tif`` (georeferenced
             like the chip; created when missing).
-        mask_unlabelled: set exported predictions to 0 where the label is 0.
-        batch_size: chips per forward pass.
         mlflow_run_id: log the outputs to this MLflow run (default: the registered model's run).
         baseline: the RandomForest baseline's metrics on the same chips, shown beside the
             model's in ``test_metrics.csv/json`` and the IoU plot.
         log_to_mlflow: log metrics and files to the model's MLflow run (off when another
             model's test chips are scored, e.g. the champion's in a promotion).
-        tta: average predictions over the eight flips and quarter turns of each chip (8
-            forward passes per chip; it did not raise validation IoU on the shared real data
-            sets, see docs/recipe.md).
     """
     # here: the mapper imports this module, and this brings the tables' pandas along
     from specdeepmap.data import read_chip_list
@@ -300,7 +298,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     pairs = read_chip_list(test_csv)
     if not pairs:
         raise EmptyDatasetError(f"{test_csv} lists no chips")
-    predictor = load_model(model_uri, device)
+    predictor = load_model(model_uri, params.device)
     class_values = predictor.class_values
     k = len(class_values)
     chip_ious, chip_matrices = [], {}
@@ -310,8 +308,8 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     exported = []
     if predictions_folder:
         storage.makedirs(predictions_folder)
-    for start in range(0, len(pairs), batch_size):
-        batch_pairs = pairs[start:start + batch_size]
+    for start in range(0, len(pairs), params.batch_size):
+        batch_pairs = pairs[start:start + params.batch_size]
         images, labels, profiles = [], [], []
         for image_uri, mask_uri in batch_pairs:
             with storage.open_raster(image_uri) as src:
@@ -324,7 +322,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
                 labels.append(src.read(1).astype(np.int64))
         if len({i.shape for i in images}) > 1:
             raise InputMismatchError(f"Chips of {test_csv} differ in size")
-        preds = predictor.predict_classes(np.stack(images), tta=tta)
+        preds = predictor.predict_classes(np.stack(images), tta=params.tta)
         for (image_uri, _), image, truth, pred, (transform, crs, nodata) in zip(
                 batch_pairs, images, labels, preds, profiles):
             # per chip name (they sum to the pooled matrix; for paired comparisons, chips of
@@ -340,7 +338,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
                 foreign_pixels += int(unknown.sum())
             if predictions_folder:
                 out = pred.copy()
-                if mask_unlabelled:
+                if params.mask_unlabelled:
                     out[truth == 0] = 0
                 if nodata is not None:
                     out[np.all(image == nodata, axis=0)] = 0
@@ -365,7 +363,7 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str, device: str =
     versus = compare_with_baseline(metrics, baseline) if baseline is not None else None
     leakage = read_split_leakage(storage.parent(test_csv))
     iou_csv, metrics_csv, plots, summary = write_test_outputs(
-        out_folder, metrics, chip_iou, {"model": model_uri, "test_csv": test_csv, "tta": tta,
+        out_folder, metrics, chip_iou, {"model": model_uri, "test_csv": test_csv, "tta": params.tta,
                                         "split_leakage": leakage.to_dict() if leakage else None},
         baseline=baseline, classes=predictor.classes, versus_baseline=versus)
     report = EvaluationReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,

@@ -25,10 +25,14 @@ import torch
 from specdeepmap import storage
 from specdeepmap.augmentation import tta_d4
 from specdeepmap.classes import ClassSchema, schema_from_config
-from specdeepmap.normalization import Normalization
-from specdeepmap.errors import (DeviceUnavailableError, MissingInputError, UnreadableInputError,
-                                UnsafeModelFileError)
+from specdeepmap.errors import (
+    DeviceUnavailableError,
+    MissingInputError,
+    UnreadableInputError,
+    UnsafeModelFileError,
+)
 from specdeepmap.models import build_network, replace_submodule
+from specdeepmap.normalization import Normalization
 
 MODEL_FORMAT = "specdeepmap-model/1"
 MODEL_FILE = "model.pt"

@@ -21,7 +21,6 @@ prediction does not need one, and refusing would block ungeoreferenced imagery.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -30,10 +29,9 @@ import shutil
 import tempfile
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import rasterio
@@ -49,40 +47,9 @@ from specdeepmap.classes import ClassSchema, pam_xml, qml
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.evaluation import accumulate, metrics_from_matrix, write_iou_csv
 from specdeepmap.inference import Predictor, fold_batch_norms, load_model
+from specdeepmap.params import MapParams
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class MapParams:
-    """Mapper parameters."""
-
-    overlap: float = 10.0  #: minimum overlap in % of the model's tile size (SpecDeepMap's)
-    window: int | None = None  #: window edge in px; default: see :func:`choose_window`
-    batch_size: int | None = None  #: windows per forward pass; default: ~4 tiles of pixels
-    #: "crop" imitates SpecDeepMap (each pixel from the window whose kept centre covers it)
-    blend: Literal["cosine", "linear", "gaussian", "none", "crop"] = "cosine"
-    #: "bf16": bfloat16 autocast (GPUs, CPUs with AMX/AVX512-BF16); "int8": the network
-    #: quantized on the CPU, calibrated on windows of the scene (see :mod:`quantization`)
-    precision: Literal["fp32", "bf16", "int8"] = "fp32"
-    channels_last: bool = True
-    device: str = "auto"
-    #: average each window's probabilities over its 8 flips and quarter turns (8× the cost)
-    tta: bool = False
-
-    def validate(self) -> None:
-        """Reject impossible settings before any work."""
-        if not 0 <= self.overlap < 50:
-            raise InvalidParameterError(f"overlap must be within 0-50 %, got {self.overlap}")
-        if self.window is not None and self.window < 32:
-            raise InvalidParameterError(f"window must be >= 32 px, got {self.window}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InvalidParameterError("batch size must be >= 1")
-        if self.blend not in ("cosine", "linear", "gaussian", "none", "crop"):
-            raise InvalidParameterError(f"unknown blend {self.blend!r}")
-        if self.precision not in ("fp32", "bf16", "int8"):
-            raise InvalidParameterError(f"precision must be fp32, bf16 or int8, got "
-                                        f"{self.precision!r}")
 
 
 @dataclass
@@ -306,7 +273,6 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     from specdeepmap.stac import is_item, item_scene
 
     started = time.perf_counter()
-    params.validate()
     check_outputs(input_uri, model_uri, gt_uri, {
         "class map": output_uri, "confidence raster": confidence_uri,
         "probability raster": probabilities_uri, "polygon file": vector_uri,
@@ -342,7 +308,7 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
                                       lambda: _calibration_windows(src, 128))
         setup_seconds = time.perf_counter() - setup_started
         if params.precision == "int8":  # quantized networks take plain NCHW input
-            params = dataclasses.replace(params, channels_last=False)
+            params = params.model_copy(update={"channels_last": False})
         gt = stack.enter_context(storage.open_raster(gt_uri)) if gt_uri else None
         if gt is not None and (gt.width, gt.height) != (src.width, src.height):
             raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "

@@ -22,8 +22,8 @@ from specdeepmap import storage
 from specdeepmap.chipping import COUNT_PREFIX, read_manifests
 from specdeepmap.classes import ClassSchema, schema_from_config
 from specdeepmap.comparison import Difference
-from specdeepmap.leakage import Leakage, read_split_leakage
 from specdeepmap.data import resolve_row
+from specdeepmap.leakage import Leakage, read_split_leakage
 from specdeepmap.splitting import read_csv
 
 CARD_FOLDER = "model_card"

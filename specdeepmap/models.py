@@ -22,16 +22,13 @@ from torch import nn
 
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidParameterError, UnsafeModelFileError
+from specdeepmap.params import ARCHITECTURE_ALIASES
 
 log = logging.getLogger(__name__)
 
 #: our name → smp class name; SpecDeepMap's names map onto the same entries
 ARCHITECTURES = {"unet": "Unet", "unetplusplus": "UnetPlusPlus", "deeplabv3plus": "DeepLabV3Plus",
                  "segformer": "Segformer"}
-_ALIASES = {"u-net": "unet", "unet": "unet", "u-net++": "unetplusplus", "unet++": "unetplusplus",
-            "unetplusplus": "unetplusplus", "deeplabv3+": "deeplabv3plus",
-            "deeplabv3plus": "deeplabv3plus", "segformer": "segformer"}
-
 #: SSL4EO-S12 MoCo weights (Wang et al. 2023) as distributed by torchgeo: timm ResNet state
 #: dicts for 13 Sentinel-2 L1C bands (B01…B12 incl. B10), inputs divided by 10 000.
 SENTINEL2_WEIGHTS = {
@@ -42,7 +39,7 @@ SENTINEL2_WEIGHTS = {
 
 def canonical_architecture(name: str) -> str:
     """Our name for an architecture; raises with the list of valid names otherwise."""
-    key = _ALIASES.get(name.strip().lower().replace(" ", ""))
+    key = ARCHITECTURE_ALIASES.get(name.strip().lower().replace(" ", ""))
     if key is None:
         raise InvalidParameterError(
             f"Unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)} "

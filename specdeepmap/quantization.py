@@ -29,8 +29,8 @@ import contextlib
 import copy
 import hashlib
 import threading
-from collections import OrderedDict
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import numpy as np

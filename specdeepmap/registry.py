@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from specdeepmap.comparison import Difference, paired_bootstrap
 from specdeepmap.errors import InputMismatchError
+from specdeepmap.params import EvaluateParams
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str
                     "reason": f"champion version {version} has {key} = {champion.get(key)}, "
                     f"the new model {new.get(key)}: they cannot be scored on the same chips",
                     "difference": None}
-    report = evaluate_model(test_csv, champion_uri, out_folder, device=device,
+    report = evaluate_model(test_csv, champion_uri, out_folder, EvaluateParams(device=device),
                             log_to_mlflow=False)
     difference = None
     if new_chip_matrices:
@@ -217,7 +218,7 @@ def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMP
         decision = Decision(CHALLENGER, changed)
     else:
         metrics = evaluate_model(test_csv, model_uri, storage.join(out_folder, f"v{version}"),
-                                 device=device, log_to_mlflow=False).metrics
+                                 EvaluateParams(device=device), log_to_mlflow=False).metrics
         score = metrics.mean_iou
         current = champion_version(name, client)
         champion = {"version": None, "mean_iou": None, "difference": None}

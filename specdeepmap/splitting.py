@@ -26,27 +26,40 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from specdeepmap import __version__, storage
 from specdeepmap.balancing import assign, quality, set_counts
-from specdeepmap.leakage import (TEST, TRAIN, UNUSED, VALIDATION, Leakage, measure,
-                                 touch_groups, touching_other_sets, touching_pairs)
-from specdeepmap.chipping import (CHIP_NAME, COUNT_PREFIX, ChipParams, label_to_classes,
-                                  label_windows, read_manifests)
+from specdeepmap.chipping import (
+    CHIP_NAME,
+    COUNT_PREFIX,
+    label_to_classes,
+    label_windows,
+    read_manifests,
+)
 from specdeepmap.errors import (
     EmptyDatasetError,
     InputMismatchError,
     InvalidLabelError,
-    InvalidParameterError,
     MissingInputError,
     SplitInfeasibleError,
     UnreadableInputError,
 )
+from specdeepmap.leakage import (
+    TEST,
+    TRAIN,
+    UNUSED,
+    VALIDATION,
+    Leakage,
+    measure,
+    touch_groups,
+    touching_other_sets,
+    touching_pairs,
+)
+from specdeepmap.params import ChipParams, SplitParams
 
 log = logging.getLogger(__name__)
 
@@ -57,54 +70,6 @@ SUMMARY_CSV = "Summary_train_val.csv"
 NORMALIZE_CSV = "Normalize_Bands.csv"
 LEAKAGE_CSV = "Split_leakage.csv"
 STRATEGIES = ("balanced-groups", "balanced", "spatial-blocks")
-
-
-@dataclass(frozen=True)
-class SplitParams:
-    """Dataset Maker parameters, with SpecDeepMap's defaults."""
-
-    train_percent: float = 80.0
-    validation_percent: float = 10.0
-    test_percent: float = 10.0
-    seed: int = 42
-    scaler: float | None = None
-    normalize: bool = True
-    #: "balanced-groups": class-balanced over groups of touching chips, training chips that
-    #: touch a validation or test chip left out (no spatial leakage; the same as "balanced"
-    #: when no chips touch); "balanced": SpecDeepMap's, over single chips; "spatial-blocks":
-    #: blocks of ``block_size`` chips per edge
-    strategy: Literal["balanced-groups", "balanced", "spatial-blocks"] = "balanced-groups"
-    class_weighting: Literal["one-minus-share", "inverse-frequency"] = "one-minus-share"
-    block_size: int = 4  #: spatial-blocks: chips per block edge
-    min_class_share: float = 0.01  #: each set holds at least this share of every class
-    max_search_seconds: float = 2.0
-
-    @property
-    def fractions(self) -> tuple[float, float, float]:
-        """(train, validation, test) shares of the chips, 0-1."""
-        return (self.train_percent / 100, self.validation_percent / 100,
-                self.test_percent / 100)
-
-    def validate(self) -> None:
-        """Raise :class:`InvalidParameterError` for impossible percentages or settings."""
-        percents = (self.train_percent, self.validation_percent, self.test_percent)
-        if min(percents) < 0:
-            raise InvalidParameterError(f"Percentages must be >= 0, got {percents}")
-        if sum(percents) > 100 + 1e-9:
-            raise InvalidParameterError(
-                f"Train, validation and test percentages add up to {sum(percents)} > 100")
-        if self.train_percent <= 0:
-            raise InvalidParameterError("The training percentage must be > 0")
-        if self.scaler is not None and self.scaler <= 0:
-            raise InvalidParameterError(f"The scaler must be > 0, got {self.scaler}")
-        if self.strategy not in STRATEGIES:
-            raise InvalidParameterError(
-                f"Unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-        if self.class_weighting not in ("one-minus-share", "inverse-frequency"):
-            raise InvalidParameterError(f"Unknown class weighting {self.class_weighting!r}: use "
-                                        "'one-minus-share' or 'inverse-frequency'")
-        if self.block_size < 1:
-            raise InvalidParameterError(f"block size must be >= 1, got {self.block_size}")
 
 
 @dataclass
@@ -299,7 +264,7 @@ def split_chips(frame: pd.DataFrame, class_values: list[int],
     kept = int((best[1] == TRAIN).sum()) if best else 0
     if best is not None and kept >= MIN_TRAINING_KEPT * wanted:
         return SplitChoice(best[1], best[2], params.strategy, pairs)
-    plain = replace(params, strategy="balanced")
+    plain = params.model_copy(update={"strategy": "balanced"})
     sets, achieved = _assign_units(frame, class_values, plain, split_units(frame, plain), pairs)
     why = (f"a split without spatial leakage would keep only {kept} of {wanted} training chips"
            if best is not None else f"no split without spatial leakage exists ({error})")
@@ -399,7 +364,6 @@ def check_split_before_chipping(label_uris: list[str], chip: ChipParams,
     """Refuse, before any chip is cut, a split the labels cannot give: the label rasters'
     chip windows (:func:`specdeepmap.chipping.label_windows`) must hold at least two classes
     and admit a split that meets the class-share rule. Returns the number of windows kept."""
-    params.validate()
     frame = pd.concat([label_windows(uri, chip) for uri in label_uris], ignore_index=True)
     where = ", ".join(label_uris)
     if frame.empty:
@@ -543,7 +507,6 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
         A :class:`SplitReport`.
     """
     started = time.perf_counter()
-    params.validate()
     say = progress or (lambda message: None)
     say("reading class counts")
     frame = chip_class_counts(folder, workers)
@@ -641,7 +604,7 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
         warnings=warnings, leakage=leakage.to_dict(), buffer_chips=buffer_chips,
         strategy=used,
     )
-    record = {"params": asdict(params), "report": asdict(report), "version": __version__}
+    record = {"params": params.model_dump(), "report": asdict(report), "version": __version__}
     outputs["run"] = storage.join(out_folder, "split.json")
     storage.write_text(outputs["run"], json.dumps(record, indent=2, default=str))
     total = len(frame)

@@ -254,8 +254,12 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, TimeoutError | ConnectionError):
         return True
     try:
-        from botocore.exceptions import (ClientError, ConnectionClosedError,
-                                         EndpointConnectionError, ReadTimeoutError)
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            EndpointConnectionError,
+            ReadTimeoutError,
+        )
     except ImportError:  # pragma: no cover - botocore comes with s3fs
         ClientError = ConnectionClosedError = EndpointConnectionError = ReadTimeoutError = ()
     if isinstance(error, EndpointConnectionError | ConnectionClosedError | ReadTimeoutError):

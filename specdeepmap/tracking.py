@@ -12,7 +12,6 @@ from specdeepmap import __version__
 from specdeepmap.baseline import BaselineResult, write_baseline
 from specdeepmap.classes import ClassSchema
 
-
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development",
                    "mlflow.note.content": "Segmentation models trained by specdeepmap: one run "

@@ -14,35 +14,64 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from specdeepmap import __version__, storage
-from specdeepmap.augmentation import Augmentation
-from specdeepmap.baseline import BaselineParams, pseudo_labels, run_baseline
+from specdeepmap.baseline import pseudo_labels, run_baseline
 from specdeepmap.classes import ClassSchema, read_dataset_classes
 from specdeepmap.console import is_verbose, quiet_lightning
-from specdeepmap.data import (ChipDataset, band_names, chip_properties, principal_axes,
-                              read_dataset_folder)
-from specdeepmap.errors import InputMismatchError, InvalidParameterError
-from specdeepmap.inference import (MODEL_FILE, export_model_file, load_plain_data,
-                                   read_model_file, resolve_device)
+from specdeepmap.data import (
+    ChipDataset,
+    band_names,
+    chip_properties,
+    principal_axes,
+    read_dataset_folder,
+)
+from specdeepmap.errors import InputMismatchError
+from specdeepmap.inference import (
+    MODEL_FILE,
+    export_model_file,
+    load_plain_data,
+    read_model_file,
+    resolve_device,
+)
+from specdeepmap.lightning_task import (
+    IGNORE_INDEX,
+    MirroredCheckpoint,
+    SegmentationTask,
+    ValidationHistory,
+)
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
-from specdeepmap.resume import (LAST_CHECKPOINT, RESUME_STATE, ResumeState, check_prefix_owner,
-                                check_resume_checkpoint, check_run_continuable, read_state)
-from specdeepmap.lightning_task import (IGNORE_INDEX,
-                                        MirroredCheckpoint, SegmentationTask,
-                                        ValidationHistory)
-from specdeepmap.losses import LOSSES, Loss
-from specdeepmap.models import (SENTINEL2_WEIGHTS, EnsembleSegmentation, ModelSpec, build_model,
-                                canonical_architecture, freeze_encoder, init_spectral_front_end,
-                                load_encoder_weights, encoder_depth_for, spectral_channels_for,
-                                weights_kind)
+from specdeepmap.models import (
+    SENTINEL2_WEIGHTS,
+    EnsembleSegmentation,
+    ModelSpec,
+    build_model,
+    canonical_architecture,
+    encoder_depth_for,
+    freeze_encoder,
+    init_spectral_front_end,
+    load_encoder_weights,
+    spectral_channels_for,
+    weights_kind,
+)
 from specdeepmap.normalization import Normalization
+from specdeepmap.params import BaselineParams, TrainParams
+from specdeepmap.resume import (
+    LAST_CHECKPOINT,
+    RESUME_STATE,
+    ResumeState,
+    check_prefix_owner,
+    check_resume_checkpoint,
+    check_run_continuable,
+    read_state,
+)
 from specdeepmap.splitting import NORMALIZE_CSV, SUMMARY_CSV
 from specdeepmap.tracking import ensure_experiment, log_baseline, register_model, tracking_uri
 
@@ -55,123 +84,49 @@ TEACHER_FILE = "ensemble.pt"
 MEMBER_SEED_STEP = 1000
 
 
-@dataclass
-class TrainConfig:
-    """Trainer parameters (SpecDeepMap's defaults where it has them)."""
+class TrainConfig(TrainParams):
+    """A training run: the user's :class:`TrainParams` and where the run reads and writes."""
 
-    dataset: str  #: dataset folder URI (what `specdeepmap split` wrote)
-    out: str  #: local folder for checkpoints and TensorBoard logs
-    architecture: str = "unet"
-    backbone: str = "resnet18"
-    weights: str | None = None  #: None, "imagenet", or a weights file/URI (state dict, SSL4EO)
-    adapt_first_conv: bool = False  #: repeat pretrained first-conv kernels over other band counts
-    freeze_backbone: bool | None = None  #: default: frozen when pretrained weights are used
-    augment: bool = True  #: SpecDeepMap's data_aug: the augmentation below on or off
-    augmentation: Augmentation = "d4"  #: d4 (flips, quarter turns), d4-rotate (+ ±45°), none
-    spectral_jitter: bool = True  #: random spectral gain per chip (with augment)
-    spectral_channels: int = -1  #: learned per-pixel front-end width; -1 auto (32), 0 off
-    #: pca: the front-end's first filters start on the training chips' principal axes
-    spectral_init: Literal["pca", "random"] = "pca"
-    encoder_depth: int = -1  #: encoder stages, 3-5 (U-Net/U-Net++); -1 auto by chip size
-    loss: Loss = "dice-ce"  #: ce, dice-ce or lovasz-ce (class weights: on the cross-entropy)
-    #: batch or group normalisation in the network trained from scratch (pretrained encoders
-    #: keep batch norm: their weights were trained with it)
-    norm: Literal["batch", "group"] = "batch"
-    weight_decay: float = 0.0  #: > 0: AdamW's decoupled weight decay instead of plain Adam
-    #: > 0: the per-pixel head of the spectral front-end also learns alone, with this weight
-    pixel_loss_weight: float = 0.0
-    cutmix: float = 0.5  #: share of training chips given a box from another chip (0: off)
-    #: share of the bands zeroed at random in each training chip (dropout over bands; 0: off)
-    band_dropout: float = 0.0
-    #: > 0: weight of a FixMatch consistency loss on unlabelled pixels (semi-supervised)
-    consistency: float = 0.0
-    #: > 0: unlabelled pixels of the training chips are labelled by the baseline forest where
-    #: its vote share reaches this (semi-supervised); 0: off
-    pseudo_labels: float = 0.0
-    weight_averaging: Literal["ema", "none"] = "none"  #: ema: validate, keep averaged weights
-    warmup_epochs: float = 1.0  #: linear learning-rate warm-up, then cosine decay per step
-    #: a small training set is drawn repeatedly (each pass a new permutation and new random
-    #: augmentations) until an epoch holds at least this many chips: a few chips give too few
-    #: optimisation steps per epoch otherwise; 0: one pass per epoch
-    min_chips_per_epoch: int = 128
-    #: uniform: every chip as often; class-balanced: chips rich in rare classes more often
-    sampling: Literal["uniform", "class-balanced"] = "uniform"
-    #: networks trained from different random starts (seeds seed, seed + 1000, …) whose mean
-    #: class probabilities the model file gives: N× the training and the mapping time
-    ensemble: int = 1
-    #: with ensemble > 1: one more network learns the members' mean probabilities on every
-    #: pixel (and the labels); the model file is that one network (1× the mapping time)
-    distill: bool = False
-    baseline: bool = True  #: fit and score the per-pixel RandomForest baseline
-    baseline_pixels: int = 100_000  #: labelled training pixels for the baseline at most
-    balanced: bool = True  #: class weights from Summary_train_val.csv in the loss
-    normalize: bool = True  #: z-score with Normalize_Bands.csv (after the scaler)
-    batch_size: int = 2
-    epochs: int = 1
-    lr: float = 1e-3
-    lr_finder: bool = False
-    early_stopping: bool = True
-    patience: int = 20
-    device: Literal["cpu", "gpu", "auto"] = "auto"
-    devices: int = 1
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
-    workers: int = 0
-    resume: str | None = None  #: a checkpoint to continue from (local or s3://)
-    #: where checkpoints are mirrored as training goes (s3:// or a folder); a training started
-    #: again with the same URI continues from its last checkpoint and its MLflow run
-    checkpoint_uri: str | None = None
-    keep_top_k: int = 1  #: best checkpoints kept (-1: all)
-    seed: int = 42
-    limit_batches: int | None = None  #: cap batches per epoch (smoke tests)
-    tracking_uri: str | None = None  #: default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    experiment: str = "specdeepmap"
-    registered_model: str | None = "specdeepmap-segmentation"  #: None: do not register
+    dataset: str = Field(..., min_length=1, description="Dataset folder URI (what `split` "
+                         "wrote).")
+    out: str = Field(..., min_length=1, description="Local folder for checkpoints and "
+                     "TensorBoard logs.")
+    workers: int = Field(0, ge=0, le=256, description="Data-loader workers.")
+    resume: str | None = Field(None, description="A checkpoint to continue from (local or "
+                               "s3://).")
+    checkpoint_uri: str | None = Field(
+        None, description="Where checkpoints are mirrored as training goes (s3:// or a "
+        "folder); a training started again with the same URI continues from its last "
+        "checkpoint and its MLflow run.")
+    keep_top_k: int = Field(1, ge=-1, description="Best checkpoints kept (-1: all).")
+    limit_batches: int | None = Field(None, ge=1, description="Cap batches per epoch (smoke "
+                                      "tests).")
+    tracking_uri: str | None = Field(None, description="Default: $MLFLOW_TRACKING_URI or "
+                                     "sqlite:///mlflow.db.")
+    experiment: str = Field("specdeepmap", min_length=1, description="MLflow experiment.")
+    registered_model: str | None = Field("specdeepmap-segmentation", description="MLflow "
+                                         "registered model name (None: do not register).")
     run_name: str | None = None
     #: MLflow run tags, e.g. ``mlflow.source.name`` (the command or flow that trained) and a
     #: link to the Prefect flow run; default source: ``specdeepmap train``
-    run_tags: dict[str, str] = field(default_factory=dict)
+    run_tags: dict[str, str] = Field(default_factory=dict)
 
-    def validate(self) -> None:
-        """Check ranges and names before any data is read."""
-        canonical_architecture(self.architecture)
-        for name in ("batch_size", "epochs", "devices", "patience"):
-            if getattr(self, name) < 1:
-                raise InvalidParameterError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 1e-7 <= self.lr <= 10:
-            raise InvalidParameterError(f"learning rate must be within 1e-7..10, got {self.lr}")
-        if self.workers < 0:
-            raise InvalidParameterError("workers must be >= 0")
-        if self.warmup_epochs < 0:
-            raise InvalidParameterError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.encoder_depth not in (-1, 3, 4, 5):
-            raise InvalidParameterError("encoder_depth must be -1 (auto), 3, 4 or 5")
-        if self.spectral_channels < -1:
-            raise InvalidParameterError("spectral_channels must be -1 (auto), 0 (off) or > 0")
-        if self.min_chips_per_epoch < 0:
-            raise InvalidParameterError("min_chips_per_epoch must be >= 0")
-        if self.loss not in LOSSES:
-            raise InvalidParameterError(f"loss must be one of {', '.join(LOSSES)}, got "
-                                        f"{self.loss!r}")
-        if self.norm not in ("batch", "group"):
-            raise InvalidParameterError(f"norm must be 'batch' or 'group', got {self.norm!r}")
-        if self.spectral_init not in ("pca", "random"):
-            raise InvalidParameterError(
-                f"spectral_init must be 'pca' or 'random', got {self.spectral_init!r}")
-        if not 0 <= self.band_dropout < 1:
-            raise InvalidParameterError(f"band_dropout must be in [0, 1), got {self.band_dropout}")
-        if self.weight_decay < 0:
-            raise InvalidParameterError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.ensemble < 1:
-            raise InvalidParameterError(f"ensemble must be >= 1, got {self.ensemble}")
-        if self.ensemble > 1 and (self.resume or self.checkpoint_uri or self.devices > 1):
-            raise InvalidParameterError(
-                "an ensemble (ensemble > 1) trains its members one after the other on one "
-                "device: resume, checkpoint_uri and devices > 1 are for single networks")
-        if self.distill and self.ensemble < 2:
-            raise InvalidParameterError("distill learns from an ensemble's mean: set ensemble "
-                                        ">= 2 (e.g. 3) with it")
-        if self.baseline_pixels < 1:
-            raise InvalidParameterError("baseline_pixels must be >= 1")
+    @model_validator(mode="after")
+    def _single_network_plumbing(self) -> TrainConfig:
+        if self.ensemble > 1 and (self.resume or self.checkpoint_uri):
+            raise ValueError("an ensemble (ensemble > 1) trains its members one after the "
+                             "other: resume and checkpoint_uri are for single networks")
+        return self
+
+    @classmethod
+    def from_params(cls, params: TrainParams, **run: Any) -> TrainConfig:
+        """A run of ``params`` with the given plumbing (``dataset``, ``out``, ...)."""
+        return cls(**params.model_dump(), **run)
+
+    @property
+    def recipe(self) -> TrainParams:
+        """The user's parameters alone, without the run's plumbing."""
+        return TrainParams(**self.model_dump(include=set(TrainParams.model_fields)))
 
 
 #: TrainConfig fields that say how a model was trained (shown on its model card)
@@ -255,7 +210,7 @@ def resumable(cfg: TrainConfig, mlflow_uri: str) -> tuple[TrainConfig, str | Non
         # not (a training killed after its last epoch, before it was logged, is completed)
         check_resume_checkpoint(load_plain_data(resume), cfg.resume or resume, cfg.dataset,
                                 cfg.epochs if cfg.resume else None)
-    return replace(cfg, resume=resume), run_id
+    return cfg.model_copy(update={"resume": resume}), run_id
 
 
 def check_mlflow_run(mlflow_uri: str, run_id: str, prefix: str, dataset: str,
@@ -294,7 +249,6 @@ def mark_finished(cfg: TrainConfig, run_id: str) -> None:
 
 def prepare(cfg: TrainConfig) -> tuple:
     """Everything checked and built before training: data, model, normalisation, config."""
-    cfg.validate()
     info = read_dataset_folder(cfg.dataset, normalize=cfg.normalize)
     bands, height, width, nodata, dtype = chip_properties(info.train + info.validation)
     kind = weights_kind(cfg.weights)
@@ -415,7 +369,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     device = resolve_device(cfg.device)
     # recorded in the model, the run and resume.json: a relative path would name another
     # folder when read from elsewhere
-    cfg = replace(cfg, dataset=storage.absolute(cfg.dataset))
+    cfg = cfg.model_copy(update={"dataset": storage.absolute(cfg.dataset)})
     uri = tracking_uri(cfg.tracking_uri)
     cfg, previous_run = resumable(cfg, uri)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the network's random start too
@@ -450,7 +404,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                               drop_last=samples > cfg.batch_size, **loader_args)
     val_loader = DataLoader(val_set, shuffle=False, **loader_args)
     if previous_run is None:  # a continued run keeps its parameters (MLflow's are immutable)
-        mlflow_logger.log_hyperparams({k: v for k, v in asdict(cfg).items()
+        mlflow_logger.log_hyperparams({k: v for k, v in cfg.model_dump().items()
                                        if k not in ("tracking_uri", "run_tags", "resume")} |
                                       {"class_values": info.class_values, "in_channels":
                                        config["in_channels"], "tile_size": config["tile_size"]})

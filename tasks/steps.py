@@ -10,14 +10,14 @@ from prefect.tasks import exponential_backoff
 
 from specdeepmap import registry, storage
 from specdeepmap.baseline import summary_metrics
-from specdeepmap.chipping import ChipParams, ChipReport, chip_scene
+from specdeepmap.chipping import ChipReport, chip_scene
 from specdeepmap.comparison import Difference
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.leakage import Leakage
-from specdeepmap.mapping import MapParams, map_scene_products
+from specdeepmap.mapping import map_scene_products
 from specdeepmap.model_card import escape_md, publish_model_card
-from specdeepmap.splitting import (SplitParams, SplitReport, check_split_before_chipping,
-                                   make_dataset)
+from specdeepmap.params import ChipParams, MapParams, SplitParams
+from specdeepmap.splitting import SplitReport, check_split_before_chipping, make_dataset
 from specdeepmap.training import TrainConfig, TrainResult, train
 
 
@@ -116,7 +116,7 @@ def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | Non
     """Deep Learning Tester; artifact: per-class metrics beside the RandomForest baseline's
     (``baseline``: :meth:`BaselineResult.summary`). Returns the summary metrics."""
     forest = summary_metrics(baseline, "test")
-    report = evaluate_model(test_csv, model_uri, out_uri, device="auto", mlflow_run_id=run_id,
+    report = evaluate_model(test_csv, model_uri, out_uri, mlflow_run_id=run_id,
                             baseline=forest)
     m = report.metrics
     forest_iou = forest.iou if forest is not None else [float("nan")] * len(m.class_values)

@@ -131,15 +131,16 @@ def enmap_folder(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """A 384² demo scene chipped into 32 px chips and split 70/15/15 (scaler 10000)."""
-    from specdeepmap.chipping import ChipParams, chip_scene
+    from specdeepmap.chipping import chip_scene
+    from specdeepmap.params import ChipParams, SplitParams
     from specdeepmap.sample_data import generate_scene
-    from specdeepmap.splitting import SplitParams, make_dataset
+    from specdeepmap.splitting import make_dataset
 
     root = tmp_path_factory.mktemp("train")
     scene = generate_scene(str(root / "scene"), 384, 384, seed=5, field_size=48)
     chip_scene(scene.image_uri, scene.label_uri, str(root / "chips"),
-               ChipParams((32, 32), (32, 32), 40))
-    make_dataset(str(root / "chips"), SplitParams(70, 15, 15, scaler=10000))
+               ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=40))
+    make_dataset(str(root / "chips"), SplitParams(train_percent=70, validation_percent=15, test_percent=15, scaler=10000))
     return root
 
 

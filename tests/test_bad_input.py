@@ -31,6 +31,7 @@ from specdeepmap.errors import (
     InvalidParameterError,
     UnreadableInputError,
 )
+from specdeepmap.params import EvaluateParams
 from tests.conftest import write_raster
 
 runner = CliRunner()
@@ -430,7 +431,8 @@ def test_absurd_windows_nan_pixels_and_empty_scenes(trained, dataset, tmp_path):
 
     NaN pixels and empty scenes are mapped with a warning.
     """
-    from specdeepmap.mapping import MapParams, map_scene
+    from specdeepmap.mapping import map_scene
+    from specdeepmap.params import MapParams
 
     _, result = trained
     scene = str(dataset / "scene" / "demo_s2.tif")
@@ -485,7 +487,7 @@ def test_a_test_csv_with_other_columns_and_foreign_classes(trained, dataset, tmp
         dst.write(labels, 1)
     with pytest.warns(UserWarning, match="class value.s. 9 that the model"):
         evaluate_model(str(chips / "test_files.csv"), result.model_file, str(tmp_path / "t"),
-                       device="cpu", log_to_mlflow=False)
+                       EvaluateParams(device="cpu"), log_to_mlflow=False)
 
 
 # ---------------------------------------------------------------- errors named as they are

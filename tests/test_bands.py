@@ -8,9 +8,10 @@ from typer.testing import CliRunner
 
 from specdeepmap import storage
 from specdeepmap.bands import band_files, band_name, scene_name, stack_bands
-from specdeepmap.chipping import ChipParams, chip_scene
+from specdeepmap.chipping import chip_scene
 from specdeepmap.cli import app
 from specdeepmap.errors import InputMismatchError
+from specdeepmap.params import ChipParams
 from tests.conftest import write_raster
 
 ORIGIN = (330000, 5822040)
@@ -57,7 +58,7 @@ def test_chips_from_band_files_equal_chips_from_a_stacked_file(band_folder, tmp_
         stacked = write_raster(tmp_path / "scene.tif", src.read())
     labels = write_raster(tmp_path / "labels.tif",
                           (np.arange(64 * 64).reshape(64, 64) % 3 + 1).astype(np.uint8))
-    params = ChipParams((32, 32), (32, 32), 0)
+    params = ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=0)
     chip_scene(vrt, labels, str(tmp_path / "from_vrt"), params)
     chip_scene(stacked, labels, str(tmp_path / "from_tif"), params)
     for x, y in ((0, 0), (32, 32)):
@@ -104,7 +105,7 @@ def test_shared_sentinel2_jp2_bands_give_the_stacked_files_chips(shared_data, tm
     vrt = stack_bands(band_files(str(folder / "original_jp2")), str(tmp_path / "s2.vrt"),
                       "nearest")
     labels = str(folder / "osm_landuse_labels_10m.tif")
-    params = ChipParams((256, 256), (256, 256), 10)
+    params = ChipParams(tile_x=256, tile_y=256, step_x=256, step_y=256, min_coverage=10)
     from_jp2 = chip_scene(vrt, labels, str(tmp_path / "jp2"), params)
     from_tif = chip_scene(str(folder / "s2l1c_T33UUU_20170216_13b_10m.tif"), labels,
                           str(tmp_path / "tif"), params)
@@ -122,7 +123,8 @@ def test_a_scene_in_another_band_order_is_refused_by_name(trained, dataset, tmp_
     another order are refused before mapping, although the band count matches."""
     import shutil
 
-    from specdeepmap.mapping import MapParams, map_scene
+    from specdeepmap.mapping import map_scene
+    from specdeepmap.params import MapParams
 
     _, result = trained
     scene = tmp_path / "reordered.tif"
@@ -139,14 +141,15 @@ def test_a_scene_in_another_band_order_is_refused_by_name(trained, dataset, tmp_
 
 
 def test_chip_flow_stacks_scenes_given_as_band_files(prefect_api, band_folder, tmp_path):
-    from flows.params import ChipSettings, ScenePair
+    from flows.params import ScenePair
     from flows.pipelines import chip_flow
+    from specdeepmap.params import ChipParams
 
     folder, _ = band_folder
     labels = write_raster(tmp_path / "labels.tif", np.ones((64, 64), np.uint8))
     scenes = [ScenePair(band_uris=band_files(str(folder)), label_uri=labels,
                         resampling="nearest")]
-    result = chip_flow(scenes, str(tmp_path / "chips"), ChipSettings(tile_size=32, step=32))
+    result = chip_flow(scenes, str(tmp_path / "chips"), ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32))
     assert result[0]["chips"] == 4
     assert (tmp_path / "chips" / "scenes" / "T33UUU_20170216T102101.vrt").exists()
     with pytest.raises(ValueError, match="either image_uri or band_uris"):

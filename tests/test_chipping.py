@@ -9,8 +9,9 @@ import rasterio
 from rasterio.transform import from_origin
 
 from specdeepmap import chipping, storage
-from specdeepmap.chipping import ChipParams, chip_scene
+from specdeepmap.chipping import chip_scene
 from specdeepmap.errors import InputMismatchError, InvalidLabelError, InvalidParameterError
+from specdeepmap.params import ChipParams
 from tests.conftest import write_raster
 
 
@@ -35,7 +36,7 @@ def _expected_chips(image_path, label_path, tile, stride, coverage):
 def test_chips_match_independent_computation(small_scene, tmp_path):
     out = tmp_path / "chips"
     report = chip_scene(small_scene.image_uri, small_scene.label_uri, str(out),
-                        ChipParams((64, 64), (48, 48), 30))
+                        ChipParams(tile_x=64, tile_y=64, step_x=48, step_y=48, min_coverage=30))
     expected = _expected_chips(small_scene.image_uri, small_scene.label_uri, 64, 48, 30)
     expected = {k.replace("scene_", "demo_s2_"): v for k, v in expected.items()}
     assert sorted(os.listdir(out / "images")) == sorted(expected)
@@ -49,8 +50,8 @@ def test_chips_match_independent_computation(small_scene, tmp_path):
 
 def test_chip_georeferencing_padding_and_nodata(small_scene, tmp_path):
     out = tmp_path / "chips"
-    chip_scene(small_scene.image_uri, small_scene.label_uri, str(out), ChipParams((128, 128),
-               (128, 128), 0))
+    chip_scene(small_scene.image_uri, small_scene.label_uri, str(out), ChipParams(tile_x=128, tile_y=128,
+               step_x=128, step_y=128, min_coverage=0))
     with rasterio.open(small_scene.image_uri) as src:
         scene = src.read()
         scene_transform, crs, descriptions = src.transform, src.crs, src.descriptions
@@ -78,7 +79,7 @@ def test_chip_georeferencing_padding_and_nodata(small_scene, tmp_path):
 def test_manifest_counts_and_zero_threshold_keeps_every_tile(small_scene, tmp_path):
     out = tmp_path / "chips"
     report = chip_scene(small_scene.image_uri, small_scene.label_uri, str(out),
-                        ChipParams((100, 100), (100, 100), 0))
+                        ChipParams(tile_x=100, tile_y=100, step_x=100, step_y=100, min_coverage=0))
     assert report.written == report.windows == 9
     manifest = pd.read_csv(report.manifest_uri)
     assert len(manifest) == 9
@@ -94,7 +95,7 @@ def test_manifest_counts_and_zero_threshold_keeps_every_tile(small_scene, tmp_pa
 def test_rerun_skips_complete_chips_and_interrupted_run_leaves_no_partial(
         small_scene, tmp_path, monkeypatch):
     out = tmp_path / "chips"
-    params = ChipParams((64, 64), (64, 64), 20)
+    params = ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=20)
     real_write = chipping._write_geotiff
     calls = {"n": 0}
 
@@ -125,7 +126,7 @@ def test_rerun_skips_complete_chips_and_interrupted_run_leaves_no_partial(
     assert pd.read_csv(second.manifest_uri).equals(pd.read_csv(first.manifest_uri))
     with pytest.raises(InvalidParameterError, match="new folder"):
         chip_scene(small_scene.image_uri, small_scene.label_uri, str(out),
-                   ChipParams((32, 32), (32, 32), 20))
+                   ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=20))
 
 
 @pytest.fixture
@@ -146,7 +147,7 @@ def test_grid_mismatch_names_both_files_and_the_property(pair, kwargs, message):
     shape = kwargs.pop("shape", (40, 50))
     label = write_raster(tmp_path / "other.tif", np.ones(shape, np.uint8), **kwargs)
     with pytest.raises(InputMismatchError, match=message) as error:
-        chip_scene(image, label, str(tmp_path / "out"), ChipParams((16, 16), (16, 16), 0))
+        chip_scene(image, label, str(tmp_path / "out"), ChipParams(tile_x=16, tile_y=16, step_x=16, step_y=16, min_coverage=0))
     assert "img.tif" in str(error.value) and "other.tif" in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -159,7 +160,7 @@ def test_bad_label_values_are_refused_with_file_and_value(pair, value, dtype):
     labels[17, 23] = value
     label = write_raster(tmp_path / "badlab.tif", labels)
     with pytest.raises(InvalidLabelError, match="badlab.tif") as error:
-        chip_scene(image, label, str(tmp_path / "out"), ChipParams((16, 16), (16, 16), 0))
+        chip_scene(image, label, str(tmp_path / "out"), ChipParams(tile_x=16, tile_y=16, step_x=16, step_y=16, min_coverage=0))
     assert "row 17, column 23" in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -167,17 +168,18 @@ def test_bad_label_values_are_refused_with_file_and_value(pair, value, dtype):
 def test_float_labels_with_whole_numbers_are_fine(pair):
     image, tmp_path = pair
     label = write_raster(tmp_path / "flt.tif", np.full((40, 50), 7.0, np.float32))
-    report = chip_scene(image, label, str(tmp_path / "out"), ChipParams((16, 16), (16, 16), 0))
+    report = chip_scene(image, label, str(tmp_path / "out"), ChipParams(tile_x=16, tile_y=16, step_x=16, step_y=16, min_coverage=0))
     assert report.written == 12 and report.class_counts[7] == 40 * 50
 
 
-@pytest.mark.parametrize("params", [ChipParams((0, 16), (16, 16), 0),
-                                    ChipParams((16, 16), (16, 0), 0),
-                                    ChipParams((16, 16), (16, 16), 101)])
-def test_bad_parameters(pair, params):
-    image, tmp_path = pair
-    with pytest.raises(InvalidParameterError):
-        chip_scene(image, image, str(tmp_path / "out"), params)
+@pytest.mark.parametrize("settings, message", [
+    ({"tile_x": 0}, r"tile_x: Input should be greater than or equal to 1 \(got 0\)"),
+    ({"step_y": 0}, "step_y: Input should be greater than or equal to 1"),
+    ({"min_coverage": 101}, "min_coverage: Input should be less than or equal to 100"),
+    ({"tile_size": 16}, "tile_size: Extra inputs are not permitted")])
+def test_bad_parameters(settings, message):
+    with pytest.raises(InvalidParameterError, match=message):
+        ChipParams(**settings)
 
 
 def test_several_scenes_share_one_folder(tmp_path):
@@ -186,8 +188,8 @@ def test_several_scenes_share_one_folder(tmp_path):
     a = generate_scene(str(tmp_path / "a"), 128, 128, seed=1, name="north")
     b = generate_scene(str(tmp_path / "b"), 128, 128, seed=2, name="south")
     out = str(tmp_path / "chips")
-    ra = chip_scene(a.image_uri, a.label_uri, out, ChipParams((64, 64), (64, 64), 0))
-    rb = chip_scene(b.image_uri, b.label_uri, out, ChipParams((64, 64), (64, 64), 0))
+    ra = chip_scene(a.image_uri, a.label_uri, out, ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=0))
+    rb = chip_scene(b.image_uri, b.label_uri, out, ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=0))
     assert len(os.listdir(tmp_path / "chips" / "images")) == ra.chips + rb.chips == 8
     assert len(chipping.read_manifests(out)) == 8
 
@@ -202,7 +204,7 @@ def test_enmap_grid_gives_specdeepmaps_18_chips(enmap_folder, tmp_path):
                          np.full((2, profile["height"], profile["width"]), 500, np.float32),
                          crs=profile["crs"], transform=profile["transform"], nodata=-32768)
     report = chip_scene(image, str(label_path), str(tmp_path / "chips"),
-                        ChipParams((32, 32), (32, 32), 10))
+                        ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=10))
     shipped = sorted(os.listdir(enmap_folder / "labels"))
     assert sorted(os.listdir(tmp_path / "chips" / "labels")) == shipped
     assert report.written == 18
@@ -217,7 +219,7 @@ def test_enmap_grid_gives_specdeepmaps_18_chips(enmap_folder, tmp_path):
 def test_chip_from_s3_to_s3_matches_local(small_scene, s3_bucket, tmp_path):
     storage.upload(small_scene.image_uri, f"{s3_bucket}/in/demo_s2.tif")
     storage.upload(small_scene.label_uri, f"{s3_bucket}/in/demo_s2_labels.tif")
-    params = ChipParams((64, 64), (64, 64), 25)
+    params = ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=25)
     remote = chip_scene(f"{s3_bucket}/in/demo_s2.tif", f"{s3_bucket}/in/demo_s2_labels.tif",
                         f"{s3_bucket}/chips", params)
     local = chip_scene(small_scene.image_uri, small_scene.label_uri, str(tmp_path / "c"), params)
@@ -243,7 +245,7 @@ def test_another_scene_under_the_same_name_is_not_mixed_with_old_chips(tmp_path)
     first = generate_scene(str(tmp_path / "a"), 128, 128, seed=1, field_size=32)
     other = generate_scene(str(tmp_path / "b"), 128, 128, seed=2, field_size=32)
     assert os.path.basename(first.image_uri) == os.path.basename(other.image_uri)
-    params = ChipParams((64, 64), (64, 64), 0)
+    params = ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=0)
     out = str(tmp_path / "chips")
     report = chip_scene(first.image_uri, first.label_uri, out, params)
     again = chip_scene(first.image_uri, first.label_uri, out, params)

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import rasterio
 
-from specdeepmap.chipping import ChipParams, chip_scene
-from specdeepmap.classes import (ClassInfo, ClassSchema, qml, read_classes_file,
-                                 read_label_classes)
+from specdeepmap.chipping import chip_scene
+from specdeepmap.classes import ClassInfo, ClassSchema, qml, read_classes_file, read_label_classes
 from specdeepmap.errors import InputMismatchError, InvalidLabelError
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.mapping import map_scene_products
+from specdeepmap.params import ChipParams, EvaluateParams
 from specdeepmap.sample_data import CLASS_SIGNATURES, generate_scene
 from tests.conftest import gdal_category_names, write_raster
 
@@ -26,7 +26,7 @@ def test_names_and_colours_read_from_the_label_raster_are_kept_with_the_chips(tm
     with rasterio.open(scene.label_uri) as src:
         assert schema.info(1).color == src.colormap(1)[1][:3]
     report = chip_scene(scene.image_uri, scene.label_uri, str(tmp_path / "chips"),
-                        ChipParams((32, 32), (32, 32), 0))
+                        ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=0))
     assert report.class_names[2] == "forest"
     stored = json.loads((tmp_path / "chips" / "classes.json").read_text())
     assert [c["name"] for c in stored["classes"]][:2] == ["water", "forest"]
@@ -39,14 +39,14 @@ def test_a_classes_csv_names_the_classes_and_a_conflicting_one_is_refused(tmp_pa
     csv = tmp_path / "classes.csv"
     csv.write_text("value,name,color\n1,water,#0000ff\n2,\"forest, mixed\",20 120 30\n")
     out = str(tmp_path / "chips")
-    chip_scene(image, label, out, ChipParams((16, 16), (16, 16), 0), classes_uri=str(csv))
+    chip_scene(image, label, out, ChipParams(tile_x=16, tile_y=16, step_x=16, step_y=16, min_coverage=0), classes_uri=str(csv))
     schema = read_classes_file(str(csv))
     assert schema.info(2) == ClassInfo(2, "forest, mixed", (20, 120, 30))
     other = tmp_path / "other.csv"
     other.write_text("value,name\n1,lake\n")
     image_b = write_raster(tmp_path / "b.tif", np.ones((2, 32, 32), np.float32))
     with pytest.raises(InputMismatchError, match="'lake'.*'water'"):
-        chip_scene(image_b, label, out, ChipParams((16, 16), (16, 16), 0),
+        chip_scene(image_b, label, out, ChipParams(tile_x=16, tile_y=16, step_x=16, step_y=16, min_coverage=0),
                    classes_uri=str(other))
     assert not (tmp_path / "chips" / "manifest" / "b.csv").exists()  # refused before work
 
@@ -77,7 +77,7 @@ def test_a_qgis_style_is_read_back_as_written(tmp_path):
 def test_tester_and_mapper_name_the_classes(trained, dataset, tmp_path):
     config, result = trained
     report = evaluate_model(str(dataset / "chips" / "test_files.csv"), result.model_file,
-                            str(tmp_path / "test"), device="cpu", log_to_mlflow=False)
+                            str(tmp_path / "test"), EvaluateParams(device="cpu"), log_to_mlflow=False)
     iou = pd.read_csv(report.iou_csv)
     assert list(iou.columns) == ["Class", "IoU", "Name"]
     named = dict(zip(iou["Class"][:-1].astype(int), iou["Name"][:-1]))

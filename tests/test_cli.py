@@ -5,6 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 from specdeepmap.cli import app
+from specdeepmap.params import EvaluateParams
 
 runner = CliRunner()
 
@@ -161,7 +162,7 @@ def test_promotion_compares_two_different_models_with_the_right_sign(trained, da
                 versions.append(register_model(file, model_config, "signs", 0.5, chips,
                                                dataset_digest=digest)[1])
         test_csv = str(dataset / "chips" / "test_files.csv")
-        scores = [evaluate_model(test_csv, f, str(tmp_path / f"t{i}"), device="cpu",
+        scores = [evaluate_model(test_csv, f, str(tmp_path / f"t{i}"), EvaluateParams(device="cpu"),
                                  log_to_mlflow=False).metrics.mean_iou
                   for i, f in enumerate((worse_file, result.model_file))]
         assert scores[1] > scores[0] + 0.05  # the scrambled head is clearly worse

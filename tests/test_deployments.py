@@ -221,7 +221,7 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
         "scenes": [{"image_uri": "s3://platform/train/demo_s2.tif",
                     "label_uri": "s3://platform/train/demo_s2_labels.tif"}],
         "work_uri": "s3://platform/work",
-        "chip": {"tile_size": 32, "step": 32, "min_coverage": 40},
+        "chip": {"tile_x": 32, "tile_y": 32, "step_x": 32, "step_y": 32, "min_coverage": 40},
         "split": {"train_percent": 70, "validation_percent": 15, "test_percent": 15,
                   "scaler": 10000},
         "train": {"epochs": 2, "batch_size": 16, "device": "cpu"}}}
@@ -309,7 +309,7 @@ def test_a_lost_worker_does_not_lose_the_training(platform, tmp_path):
         "scenes": [{"image_uri": "s3://platform/lost/image.tif",
                     "label_uri": "s3://platform/lost/labels.tif"}],
         "work_uri": "s3://platform/lost-work", "model_name": "survivor",
-        "chip": {"tile_size": 32, "step": 32, "min_coverage": 40},
+        "chip": {"tile_x": 32, "tile_y": 32, "step_x": 32, "step_y": 32, "min_coverage": 40},
         "split": {"train_percent": 70, "validation_percent": 15, "test_percent": 15,
                   "scaler": 10000},
         "train": {"epochs": 12, "batch_size": 8, "device": "cpu", "early_stopping": False,

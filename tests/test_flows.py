@@ -96,9 +96,9 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
                                                         tmp_path):
     import mlflow
 
-    from flows.params import (ChipSettings, ScenePair, ScheduledMappingParams,
-                              SplitSettings, TrainingPipelineParams, TrainSettings)
+    from flows.params import ScenePair, ScheduledMappingParams, TrainingPipelineParams
     from flows.pipelines import scheduled_mapping, training_pipeline
+    from specdeepmap.params import ChipParams, SplitParams, TrainParams
     from specdeepmap.sample_data import generate_scene
 
     scene = generate_scene(str(tmp_path / "scene"), 320, 320, seed=7, field_size=48)
@@ -110,10 +110,10 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
         scenes=[ScenePair(image_uri=f"{s3_bucket}/train/demo_s2.tif",
                           label_uri=f"{s3_bucket}/train/demo_s2_labels.tif")],
         work_uri=f"{s3_bucket}/work", model_name="flow-model",
-        chip=ChipSettings(tile_size=32, step=32, min_coverage=40),
-        split=SplitSettings(train_percent=70, validation_percent=15, test_percent=15,
+        chip=ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=40),
+        split=SplitParams(train_percent=70, validation_percent=15, test_percent=15,
                             scaler=10000),
-        train=TrainSettings(epochs=2, batch_size=16, device="cpu")))
+        train=TrainParams(epochs=2, batch_size=16, device="cpu")))
     for name in ("train_files.csv", "test_files.csv", "Summary_train_val.csv",
                  "Normalize_Bands.csv"):
         assert storage.exists(f"{s3_bucket}/work/chips/{name}")
@@ -190,21 +190,25 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
 
 
 def test_bad_parameters_are_rejected_before_work(prefect_api, tmp_path):
-    from pydantic import ValidationError
-
-    from flows.params import MapSettings, SplitSettings
     from flows.pipelines import training_pipeline
+    from specdeepmap.errors import InvalidParameterError
+    from specdeepmap.params import MapParams, SplitParams
 
-    with pytest.raises(ValidationError, match="add up to 110"):
-        SplitSettings(train_percent=80, validation_percent=20, test_percent=10)
-    with pytest.raises(ValidationError, match="less than 50"):
-        MapSettings(overlap=60)
-    bad = {"scenes": [{"image_uri": "a.tif", "label_uri": "b.tif"}],
-           "work_uri": str(tmp_path / "w"),
-           "split": {"train_percent": 90, "validation_percent": 20, "test_percent": 0}}
-    with pytest.raises(Exception, match="add up to 110"):
-        training_pipeline(params=bad)
-    assert not (tmp_path / "w").exists()
+    with pytest.raises(InvalidParameterError, match="add up to 110"):
+        SplitParams(train_percent=80, validation_percent=20, test_percent=10)
+    with pytest.raises(InvalidParameterError, match=r"overlap: .*less than 50 \(got 60\)"):
+        MapParams(overlap=60)
+    scenes = [{"image_uri": "a.tif", "label_uri": "b.tif"}]
+    for settings, message in (
+            ({"split": {"train_percent": 90, "validation_percent": 20, "test_percent": 0}},
+             "add up to 110"),
+            # a cross-field rule of the recipe: refused when the run starts, before chipping
+            ({"train": {"distill": True, "ensemble": 1}}, "set ensemble >= 2"),
+            ({"chip": {"tile_size": 64}}, "Extra inputs are not permitted")):
+        with pytest.raises(Exception, match=message):
+            training_pipeline(params={"scenes": scenes, "work_uri": str(tmp_path / "w"),
+                                      **settings})
+        assert not (tmp_path / "w").exists()
 
 
 class _Proxy:
@@ -338,9 +342,10 @@ def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
     import threading
     from urllib.parse import urlparse
 
-    from flows.params import ChipSettings, ScenePair
+    from flows.params import ScenePair
     from flows.pipelines import chip_flow
     from specdeepmap.chipping import read_manifest
+    from specdeepmap.params import ChipParams
     from specdeepmap.sample_data import generate_scene
 
     scene = generate_scene(str(tmp_path / "scene"), 640, 640, seed=3, field_size=64)
@@ -369,7 +374,7 @@ def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
     thread.start()
     result = chip_flow([ScenePair(image_uri=f"{s3_bucket}/in/demo_s2.tif",
                                   label_uri=f"{s3_bucket}/in/demo_s2_labels.tif")],
-                       f"{s3_bucket}/chips", ChipSettings(tile_size=32, step=32,
+                       f"{s3_bucket}/chips", ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32,
                                                           min_coverage=0))
     thread.join()
     assert result[0]["chips"] == 400
@@ -391,8 +396,9 @@ def test_map_flow_on_a_dask_cluster(prefect_api, trained, dataset, tmp_path):
 
     from distributed import LocalCluster
 
-    from flows.params import MapFlowParams, MapSettings
+    from flows.params import MapFlowParams
     from flows.pipelines import map_flow
+    from specdeepmap.params import MapParams
 
     _, result = trained
     (tmp_path / "in").mkdir()
@@ -402,7 +408,7 @@ def test_map_flow_on_a_dask_cluster(prefect_api, trained, dataset, tmp_path):
                       dashboard_address=None) as cluster:
         products = map_flow(MapFlowParams(
             model_uri=result.model_file, output_uri=str(tmp_path / "maps"),
-            input_prefix=str(tmp_path / "in"), map=MapSettings(device="cpu", precision="int8"),
+            input_prefix=str(tmp_path / "in"), map=MapParams(device="cpu", precision="int8"),
             task_runner="dask", dask_address=cluster.scheduler_address))
     assert sorted(os.path.basename(p["classes"]) for p in products) == \
         ["a_classes.tif", "b_classes.tif"]
@@ -418,8 +424,11 @@ def _answer_review(flow_run_name_contains: str, run_input: dict, seconds: float 
     import time
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
     from prefect.flow_runs import resume_flow_run
 
@@ -478,16 +487,17 @@ def test_a_reviewer_approves_or_rejects_through_the_prefect_api(prefect_api, mlf
 def test_training_pipeline_refuses_impossible_labels_before_chipping(prefect_api, mlflow_store,
                                                                      tmp_path):
     """A label raster with one class stops the run at its first task: no chips are cut."""
-    from flows.params import ChipSettings, ScenePair, TrainingPipelineParams
+    from flows.params import ScenePair, TrainingPipelineParams
     from flows.pipelines import training_pipeline
     from specdeepmap.errors import InvalidLabelError
+    from specdeepmap.params import ChipParams
     from tests.conftest import write_raster
 
     image = write_raster(tmp_path / "image.tif", np.ones((3, 64, 64), np.uint16))
     label = write_raster(tmp_path / "label.tif", np.full((64, 64), 4, np.uint8))
     params = TrainingPipelineParams(scenes=[ScenePair(image_uri=image, label_uri=label)],
                                     work_uri=str(tmp_path / "work"),
-                                    chip=ChipSettings(tile_size=32, step=32))
+                                    chip=ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32))
     with pytest.raises(InvalidLabelError, match="single class"):
         training_pipeline(params)
     assert not (tmp_path / "work" / "chips").exists()
@@ -496,11 +506,11 @@ def test_training_pipeline_refuses_impossible_labels_before_chipping(prefect_api
 def test_two_process_training_inside_a_flow_run(prefect_api, mlflow_store, dataset):
     """Multi-device training inside a Prefect flow run: the processes are spawned (the flow
     is not re-entered by a re-run command line), one MLflow run, one registered version."""
-    from flows.params import TrainSettings
     from flows.pipelines import train_flow
+    from specdeepmap.params import TrainParams
     from tests.test_training import _check_ddp_run
 
-    result = train_flow(str(dataset / "chips"), TrainSettings(
+    result = train_flow(str(dataset / "chips"), TrainParams(
         devices=2, device="cpu", epochs=2, batch_size=8, baseline=False), "ddp-model")
     assert result.model_version == "1"
     _check_ddp_run(mlflow_store, str(dataset / "chips"), result.model_file)

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from specdeepmap.leakage import Leakage, measure, touch_groups, touching_pairs
+from specdeepmap.params import EvaluateParams
 
 
 def _grid(n: int, tile: int, step: int, scene: str = "a") -> pd.DataFrame:
@@ -97,13 +98,14 @@ def test_the_default_split_keeps_touching_chips_apart(tmp_path):
     pair on the chip positions), records the leakage (none) and the buffer; SpecDeepMap's plain
     split, asked for by name, leaks and says how much.
     """
-    from specdeepmap.chipping import ChipParams, chip_scene, read_manifests
+    from specdeepmap.chipping import chip_scene, read_manifests
+    from specdeepmap.params import ChipParams, SplitParams
     from specdeepmap.sample_data import generate_scene
-    from specdeepmap.splitting import SplitParams, make_dataset
+    from specdeepmap.splitting import make_dataset
 
     scene = generate_scene(str(tmp_path / "scene"), 640, 640, seed=7, field_size=96)
     chips = tmp_path / "chips"
-    chip_scene(scene.image_uri, scene.label_uri, str(chips), ChipParams((32, 32), (32, 32), 30))
+    chip_scene(scene.image_uri, scene.label_uri, str(chips), ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=30))
     manifest = read_manifests(str(chips))
     report = make_dataset(str(chips), SplitParams(scaler=10000))
     assert report.strategy == "balanced-groups"
@@ -134,13 +136,14 @@ def test_chips_with_gaps_split_as_before(tmp_path):
     No chips touch, so the default split is SpecDeepMap's balanced split, chip for chip, with no
     buffer.
     """
-    from specdeepmap.chipping import ChipParams, chip_scene
+    from specdeepmap.chipping import chip_scene
+    from specdeepmap.params import ChipParams, SplitParams
     from specdeepmap.sample_data import generate_scene
-    from specdeepmap.splitting import SplitParams, make_dataset
+    from specdeepmap.splitting import make_dataset
 
     scene = generate_scene(str(tmp_path / "scene"), 640, 640, seed=7, field_size=96)
     chips = tmp_path / "chips"
-    chip_scene(scene.image_uri, scene.label_uri, str(chips), ChipParams((32, 32), (40, 40), 30))
+    chip_scene(scene.image_uri, scene.label_uri, str(chips), ChipParams(tile_x=32, tile_y=32, step_x=40, step_y=40, min_coverage=30))
     grouped = make_dataset(str(chips), SplitParams(normalize=False),
                            out_folder=str(tmp_path / "g"))
     plain = make_dataset(str(chips), SplitParams(normalize=False, strategy="balanced"),
@@ -157,14 +160,15 @@ def test_the_shared_sentinel2_scene_splits_without_leakage(shared_data, tmp_path
     The scene is cut into 64 px chips at 10 % coverage (the case where the forest looked
     better); SpecDeepMap's plain split leaks nearly every test chip.
     """
-    from specdeepmap.chipping import ChipParams, chip_scene, read_manifests
-    from specdeepmap.splitting import SplitParams, make_dataset
+    from specdeepmap.chipping import chip_scene, read_manifests
+    from specdeepmap.params import ChipParams, SplitParams
+    from specdeepmap.splitting import make_dataset
 
     folder = shared_data / "s2l1c_brandenburg_osm"
     chips = tmp_path / "chips"
     chip_scene(str(folder / "s2l1c_T33UUU_20170216_13b_10m.tif"),
                str(folder / "osm_landuse_labels_10m.tif"), str(chips),
-               ChipParams((64, 64), (64, 64), 10))
+               ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=10))
     manifest = read_manifests(str(chips))
     report = make_dataset(str(chips), SplitParams(scaler=10000, normalize=False))
     assert report.strategy == "balanced-groups"
@@ -187,14 +191,15 @@ def test_the_comparison_names_the_leakage(trained, dataset, tmp_path):
     from specdeepmap.evaluation import evaluate_model
     from specdeepmap.inference import read_model_file
     from specdeepmap.model_card import dataset_facts, summary
-    from specdeepmap.splitting import SplitParams, make_dataset
+    from specdeepmap.params import SplitParams
+    from specdeepmap.splitting import make_dataset
 
     _, result = trained
     chips = tmp_path / "chips"
     shutil.copytree(dataset / "chips", chips)
-    make_dataset(str(chips), SplitParams(70, 15, 15, scaler=10000, strategy="balanced"))
+    make_dataset(str(chips), SplitParams(train_percent=70, validation_percent=15, test_percent=15, scaler=10000, strategy="balanced"))
     report = evaluate_model(str(chips / "test_files.csv"), result.model_file,
-                            str(tmp_path / "test"), device="cpu", log_to_mlflow=False)
+                            str(tmp_path / "test"), EvaluateParams(device="cpu"), log_to_mlflow=False)
     assert report.split_leakage is not None and report.split_leakage.test.touching_chips > 0
     written = json.loads((tmp_path / "test" / "test_metrics.json").read_text())
     assert written["split_leakage"]["test"]["touching_chips"] == \

@@ -13,8 +13,9 @@ import torch
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import export_model_file, load_model
-from specdeepmap.mapping import MapParams, map_scene, weight_window, window_starts
+from specdeepmap.mapping import map_scene, weight_window, window_starts
 from specdeepmap.models import ModelSpec, build_model
+from specdeepmap.params import MapParams
 from tests.conftest import write_raster
 
 
@@ -293,10 +294,11 @@ def test_real_enmap_scene_through_the_registry(enmap_folder, tmp_path):
     """A 128 x 64 EnMAP mosaic of the real chips, mapped with a model from its registry URI."""
     import mlflow
 
-    from specdeepmap.splitting import SplitParams, make_dataset
+    from specdeepmap.params import SplitParams
+    from specdeepmap.splitting import make_dataset
     from specdeepmap.training import TrainConfig, train
 
-    make_dataset(str(enmap_folder), SplitParams(60, 20, 20), out_folder=str(tmp_path / "ds"))
+    make_dataset(str(enmap_folder), SplitParams(train_percent=60, validation_percent=20, test_percent=20), out_folder=str(tmp_path / "ds"))
     # the CSVs hold absolute chip paths (they lie outside the chip folder)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = train(TrainConfig(dataset=str(tmp_path / "ds"), out=str(tmp_path / "run"),
@@ -344,7 +346,7 @@ def test_cli_maps_a_folder_of_scenes_once(trained, dataset, tmp_path):
         ["a_classes.tif", "b_classes.tif"]
     with rasterio.open(tmp_path / "maps" / "a_classes.tif") as dst:
         assert dst.tags()["SPECDEEPMAP_PRECISION"] == "int8"
-    wrong = CliRunner().invoke(app, [*args[:5], "--precision", "fp8"])
+    wrong = CliRunner().invoke(app, [*args[:4], "--precision", "fp8"])
     assert wrong.exit_code != 0 and "fp8" in wrong.output
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0 and "0 new scene(s)" in second.output
@@ -510,7 +512,8 @@ def test_a_scene_is_done_once_its_metrics_exist_or_for_its_model_version(tmp_pat
 _PEAK_RSS = """
 import json, sys
 from specdeepmap.inference import load_model
-from specdeepmap.mapping import MapParams, map_scene
+from specdeepmap.mapping import map_scene
+from specdeepmap.params import MapParams
 scene, model, out, precision = sys.argv[1:]
 predictor = load_model(model, "cpu")
 status = lambda key: int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1])

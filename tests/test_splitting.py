@@ -8,9 +8,15 @@ import pytest
 import rasterio
 
 from specdeepmap.balancing import assign, quality
-from specdeepmap.errors import (EmptyDatasetError, InvalidParameterError, MissingInputError,
-                                SplitInfeasibleError, UnreadableInputError)
-from specdeepmap.splitting import SplitParams, band_statistics, make_dataset
+from specdeepmap.errors import (
+    EmptyDatasetError,
+    InvalidParameterError,
+    MissingInputError,
+    SplitInfeasibleError,
+    UnreadableInputError,
+)
+from specdeepmap.params import SplitParams
+from specdeepmap.splitting import band_statistics, make_dataset
 from tests.conftest import write_raster
 
 SUMMARY_COLUMNS = ["Class ID", "Train Count", "Train Percentage", "Validation Count",
@@ -142,7 +148,7 @@ def test_balancing_beats_two_points_on_skewed_data():
 
 def test_errors(tmp_path):
     with pytest.raises(InvalidParameterError, match="add up to 110"):
-        make_dataset(str(tmp_path), SplitParams(80, 20, 10))
+        make_dataset(str(tmp_path), SplitParams(train_percent=80, validation_percent=20, test_percent=10))
     (tmp_path / "empty").mkdir()
     with pytest.raises(EmptyDatasetError, match="No chips"):
         make_dataset(str(tmp_path / "empty"))
@@ -175,7 +181,7 @@ def test_errors(tmp_path):
 @pytest.mark.shared_data
 def test_real_enmap_chips(enmap_folder, tmp_path):
     """224-band EnMAP chips: split, NaN-free where data exist, empty stats for bad bands."""
-    report = make_dataset(str(enmap_folder), SplitParams(60, 20, 20),
+    report = make_dataset(str(enmap_folder), SplitParams(train_percent=60, validation_percent=20, test_percent=20),
                           out_folder=str(tmp_path / "csv"))
     assert sum(report.chips.values()) == 18 and report.class_values == [1, 2, 3, 4, 5, 6]
     # the 18 chips all touch: a split without leakage would keep too few training chips, so
@@ -216,7 +222,7 @@ def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
         label[:, 4:] = 2
         write_raster(chips / "labels" / name, label)
     with caplog.at_level(logging.WARNING):  # the chips touch in a row: SpecDeepMap's split
-        report = make_dataset(str(chips), SplitParams(80, 5, 5, strategy="balanced"))
+        report = make_dataset(str(chips), SplitParams(train_percent=80, validation_percent=5, test_percent=5, strategy="balanced"))
     assert sum(report.chips.values()) == 18  # dot-named chips are seen; 10 % left out
     assert any("= 90 %" in w and "2 of 20" in w for w in report.warnings)
     assert any("validation set holds only" in w for w in report.warnings)
@@ -227,7 +233,7 @@ def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
     previous = {n: (chips / n).read_text() for n in ("train_files.csv", "test_files.csv",
                                                       "Normalize_Bands.csv", "split.json")}
     with pytest.raises(UnreadableInputError, match=test_chip.split("/")[-1]):
-        make_dataset(str(chips), SplitParams(70, 15, 15))
+        make_dataset(str(chips), SplitParams(train_percent=70, validation_percent=15, test_percent=15))
     assert {n: (chips / n).read_text() for n in previous} == previous  # the old split, whole
 
     one = tmp_path / "one"
@@ -236,21 +242,21 @@ def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
     write_raster(one / "images" / "s_tile_0_0.tif", np.ones((2, 8, 8), np.uint16))
     write_raster(one / "labels" / "s_tile_0_0.tif", np.full((8, 8), 5, np.uint8))
     with pytest.raises(InvalidLabelError, match="single class"):
-        make_dataset(str(one), SplitParams(100, 0, 0))
+        make_dataset(str(one), SplitParams(train_percent=100, validation_percent=0, test_percent=0))
 
 
 def test_an_impossible_split_is_refused_before_chipping(tmp_path):
     """The label raster alone tells that a class is too rare for three sets, or that there is
     one class only: the check says so before any chip is cut."""
-    from specdeepmap.chipping import ChipParams
     from specdeepmap.errors import InvalidLabelError, SplitInfeasibleError
-    from specdeepmap.splitting import SplitParams, check_split_before_chipping
+    from specdeepmap.params import ChipParams, SplitParams
+    from specdeepmap.splitting import check_split_before_chipping
 
     labels = np.ones((128, 128), np.uint8)
     labels[:, 64:] = 2
     labels[:8, :8] = 3  # class 3 in one 32 px window only
     uri = write_raster(tmp_path / "labels.tif", labels)
-    chip, split = ChipParams((32, 32), (32, 32), 50), SplitParams(60, 20, 20)
+    chip, split = ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=50), SplitParams(train_percent=60, validation_percent=20, test_percent=20)
     with pytest.raises(SplitInfeasibleError, match="before chipping.*Class 3 occurs in only 1"):
         check_split_before_chipping([uri], chip, split)
     labels[:8, :8] = 1

@@ -96,8 +96,8 @@ def test_a_model_replaced_under_the_same_key_is_fetched_again(s3_bucket, tmp_pat
 
     import torch
 
-    from specdeepmap.inference import MODEL_FORMAT, read_model_file
     from specdeepmap.errors import InvalidParameterError
+    from specdeepmap.inference import MODEL_FORMAT, read_model_file
 
     monkeypatch.setenv("SPECDEEPMAP_CACHE", str(tmp_path / "cache"))
     uri = f"{s3_bucket}/models/model.pt"

@@ -8,12 +8,16 @@ import pytest
 import torch
 
 from specdeepmap import storage
-from specdeepmap.errors import (InputMismatchError, InvalidParameterError, MissingInputError,
-                                UnsafeModelFileError)
-from specdeepmap.evaluation import accumulate, metrics_from_matrix, evaluate_model
+from specdeepmap.errors import (
+    InputMismatchError,
+    InvalidParameterError,
+    MissingInputError,
+    UnsafeModelFileError,
+)
+from specdeepmap.evaluation import accumulate, evaluate_model, metrics_from_matrix
 from specdeepmap.inference import load_model, read_model_file
-from specdeepmap.models import (ModelSpec, build_model, canonical_architecture,
-                                load_encoder_weights)
+from specdeepmap.models import ModelSpec, build_model, canonical_architecture, load_encoder_weights
+from specdeepmap.params import EvaluateParams
 from specdeepmap.training import TrainConfig, train
 
 
@@ -122,7 +126,7 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     assert version.tags["dataset"] == config.dataset and "specdeepmap_version" in version.tags
     artifacts = [a.path for a in client.list_artifacts(result.run_id, "dataset")]
     assert "dataset/Summary_train_val.csv" in artifacts
-    assert run.data.params["split_seed"] == "42" and run.data.params["split_train_percent"] == "70"
+    assert run.data.params["split_seed"] == "42" and float(run.data.params["split_train_percent"]) == 70
 
     mlflow.set_tracking_uri(config.tracking_uri)
     client.set_registered_model_alias("test-model", "champion", result.model_version)
@@ -138,7 +142,7 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
 def test_tester_outputs_specdeepmap_csv_and_metrics(trained, dataset, tmp_path):
     config, result = trained
     report = evaluate_model(str(dataset / "chips" / "test_files.csv"), result.model_file,
-                        str(tmp_path / "test"), device="cpu",
+                        str(tmp_path / "test"), EvaluateParams(device="cpu"),
                         predictions_folder=str(tmp_path / "preds"))
     lines = (tmp_path / "test" / "test_iou.csv").read_text().splitlines()
     assert lines[0] == "Class,IoU,Name" and lines[-1].startswith("Mean IoU,")  # named classes
@@ -259,7 +263,7 @@ def _check_ddp_run(config_uri: str, dataset_folder: str, model_file: str):
     assert len(runs) == 1  # one MLflow run, not one per process
     assert len(client.search_model_versions("name='ddp-model'")) == 1
     single = evaluate_model(f"{dataset_folder}/validation_files.csv", model_file,
-                            os.path.join(os.path.dirname(model_file), "val"), device="cpu",
+                            os.path.join(os.path.dirname(model_file), "val"), EvaluateParams(device="cpu"),
                             log_to_mlflow=False).metrics.mean_iou
     best = runs[0].data.metrics["best_val_iou"]
     assert best == pytest.approx(single, abs=1e-6)  # every validation chip once

@@ -1,0 +1,5 @@
+"""``python -m specdeepmap.cli``."""
+
+from specdeepmap.cli import app
+
+app()
