@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 OUT ?= runs/demo
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -32,6 +32,11 @@ test: install
 # the loop while working: no services, no spawned processes (< 3 min on 2 cores)
 test-fast: install
 	$(PY) -m pytest -q -m "not integration and not slow"
+
+# lint: the project's ruff rules (pyproject.toml) and its formatting; CI runs it before the tests
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 bench: install
 	$(PY) benchmarks/bench_chipping.py

@@ -29,15 +29,18 @@ CHILD = textwrap.dedent("""
     from specdeepmap.chipping import chip_scene
     from specdeepmap.params import ChipParams
     start = time.perf_counter()
-    report = chip_scene(image, label, out, ChipParams(tile_x=256, tile_y=256, step_x=128, step_y=128, min_coverage=0), workers=2)
+    params = ChipParams(tile_x=256, tile_y=256, step_x=128, step_y=128, min_coverage=0)
+    report = chip_scene(image, label, out, params, workers=2)
     print(json.dumps({"seconds": time.perf_counter() - start, "chips": report.chips,
                       "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """)
 
 
 def run(image: str, label: str, out: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, image, label, out], check=True,
-                          capture_output=True, text=True)
+    """Chip a scene in a child process; its seconds, chips and peak memory."""
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, image, label, out], check=True, capture_output=True, text=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -49,14 +52,17 @@ def compare(folder_a: str, folder_b: str) -> float:
     diffs = []
     names_a = sorted(os.listdir(os.path.join(folder_a, "images")))
     names_b = sorted(os.listdir(os.path.join(folder_b, "images")))
-    for a, b in zip(names_a, names_b):
-        with rasterio.open(os.path.join(folder_a, "images", a)) as x, \
-                rasterio.open(os.path.join(folder_b, "images", b)) as y:
+    for a, b in zip(names_a, names_b, strict=True):
+        with (
+            rasterio.open(os.path.join(folder_a, "images", a)) as x,
+            rasterio.open(os.path.join(folder_b, "images", b)) as y,
+        ):
             diffs.append(np.abs(x.read().astype(np.int64) - y.read()).mean())
     return float(np.mean(diffs))
 
 
 def main() -> None:
+    """Run the benchmark and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
@@ -71,7 +77,9 @@ def main() -> None:
         for resampling in ("nearest", "bilinear"):
             images[f"JP2 VRT ({resampling})"] = stack_bands(
                 band_files(str(DATA / "original_jp2")),
-                os.path.join(work, f"s2_{resampling}.vrt"), resampling)
+                os.path.join(work, f"s2_{resampling}.vrt"),
+                resampling,
+            )
         results = {}
         for name, image in images.items():
             timings = []
@@ -81,10 +89,20 @@ def main() -> None:
             results[name] = (min(t["seconds"] for t in timings), timings[0], out)
         base = results["stacked GeoTIFF"]
         for name, (seconds, first, out) in results.items():
-            rows.append((name, first["chips"], seconds, seconds / base[0], first["rss_mb"],
-                         compare(out, base[2])))
-    print(f"{'input':<22} {'chips':>6} {'best s':>8} {'ratio':>6} {'peak RSS MB':>12} "
-          f"{'mean |diff| DN':>15}")
+            rows.append(
+                (
+                    name,
+                    first["chips"],
+                    seconds,
+                    seconds / base[0],
+                    first["rss_mb"],
+                    compare(out, base[2]),
+                )
+            )
+    print(
+        f"{'input':<22} {'chips':>6} {'best s':>8} {'ratio':>6} {'peak RSS MB':>12} "
+        f"{'mean |diff| DN':>15}"
+    )
     for name, chips, seconds, ratio, rss, diff in rows:
         print(f"{name:<22} {chips:>6} {seconds:>8.2f} {ratio:>6.2f} {rss:>12.0f} {diff:>15.2f}")
 

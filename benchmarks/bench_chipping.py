@@ -35,7 +35,8 @@ CHILD = textwrap.dedent("""
             data = src.read()
         result["bytes"] = data.nbytes
     elif mode == "chip":
-        report = chip_scene(image, label, out, ChipParams(tile_x=256, tile_y=256, step_x=256, step_y=256, min_coverage=50), workers=2)
+        params = ChipParams(tile_x=256, tile_y=256, step_x=256, step_y=256, min_coverage=50)
+        report = chip_scene(image, label, out, params, workers=2)
         result["chips"] = report.chips
     else:
         import os
@@ -74,8 +75,12 @@ CHILD = textwrap.dedent("""
 
 def run(mode: str, image: str, label: str, out: str) -> dict:
     """Run one measurement in a fresh interpreter and return its JSON result."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, image, label, out],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, image, label, out],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -97,22 +102,46 @@ def main() -> None:
         chip_mb = ours["chips"] * 256 * 256 * 13 * 2 / 1e6
         rows.append((size, read, ours, base, chip_mb))
 
-    print(f"\nRaster Splitter, 13-band uint16 DEFLATE tiled scene, tile 256, step 256, "
-          f"coverage 50 %, {os.cpu_count()} cores")
-    header = ("scene", "chips", "chip s", "chips/s", "MB/s", "full read s", "chip/read",
-              "baseline s", "speed-up", "RSS chip MB", "RSS base MB", "RSS read MB")
+    print(
+        f"\nRaster Splitter, 13-band uint16 DEFLATE tiled scene, tile 256, step 256, "
+        f"coverage 50 %, {os.cpu_count()} cores"
+    )
+    header = (
+        "scene",
+        "chips",
+        "chip s",
+        "chips/s",
+        "MB/s",
+        "full read s",
+        "chip/read",
+        "baseline s",
+        "speed-up",
+        "RSS chip MB",
+        "RSS base MB",
+        "RSS read MB",
+    )
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for size, read, ours, base, chip_mb in rows:
         assert ours["chips"] == base["chips"], (ours, base)
-        print(" | ".join([
-            f"{size}²", str(ours["chips"]), f"{ours['seconds']:.2f}",
-            f"{ours['chips'] / ours['seconds']:.0f}", f"{chip_mb / ours['seconds']:.0f}",
-            f"{read['seconds']:.2f}", f"{ours['seconds'] / read['seconds']:.2f}",
-            f"{base['seconds']:.2f}", f"{base['seconds'] / ours['seconds']:.1f}x",
-            f"{ours['peak_rss_mb']:.0f}", f"{base['peak_rss_mb']:.0f}",
-            f"{read['peak_rss_mb']:.0f}",
-        ]))
+        print(
+            " | ".join(
+                [
+                    f"{size}²",
+                    str(ours["chips"]),
+                    f"{ours['seconds']:.2f}",
+                    f"{ours['chips'] / ours['seconds']:.0f}",
+                    f"{chip_mb / ours['seconds']:.0f}",
+                    f"{read['seconds']:.2f}",
+                    f"{ours['seconds'] / read['seconds']:.2f}",
+                    f"{base['seconds']:.2f}",
+                    f"{base['seconds'] / ours['seconds']:.1f}x",
+                    f"{ours['peak_rss_mb']:.0f}",
+                    f"{base['peak_rss_mb']:.0f}",
+                    f"{read['peak_rss_mb']:.0f}",
+                ]
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def make_ensemble(single: str, members: int, path: str) -> str:
 
 
 def main() -> None:
+    """Run the benchmark and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--members", type=int, default=3)
@@ -47,29 +48,33 @@ def main() -> None:
     from specdeepmap.sample_data import generate_scene
 
     with tempfile.TemporaryDirectory(prefix="bench-ensemble-") as work:
-        scene = generate_scene(os.path.join(work, "scene"), args.size, args.size,
-                               seed=2).image_uri
+        scene = generate_scene(os.path.join(work, "scene"), args.size, args.size, seed=2).image_uri
         single = make_model(os.path.join(work, "single.pt"))
         ensemble = make_ensemble(single, args.members, os.path.join(work, "ensemble.pt"))
         seconds: dict[tuple[str, int], float] = {}
         rss: dict[tuple[str, int], float] = {}
         for precision in args.precisions:
             for members, model in ((1, single), (args.members, ensemble)):
-                runs = [run(f"map:{precision}", scene, model,
-                            os.path.join(work, "out.tif"), "cpu")
-                        for _ in range(args.repeats)]
+                runs = [
+                    run(f"map:{precision}", scene, model, os.path.join(work, "out.tif"), "cpu")
+                    for _ in range(args.repeats)
+                ]
                 seconds[precision, members] = statistics.median(r["seconds"] for r in runs)
                 rss[precision, members] = max(r["peak_rss_mb"] for r in runs)
     reference = seconds.get(("fp32", 1))
-    print(f"{args.size}² scene, 13 bands, U-Net/ResNet-18, {os.cpu_count()} cores, "
-          f"median of {args.repeats} runs\n")
+    print(
+        f"{args.size}² scene, 13 bands, U-Net/ResNet-18, {os.cpu_count()} cores, "
+        f"median of {args.repeats} runs\n"
+    )
     print("precision | networks | map s | × one network | × one fp32 network | peak RSS MB")
     print("--- | --- | --- | --- | --- | ---")
     for (precision, members), value in seconds.items():
         one = seconds[precision, 1]
         vs_fp32 = f"{value / reference:.2f}" if reference else "–"
-        print(f"{precision} | {members} | {value:.1f} | {value / one:.2f} | {vs_fp32} | "
-              f"{rss[precision, members]:.0f}")
+        print(
+            f"{precision} | {members} | {value:.1f} | {value / one:.2f} | {vs_fp32} | "
+            f"{rss[precision, members]:.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: (coverage %, batch size, split percentages, strategy)
-CASES = {1: (10, 8, (80, 10, 10), "balanced"), 2: (10, 8, (80, 10, 10), "balanced-groups"),
-         3: (50, 2, (70, 15, 15), "spatial-blocks"), 4: (50, 2, (70, 15, 15), "balanced-groups")}
+CASES = {
+    1: (10, 8, (80, 10, 10), "balanced"),
+    2: (10, 8, (80, 10, 10), "balanced-groups"),
+    3: (50, 2, (70, 15, 15), "spatial-blocks"),
+    4: (50, 2, (70, 15, 15), "balanced-groups"),
+}
 
 
 def chips_at(coverage: int, work: str) -> str:
@@ -43,9 +47,12 @@ def chips_at(coverage: int, work: str) -> str:
     folder = DATA / "s2l1c_brandenburg_osm"
     out = os.path.join(work, f"chips-{coverage}")
     if not os.path.isdir(out):
-        chip_scene(str(folder / "s2l1c_T33UUU_20170216_13b_10m.tif"),
-                   str(folder / "osm_landuse_labels_10m.tif"), out,
-                   ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=coverage))
+        chip_scene(
+            str(folder / "s2l1c_T33UUU_20170216_13b_10m.tif"),
+            str(folder / "osm_landuse_labels_10m.tif"),
+            out,
+            ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=coverage),
+        )
     return out
 
 
@@ -71,10 +78,19 @@ def main() -> None:
         coverage, batch, percent, strategy = CASES[case]
         chips = chips_at(coverage, work)
         dataset = os.path.join(work, f"case-{case}")
-        split = make_dataset(chips, SplitParams(*percent, scaler=10000, strategy=strategy),
-                             out_folder=dataset)
-        result = run_set("s2", dataset, work, args.epochs, {"batch_size": batch}, args.seed,
-                         tta=False, tag=f"-case-{case}")
+        split = make_dataset(
+            chips, SplitParams(*percent, scaler=10000, strategy=strategy), out_folder=dataset
+        )
+        result = run_set(
+            "s2",
+            dataset,
+            work,
+            args.epochs,
+            {"batch_size": batch},
+            args.seed,
+            tta=False,
+            tag=f"-case-{case}",
+        )
         deep, forest = result["deep"]["test"].mean_iou, result["forest"]["test"].mean_iou
         versus = result["versus"]["test"]
         baseline_forest = baseline_forest or forest
@@ -85,14 +101,19 @@ def main() -> None:
             f"{split.buffer_chips} | {test['touching_chips']}/{test['chips']} "
             f"({test['pixel_share']:.0%}) | {split.max_share_gap_pp:.1f} | {deep:.3f} | "
             f"{forest:.3f} | {versus.difference:+.3f} ({versus.low:+.3f} to "
-            f"{versus.high:+.3f}; {versus.units} units) | {forest / baseline_forest:.2f} |")
+            f"{versus.high:+.3f}; {versus.units} units) | {forest / baseline_forest:.2f} |"
+        )
         print(rows[-1], flush=True)
-    print(f"\nSentinel-2, 64 px chips, step 64, {args.epochs} epochs, seed {args.seed}; "
-          "pooled test mean IoU on each case's own test chips\n")
-    print("| case | coverage | batch | split % | strategy | chips train/val/test | buffer | "
-          "test chips touching train (pixels) | class-share gap (pp) | deep | forest | "
-          "deep − forest (90 % interval over groups of touching test chips) | "
-          "forest ÷ case 1 |")
+    print(
+        f"\nSentinel-2, 64 px chips, step 64, {args.epochs} epochs, seed {args.seed}; "
+        "pooled test mean IoU on each case's own test chips\n"
+    )
+    print(
+        "| case | coverage | batch | split % | strategy | chips train/val/test | buffer | "
+        "test chips touching train (pixels) | class-share gap (pp) | deep | forest | "
+        "deep − forest (90 % interval over groups of touching test chips) | "
+        "forest ÷ case 1 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(row)

@@ -113,8 +113,9 @@ CHILD = textwrap.dedent("""
 def run(*args: str) -> dict:
     """One measurement in a fresh interpreter with a pinned GDAL cache."""
     env = {**os.environ, "GDAL_CACHEMAX": "64"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True,
-                          env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], capture_output=True, text=True, env=env
+    )
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -128,25 +129,41 @@ def make_model(path: str) -> str:
     from specdeepmap.models import ModelSpec, build_model
 
     torch.manual_seed(0)
-    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 13,
-              "num_classes": 7, "class_values": [1, 2, 3, 4, 5, 6], "ignore_index": 0,
-              "tile_size": [256, 256],
-              "normalization": {"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0}}
+    config = {
+        "architecture": "unet",
+        "backbone": "resnet18",
+        "in_channels": 13,
+        "num_classes": 7,
+        "class_values": [1, 2, 3, 4, 5, 6],
+        "ignore_index": 0,
+        "tile_size": [256, 256],
+        "normalization": {"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0},
+    }
     return export_model_file(config, build_model(ModelSpec("unet", "resnet18", 13, 7)), path)
 
 
 def band_files_scene(stacked: str, folder: str) -> str:
     """The stacked generated scene as 13 single-band GeoTIFFs at Sentinel-2's resolutions
     (10 m: B02-B04, B08; 20 m: B05-B07, B8A, B11, B12; 60 m: B01, B09, B10; coarser bands
-    averaged), stacked again as a VRT through :func:`specdeepmap.bands.stack_bands`."""
+    averaged), stacked again as a VRT through :func:`specdeepmap.bands.stack_bands`.
+    """
     import rasterio
     from rasterio.enums import Resampling
 
     from specdeepmap.bands import stack_bands
     from specdeepmap.sample_data import SENTINEL2_BANDS
 
-    factor = {"B01": 6, "B09": 6, "B10": 6, "B05": 2, "B06": 2, "B07": 2, "B8A": 2, "B11": 2,
-              "B12": 2}
+    factor = {
+        "B01": 6,
+        "B09": 6,
+        "B10": 6,
+        "B05": 2,
+        "B06": 2,
+        "B07": 2,
+        "B8A": 2,
+        "B11": 2,
+        "B12": 2,
+    }
     os.makedirs(folder, exist_ok=True)
     files = []
     with rasterio.open(stacked) as src:
@@ -155,17 +172,28 @@ def band_files_scene(stacked: str, folder: str) -> str:
             shape = (src.height // f, src.width // f)
             data = src.read(band, out_shape=shape, resampling=Resampling.average)
             path = os.path.join(folder, f"T33UUU_20260101T101010_{name}.tif")
-            with rasterio.open(path, "w", driver="GTiff", width=shape[1], height=shape[0],
-                               count=1, dtype="uint16", crs=src.crs, nodata=src.nodata,
-                               transform=src.transform * src.transform.scale(f, f),
-                               tiled=True, compress="deflate") as dst:
+            with rasterio.open(
+                path,
+                "w",
+                driver="GTiff",
+                width=shape[1],
+                height=shape[0],
+                count=1,
+                dtype="uint16",
+                crs=src.crs,
+                nodata=src.nodata,
+                transform=src.transform * src.transform.scale(f, f),
+                tiled=True,
+                compress="deflate",
+            ) as dst:
                 dst.write(data, 1)
             files.append(path)
     return stack_bands(files, os.path.join(folder, "scene.vrt"), resampling="nearest")
 
 
-def quality(model_file: str, scene: str, labels: str, precisions: list[str], device: str,
-            work: str) -> list[tuple]:
+def quality(
+    model_file: str, scene: str, labels: str, precisions: list[str], device: str, work: str
+) -> list[tuple]:
     """(precision, share of pixels whose class differs from fp32, mean IoU) with a real model."""
     import rasterio
 
@@ -175,14 +203,16 @@ def quality(model_file: str, scene: str, labels: str, precisions: list[str], dev
     rows, reference = [], None
     for precision in ["fp32", *[p for p in precisions if p != "fp32"]]:
         out = os.path.join(work, f"quality-{precision}.tif")
-        report = map_scene(scene, model_file, out, MapParams(device=device, precision=precision),
-                           gt_uri=labels)
+        report = map_scene(
+            scene, model_file, out, MapParams(device=device, precision=precision), gt_uri=labels
+        )
         with rasterio.open(out) as dst:
             classes = dst.read(1)
         reference = classes if reference is None else reference
         valid = reference > 0
-        rows.append((precision, float((classes[valid] != reference[valid]).mean()),
-                     report.mean_iou))
+        rows.append(
+            (precision, float((classes[valid] != reference[valid]).mean()), report.mean_iou)
+        )
     return rows
 
 
@@ -192,18 +222,34 @@ def latest_demo_model() -> str:
     return found[-1] if found else ""
 
 
-def measure(size: int, scene: str, precision: str, model_file: str, work: str, device: str,
-            repeats: int) -> tuple[dict, dict, list[float]]:
+def measure(
+    size: int, scene: str, precision: str, model_file: str, work: str, device: str, repeats: int
+) -> tuple[dict, dict, list[float]]:
     """Median map and model-only runs (alternating, each in a fresh process) and every
-    run's map/model ratio."""
+    run's map/model ratio.
+    """
     maps, models = [], []
     for _ in range(repeats):
-        maps.append(run(f"map:{precision}", scene, model_file,
-                        os.path.join(work, f"map{size}-{precision}.tif"), device))
+        maps.append(
+            run(
+                f"map:{precision}",
+                scene,
+                model_file,
+                os.path.join(work, f"map{size}-{precision}.tif"),
+                device,
+            )
+        )
         ours = maps[-1]
-        models.append(run(f"model:{precision}", scene, model_file,
-                          f"{ours['windows']},{ours['side']},{ours['batch']}", device))
-    ratios = [m["seconds"] / o["seconds"] for o, m in zip(maps, models)]
+        models.append(
+            run(
+                f"model:{precision}",
+                scene,
+                model_file,
+                f"{ours['windows']},{ours['side']},{ours['batch']}",
+                device,
+            )
+        )
+    ratios = [m["seconds"] / o["seconds"] for o, m in zip(maps, models, strict=True)]
     median = lambda runs: sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # noqa: E731
     return median(maps), median(models), ratios
 
@@ -211,22 +257,41 @@ def measure(size: int, scene: str, precision: str, model_file: str, work: str, d
 def main() -> None:
     """Generate scenes, run every measurement, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", "--size", type=int, nargs="+", default=[2048, 4096, 10980],
-                        help="square scene edges in px (10980: a whole Sentinel-2 tile)")
+    parser.add_argument(
+        "--sizes",
+        "--size",
+        type=int,
+        nargs="+",
+        default=[2048, 4096, 10980],
+        help="square scene edges in px (10980: a whole Sentinel-2 tile)",
+    )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8"],
-                        choices=["fp32", "bf16", "int8"])
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="map and model-only runs per size and precision")
-    parser.add_argument("--bands-size", type=int, default=4092,
-                        help="edge of the band-files scene (a multiple of 6 px: 60 m bands); "
-                             "0 skips it")
-    parser.add_argument("--quality-model", default=latest_demo_model(),
-                        help="a trained model file (default: the newest `make run` trained)")
+    parser.add_argument(
+        "--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "bf16", "int8"]
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="map and model-only runs per size and precision"
+    )
+    parser.add_argument(
+        "--bands-size",
+        type=int,
+        default=4092,
+        help="edge of the band-files scene (a multiple of 6 px: 60 m bands); 0 skips it",
+    )
+    parser.add_argument(
+        "--quality-model",
+        default=latest_demo_model(),
+        help="a trained model file (default: the newest `make run` trained)",
+    )
     parser.add_argument("--quality-scene", default="runs/demo/scene/demo_s2.tif")
     parser.add_argument("--quality-labels", default="runs/demo/scene/demo_s2_labels.tif")
-    parser.add_argument("--widths", type=int, nargs="*", default=[2048, 16384],
-                        help="scene widths (1024 rows) for peak RSS against width")
+    parser.add_argument(
+        "--widths",
+        type=int,
+        nargs="*",
+        default=[2048, 16384],
+        help="scene widths (1024 rows) for peak RSS against width",
+    )
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
     from specdeepmap.sample_data import generate_scene
@@ -237,70 +302,130 @@ def main() -> None:
     for size in args.sizes:
         scene = generate_scene(os.path.join(work, f"s{size}"), size, size, seed=2).image_uri
         read = run("read", scene, model_file, "", args.device)
-        base = run("baseline", scene, model_file, os.path.join(work, f"base{size}.tif"),
-                   args.device)
+        base = run(
+            "baseline", scene, model_file, os.path.join(work, f"base{size}.tif"), args.device
+        )
         for precision in args.precisions:
-            ours, model, ratios = measure(size, scene, precision, model_file, work,
-                                          args.device, args.repeats)
+            ours, model, ratios = measure(
+                size, scene, precision, model_file, work, args.device, args.repeats
+            )
             rows.append((size, precision, ours, model, read, base, ratios))
 
     mpx = lambda size, r: size * size / 1e6 / r["seconds"]  # noqa: E731
-    print(f"\nMapper, U-Net/ResNet-18, 13 bands, 256 px tiles, 10 % overlap, device "
-          f"{args.device}, {os.cpu_count()} cores, GDAL_CACHEMAX 64 MB, median of "
-          f"{args.repeats} run(s)")
-    header = ["scene", "precision", "window", "windows", "map s", "map Mpx/s",
-              "model-only Mpx/s", "map/model", "map/model range", "read Mpx/s",
-              "processed/scene px", "baseline s", "baseline Mpx/s", "speed-up", "RSS map MB",
-              "RSS baseline MB", "RSS floor MB", "int8 setup s"]
+    print(
+        f"\nMapper, U-Net/ResNet-18, 13 bands, 256 px tiles, 10 % overlap, device "
+        f"{args.device}, {os.cpu_count()} cores, GDAL_CACHEMAX 64 MB, median of "
+        f"{args.repeats} run(s)"
+    )
+    header = [
+        "scene",
+        "precision",
+        "window",
+        "windows",
+        "map s",
+        "map Mpx/s",
+        "model-only Mpx/s",
+        "map/model",
+        "map/model range",
+        "read Mpx/s",
+        "processed/scene px",
+        "baseline s",
+        "baseline Mpx/s",
+        "speed-up",
+        "RSS map MB",
+        "RSS baseline MB",
+        "RSS floor MB",
+        "int8 setup s",
+    ]
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for size, precision, ours, model, read, base, ratios in rows:
-        cells = [f"{size}²", precision, str(ours["window"]), str(ours["windows"]),
-                 f"{ours['seconds']:.1f}", f"{mpx(size, ours):.2f}", f"{mpx(size, model):.2f}",
-                 f"{model['seconds'] / ours['seconds']:.2f}",
-                 f"{min(ratios):.2f}-{max(ratios):.2f}", f"{mpx(size, read):.0f}",
-                 f"{ours['pixels'] / size**2:.2f}", f"{base['seconds']:.1f}",
-                 f"{mpx(size, base):.2f}", f"{base['seconds'] / ours['seconds']:.2f}x",
-                 f"{ours['peak_rss_mb']:.0f}", f"{base['peak_rss_mb']:.0f}",
-                 f"{ours['floor_rss_mb']:.0f}",
-                 f"{ours['setup']:.1f}" if precision == "int8" else "–"]
+        cells = [
+            f"{size}²",
+            precision,
+            str(ours["window"]),
+            str(ours["windows"]),
+            f"{ours['seconds']:.1f}",
+            f"{mpx(size, ours):.2f}",
+            f"{mpx(size, model):.2f}",
+            f"{model['seconds'] / ours['seconds']:.2f}",
+            f"{min(ratios):.2f}-{max(ratios):.2f}",
+            f"{mpx(size, read):.0f}",
+            f"{ours['pixels'] / size**2:.2f}",
+            f"{base['seconds']:.1f}",
+            f"{mpx(size, base):.2f}",
+            f"{base['seconds'] / ours['seconds']:.2f}x",
+            f"{ours['peak_rss_mb']:.0f}",
+            f"{base['peak_rss_mb']:.0f}",
+            f"{ours['floor_rss_mb']:.0f}",
+            f"{ours['setup']:.1f}" if precision == "int8" else "–",
+        ]
         print(" | ".join(cells))
     if args.bands_size:
         size = args.bands_size
         stacked = generate_scene(os.path.join(work, f"b{size}"), size, size, seed=4).image_uri
         vrt = band_files_scene(stacked, os.path.join(work, f"bands{size}"))
-        print(f"\nBand files: {size}² scene as one GeoTIFF and as 13 GeoTIFFs at 10/20/60 m "
-              "through a VRT")
-        print("precision | input | map s | map Mpx/s | ratio | RSS map MB\n--- | --- | --- | --- "
-              "| --- | ---")
+        print(
+            f"\nBand files: {size}² scene as one GeoTIFF and as 13 GeoTIFFs at 10/20/60 m "
+            "through a VRT"
+        )
+        print(
+            "precision | input | map s | map Mpx/s | ratio | RSS map MB\n--- | --- | --- | --- "
+            "| --- | ---"
+        )
         for precision in args.precisions:
-            one = run(f"map:{precision}", stacked, model_file,
-                      os.path.join(work, f"stacked{size}.tif"), args.device)
-            many = run(f"map:{precision}", vrt, model_file,
-                       os.path.join(work, f"vrt{size}.tif"), args.device)
+            one = run(
+                f"map:{precision}",
+                stacked,
+                model_file,
+                os.path.join(work, f"stacked{size}.tif"),
+                args.device,
+            )
+            many = run(
+                f"map:{precision}",
+                vrt,
+                model_file,
+                os.path.join(work, f"vrt{size}.tif"),
+                args.device,
+            )
             for name, r in (("stacked GeoTIFF", one), ("13-file VRT", many)):
-                print(f"{precision} | {name} | {r['seconds']:.1f} | {mpx(size, r):.2f} | "
-                      f"{r['seconds'] / one['seconds']:.2f} | {r['peak_rss_mb']:.0f}")
+                print(
+                    f"{precision} | {name} | {r['seconds']:.1f} | {mpx(size, r):.2f} | "
+                    f"{r['seconds'] / one['seconds']:.2f} | {r['peak_rss_mb']:.0f}"
+                )
     if args.widths:
         precision = args.precisions[-1]
         print(f"\nPeak RSS against scene width, 1024 rows, {precision}")
         print("width | map s | RSS map MB | RSS floor MB\n--- | --- | --- | ---")
         for width in args.widths:
-            scene = generate_scene(os.path.join(work, f"w{width}"), width, 1024,
-                                   seed=3).image_uri
-            ours = run(f"map:{precision}", scene, model_file,
-                       os.path.join(work, f"w{width}.tif"), args.device)
-            print(f"{width} | {ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f} | "
-                  f"{ours['floor_rss_mb']:.0f}")
+            scene = generate_scene(os.path.join(work, f"w{width}"), width, 1024, seed=3).image_uri
+            ours = run(
+                f"map:{precision}",
+                scene,
+                model_file,
+                os.path.join(work, f"w{width}.tif"),
+                args.device,
+            )
+            print(
+                f"{width} | {ours['seconds']:.1f} | {ours['peak_rss_mb']:.0f} | "
+                f"{ours['floor_rss_mb']:.0f}"
+            )
     if not os.path.exists(args.quality_model):
-        print(f"\nNo trained model at {args.quality_model!r} (run `make run` first): "
-              "quality per precision skipped")
+        print(
+            f"\nNo trained model at {args.quality_model!r} (run `make run` first): "
+            "quality per precision skipped"
+        )
         return
     print(f"\nQuality per precision, {args.quality_model} on {args.quality_scene}")
     print("precision | classes changed vs fp32 | mean IoU\n--- | --- | ---")
-    for precision, changed, iou in quality(args.quality_model, args.quality_scene,
-                                           args.quality_labels, args.precisions, args.device,
-                                           work):
+    for precision, changed, iou in quality(
+        args.quality_model,
+        args.quality_scene,
+        args.quality_labels,
+        args.precisions,
+        args.device,
+        work,
+    ):
         print(f"{precision} | {changed:.3%} | {iou:.4f}")
 
 

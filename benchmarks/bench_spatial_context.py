@@ -30,8 +30,9 @@ from specdeepmap.evaluation import accumulate, metrics_from_matrix
 from specdeepmap.params import BaselineParams
 
 
-def smoothed_forest_matrices(datasets: list[str], windows: list[int],
-                             seed: int) -> tuple[dict[int, dict[str, np.ndarray]], list[int]]:
+def smoothed_forest_matrices(
+    datasets: list[str], windows: list[int], seed: int
+) -> tuple[dict[int, dict[str, np.ndarray]], list[int]]:
     """Per window, each test chip's confusion matrix of the window-averaged forest."""
     matrices: dict[int, dict[str, np.ndarray]] = {w: {} for w in windows}
     for dataset in datasets:
@@ -43,8 +44,11 @@ def smoothed_forest_matrices(datasets: list[str], windows: list[int],
             features, truth = read_pixels(image, mask, normalization)
             proba = forest.predict_proba(features).T.reshape(-1, *truth.shape)
             for w in windows:
-                smooth = proba if w == 1 else np.stack(
-                    [uniform_filter(p, w, mode="nearest") for p in proba])
+                smooth = (
+                    proba
+                    if w == 1
+                    else np.stack([uniform_filter(p, w, mode="nearest") for p in proba])
+                )
                 matrix = np.zeros((len(classes), len(classes)), np.int64)
                 accumulate(matrix, truth, forest.classes_[smooth.argmax(axis=0)], classes)
                 matrices[w][image] = matrix
@@ -69,12 +73,14 @@ def main() -> None:
         chips, _ = prepare(Path(args.data), work)
         datasets = fold_datasets(name, chips, split(), args.folds, work)
         matrices, classes = smoothed_forest_matrices(datasets, windows, args.seed)
-        scores = {w: metrics_from_matrix(sum(m.values()), classes, m)
-                  for w, m in matrices.items()}
+        scores = {w: metrics_from_matrix(sum(m.values()), classes, m) for w, m in matrices.items()}
         for w in windows:
-            print(f"{name} | {w} × {w} | {scores[w].mean_iou:.3f} | "
-                  f"{scores[w].overall_accuracy:.3f} | {len(matrices[w])} | "
-                  f"{scores[w].mean_iou / scores[1].mean_iou:.3f}", flush=True)
+            print(
+                f"{name} | {w} × {w} | {scores[w].mean_iou:.3f} | "
+                f"{scores[w].overall_accuracy:.3f} | {len(matrices[w])} | "
+                f"{scores[w].mean_iou / scores[1].mean_iou:.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

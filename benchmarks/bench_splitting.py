@@ -35,8 +35,9 @@ def synthetic_counts(n: int, k: int = 7, seed: int = 0) -> np.ndarray:
     return counts
 
 
-def permutation_search(counts: np.ndarray, seconds: float, seed: int = 42,
-                       min_share: float = 0.01) -> tuple[np.ndarray | None, int]:
+def permutation_search(
+    counts: np.ndarray, seconds: float, seed: int = 42, min_share: float = 0.01
+) -> tuple[np.ndarray | None, int]:
     """SpecDeepMap's Dataset Maker search, for a time budget instead of a trial count."""
     rng = np.random.default_rng(seed)
     n = len(counts)
@@ -47,23 +48,30 @@ def permutation_search(counts: np.ndarray, seconds: float, seed: int = 42,
     while time.perf_counter() < deadline:
         trials += 1
         order = rng.permutation(n)
-        parts = [order[:n_test], order[n_test:n_test + n_val],
-                 order[n_test + n_val:n_test + n_val + n_train]]
+        parts = [
+            order[:n_test],
+            order[n_test : n_test + n_val],
+            order[n_test + n_val : n_test + n_val + n_train],
+        ]
         hists = [counts[p].sum(axis=0) for p in parts]
         if any((h < min_share * totals).any() for h in hists):
             continue
         p_test, p_val, p_train = (h / h.sum() for h in hists)
-        score = np.mean([wasserstein_distance(p_test, p_train),
-                         wasserstein_distance(p_val, p_train),
-                         wasserstein_distance(p_test, p_val)])
+        score = np.mean(
+            [
+                wasserstein_distance(p_test, p_train),
+                wasserstein_distance(p_val, p_train),
+                wasserstein_distance(p_test, p_val),
+            ]
+        )
         if score < best_score:
             best_score, best = score, order
     if best is None:
         return None, trials
     sets = np.full(n, 3)
     sets[best[:n_test]] = 2
-    sets[best[n_test:n_test + n_val]] = 1
-    sets[best[n_test + n_val:n_test + n_val + n_train]] = 0
+    sets[best[n_test : n_test + n_val]] = 1
+    sets[best[n_test + n_val : n_test + n_val + n_train]] = 0
     return sets, trials
 
 
@@ -73,8 +81,15 @@ def main() -> None:
     parser.add_argument("--chips", type=int, nargs="+", default=[255, 100_000])
     args = parser.parse_args()
     print("\nDataset Maker split, 80/10/10, 7 classes, same wall time for both searches")
-    header = ("chips", "method", "seconds", "trials", "largest gap (pp)", "JS divergence",
-              "1 % rule")
+    header = (
+        "chips",
+        "method",
+        "seconds",
+        "trials",
+        "largest gap (pp)",
+        "JS divergence",
+        "1 % rule",
+    )
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for n in args.chips:
@@ -83,16 +98,22 @@ def main() -> None:
         ours = assign(counts, (0.8, 0.1, 0.1), seed=42)
         elapsed = time.perf_counter() - start
         q = quality(counts, ours, 3, 0.01)
-        print(f"{n} | balanced local search | {elapsed:.3f} | – | {q.max_share_gap_pp:.3f} | "
-              f"{q.js_divergence:.2e} | {q.min_share_ok}")
+        print(
+            f"{n} | balanced local search | {elapsed:.3f} | – | {q.max_share_gap_pp:.3f} | "
+            f"{q.js_divergence:.2e} | {q.min_share_ok}"
+        )
         theirs, trials = permutation_search(counts, elapsed)
         if theirs is None:
-            print(f"{n} | random permutations (SpecDeepMap) | {elapsed:.3f} | {trials} | "
-                  "no feasible split | – | False")
+            print(
+                f"{n} | random permutations (SpecDeepMap) | {elapsed:.3f} | {trials} | "
+                "no feasible split | – | False"
+            )
         else:
             q = quality(counts, theirs, 3, 0.01)
-            print(f"{n} | random permutations (SpecDeepMap) | {elapsed:.3f} | {trials} | "
-                  f"{q.max_share_gap_pp:.3f} | {q.js_divergence:.2e} | {q.min_share_ok}")
+            print(
+                f"{n} | random permutations (SpecDeepMap) | {elapsed:.3f} | {trials} | "
+                f"{q.max_share_gap_pp:.3f} | {q.js_divergence:.2e} | {q.min_share_ok}"
+            )
         grouped(counts)
 
 
@@ -109,8 +130,15 @@ def grouped(counts: np.ndarray) -> None:
 
     n = len(counts)
     side = int(np.ceil(np.sqrt(n)))
-    frame = pd.DataFrame({"scene": "s", "x": (np.arange(n) % side) * 256,
-                          "y": (np.arange(n) // side) * 256, "tile_x": 256, "tile_y": 256})
+    frame = pd.DataFrame(
+        {
+            "scene": "s",
+            "x": (np.arange(n) % side) * 256,
+            "y": (np.arange(n) // side) * 256,
+            "tile_x": 256,
+            "tile_y": 256,
+        }
+    )
     for k in range(counts.shape[1]):
         frame[f"count_{k + 1}"] = counts[:, k]
     start = time.perf_counter()
@@ -118,9 +146,11 @@ def grouped(counts: np.ndarray) -> None:
     elapsed = time.perf_counter() - start
     q = choice.quality
     buffer = int((choice.sets == 3).sum())
-    print(f"{n} | balanced-groups, chips on a grid ({buffer} left out as buffer) | "
-          f"{elapsed:.3f} | – | {q.max_share_gap_pp:.3f} | {q.js_divergence:.2e} | "
-          f"{q.min_share_ok}")
+    print(
+        f"{n} | balanced-groups, chips on a grid ({buffer} left out as buffer) | "
+        f"{elapsed:.3f} | – | {q.max_share_gap_pp:.3f} | {q.js_divergence:.2e} | "
+        f"{q.min_share_ok}"
+    )
 
 
 if __name__ == "__main__":

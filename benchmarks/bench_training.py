@@ -34,9 +34,16 @@ def build_dataset(folder: str) -> tuple:
     from specdeepmap.splitting import make_dataset
 
     scene = generate_scene(os.path.join(folder, "scene"), 1792, 1792, seed=4)
-    chip_scene(scene.image_uri, scene.label_uri, os.path.join(folder, "chips"),
-               ChipParams(tile_x=224, tile_y=224, step_x=224, step_y=224, min_coverage=0))
-    make_dataset(os.path.join(folder, "chips"), SplitParams(train_percent=80, validation_percent=10, test_percent=10, scaler=10000))
+    chip_scene(
+        scene.image_uri,
+        scene.label_uri,
+        os.path.join(folder, "chips"),
+        ChipParams(tile_x=224, tile_y=224, step_x=224, step_y=224, min_coverage=0),
+    )
+    make_dataset(
+        os.path.join(folder, "chips"),
+        SplitParams(train_percent=80, validation_percent=10, test_percent=10, scaler=10000),
+    )
     info = read_dataset_folder(os.path.join(folder, "chips"))
     lookup = np.zeros(256, np.int64)
     for i, v in enumerate(info.class_values, start=1):
@@ -86,10 +93,17 @@ def main() -> None:
 
     rows = []
     for workers in args.workers:
-        def loader():
-            return DataLoader(dataset, batch_size=bs, shuffle=True, num_workers=workers,
-                              drop_last=True, pin_memory=device.type == "cuda",
-                              persistent_workers=workers > 0)
+
+        def loader(workers: int = workers) -> DataLoader:
+            return DataLoader(
+                dataset,
+                batch_size=bs,
+                shuffle=True,
+                num_workers=workers,
+                drop_last=True,
+                pin_memory=device.type == "cuda",
+                persistent_workers=workers > 0,
+            )
 
         it = loader()
         start = time.perf_counter()
@@ -113,14 +127,19 @@ def main() -> None:
         together = steps * bs / (time.perf_counter() - start)
         rows.append((workers, loader_rate, together))
 
-    print(f"\nTraining throughput, U-Net/ResNet-18, 13 bands, 224², batch {bs}, device {device}, "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
-    print("loader workers | loader samples/s | model samples/s | together samples/s | "
-          "together/model")
+    print(
+        f"\nTraining throughput, U-Net/ResNet-18, 13 bands, 224², batch {bs}, device {device}, "
+        f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    )
+    print(
+        "loader workers | loader samples/s | model samples/s | together samples/s | together/model"
+    )
     print("--- | --- | --- | --- | ---")
     for workers, loader_rate, together in rows:
-        print(f"{workers} | {loader_rate:.1f} | {model_rate:.1f} | {together:.1f} | "
-              f"{together / model_rate:.2f}")
+        print(
+            f"{workers} | {loader_rate:.1f} | {model_rate:.1f} | {together:.1f} | "
+            f"{together / model_rate:.2f}"
+        )
 
 
 if __name__ == "__main__":

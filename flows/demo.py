@@ -17,8 +17,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--verbose", action="store_true",
-                        help="also show the libraries' warnings and INFO logs")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show the libraries' warnings and INFO logs"
+    )
     args = parser.parse_args()
     from specdeepmap.console import configure_console
 
@@ -41,32 +42,44 @@ def main() -> None:
     from specdeepmap.sample_data import SampleScene, generate_scene
 
     folder = os.path.join(out, "scene")
-    kept = SampleScene(os.path.join(folder, "demo_s2.tif"),
-                       os.path.join(folder, "demo_s2_labels.tif"))
+    kept = SampleScene(
+        os.path.join(folder, "demo_s2.tif"), os.path.join(folder, "demo_s2_labels.tif")
+    )
     # the scene of seed 0 is always the same: a second run keeps the first's file, so that the
     # chips the chipper recorded for it stay valid (it refuses a replaced file of the same name)
-    scene = kept if os.path.exists(kept.image_uri) and os.path.exists(kept.label_uri) \
+    scene = (
+        kept
+        if os.path.exists(kept.image_uri) and os.path.exists(kept.label_uri)
         else generate_scene(folder, 1024, 1024, seed=0)
-    summary = training_pipeline(TrainingPipelineParams(
-        scenes=[ScenePair(image_uri=scene.image_uri, label_uri=scene.label_uri)],
-        work_uri=out, chip=ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64),
-        split=SplitParams(scaler=10000),
-        train=TrainParams(epochs=args.epochs, batch_size=16)))
+    )
+    summary = training_pipeline(
+        TrainingPipelineParams(
+            scenes=[ScenePair(image_uri=scene.image_uri, label_uri=scene.label_uri)],
+            work_uri=out,
+            chip=ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64),
+            split=SplitParams(scaler=10000),
+            train=TrainParams(epochs=args.epochs, batch_size=16),
+        )
+    )
     # the model just trained (it is champion only if it beat the champion and the baseline)
-    maps = map_flow(MapFlowParams(model_uri=summary["model_uri"],
-                                  output_uri=os.path.join(out, "maps"),
-                                  scenes=[scene.image_uri]))
+    maps = map_flow(
+        MapFlowParams(
+            model_uri=summary["model_uri"],
+            output_uri=os.path.join(out, "maps"),
+            scenes=[scene.image_uri],
+        )
+    )
     uri = os.environ["MLFLOW_TRACKING_URI"]
     print(f"""
-Model {summary['model_uri']} ({summary['alias']}): validation IoU {summary['best_val_iou']:.3f}, \
-test mean IoU {summary['test_mean_iou']:.3f} (pooled pixels; RandomForest baseline \
-{summary['baseline_rf_test_mean_iou']:.3f} on the same chips)
+Model {summary["model_uri"]} ({summary["alias"]}): validation IoU {summary["best_val_iou"]:.3f}, \
+test mean IoU {summary["test_mean_iou"]:.3f} (pooled pixels; RandomForest baseline \
+{summary["baseline_rf_test_mean_iou"]:.3f} on the same chips)
 Chips and dataset CSVs: {out}/chips
-Test metrics:           {out}/evaluation/v{summary['version']}
-Class map (COG):        {maps[0]['classes']}
-Quicklook:              {maps[0]['quicklook']}
-STAC item of the map:   {maps[0]['stac_item']}
-Model card:             MLflow run {summary['run_id']}, artifact model_card/model_card.md
+Test metrics:           {out}/evaluation/v{summary["version"]}
+Class map (COG):        {maps[0]["classes"]}
+Quicklook:              {maps[0]["quicklook"]}
+STAC item of the map:   {maps[0]["stac_item"]}
+Model card:             MLflow run {summary["run_id"]}, artifact model_card/model_card.md
 MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)
 Prefect UI:  .venv/bin/prefect server start   (then http://127.0.0.1:4200; this run used the
              ephemeral API, start the server before a run to keep its history there)

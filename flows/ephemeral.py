@@ -31,8 +31,9 @@ def start_ephemeral_api(attempts: int = ATTEMPTS) -> str | None:
     Raises:
         EphemeralAPIError: it did not answer within the timeout, ``attempts`` times.
     """
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS",
-                          str(STARTUP_TIMEOUT_S))
+    os.environ.setdefault(
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(STARTUP_TIMEOUT_S)
+    )
     if os.environ.get("PREFECT_API_URL"):
         return None
     from prefect.server.api.server import SubprocessASGIServer
@@ -46,8 +47,12 @@ def start_ephemeral_api(attempts: int = ATTEMPTS) -> str | None:
         except RuntimeError as error:
             if "ephemeral Prefect API" not in str(error):
                 raise
-            log.warning("The ephemeral Prefect API did not answer within %d s (try %d of %d)",
-                        timeout, attempt, attempts)
+            log.warning(
+                "The ephemeral Prefect API did not answer within %d s (try %d of %d)",
+                timeout,
+                attempt,
+                attempts,
+            )
             process = getattr(server, "server_process", None)
             if process is not None and process.poll() is None:
                 process.kill()  # Prefect leaves it running; the next try takes a new port
@@ -56,4 +61,5 @@ def start_ephemeral_api(attempts: int = ATTEMPTS) -> str | None:
     raise EphemeralAPIError(
         f"the ephemeral Prefect API did not start within {timeout} s, {attempts} times (a "
         "busy machine?): set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS higher, or "
-        "PREFECT_API_URL to a running server (`prefect server start`)")
+        "PREFECT_API_URL to a running server (`prefect server start`)"
+    )

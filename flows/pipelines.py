@@ -42,14 +42,18 @@ def runs_dir() -> str:
 
 
 @flow(name="chip", task_runner=ThreadPoolTaskRunner(max_workers=2))
-def chip_flow(scenes: list[ScenePair], out_uri: str,
-              chip: ChipParams = ChipParams()) -> list[dict]:
+def chip_flow(scenes: list[ScenePair], out_uri: str, chip: ChipParams = ChipParams()) -> list[dict]:
     """Chip one or more scenes into one folder (scenes in parallel); scenes given as band files
-    are stacked as VRTs under ``out_uri/scenes/`` first."""
-    images = [s.image_uri or stack_scene(s.band_uris, storage.join(out_uri, "scenes"),
-                                         s.resampling) for s in scenes]
-    futures = [chip_task.submit(image, s.label_uri, out_uri, chip, s.classes_uri)
-               for image, s in zip(images, scenes)]
+    are stacked as VRTs under ``out_uri/scenes/`` first.
+    """
+    images = [
+        s.image_uri or stack_scene(s.band_uris, storage.join(out_uri, "scenes"), s.resampling)
+        for s in scenes
+    ]
+    futures = [
+        chip_task.submit(image, s.label_uri, out_uri, chip, s.classes_uri)
+        for image, s in zip(images, scenes, strict=True)
+    ]
     return [{"scene": f.result().image_uri, "chips": f.result().chips} for f in futures]
 
 
@@ -61,9 +65,12 @@ def split_flow(chip_folder: str, split: SplitParams = SplitParams()) -> dict:
 
 
 @flow(name="train")
-def train_flow(dataset_uri: str, train: TrainParams = TrainParams(),
-               model_name: str = "specdeepmap-segmentation",
-               checkpoint_uri: str | None = None) -> TrainResult:
+def train_flow(
+    dataset_uri: str,
+    train: TrainParams = TrainParams(),
+    model_name: str = "specdeepmap-segmentation",
+    checkpoint_uri: str | None = None,
+) -> TrainResult:
     """Train on a dataset folder, log to MLflow and register a new model version.
 
     With ``checkpoint_uri`` (the training pipeline gives one per flow run, in the work
@@ -73,19 +80,31 @@ def train_flow(dataset_uri: str, train: TrainParams = TrainParams(),
     """
     out = os.path.join(runs_dir(), "training", time.strftime("%Y%m%d-%H%M%S"))
     run_name, tags = mlflow_run_identity()
-    return train_task(TrainConfig.from_params(
-        train, dataset=dataset_uri, out=out, registered_model=model_name, run_name=run_name,
-        run_tags=tags, checkpoint_uri=checkpoint_uri if train.ensemble == 1 else None))
+    return train_task(
+        TrainConfig.from_params(
+            train,
+            dataset=dataset_uri,
+            out=out,
+            registered_model=model_name,
+            run_name=run_name,
+            run_tags=tags,
+            checkpoint_uri=checkpoint_uri if train.ensemble == 1 else None,
+        )
+    )
 
 
 def mlflow_run_identity() -> tuple[str, dict[str, str]]:
     """The MLflow run's name and source tags for the Prefect flow run that trains: the run
-    shows which flow ran it, with a link back to the flow run."""
+    shows which flow ran it, with a link back to the flow run.
+    """
     context = get_run_context()
     flow_run = context.flow_run
-    tags = {"mlflow.source.name": f"prefect flow {context.flow.name}",
-            "mlflow.source.type": "JOB", "prefect.flow_run_id": str(flow_run.id),
-            "prefect.flow_run_name": flow_run.name}
+    tags = {
+        "mlflow.source.name": f"prefect flow {context.flow.name}",
+        "mlflow.source.type": "JOB",
+        "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": flow_run.name,
+    }
     if flow_run.parent_task_run_id is not None:
         tags["prefect.parent_task_run_id"] = str(flow_run.parent_task_run_id)
     url = flow_run_url(str(flow_run.id))
@@ -122,15 +141,19 @@ def evaluate_flow(test_csv: str, model_uri: str, out_uri: str) -> dict:
 class ReviewInput(RunInput):
     """The reviewer's answer to a promotion request (the form in the Prefect UI)."""
 
-    approve: bool = Field(False, description="Make this version the champion (it maps "
-                          "production scenes from the next scheduled run on).")
+    approve: bool = Field(
+        False,
+        description="Make this version the champion (it maps "
+        "production scenes from the next scheduled run on).",
+    )
     reviewer: str = Field(..., min_length=1, description="Your name, kept with the version.")
     comment: str = Field("", description="Why: kept with the version as a tag.")
 
 
 @flow(name="review")
-def review_flow(model_name: str, version: str, rule: str, comparison: str,
-                timeout_hours: float = 24.0) -> dict:
+def review_flow(
+    model_name: str, version: str, rule: str, comparison: str, timeout_hours: float = 24.0
+) -> dict:
     """Ask a reviewer to approve a new version as champion: show the comparison, pause until
     the reviewer answers the form in the Prefect UI (Resume), then move the alias or not.
 
@@ -139,35 +162,57 @@ def review_flow(model_name: str, version: str, rule: str, comparison: str,
     """
     logger = get_run_logger()
     create_markdown_artifact(
-        key="review-request", description=f"Approve {model_name} version {version}?",
+        key="review-request",
+        description=f"Approve {model_name} version {version}?",
         markdown=f"## Approve {model_name} version {version} as champion?\n\n{comparison}\n\n"
-        f"The promotion rule says: **{rule}**.\n\nAnswer with **Resume** on this flow run.")
+        f"The promotion rule says: **{rule}**.\n\nAnswer with **Resume** on this flow run.",
+    )
     try:
-        answer = pause_flow_run(wait_for_input=ReviewInput, timeout=int(timeout_hours * 3600),
-                                poll_interval=2, key=f"review-{model_name}-{version}")
+        answer = pause_flow_run(
+            wait_for_input=ReviewInput,
+            timeout=int(timeout_hours * 3600),
+            poll_interval=2,
+            key=f"review-{model_name}-{version}",
+        )
     except FlowPauseTimeout:
-        logger.warning("No review of %s version %s within %s h: it stays challenger",
-                       model_name, version, timeout_hours)
-        registry.set_alias(model_name, version, registry.CHALLENGER,
-                           f"no review within {timeout_hours} h")
+        logger.warning(
+            "No review of %s version %s within %s h: it stays challenger",
+            model_name,
+            version,
+            timeout_hours,
+        )
+        registry.set_alias(
+            model_name, version, registry.CHALLENGER, f"no review within {timeout_hours} h"
+        )
         return {"alias": registry.CHALLENGER, "approved": False, "reviewer": "", "comment": ""}
     alias = registry.CHAMPION if answer.approve else registry.CHALLENGER
     verdict = "approved" if answer.approve else "rejected"
-    registry.set_alias(model_name, version, alias, f"{verdict} by {answer.reviewer} "
-                       f"(rule: {rule})", by=answer.reviewer, comment=answer.comment)
-    logger.info("%s version %s %s by %s: %s", model_name, version, verdict, answer.reviewer,
-                alias)
-    return {"alias": alias, "approved": answer.approve, "reviewer": answer.reviewer,
-            "comment": answer.comment}
+    registry.set_alias(
+        model_name,
+        version,
+        alias,
+        f"{verdict} by {answer.reviewer} (rule: {rule})",
+        by=answer.reviewer,
+        comment=answer.comment,
+    )
+    logger.info("%s version %s %s by %s: %s", model_name, version, verdict, answer.reviewer, alias)
+    return {
+        "alias": alias,
+        "approved": answer.approve,
+        "reviewer": answer.reviewer,
+        "comment": answer.comment,
+    }
 
 
 @flow(name="training-pipeline")
-def training_pipeline(params: TrainingPipelineParams,
-                      promotion: Literal["auto", "approval", "none"] = "auto") -> dict:
-    """check labels → chip → split → train → evaluate → score the champion on the same test
+def training_pipeline(
+    params: TrainingPipelineParams, promotion: Literal["auto", "approval", "none"] = "auto"
+) -> dict:
+    """Check labels → chip → split → train → evaluate → score the champion on the same test
     chips → promote: ``auto`` makes the version champion if it beats the champion by the margin and
     not below the baseline (else challenger); ``approval`` asks a reviewer (the production
-    deployment's default); ``none`` only registers."""
+    deployment's default); ``none`` only registers.
+    """
     params = TrainingPipelineParams.model_validate(params.model_dump())  # cross-field rules
     logger = get_run_logger()
     ensure_experiment(tracking_uri(), "specdeepmap")
@@ -180,68 +225,112 @@ def training_pipeline(params: TrainingPipelineParams,
     result = train_flow(chips_uri, params.train, params.model_name, checkpoints)
     test_csv = storage.join(chips_uri, "test_files.csv")
     evaluation_uri = storage.join(params.work_uri, "evaluation", f"v{result.model_version}")
-    metrics = evaluate_task(test_csv, result.model_file, evaluation_uri, result.run_id,
-                            result.baseline)
-    champion = champion_task(params.model_name, test_csv, result.model_file,
-                             storage.join(evaluation_uri, "champion"), evaluation_uri)
+    metrics = evaluate_task(
+        test_csv, result.model_file, evaluation_uri, result.run_id, result.baseline
+    )
+    champion = champion_task(
+        params.model_name,
+        test_csv,
+        result.model_file,
+        storage.join(evaluation_uri, "champion"),
+        evaluation_uri,
+    )
     if promotion == "auto" and champion["version"] and champion["mean_iou"] is None:
-        logger.warning("The champion cannot be scored on this run's chips (%s): asking a "
-                       "reviewer instead", champion["reason"])
+        logger.warning(
+            "The champion cannot be scored on this run's chips (%s): asking a reviewer instead",
+            champion["reason"],
+        )
         promotion = "approval"
-    promoted = promote_task(params.model_name, result.model_version, metrics["test_mean_iou"],
-                            metrics["baseline_rf_test_mean_iou"], champion,
-                            params.min_improvement, promotion,
-                            metrics["baseline_rf_difference"], metrics["split_leakage"])
+    promoted = promote_task(
+        params.model_name,
+        result.model_version,
+        metrics["test_mean_iou"],
+        metrics["baseline_rf_test_mean_iou"],
+        champion,
+        params.min_improvement,
+        promotion,
+        metrics["baseline_rf_difference"],
+        metrics["split_leakage"],
+    )
     if promotion == "approval":
-        review = review_flow(params.model_name, result.model_version, promoted["reason"],
-                             promoted["comparison"], params.review_timeout_hours)
+        review = review_flow(
+            params.model_name,
+            result.model_version,
+            promoted["reason"],
+            promoted["comparison"],
+            params.review_timeout_hours,
+        )
         promoted |= {"alias": review["alias"], "reason": f"reviewed: {review}"}
-    summary = {"model_uri": result.model_uri, "version": result.model_version,
-               "alias": promoted["alias"], "promotion": promotion, "run_id": result.run_id,
-               "best_val_iou": result.best_val_iou,
-               "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"),
-               "champion_version": champion["version"],
-               "champion_test_mean_iou_same_chips": champion["mean_iou"], **metrics}
-    model_card_task(params.model_name, result, chips_uri, evaluation_uri, summary,
-                    promoted["reason"])
-    links = [f"- **MLflow run**: {mlflow_run_url(result.run_id) or result.run_id} "
-             f"({storage.redact(tracking_uri())})"]
+    summary = {
+        "model_uri": result.model_uri,
+        "version": result.model_version,
+        "alias": promoted["alias"],
+        "promotion": promotion,
+        "run_id": result.run_id,
+        "best_val_iou": result.best_val_iou,
+        "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"),
+        "champion_version": champion["version"],
+        "champion_test_mean_iou_same_chips": champion["mean_iou"],
+        **metrics,
+    }
+    model_card_task(
+        params.model_name, result, chips_uri, evaluation_uri, summary, promoted["reason"]
+    )
+    links = [
+        f"- **MLflow run**: {mlflow_run_url(result.run_id) or result.run_id} "
+        f"({storage.redact(tracking_uri())})"
+    ]
     create_markdown_artifact(
-        key="training-pipeline", description="Training pipeline result",
-        markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()) + "\n" +
-        "\n".join(links))
-    logger.info("Model %s version %s (%s): test mean IoU %.4f", params.model_name,
-                result.model_version, promoted["alias"] or "no alias", metrics["test_mean_iou"])
+        key="training-pipeline",
+        description="Training pipeline result",
+        markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()) + "\n" + "\n".join(links),
+    )
+    logger.info(
+        "Model %s version %s (%s): test mean IoU %.4f",
+        params.model_name,
+        result.model_version,
+        promoted["alias"] or "no alias",
+        metrics["test_mean_iou"],
+    )
     return summary
 
 
 @flow(name="map-scenes")
-def _map_scenes(scenes: list[str], model_uri: str, output_uri: str, params: MapFlowParams
-                ) -> list[dict]:
-    futures = [map_scene_task.submit(s, model_uri, output_uri_for(s, output_uri),
-                                     params.map) for s in scenes]
+def _map_scenes(
+    scenes: list[str], model_uri: str, output_uri: str, params: MapFlowParams
+) -> list[dict]:
+    futures = [
+        map_scene_task.submit(s, model_uri, output_uri_for(s, output_uri), params.map)
+        for s in scenes
+    ]
     return [f.result() for f in futures]
 
 
 @flow(name="map")
 def map_flow(params: MapFlowParams) -> list[dict]:
     """Map scenes in parallel (threads or Dask): a list of rasters, VRTs, STAC items or
-    catalogs, or every scene under a prefix (or in a STAC catalog)."""
+    catalogs, or every scene under a prefix (or in a STAC catalog).
+    """
     params = MapFlowParams.model_validate(params.model_dump())
-    scenes = [item for uri in params.scenes for item in
-              (scenes_under(uri) if is_catalog(uri) else [uri])] or \
-        scenes_under(params.input_prefix)
+    scenes = [
+        item for uri in params.scenes for item in (scenes_under(uri) if is_catalog(uri) else [uri])
+    ] or scenes_under(params.input_prefix)
     model_uri = registry.resolve(params.model_uri)
     if params.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
-        runner = DaskTaskRunner(address=params.dask_address) if params.dask_address else \
-            DaskTaskRunner(cluster_kwargs={"n_workers": params.max_workers,
-                                           "threads_per_worker": 1})
+        runner = (
+            DaskTaskRunner(address=params.dask_address)
+            if params.dask_address
+            else DaskTaskRunner(
+                cluster_kwargs={"n_workers": params.max_workers, "threads_per_worker": 1}
+            )
+        )
     else:
         runner = ThreadPoolTaskRunner(max_workers=params.max_workers)
-    results = _map_scenes.with_options(task_runner=runner)(scenes, model_uri, params.output_uri,
-                                                           params)
+    results = _map_scenes.with_options(task_runner=runner)(
+        scenes, model_uri, params.output_uri, params
+    )
     update_catalog(params.output_uri)  # one writer, after every scene's item exists
     return results
 
@@ -265,5 +354,8 @@ def scheduled_mapping(params: ScheduledMappingParams) -> list[dict]:
         return []
     model_uri = model_uri or registry.resolve(alias_uri)
     logger.info("Mapping %d new scene(s) with %s", len(scenes), model_uri)
-    return map_flow(MapFlowParams(model_uri=model_uri, output_uri=params.output_prefix,
-                                  scenes=scenes, map=params.map))
+    return map_flow(
+        MapFlowParams(
+            model_uri=model_uri, output_uri=params.output_prefix, scenes=scenes, map=params.map
+        )
+    )

@@ -40,19 +40,21 @@ from moto.moto_server.werkzeug_app import (
 from werkzeug.serving import make_server
 
 USER = "specdeepmap-stack"
-ALLOW_ALL = json.dumps({"Version": "2012-10-17",
-                        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
+ALLOW_ALL = json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+)
 
 
 def _guard(app, key_id: str, secret: str):
     """WSGI middleware in front of moto: 403 for moto's control endpoints and for unsigned
     requests (moto answers some of those with a 500); a presigned (query-signed) request, as
     MLflow's server makes to download artifacts, is verified here and handed to moto signed in
-    its headers, which moto can check (it fails on query signatures)."""
+    its headers, which moto can check (it fails on query signatures).
+    """
+
     def refuse(start_response, message: str):
         start_response("403 Forbidden", [("Content-Type", "application/xml")])
-        return [f"<Error><Code>AccessDenied</Code><Message>{message}</Message></Error>"
-                .encode()]
+        return [f"<Error><Code>AccessDenied</Code><Message>{message}</Message></Error>".encode()]
 
     def wrapped(environ, start_response):
         if environ.get("PATH_INFO", "").startswith("/moto-api"):
@@ -61,10 +63,12 @@ def _guard(app, key_id: str, secret: str):
             if "X-Amz-Signature" not in environ.get("QUERY_STRING", ""):
                 return refuse(start_response, "requests must be signed")
             if not _presigned_valid(environ, key_id, secret):
-                return refuse(start_response, "the presigned URL's signature does not match "
-                                              "or has expired")
+                return refuse(
+                    start_response, "the presigned URL's signature does not match or has expired"
+                )
             _sign_in_headers(environ, key_id, secret)
         return app(environ, start_response)
+
     return wrapped
 
 
@@ -78,36 +82,45 @@ MAX_PRESIGNED_SECONDS = 7 * 24 * 3600
 
 def _presigned_valid(environ: dict, key_id: str, secret: str) -> bool:
     """Whether a query-signed (SigV4 presigned) request was signed with the stack's key and
-    has not expired: the signature computed again as AWS defines it."""
+    has not expired: the signature computed again as AWS defines it.
+    """
     query = parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
     params = dict(query)
     try:
         key, date, region, service, _ = params["X-Amz-Credential"].split("/")
         stamp = params["X-Amz-Date"]
-        signed = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(
-            tzinfo=datetime.timezone.utc)
+        signed = datetime.datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.UTC)
         expires = int(params.get("X-Amz-Expires", "0"))
         headers = params["X-Amz-SignedHeaders"].split(";")
     except (KeyError, ValueError):
         return False
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     if not 1 <= expires <= MAX_PRESIGNED_SECONDS:  # AWS refuses the same (SigV4 presigning)
         return False
     if key != key_id or now > signed + datetime.timedelta(seconds=expires):
         return False
     encode = lambda text: quote(text, safe="-_.~")  # noqa: E731
-    canonical_query = "&".join(sorted(f"{encode(k)}={encode(v)}" for k, v in query
-                                      if k != "X-Amz-Signature"))
+    canonical_query = "&".join(
+        sorted(f"{encode(k)}={encode(v)}" for k, v in query if k != "X-Amz-Signature")
+    )
     values = {h: environ.get("HTTP_" + h.upper().replace("-", "_"), "").strip() for h in headers}
-    canonical = "\n".join([environ["REQUEST_METHOD"], quote(environ.get("PATH_INFO", "/"),
-                                                              safe="/-_.~"),
-                           canonical_query, "".join(f"{h}:{values[h]}\n" for h in headers),
-                           ";".join(headers), "UNSIGNED-PAYLOAD"])
+    canonical = "\n".join(
+        [
+            environ["REQUEST_METHOD"],
+            quote(environ.get("PATH_INFO", "/"), safe="/-_.~"),
+            canonical_query,
+            "".join(f"{h}:{values[h]}\n" for h in headers),
+            ";".join(headers),
+            "UNSIGNED-PAYLOAD",
+        ]
+    )
     scope = f"{date}/{region}/{service}/aws4_request"
-    to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope,
-                         hashlib.sha256(canonical.encode()).hexdigest()])
-    signing_key = _hmac(_hmac(_hmac(_hmac(f"AWS4{secret}".encode(), date), region), service),
-                        "aws4_request")
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    signing_key = _hmac(
+        _hmac(_hmac(_hmac(f"AWS4{secret}".encode(), date), region), service), "aws4_request"
+    )
     expected = hmac.new(signing_key, to_sign.encode(), hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, params.get("X-Amz-Signature", ""))
 
@@ -118,14 +131,18 @@ def _sign_in_headers(environ: dict, key_id: str, secret: str) -> None:
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    query = [(k, v) for k, v in parse_qsl(environ.get("QUERY_STRING", ""),
-                                          keep_blank_values=True)
-             if not k.startswith("X-Amz-")]
+    query = [
+        (k, v)
+        for k, v in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        if not k.startswith("X-Amz-")
+    ]
     environ["QUERY_STRING"] = urlencode(query, quote_via=quote)
     url = f"http://{environ['HTTP_HOST']}{quote(environ.get('PATH_INFO', '/'), safe='/-_.~')}"
-    request = AWSRequest(method=environ["REQUEST_METHOD"],
-                         url=url + (f"?{environ['QUERY_STRING']}" if query else ""),
-                         headers={"host": environ["HTTP_HOST"]})
+    request = AWSRequest(
+        method=environ["REQUEST_METHOD"],
+        url=url + (f"?{environ['QUERY_STRING']}" if query else ""),
+        headers={"host": environ["HTTP_HOST"]},
+    )
     S3SigV4Auth(Credentials(key_id, secret), "s3", "us-east-1").add_auth(request)
     for name, value in request.headers.items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
@@ -133,8 +150,13 @@ def _sign_in_headers(environ: dict, key_id: str, secret: str) -> None:
 
 def _enforce_credentials(endpoint: str, key_id: str, secret: str) -> None:
     """One IAM user with the stack's key, allowed everything; then signatures are checked."""
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
-                       aws_access_key_id="setup", aws_secret_access_key="setup")
+    iam = boto3.client(
+        "iam",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="setup",
+        aws_secret_access_key="setup",
+    )
     iam.create_user(UserName=USER)
     iam.put_user_policy(UserName=USER, PolicyName="all", PolicyDocument=ALLOW_ALL)
     iam.create_access_key(UserName=USER)
@@ -146,7 +168,8 @@ def _enforce_credentials(endpoint: str, key_id: str, secret: str) -> None:
 
 class Snapshot:
     """Objects on disk: ``data/<sha256 of bucket and key>`` plus an index (bucket → key →
-    file and ETag), each written to a temporary name and moved into place."""
+    file and ETag), each written to a temporary name and moved into place.
+    """
 
     def __init__(self, folder: str, s3):
         self.folder, self.s3 = folder, s3
@@ -167,8 +190,12 @@ class Snapshot:
             self.s3.create_bucket(Bucket=bucket)
             for key, entry in objects.items():
                 with open(self._file(bucket, key), "rb") as handle:
-                    self.s3.put_object(Bucket=bucket, Key=key, Body=handle,
-                                       ContentType=entry.get("type", "binary/octet-stream"))
+                    self.s3.put_object(
+                        Bucket=bucket,
+                        Key=key,
+                        Body=handle,
+                        ContentType=entry.get("type", "binary/octet-stream"),
+                    )
                 count += 1
         return count
 
@@ -211,8 +238,13 @@ def _serve(app, host: str, port: int):
 
 
 def _client(endpoint: str, key_id: str, secret: str):
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id=key_id, aws_secret_access_key=secret)
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+    )
 
 
 def main() -> None:
@@ -225,8 +257,10 @@ def main() -> None:
     args = parser.parse_args()
     key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if not key_id or not secret:
-        sys.exit("s3_server: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the keys clients "
-                 "must sign with)")
+        sys.exit(
+            "s3_server: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the keys clients "
+            "must sign with)"
+        )
     os.makedirs(args.data, mode=0o700, exist_ok=True)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
 
@@ -241,8 +275,9 @@ def main() -> None:
     server = _serve(app, args.host, args.port)
     endpoint = f"http://{args.host}:{args.port}"
     snapshot = Snapshot(args.data, _client(endpoint, key_id, secret))
-    print(f"s3_server: restored {restored} objects from {args.data}; serving {endpoint}",
-          flush=True)
+    print(
+        f"s3_server: restored {restored} objects from {args.data}; serving {endpoint}", flush=True
+    )
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())

@@ -34,7 +34,8 @@ def hide_triton_without_gpu() -> bool:
     # torch's FLOP counter (imported by Lightning) warns once that it cannot count Triton
     # kernels, which a host without a GPU never runs
     logging.getLogger("torch.utils.flop_counter").addFilter(
-        lambda record: "triton not found" not in record.getMessage())
+        lambda record: "triton not found" not in record.getMessage()
+    )
     return True
 
 

@@ -39,29 +39,34 @@ def d4_invert(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
     return x.flip(-1) if flip else x
 
 
-def random_d4(image: torch.Tensor, mask: torch.Tensor,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_d4(
+    image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same random D4 element applied to a (C, H, W) image and its (H, W) mask."""
     k, flip = D4[int(torch.randint(8, (), generator=generator))]
     return d4_apply(image, k, flip).contiguous(), d4_apply(mask, k, flip).contiguous()
 
 
-def random_rotation(image: torch.Tensor, mask: torch.Tensor, max_angle: float = 45.0,
-                    ignore_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def random_rotation(
+    image: torch.Tensor, mask: torch.Tensor, max_angle: float = 45.0, ignore_index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A rotation up to ±``max_angle``°: bilinear for the image (corners 0, the band mean after
-    normalisation), nearest for the mask (corners the ignore index)."""
+    normalisation), nearest for the mask (corners the ignore index).
+    """
     import torchvision.transforms.v2.functional as tvf
     from torchvision.transforms import InterpolationMode
 
     angle = float((torch.rand(()) * 2 - 1) * max_angle)
     image = tvf.rotate(image, angle, interpolation=InterpolationMode.BILINEAR, fill=0.0)
-    mask = tvf.rotate(mask[None], angle, interpolation=InterpolationMode.NEAREST,
-                      fill=float(ignore_index))[0]
+    mask = tvf.rotate(
+        mask[None], angle, interpolation=InterpolationMode.NEAREST, fill=float(ignore_index)
+    )[0]
     return image, mask
 
 
-def augment_pair(image: torch.Tensor, mask: torch.Tensor, mode: Augmentation = "d4",
-                 ignore_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_pair(
+    image: torch.Tensor, mask: torch.Tensor, mode: Augmentation = "d4", ignore_index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random geometric augmentation applied alike to a normalised image and its mask."""
     if mode == "none":
         return image, mask
@@ -71,9 +76,14 @@ def augment_pair(image: torch.Tensor, mask: torch.Tensor, mode: Augmentation = "
     return image, mask
 
 
-def spectral_jitter(image: np.ndarray, offset: np.ndarray, valid: np.ndarray | None,
-                    rng: np.random.Generator, brightness: float = 0.1,
-                    per_band: float = 0.02) -> np.ndarray:
+def spectral_jitter(
+    image: np.ndarray,
+    offset: np.ndarray,
+    valid: np.ndarray | None,
+    rng: np.random.Generator,
+    brightness: float = 0.1,
+    per_band: float = 0.02,
+) -> np.ndarray:
     """Multiply a chip's raw spectra by a random gain, computed on the normalised image.
 
     With ``x = (r − μ) / σ`` (after the scaler), a gain ``g`` on the raw values ``r`` gives
@@ -98,12 +108,17 @@ def spectral_jitter(image: np.ndarray, offset: np.ndarray, valid: np.ndarray | N
     return image
 
 
-def cutmix(images: torch.Tensor, masks: torch.Tensor, probability: float = 0.5,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def cutmix(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    probability: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """CutMix for segmentation: each chip of a batch, with ``probability``, gets a random box
     (a quarter to three quarters of each side) copied from another chip of the batch, pixels
     and labels alike (French et al. 2020). Objects then appear in new surroundings, which a
-    network trained on a few chips would otherwise learn by heart. Returns new tensors."""
+    network trained on a few chips would otherwise learn by heart. Returns new tensors.
+    """
     n, _, height, width = images.shape
     images, masks = images.clone(), masks.clone()
     if n < 2:
@@ -113,18 +128,23 @@ def cutmix(images: torch.Tensor, masks: torch.Tensor, probability: float = 0.5,
     for i in range(n):
         if float(torch.rand((), generator=generator)) >= probability:
             continue
-        h, w = (int(side * (0.25 + 0.5 * float(torch.rand((), generator=generator))))
-                for side in (height, width))
+        h, w = (
+            int(side * (0.25 + 0.5 * float(torch.rand((), generator=generator))))
+            for side in (height, width)
+        )
         top = int(torch.randint(height - h + 1, (), generator=generator))
         left = int(torch.randint(width - w + 1, (), generator=generator))
         j = int(source[i])
-        images[i, :, top:top + h, left:left + w] = originals[j, :, top:top + h, left:left + w]
-        masks[i, top:top + h, left:left + w] = original_masks[j, top:top + h, left:left + w]
+        images[i, :, top : top + h, left : left + w] = originals[
+            j, :, top : top + h, left : left + w
+        ]
+        masks[i, top : top + h, left : left + w] = original_masks[j, top : top + h, left : left + w]
     return images, masks
 
 
-def band_dropout(images: torch.Tensor, probability: float,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def band_dropout(
+    images: torch.Tensor, probability: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Zero each band of each chip with ``probability`` and scale the others by
     ``1 / (1 − probability)`` (dropout over whole bands, ``torch.nn.Dropout2d``'s rule).
 

@@ -51,8 +51,9 @@ def shares(hist: np.ndarray) -> np.ndarray:
     return np.divide(hist, total, out=np.zeros_like(hist, dtype=np.float64), where=total > 0)
 
 
-def quality(counts: np.ndarray, assignment: np.ndarray, n_sets: int,
-            min_share: float) -> SplitQuality:
+def quality(
+    counts: np.ndarray, assignment: np.ndarray, n_sets: int, min_share: float
+) -> SplitQuality:
     """Measure a split: share gap, Jensen-Shannon divergence and the minimum-share rule."""
     hist = np.stack([counts[assignment == s].sum(axis=0) for s in range(n_sets)]).astype(float)
     used = hist.sum(axis=1) > 0
@@ -80,8 +81,14 @@ def _js_divergence(p: np.ndarray, q: np.ndarray) -> float:
 class _Objective:
     """Per-set loss, vectorised over many candidate histograms at once."""
 
-    def __init__(self, counts: np.ndarray, sizes: np.ndarray, targets: np.ndarray,
-                 scored: np.ndarray, min_share: float):
+    def __init__(
+        self,
+        counts: np.ndarray,
+        sizes: np.ndarray,
+        targets: np.ndarray,
+        scored: np.ndarray,
+        min_share: float,
+    ):
         totals = counts.sum(axis=0).astype(np.float64)
         self.target_share = totals / max(totals.sum(), 1.0)
         self.min_pixels = min_share * totals
@@ -144,8 +151,9 @@ def assign(
         remaining = deadline - time.perf_counter()
         if best is not None and remaining <= 0:
             break
-        assignment, loss = _search(counts, fractions, rng, min_share, sizes,
-                                   max(remaining, 0.05), adjacency=adjacency)
+        assignment, loss = _search(
+            counts, fractions, rng, min_share, sizes, max(remaining, 0.05), adjacency=adjacency
+        )
         if loss < best_loss:
             best, best_loss = assignment, loss
         if best_loss < GOOD_ENOUGH:
@@ -188,10 +196,9 @@ def _search(
     n = np.array([sizes[assignment == s].sum() for s in range(4)])
     set_ids = np.arange(4)
     current = objective.loss(hist, n, set_ids)
-    cut = _Cut(adjacency, assignment, n_chips) if adjacency is not None and \
-        adjacency.nnz else None
+    cut = _Cut(adjacency, assignment, n_chips) if adjacency is not None and adjacency.nnz else None
     active = [s for s in range(4) if targets[s] > 0 or n[s] > 0]
-    pairs = [(a, b) for i, a in enumerate(active) for b in active[i + 1:]]
+    pairs = [(a, b) for i, a in enumerate(active) for b in active[i + 1 :]]
     if not pairs:
         return assignment, float(current.sum())
 
@@ -281,8 +288,9 @@ class _Cut:
         return self.scale * float(crossing)
 
 
-def _sample_members(members: list[np.ndarray], sets: np.ndarray,
-                    rng: np.random.Generator) -> np.ndarray:
+def _sample_members(
+    members: list[np.ndarray], sets: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
     out = np.full(len(sets), -1, dtype=np.int64)
     for s in np.unique(sets):
         where = sets == s

@@ -22,8 +22,21 @@ from specdeepmap.errors import InputMismatchError, InvalidParameterError, Missin
 
 RESAMPLING = ("bilinear", "nearest", "cubic", "average")
 #: Sentinel-2 MSI band order (L1C and L2A), as in the stacked files SpecDeepMap used
-SENTINEL2_ORDER = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10",
-                   "B11", "B12")
+SENTINEL2_ORDER = (
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B8A",
+    "B09",
+    "B10",
+    "B11",
+    "B12",
+)
 _BAND_TOKEN = re.compile(r"(?:^|[_\-.])(B\d{1,2}A?)(?=[_\-.]|$)", re.IGNORECASE)
 
 
@@ -43,7 +56,8 @@ class BandFile:
 
 def band_name(uri: str) -> str:
     """The band's name from its file name (``T33UUU_…_B8A.jp2`` → ``B8A``; B1 → B01), else
-    the file's stem."""
+    the file's stem.
+    """
     found = _BAND_TOKEN.findall(storage.stem(uri))
     if not found:
         return storage.stem(uri)
@@ -54,13 +68,17 @@ def band_name(uri: str) -> str:
 
 def band_files(folder_or_files: str | list[str], order: list[str] | None = None) -> list[str]:
     """Band file URIs in band order: a list as given, or the raster files of a folder sorted
-    by ``order`` (band names; default: Sentinel-2's B01…B12 when the names are Sentinel-2's)."""
+    by ``order`` (band names; default: Sentinel-2's B01…B12 when the names are Sentinel-2's).
+    """
     if isinstance(folder_or_files, list):
         return folder_or_files
     if os.path.splitext(folder_or_files)[1].lower() in (".jp2", ".tif", ".tiff", ".vrt"):
         return [folder_or_files]
-    files = [u for u in storage.list_files(folder_or_files)
-             if os.path.splitext(u)[1].lower() in (".jp2", ".tif", ".tiff")]
+    files = [
+        u
+        for u in storage.list_files(folder_or_files)
+        if os.path.splitext(u)[1].lower() in (".jp2", ".tif", ".tiff")
+    ]
     if not files:
         raise MissingInputError(f"No band files (.jp2, .tif) in {folder_or_files}")
     by_name = {band_name(u): u for u in files}
@@ -68,25 +86,43 @@ def band_files(folder_or_files: str | list[str], order: list[str] | None = None)
         order = [b for b in SENTINEL2_ORDER if b in by_name]
         if len(order) != len(by_name):
             raise InvalidParameterError(
-                f"{folder_or_files} holds bands {sorted(by_name)}: give the band order")
+                f"{folder_or_files} holds bands {sorted(by_name)}: give the band order"
+            )
     missing = [b for b in order if b not in by_name]
     if missing:
-        raise MissingInputError(f"{folder_or_files} has no file for band(s) "
-                                f"{', '.join(missing)} (found {', '.join(sorted(by_name))})")
+        raise MissingInputError(
+            f"{folder_or_files} has no file for band(s) "
+            f"{', '.join(missing)} (found {', '.join(sorted(by_name))})"
+        )
     return [by_name[b] for b in order]
 
 
 def _describe(uri: str) -> BandFile:
     with storage.open_raster(uri) as src:
         if src.count != 1:
-            raise InputMismatchError(f"Band file {uri} has {src.count} bands: give one file "
-                                     "per band (or a stacked raster directly)")
-        return BandFile(uri, band_name(uri), src.crs, tuple(src.bounds), src.width, src.height,
-                        src.dtypes[0], src.nodata)
+            raise InputMismatchError(
+                f"Band file {uri} has {src.count} bands: give one file "
+                "per band (or a stacked raster directly)"
+            )
+        return BandFile(
+            uri,
+            band_name(uri),
+            src.crs,
+            tuple(src.bounds),
+            src.width,
+            src.height,
+            src.dtypes[0],
+            src.nodata,
+        )
 
 
-def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear",
-                names: list[str] | None = None, overwrite: bool = False) -> str:
+def stack_bands(
+    band_uris: list[str],
+    vrt_path: str,
+    resampling: str = "bilinear",
+    names: list[str] | None = None,
+    overwrite: bool = False,
+) -> str:
     """Write a VRT stacking single-band files (same CRS and extent) at the finest resolution.
 
     Args:
@@ -107,13 +143,16 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
     if not vrt_path.lower().endswith(".vrt"):
         raise InvalidParameterError(
             f"{vrt_path}: the stack is a GDAL VRT (XML that points at the band files); give "
-            "it a .vrt name")
-    guards.refuse_overwriting_inputs({"VRT": vrt_path},
-                                     {f"band file {i}": u for i, u in enumerate(band_uris, 1)})
+            "it a .vrt name"
+        )
+    guards.refuse_overwriting_inputs(
+        {"VRT": vrt_path}, {f"band file {i}": u for i, u in enumerate(band_uris, 1)}
+    )
     guards.refuse_foreign_output(vrt_path, "VRT", None, overwrite)
     if resampling not in RESAMPLING:
-        raise InvalidParameterError(f"resampling must be one of {', '.join(RESAMPLING)}, "
-                                    f"got {resampling!r}")
+        raise InvalidParameterError(
+            f"resampling must be one of {', '.join(RESAMPLING)}, got {resampling!r}"
+        )
     if not band_uris:
         raise InvalidParameterError("give at least one band file")
     bands = [_describe(u) for u in band_uris]
@@ -126,12 +165,15 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
     res_y = (top - bottom) / finest.height
     for band in bands:
         if band.crs != finest.crs:
-            raise InputMismatchError(f"Band files {finest.uri} and {band.uri} differ in CRS: "
-                                     f"{finest.crs} vs {band.crs}")
+            raise InputMismatchError(
+                f"Band files {finest.uri} and {band.uri} differ in CRS: {finest.crs} vs {band.crs}"
+            )
         coarse = (band.bounds[2] - band.bounds[0]) / band.width
-        if any(abs(a - b) > coarse / 2 for a, b in zip(band.bounds, finest.bounds)):
-            raise InputMismatchError(f"Band files {finest.uri} and {band.uri} cover different "
-                                     f"extents: {finest.bounds} vs {band.bounds}")
+        if any(abs(a - b) > coarse / 2 for a, b in zip(band.bounds, finest.bounds, strict=True)):
+            raise InputMismatchError(
+                f"Band files {finest.uri} and {band.uri} cover different "
+                f"extents: {finest.bounds} vs {band.bounds}"
+            )
     dtypes = {b.dtype for b in bands}
     if len(dtypes) > 1:
         raise InputMismatchError(f"Band files differ in data type: {sorted(dtypes)}")
@@ -139,31 +181,44 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
     # (40 s instead of 0.7 s for the shared 13-band scene); "mode", when upsampling, takes the
     # one source pixel under each destination pixel: the same values, read once
     gdal_resampling = "mode" if resampling == "nearest" else resampling
-    root = ET.Element("VRTDataset", rasterXSize=str(finest.width),
-                      rasterYSize=str(finest.height))
+    root = ET.Element("VRTDataset", rasterXSize=str(finest.width), rasterYSize=str(finest.height))
     ET.SubElement(root, "SRS").text = finest.crs.to_wkt()
     ET.SubElement(root, "GeoTransform").text = ", ".join(
-        repr(float(v)) for v in (left, res_x, 0.0, top, 0.0, -res_y))
-    gdal_type = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32",
-                 "int32": "Int32", "float32": "Float32", "float64": "Float64"}[bands[0].dtype]
-    for index, (band, name) in enumerate(zip(bands, names), start=1):
+        repr(float(v)) for v in (left, res_x, 0.0, top, 0.0, -res_y)
+    )
+    gdal_type = {
+        "uint8": "Byte",
+        "uint16": "UInt16",
+        "int16": "Int16",
+        "uint32": "UInt32",
+        "int32": "Int32",
+        "float32": "Float32",
+        "float64": "Float64",
+    }[bands[0].dtype]
+    for index, (band, name) in enumerate(zip(bands, names, strict=True), start=1):
         element = ET.SubElement(root, "VRTRasterBand", dataType=gdal_type, band=str(index))
         ET.SubElement(element, "Description").text = name
         if band.nodata is not None and not math.isnan(band.nodata):
             ET.SubElement(element, "NoDataValue").text = repr(float(band.nodata))
         source = ET.SubElement(element, "ComplexSource", resampling=gdal_resampling)
         # absolute: the VRT may be written anywhere (a work folder, a temporary file, S3)
-        ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = \
-            storage.gdal_path(band.uri) if storage.is_s3(band.uri) else \
-            os.path.abspath(storage.local_path(band.uri))
+        ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = (
+            storage.gdal_path(band.uri)
+            if storage.is_s3(band.uri)
+            else os.path.abspath(storage.local_path(band.uri))
+        )
         ET.SubElement(source, "SourceBand").text = "1"
-        ET.SubElement(source, "SrcRect", xOff="0", yOff="0", xSize=str(band.width),
-                      ySize=str(band.height))
-        ET.SubElement(source, "DstRect",
-                      xOff=repr((band.bounds[0] - left) / res_x),
-                      yOff=repr((top - band.bounds[3]) / res_y),
-                      xSize=repr((band.bounds[2] - band.bounds[0]) / res_x),
-                      ySize=repr((band.bounds[3] - band.bounds[1]) / res_y))
+        ET.SubElement(
+            source, "SrcRect", xOff="0", yOff="0", xSize=str(band.width), ySize=str(band.height)
+        )
+        ET.SubElement(
+            source,
+            "DstRect",
+            xOff=repr((band.bounds[0] - left) / res_x),
+            yOff=repr((top - band.bounds[3]) / res_y),
+            xSize=repr((band.bounds[2] - band.bounds[0]) / res_x),
+            ySize=repr((band.bounds[3] - band.bounds[1]) / res_y),
+        )
         if band.nodata is not None and not math.isnan(band.nodata):
             ET.SubElement(source, "NODATA").text = repr(float(band.nodata))
     ET.indent(root)
@@ -173,30 +228,44 @@ def stack_bands(band_uris: list[str], vrt_path: str, resampling: str = "bilinear
 
 def stack_scene(band_uris: list[str], folder: str, resampling: str = "bilinear") -> str:
     """Stack a scene's band files as ``folder/<scene name>.vrt`` (:func:`scene_name`)."""
-    return stack_bands(band_uris, storage.join(folder, f"{scene_name(band_uris)}.vrt"),
-                       resampling, overwrite=True)  # the pipeline's own work folder
+    return stack_bands(
+        band_uris, storage.join(folder, f"{scene_name(band_uris)}.vrt"), resampling, overwrite=True
+    )  # the pipeline's own work folder
 
 
 def same_band_order(expected: list[str], found: list[str], what: str) -> None:
     """Refuse a scene whose named bands are in another order than the model's (by name, when
-    both sides have real names: GDAL's ``band N`` defaults are not names)."""
+    both sides have real names: GDAL's ``band N`` defaults are not names).
+    """
+
     def real(names):
         return names and all(n and not re.fullmatch(r"band \d+", n) for n in names)
 
     if real(expected) and real(found) and list(expected) != list(found):
-        moved = next(i for i, (a, b) in enumerate(zip(expected, found)) if a != b)
+        moved = next(i for i, (a, b) in enumerate(zip(expected, found, strict=False)) if a != b)
         raise InputMismatchError(
             f"{what} has its bands in another order than the model: band {moved + 1} is "
             f"{found[moved]}, the model expects {expected[moved]} (model: {', '.join(expected)};"
-            f" scene: {', '.join(found)})")
+            f" scene: {', '.join(found)})"
+        )
 
 
 def scene_name(band_uris: list[str]) -> str:
     """A scene's name from its band files: the first file's stem without the band token
-    (``T33UUU_20170216T102101_B01`` → ``T33UUU_20170216T102101``)."""
+    (``T33UUU_20170216T102101_B01`` → ``T33UUU_20170216T102101``).
+    """
     stem = storage.stem(band_uris[0])
     return _BAND_TOKEN.sub("", stem).strip("_-.") or stem
 
 
-__all__ = ["BandFile", "RESAMPLING", "SENTINEL2_ORDER", "band_files", "band_name",
-           "same_band_order", "scene_name", "stack_bands", "stack_scene"]
+__all__ = [
+    "BandFile",
+    "RESAMPLING",
+    "SENTINEL2_ORDER",
+    "band_files",
+    "band_name",
+    "same_band_order",
+    "scene_name",
+    "stack_bands",
+    "stack_scene",
+]

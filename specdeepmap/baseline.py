@@ -74,23 +74,33 @@ class BaselineResult:
                 continue
             out[f"{PREFIX}_{short}_mean_iou"] = score.metrics.mean_iou
             out[f"{PREFIX}_{short}_overall_accuracy"] = score.metrics.overall_accuracy
-            for value, iou in zip(self.class_values, score.metrics.iou):
+            for value, iou in zip(self.class_values, score.metrics.iou, strict=True):
                 if np.isfinite(iou):
                     out[f"{PREFIX}_{short}_iou_class_{value}"] = float(iou)
         return {k: float(v) for k, v in out.items() if np.isfinite(v)}
 
     def summary(self) -> dict:
         """Plain data for reports, flow results and the model card."""
-        return {split: {"mean_iou": s.metrics.mean_iou,
-                        "overall_accuracy": s.metrics.overall_accuracy,
-                        "iou": {str(c): (float(v) if np.isfinite(v) else None)
-                                for c, v in zip(self.class_values, s.metrics.iou)},
-                        "confusion_matrix": s.metrics.matrix.tolist(), "chips": s.chips,
-                        "chip_confusion_matrices": {name: m.tolist() for name, m in
-                                                    (s.metrics.chip_matrices or {}).items()}}
-                for split, s in self.scores.items()} | {
-                    "class_values": list(self.class_values), "train_pixels": self.train_pixels,
-                    "fit_seconds": self.fit_seconds}
+        return {
+            split: {
+                "mean_iou": s.metrics.mean_iou,
+                "overall_accuracy": s.metrics.overall_accuracy,
+                "iou": {
+                    str(c): (float(v) if np.isfinite(v) else None)
+                    for c, v in zip(self.class_values, s.metrics.iou, strict=True)
+                },
+                "confusion_matrix": s.metrics.matrix.tolist(),
+                "chips": s.chips,
+                "chip_confusion_matrices": {
+                    name: m.tolist() for name, m in (s.metrics.chip_matrices or {}).items()
+                },
+            }
+            for split, s in self.scores.items()
+        } | {
+            "class_values": list(self.class_values),
+            "train_pixels": self.train_pixels,
+            "fit_seconds": self.fit_seconds,
+        }
 
 
 def summary_metrics(summary: dict | None, split: str) -> Metrics | None:
@@ -98,14 +108,16 @@ def summary_metrics(summary: dict | None, split: str) -> Metrics | None:
     if not summary or split not in summary:
         return None
     chips = summary[split].get("chip_confusion_matrices")  # (not in older summaries)
-    return metrics_from_matrix(np.asarray(summary[split]["confusion_matrix"]),
-                               summary["class_values"],
-                               {name: np.asarray(m) for name, m in chips.items()}
-                               if chips else None)
+    return metrics_from_matrix(
+        np.asarray(summary[split]["confusion_matrix"]),
+        summary["class_values"],
+        {name: np.asarray(m) for name, m in chips.items()} if chips else None,
+    )
 
 
-def read_pixels(image_uri: str, mask_uri: str,
-                normalization: Normalization) -> tuple[np.ndarray, np.ndarray]:
+def read_pixels(
+    image_uri: str, mask_uri: str, normalization: Normalization
+) -> tuple[np.ndarray, np.ndarray]:
     """(normalised features of every pixel (pixels × bands), the (H, W) label chip)."""
     with storage.open_raster(image_uri) as src:
         image = src.read()
@@ -114,16 +126,21 @@ def read_pixels(image_uri: str, mask_uri: str,
     return normalization.apply(image).reshape(image.shape[0], -1).T, truth
 
 
-def _read_chip(image_uri: str, mask_uri: str, normalization: Normalization,
-               class_values: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_chip(
+    image_uri: str, mask_uri: str, normalization: Normalization, class_values: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features of labelled pixels (n × bands), their labels, the full label chip)."""
     features, truth = read_pixels(image_uri, mask_uri, normalization)
     keep = np.isin(truth, class_values)
     return features[keep.ravel()], truth[keep], truth
 
 
-def fit_forest(pairs: list[tuple[str, str]], normalization: Normalization,
-               class_values: list[int], params: BaselineParams = BaselineParams()):
+def fit_forest(
+    pairs: list[tuple[str, str]],
+    normalization: Normalization,
+    class_values: list[int],
+    params: BaselineParams = BaselineParams(),
+):
     """Fit a RandomForest on the labelled pixels of ``pairs`` (at most ``max_pixels``).
 
     The cap is spread evenly over the chips (a random sample within each chip), so memory
@@ -143,16 +160,19 @@ def fit_forest(pairs: list[tuple[str, str]], normalization: Normalization,
         ys.append(y)
     y = np.concatenate(ys) if ys else np.zeros(0, np.int64)
     if len(y) == 0:
-        raise EmptyDatasetError("The training chips hold no labelled pixels for the "
-                                "RandomForest baseline")
-    forest = RandomForestClassifier(n_estimators=params.trees, n_jobs=params.n_jobs,
-                                    random_state=params.seed)
+        raise EmptyDatasetError(
+            "The training chips hold no labelled pixels for the RandomForest baseline"
+        )
+    forest = RandomForestClassifier(
+        n_estimators=params.trees, n_jobs=params.n_jobs, random_state=params.seed
+    )
     forest.fit(np.concatenate(xs), y)
     return forest, len(y)
 
 
-def score_forest(forest, pairs: list[tuple[str, str]], normalization: Normalization,
-                 class_values: list[int]) -> BaselineScore:
+def score_forest(
+    forest, pairs: list[tuple[str, str]], normalization: Normalization, class_values: list[int]
+) -> BaselineScore:
     """Pooled metrics and SpecDeepMap's per-chip IoU of the forest on ``pairs``."""
     k = len(class_values)
     chip_matrices, chip_ious = {}, []
@@ -162,17 +182,22 @@ def score_forest(forest, pairs: list[tuple[str, str]], normalization: Normalizat
         if len(y):
             pred[np.isin(truth, class_values)] = forest.predict(x)
         # (chips of one name in several folders count as one chip, as in the Tester)
-        matrix = chip_matrices.setdefault(storage.basename(image_uri),
-                                          np.zeros((k, k), dtype=np.int64))
+        matrix = chip_matrices.setdefault(
+            storage.basename(image_uri), np.zeros((k, k), dtype=np.int64)
+        )
         accumulate(matrix, truth, pred, class_values)
         chip_ious.append(per_chip_iou(truth, pred, class_values))
     total = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
-    return BaselineScore(metrics_from_matrix(total, class_values, chip_matrices),
-                         mean_chip_iou(chip_ious, k), len(pairs))
+    return BaselineScore(
+        metrics_from_matrix(total, class_values, chip_matrices),
+        mean_chip_iou(chip_ious, k),
+        len(pairs),
+    )
 
 
-def pseudo_labels(forest, pairs: list[tuple[str, str]], normalization: Normalization,
-                  min_share: float) -> list[np.ndarray]:
+def pseudo_labels(
+    forest, pairs: list[tuple[str, str]], normalization: Normalization, min_share: float
+) -> list[np.ndarray]:
     """The forest's classes for the unlabelled pixels of each chip (semi-supervised training).
 
     Per chip an (H, W) array of class values: the forest's class where the chip's label is 0
@@ -196,31 +221,39 @@ def pseudo_labels(forest, pairs: list[tuple[str, str]], normalization: Normaliza
     return out
 
 
-def run_baseline(info: DatasetInfo, normalization: Normalization,
-                 params: BaselineParams = BaselineParams()) -> BaselineResult:
+def run_baseline(
+    info: DatasetInfo, normalization: Normalization, params: BaselineParams = BaselineParams()
+) -> BaselineResult:
     """Fit on the training chips, score on the validation and (if any) the test chips."""
     started = time.perf_counter()
     forest, pixels = fit_forest(info.train, normalization, info.class_values, params)
-    result = BaselineResult(class_values=list(info.class_values), train_pixels=pixels,
-                            fit_seconds=time.perf_counter() - started, forest=forest)
+    result = BaselineResult(
+        class_values=list(info.class_values),
+        train_pixels=pixels,
+        fit_seconds=time.perf_counter() - started,
+        forest=forest,
+    )
     for split, pairs in (("validation", info.validation), ("test", info.test)):
         if pairs:
             result.scores[split] = score_forest(forest, pairs, normalization, info.class_values)
-    log.info("RandomForest baseline (%d pixels, %.1f s): %s", pixels,
-             time.perf_counter() - started,
-             ", ".join(f"{s} mean IoU {v.metrics.mean_iou:.4f}" for s, v in result.scores.items()))
+    log.info(
+        "RandomForest baseline (%d pixels, %.1f s): %s",
+        pixels,
+        time.perf_counter() - started,
+        ", ".join(f"{s} mean IoU {v.metrics.mean_iou:.4f}" for s, v in result.scores.items()),
+    )
     return result
 
 
 def dataset_normalization(info: DatasetInfo) -> Normalization:
     """The dataset's own normalisation (scaler, band statistics, the chips' nodata)."""
     _, _, _, nodata, _ = chip_properties(info.train[:1])
-    return Normalization(scaler=info.scaler, mean=info.band_mean, std=info.band_std,
-                         nodata=nodata)
+    return Normalization(scaler=info.scaler, mean=info.band_mean, std=info.band_std, nodata=nodata)
 
 
-def baseline_dataset(dataset: str, out_folder: str,
-                     params: BaselineParams = BaselineParams()) -> BaselineResult:
+def baseline_dataset(
+    dataset: str, out_folder: str, params: BaselineParams = BaselineParams()
+) -> BaselineResult:
     """``specdeepmap baseline``: fit, score and write the Tester's files for the forest.
 
     Writes ``test_iou.csv`` (SpecDeepMap's format), ``test_metrics.csv/json`` and the plots for
@@ -229,22 +262,33 @@ def baseline_dataset(dataset: str, out_folder: str,
     """
     from specdeepmap.splitting import NORMALIZE_CSV
 
-    info = read_dataset_folder(dataset, normalize=storage.exists(storage.join(dataset,
-                                                                              NORMALIZE_CSV)))
+    info = read_dataset_folder(
+        dataset, normalize=storage.exists(storage.join(dataset, NORMALIZE_CSV))
+    )
     result = run_baseline(info, dataset_normalization(info), params)
     write_baseline(result, out_folder, {"dataset": dataset}, read_dataset_classes(dataset))
     return result
 
 
-def write_baseline(result: BaselineResult, out_folder: str, about: dict | None = None,
-                   classes: ClassSchema | None = None) -> None:
+def write_baseline(
+    result: BaselineResult,
+    out_folder: str,
+    about: dict | None = None,
+    classes: ClassSchema | None = None,
+) -> None:
     """The Tester's files for the forest (on the test chips, or the validation chips when
     there is no test set, with the dataset's class names) and ``baseline.json`` with every
-    set's figures."""
+    set's figures.
+    """
     split = "test" if "test" in result.scores else "validation"
     score = result.scores[split]
-    write_test_outputs(out_folder, score.metrics, score.chip_iou,
-                       {"model": "RandomForest baseline (per pixel)", "scored_on": split,
-                        **(about or {})}, classes=classes)
-    storage.write_text(storage.join(out_folder, "baseline.json"),
-                       json.dumps(result.summary(), indent=2))
+    write_test_outputs(
+        out_folder,
+        score.metrics,
+        score.chip_iou,
+        {"model": "RandomForest baseline (per pixel)", "scored_on": split, **(about or {})},
+        classes=classes,
+    )
+    storage.write_text(
+        storage.join(out_folder, "baseline.json"), json.dumps(result.summary(), indent=2)
+    )

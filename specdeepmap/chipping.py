@@ -98,9 +98,11 @@ def tile_offsets(width: int, height: int, params: ChipParams) -> list[tuple[int,
     return [(x, y) for y in range(0, height, sy) for x in range(0, width, sx)]
 
 
-def check_same_grid(image: rasterio.DatasetReader, label: rasterio.DatasetReader,
-                    image_uri: str, label_uri: str) -> None:
+def check_same_grid(
+    image: rasterio.DatasetReader, label: rasterio.DatasetReader, image_uri: str, label_uri: str
+) -> None:
     """Raise :class:`InputMismatchError` unless both rasters lie on the same pixel grid."""
+
     def differ(prop: str, a: object, b: object) -> InputMismatchError:
         return InputMismatchError(
             f"Image {image_uri} and label {label_uri} differ in {prop}: {a} vs {b}. "
@@ -116,8 +118,9 @@ def check_same_grid(image: rasterio.DatasetReader, label: rasterio.DatasetReader
     if not np.allclose((ix, iy), (lx, ly), rtol=0, atol=1e-6 * abs(image.res[0])):
         raise differ("origin", (ix, iy), (lx, ly))
     if (image.width, image.height) != (label.width, label.height):
-        raise differ("size (width x height)", (image.width, image.height),
-                     (label.width, label.height))
+        raise differ(
+            "size (width x height)", (image.width, image.height), (label.width, label.height)
+        )
     if label.count != 1:
         raise InputMismatchError(f"Label raster {label_uri} must have 1 band, has {label.count}")
 
@@ -161,17 +164,25 @@ def validate_label_values(label: rasterio.DatasetReader, label_uri: str) -> None
 
 def check_readable(dataset: rasterio.DatasetReader, uri: str) -> None:
     """Read the raster's last pixel in every band, so that a truncated file (cut off at its
-    end, as an interrupted copy leaves it) is refused before any work, naming the file."""
+    end, as an interrupted copy leaves it) is refused before any work, naming the file.
+    """
     try:
         dataset.read(window=Window(dataset.width - 1, dataset.height - 1, 1, 1))
     except rasterio.errors.RasterioIOError as error:
         raise UnreadableInputError(
-            f"{uri} cannot be read to its end: truncated or corrupt ({error}). Copy the file "
-            "again.") from error
+            f"{uri} cannot be read to its end: truncated or corrupt ({error}). Copy the file again."
+        ) from error
 
 
-def _padded_read(dataset: rasterio.DatasetReader, x: int, y: int, tx: int, ty: int,
-                 fill: float, indexes: int | list[int] | None = None) -> np.ndarray:
+def _padded_read(
+    dataset: rasterio.DatasetReader,
+    x: int,
+    y: int,
+    tx: int,
+    ty: int,
+    fill: float,
+    indexes: int | list[int] | None = None,
+) -> np.ndarray:
     """Read the chip window at (x, y); the part outside the raster is filled with ``fill``."""
     w, h = min(tx, dataset.width - x), min(ty, dataset.height - y)
     try:
@@ -179,17 +190,23 @@ def _padded_read(dataset: rasterio.DatasetReader, x: int, y: int, tx: int, ty: i
     except rasterio.errors.RasterioIOError as error:
         if storage.is_transient(error):
             raise
-        raise UnreadableInputError(f"{dataset.name}: window at column {x}, row {y} cannot be "
-                                   f"read ({error}): the file is corrupt") from error
+        raise UnreadableInputError(
+            f"{dataset.name}: window at column {x}, row {y} cannot be "
+            f"read ({error}): the file is corrupt"
+        ) from error
     if (w, h) == (tx, ty):
         return data
     pad = [(0, 0)] * (data.ndim - 2) + [(0, ty - h), (0, tx - w)]
     return np.pad(data, pad, constant_values=fill)
 
 
-def _write_geotiff(uri: str, array: np.ndarray, profile: dict,
-                   descriptions: Sequence[str | None] | None = None,
-                   band_tags: Sequence[dict] | None = None) -> None:
+def _write_geotiff(
+    uri: str,
+    array: np.ndarray,
+    profile: dict,
+    descriptions: Sequence[str | None] | None = None,
+    band_tags: Sequence[dict] | None = None,
+) -> None:
     with storage.atomic_output(uri) as tmp, rasterio.open(tmp, "w", **profile) as dst:
         dst.write(array)
         if descriptions and any(descriptions):
@@ -199,17 +216,33 @@ def _write_geotiff(uri: str, array: np.ndarray, profile: dict,
                 dst.update_tags(band, **tags)
 
 
-def _manifest_row(name: str, x: int, y: int, labels: np.ndarray, image_uri: str,
-                  label_uri: str, params: ChipParams) -> dict:
+def _manifest_row(
+    name: str,
+    x: int,
+    y: int,
+    labels: np.ndarray,
+    image_uri: str,
+    label_uri: str,
+    params: ChipParams,
+) -> dict:
     values, counts = np.unique(labels, return_counts=True)
     tx, ty = params.tile_size
     row = {
-        "chip": name, "image": f"images/{name}", "mask": f"labels/{name}",
-        "scene": image_uri, "label_scene": label_uri, "x": x, "y": y,
-        "tile_x": tx, "tile_y": ty, "stride_x": params.stride[0], "stride_y": params.stride[1],
-        "min_coverage": params.min_coverage, "coverage": float(1.0 - (labels == 0).mean()),
+        "chip": name,
+        "image": f"images/{name}",
+        "mask": f"labels/{name}",
+        "scene": image_uri,
+        "label_scene": label_uri,
+        "x": x,
+        "y": y,
+        "tile_x": tx,
+        "tile_y": ty,
+        "stride_x": params.stride[0],
+        "stride_y": params.stride[1],
+        "min_coverage": params.min_coverage,
+        "coverage": float(1.0 - (labels == 0).mean()),
     }
-    row.update({f"{COUNT_PREFIX}{int(v)}": int(n) for v, n in zip(values, counts)})
+    row.update({f"{COUNT_PREFIX}{int(v)}": int(n) for v, n in zip(values, counts, strict=True)})
     return row
 
 
@@ -256,20 +289,32 @@ def chip_scene(
         width, height = image.width, image.height
         image_nodata = image.nodata
         image_profile = dict(
-            driver="GTiff", width=tx, height=ty, count=image.count, dtype=image.dtypes[0],
-            crs=image.crs, nodata=image_nodata,
+            driver="GTiff",
+            width=tx,
+            height=ty,
+            count=image.count,
+            dtype=image.dtypes[0],
+            crs=image.crs,
+            nodata=image_nodata,
         )
-        label_profile = dict(driver="GTiff", width=tx, height=ty, count=1, dtype="uint8",
-                             crs=image.crs)
+        label_profile = dict(
+            driver="GTiff", width=tx, height=ty, count=1, dtype="uint8", crs=image.crs
+        )
         transform = image.transform
         descriptions = image.descriptions
         band_tags = [image.tags(b) for b in range(1, image.count + 1)]
         label_nodata = label.nodata
 
     if tx > width or ty > height:
-        log.warning("The tile (%d x %d px) is larger than the scene %s (%d x %d px): each chip "
-                    "is mostly padding (unlabelled); use a tile of at most the scene's size",
-                    tx, ty, image_uri, width, height)
+        log.warning(
+            "The tile (%d x %d px) is larger than the scene %s (%d x %d px): each chip "
+            "is mostly padding (unlabelled); use a tile of at most the scene's size",
+            tx,
+            ty,
+            image_uri,
+            width,
+            height,
+        )
     manifest_uri = storage.join(out_uri, MANIFEST_FOLDER, f"{scene}.csv")
     # which scene the chips come from: a different file under the same name must not reuse
     # (and silently keep) the chips of the earlier one
@@ -281,8 +326,17 @@ def chip_scene(
     for sub in ("images", "labels", MANIFEST_FOLDER):
         storage.makedirs(storage.join(out_uri, sub))
     offsets = tile_offsets(width, height, params)
-    log.info("Chipping %s (%d x %d px) into %d windows of %d x %d, stride %s, coverage >= %s %%",
-             image_uri, width, height, len(offsets), tx, ty, params.stride, params.min_coverage)
+    log.info(
+        "Chipping %s (%d x %d px) into %d windows of %d x %d, stride %s, coverage >= %s %%",
+        image_uri,
+        width,
+        height,
+        len(offsets),
+        tx,
+        ty,
+        params.stride,
+        params.min_coverage,
+    )
 
     done = [0]
 
@@ -316,10 +370,18 @@ def chip_scene(
             if threshold > 0 and np.count_nonzero(labels) < threshold * tx * ty:
                 return "below", None
         chip_transform = transform @ rasterio.Affine.translation(x, y)
-        _write_geotiff(storage.join(out_uri, "images", name), pixels,
-                       {**image_profile, "transform": chip_transform}, descriptions, band_tags)
-        _write_geotiff(storage.join(out_uri, "labels", name), labels[None],
-                       {**label_profile, "transform": chip_transform})
+        _write_geotiff(
+            storage.join(out_uri, "images", name),
+            pixels,
+            {**image_profile, "transform": chip_transform},
+            descriptions,
+            band_tags,
+        )
+        _write_geotiff(
+            storage.join(out_uri, "labels", name),
+            labels[None],
+            {**label_profile, "transform": chip_transform},
+        )
         return "written", _manifest_row(name, x, y, labels, image_uri, label_uri, params)
 
     workers = max(1, min(workers, len(offsets)))
@@ -330,50 +392,73 @@ def chip_scene(
 
     rows = [row | {"scene_id": scene_id} for _, row in results if row is not None]
     outcome = [kind for kind, _ in results]
-    manifest = pd.DataFrame(rows).sort_values(["y", "x"]) if rows else pd.DataFrame(
-        columns=["chip", "image", "mask", "scene", "x", "y"])
-    count_columns = sorted((c for c in manifest.columns if c.startswith(COUNT_PREFIX)),
-                           key=lambda c: int(c[len(COUNT_PREFIX):]))
+    manifest = (
+        pd.DataFrame(rows).sort_values(["y", "x"])
+        if rows
+        else pd.DataFrame(columns=["chip", "image", "mask", "scene", "x", "y"])
+    )
+    count_columns = sorted(
+        (c for c in manifest.columns if c.startswith(COUNT_PREFIX)),
+        key=lambda c: int(c[len(COUNT_PREFIX) :]),
+    )
     manifest[count_columns] = manifest[count_columns].fillna(0).astype("int64")
     manifest = manifest[[c for c in manifest.columns if c not in count_columns] + count_columns]
     storage.write_text(manifest_uri, manifest.to_csv(index=False))
-    class_counts = {int(c[len(COUNT_PREFIX):]): int(manifest[c].sum()) for c in count_columns}
+    class_counts = {int(c[len(COUNT_PREFIX) :]): int(manifest[c].sum()) for c in count_columns}
     if schema.classes:
         write_dataset_classes(out_uri, schema)
     report = ChipReport(
-        image_uri=image_uri, label_uri=label_uri, out_uri=out_uri, manifest_uri=manifest_uri,
-        windows=len(offsets), written=outcome.count("written"), reused=outcome.count("reused"),
-        below_coverage=outcome.count("below"), class_counts=class_counts,
+        image_uri=image_uri,
+        label_uri=label_uri,
+        out_uri=out_uri,
+        manifest_uri=manifest_uri,
+        windows=len(offsets),
+        written=outcome.count("written"),
+        reused=outcome.count("reused"),
+        below_coverage=outcome.count("below"),
+        class_counts=class_counts,
         seconds=time.perf_counter() - started,
         class_names={c.value: c.name for c in schema.classes},
     )
-    log.info("Total created image and label tile pairs: %d (%d kept from an earlier run, "
-             "%d below coverage) in %.1f s", report.written, report.reused,
-             report.below_coverage, report.seconds)
+    log.info(
+        "Total created image and label tile pairs: %d (%d kept from an earlier run, "
+        "%d below coverage) in %.1f s",
+        report.written,
+        report.reused,
+        report.below_coverage,
+        report.seconds,
+    )
     return report
 
 
 def label_windows(label_uri: str, params: ChipParams = ChipParams()) -> pd.DataFrame:
     """Class counts of the chip windows that would pass the coverage threshold, from the label
     raster alone (one strip of windows at a time): what the split will work with, known before
-    any chip is cut. The image's nodata is not applied (it can only lower the counts)."""
+    any chip is cut. The image's nodata is not applied (it can only lower the counts).
+    """
     tx, ty = params.tile_size
     rows = []
     with storage.open_raster(label_uri) as label:
         validate_label_values(label, label_uri)
         offsets = tile_offsets(label.width, label.height, params)
         for y in sorted({y for _, y in offsets}):
-            strip = label_to_classes(_padded_read(label, 0, y, label.width, ty, 0, 1),
-                                     label.nodata)
+            strip = label_to_classes(_padded_read(label, 0, y, label.width, ty, 0, 1), label.nodata)
             strip = np.pad(strip, ((0, 0), (0, tx)))  # the last windows' right padding
             for x in (x for x, y0 in offsets if y0 == y):
-                counts = np.bincount(strip[:, x:x + tx].ravel(), minlength=256)
+                counts = np.bincount(strip[:, x : x + tx].ravel(), minlength=256)
                 if counts[1:].sum() >= params.min_coverage / 100.0 * tx * ty and counts[1:].any():
-                    rows.append({"scene": label_uri, "x": x, "y": y, "tile_x": tx,
-                                 "tile_y": ty, "stride_x": params.stride[0],
-                                 "stride_y": params.stride[1]} |
-                                {f"{COUNT_PREFIX}{v}": int(n) for v, n in enumerate(counts)
-                                 if n})
+                    rows.append(
+                        {
+                            "scene": label_uri,
+                            "x": x,
+                            "y": y,
+                            "tile_x": tx,
+                            "tile_y": ty,
+                            "stride_x": params.stride[0],
+                            "stride_y": params.stride[1],
+                        }
+                        | {f"{COUNT_PREFIX}{v}": int(n) for v, n in enumerate(counts) if n}
+                    )
     frame = pd.DataFrame(rows)
     columns = [c for c in frame.columns if c.startswith(COUNT_PREFIX)]
     frame[columns] = frame[columns].fillna(0).astype("int64")
@@ -387,16 +472,19 @@ def _read_label_chip(uri: str) -> np.ndarray:
 
 def _existing_pairs(out_uri: str) -> set[str]:
     """Names of chips whose image and label both exist (each was moved into place whole)."""
-    images, labels = ({storage.basename(u) for u in
-                       storage.list_files(storage.join(out_uri, folder), ".tif")}
-                      for folder in ("images", "labels"))
+    images, labels = (
+        {storage.basename(u) for u in storage.list_files(storage.join(out_uri, folder), ".tif")}
+        for folder in ("images", "labels")
+    )
     return images & labels
 
 
-def _previous_rows(manifest_uri: str, params: ChipParams, scene_id: str,
-                   image_uri: str) -> dict[str, dict]:
+def _previous_rows(
+    manifest_uri: str, params: ChipParams, scene_id: str, image_uri: str
+) -> dict[str, dict]:
     """Rows of an earlier run's manifest; refuses to mix chips cut with other parameters or
-    from another scene file of the same name."""
+    from another scene file of the same name.
+    """
     if not storage.exists(manifest_uri):
         return {}
     frame = read_manifest(manifest_uri)
@@ -407,9 +495,14 @@ def _previous_rows(manifest_uri: str, params: ChipParams, scene_id: str,
                 f"{manifest_uri} records chips of another file named like {image_uri} "
                 f"({first['scene']}, or the same path since replaced): its chips would be kept "
                 "as they are. Write into a new folder, or delete that manifest and the scene's "
-                "chips first.")
-        earlier = (int(first["tile_x"]), int(first["tile_y"]), int(first["stride_x"]),
-                   int(first["stride_y"]))
+                "chips first."
+            )
+        earlier = (
+            int(first["tile_x"]),
+            int(first["tile_y"]),
+            int(first["stride_x"]),
+            int(first["stride_y"]),
+        )
         now = (*params.tile_size, *params.stride)
         if earlier != now:
             raise InvalidParameterError(

@@ -76,10 +76,12 @@ class ClassSchema:
             if known is not None and known.name != item.name:
                 raise InputMismatchError(
                     f"Class {item.value} is '{item.name}' in {other.source or 'the new labels'} "
-                    f"but '{known.name}' in {where}: give one classes file for every scene")
+                    f"but '{known.name}' in {where}: give one classes file for every scene"
+                )
             merged.setdefault(item.value, item)
-        return ClassSchema(sorted(merged.values(), key=lambda c: c.value),
-                           self.source or other.source)
+        return ClassSchema(
+            sorted(merged.values(), key=lambda c: c.value), self.source or other.source
+        )
 
     def colormap(self, values: list[int]) -> dict[int, tuple[int, int, int, int]]:
         """GDAL colour table entries for ``values`` (0, unlabelled, transparent)."""
@@ -89,18 +91,27 @@ class ClassSchema:
 
     def to_dict(self) -> dict:
         """JSON-ready form (colours as ``#rrggbb``)."""
-        return {"source": self.source,
-                "classes": [{"value": c.value, "name": c.name, "color": _hex(c.color)}
-                            for c in self.classes]}
+        return {
+            "source": self.source,
+            "classes": [
+                {"value": c.value, "name": c.name, "color": _hex(c.color)} for c in self.classes
+            ],
+        }
 
     @classmethod
     def from_dict(cls, data: dict | None) -> ClassSchema:
         """Inverse of :meth:`to_dict` (an empty schema for None)."""
         if not data:
             return cls()
-        return cls([ClassInfo(int(c["value"]), str(c["name"]), _parse_color(c.get("color"),
-                                                                          int(c["value"])))
-                    for c in data.get("classes", [])], data.get("source", ""))
+        return cls(
+            [
+                ClassInfo(
+                    int(c["value"]), str(c["name"]), _parse_color(c.get("color"), int(c["value"]))
+                )
+                for c in data.get("classes", [])
+            ],
+            data.get("source", ""),
+        )
 
 
 def default_color(value: int) -> RGB:
@@ -123,8 +134,10 @@ def _parse_color(text, value: int, where: str = "") -> RGB:
     parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
     if len(parts) in (3, 4) and all(p.isdigit() and int(p) < 256 for p in parts):
         return int(parts[0]), int(parts[1]), int(parts[2])
-    raise InvalidLabelError(f"{where + ': ' if where else ''}colour '{text}' of class {value}: "
-                            "use #rrggbb or r,g,b (0-255)")
+    raise InvalidLabelError(
+        f"{where + ': ' if where else ''}colour '{text}' of class {value}: "
+        "use #rrggbb or r,g,b (0-255)"
+    )
 
 
 # ---------------------------------------------------------------- reading
@@ -132,7 +145,8 @@ def _parse_color(text, value: int, where: str = "") -> RGB:
 
 def read_classes_file(uri: str) -> ClassSchema:
     """A classes file the user gives: ``.csv`` (columns ``value,name`` and optional ``color``
-    as ``#rrggbb``) or a QGIS ``.qml`` style (paletted or unique-values renderer)."""
+    as ``#rrggbb``) or a QGIS ``.qml`` style (paletted or unique-values renderer).
+    """
     if not storage.exists(uri):
         raise MissingInputError(f"Classes file {uri} does not exist")
     text = storage.read_text(uri)
@@ -146,18 +160,26 @@ def read_classes_file(uri: str) -> ClassSchema:
         raise InvalidLabelError(f"Classes file {uri} is not a CSV: {error}") from None
     frame.columns = [str(c).strip().lower() for c in frame.columns]
     if not {"value", "name"} <= set(frame.columns):
-        raise InvalidLabelError(f"Classes file {uri} needs the columns value,name (and "
-                                f"optionally color); it has {', '.join(frame.columns)}")
+        raise InvalidLabelError(
+            f"Classes file {uri} needs the columns value,name (and "
+            f"optionally color); it has {', '.join(frame.columns)}"
+        )
     classes = []
     for row in frame.itertuples(index=False):
-        value = pd.to_numeric(getattr(row, "value"), errors="coerce")
+        value = pd.to_numeric(row.value, errors="coerce")
         if pd.isna(value) or value != int(value) or not 0 < value < 256:
-            raise InvalidLabelError(f"Classes file {uri}: value '{row.value}' is not a class "
-                                    "value (1-255, as label rasters hold; 0 is unlabelled)")
+            raise InvalidLabelError(
+                f"Classes file {uri}: value '{row.value}' is not a class "
+                "value (1-255, as label rasters hold; 0 is unlabelled)"
+            )
         name = row.name if isinstance(row.name, str) else ""
-        classes.append(ClassInfo(int(value), _class_name(name, int(value), uri),
-                                 _parse_color(getattr(row, "color", None), int(value),
-                                              f"Classes file {uri}")))
+        classes.append(
+            ClassInfo(
+                int(value),
+                _class_name(name, int(value), uri),
+                _parse_color(getattr(row, "color", None), int(value), f"Classes file {uri}"),
+            )
+        )
     return _checked(classes, uri)
 
 
@@ -169,8 +191,10 @@ def _class_name(name: str, value: int, where: str) -> str:
     """
     name = str(name).strip()
     if _CONTROL.search(name):
-        raise InvalidLabelError(f"{where}: the name of class {value} holds a control "
-                                f"character ({name!r}): use printable text")
+        raise InvalidLabelError(
+            f"{where}: the name of class {value} holds a control "
+            f"character ({name!r}): use printable text"
+        )
     if not name:
         log.warning("%s: class %d has no name; it is called %d", where, value, value)
         return str(value)
@@ -182,14 +206,17 @@ def _checked(classes: list[ClassInfo], where: str) -> ClassSchema:
     values = [c.value for c in classes]
     twice = sorted({v for v in values if values.count(v) > 1})
     if twice:
-        raise InvalidLabelError(f"Classes file {where} lists value(s) "
-                                f"{', '.join(map(str, twice))} twice")
+        raise InvalidLabelError(
+            f"Classes file {where} lists value(s) {', '.join(map(str, twice))} twice"
+        )
     names = [c.name.casefold() for c in classes]
     same = sorted({c.name for c in classes if names.count(c.name.casefold()) > 1})
     if same:
-        raise InvalidLabelError(f"Classes file {where} gives the name(s) "
-                                f"{', '.join(repr(n) for n in same)} to several values: "
-                                "each class needs its own name")
+        raise InvalidLabelError(
+            f"Classes file {where} gives the name(s) "
+            f"{', '.join(repr(n) for n in same)} to several values: "
+            "each class needs its own name"
+        )
     return ClassSchema(sorted(classes, key=lambda c: c.value), where)
 
 
@@ -200,14 +227,19 @@ def _from_qml(text: str, uri: str) -> ClassSchema:
         raise InvalidLabelError(f"QGIS style {uri} is not valid XML: {error}") from None
     classes = []
     entries = list(root.iter("paletteEntry")) or [  # paletted renderer, else singleband
-        item for item in root.iter("item") if item.get("value") is not None]  # pseudocolor
+        item for item in root.iter("item") if item.get("value") is not None
+    ]  # pseudocolor
     for entry in entries:
         value = _qml_value(entry.get("value"), uri)
         if value == 0:
             continue
-        classes.append(ClassInfo(value, _class_name(entry.get("label") or str(value), value,
-                                                    f"QGIS style {uri}"),
-                                 _parse_color(entry.get("color"), value, f"QGIS style {uri}")))
+        classes.append(
+            ClassInfo(
+                value,
+                _class_name(entry.get("label") or str(value), value, f"QGIS style {uri}"),
+                _parse_color(entry.get("color"), value, f"QGIS style {uri}"),
+            )
+        )
     if not classes:
         raise InvalidLabelError(f"QGIS style {uri} has no paletted classes")
     return _checked(classes, uri)
@@ -220,8 +252,10 @@ def _qml_value(text: str | None, uri: str) -> int:
     except ValueError:
         value = math.nan
     if math.isnan(value) or value != int(value) or not 0 <= value < 256:
-        raise InvalidLabelError(f"QGIS style {uri}: palette entry value {text!r} is not a "
-                                "class value (a whole number 0-255)")
+        raise InvalidLabelError(
+            f"QGIS style {uri}: palette entry value {text!r} is not a "
+            "class value (a whole number 0-255)"
+        )
     return int(value)
 
 
@@ -254,8 +288,14 @@ def read_label_classes(label_uri: str, values: list[int] | None = None) -> Class
     chosen = sorted((set(names) | set(colors)) & keep if values is not None else set(names))
     if not chosen or (not names and not palette):
         return ClassSchema()
-    return ClassSchema([ClassInfo(v, names.get(v, str(v)), colors.get(v, default_color(v)))
-                        for v in chosen if v != 0], label_uri)
+    return ClassSchema(
+        [
+            ClassInfo(v, names.get(v, str(v)), colors.get(v, default_color(v)))
+            for v in chosen
+            if v != 0
+        ],
+        label_uri,
+    )
 
 
 def _from_pam(text: str, where: str = "") -> tuple[dict[int, str], dict[int, RGB]]:
@@ -266,8 +306,11 @@ def _from_pam(text: str, where: str = "") -> tuple[dict[int, str], dict[int, RGB
     try:
         root = ET.fromstring(text)
     except ET.ParseError as error:
-        log.warning("%s is not valid XML (%s): its class names are not used; give them with "
-                    "--classes", where or "the label's .aux.xml", error)
+        log.warning(
+            "%s is not valid XML (%s): its class names are not used; give them with --classes",
+            where or "the label's .aux.xml",
+            error,
+        )
         return {}, {}
     band = next((b for b in root.iter("PAMRasterBand") if b.get("band", "1") == "1"), None)
     if band is None:
@@ -275,30 +318,34 @@ def _from_pam(text: str, where: str = "") -> tuple[dict[int, str], dict[int, RGB
     names, colors = {}, {}
     categories = band.find("CategoryNames")
     if categories is not None:
-        names = {i: _printable(c.text) for i, c in enumerate(categories.iter("Category"))
-                 if _printable(c.text)}
+        names = {
+            i: _printable(c.text)
+            for i, c in enumerate(categories.iter("Category"))
+            if _printable(c.text)
+        }
     rat = band.find("GDALRasterAttributeTable")
     if rat is not None:
         try:
             _read_rat(rat, names, colors)
         except (ValueError, TypeError, IndexError) as error:
-            log.warning("%s: its raster attribute table cannot be read (%s): its class names "
-                        "are not used; give them with --classes", where or "the label's "
-                        ".aux.xml", error)
+            log.warning(
+                "%s: its raster attribute table cannot be read (%s): its class names "
+                "are not used; give them with --classes",
+                where or "the label's .aux.xml",
+                error,
+            )
             return {}, {}
     return names, colors
 
 
 def _read_rat(rat: ET.Element, names: dict[int, str], colors: dict[int, RGB]) -> None:
     """Names and colours from a GDAL raster attribute table (into ``names``, ``colors``)."""
-    usage = {int(f.findtext("Usage", "0")): int(f.get("index"))
-             for f in rat.iter("FieldDefn")}
+    usage = {int(f.findtext("Usage", "0")): int(f.get("index")) for f in rat.iter("FieldDefn")}
     real = {int(f.get("index")) for f in rat.iter("FieldDefn") if f.findtext("Type") == "1"}
     value_col = usage.get(_GFU_MINMAX, usage.get(_GFU_MIN))
     for row in rat.iter("Row"):
         cells = [c.text or "" for c in row.findall("F")]
-        value = int(float(cells[value_col])) if value_col is not None else \
-            int(row.get("index"))
+        value = int(float(cells[value_col])) if value_col is not None else int(row.get("index"))
         if _GFU_NAME in usage and _printable(cells[usage[_GFU_NAME]]):
             names.setdefault(value, _printable(cells[usage[_GFU_NAME]]))
         if all(u in usage for u in (_GFU_RED, _GFU_GREEN, _GFU_BLUE)):
@@ -325,8 +372,9 @@ def read_dataset_classes(folder: str) -> ClassSchema:
     try:
         return ClassSchema.from_dict(json.loads(storage.read_text(uri)))
     except (ValueError, KeyError, TypeError) as error:
-        raise InvalidLabelError(f"{uri} is not a classes file written by specdeepmap: "
-                                f"{error}") from None
+        raise InvalidLabelError(
+            f"{uri} is not a classes file written by specdeepmap: {error}"
+        ) from None
 
 
 def write_dataset_classes(folder: str, schema: ClassSchema) -> str:
@@ -342,7 +390,8 @@ def write_dataset_classes(folder: str, schema: ClassSchema) -> str:
 
 def pam_xml(schema: ClassSchema, values: list[int]) -> str:
     """A GDAL ``.aux.xml`` giving band 1 category names (index = class value, 0
-    'unlabelled'), which GDAL, QGIS and ArcGIS show as the classes' names."""
+    'unlabelled'), which GDAL, QGIS and ArcGIS show as the classes' names.
+    """
     top = max([0, *values])
     names = [""] * (top + 1)
     names[0] = "unlabelled"
@@ -358,19 +407,36 @@ def pam_xml(schema: ClassSchema, values: list[int]) -> str:
 
 def qml(schema: ClassSchema, values: list[int]) -> str:
     """A QGIS style (paletted renderer, names as labels) for a class map; QGIS loads it with
-    the map when it sits beside it under the same name."""
+    the map when it sits beside it under the same name.
+    """
     root = ET.Element("qgis", version="3.28.0", styleCategories="Symbology")
     pipe = ET.SubElement(root, "pipe")
-    renderer = ET.SubElement(pipe, "rasterrenderer", type="paletted", band="1", opacity="1",
-                             alphaBand="-1", nodataColor="")
+    renderer = ET.SubElement(
+        pipe,
+        "rasterrenderer",
+        type="paletted",
+        band="1",
+        opacity="1",
+        alphaBand="-1",
+        nodataColor="",
+    )
     palette = ET.SubElement(renderer, "colorPalette")
     for v in values:
         item = schema.info(int(v))
-        ET.SubElement(palette, "paletteEntry", value=str(item.value), color=_hex(item.color),
-                      alpha="255", label=_printable(item.name))
+        ET.SubElement(
+            palette,
+            "paletteEntry",
+            value=str(item.value),
+            color=_hex(item.color),
+            alpha="255",
+            label=_printable(item.name),
+        )
     ET.indent(root)
-    return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + \
-        ET.tostring(root, encoding="unicode") + "\n"
+    return (
+        "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+        + ET.tostring(root, encoding="unicode")
+        + "\n"
+    )
 
 
 def schema_from_config(config: dict) -> ClassSchema:
@@ -379,6 +445,16 @@ def schema_from_config(config: dict) -> ClassSchema:
     return schema.restrict(list(config["class_values"]))
 
 
-__all__ = ["CLASSES_JSON", "ClassInfo", "ClassSchema", "default_color", "read_classes_file",
-           "read_label_classes", "read_dataset_classes", "write_dataset_classes", "pam_xml",
-           "qml", "schema_from_config"]
+__all__ = [
+    "CLASSES_JSON",
+    "ClassInfo",
+    "ClassSchema",
+    "default_color",
+    "read_classes_file",
+    "read_label_classes",
+    "read_dataset_classes",
+    "write_dataset_classes",
+    "pam_xml",
+    "qml",
+    "schema_from_config",
+]

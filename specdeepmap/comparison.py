@@ -51,7 +51,8 @@ class Difference:
     @property
     def verdict(self) -> str:
         """``better`` or ``worse`` (A against B) when the interval excludes 0, else
-        ``undecided``."""
+        ``undecided``.
+        """
         if self.low > 0:
             return "better"
         if self.high < 0:
@@ -61,19 +62,25 @@ class Difference:
     def sentence(self, a: str, b: str) -> str:
         """The difference in words, e.g. for a model card."""
         units = self.units if self.units is not None else self.chips
-        where = f"{self.level:.0%} interval over {self.chips} resampled test chips" \
-            if units == self.chips else (f"{self.level:.0%} interval over {units} resampled "
-                                         f"groups of touching test chips ({self.chips} chips)")
-        text = (f"{a} scores {self.difference:+.3f} mean IoU against {b} "
-                f"({where}: {self.low:+.3f} to {self.high:+.3f}); ")
+        where = (
+            f"{self.level:.0%} interval over {self.chips} resampled test chips"
+            if units == self.chips
+            else (
+                f"{self.level:.0%} interval over {units} resampled "
+                f"groups of touching test chips ({self.chips} chips)"
+            )
+        )
+        text = (
+            f"{a} scores {self.difference:+.3f} mean IoU against {b} "
+            f"({where}: {self.low:+.3f} to {self.high:+.3f}); "
+        )
         if self.verdict == "undecided":
             text += "the test chips cannot tell the two apart."
         else:
             text += f"the test chips favour {a if self.verdict == 'better' else b}."
         if units < FEW_CHIPS:
             what = "test chips" if units == self.chips else "independent groups of test chips"
-            text += (f" With only {units} {what} the interval is narrower than the true "
-                     "uncertainty.")
+            text += f" With only {units} {what} the interval is narrower than the true uncertainty."
         return text
 
     def to_dict(self) -> dict:
@@ -88,7 +95,8 @@ class Difference:
 
 def pooled_mean_iou(matrices: np.ndarray) -> np.ndarray:
     """Mean IoU of each of a stack of (…, K, K) confusion matrices (rows = truth), over the
-    classes present in truth or prediction, as :func:`evaluation.metrics_from_matrix` does."""
+    classes present in truth or prediction, as :func:`evaluation.metrics_from_matrix` does.
+    """
     m = matrices.astype(np.float64)
     tp = np.diagonal(m, axis1=-2, axis2=-1)
     union = m.sum(axis=-1) + m.sum(axis=-2) - tp
@@ -98,14 +106,20 @@ def pooled_mean_iou(matrices: np.ndarray) -> np.ndarray:
     return np.where(counts > 0, iou.sum(axis=-1) / np.maximum(counts, 1), np.nan)
 
 
-def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
-                     resamples: int = RESAMPLES, level: float = LEVEL,
-                     seed: int = 0, units: dict[str, object] | None = None) -> Difference:
+def paired_bootstrap(
+    a: dict[str, np.ndarray],
+    b: dict[str, np.ndarray],
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = 0,
+    units: dict[str, object] | None = None,
+) -> Difference:
     """The difference of two models' pooled mean IoU on the same chips, with its interval.
 
     Args:
-        a, b: each chip's (K, K) confusion matrix per model (arrays or nested lists, as in the
-            Tester's JSON), keyed by chip name; both must hold the same chips and classes.
+        a: each chip's (K, K) confusion matrix of the first model (arrays or nested lists, as
+            in the Tester's JSON), keyed by chip name.
+        b: the same for the second model: the same chips and classes.
         resamples: bootstrap draws.
         level: coverage of the (percentile) interval.
         seed: the draws' random seed (the result is reproducible).
@@ -118,16 +132,20 @@ def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
     """
     if set(a) != set(b):
         missing = sorted(set(a) ^ set(b))
-        raise InputMismatchError(f"The two models were scored on different chips (e.g. "
-                                 f"{', '.join(missing[:3])}): no paired comparison")
+        raise InputMismatchError(
+            f"The two models were scored on different chips (e.g. "
+            f"{', '.join(missing[:3])}): no paired comparison"
+        )
     if not a:
         raise InputMismatchError("No chips to compare the two models on")
     names = sorted(a)
     ma = np.stack([np.asarray(a[n], np.int64) for n in names])
     mb = np.stack([np.asarray(b[n], np.int64) for n in names])
     if ma.shape != mb.shape:
-        raise InputMismatchError(f"The two models' confusion matrices differ in shape "
-                                 f"({ma.shape[1:]} and {mb.shape[1:]})")
+        raise InputMismatchError(
+            f"The two models' confusion matrices differ in shape "
+            f"({ma.shape[1:]} and {mb.shape[1:]})"
+        )
     chips = len(names)
     if units:
         keys = [units.get(name, ("chip", name)) for name in names]
@@ -141,12 +159,21 @@ def paired_bootstrap(a: dict[str, np.ndarray], b: dict[str, np.ndarray],
     for start in range(0, resamples, 250):  # bounded memory: 250 draws × chips at a time
         draws = rng.integers(0, n, (min(250, resamples - start), n))
         weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
-        differences.append(pooled_mean_iou(np.einsum("rn,nkl->rkl", weights, ma))
-                           - pooled_mean_iou(np.einsum("rn,nkl->rkl", weights, mb)))
+        differences.append(
+            pooled_mean_iou(np.einsum("rn,nkl->rkl", weights, ma))
+            - pooled_mean_iou(np.einsum("rn,nkl->rkl", weights, mb))
+        )
     diffs = np.concatenate(differences)
     diffs = diffs[np.isfinite(diffs)]
     tail = (1 - level) / 2
     low, high = np.quantile(diffs, [tail, 1 - tail])
     point = float(pooled_mean_iou(ma.sum(axis=0)) - pooled_mean_iou(mb.sum(axis=0)))
-    return Difference(difference=point, low=float(low), high=float(high), level=level,
-                      chips=chips, share_a_better=float(np.mean(diffs > 0)), units=n)
+    return Difference(
+        difference=point,
+        low=float(low),
+        high=float(high),
+        level=level,
+        chips=chips,
+        share_a_better=float(np.mean(diffs > 0)),
+        units=n,
+    )

@@ -26,8 +26,11 @@ def configure_console(verbose: bool = False, progress: tuple[str, ...] = ()) -> 
     _state["verbose"] = verbose
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(lambda record: verbose or record.levelno >= logging.WARNING
-                      or record.name.startswith(progress))  # startswith(()) is False
+    handler.addFilter(
+        lambda record: (
+            verbose or record.levelno >= logging.WARNING or record.name.startswith(progress)
+        )
+    )  # startswith(()) is False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
@@ -42,7 +45,8 @@ def quiet_lightning() -> None:
     """Lightning gives its ``lightning`` logger an INFO handler of its own when imported (GPU
     availability, tips): keep it to warnings unless verbose. Call after importing Lightning;
     processes spawned for multi-device training call it too (and drop library warnings), as
-    told by the environment the command set."""
+    told by the environment the command set.
+    """
     if os.environ.get("SPECDEEPMAP_VERBOSE") == "0" and not _state["verbose"]:
         warnings.simplefilter("ignore")
     if not _state["verbose"]:
@@ -56,13 +60,15 @@ def is_verbose() -> bool:
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    logging.getLogger("py.warnings").warning("%s:%s: %s: %s", filename, lineno,
-                                             category.__name__, message)
+    logging.getLogger("py.warnings").warning(
+        "%s:%s: %s: %s", filename, lineno, category.__name__, message
+    )
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     if _OURS in filename:
         logging.getLogger("specdeepmap").warning("%s", message)
     else:
-        logging.getLogger("py.warnings").debug("%s:%s: %s: %s", filename, lineno,
-                                               category.__name__, message)
+        logging.getLogger("py.warnings").debug(
+            "%s:%s: %s: %s", filename, lineno, category.__name__, message
+        )

@@ -53,10 +53,13 @@ def read_chip_list(uri: str) -> list[tuple[str, str]]:
     if list(frame.columns[:2]) != ["image", "mask"]:
         raise InputMismatchError(
             f"{uri} must start with the columns image,mask (SpecDeepMap's chip lists); it has "
-            f"{', '.join(map(str, frame.columns)) or 'none'}")
+            f"{', '.join(map(str, frame.columns)) or 'none'}"
+        )
     folder = storage.parent(uri)
-    return [(resolve_row(folder, str(i)), resolve_row(folder, str(m)))
-            for i, m in zip(frame["image"], frame["mask"], strict=True)]
+    return [
+        (resolve_row(folder, str(i)), resolve_row(folder, str(m)))
+        for i, m in zip(frame["image"], frame["mask"], strict=True)
+    ]
 
 
 def resolve_row(folder: str, row: str) -> str:
@@ -73,8 +76,11 @@ def read_dataset_folder(folder: str, normalize: bool = True) -> DatasetInfo:
         required.append(NORMALIZE_CSV)
     for name in required:
         if not storage.exists(storage.join(folder, name)):
-            hint = (" (run `specdeepmap split` with normalisation on, or train with "
-                    "--no-normalize)") if name == NORMALIZE_CSV else " (run `specdeepmap split`)"
+            hint = (
+                (" (run `specdeepmap split` with normalisation on, or train with --no-normalize)")
+                if name == NORMALIZE_CSV
+                else " (run `specdeepmap split`)"
+            )
             raise MissingInputError(f"{storage.join(folder, name)} is missing{hint}")
     lists = {}
     for key, name in CSV_NAMES.items():
@@ -86,8 +92,10 @@ def read_dataset_folder(folder: str, normalize: bool = True) -> DatasetInfo:
     if not lists["train"]:
         raise EmptyDatasetError(f"{storage.join(folder, CSV_NAMES['train'])} lists no chips")
     if not lists["validation"]:
-        raise EmptyDatasetError(f"{storage.join(folder, CSV_NAMES['validation'])} lists no "
-                                "chips: training needs a validation set")
+        raise EmptyDatasetError(
+            f"{storage.join(folder, CSV_NAMES['validation'])} lists no "
+            "chips: training needs a validation set"
+        )
     summary = read_csv(storage.join(folder, SUMMARY_CSV))
     class_values = [int(v) for v in summary["Class ID"]]
     scaler_value = summary["Scaler"].iloc[0]
@@ -97,10 +105,18 @@ def read_dataset_folder(folder: str, normalize: bool = True) -> DatasetInfo:
     if normalize:
         stats = read_csv(storage.join(folder, NORMALIZE_CSV))
         mean, std = tuple(stats["mean"].astype(float)), tuple(stats["std"].astype(float))
-    return DatasetInfo(folder=folder, train=lists["train"], validation=lists["validation"],
-                       test=lists["test"], class_values=class_values,
-                       class_weights=[float(w) for w in summary["Class Train Weight"]],
-                       background=background, scaler=scaler, band_mean=mean, band_std=std)
+    return DatasetInfo(
+        folder=folder,
+        train=lists["train"],
+        validation=lists["validation"],
+        test=lists["test"],
+        class_values=class_values,
+        class_weights=[float(w) for w in summary["Class Train Weight"]],
+        background=background,
+        scaler=scaler,
+        band_mean=mean,
+        band_std=std,
+    )
 
 
 def chip_properties(pairs: list[tuple[str, str]]) -> tuple[int, int, int, float | None, str]:
@@ -120,11 +136,13 @@ def band_names(image_uri: str) -> list[str]:
         return [d or f"band {i}" for i, d in enumerate(src.descriptions, start=1)]
 
 
-def principal_axes(dataset: "ChipDataset", count: int, max_pixels: int = 100_000,
-                   seed: int = 0) -> np.ndarray:
+def principal_axes(
+    dataset: ChipDataset, count: int, max_pixels: int = 100_000, seed: int = 0
+) -> np.ndarray:
     """The ``count`` leading principal axes (count × bands, unit rows) of the normalised
     spectra of the dataset's chips: every valid pixel, labelled or not (at most
-    ``max_pixels``, spread evenly over the chips). Fewer rows when there are fewer bands."""
+    ``max_pixels``, spread evenly over the chips). Fewer rows when there are fewer bands.
+    """
     rng = np.random.default_rng(seed)
     per_chip = max(1, max_pixels // max(1, len(dataset)))
     samples = []
@@ -149,10 +167,17 @@ class ChipDataset(Dataset):
     ``spectral_jitter``, a random spectral gain (:mod:`specdeepmap.augmentation`).
     """
 
-    def __init__(self, pairs: list[tuple[str, str]], normalization: Normalization,
-                 lookup: np.ndarray, augment: bool = False, cache_dir: str | None = None,
-                 augmentation: Augmentation = "d4", spectral_jitter: bool = False,
-                 pseudo_labels: list[np.ndarray] | None = None):
+    def __init__(
+        self,
+        pairs: list[tuple[str, str]],
+        normalization: Normalization,
+        lookup: np.ndarray,
+        augment: bool = False,
+        cache_dir: str | None = None,
+        augmentation: Augmentation = "d4",
+        spectral_jitter: bool = False,
+        pseudo_labels: list[np.ndarray] | None = None,
+    ):
         self.pairs = pairs
         #: per chip, label values for its unlabelled pixels (0: none), e.g. a forest's
         self.pseudo_labels = pseudo_labels

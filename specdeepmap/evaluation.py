@@ -61,13 +61,21 @@ class Metrics:
         """One row per class."""
         import pandas as pd  # here: the mapper imports this module and never needs pandas
 
-        return pd.DataFrame({"Class": self.class_values, "IoU": self.iou,
-                             "Precision": self.precision, "Recall": self.recall, "F1": self.f1,
-                             "Pixels": self.matrix.sum(axis=1)})
+        return pd.DataFrame(
+            {
+                "Class": self.class_values,
+                "IoU": self.iou,
+                "Precision": self.precision,
+                "Recall": self.recall,
+                "F1": self.f1,
+                "Pixels": self.matrix.sum(axis=1),
+            }
+        )
 
 
-def metrics_from_matrix(matrix: np.ndarray, class_values: list[int],
-                        chip_matrices: dict[str, np.ndarray] | None = None) -> Metrics:
+def metrics_from_matrix(
+    matrix: np.ndarray, class_values: list[int], chip_matrices: dict[str, np.ndarray] | None = None
+) -> Metrics:
     """IoU, precision, recall, F1 per class, overall accuracy and mean IoU.
 
     Classes with neither truth nor prediction get NaN and are left out of the mean.
@@ -82,15 +90,22 @@ def metrics_from_matrix(matrix: np.ndarray, class_values: list[int],
         f1 = 2 * precision * recall / (precision + recall)
         f1 = np.where((tp == 0) & (truth + pred > 0), 0.0, f1)
     total = m.sum()
-    return Metrics(class_values=list(class_values), matrix=matrix.astype(np.int64), iou=iou,
-                   precision=precision, recall=recall, f1=f1,
-                   overall_accuracy=float(tp.sum() / total) if total else float("nan"),
-                   mean_iou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
-                   chip_matrices=chip_matrices)
+    return Metrics(
+        class_values=list(class_values),
+        matrix=matrix.astype(np.int64),
+        iou=iou,
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        overall_accuracy=float(tp.sum() / total) if total else float("nan"),
+        mean_iou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+        chip_matrices=chip_matrices,
+    )
 
 
-def accumulate(matrix: np.ndarray, truth: np.ndarray, pred: np.ndarray,
-               class_values: list[int]) -> None:
+def accumulate(
+    matrix: np.ndarray, truth: np.ndarray, pred: np.ndarray, class_values: list[int]
+) -> None:
     """Add the pixels whose truth is one of ``class_values`` to ``matrix`` (in place)."""
     lut = np.full(max(256, max(class_values) + 1), -1, dtype=np.int64)
     lut[class_values] = np.arange(len(class_values))
@@ -113,7 +128,8 @@ def per_chip_iou(truth: np.ndarray, pred: np.ndarray, class_values: list[int]) -
 
 def mean_chip_iou(chip_ious: list[np.ndarray], num_classes: int) -> np.ndarray:
     """SpecDeepMap's per-class IoU: the mean over chips of :func:`per_chip_iou`, ignoring the
-    chips where a class is absent from truth and prediction (NaN when it is absent from all)."""
+    chips where a class is absent from truth and prediction (NaN when it is absent from all).
+    """
     if not chip_ious:
         return np.full(num_classes, np.nan)
     with warnings.catch_warnings():  # a class absent from every chip is NaN, said above
@@ -121,17 +137,20 @@ def mean_chip_iou(chip_ious: list[np.ndarray], num_classes: int) -> np.ndarray:
         return np.nanmean(np.array(chip_ious), axis=0)
 
 
-def write_iou_csv(uri: str, class_values: list[int], iou: np.ndarray,
-                  names: list[str] | None = None) -> None:
+def write_iou_csv(
+    uri: str, class_values: list[int], iou: np.ndarray, names: list[str] | None = None
+) -> None:
     """SpecDeepMap's IoU CSV: ``Class,IoU`` rows per class, then ``Mean IoU``. With class
-    ``names`` a third column ``Name`` follows (SpecDeepMap's two columns stay as they are)."""
+    ``names`` a third column ``Name`` follows (SpecDeepMap's two columns stay as they are).
+    """
     mean = float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
     if names is None:
-        lines = ["Class,IoU"] + [f"{c},{v}" for c, v in zip(class_values, iou)]
+        lines = ["Class,IoU"] + [f"{c},{v}" for c, v in zip(class_values, iou, strict=True)]
         lines.append(f"Mean IoU,{mean}")
     else:
-        lines = ["Class,IoU,Name"] + [f"{c},{v},{_csv_field(n)}"
-                                      for c, v, n in zip(class_values, iou, names)]
+        lines = ["Class,IoU,Name"] + [
+            f"{c},{v},{_csv_field(n)}" for c, v, n in zip(class_values, iou, names, strict=True)
+        ]
         lines.append(f"Mean IoU,{mean},")
     storage.write_text(uri, "\n".join(lines) + "\n")
 
@@ -140,10 +159,12 @@ def _csv_field(text: str) -> str:
     return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
 
 
-def plot_metrics(metrics: Metrics, folder: str, baseline: Metrics | None = None,
-                 names: list[str] | None = None) -> tuple[str, str]:
+def plot_metrics(
+    metrics: Metrics, folder: str, baseline: Metrics | None = None, names: list[str] | None = None
+) -> tuple[str, str]:
     """Confusion-matrix PNG (row-normalised) and per-class IoU bar chart (with the baseline's
-    bars beside the model's when given); axes labelled with the class ``names``."""
+    bars beside the model's when given); axes labelled with the class ``names``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,15 +176,21 @@ def plot_metrics(metrics: Metrics, folder: str, baseline: Metrics | None = None,
     rows = metrics.matrix.sum(axis=1, keepdims=True)
     norm = np.divide(metrics.matrix, rows, out=np.zeros(metrics.matrix.shape), where=rows > 0)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), labels, rotation=45 if names else 0, ha="right" if names else
-                  "center")
+    ax.set_xticks(range(k), labels, rotation=45 if names else 0, ha="right" if names else "center")
     ax.set_yticks(range(k), labels)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if norm[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{norm[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set_title("Confusion matrix (row-normalised)")
     fig.tight_layout()
     matrix_uri = storage.join(folder, "confusion_matrix.png")
@@ -193,10 +220,15 @@ def plot_metrics(metrics: Metrics, folder: str, baseline: Metrics | None = None,
     return matrix_uri, bars_uri
 
 
-def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, about: dict,
-                       baseline: Metrics | None = None, classes: ClassSchema | None = None,
-                       versus_baseline: Difference | None = None
-                       ) -> tuple[str, str, tuple[str, str], dict]:
+def write_test_outputs(
+    out_folder: str,
+    metrics: Metrics,
+    chip_iou: np.ndarray,
+    about: dict,
+    baseline: Metrics | None = None,
+    classes: ClassSchema | None = None,
+    versus_baseline: Difference | None = None,
+) -> tuple[str, str, tuple[str, str], dict]:
     """Write the Tester's files: ``test_iou.csv`` (SpecDeepMap's format), ``test_metrics.csv``
     and ``.json`` and the two PNGs; ``baseline`` metrics go beside the model's, and class
     names (from ``classes``, when it names them) beside the class values, and
@@ -207,47 +239,59 @@ def write_test_outputs(out_folder: str, metrics: Metrics, chip_iou: np.ndarray, 
     """
     storage.makedirs(out_folder)
     iou_csv = storage.join(out_folder, "test_iou.csv")
-    names = [classes.name(v) for v in metrics.class_values] \
-        if classes is not None and classes.named else None
+    names = (
+        [classes.name(v) for v in metrics.class_values]
+        if classes is not None and classes.named
+        else None
+    )
     write_iou_csv(iou_csv, metrics.class_values, chip_iou, names)
     table = metrics.table()
     if names:
         table.insert(1, "Name", names)
-    summary = {"mean_iou_pooled": metrics.mean_iou, "overall_accuracy": metrics.overall_accuracy,
-               "mean_iou_per_chip_specdeepmap": float(np.nanmean(chip_iou))
-               if np.isfinite(chip_iou).any() else float("nan"),
-               "class_values": metrics.class_values, "class_names": names, **about,
-               "confusion_matrix": metrics.matrix.tolist()}
+    summary = {
+        "mean_iou_pooled": metrics.mean_iou,
+        "overall_accuracy": metrics.overall_accuracy,
+        "mean_iou_per_chip_specdeepmap": float(np.nanmean(chip_iou))
+        if np.isfinite(chip_iou).any()
+        else float("nan"),
+        "class_values": metrics.class_values,
+        "class_names": names,
+        **about,
+        "confusion_matrix": metrics.matrix.tolist(),
+    }
     if metrics.chip_matrices is not None:  # for paired comparisons with other models later
-        summary["chip_confusion_matrices"] = {name: m.tolist() for name, m in
-                                              metrics.chip_matrices.items()}
+        summary["chip_confusion_matrices"] = {
+            name: m.tolist() for name, m in metrics.chip_matrices.items()
+        }
     if metrics.chip_units is not None:  # resampled together: groups of touching chips
         summary["chip_units"] = metrics.chip_units
     if baseline is not None:
         table["Baseline RF IoU"] = baseline.iou
-        summary |= {"baseline_rf_mean_iou": baseline.mean_iou,
-                    "baseline_rf_overall_accuracy": baseline.overall_accuracy,
-                    "baseline_rf_iou": [None if not np.isfinite(v) else float(v)
-                                        for v in baseline.iou]}
+        summary |= {
+            "baseline_rf_mean_iou": baseline.mean_iou,
+            "baseline_rf_overall_accuracy": baseline.overall_accuracy,
+            "baseline_rf_iou": [None if not np.isfinite(v) else float(v) for v in baseline.iou],
+        }
         if versus_baseline is not None:
             summary["baseline_rf_difference"] = versus_baseline.to_dict()
     summary["per_class"] = json.loads(table.to_json(orient="records"))  # NaN → null
     metrics_csv = storage.join(out_folder, "test_metrics.csv")
     storage.write_text(metrics_csv, table.to_csv(index=False))
-    storage.write_text(storage.join(out_folder, "test_metrics.json"),
-                       json.dumps(summary, indent=2))
+    storage.write_text(storage.join(out_folder, "test_metrics.json"), json.dumps(summary, indent=2))
     plots = plot_metrics(metrics, out_folder, baseline, names)
     return iou_csv, metrics_csv, plots, summary
 
 
 def compare_with_baseline(metrics: Metrics, baseline: Metrics) -> Difference | None:
     """The model's mean IoU minus the baseline's on the same chips, with its interval; None
-    (with a warning) when either lacks per-chip matrices or they were scored on other chips."""
+    (with a warning) when either lacks per-chip matrices or they were scored on other chips.
+    """
     if metrics.chip_matrices is None or baseline.chip_matrices is None:
         return None
     try:
-        return paired_bootstrap(metrics.chip_matrices, baseline.chip_matrices,
-                                units=metrics.chip_units)
+        return paired_bootstrap(
+            metrics.chip_matrices, baseline.chip_matrices, units=metrics.chip_units
+        )
     except InputMismatchError as error:
         log.warning("No interval for the difference with the baseline: %s", error)
         return None
@@ -269,11 +313,16 @@ class EvaluationReport:
     split_leakage: Leakage | None = None
 
 
-def evaluate_model(test_csv: str, model_uri: str, out_folder: str,
-                   params: EvaluateParams = EvaluateParams(),
-                   predictions_folder: str | None = None, mlflow_run_id: str | None = None,
-                   baseline: Metrics | None = None,
-                   log_to_mlflow: bool = True) -> EvaluationReport:
+def evaluate_model(
+    test_csv: str,
+    model_uri: str,
+    out_folder: str,
+    params: EvaluateParams = EvaluateParams(),
+    predictions_folder: str | None = None,
+    mlflow_run_id: str | None = None,
+    baseline: Metrics | None = None,
+    log_to_mlflow: bool = True,
+) -> EvaluationReport:
     """Predict every chip of a test CSV and measure the model (Deep Learning Tester).
 
     Args:
@@ -309,13 +358,15 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str,
     if predictions_folder:
         storage.makedirs(predictions_folder)
     for start in range(0, len(pairs), params.batch_size):
-        batch_pairs = pairs[start:start + params.batch_size]
+        batch_pairs = pairs[start : start + params.batch_size]
         images, labels, profiles = [], [], []
         for image_uri, mask_uri in batch_pairs:
             with storage.open_raster(image_uri) as src:
                 if src.count != predictor.in_channels:
-                    raise InputMismatchError(f"{image_uri} has {src.count} bands, the model "
-                                             f"{model_uri} expects {predictor.in_channels}")
+                    raise InputMismatchError(
+                        f"{image_uri} has {src.count} bands, the model "
+                        f"{model_uri} expects {predictor.in_channels}"
+                    )
                 images.append(src.read())
                 profiles.append((src.transform, src.crs, src.nodata))
             with storage.open_raster(mask_uri) as src:
@@ -324,12 +375,18 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str,
             raise InputMismatchError(f"Chips of {test_csv} differ in size")
         preds = predictor.predict_classes(np.stack(images), tta=params.tta)
         for (image_uri, _), image, truth, pred, (transform, crs, nodata) in zip(
-                batch_pairs, images, labels, preds, profiles):
+            batch_pairs, images, labels, preds, profiles, strict=True
+        ):
             # per chip name (they sum to the pooled matrix; for paired comparisons, chips of
             # one name in several folders count as one chip, for both models alike)
-            accumulate(chip_matrices.setdefault(storage.basename(image_uri),
-                                                np.zeros((k, k), dtype=np.int64)),
-                       truth, pred, class_values)
+            accumulate(
+                chip_matrices.setdefault(
+                    storage.basename(image_uri), np.zeros((k, k), dtype=np.int64)
+                ),
+                truth,
+                pred,
+                class_values,
+            )
             chip_sizes[storage.basename(image_uri)] = truth.shape
             chip_ious.append(per_chip_iou(truth, np.where(truth == 0, 0, pred), class_values))
             unknown = (truth != 0) & ~np.isin(truth, class_values)
@@ -343,11 +400,22 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str,
                 if nodata is not None:
                     out[np.all(image == nodata, axis=0)] = 0
                 dtype = "uint8" if max(class_values) < 256 else "uint16"
-                uri = storage.join(predictions_folder,
-                                   f"{storage.stem(image_uri)}_prediction.tif")
-                with storage.atomic_output(uri) as tmp, rasterio.open(
-                        tmp, "w", driver="GTiff", width=out.shape[1], height=out.shape[0],
-                        count=1, dtype=dtype, crs=crs, transform=transform, nodata=0) as dst:
+                uri = storage.join(predictions_folder, f"{storage.stem(image_uri)}_prediction.tif")
+                with (
+                    storage.atomic_output(uri) as tmp,
+                    rasterio.open(
+                        tmp,
+                        "w",
+                        driver="GTiff",
+                        width=out.shape[1],
+                        height=out.shape[0],
+                        count=1,
+                        dtype=dtype,
+                        crs=crs,
+                        transform=transform,
+                        nodata=0,
+                    ) as dst,
+                ):
                     dst.write(out.astype(dtype)[None])
                 exported.append(uri)
     if foreign:
@@ -355,7 +423,9 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str,
             f"{test_csv}: {foreign_pixels} labelled pixel(s) hold class value(s) "
             f"{', '.join(map(str, sorted(foreign)))} that the model {model_uri} does not "
             f"predict (it knows {', '.join(map(str, class_values))}): they are left out of "
-            "every figure; were these chips made for another model?", stacklevel=2)
+            "every figure; were these chips made for another model?",
+            stacklevel=2,
+        )
     chip_iou = mean_chip_iou(chip_ious, k)
     matrix = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
     metrics = metrics_from_matrix(matrix, class_values, chip_matrices)
@@ -363,32 +433,52 @@ def evaluate_model(test_csv: str, model_uri: str, out_folder: str,
     versus = compare_with_baseline(metrics, baseline) if baseline is not None else None
     leakage = read_split_leakage(storage.parent(test_csv))
     iou_csv, metrics_csv, plots, summary = write_test_outputs(
-        out_folder, metrics, chip_iou, {"model": model_uri, "test_csv": test_csv, "tta": params.tta,
-                                        "split_leakage": leakage.to_dict() if leakage else None},
-        baseline=baseline, classes=predictor.classes, versus_baseline=versus)
-    report = EvaluationReport(iou_csv=iou_csv, metrics_csv=metrics_csv, metrics=metrics,
-                              per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"],
-                              plots=plots, predictions=exported, versus_baseline=versus,
-                              split_leakage=leakage)
+        out_folder,
+        metrics,
+        chip_iou,
+        {
+            "model": model_uri,
+            "test_csv": test_csv,
+            "tta": params.tta,
+            "split_leakage": leakage.to_dict() if leakage else None,
+        },
+        baseline=baseline,
+        classes=predictor.classes,
+        versus_baseline=versus,
+    )
+    report = EvaluationReport(
+        iou_csv=iou_csv,
+        metrics_csv=metrics_csv,
+        metrics=metrics,
+        per_chip_mean_iou=summary["mean_iou_per_chip_specdeepmap"],
+        plots=plots,
+        predictions=exported,
+        versus_baseline=versus,
+        split_leakage=leakage,
+    )
     if versus is not None:
         log.info(versus.sentence("The model", "the RandomForest baseline"))
     if leakage is not None and leakage.test.touching_chips:
         log.warning("%s: %s", test_csv, leakage.sentence())
     if log_to_mlflow:
         _log_to_mlflow(report, model_uri, mlflow_run_id, out_folder)
-    log.info("Test mean IoU: %.4f pooled over pixels, %.4f per-chip mean (SpecDeepMap)",
-             metrics.mean_iou, report.per_chip_mean_iou)
+    log.info(
+        "Test mean IoU: %.4f pooled over pixels, %.4f per-chip mean (SpecDeepMap)",
+        metrics.mean_iou,
+        report.per_chip_mean_iou,
+    )
     return report
 
 
-def _log_to_mlflow(report: EvaluationReport, model_uri: str, run_id: str | None,
-                   out_folder: str) -> None:
+def _log_to_mlflow(
+    report: EvaluationReport, model_uri: str, run_id: str | None, out_folder: str
+) -> None:
     """Log test metrics and files to the model's MLflow run, when there is one."""
     if run_id is None and model_uri.startswith("models:/"):
         import mlflow
 
         client = mlflow.MlflowClient()
-        reference = model_uri[len("models:/"):]
+        reference = model_uri[len("models:/") :]
         if "@" in reference:
             version = client.get_model_version_by_alias(*reference.split("@", 1))
         else:
@@ -404,17 +494,27 @@ def _log_to_mlflow(report: EvaluationReport, model_uri: str, run_id: str | None,
     client.log_metric(run_id, "test_overall_accuracy", report.metrics.overall_accuracy)
     if report.versus_baseline is not None:
         versus = report.versus_baseline
-        for suffix, value in (("", versus.difference), ("_low", versus.low),
-                              ("_high", versus.high)):
+        for suffix, value in (
+            ("", versus.difference),
+            ("_low", versus.low),
+            ("_high", versus.high),
+        ):
             client.log_metric(run_id, f"test_mean_iou_minus_baseline_rf{suffix}", value)
     m = report.metrics
     for name, values in (("iou", m.iou), ("precision", m.precision), ("recall", m.recall)):
-        for c, v in zip(m.class_values, values):
+        for c, v in zip(m.class_values, values, strict=True):
             if np.isfinite(v):
                 client.log_metric(run_id, f"test_{name}_class_{c}", float(v))
     with tempfile.TemporaryDirectory() as tmp:  # S3 outputs are logged from a local copy
-        for uri in (report.iou_csv, report.metrics_csv, *report.plots,
-                    storage.join(out_folder, "test_metrics.json")):
-            local = uri if not storage.is_s3(uri) else storage.download(
-                uri, os.path.join(tmp, storage.basename(uri)))
+        for uri in (
+            report.iou_csv,
+            report.metrics_csv,
+            *report.plots,
+            storage.join(out_folder, "test_metrics.json"),
+        ):
+            local = (
+                uri
+                if not storage.is_s3(uri)
+                else storage.download(uri, os.path.join(tmp, storage.basename(uri)))
+            )
             client.log_artifact(run_id, storage.local_path(local), artifact_path="test")

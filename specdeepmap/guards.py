@@ -25,15 +25,16 @@ def location(uri: str) -> str:
     """
     uri = str(uri)
     if storage.is_s3(uri):
-        bucket_key = uri[len("s3://"):]
+        bucket_key = uri[len("s3://") :]
         while "//" in bucket_key:
             bucket_key = bucket_key.replace("//", "/")
         return "s3://" + bucket_key.rstrip("/")
     return os.path.realpath(storage.absolute(uri))
 
 
-def refuse_overwriting_inputs(outputs: Mapping[str, str | None],
-                              inputs: Mapping[str, str | None]) -> None:
+def refuse_overwriting_inputs(
+    outputs: Mapping[str, str | None], inputs: Mapping[str, str | None]
+) -> None:
     """Refuse when an output is an input, or two outputs are one file.
 
     Args:
@@ -53,16 +54,18 @@ def refuse_overwriting_inputs(outputs: Mapping[str, str | None],
             input_role, input_uri = given_inputs[where]
             raise OutputConflictError(
                 f"the {role} {uri} would replace the {input_role} {input_uri}: write it "
-                "under another name (an output never replaces an input)")
+                "under another name (an output never replaces an input)"
+            )
         if where in seen:
             raise OutputConflictError(
-                f"the {role} and the {seen[where]} are one file ({uri}): give them "
-                "different names")
+                f"the {role} and the {seen[where]} are one file ({uri}): give them different names"
+            )
         seen[where] = role
 
 
-def refuse_foreign_output(uri: str, what: str, is_ours: Callable[[str], bool] | None,
-                          overwrite: bool = False) -> None:
+def refuse_foreign_output(
+    uri: str, what: str, is_ours: Callable[[str], bool] | None, overwrite: bool = False
+) -> None:
     """Refuse to replace an existing file that is not a product of this software.
 
     Args:
@@ -84,7 +87,8 @@ def refuse_foreign_output(uri: str, what: str, is_ours: Callable[[str], bool] | 
         return
     kind = f" and is not a specdeepmap {what}" if is_ours else ""
     raise OutputConflictError(
-        f"{uri} exists{kind}: choose another output, or pass --overwrite to replace it")
+        f"{uri} exists{kind}: choose another output, or pass --overwrite to replace it"
+    )
 
 
 __all__ = ["location", "refuse_foreign_output", "refuse_overwriting_inputs"]

@@ -43,8 +43,9 @@ def resolve_device(device: str) -> torch.device:
     device = device.lower()
     if device in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise DeviceUnavailableError("A GPU was asked for but CUDA reports none: use "
-                                         "--device cpu or auto")
+            raise DeviceUnavailableError(
+                "A GPU was asked for but CUDA reports none: use --device cpu or auto"
+            )
         return torch.device("cuda")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -66,18 +67,21 @@ def local_model_file(uri: str) -> str:
             raise MissingInputError(_artifacts_missing(uri, error)) from error
         found = sorted(glob.glob(os.path.join(folder, "**", MODEL_FILE), recursive=True))
         if not found:
-            raise UnsafeModelFileError(f"{uri} holds no {MODEL_FILE}: was it logged by "
-                                       "specdeepmap train?")
+            raise UnsafeModelFileError(
+                f"{uri} holds no {MODEL_FILE}: was it logged by specdeepmap train?"
+            )
         return found[0]
     # keyed on the object's ETag: a model replaced under the same key is fetched again
     return storage.cached_version(uri, storage.private_cache_dir("models"))
 
 
 def _artifacts_missing(uri: str, why: object) -> str:
-    return (f"{uri}: model artifacts missing from the store ({str(why)[:300]}). The registry "
-            "knows this model but the artifact store does not hold its files: was the object "
-            "store reset (an in-memory S3 restarted) or the files deleted? Restore the store, "
-            "or train and register the model again.")
+    return (
+        f"{uri}: model artifacts missing from the store ({str(why)[:300]}). The registry "
+        "knows this model but the artifact store does not hold its files: was the object "
+        "store reset (an in-memory S3 restarted) or the files deleted? Restore the store, "
+        "or train and register the model again."
+    )
 
 
 def load_plain_data(path: str, uri: str | None = None) -> object:
@@ -94,16 +98,19 @@ def load_plain_data(path: str, uri: str | None = None) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, KeyError, RuntimeError...
-        found = re.search(r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(error),
-                          re.IGNORECASE)
+        found = re.search(
+            r"unsupported global:?\s*(?:GLOBAL\s+)?([\w.]+)", str(error), re.IGNORECASE
+        )
         if found:
             raise UnsafeModelFileError(
                 f"{uri} is not a plain-data model file: it holds pickled objects "
                 f"({found.group(1)}) that loading would run; refusing to unpickle it (model "
-                "files written by specdeepmap never need that)") from None
+                "files written by specdeepmap never need that)"
+            ) from None
         raise UnreadableInputError(
             f"{uri} is not a PyTorch model or checkpoint file (it cannot be read as one: "
-            f"{type(error).__name__})") from None
+            f"{type(error).__name__})"
+        ) from None
 
 
 def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -116,8 +123,11 @@ def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
         return obj["config"], obj["state_dict"]
     if isinstance(obj, dict) and "config" in (obj.get("hyper_parameters") or {}):
-        state = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()
-                 if k.startswith("model.")}
+        state = {
+            k.removeprefix("model."): v
+            for k, v in obj["state_dict"].items()
+            if k.startswith("model.")
+        }
         return obj["hyper_parameters"]["config"], state
     raise UnsafeModelFileError(f"{uri} is not a specdeepmap model file (no config found)")
 
@@ -125,9 +135,14 @@ def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def export_model_file(config: dict, model: torch.nn.Module, path: str) -> str:
     """Write the portable model file (config + state dict) atomically."""
     with storage.atomic_output(path) as tmp:
-        torch.save({"format": MODEL_FORMAT, "config": config,
-                    "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
-                   tmp)
+        torch.save(
+            {
+                "format": MODEL_FORMAT,
+                "config": config,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            },
+            tmp,
+        )
     return path
 
 
@@ -170,9 +185,14 @@ class Predictor:
         return np.array([0, *self.class_values], dtype=np.int64)
 
     @torch.inference_mode()
-    def probabilities(self, batch: np.ndarray, normalized: bool = False,
-                      autocast: bool = False, channels_last: bool = False,
-                      tta: bool = False) -> torch.Tensor:
+    def probabilities(
+        self,
+        batch: np.ndarray,
+        normalized: bool = False,
+        autocast: bool = False,
+        channels_last: bool = False,
+        tta: bool = False,
+    ) -> torch.Tensor:
         """Softmax over the real classes for a raw (N, C, H, W) batch → (N, K, H, W) tensor.
 
         The 'unlabelled' channel 0 was never trained (it is the ignore index), so it is left
@@ -228,8 +248,11 @@ def _fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Modu
         elif (hit := outputs.get(id(inputs[0]))) is not None and hit[1] is inputs[0]:
             pairs.append((hit[0], module))
 
-    hooks = [m.register_forward_hook(seen) for m in model.modules()
-             if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))]
+    hooks = [
+        m.register_forward_hook(seen)
+        for m in model.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d))
+    ]
     device = next(model.parameters()).device
     example = torch.randn(1, in_channels, 64, 64, generator=torch.Generator().manual_seed(0))
     example = example.to(device)
@@ -262,8 +285,9 @@ def _fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Modu
                 conv.weight.div_(scale.reshape(-1, 1, 1, 1))
             conv.bias = bias
             replace_submodule(model, names[bn], bn)
-        warnings.warn(f"folding batch norms changed the output by {error:.3g}; not folded",
-                      stacklevel=3)
+        warnings.warn(
+            f"folding batch norms changed the output by {error:.3g}; not folded", stacklevel=3
+        )
     return model
 
 

@@ -62,27 +62,40 @@ class Leakage:
 
     def to_dict(self) -> dict:
         """JSON-ready, with the shares."""
-        return {name: {**asdict(part), "chip_share": round(part.chip_share, 4),
-                       "pixel_share": round(part.pixel_share, 4)}
-                for name, part in (("validation", self.validation), ("test", self.test))}
+        return {
+            name: {
+                **asdict(part),
+                "chip_share": round(part.chip_share, 4),
+                "pixel_share": round(part.pixel_share, 4),
+            }
+            for name, part in (("validation", self.validation), ("test", self.test))
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> Leakage:
         """Inverse of :meth:`to_dict`."""
         fields = ("chips", "touching_chips", "labelled_pixels", "touching_pixels")
-        return cls(*(SetLeakage(**{k: int(data[name][k]) for k in fields})
-                     for name in ("validation", "test")))
+        return cls(
+            *(
+                SetLeakage(**{k: int(data[name][k]) for k in fields})
+                for name in ("validation", "test")
+            )
+        )
 
     def sentence(self) -> str:
         """One line for a report: what the test (and validation) set leaks."""
         test, val = self.test, self.validation
         if not self.leaks:
-            return ("No validation or test chip touches a training chip (no spatial leakage "
-                    "between the sets).")
-        return (f"{test.touching_chips} of {test.chips} test chips ({test.pixel_share:.0%} of "
-                f"the test pixels) and {val.touching_chips} of {val.chips} validation chips "
-                "touch a training chip: their figures overstate the models (most the per-pixel "
-                "RandomForest's) on new areas.")
+            return (
+                "No validation or test chip touches a training chip (no spatial leakage "
+                "between the sets)."
+            )
+        return (
+            f"{test.touching_chips} of {test.chips} test chips ({test.pixel_share:.0%} of "
+            f"the test pixels) and {val.touching_chips} of {val.chips} validation chips "
+            "touch a training chip: their figures overstate the models (most the per-pixel "
+            "RandomForest's) on new areas."
+        )
 
 
 def chip_extents(frame: pd.DataFrame) -> tuple[np.ndarray, ...]:
@@ -93,13 +106,17 @@ def chip_extents(frame: pd.DataFrame) -> tuple[np.ndarray, ...]:
     """
     import pandas as pd
 
-    scene = pd.factorize(frame["scene"].astype(str))[0] if "scene" in frame else \
-        np.zeros(len(frame), np.int64)
+    scene = (
+        pd.factorize(frame["scene"].astype(str))[0]
+        if "scene" in frame
+        else np.zeros(len(frame), np.int64)
+    )
     x0 = frame["x"].to_numpy(np.int64)
     y0 = frame["y"].to_numpy(np.int64)
     width = frame["tile_x"].to_numpy(np.int64) if "tile_x" in frame else np.full(len(frame), 256)
-    height = frame["tile_y"].fillna(frame["tile_x"]).to_numpy(np.int64) \
-        if "tile_y" in frame else width
+    height = (
+        frame["tile_y"].fillna(frame["tile_x"]).to_numpy(np.int64) if "tile_y" in frame else width
+    )
     return scene, x0, y0, x0 + width, y0 + height
 
 
@@ -119,12 +136,23 @@ def touching_pairs(frame: pd.DataFrame) -> np.ndarray:
         buckets.setdefault(key, []).append(i)
     pairs = []
     for (s, bx, by), members in buckets.items():
-        near = np.array([j for dx in (-1, 0, 1) for dy in (-1, 0, 1)
-                         for j in buckets.get((s, bx + dx, by + dy), ())], np.int64)
+        near = np.array(
+            [
+                j
+                for dx in (-1, 0, 1)
+                for dy in (-1, 0, 1)
+                for j in buckets.get((s, bx + dx, by + dy), ())
+            ],
+            np.int64,
+        )
         for i in members:
             others = near[near > i]
-            touch = (x0[others] <= x1[i]) & (x0[i] <= x1[others]) & \
-                (y0[others] <= y1[i]) & (y0[i] <= y1[others])
+            touch = (
+                (x0[others] <= x1[i])
+                & (x0[i] <= x1[others])
+                & (y0[others] <= y1[i])
+                & (y0[i] <= y1[others])
+            )
             pairs.extend((i, int(j)) for j in others[touch])
     return np.array(pairs, np.int64).reshape(-1, 2)
 
@@ -140,8 +168,9 @@ def touch_groups(frame: pd.DataFrame, pairs: np.ndarray | None = None) -> np.nda
     return connected_components(graph, directed=False)[1]
 
 
-def touching_other_sets(sets: np.ndarray, pairs: np.ndarray, which: int,
-                        others: tuple[int, ...]) -> np.ndarray:
+def touching_other_sets(
+    sets: np.ndarray, pairs: np.ndarray, which: int, others: tuple[int, ...]
+) -> np.ndarray:
     """Boolean mask of the chips of set ``which`` that touch a chip of any set in ``others``."""
     hit = np.zeros(len(sets), bool)
     for a, b in ((pairs[:, 0], pairs[:, 1]), (pairs[:, 1], pairs[:, 0])):
@@ -150,8 +179,9 @@ def touching_other_sets(sets: np.ndarray, pairs: np.ndarray, which: int,
     return hit
 
 
-def measure(frame: pd.DataFrame, sets: np.ndarray, labelled: np.ndarray,
-            pairs: np.ndarray | None = None) -> Leakage:
+def measure(
+    frame: pd.DataFrame, sets: np.ndarray, labelled: np.ndarray, pairs: np.ndarray | None = None
+) -> Leakage:
     """What a split leaks.
 
     Per evaluation set, its chips (and labelled pixels) that touch a training chip.
@@ -168,8 +198,14 @@ def measure(frame: pd.DataFrame, sets: np.ndarray, labelled: np.ndarray,
     for which in (VALIDATION, TEST):
         mine = sets == which
         leak = touching_other_sets(sets, pairs, which, (TRAIN,))
-        parts.append(SetLeakage(int(mine.sum()), int(leak.sum()), int(labelled[mine].sum()),
-                                int(labelled[leak].sum())))
+        parts.append(
+            SetLeakage(
+                int(mine.sum()),
+                int(leak.sum()),
+                int(labelled[mine].sum()),
+                int(labelled[leak].sum()),
+            )
+        )
     return Leakage(*parts)
 
 
@@ -189,9 +225,15 @@ def chip_units(chips: dict[str, tuple[int, int]]) -> dict[str, int]:
     rows = []
     for name, (height, width) in chips.items():
         found = CHIP_NAME.match(name)
-        rows.append({"scene": found["scene"] if found else f"\0{name}",
-                     "x": int(found["x"]) if found else 0, "y": int(found["y"]) if found else 0,
-                     "tile_x": int(width), "tile_y": int(height)})
+        rows.append(
+            {
+                "scene": found["scene"] if found else f"\0{name}",
+                "x": int(found["x"]) if found else 0,
+                "y": int(found["y"]) if found else 0,
+                "tile_x": int(width),
+                "tile_y": int(height),
+            }
+        )
     if not rows:
         return {}
     return dict(zip(chips, touch_groups(pd.DataFrame(rows)).tolist(), strict=True))
@@ -214,7 +256,14 @@ def read_split_leakage(folder: str) -> Leakage | None:
         return None
 
 
-__all__ = ["Leakage", "SetLeakage", "chip_extents", "chip_units", "measure",
-           "read_split_leakage",
-           "touch_groups",
-           "touching_other_sets", "touching_pairs"]
+__all__ = [
+    "Leakage",
+    "SetLeakage",
+    "chip_extents",
+    "chip_units",
+    "measure",
+    "read_split_leakage",
+    "touch_groups",
+    "touching_other_sets",
+    "touching_pairs",
+]

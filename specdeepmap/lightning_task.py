@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import nn
 from torchmetrics import Metric
+from typing_extensions import override
 
 from specdeepmap import storage
 from specdeepmap.augmentation import D4, band_dropout, cutmix, d4_apply, d4_invert
@@ -26,8 +27,12 @@ from specdeepmap.resume import LAST_CHECKPOINT, RESUME_STATE, ResumeState
 IGNORE_INDEX = 0
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int | None = IGNORE_INDEX) -> torch.Tensor:
+def confusion_matrix(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None = IGNORE_INDEX,
+) -> torch.Tensor:
     """(num_classes × num_classes) counts, rows = truth, columns = prediction."""
     pred, target = pred.reshape(-1), target.reshape(-1)
     if ignore_index is not None:
@@ -50,20 +55,25 @@ def mean_iou(matrix: torch.Tensor, skip: int | None = IGNORE_INDEX) -> float:
 
 class PooledIoU(Metric):
     """Mean IoU of one confusion matrix pooled over every pixel of the epoch (and of every
-    process: the matrices are summed across processes before the IoU is taken)."""
+    process: the matrices are summed across processes before the IoU is taken).
+    """
 
     full_state_update = False
 
     def __init__(self, num_classes: int):
         super().__init__()
         self.num_classes = num_classes
-        self.add_state("matrix", default=torch.zeros(num_classes, num_classes,
-                                                     dtype=torch.long),
-                       dist_reduce_fx="sum")
+        self.add_state(
+            "matrix",
+            default=torch.zeros(num_classes, num_classes, dtype=torch.long),
+            dist_reduce_fx="sum",
+        )
 
+    @override
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         self.matrix += confusion_matrix(pred, target, self.num_classes)
 
+    @override
     def compute(self) -> torch.Tensor:
         return torch.tensor(mean_iou(self.matrix))
 
@@ -71,11 +81,23 @@ class PooledIoU(Metric):
 class SegmentationTask(L.LightningModule):
     """Loss (ignore index 0), Adam, warm-up then cosine per step, pooled IoU per epoch."""
 
-    def __init__(self, model: nn.Module, config: dict, class_weights: torch.Tensor | None,
-                 lr: float, epochs: int, loss: Loss = "ce", warmup_epochs: float = 0.0,
-                 weight_decay: float = 0.0, pixel_loss_weight: float = 0.0,
-                 cutmix: float = 0.0, consistency: float = 0.0, band_dropout: float = 0.0,
-                 teacher: nn.Module | None = None, distillation: float = 1.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: dict,
+        class_weights: torch.Tensor | None,
+        lr: float,
+        epochs: int,
+        loss: Loss = "ce",
+        warmup_epochs: float = 0.0,
+        weight_decay: float = 0.0,
+        pixel_loss_weight: float = 0.0,
+        cutmix: float = 0.0,
+        consistency: float = 0.0,
+        band_dropout: float = 0.0,
+        teacher: nn.Module | None = None,
+        distillation: float = 1.0,
+    ):
         super().__init__()
         self.model = model
         # a plain attribute, not a submodule: the teacher is neither trained nor checkpointed
@@ -95,15 +117,18 @@ class SegmentationTask(L.LightningModule):
         self.train_iou = PooledIoU(self.num_classes)
         self.val_iou = PooledIoU(self.num_classes)
 
+    @override
     def setup(self, stage: str) -> None:
         from specdeepmap.console import quiet_lightning
 
         quiet_lightning()  # also in processes spawned for multi-device training
 
+    @override
     def on_fit_start(self) -> None:
         if self.teacher is not None:  # once, on the student's device (not a submodule)
             self.teacher.to(self.device)
 
+    @override
     def forward(self, x):
         return self.model(x)
 
@@ -128,36 +153,51 @@ class SegmentationTask(L.LightningModule):
         pred = logits[:, 1:].argmax(1) + 1
         metric = self.train_iou if stage == "train" else self.val_iou
         metric.update(pred, y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=len(x), sync_dist=True)
+        self.log(
+            f"{stage}_loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(x),
+            sync_dist=True,
+        )
         self.log(f"{stage}_iou", metric, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    @override
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
+    @override
     def validation_step(self, batch, batch_idx):
         return self._step(batch, "val")
 
+    @override
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = (torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-                     if self.weight_decay else torch.optim.Adam(params, lr=self.lr))
+        optimizer = (
+            torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            if self.weight_decay
+            else torch.optim.Adam(params, lr=self.lr)
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(total // 2, round(self.warmup_epochs * total / max(1, self.epochs)))
         floor = min(1.0, 1e-6 / self.lr)  # SpecDeepMap's eta_min
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _Schedule(warmup, total, floor))
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Schedule(warmup, total, floor))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 #: FixMatch's confidence threshold for a prediction to become a target
 CONSISTENCY_THRESHOLD = 0.9
 
 
-def consistency_loss(model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
-                     y: torch.Tensor) -> torch.Tensor:
+def consistency_loss(
+    model: nn.Module, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
     """FixMatch-style consistency on the unlabelled pixels of a batch (Sohn et al. 2020).
 
     Where the network's prediction for an unlabelled pixel is confident (class probability at
@@ -178,8 +218,12 @@ def consistency_loss(model: nn.Module, x: torch.Tensor, logits: torch.Tensor,
         return logits.sum() * 0.0
     k, flip = D4[int(torch.randint(1, len(D4), ()))]
     student = d4_invert(model(d4_apply(x, k, flip)), k, flip)
-    return nn.functional.cross_entropy(student.float(), target, ignore_index=IGNORE_INDEX,
-                                       reduction="sum") / unlabelled.sum()
+    return (
+        nn.functional.cross_entropy(
+            student.float(), target, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        / unlabelled.sum()
+    )
 
 
 def distillation_loss(teacher: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -194,8 +238,9 @@ def distillation_loss(teacher: nn.Module, x: torch.Tensor, logits: torch.Tensor)
     with torch.no_grad():
         target = teacher(x)[:, 1:].float().log_softmax(dim=1)
     student = logits[:, 1:].float().log_softmax(dim=1)
-    return nn.functional.kl_div(student, target, log_target=True,
-                                reduction="none").sum(dim=1).mean()
+    return (
+        nn.functional.kl_div(student, target, log_target=True, reduction="none").sum(dim=1).mean()
+    )
 
 
 class _Schedule:
@@ -218,6 +263,7 @@ class ValidationHistory(L.Callback):
     def __init__(self) -> None:
         self.scores: list[float] = []
 
+    @override
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and "val_iou" in trainer.callback_metrics:
             self.scores.append(float(trainer.callback_metrics["val_iou"]))
@@ -231,8 +277,9 @@ class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     (see :mod:`specdeepmap.resume`).
     """
 
-    def __init__(self, mirror_uri: str | None, mlflow_run_id: str, dataset: str | None = None,
-                 **kwargs):
+    def __init__(
+        self, mirror_uri: str | None, mlflow_run_id: str, dataset: str | None = None, **kwargs
+    ):
         super().__init__(**kwargs)
         self.mirror_uri = mirror_uri
         self.mlflow_run_id = mlflow_run_id
@@ -242,8 +289,13 @@ class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
         if self.mirror_uri and trainer.is_global_zero:
             storage.upload(filepath, self._mirrored(filepath))
-            state = ResumeState(self.mlflow_run_id, trainer.current_epoch,
-                                trainer.global_step, LAST_CHECKPOINT, self.dataset)
+            state = ResumeState(
+                self.mlflow_run_id,
+                trainer.current_epoch,
+                trainer.global_step,
+                LAST_CHECKPOINT,
+                self.dataset,
+            )
             storage.write_text(storage.join(self.mirror_uri, RESUME_STATE), state.to_json())
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:

@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from typing_extensions import override
 
 #: 'ce': (weighted) cross-entropy; 'dice-ce': cross-entropy plus soft Dice over the classes;
 #: 'lovasz-ce': cross-entropy plus the Lovász-softmax loss (a convex surrogate of 1 − IoU)
@@ -27,8 +28,9 @@ class DiceCELoss(nn.Module):
     labels, so a class absent from a batch neither helps nor hurts.
     """
 
-    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = 0,
-                 smooth: float = 1.0):
+    def __init__(
+        self, weight: torch.Tensor | None = None, ignore_index: int = 0, smooth: float = 1.0
+    ):
         super().__init__()
         self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
         self.ignore_index = ignore_index
@@ -51,6 +53,7 @@ class DiceCELoss(nn.Module):
             return logits.sum() * 0.0
         return 1 - score[present].mean()
 
+    @override
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce = self.ce(logits, target)
         if torch.isnan(ce):  # no labelled pixel in the batch
@@ -75,6 +78,7 @@ class LovaszCELoss(nn.Module):
         self.ce = nn.CrossEntropyLoss(weight=weight, ignore_index=ignore_index)
         self.lovasz = LovaszLoss("multiclass", ignore_index=ignore_index)
 
+    @override
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce = self.ce(logits, target)
         if torch.isnan(ce):  # no labelled pixel in the batch
@@ -95,7 +99,8 @@ def build_loss(kind: Loss, weight: torch.Tensor | None, ignore_index: int) -> nn
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float) -> float:
     """Learning-rate factor: linear warm-up over ``warmup_steps``, then a cosine decay to
-    ``floor`` (a fraction of the base rate) at ``total_steps``."""
+    ``floor`` (a fraction of the base rate) at ``total_steps``.
+    """
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     span = max(1, total_steps - warmup_steps)

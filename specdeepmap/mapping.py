@@ -73,7 +73,8 @@ class MapReport:
 def window_starts(size: int, window: int, stride: int) -> list[int]:
     """Start offsets covering [0, size) with the fewest windows no more than ``stride`` apart,
     spread evenly: the first at 0, the last aligned to the end, every overlap about equal
-    (an edge-aligned last window spaced like the others, not piled onto its neighbour)."""
+    (an edge-aligned last window spaced like the others, not piled onto its neighbour).
+    """
     if size <= window:
         return [0]
     gaps = math.ceil((size - window) / stride)
@@ -82,8 +83,12 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 def _processed_pixels(height: int, width: int, window: int, stride: int) -> int:
     rows, cols = _padded_shape(height, width, window)
-    return len(window_starts(height, window, stride)) * len(window_starts(width, window,
-                                                                          stride)) * rows * cols
+    return (
+        len(window_starts(height, window, stride))
+        * len(window_starts(width, window, stride))
+        * rows
+        * cols
+    )
 
 
 #: pixels per forward pass (a batch of windows, or one window): what bounds the network's
@@ -104,8 +109,9 @@ def choose_window(height: int, width: int, tile: int, overlap_px: int) -> int:
     overlap is worth).
     """
     candidates = [tile * f for f in (1, 2, 4) if f == 1 or (tile * f) ** 2 <= BATCH_PIXELS]
-    return min(candidates, key=lambda w: (_processed_pixels(height, width, w,
-                                                            max(1, w - overlap_px)), -w))
+    return min(
+        candidates, key=lambda w: (_processed_pixels(height, width, w, max(1, w - overlap_px)), -w)
+    )
 
 
 def weight_window(size: int, ramp: int, kind: str) -> np.ndarray:
@@ -115,7 +121,7 @@ def weight_window(size: int, ramp: int, kind: str) -> np.ndarray:
         return w
     if kind == "crop":  # margins of half the overlap count (almost) nothing
         margin = ramp // 2
-        w[:margin] = w[size - margin:] = 1e-6
+        w[:margin] = w[size - margin :] = 1e-6
         return w
     i = np.arange(ramp, dtype=np.float32) + 0.5
     if kind == "linear":
@@ -129,43 +135,55 @@ def weight_window(size: int, ramp: int, kind: str) -> np.ndarray:
     return np.maximum(w, 1e-3)  # a pixel only one window covers keeps that window's vote
 
 
-def _check_input(src: rasterio.DatasetReader, predictor: Predictor, uri: str,
-                 model_uri: str) -> None:
+def _check_input(
+    src: rasterio.DatasetReader, predictor: Predictor, uri: str, model_uri: str
+) -> None:
     """Band count must match; warn when values look wrong for the stored normalisation."""
     if src.count != predictor.in_channels:
-        raise InputMismatchError(f"{uri} has {src.count} bands, the model {model_uri} was "
-                                 f"trained on {predictor.in_channels}")
+        raise InputMismatchError(
+            f"{uri} has {src.count} bands, the model {model_uri} was "
+            f"trained on {predictor.in_channels}"
+        )
     same_band_order(predictor.config.get("band_names") or [], list(src.descriptions), uri)
     if src.crs is None:
-        warnings.warn(f"{uri} has no CRS: mapping anyway, the output will have none",
-                      stacklevel=3)
+        warnings.warn(f"{uri} has no CRS: mapping anyway, the output will have none", stacklevel=3)
     norm = predictor.normalization
     h, w = min(src.height, 256), min(src.width, 256)
     sample = src.read(window=Window((src.width - w) // 2, (src.height - h) // 2, w, h))
-    valid = sample[:, ~np.all(sample == norm.nodata, axis=0)] if norm.nodata is not None \
+    valid = (
+        sample[:, ~np.all(sample == norm.nodata, axis=0)]
+        if norm.nodata is not None
         else sample.reshape(sample.shape[0], -1)
-    if valid.size and np.issubdtype(valid.dtype, np.floating) and \
-            not np.isfinite(valid).all():
+    )
+    if valid.size and np.issubdtype(valid.dtype, np.floating) and not np.isfinite(valid).all():
         share = float(np.mean(~np.isfinite(valid).all(axis=0)))
-        warnings.warn(f"{uri}: {share:.1%} of the sampled pixels hold NaN or infinite values: "
-                      "they are left unclassified (0), like nodata", stacklevel=3)
+        warnings.warn(
+            f"{uri}: {share:.1%} of the sampled pixels hold NaN or infinite values: "
+            "they are left unclassified (0), like nodata",
+            stacklevel=3,
+        )
         valid = np.where(np.isfinite(valid), valid, 0)
     if valid.size and norm.scaler and norm.scaler >= 100 and float(np.nanmax(valid)) <= 2.0:
-        warnings.warn(f"{uri} holds values up to {float(np.nanmax(valid)):.3g}, but the model "
-                      f"divides inputs by {norm.scaler}: is the input already scaled?",
-                      stacklevel=3)
+        warnings.warn(
+            f"{uri} holds values up to {float(np.nanmax(valid)):.3g}, but the model "
+            f"divides inputs by {norm.scaler}: is the input already scaled?",
+            stacklevel=3,
+        )
     if valid.size and norm.mean is not None:
         x = norm.apply(valid[:, None, :].astype(np.float32))
         if np.nanmedian(np.abs(x)) > 20:
-            warnings.warn(f"{uri}: after the model's normalisation the input is far from the "
-                          "training data (median |z| > 20); check the bands and the scaler",
-                          stacklevel=3)
+            warnings.warn(
+                f"{uri}: after the model's normalisation the input is far from the "
+                "training data (median |z| > 20); check the bands and the scaler",
+                stacklevel=3,
+            )
 
 
 def check_writable(uri: str) -> None:
     """Fail early when the output location cannot be written."""
-    storage.check_writable_folder(uri if storage.is_s3(uri) else storage.parent(uri),
-                                  f"Output {uri}")
+    storage.check_writable_folder(
+        uri if storage.is_s3(uri) else storage.parent(uri), f"Output {uri}"
+    )
 
 
 #: bytes per window pixel beyond the input and the blending buffers: the network's
@@ -183,15 +201,17 @@ def check_memory(src, window: int, batch_size: int, classes: int, uri: str) -> N
     pad_h, pad_w = _padded_shape(src.height, src.width, window)
     batch_pixels = batch_size * pad_h * pad_w
     # input (raw, float32, the prefetched batch), activations, blending buffers
-    need = batch_pixels * (src.count * 4 * 3 + ACTIVATION_BYTES_PER_PIXEL) + \
-        (classes + 1) * 4 * pad_h * (src.width + batch_size * pad_w)
+    need = batch_pixels * (src.count * 4 * 3 + ACTIVATION_BYTES_PER_PIXEL) + (
+        classes + 1
+    ) * 4 * pad_h * (src.width + batch_size * pad_w)
     available = psutil.virtual_memory().available
     if need > available:
         raise InvalidParameterError(
             f"mapping {uri} with {pad_w} x {pad_h} px windows, {batch_size} per batch, needs "
             f"about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB "
             "available: give a smaller --window or --batch-size (or leave both to their "
-            "defaults)")
+            "defaults)"
+        )
 
 
 def _is_our_raster(uri: str) -> bool:
@@ -211,8 +231,13 @@ def _is_our_iou_csv(uri: str) -> bool:
         return False
 
 
-def check_outputs(input_uri: str, model_uri: str, gt_uri: str | None,
-                  outputs: dict[str, str | None], overwrite: bool = False) -> None:
+def check_outputs(
+    input_uri: str,
+    model_uri: str,
+    gt_uri: str | None,
+    outputs: dict[str, str | None],
+    overwrite: bool = False,
+) -> None:
     """Before any work.
 
     No output replaces the scene, the model or the ground truth (nor their sidecars), no two outputs
@@ -223,14 +248,20 @@ def check_outputs(input_uri: str, model_uri: str, gt_uri: str | None,
 
     class_map = outputs.get("class map")
     if class_map:  # the sidecars written beside the map are outputs too
-        outputs = {**outputs, "category names (.aux.xml)": class_map + ".aux.xml",
-                   "QGIS style (.qml)": _base(class_map) + ".qml"}
+        outputs = {
+            **outputs,
+            "category names (.aux.xml)": class_map + ".aux.xml",
+            "QGIS style (.qml)": _base(class_map) + ".qml",
+        }
     iou_csv = outputs.get("IoU CSV")
     if iou_csv:
         base = iou_csv[:-4] if iou_csv.endswith(".csv") else iou_csv
         outputs = {**outputs, "metrics CSV": base + "_metrics.csv"}
-    inputs = {"input scene": input_uri, "ground truth": gt_uri,
-              "model file": None if model_uri.startswith("models:/") else model_uri}
+    inputs = {
+        "input scene": input_uri,
+        "ground truth": gt_uri,
+        "model file": None if model_uri.startswith("models:/") else model_uri,
+    }
     guards.refuse_overwriting_inputs(outputs, inputs)
     for role in ("class map", "confidence raster", "probability raster"):
         if outputs.get(role):
@@ -239,11 +270,19 @@ def check_outputs(input_uri: str, model_uri: str, gt_uri: str | None,
         guards.refuse_foreign_output(iou_csv, "IoU CSV", _is_our_iou_csv, overwrite)
 
 
-def map_scene(input_uri: str, model_uri: str, output_uri: str,
-              params: MapParams = MapParams(), gt_uri: str | None = None,
-              iou_csv_uri: str | None = None, confidence_uri: str | None = None,
-              probabilities_uri: str | None = None, vector_uri: str | None = None,
-              predictor: Predictor | None = None, overwrite: bool = False) -> MapReport:
+def map_scene(
+    input_uri: str,
+    model_uri: str,
+    output_uri: str,
+    params: MapParams = MapParams(),
+    gt_uri: str | None = None,
+    iou_csv_uri: str | None = None,
+    confidence_uri: str | None = None,
+    probabilities_uri: str | None = None,
+    vector_uri: str | None = None,
+    predictor: Predictor | None = None,
+    overwrite: bool = False,
+) -> MapReport:
     """Predict a whole scene (a raster, a VRT or a STAC item) into a class-map COG (Deep
     Learning Mapper).
 
@@ -273,18 +312,40 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     from specdeepmap.stac import is_item, item_scene
 
     started = time.perf_counter()
-    check_outputs(input_uri, model_uri, gt_uri, {
-        "class map": output_uri, "confidence raster": confidence_uri,
-        "probability raster": probabilities_uri, "polygon file": vector_uri,
-        "IoU CSV": iou_csv_uri}, overwrite)
+    check_outputs(
+        input_uri,
+        model_uri,
+        gt_uri,
+        {
+            "class map": output_uri,
+            "confidence raster": confidence_uri,
+            "probability raster": probabilities_uri,
+            "polygon file": vector_uri,
+            "IoU CSV": iou_csv_uri,
+        },
+        overwrite,
+    )
     predictor = predictor or load_model(model_uri, params.device)
     if is_item(input_uri):  # the item's assets for the model's bands, stacked by name
         with tempfile.TemporaryDirectory(prefix="specdeepmap-scene-") as folder:
-            scene = item_scene(input_uri, predictor.config.get("band_names") or [],
-                               os.path.join(folder, "scene.vrt"))
-            return map_scene(scene, model_uri, output_uri, params, gt_uri, iou_csv_uri,
-                             confidence_uri, probabilities_uri, vector_uri, predictor,
-                             overwrite=True)  # checked above
+            scene = item_scene(
+                input_uri,
+                predictor.config.get("band_names") or [],
+                os.path.join(folder, "scene.vrt"),
+            )
+            return map_scene(
+                scene,
+                model_uri,
+                output_uri,
+                params,
+                gt_uri,
+                iou_csv_uri,
+                confidence_uri,
+                probabilities_uri,
+                vector_uri,
+                predictor,
+                overwrite=True,
+            )  # checked above
     check_writable(output_uri)
     tile = max(predictor.tile_size)
     overlap_px = math.ceil(2 * params.overlap / 100 * tile)
@@ -292,8 +353,7 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
     dtype = "uint8" if values.max() < 256 else "uint16"
     with contextlib.ExitStack() as stack:
         # the windows' blocks decoded on as many threads as the network uses
-        src = stack.enter_context(storage.open_raster(input_uri,
-                                                      threads=torch.get_num_threads()))
+        src = stack.enter_context(storage.open_raster(input_uri, threads=torch.get_num_threads()))
         _check_input(src, predictor, input_uri, model_uri)
         window = params.window or choose_window(src.height, src.width, tile, overlap_px)
         # a window larger than the scene maps it in one padded window either way
@@ -304,54 +364,87 @@ def map_scene(input_uri: str, model_uri: str, output_uri: str,
         blend_1d = weight_window(window, overlap_px, params.blend)
         blend = np.outer(blend_1d, blend_1d)
         setup_started = time.perf_counter()
-        predictor = prepare_predictor(predictor, params,
-                                      lambda: _calibration_windows(src, 128))
+        predictor = prepare_predictor(predictor, params, lambda: _calibration_windows(src, 128))
         setup_seconds = time.perf_counter() - setup_started
         if params.precision == "int8":  # quantized networks take plain NCHW input
             params = params.model_copy(update={"channels_last": False})
         gt = stack.enter_context(storage.open_raster(gt_uri)) if gt_uri else None
         if gt is not None and (gt.width, gt.height) != (src.width, src.height):
-            raise InputMismatchError(f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
-                                     f"the input {input_uri} {src.width} x {src.height}")
-        report = _stream(src, gt, predictor, params, window, stride, batch_size, blend,
-                         values, dtype, input_uri, model_uri, output_uri,
-                         {"confidence": confidence_uri, "probabilities": probabilities_uri})
+            raise InputMismatchError(
+                f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
+                f"the input {input_uri} {src.width} x {src.height}"
+            )
+        report = _stream(
+            src,
+            gt,
+            predictor,
+            params,
+            window,
+            stride,
+            batch_size,
+            blend,
+            values,
+            dtype,
+            input_uri,
+            model_uri,
+            output_uri,
+            {"confidence": confidence_uri, "probabilities": probabilities_uri},
+        )
     if vector_uri:
         from specdeepmap.vectorize import polygonize
 
         polygonize(output_uri, vector_uri)
     matrix = report.pop("matrix")
     if report["classified"] == 0:
-        warnings.warn(f"{input_uri}: every pixel is nodata (or NaN): the map {output_uri} holds "
-                      "no class", stacklevel=2)
-    result = MapReport(output_uri=output_uri, windows=report["windows"],
-                       pixels_processed=report["pixels"], seconds=0.0,
-                       confidence_uri=confidence_uri, window=window, batch_size=batch_size,
-                       setup_seconds=setup_seconds)
+        warnings.warn(
+            f"{input_uri}: every pixel is nodata (or NaN): the map {output_uri} holds no class",
+            stacklevel=2,
+        )
+    result = MapReport(
+        output_uri=output_uri,
+        windows=report["windows"],
+        pixels_processed=report["pixels"],
+        seconds=0.0,
+        confidence_uri=confidence_uri,
+        window=window,
+        batch_size=batch_size,
+        setup_seconds=setup_seconds,
+    )
     if gt_uri is not None:
         metrics = metrics_from_matrix(matrix, [int(v) for v in values])
         result.mean_iou = metrics.mean_iou
         if iou_csv_uri:
             names = predictor.classes
-            write_iou_csv(iou_csv_uri, metrics.class_values, metrics.iou,
-                          [names.name(v) for v in metrics.class_values] if names.named else None)
+            write_iou_csv(
+                iou_csv_uri,
+                metrics.class_values,
+                metrics.iou,
+                [names.name(v) for v in metrics.class_values] if names.named else None,
+            )
             base = iou_csv_uri[:-4] if iou_csv_uri.endswith(".csv") else iou_csv_uri
             storage.write_text(base + "_metrics.csv", metrics.table().to_csv(index=False))
             result.iou_csv = iou_csv_uri
     result.seconds = time.perf_counter() - started
-    log.info("Mapped %s → %s: %d windows in %.1f s", input_uri, output_uri, result.windows,
-             result.seconds)
+    log.info(
+        "Mapped %s → %s: %d windows in %.1f s",
+        input_uri,
+        output_uri,
+        result.windows,
+        result.seconds,
+    )
     return result
 
 
-def prepare_predictor(predictor: Predictor, params: MapParams,
-                      calibration: Callable[[], list[np.ndarray]]) -> Predictor:
+def prepare_predictor(
+    predictor: Predictor, params: MapParams, calibration: Callable[[], list[np.ndarray]]
+) -> Predictor:
     """The network as the mapper runs it: its batch norms folded, then either an int8 copy
     calibrated on ``calibration()`` (raw windows) or the network itself, with
     ``params.channels_last`` its weights channels-last. Folding and the memory format change
     ``predictor``'s network in place (its outputs stay the same), so that a process never holds
     two copies of it; folded first, the int8 trace shares the folded weights instead of fusing
-    batch norms into copies of them (~45 MB for a ResNet-18 U-Net)."""
+    batch norms into copies of them (~45 MB for a ResNet-18 U-Net).
+    """
     fold_batch_norms(predictor.model, predictor.in_channels)
     if params.precision == "int8":
         from specdeepmap.quantization import quantize_int8
@@ -369,9 +462,12 @@ def _to_stride(size: int) -> int:
 
 def _padded_shape(height: int, width: int, window: int) -> tuple[int, int]:
     """(rows, cols) of every window: ``window``, or the scene rounded up to 32 px (the
-    encoders' stride) along an axis shorter than a window, which one padded window covers."""
-    return (window if height > window else _to_stride(height),
-            window if width > window else _to_stride(width))
+    encoders' stride) along an axis shorter than a window, which one padded window covers.
+    """
+    return (
+        window if height > window else _to_stride(height),
+        window if width > window else _to_stride(width),
+    )
 
 
 def _read_span(src, y: int, x0: int, x1: int, rows: int, fill: float) -> np.ndarray:
@@ -398,14 +494,29 @@ def _calibration_windows(src, size: int, count: int = 8) -> list[np.ndarray]:
     xs = np.linspace(0, src.width - size, math.ceil(count / len(ys))).round().astype(int)
     pad = _to_stride(size)
     fill = src.nodata if src.nodata is not None else 0
-    return [_read_span(src, int(y), int(x), int(x) + pad, pad, fill)[None]
-            for y in np.unique(ys) for x in np.unique(xs)][:count]
+    return [
+        _read_span(src, int(y), int(x), int(x) + pad, pad, fill)[None]
+        for y in np.unique(ys)
+        for x in np.unique(xs)
+    ][:count]
 
 
-def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, stride: int,
-            batch_size: int, blend: np.ndarray, values: np.ndarray, dtype: str,
-            input_uri: str, model_uri: str, output_uri: str,
-            extras: dict[str, str | None]) -> dict:
+def _stream(
+    src,
+    gt,
+    predictor: Predictor,
+    params: MapParams,
+    window: int,
+    stride: int,
+    batch_size: int,
+    blend: np.ndarray,
+    values: np.ndarray,
+    dtype: str,
+    input_uri: str,
+    model_uri: str,
+    output_uri: str,
+    extras: dict[str, str | None],
+) -> dict:
     """The streaming loop; writes temporary tiled GeoTIFFs, then the final COGs.
 
     Memory: the only float buffer that spans the scene is the carry band (classes × overlap
@@ -431,28 +542,41 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
     staging = tempfile.mkdtemp(prefix="specdeepmap-map-")
     matrix = np.zeros((k, k), dtype=np.int64)
     pixels = classified = 0
-    profile = dict(driver="GTiff", width=width, height=height, count=1, dtype=dtype,
-                   crs=src.crs, transform=src.transform, nodata=0, tiled=True,
-                   blockxsize=256, blockysize=256)
-    tags = {"SPECDEEPMAP_MODEL": model_uri,
-            "SPECDEEPMAP_MODEL_RUN_ID": str(predictor.config.get("run_id", "")),
-            # the registered model version when mapped with models:/NAME/VERSION, and the
-            # software that trained the model (not to be confused: they were one tag before)
-            "SPECDEEPMAP_MODEL_VERSION": model_uri.rsplit("/", 1)[-1]
-            if model_uri.startswith("models:/") and "@" not in model_uri else "",
-            "SPECDEEPMAP_TRAINED_WITH": f"specdeepmap {predictor.config.get('version', '')}",
-            "SPECDEEPMAP_INPUT": input_uri, "SPECDEEPMAP_SOFTWARE": f"specdeepmap {__version__}",
-            "SPECDEEPMAP_CLASS_VALUES": ",".join(str(v) for v in class_values),
-            "SPECDEEPMAP_CLASS_NAMES": json.dumps({v: classes_schema.name(v)
-                                                   for v in class_values}),
-            "SPECDEEPMAP_PRECISION": params.precision}
+    profile = dict(
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=1,
+        dtype=dtype,
+        crs=src.crs,
+        transform=src.transform,
+        nodata=0,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    )
+    tags = {
+        "SPECDEEPMAP_MODEL": model_uri,
+        "SPECDEEPMAP_MODEL_RUN_ID": str(predictor.config.get("run_id", "")),
+        # the registered model version when mapped with models:/NAME/VERSION, and the
+        # software that trained the model (not to be confused: they were one tag before)
+        "SPECDEEPMAP_MODEL_VERSION": model_uri.rsplit("/", 1)[-1]
+        if model_uri.startswith("models:/") and "@" not in model_uri
+        else "",
+        "SPECDEEPMAP_TRAINED_WITH": f"specdeepmap {predictor.config.get('version', '')}",
+        "SPECDEEPMAP_INPUT": input_uri,
+        "SPECDEEPMAP_SOFTWARE": f"specdeepmap {__version__}",
+        "SPECDEEPMAP_CLASS_VALUES": ",".join(str(v) for v in class_values),
+        "SPECDEEPMAP_CLASS_NAMES": json.dumps({v: classes_schema.name(v) for v in class_values}),
+        "SPECDEEPMAP_PRECISION": params.precision,
+    }
     # every forward pass: (window row, its first window's index in xs)
     jobs = [(r, b) for r in range(len(ys)) for b in range(0, len(xs), batch_size)]
 
     def read_batch(r: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The batch's windows (N, C, rows, cols) and its span's nodata mask."""
         x0 = xs[b]
-        batch_x = xs[b:b + batch_size]
+        batch_x = xs[b : b + batch_size]
         span = _read_span(src, ys[r], x0, batch_x[-1] + pad_w, pad_h, fill)
         mask = np.all(span == nodata, axis=0) if nodata is not None else None
         if np.issubdtype(span.dtype, np.floating):
@@ -462,7 +586,7 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
             if broken.any():
                 span[:, broken] = 0
                 mask = broken if mask is None else mask | broken
-        windows = np.stack([span[:, :, x - x0:x - x0 + pad_w] for x in batch_x])
+        windows = np.stack([span[:, :, x - x0 : x - x0 + pad_w] for x in batch_x])
         return windows, mask
 
     extras = {name: uri for name, uri in extras.items() if uri}
@@ -471,17 +595,26 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
         class_tmp = os.path.join(staging, "classes.tif")
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(rasterio.open(class_tmp, "w", **profile))
-            extra_out = {name: stack.enter_context(rasterio.open(
-                os.path.join(staging, f"{name}.tif"), "w",
-                **{**profile, "dtype": "uint8", "count": bands[name]})) for name in extras}
+            extra_out = {
+                name: stack.enter_context(
+                    rasterio.open(
+                        os.path.join(staging, f"{name}.tif"),
+                        "w",
+                        **{**profile, "dtype": "uint8", "count": bands[name]},
+                    )
+                )
+                for name in extras
+            }
             reader = stack.enter_context(ThreadPoolExecutor(1))
             # Channel k of each buffer holds the blending weight sum. ``carry``: what earlier
             # rows of windows added to the rows the next row of windows shares with them
             # (overlap × scene width); ``work``: the current batch's columns (constant size).
-            gaps = [b - a for a, b in zip(ys, ys[1:])] or [pad_h]
+            gaps = [b - a for a, b in zip(ys, ys[1:], strict=False)] or [pad_h]
             carry = np.zeros((k + 1, max(0, pad_h - min(gaps)), max(width, pad_w)), np.float32)
-            spans = [xs[min(b + batch_size, len(xs)) - 1] - xs[b] + pad_w
-                     for b in range(0, len(xs), batch_size)]
+            spans = [
+                xs[min(b + batch_size, len(xs)) - 1] - xs[b] + pad_w
+                for b in range(0, len(xs), batch_size)
+            ]
             work = np.zeros((k + 1, pad_h, max(spans)), np.float32)
             work_t = torch.from_numpy(work)  # a view: torch's element-wise ops use every core
             weights_t = torch.from_numpy(np.ascontiguousarray(weights))
@@ -491,7 +624,7 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                 batch, mask = future.result()
                 if j + 1 < len(jobs):
                     future = reader.submit(read_batch, *jobs[j + 1])
-                batch_x = xs[b:b + batch_size]
+                batch_x = xs[b : b + batch_size]
                 c0 = batch_x[0]
                 if b == 0:  # a new row of windows
                     # rows [y, next y) are final once this row is done; the rows below them
@@ -503,55 +636,63 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
                     work_x = pulled = 0
                 else:  # drop the finalised columns left of this batch
                     keep = pulled - c0
-                    work[:, :, :keep] = work[:, :, c0 - work_x:pulled - work_x].copy()
+                    work[:, :, :keep] = work[:, :, c0 - work_x : pulled - work_x].copy()
                     work[:, :, keep:] = 0
                     work_x = c0
                 end = batch_x[-1] + pad_w
                 if carried_in and end > pulled:  # what earlier rows added to these columns
-                    work[:, :carried_in, pulled - work_x:end - work_x] += \
-                        carry[:, :carried_in, pulled:end]
+                    work[:, :carried_in, pulled - work_x : end - work_x] += carry[
+                        :, :carried_in, pulled:end
+                    ]
                 pulled = max(pulled, end)
-                probs = predictor.probabilities(batch, autocast=params.precision == "bf16",
-                                                channels_last=params.channels_last,
-                                                tta=params.tta).cpu()
+                probs = predictor.probabilities(
+                    batch,
+                    autocast=params.precision == "bf16",
+                    channels_last=params.channels_last,
+                    tta=params.tta,
+                ).cpu()
                 pixels += probs.shape[0] * pad_h * pad_w
                 for i, x in enumerate(batch_x):
-                    region = work_t[:, :, x - work_x:x - work_x + pad_w]
+                    region = work_t[:, :, x - work_x : x - work_x + pad_w]
                     region[:k].addcmul_(probs[i], weights_t)
                     region[k].add_(weights_t)
                 # columns [this batch's first window, the next batch's) are final: no later
                 # window of this row touches them
                 c1 = xs[b + batch_size] if b + batch_size < len(xs) else width
-                done = work[:, :, :c1 - c0]
+                done = work[:, :, : c1 - c0]
                 if carry_out:
                     carry[:, :carry_out, c0:c1] = done[:, rows:]
                 # the weight sum is the same for every class: the argmax needs no division
                 classes = values[done[:k, :rows].argmax(axis=0)].astype(dtype)
                 if mask is not None:
-                    classes[mask[:rows, :c1 - c0]] = 0
+                    classes[mask[:rows, : c1 - c0]] = 0
                 final_window = Window(c0, y, c1 - c0, rows)
                 out.write(classes[None], window=final_window)
                 classified += int(np.count_nonzero(classes))
                 if extra_out:
                     final = done[:k, :rows] / done[k, :rows]
-                    scaled = {"confidence": final.max(axis=0, keepdims=True),
-                              "probabilities": final}
+                    scaled = {
+                        "confidence": final.max(axis=0, keepdims=True),
+                        "probabilities": final,
+                    }
                 for name, dst in extra_out.items():
                     data = np.round(scaled[name] * 255).astype(np.uint8)
                     data[:, classes == 0] = 0
                     dst.write(data, window=final_window)
                 if gt is not None:
                     truth = gt.read(1, window=final_window)
-                    accumulate(matrix, truth.astype(np.int64), classes.astype(np.int64),
-                               class_values)
+                    accumulate(
+                        matrix, truth.astype(np.int64), classes.astype(np.int64), class_values
+                    )
             out.update_tags(**tags)
             out.write_colormap(1, classes_schema.colormap(class_values))
             for dst in extra_out.values():
                 dst.update_tags(**tags)
             if "probabilities" in extra_out:
                 for band, value in enumerate(class_values, start=1):
-                    extra_out["probabilities"].set_band_description(band,
-                                                                    classes_schema.name(value))
+                    extra_out["probabilities"].set_band_description(
+                        band, classes_schema.name(value)
+                    )
         # class names beside the map (written first: the map's presence means complete)
         storage.write_text(output_uri + ".aux.xml", pam_xml(classes_schema, class_values))
         storage.write_text(_base(output_uri) + ".qml", qml(classes_schema, class_values))
@@ -560,17 +701,27 @@ def _stream(src, gt, predictor: Predictor, params: MapParams, window: int, strid
             _finish_cog(os.path.join(staging, f"{name}.tif"), uri, staging, "average")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"windows": len(xs) * len(ys), "pixels": pixels, "matrix": matrix,
-            "classified": classified}
+    return {
+        "windows": len(xs) * len(ys),
+        "pixels": pixels,
+        "matrix": matrix,
+        "classified": classified,
+    }
 
 
 def _finish_cog(tmp: str, uri: str, staging: str, resampling: str) -> None:
     """Copy a finished GeoTIFF to a COG (DEFLATE, overviews) and move/upload it into place."""
     cog = os.path.join(staging, f"cog-{os.path.basename(tmp)}")
     with storage.gdal_env():
-        rasterio.shutil.copy(tmp, cog, driver="COG", compress="DEFLATE",
-                             overview_resampling=resampling, blocksize=256,
-                             num_threads="ALL_CPUS")
+        rasterio.shutil.copy(
+            tmp,
+            cog,
+            driver="COG",
+            compress="DEFLATE",
+            overview_resampling=resampling,
+            blocksize=256,
+            num_threads="ALL_CPUS",
+        )
     storage.upload(cog, uri)
 
 
@@ -590,7 +741,8 @@ SCENE_SUFFIXES = (".tif", ".tiff", ".vrt", ".json")
 
 def scenes_under(prefix: str) -> list[str]:
     """Scene URIs directly under a folder or prefix (rasters, VRTs, STAC items; not catalogs
-    or collections), or the items of a STAC catalog or collection given as its JSON."""
+    or collections), or the items of a STAC catalog or collection given as its JSON.
+    """
     from specdeepmap.stac import catalog_items, is_item_file
 
     if prefix.lower().endswith(".json"):
@@ -599,18 +751,23 @@ def scenes_under(prefix: str) -> list[str]:
     for uri in storage.list_files(prefix, SCENE_SUFFIXES):
         if uri.lower().endswith(".json") and not is_item_file(uri):
             # a catalog, a collection or another JSON beside the scenes: not a scene
-            log.warning("%s is not a STAC item: skipped (give a catalog as the input itself "
-                        "to map its items)", uri)
+            log.warning(
+                "%s is not a STAC item: skipped (give a catalog as the input itself "
+                "to map its items)",
+                uri,
+            )
             continue
         scenes.append(uri)
     return scenes
 
 
-def unmapped_scenes(input_prefix: str, out_folder: str, suffix: str = "_classes.tif",
-                    model_uri: str | None = None) -> list[str]:
+def unmapped_scenes(
+    input_prefix: str, out_folder: str, suffix: str = "_classes.tif", model_uri: str | None = None
+) -> list[str]:
     """Scenes (GeoTIFFs, VRTs and STAC items under ``input_prefix``) not mapped yet: their
     metrics JSON (written last, see :func:`map_scene_products`) does not exist, or, with
-    ``model_uri`` (``models:/NAME/VERSION``), was written for another model."""
+    ``model_uri`` (``models:/NAME/VERSION``), was written for another model.
+    """
     todo = []
     for uri in scenes_under(input_prefix):
         metrics = _base(output_uri_for(uri, out_folder, suffix)) + "_metrics.json"
@@ -621,10 +778,12 @@ def unmapped_scenes(input_prefix: str, out_folder: str, suffix: str = "_classes.
     return todo
 
 
-def quicklook(class_uri: str, png_uri: str, max_size: int = 1024,
-              classes: ClassSchema | None = None) -> str:
+def quicklook(
+    class_uri: str, png_uri: str, max_size: int = 1024, classes: ClassSchema | None = None
+) -> str:
     """A PNG preview of a class map, read from its overviews (never the full raster), in the
-    classes' colours with a legend of their names (``classes``; default: by value)."""
+    classes' colours with a legend of their names (``classes``; default: by value).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -643,12 +802,22 @@ def quicklook(class_uri: str, png_uri: str, max_size: int = 1024,
     fig, ax = plt.subplots(figsize=(shape[1] / 100 + 2.2, shape[0] / 100 + 0.4), dpi=100)
     ax.imshow(rgba, interpolation="nearest")
     ax.set_axis_off()
-    legend = [Patch(color=np.array(classes.info(v).color) / 255,
-                    label=classes.name(v) if classes.name(v) == str(v)
-                    else f"{v} {classes.name(v)}") for v in values]
+    legend = [
+        Patch(
+            color=np.array(classes.info(v).color) / 255,
+            label=classes.name(v) if classes.name(v) == str(v) else f"{v} {classes.name(v)}",
+        )
+        for v in values
+    ]
     if legend:
-        ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8,
-                  frameon=False, title="class")
+        ax.legend(
+            handles=legend,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1),
+            fontsize=8,
+            frameon=False,
+            title="class",
+        )
     fig.tight_layout()
     with storage.atomic_output(png_uri) as tmp:
         fig.savefig(tmp)
@@ -663,14 +832,18 @@ def class_areas(class_uri: str) -> dict[int, float]:
         pixel_area = abs(src.transform.a * src.transform.e)
         for _, window in src.block_windows(1):
             values, n = np.unique(src.read(1, window=window), return_counts=True)
-            for v, c in zip(values.tolist(), n.tolist()):
+            for v, c in zip(values.tolist(), n.tolist(), strict=True):
                 counts[v] = counts.get(v, 0) + c
     return {v: c * pixel_area for v, c in sorted(counts.items()) if v != 0}
 
 
-def map_scene_products(input_uri: str, model_uri: str, output_uri: str,
-                       params: MapParams = MapParams(),
-                       predictor: Predictor | None = None) -> dict:
+def map_scene_products(
+    input_uri: str,
+    model_uri: str,
+    output_uri: str,
+    params: MapParams = MapParams(),
+    predictor: Predictor | None = None,
+) -> dict:
     """Map a scene and write, beside the class COG, ``*_quicklook.png``, the map's STAC item
     ``*_classes.json`` and ``*_metrics.json``.
 
@@ -686,24 +859,46 @@ def map_scene_products(input_uri: str, model_uri: str, output_uri: str,
     png = quicklook(output_uri, base + "_quicklook.png", classes=predictor.classes)
     areas = class_areas(output_uri)
     metrics_uri = base + "_metrics.json"
-    item = write_map_item(output_uri, input_uri, model_uri, predictor.classes,
-                          predictor.class_values,
-                          {"quicklook": png, "metrics": metrics_uri, "style": base + ".qml"},
-                          input_item_uri=input_uri if is_item(input_uri) else None)
-    metrics = {"input": input_uri, "model": model_uri, "output": output_uri, "quicklook": png,
-               "stac_item": item, "windows": report.windows,
-               "seconds": round(report.seconds, 3), "pixels_processed": report.pixels_processed,
-               "class_area": {str(k): v for k, v in areas.items()},
-               "class_names": {str(k): predictor.classes.name(k) for k in areas},
-               "software": f"specdeepmap {__version__}"}
+    item = write_map_item(
+        output_uri,
+        input_uri,
+        model_uri,
+        predictor.classes,
+        predictor.class_values,
+        {"quicklook": png, "metrics": metrics_uri, "style": base + ".qml"},
+        input_item_uri=input_uri if is_item(input_uri) else None,
+    )
+    metrics = {
+        "input": input_uri,
+        "model": model_uri,
+        "output": output_uri,
+        "quicklook": png,
+        "stac_item": item,
+        "windows": report.windows,
+        "seconds": round(report.seconds, 3),
+        "pixels_processed": report.pixels_processed,
+        "class_area": {str(k): v for k, v in areas.items()},
+        "class_names": {str(k): predictor.classes.name(k) for k in areas},
+        "software": f"specdeepmap {__version__}",
+    }
     storage.write_text(metrics_uri, json.dumps(metrics, indent=2))
-    return {"classes": output_uri, "quicklook": png, "metrics": metrics_uri, "stac_item": item,
-            "seconds": round(report.seconds, 2)}
+    return {
+        "classes": output_uri,
+        "quicklook": png,
+        "metrics": metrics_uri,
+        "stac_item": item,
+        "seconds": round(report.seconds, 2),
+    }
 
 
-def map_scenes(inputs: list[str] | str, model_uri: str, out_folder: str,
-               params: MapParams = MapParams(), suffix: str = "_classes.tif",
-               skip_existing: bool = True) -> list[MapReport]:
+def map_scenes(
+    inputs: list[str] | str,
+    model_uri: str,
+    out_folder: str,
+    params: MapParams = MapParams(),
+    suffix: str = "_classes.tif",
+    skip_existing: bool = True,
+) -> list[MapReport]:
     """Map several scenes (a list of URIs or a folder/prefix of .tif files), one output each."""
     uris = scenes_under(inputs) if isinstance(inputs, str) else list(inputs)
     predictor = load_model(model_uri, params.device)

@@ -32,7 +32,8 @@ SPLITS = ("train", "validation", "test")
 
 def dataset_facts(dataset: str) -> dict:
     """Chips per split, class shares per split, chip and split parameters and a digest of the
-    chip manifests and split CSVs (the same chips give the same digest)."""
+    chip manifests and split CSVs (the same chips give the same digest).
+    """
     digest = hashlib.sha256()
     frames = {}
     for split in SPLITS:
@@ -45,26 +46,39 @@ def dataset_facts(dataset: str) -> dict:
     if manifests is not None:
         digest.update(manifests.sort_values(["scene", "y", "x"]).to_csv(index=False).encode())
     split_uri = storage.join(dataset, "split.json")
-    split_params = json.loads(storage.read_text(split_uri)).get("params", {}) \
-        if storage.exists(split_uri) else {}
-    facts = {"uri": dataset, "digest": digest.hexdigest()[:16],
-             "chips": {s: len(f) for s, f in frames.items()}, "split_params": split_params,
-             "class_shares": {}, "chip_params": {}, "scenes": []}
+    split_params = (
+        json.loads(storage.read_text(split_uri)).get("params", {})
+        if storage.exists(split_uri)
+        else {}
+    )
+    facts = {
+        "uri": dataset,
+        "digest": digest.hexdigest()[:16],
+        "chips": {s: len(f) for s, f in frames.items()},
+        "split_params": split_params,
+        "class_shares": {},
+        "chip_params": {},
+        "scenes": [],
+    }
     if manifests is not None:
-        counts = manifests.set_index("mask")[[c for c in manifests.columns
-                                              if c.startswith(COUNT_PREFIX) and c != "count_0"]]
+        counts = manifests.set_index("mask")[
+            [c for c in manifests.columns if c.startswith(COUNT_PREFIX) and c != "count_0"]
+        ]
         for split, frame in frames.items():
             chosen = counts.reindex(frame["mask"]).sum()
             total = chosen.sum()
             if total > 0:
-                facts["class_shares"][split] = {int(c[len(COUNT_PREFIX):]): float(v / total)
-                                                for c, v in chosen.items()}
+                facts["class_shares"][split] = {
+                    int(c[len(COUNT_PREFIX) :]): float(v / total) for c, v in chosen.items()
+                }
         first = manifests.iloc[0]
         facts["chip_params"] = {
             "tile_size": [int(first["tile_x"]), int(first["tile_y"])],
             "step": [int(first["stride_x"]), int(first["stride_y"])],
-            "min_coverage": float(first["min_coverage"]) if "min_coverage" in manifests
-            and not pd.isna(first["min_coverage"]) else None}
+            "min_coverage": float(first["min_coverage"])
+            if "min_coverage" in manifests and not pd.isna(first["min_coverage"])
+            else None,
+        }
         facts["scenes"] = sorted(manifests["scene"].unique().tolist())
     leakage = read_split_leakage(dataset)
     if leakage is not None:
@@ -79,8 +93,11 @@ def dataset_frame(dataset: str) -> pd.DataFrame:
         uri = storage.join(dataset, f"{split}_files.csv")
         if storage.exists(uri):
             rows.append(read_csv(uri).assign(split=split))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
-        columns=["image", "mask", "split"])
+    return (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(columns=["image", "mask", "split"])
+    )
 
 
 def escape_md(text: object) -> str:
@@ -133,45 +150,70 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
     names = ", ".join(escape_md(classes.name(v)) for v in config["class_values"])
     bands = config.get("band_names") or []
     band_text = f"{config['in_channels']} bands" + (
-        f" ({escape_md(bands[0])} … {escape_md(bands[-1])})" if len(bands) > 1 else "")
+        f" ({escape_md(bands[0])} … {escape_md(bands[-1])})" if len(bands) > 1 else ""
+    )
     champion = scores.get("champion_version")
-    lines = [f"**{config['architecture']} / {config['backbone']}** for "
-             f"{len(config['class_values'])} classes ({names}) from {band_text}, "
-             f"{config['tile_size'][0]} × {config['tile_size'][1]} px chips.", ""]
+    lines = [
+        f"**{config['architecture']} / {config['backbone']}** for "
+        f"{len(config['class_values'])} classes ({names}) from {band_text}, "
+        f"{config['tile_size'][0]} × {config['tile_size'][1]} px chips.",
+        "",
+    ]
     header = ["pooled mean IoU", "this model", "RandomForest (same chips)"]
-    rows = [["validation", scores.get("val"), scores.get("baseline_val")],
-            ["test", scores.get("test"), scores.get("baseline_test")]]
+    rows = [
+        ["validation", scores.get("val"), scores.get("baseline_val")],
+        ["test", scores.get("test"), scores.get("baseline_test")],
+    ]
     if champion:
         header.append(f"champion v{champion} (same chips)")
         rows[0].append(None)
         rows[1].append(scores.get("champion_test"))
     lines += _table(header, rows) + [""]
     if scores.get("baseline_difference"):
-        lines += [Difference.from_dict(scores["baseline_difference"]).sentence(
-            "This model", "the RandomForest"), ""]
+        lines += [
+            Difference.from_dict(scores["baseline_difference"]).sentence(
+                "This model", "the RandomForest"
+            ),
+            "",
+        ]
     if facts.get("leakage"):  # how honest the comparison is
         leakage = Leakage.from_dict(facts["leakage"])
-        lines += [("**The split leaks**: " if leakage.leaks else "Split: ")
-                  + leakage.sentence(), ""]
+        lines += [
+            ("**The split leaks**: " if leakage.leaks else "Split: ") + leakage.sentence(),
+            "",
+        ]
     if scores.get("val_median") is not None and scores.get("val_epochs", 0) > 1:
-        lines += [f"The validation IoU chose this checkpoint, the best of {scores['val_epochs']}"
-                  f" validated epochs (their median: {_fmt(scores['val_median'])}), so it "
-                  "overstates the model on these chips; the test chips, used neither in "
-                  "training nor in choosing, compare it fairly with the forest.", ""]
+        lines += [
+            f"The validation IoU chose this checkpoint, the best of {scores['val_epochs']}"
+            f" validated epochs (their median: {_fmt(scores['val_median'])}), so it "
+            "overstates the model on these chips; the test chips, used neither in "
+            "training nor in choosing, compare it fairly with the forest.",
+            "",
+        ]
     if scores.get("alias"):
-        lines.append(f"Alias after training: **{scores['alias']}**"
-                     + (f" ({scores['alias_reason']})" if scores.get("alias_reason") else "")
-                     + ".")
+        lines.append(
+            f"Alias after training: **{scores['alias']}**"
+            + (f" ({scores['alias_reason']})" if scores.get("alias_reason") else "")
+            + "."
+        )
     chips = facts.get("chips", {})
-    lines.append(f"Trained on `{_code(facts.get('uri'))}` (digest `{facts.get('digest')}`; chips "
-                 f"train/validation/test {'/'.join(str(chips.get(s, 0)) for s in SPLITS)})"
-                 + (f", MLflow run `{scores['run_id']}`" if scores.get("run_id") else "")
-                 + f". Full model card: run artifact `{CARD_FOLDER}/model_card.md`.")
+    lines.append(
+        f"Trained on `{_code(facts.get('uri'))}` (digest `{facts.get('digest')}`; chips "
+        f"train/validation/test {'/'.join(str(chips.get(s, 0)) for s in SPLITS)})"
+        + (f", MLflow run `{scores['run_id']}`" if scores.get("run_id") else "")
+        + f". Full model card: run artifact `{CARD_FOLDER}/model_card.md`."
+    )
     return "\n".join(lines)
 
 
-def model_card(config: dict, facts: dict, scores: dict, training: dict,
-               test: dict | None = None, images: list[str] | None = None) -> str:
+def model_card(
+    config: dict,
+    facts: dict,
+    scores: dict,
+    training: dict,
+    test: dict | None = None,
+    images: list[str] | None = None,
+) -> str:
     """The whole card (Markdown).
 
     Args:
@@ -185,60 +227,98 @@ def model_card(config: dict, facts: dict, scores: dict, training: dict,
     classes = schema_from_config(config)
     values = list(config["class_values"])
     norm = config.get("normalization", {})
-    lines = ["# Model card", "", "## Summary", "", summary(config, facts, scores), "",
-             "## Data", ""]
-    lines += [f"- dataset: `{_code(facts.get('uri'))}`, digest `{facts.get('digest')}` (chip "
-              "manifests and split CSVs)",
-              f"- scenes: {', '.join(f'`{_code(s)}`' for s in facts.get('scenes', [])) or '–'}",
-              f"- chip parameters: {json.dumps(facts.get('chip_params', {}))}",
-              f"- split parameters: {json.dumps(facts.get('split_params', {}))}", ""]
+    lines = [
+        "# Model card",
+        "",
+        "## Summary",
+        "",
+        summary(config, facts, scores),
+        "",
+        "## Data",
+        "",
+    ]
+    lines += [
+        f"- dataset: `{_code(facts.get('uri'))}`, digest `{facts.get('digest')}` (chip "
+        "manifests and split CSVs)",
+        f"- scenes: {', '.join(f'`{_code(s)}`' for s in facts.get('scenes', [])) or '–'}",
+        f"- chip parameters: {json.dumps(facts.get('chip_params', {}))}",
+        f"- split parameters: {json.dumps(facts.get('split_params', {}))}",
+        "",
+    ]
     shares = facts.get("class_shares", {})
     if shares:
-        lines += _table(["class", "value", *[f"{s} share" for s in SPLITS if s in shares]],
-                        [[classes.name(v), v, *[f"{shares[s].get(v, 0.0):.1%}"
-                                                for s in SPLITS if s in shares]]
-                         for v in values]) + [""]
-    lines += _table(["split", "chips"], [[s, facts.get("chips", {}).get(s, 0)]
-                                         for s in SPLITS]) + ["", "## Input contract", ""]
+        lines += _table(
+            ["class", "value", *[f"{s} share" for s in SPLITS if s in shares]],
+            [
+                [
+                    classes.name(v),
+                    v,
+                    *[f"{shares[s].get(v, 0.0):.1%}" for s in SPLITS if s in shares],
+                ]
+                for v in values
+            ],
+        ) + [""]
+    lines += _table(["split", "chips"], [[s, facts.get("chips", {}).get(s, 0)] for s in SPLITS]) + [
+        "",
+        "## Input contract",
+        "",
+    ]
     bands = config.get("band_names") or [f"band {i + 1}" for i in range(config["in_channels"])]
     mean, std = norm.get("mean"), norm.get("std")
-    lines += [f"- {config['in_channels']} bands, dtype {config.get('dtype', '–')}, chips of "
-              f"{config['tile_size'][0]} × {config['tile_size'][1]} px",
-              f"- scaler: {norm.get('scaler')} (pixel values are divided by it first); "
-              f"nodata: {norm.get('nodata')}", ""]
-    lines += _table(["band", "name", "mean", "std"],
-                    [[i + 1, name, _band_stat(mean, i), _band_stat(std, i)]
-                     for i, name in enumerate(bands)])
+    lines += [
+        f"- {config['in_channels']} bands, dtype {config.get('dtype', '–')}, chips of "
+        f"{config['tile_size'][0]} × {config['tile_size'][1]} px",
+        f"- scaler: {norm.get('scaler')} (pixel values are divided by it first); "
+        f"nodata: {norm.get('nodata')}",
+        "",
+    ]
+    lines += _table(
+        ["band", "name", "mean", "std"],
+        [[i + 1, name, _band_stat(mean, i), _band_stat(std, i)] for i, name in enumerate(bands)],
+    )
     lines += ["", "## Results", ""]
     if test:
-        lines.append(f"Test mean IoU **{_fmt(test.get('mean_iou_pooled'))}** pooled over "
-                     f"pixels, {_fmt(test.get('mean_iou_per_chip_specdeepmap'))} per-chip mean "
-                     f"(SpecDeepMap's), overall accuracy {_fmt(test.get('overall_accuracy'))}.")
+        lines.append(
+            f"Test mean IoU **{_fmt(test.get('mean_iou_pooled'))}** pooled over "
+            f"pixels, {_fmt(test.get('mean_iou_per_chip_specdeepmap'))} per-chip mean "
+            f"(SpecDeepMap's), overall accuracy {_fmt(test.get('overall_accuracy'))}."
+        )
         lines.append("")
         per_class = {r["Class"]: r for r in test.get("per_class", [])}
         baseline = test.get("baseline_rf_iou") or [None] * len(values)
-        lines += _table(["class", "value", "IoU", "precision", "recall", "RandomForest IoU"],
-                        [[classes.name(v), v, per_class.get(v, {}).get("IoU"),
-                          per_class.get(v, {}).get("Precision"),
-                          per_class.get(v, {}).get("Recall"), b]
-                         for v, b in zip(values, baseline)])
+        lines += _table(
+            ["class", "value", "IoU", "precision", "recall", "RandomForest IoU"],
+            [
+                [
+                    classes.name(v),
+                    v,
+                    per_class.get(v, {}).get("IoU"),
+                    per_class.get(v, {}).get("Precision"),
+                    per_class.get(v, {}).get("Recall"),
+                    b,
+                ]
+                for v, b in zip(values, baseline, strict=True)
+            ],
+        )
     else:
         lines.append("Not tested yet (the training pipeline tests every version).")
     for image in images or []:
         lines += ["", f"![{image}]({image})"]
     lines += ["", "## Training", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in training.items()]
-    lines += [f"- weights: {config.get('weights')}, frozen encoder: "
-              f"{config.get('freeze_backbone')}",
-              f"- spectral front-end channels: {config.get('spectral_channels')}, encoder "
-              f"depth: {config.get('encoder_depth')}",
-              f"- software: specdeepmap {config.get('version')}"]
+    lines += [
+        f"- weights: {config.get('weights')}, frozen encoder: {config.get('freeze_backbone')}",
+        f"- spectral front-end channels: {config.get('spectral_channels')}, encoder "
+        f"depth: {config.get('encoder_depth')}",
+        f"- software: specdeepmap {config.get('version')}",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def prediction_panels(test_csv: str, predictor, png_uri: str, count: int = 4) -> str | None:
     """A PNG of a few test chips: image (three bands), label and prediction in the classes'
-    colours. The chips shown are those with the most classes (ties: CSV order)."""
+    colours. The chips shown are those with the most classes (ties: CSV order).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,8 +328,10 @@ def prediction_panels(test_csv: str, predictor, png_uri: str, count: int = 4) ->
     if frame.empty:
         return None
     folder = storage.parent(test_csv)
-    pairs = [(resolve_row(folder, i), resolve_row(folder, m))
-             for i, m in zip(frame["image"], frame["mask"])]
+    pairs = [
+        (resolve_row(folder, i), resolve_row(folder, m))
+        for i, m in zip(frame["image"], frame["mask"], strict=True)
+    ]
     labels = []
     for _, mask in pairs:
         with storage.open_raster(mask) as src:
@@ -263,16 +345,21 @@ def prediction_panels(test_csv: str, predictor, png_uri: str, count: int = 4) ->
     predictions = predictor.predict_classes(np.stack(images))
     classes: ClassSchema = predictor.classes
     fig, axes = plt.subplots(len(chosen), 3, figsize=(7.5, 2.5 * len(chosen)), squeeze=False)
-    for row, (i, image, pred) in enumerate(zip(chosen, images, predictions)):
+    for row, (i, image, pred) in enumerate(zip(chosen, images, predictions, strict=True)):
         truth = labels[i]
         pred = np.where(truth == 0, 0, pred)  # unlabelled pixels are not judged
-        for col, (title, panel) in enumerate((("image", _rgb(image, predictor)),
-                                              ("label", _colour(truth, classes)),
-                                              ("prediction", _colour(pred, classes)))):
+        for col, (title, panel) in enumerate(
+            (
+                ("image", _rgb(image, predictor)),
+                ("label", _colour(truth, classes)),
+                ("prediction", _colour(pred, classes)),
+            )
+        ):
             axes[row, col].imshow(panel, interpolation="nearest")
             axes[row, col].set_axis_off()
-            axes[row, col].set_title(f"{title}: {storage.stem(pairs[i][0])}" if col == 0
-                                     else title, fontsize=7)
+            axes[row, col].set_title(
+                f"{title}: {storage.stem(pairs[i][0])}" if col == 0 else title, fontsize=7
+            )
     fig.tight_layout()
     with storage.atomic_output(png_uri) as tmp:
         fig.savefig(tmp, dpi=100)
@@ -282,7 +369,8 @@ def prediction_panels(test_csv: str, predictor, png_uri: str, count: int = 4) ->
 
 def _rgb(image: np.ndarray, predictor) -> np.ndarray:
     """Three bands, each stretched to its 2-98 % range (red, green, blue by band name where
-    known, else three bands spread over the spectrum)."""
+    known, else three bands spread over the spectrum).
+    """
     names = [n.upper() for n in predictor.config.get("band_names") or []]
     wanted = ("B04", "B03", "B02")
     if all(w in names for w in wanted):
@@ -303,10 +391,19 @@ def _colour(labels: np.ndarray, classes: ClassSchema) -> np.ndarray:
     return out
 
 
-def publish_model_card(name: str, version: str, run_id: str, model_uri: str, dataset: str,
-                       scores: dict, training: dict, test_folder: str | None = None,
-                       test_csv: str | None = None, facts: dict | None = None,
-                       client=None) -> str:
+def publish_model_card(
+    name: str,
+    version: str,
+    run_id: str,
+    model_uri: str,
+    dataset: str,
+    scores: dict,
+    training: dict,
+    test_folder: str | None = None,
+    test_csv: str | None = None,
+    facts: dict | None = None,
+    client=None,
+) -> str:
     """Write the card of a model version and show it in MLflow; returns the Markdown.
 
     The card and its images go to the run's ``model_card/`` artifacts (replacing an earlier
@@ -332,13 +429,12 @@ def publish_model_card(name: str, version: str, run_id: str, model_uri: str, dat
                 if storage.exists(uri):
                     storage.download(uri, storage.join(folder, image))
                     images.append(image)
-        if test_csv and prediction_panels(test_csv, predictor,
-                                          storage.join(folder, "prediction_panels.png")):
+        if test_csv and prediction_panels(
+            test_csv, predictor, storage.join(folder, "prediction_panels.png")
+        ):
             images.append("prediction_panels.png")
         card = model_card(predictor.config, facts, scores, training, test, images)
         storage.write_text(storage.join(folder, "model_card.md"), card)
         client.log_artifacts(run_id, folder, artifact_path=CARD_FOLDER)
-    client.update_model_version(name, version,
-                                description=summary(predictor.config, facts, scores))
+    client.update_model_version(name, version, description=summary(predictor.config, facts, scores))
     return card
-

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from typing_extensions import override
 
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidParameterError, UnsafeModelFileError
@@ -27,8 +28,12 @@ from specdeepmap.params import ARCHITECTURE_ALIASES
 log = logging.getLogger(__name__)
 
 #: our name → smp class name; SpecDeepMap's names map onto the same entries
-ARCHITECTURES = {"unet": "Unet", "unetplusplus": "UnetPlusPlus", "deeplabv3plus": "DeepLabV3Plus",
-                 "segformer": "Segformer"}
+ARCHITECTURES = {
+    "unet": "Unet",
+    "unetplusplus": "UnetPlusPlus",
+    "deeplabv3plus": "DeepLabV3Plus",
+    "segformer": "Segformer",
+}
 #: SSL4EO-S12 MoCo weights (Wang et al. 2023) as distributed by torchgeo: timm ResNet state
 #: dicts for 13 Sentinel-2 L1C bands (B01…B12 incl. B10), inputs divided by 10 000.
 SENTINEL2_WEIGHTS = {
@@ -43,7 +48,8 @@ def canonical_architecture(name: str) -> str:
     if key is None:
         raise InvalidParameterError(
             f"Unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)} "
-            "(SpecDeepMap's 'U-Net', 'U-Net++', 'DeepLabV3+', 'SegFormer' work too)")
+            "(SpecDeepMap's 'U-Net', 'U-Net++', 'DeepLabV3+', 'SegFormer' work too)"
+        )
     return key
 
 
@@ -58,7 +64,8 @@ def check_backbone(backbone: str) -> None:
     elif backbone not in smp.encoders.get_encoder_names():
         raise InvalidParameterError(
             f"Unknown backbone {backbone!r}: use an smp encoder such as resnet18, resnet50, "
-            "efficientnet-b0, mobilenet_v2, or any timm model as tu-NAME (e.g. tu-convnext_tiny)")
+            "efficientnet-b0, mobilenet_v2, or any timm model as tu-NAME (e.g. tu-convnext_tiny)"
+        )
 
 
 #: width of the spectral front-end built by default (``spectral_channels=-1``)
@@ -80,9 +87,15 @@ class ModelSpec:
     @classmethod
     def from_config(cls, config: dict) -> ModelSpec:
         """The spec a model file's config describes (older files lack the later keys)."""
-        return cls(config["architecture"], config["backbone"], int(config["in_channels"]),
-                   int(config["num_classes"]), int(config.get("spectral_channels") or 0),
-                   int(config.get("encoder_depth") or 5), config.get("norm") or "batch")
+        return cls(
+            config["architecture"],
+            config["backbone"],
+            int(config["in_channels"]),
+            int(config["num_classes"]),
+            int(config.get("spectral_channels") or 0),
+            int(config.get("encoder_depth") or 5),
+            config.get("norm") or "batch",
+        )
 
 
 #: U-Net decoder widths by resolution (stride 16 … 1); a shallower network keeps the last ones
@@ -109,7 +122,8 @@ def encoder_depth_for(architecture: str, tile: int, requested: int) -> int:
     if architecture not in DEPTH_ARCHITECTURES or not 3 <= requested <= 5:
         raise InvalidParameterError(
             f"encoder depth {requested}: U-Net and U-Net++ take 3-5 (or -1, auto), "
-            f"{architecture} only 5")
+            f"{architecture} only 5"
+        )
     return requested
 
 
@@ -117,7 +131,8 @@ def spectral_channels_for(bands: int, requested: int) -> int:
     """Width of the spectral front-end: ``requested`` if > 0, none if 0, and for -1 (auto)
     :data:`SPECTRAL_AUTO_CHANNELS` whatever the band count: it cut the first layer's weights
     7-fold for 224 EnMAP bands, and its per-pixel head lifted the rare, spectrally distinct
-    classes of 13-band Sentinel-2 data too (docs/recipe.md)."""
+    classes of 13-band Sentinel-2 data too (docs/recipe.md).
+    """
     return SPECTRAL_AUTO_CHANNELS if requested == -1 else requested
 
 
@@ -138,9 +153,12 @@ class SpectralSegmentation(nn.Module):
         super().__init__()
         hidden = max(channels, min(2 * channels, in_channels))
         self.spectral = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden),
-            nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1, bias=False),
-            nn.BatchNorm2d(channels))
+            nn.Conv2d(in_channels, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
         self.net = net
         self.pixel_head = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, num_classes, 1))
 
@@ -149,12 +167,14 @@ class SpectralSegmentation(nn.Module):
         """The network's encoder (what pretrained weights and freezing apply to)."""
         return self.net.encoder
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_parts(x)[0]
 
     def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The logits :meth:`forward` returns and the per-pixel head's share of them (for an
-        auxiliary loss that trains the per-pixel path on its own)."""
+        auxiliary loss that trains the per-pixel path on its own).
+        """
         features = self.spectral(x)
         pixel = self.pixel_head(features)
         return self.net(features) + pixel, pixel
@@ -197,6 +217,7 @@ class EnsembleSegmentation(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.stack([m(x)[:, 1:].softmax(dim=1) for m in self.members]).mean(dim=0)
         logits = mean.clamp_min(1e-12).log()
@@ -205,7 +226,8 @@ class EnsembleSegmentation(nn.Module):
 
 def build_network(config: dict) -> nn.Module:
     """The untrained network a model file's config describes: one network, or an
-    :class:`EnsembleSegmentation` of ``config["ensemble"]`` of them."""
+    :class:`EnsembleSegmentation` of ``config["ensemble"]`` of them.
+    """
     spec = ModelSpec.from_config(config)
     members = int(config.get("ensemble") or 1)
     if members == 1:
@@ -232,12 +254,18 @@ def build_model(spec: ModelSpec, imagenet: bool = False) -> nn.Module:
     check_backbone(spec.backbone)
     cls = getattr(smp, ARCHITECTURES[architecture])
     encoder_bands = spec.spectral_channels or spec.in_channels
-    kwargs = dict(encoder_name=spec.backbone, in_channels=encoder_bands,
-                  classes=spec.num_classes, encoder_weights="imagenet" if imagenet else None)
+    kwargs = dict(
+        encoder_name=spec.backbone,
+        in_channels=encoder_bands,
+        classes=spec.num_classes,
+        encoder_weights="imagenet" if imagenet else None,
+    )
     if spec.encoder_depth != 5:
         encoder_depth_for(architecture, 0, spec.encoder_depth)  # raises for other networks
-        kwargs |= dict(encoder_depth=spec.encoder_depth,
-                       decoder_channels=DECODER_CHANNELS[-spec.encoder_depth:])
+        kwargs |= dict(
+            encoder_depth=spec.encoder_depth,
+            decoder_channels=DECODER_CHANNELS[-spec.encoder_depth :],
+        )
     try:
         model = cls(**kwargs)
     except OSError as error:  # urllib's URLError and socket errors are OSErrors
@@ -245,16 +273,19 @@ def build_model(spec: ModelSpec, imagenet: bool = False) -> nn.Module:
             raise InvalidParameterError(
                 f"ImageNet weights for {spec.backbone} could not be downloaded ({error}). "
                 "Offline, download the encoder's state dict elsewhere and pass it as a weights "
-                "file (--weights PATH_OR_URI).") from error
+                "file (--weights PATH_OR_URI)."
+            ) from error
         raise
     except (RuntimeError, ValueError, KeyError) as error:
         raise InvalidParameterError(
-            f"Cannot build {architecture} with backbone {spec.backbone}: {error}") from error
+            f"Cannot build {architecture} with backbone {spec.backbone}: {error}"
+        ) from error
     if spec.encoder_depth != 5:
         _drop_unused_stages(model.encoder, encoder_bands)
     if spec.spectral_channels:
-        model = SpectralSegmentation(spec.in_channels, spec.spectral_channels,
-                                     spec.num_classes, model)
+        model = SpectralSegmentation(
+            spec.in_channels, spec.spectral_channels, spec.num_classes, model
+        )
     if spec.norm == "group":
         to_group_norm(model)
     elif spec.norm != "batch":
@@ -281,9 +312,17 @@ def to_group_norm(model: nn.Module) -> None:
     """
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.BatchNorm2d):
-            replace_submodule(model, name, nn.GroupNorm(
-                group_count(module.num_features), module.num_features, eps=module.eps,
-                affine=module.affine, device=module.weight.device if module.affine else None))
+            replace_submodule(
+                model,
+                name,
+                nn.GroupNorm(
+                    group_count(module.num_features),
+                    module.num_features,
+                    eps=module.eps,
+                    affine=module.affine,
+                    device=module.weight.device if module.affine else None,
+                ),
+            )
 
 
 def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -300,8 +339,10 @@ def _drop_unused_stages(encoder: nn.Module, in_channels: int) -> None:
     DDP wait for gradients that never come.
     """
     called: set[nn.Module] = set()
-    hooks = [child.register_forward_hook(lambda module, *_: called.add(module))
-             for child in encoder.children()]
+    hooks = [
+        child.register_forward_hook(lambda module, *_: called.add(module))
+        for child in encoder.children()
+    ]
     with torch.no_grad():
         was_training = encoder.training
         encoder.eval()
@@ -332,7 +373,8 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
         raise UnsafeModelFileError(
             f"{uri} is not a plain state dict: loading it would unpickle arbitrary objects "
             f"({type(error).__name__}). Save it with torch.save(model.state_dict()) or as "
-            ".safetensors.") from error
+            ".safetensors."
+        ) from error
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -360,8 +402,9 @@ def load_encoder_weights(model: nn.Module, uri: str, adapt_first_conv: bool = Fa
     for key, value in source.items():
         key = key.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder.")
         key = key.removeprefix("model.")
-        if key.startswith("fc.") or key.startswith("head.") or \
-                key.split(".")[0] in dropped:  # stages a shallower encoder left out
+        if (
+            key.startswith("fc.") or key.startswith("head.") or key.split(".")[0] in dropped
+        ):  # stages a shallower encoder left out
             continue
         mapped[prefix + key] = value
     missing = sorted(set(target) - set(mapped))
@@ -370,32 +413,40 @@ def load_encoder_weights(model: nn.Module, uri: str, adapt_first_conv: bool = Fa
         raise InputMismatchError(
             f"Weights {uri} do not fit the encoder: {len(missing)} missing keys (e.g. "
             f"{missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). Is the "
-            "backbone right (resnet18 vs resnet50)?")
+            "backbone right (resnet18 vs resnet50)?"
+        )
     for key, value in mapped.items():
         if value.shape == target[key].shape:
             continue
-        first_conv = value.ndim == 4 and value.shape[0] == target[key].shape[0] and \
-            value.shape[2:] == target[key].shape[2:]
+        first_conv = (
+            value.ndim == 4
+            and value.shape[0] == target[key].shape[0]
+            and value.shape[2:] == target[key].shape[2:]
+        )
         if first_conv and not adapt_first_conv:
             raise InputMismatchError(
                 f"Weights {uri} expect {value.shape[1]} input bands, the data have "
                 f"{target[key].shape[1]}. Give data with {value.shape[1]} bands, or set "
                 "adapt_first_conv (--adapt-first-conv) to repeat the pretrained kernels over "
-                "the bands.")
+                "the bands."
+            )
         if first_conv:
             bands = target[key].shape[1]
             repeats = -(-bands // value.shape[1])
             mapped[key] = value.repeat(1, repeats, 1, 1)[:, :bands] * (value.shape[1] / bands)
         else:
-            raise InputMismatchError(f"Weights {uri}: {key} has shape {tuple(value.shape)}, "
-                                     f"the encoder needs {tuple(target[key].shape)}")
+            raise InputMismatchError(
+                f"Weights {uri}: {key} has shape {tuple(value.shape)}, "
+                f"the encoder needs {tuple(target[key].shape)}"
+            )
     encoder.load_state_dict(mapped)
     log.info("Loaded encoder weights from %s (%d tensors)", uri, len(mapped))
 
 
 def freeze_encoder(model: nn.Module) -> None:
     """Stop gradients into the encoder (its BatchNorm statistics still adapt); a spectral
-    front-end stays trainable."""
+    front-end stays trainable.
+    """
     for parameter in backbone_encoder(model).parameters():
         parameter.requires_grad = False
 

@@ -29,8 +29,9 @@ class Normalization:
         """Normalise a (bands, rows, cols) or (batch, bands, rows, cols) array to float32."""
         band_axis = image.ndim - 3
         invalid = None
-        if self.nodata is not None and not (isinstance(self.nodata, float)
-                                            and math.isnan(self.nodata)):
+        if self.nodata is not None and not (
+            isinstance(self.nodata, float) and math.isnan(self.nodata)
+        ):
             invalid = np.all(image == self.nodata, axis=band_axis, keepdims=True)
         x = image.astype(np.float32, copy=True)
         if self.scaler:
@@ -53,19 +54,35 @@ class Normalization:
 
     def to_dict(self) -> dict:
         """Plain data for a checkpoint (NaN becomes None)."""
+
         def clean(values):
-            return None if values is None else [None if not math.isfinite(v) else float(v)
-                                                 for v in values]
-        return {"scaler": self.scaler, "mean": clean(self.mean), "std": clean(self.std),
-                "nodata": None if self.nodata is None or (isinstance(self.nodata, float)
-                                                          and math.isnan(self.nodata))
-                else float(self.nodata)}
+            return (
+                None
+                if values is None
+                else [None if not math.isfinite(v) else float(v) for v in values]
+            )
+
+        return {
+            "scaler": self.scaler,
+            "mean": clean(self.mean),
+            "std": clean(self.std),
+            "nodata": None
+            if self.nodata is None or (isinstance(self.nodata, float) and math.isnan(self.nodata))
+            else float(self.nodata),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> Normalization:
         """Inverse of :meth:`to_dict`."""
+
         def restore(values):
-            return None if values is None else tuple(float("nan") if v is None else v
-                                                     for v in values)
-        return cls(scaler=data.get("scaler"), mean=restore(data.get("mean")),
-                   std=restore(data.get("std")), nodata=data.get("nodata"))
+            return (
+                None if values is None else tuple(float("nan") if v is None else v for v in values)
+            )
+
+        return cls(
+            scaler=data.get("scaler"),
+            mean=restore(data.get("mean")),
+            std=restore(data.get("std")),
+            nodata=data.get("nodata"),
+        )

@@ -25,9 +25,15 @@ from specdeepmap.errors import InvalidParameterError
 Architecture = Literal["unet", "unetplusplus", "deeplabv3plus", "segformer"]
 #: SpecDeepMap's names (and spellings users type) for our architecture names
 ARCHITECTURE_ALIASES = {
-    "u-net": "unet", "unet": "unet", "u-net++": "unetplusplus", "unet++": "unetplusplus",
-    "unetplusplus": "unetplusplus", "deeplabv3+": "deeplabv3plus",
-    "deeplabv3plus": "deeplabv3plus", "segformer": "segformer"}
+    "u-net": "unet",
+    "unet": "unet",
+    "u-net++": "unetplusplus",
+    "unet++": "unetplusplus",
+    "unetplusplus": "unetplusplus",
+    "deeplabv3+": "deeplabv3plus",
+    "deeplabv3plus": "deeplabv3plus",
+    "segformer": "segformer",
+}
 Device = Literal["cpu", "gpu", "auto"]
 
 
@@ -37,27 +43,32 @@ def describe_validation_error(name: str, error: ValidationError) -> str:
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "settings"
         message = item["msg"].removeprefix("Value error, ")
-        got = f" (got {item['input']!r})" if item["type"] not in ("value_error",
-                                                                   "extra_forbidden") else ""
+        got = (
+            f" (got {item['input']!r})"
+            if item["type"] not in ("value_error", "extra_forbidden")
+            else ""
+        )
         parts.append(f"{where}: {message}{got}")
     return f"{name}: " + "; ".join(parts)
 
 
 class StepParams(BaseModel):
-    """Base of the step models: unknown fields are refused, assignments validated.
+    """Base of the step models: unknown fields are refused; a model is immutable once valid.
 
     Built in Python (``ChipParams(tile_x=0)``) a bad value raises
-    :class:`InvalidParameterError` with one line per wrong field.
+    :class:`InvalidParameterError` with one line per wrong field. Immutable, a model can be a
+    default argument and a cache key; ``model_copy(update=...)`` makes a changed copy.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as error:
             raise InvalidParameterError(
-                describe_validation_error(type(self).__name__, error)) from None
+                describe_validation_error(type(self).__name__, error)
+            ) from None
 
 
 class ChipParams(StepParams):
@@ -65,12 +76,19 @@ class ChipParams(StepParams):
 
     tile_x: int = Field(256, ge=1, le=8192, description="Chip width in pixels.")
     tile_y: int = Field(256, ge=1, le=8192, description="Chip height in pixels.")
-    step_x: int = Field(256, ge=1, le=8192, description="Distance between chip origins "
-                        "along X in pixels (smaller than the tile: overlapping chips).")
-    step_y: int = Field(256, ge=1, le=8192, description="Distance between chip origins "
-                        "along Y in pixels.")
-    min_coverage: float = Field(50, ge=0, le=100, description="Minimum labelled share per "
-                                "chip in % (0 keeps every chip).")
+    step_x: int = Field(
+        256,
+        ge=1,
+        le=8192,
+        description="Distance between chip origins "
+        "along X in pixels (smaller than the tile: overlapping chips).",
+    )
+    step_y: int = Field(
+        256, ge=1, le=8192, description="Distance between chip origins along Y in pixels."
+    )
+    min_coverage: float = Field(
+        50, ge=0, le=100, description="Minimum labelled share per chip in % (0 keeps every chip)."
+    )
 
     @property
     def tile_size(self) -> tuple[int, int]:
@@ -86,30 +104,54 @@ class ChipParams(StepParams):
 class SplitParams(StepParams):
     """Dataset Maker: set shares, seed, scaler, balancing strategy (SpecDeepMap's defaults)."""
 
-    train_percent: float = Field(80, ge=0, le=100, description="Share of chips for training.",
-                                 json_schema_extra={"cli": ["--train"]})
-    validation_percent: float = Field(10, ge=0, le=100, description="Share for validation.",
-                                      json_schema_extra={"cli": ["--validation"]})
-    test_percent: float = Field(10, ge=0, le=100, description="Share for testing.",
-                                json_schema_extra={"cli": ["--test"]})
+    train_percent: float = Field(
+        80,
+        ge=0,
+        le=100,
+        description="Share of chips for training.",
+        json_schema_extra={"cli": ["--train"]},
+    )
+    validation_percent: float = Field(
+        10,
+        ge=0,
+        le=100,
+        description="Share for validation.",
+        json_schema_extra={"cli": ["--validation"]},
+    )
+    test_percent: float = Field(
+        10, ge=0, le=100, description="Share for testing.", json_schema_extra={"cli": ["--test"]}
+    )
     seed: int = Field(42, ge=0, description="Random seed of the split.")
-    scaler: float | None = Field(None, gt=0, description="Divide pixel values by this before "
-                                 "statistics and training (e.g. 10000 for reflectance x 10000).")
+    scaler: float | None = Field(
+        None,
+        gt=0,
+        description="Divide pixel values by this before "
+        "statistics and training (e.g. 10000 for reflectance x 10000).",
+    )
     normalize: bool = Field(True, description="Write per-band mean/std (Normalize_Bands.csv).")
     strategy: Literal["balanced-groups", "balanced", "spatial-blocks"] = Field(
-        "balanced-groups", description="balanced-groups: balance class shares over groups of "
+        "balanced-groups",
+        description="balanced-groups: balance class shares over groups of "
         "touching chips and leave out training chips that touch a validation or test chip "
         "(no spatial leakage); balanced: SpecDeepMap's, over single chips (neighbours may "
-        "leak); spatial-blocks: over blocks of block_size x block_size chips.")
+        "leak); spatial-blocks: over blocks of block_size x block_size chips.",
+    )
     class_weighting: Literal["one-minus-share", "inverse-frequency"] = Field(
-        "one-minus-share", description="Class weights of the loss: one-minus-share "
-        "(SpecDeepMap's) or inverse-frequency.")
-    block_size: int = Field(4, ge=1, le=1024, description="spatial-blocks: chips per block "
-                            "edge.")
-    min_class_share: float = Field(0.01, ge=0, le=1, description="Each set holds at least "
-                                   "this share of every class's pixels (SpecDeepMap: 0.01).")
-    max_search_seconds: float = Field(2.0, gt=0, le=3600, description="Time the balancing "
-                                      "search may take.")
+        "one-minus-share",
+        description="Class weights of the loss: one-minus-share "
+        "(SpecDeepMap's) or inverse-frequency.",
+    )
+    block_size: int = Field(4, ge=1, le=1024, description="spatial-blocks: chips per block edge.")
+    min_class_share: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Each set holds at least "
+        "this share of every class's pixels (SpecDeepMap: 0.01).",
+    )
+    max_search_seconds: float = Field(
+        2.0, gt=0, le=3600, description="Time the balancing search may take."
+    )
 
     @model_validator(mode="after")
     def _percentages(self) -> SplitParams:
@@ -123,101 +165,183 @@ class SplitParams(StepParams):
     @property
     def fractions(self) -> tuple[float, float, float]:
         """(train, validation, test) shares of the chips, 0-1."""
-        return (self.train_percent / 100, self.validation_percent / 100,
-                self.test_percent / 100)
+        return (self.train_percent / 100, self.validation_percent / 100, self.test_percent / 100)
 
 
 class TrainParams(StepParams):
     """Deep Learning Trainer: the network and the recipe a user chooses (no run plumbing)."""
 
     architecture: Architecture = Field(
-        "unet", description="Segmentation network: unet, unetplusplus, deeplabv3plus, "
-        "segformer (SpecDeepMap's 'U-Net', 'U-Net++', 'DeepLabV3+', 'SegFormer' too).")
-    backbone: str = Field("resnet18", min_length=1, description="Encoder: an smp encoder "
-                          "name (resnet18, resnet50, efficientnet-b0 ...) or 'tu-' followed "
-                          "by a timm model name.")
-    weights: str | None = Field(None, description="None, 'imagenet', or a weights file/URI "
-                                "(state dict, SSL4EO-S12 MoCo).")
-    adapt_first_conv: bool = Field(False, description="Repeat pretrained first-conv kernels "
-                                   "over another band count.")
-    freeze_backbone: bool | None = Field(None, description="Freeze the encoder (default: "
-                                         "frozen with pretrained weights).")
-    epochs: int = Field(30, ge=1, le=10_000, description="Training epochs (passes over the "
-                        "training chips, at least min_chips_per_epoch chips each).")
+        "unet",
+        description="Segmentation network: unet, unetplusplus, deeplabv3plus, "
+        "segformer (SpecDeepMap's 'U-Net', 'U-Net++', 'DeepLabV3+', 'SegFormer' too).",
+    )
+    backbone: str = Field(
+        "resnet18",
+        min_length=1,
+        description="Encoder: an smp encoder "
+        "name (resnet18, resnet50, efficientnet-b0 ...) or 'tu-' followed "
+        "by a timm model name.",
+    )
+    weights: str | None = Field(
+        None, description="None, 'imagenet', or a weights file/URI (state dict, SSL4EO-S12 MoCo)."
+    )
+    adapt_first_conv: bool = Field(
+        False, description="Repeat pretrained first-conv kernels over another band count."
+    )
+    freeze_backbone: bool | None = Field(
+        None, description="Freeze the encoder (default: frozen with pretrained weights)."
+    )
+    epochs: int = Field(
+        30,
+        ge=1,
+        le=10_000,
+        description="Training epochs (passes over the "
+        "training chips, at least min_chips_per_epoch chips each).",
+    )
     batch_size: int = Field(2, ge=1, le=1024, description="Chips per training step.")
     lr: float = Field(1e-3, ge=1e-7, le=1, description="Learning rate.")
-    lr_finder: bool = Field(False, description="Find a learning rate before training and "
-                            "use it.")
-    augment: bool = Field(True, description="Augmentation on or off (SpecDeepMap's data_aug; "
-                          "what it does: augmentation and spectral_jitter).")
+    lr_finder: bool = Field(False, description="Find a learning rate before training and use it.")
+    augment: bool = Field(
+        True,
+        description="Augmentation on or off (SpecDeepMap's data_aug; "
+        "what it does: augmentation and spectral_jitter).",
+    )
     augmentation: Literal["d4", "d4-rotate", "none"] = Field(
-        "d4", description="d4: random flips and quarter turns; d4-rotate: also a rotation up "
-        "to 45 degrees.")
-    spectral_jitter: bool = Field(True, description="Random spectral gain per chip "
-                                  "(brightness and per band).")
+        "d4",
+        description="d4: random flips and quarter turns; d4-rotate: also a rotation up "
+        "to 45 degrees.",
+    )
+    spectral_jitter: bool = Field(
+        True, description="Random spectral gain per chip (brightness and per band)."
+    )
     spectral_channels: int = Field(
-        -1, ge=-1, le=512, description="Learned per-pixel front-end and head width: -1 auto "
-        "(32; off with pretrained weights), 0 off.")
+        -1,
+        ge=-1,
+        le=512,
+        description="Learned per-pixel front-end and head width: -1 auto "
+        "(32; off with pretrained weights), 0 off.",
+    )
     spectral_init: Literal["pca", "random"] = Field(
-        "pca", description="pca: the front-end's first filters start on the training chips' "
-        "principal axes (every pixel, labelled or not); random: the usual random start.")
+        "pca",
+        description="pca: the front-end's first filters start on the training chips' "
+        "principal axes (every pixel, labelled or not); random: the usual random start.",
+    )
     encoder_depth: Literal[-1, 3, 4, 5] = Field(
-        -1, description="Encoder stages for U-Net/U-Net++; -1 auto: as many as keep the "
-        "deepest features at least 4 px wide on a chip (32 px chips: 3, 64: 4, larger: 5).")
+        -1,
+        description="Encoder stages for U-Net/U-Net++; -1 auto: as many as keep the "
+        "deepest features at least 4 px wide on a chip (32 px chips: 3, 64: 4, larger: 5).",
+    )
     loss: Literal["dice-ce", "lovasz-ce", "ce"] = Field(
-        "dice-ce", description="Dice + cross-entropy, Lovász-softmax + cross-entropy, or "
-        "cross-entropy alone (class weights apply to the cross-entropy).")
-    norm: Literal["batch", "group"] = Field("batch", description="Batch or group "
-                                            "normalisation in networks trained from scratch.")
+        "dice-ce",
+        description="Dice + cross-entropy, Lovász-softmax + cross-entropy, or "
+        "cross-entropy alone (class weights apply to the cross-entropy).",
+    )
+    norm: Literal["batch", "group"] = Field(
+        "batch", description="Batch or group normalisation in networks trained from scratch."
+    )
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (0: Adam).")
-    pixel_loss_weight: float = Field(0.0, ge=0, le=10, description="Also train the per-pixel "
-                                     "head alone, with this loss weight (0: off).")
-    cutmix: float = Field(0.5, ge=0, le=1, description="Share of training chips given a "
-                          "random box of another chip, image and labels (0: off).")
-    band_dropout: float = Field(0.0, ge=0, le=0.9, description="Share of the bands zeroed "
-                                "at random in each training chip (dropout over bands; 0: off).")
-    consistency: float = Field(0.0, ge=0, le=10, description="Weight of a FixMatch "
-                               "consistency loss on unlabelled pixels (0: off).")
+    pixel_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Also train the per-pixel head alone, with this loss weight (0: off).",
+    )
+    cutmix: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of training chips given a "
+        "random box of another chip, image and labels (0: off).",
+    )
+    band_dropout: float = Field(
+        0.0,
+        ge=0,
+        le=0.9,
+        description="Share of the bands zeroed "
+        "at random in each training chip (dropout over bands; 0: off).",
+    )
+    consistency: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Weight of a FixMatch consistency loss on unlabelled pixels (0: off).",
+    )
     pseudo_labels: float = Field(
-        0.0, ge=0, le=1, description="Label the training chips' unlabelled pixels with the "
-        "RandomForest's class where its vote share reaches this (0: off).")
+        0.0,
+        ge=0,
+        le=1,
+        description="Label the training chips' unlabelled pixels with the "
+        "RandomForest's class where its vote share reaches this (0: off).",
+    )
     weight_averaging: Literal["ema", "none"] = Field(
-        "none", description="ema: validate and keep an exponential moving average of the "
-        "weights (did not help on the shared real data sets, see docs/recipe.md).")
-    warmup_epochs: float = Field(1.0, ge=0, le=100, description="Linear learning-rate "
-                                 "warm-up epochs before the cosine decay.")
+        "none",
+        description="ema: validate and keep an exponential moving average of the "
+        "weights (did not help on the shared real data sets, see docs/recipe.md).",
+    )
+    warmup_epochs: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="Linear learning-rate warm-up epochs before the cosine decay.",
+    )
     min_chips_per_epoch: int = Field(
-        128, ge=0, le=1_000_000, description="Draw a small training set repeatedly until an "
-        "epoch holds this many chips (0: one pass per epoch).")
+        128,
+        ge=0,
+        le=1_000_000,
+        description="Draw a small training set repeatedly until an "
+        "epoch holds this many chips (0: one pass per epoch).",
+    )
     sampling: Literal["uniform", "class-balanced"] = Field(
-        "uniform", description="uniform: every chip as often; class-balanced: chips rich in "
-        "rare classes are drawn more often.")
+        "uniform",
+        description="uniform: every chip as often; class-balanced: chips rich in "
+        "rare classes are drawn more often.",
+    )
     ensemble: int = Field(
-        1, ge=1, le=16, description="Networks trained from different random starts whose mean "
+        1,
+        ge=1,
+        le=16,
+        description="Networks trained from different random starts whose mean "
         "class probabilities the model gives (N times the training and the mapping time; for "
-        "small training sets).")
+        "small training sets).",
+    )
     distill: bool = Field(
-        False, description="With ensemble > 1: one more network learns the members' mean "
+        False,
+        description="With ensemble > 1: one more network learns the members' mean "
         "class probabilities on every pixel, and the model is that one network (one "
-        "network's mapping time).")
-    balanced: bool = Field(True, description="Class weights (Summary_train_val.csv) in the "
-                           "loss.")
-    normalize: bool = Field(True, description="Z-score the bands with Normalize_Bands.csv "
-                            "(after the scaler).")
-    baseline: bool = Field(True, description="Fit and score a per-pixel RandomForest "
-                           "baseline; a model below it is never made champion automatically.")
-    baseline_pixels: int = Field(100_000, ge=1, le=100_000_000, description="Labelled "
-                                 "training pixels for the baseline at most.")
-    early_stopping: bool = Field(True, description="Stop when the validation IoU has not "
-                                 "improved for `patience` epochs (the best model is kept).")
-    patience: int = Field(20, ge=1, le=10_000, description="Epochs without improvement "
-                          "before stopping.")
-    seed: int = Field(42, ge=0, description="Random seed of the training (ensemble member i: "
-                      "seed + 1000 i).")
+        "network's mapping time).",
+    )
+    balanced: bool = Field(True, description="Class weights (Summary_train_val.csv) in the loss.")
+    normalize: bool = Field(
+        True, description="Z-score the bands with Normalize_Bands.csv (after the scaler)."
+    )
+    baseline: bool = Field(
+        True,
+        description="Fit and score a per-pixel RandomForest "
+        "baseline; a model below it is never made champion automatically.",
+    )
+    baseline_pixels: int = Field(
+        100_000,
+        ge=1,
+        le=100_000_000,
+        description="Labelled training pixels for the baseline at most.",
+    )
+    early_stopping: bool = Field(
+        True,
+        description="Stop when the validation IoU has not "
+        "improved for `patience` epochs (the best model is kept).",
+    )
+    patience: int = Field(
+        20, ge=1, le=10_000, description="Epochs without improvement before stopping."
+    )
+    seed: int = Field(
+        42, ge=0, description="Random seed of the training (ensemble member i: seed + 1000 i)."
+    )
     device: Device = Field("auto", description="auto: a GPU if there is one, else the CPU.")
     devices: int = Field(1, ge=1, le=64, description="GPUs (DDP when > 1).")
     precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
-        "32", description="Training arithmetic: 32-bit, or mixed precision on GPUs.")
+        "32", description="Training arithmetic: 32-bit, or mixed precision on GPUs."
+    )
 
     @field_validator("architecture", mode="before")
     @classmethod
@@ -229,11 +353,14 @@ class TrainParams(StepParams):
     @model_validator(mode="after")
     def _recipe(self) -> TrainParams:
         if self.distill and self.ensemble < 2:
-            raise ValueError("distill learns from an ensemble's mean: set ensemble >= 2 "
-                             "(e.g. 3) with it")
+            raise ValueError(
+                "distill learns from an ensemble's mean: set ensemble >= 2 (e.g. 3) with it"
+            )
         if self.ensemble > 1 and self.devices > 1:
-            raise ValueError("an ensemble (ensemble > 1) trains its members one after the "
-                             "other on one device: set devices to 1")
+            raise ValueError(
+                "an ensemble (ensemble > 1) trains its members one after the "
+                "other on one device: set devices to 1"
+            )
         return self
 
 
@@ -242,46 +369,78 @@ class EvaluateParams(StepParams):
 
     device: Device = Field("auto", description="auto: a GPU if there is one, else the CPU.")
     batch_size: int = Field(8, ge=1, le=1024, description="Chips per forward pass.")
-    mask_unlabelled: bool = Field(True, description="Set exported predictions to 0 where the "
-                                  "label is 0 (SpecDeepMap's no_data_label_mask).")
-    tta: bool = Field(False, description="Average predictions over the 8 flips and quarter "
-                      "turns of each chip (8 times the time).")
+    mask_unlabelled: bool = Field(
+        True,
+        description="Set exported predictions to 0 where the "
+        "label is 0 (SpecDeepMap's no_data_label_mask).",
+    )
+    tta: bool = Field(
+        False,
+        description="Average predictions over the 8 flips and quarter "
+        "turns of each chip (8 times the time).",
+    )
 
 
 class MapParams(StepParams):
     """Deep Learning Mapper: windows, blending, arithmetic and device."""
 
-    overlap: float = Field(10, ge=0, lt=50, description="Minimum overlap of neighbouring "
-                           "windows in % of the model's tile size (SpecDeepMap's 10).")
-    window: int | None = Field(None, ge=32, description="Window edge in px (default: 1, 2 "
-                               "or 4 x the training tile, fewest pixels processed; a window "
-                               "larger than the scene is cut to it).")
-    batch_size: int | None = Field(None, ge=1, description="Windows per forward pass "
-                                   "(default: about four 256 x 256 tiles of pixels; refused "
-                                   "before mapping when it would not fit in memory).")
+    overlap: float = Field(
+        10,
+        ge=0,
+        lt=50,
+        description="Minimum overlap of neighbouring "
+        "windows in % of the model's tile size (SpecDeepMap's 10).",
+    )
+    window: int | None = Field(
+        None,
+        ge=32,
+        description="Window edge in px (default: 1, 2 "
+        "or 4 x the training tile, fewest pixels processed; a window "
+        "larger than the scene is cut to it).",
+    )
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Windows per forward pass "
+        "(default: about four 256 x 256 tiles of pixels; refused "
+        "before mapping when it would not fit in memory).",
+    )
     blend: Literal["cosine", "linear", "gaussian", "none", "crop"] = Field(
-        "cosine", description="How overlapping windows are combined: cosine, linear or "
+        "cosine",
+        description="How overlapping windows are combined: cosine, linear or "
         "gaussian weights, none (plain mean), or crop (SpecDeepMap's: each pixel from the "
-        "window whose kept centre covers it).")
+        "window whose kept centre covers it).",
+    )
     precision: Literal["fp32", "bf16", "int8"] = Field(
-        "fp32", description="bf16: autocast (GPUs, AMX CPUs); int8: quantized network on the "
-        "CPU (several times faster on VNNI CPUs, a few pixels change class).")
-    channels_last: bool = Field(True, description="Run the network channels-last (faster "
-                                "convolutions on CPUs and GPUs).")
+        "fp32",
+        description="bf16: autocast (GPUs, AMX CPUs); int8: quantized network on the "
+        "CPU (several times faster on VNNI CPUs, a few pixels change class).",
+    )
+    channels_last: bool = Field(
+        True, description="Run the network channels-last (faster convolutions on CPUs and GPUs)."
+    )
     device: Device = Field("auto", description="auto: a GPU if there is one, else the CPU.")
-    tta: bool = Field(False, description="Average each window over its 8 flips and quarter "
-                      "turns: smoother maps at 8 times the mapping time.")
+    tta: bool = Field(
+        False,
+        description="Average each window over its 8 flips and quarter "
+        "turns: smoother maps at 8 times the mapping time.",
+    )
 
 
 class BaselineParams(StepParams):
     """Per-pixel RandomForest baseline: EnMAP-Box's defaults (100 trees), a pixel cap, a seed."""
 
     trees: int = Field(100, ge=1, le=10_000, description="Trees of the forest.")
-    max_pixels: int = Field(100_000, ge=1, le=100_000_000, description="Labelled training "
-                            "pixels sampled at most (spread over the chips).")
+    max_pixels: int = Field(
+        100_000,
+        ge=1,
+        le=100_000_000,
+        description="Labelled training pixels sampled at most (spread over the chips).",
+    )
     seed: int = Field(0, ge=0, description="Random seed of the pixel sample and the forest.")
-    n_jobs: int = Field(-1, ge=-1, le=1024, description="Threads fitting the forest (-1: all "
-                        "cores).")
+    n_jobs: int = Field(
+        -1, ge=-1, le=1024, description="Threads fitting the forest (-1: all cores)."
+    )
 
     @field_validator("n_jobs")
     @classmethod

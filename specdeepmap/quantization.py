@@ -45,8 +45,9 @@ ENGINE = "onednn"
 # torch warns, at the first forward pass of a process, that a quantized concatenation (a
 # U-Net's skip connections, DeepLabV3+'s ASPP) requantizes inputs of different scales: that
 # is the accuracy cost measured and reported above, not news to a mapping run's log
-warnings.filterwarnings("ignore", message="All inputs of this cat operator must share",
-                        category=UserWarning)
+warnings.filterwarnings(
+    "ignore", message="All inputs of this cat operator must share", category=UserWarning
+)
 #: pixels per calibration pass (observers cost per call, so few passes; memory: no more than
 #: one mapping batch holds): the mapper's eight 128² crops make one pass
 CALIBRATION_PIXELS = 4 * 256 * 256
@@ -65,7 +66,8 @@ def int8_supported() -> bool:
 
 class _EncoderDecoder(torch.nn.Module):
     """An smp model's encoder → decoder → head without its input-shape check, which torch.fx
-    cannot trace (the mapper's windows are multiples of 32 px already)."""
+    cannot trace (the mapper's windows are multiples of 32 px already).
+    """
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -99,8 +101,11 @@ def _prepare(model: torch.nn.Module, example: tuple, config: dict) -> torch.nn.M
             return prepare_fx(model, qconfig, example)
         except Exception:  # torch.fx raises many types on untraceable code
             # the decoders, of one network or of each member of an ensemble
-            decoders = {type(module) for name, module in model.named_modules()
-                        if name.rpartition(".")[2] == "decoder"}
+            decoders = {
+                type(module)
+                for name, module in model.named_modules()
+                if name.rpartition(".")[2] == "decoder"
+            }
             if not decoders:
                 raise
         custom = PrepareCustomConfig().set_non_traceable_module_classes(list(decoders))
@@ -110,7 +115,8 @@ def _prepare(model: torch.nn.Module, example: tuple, config: dict) -> torch.nn.M
             raise InvalidParameterError(
                 f"int8: the {config.get('architecture')}/{config.get('backbone')} network "
                 f"cannot be traced for quantization ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:200]}); use fp32") from error
+                f"{str(error).splitlines()[0][:200]}); use fp32"
+            ) from error
 
 
 @contextlib.contextmanager
@@ -139,8 +145,10 @@ def _fingerprint(model: torch.nn.Module) -> str:
     batch-norm folding bumps the counter and gets a new digest).
     """
     state = model.state_dict()
-    identity = (type(model).__qualname__, tuple(
-        (name, t.data_ptr(), t._version) for name, t in state.items()))
+    identity = (
+        type(model).__qualname__,
+        tuple((name, t.data_ptr(), t._version) for name, t in state.items()),
+    )
     if identity in _DIGESTS:
         return _DIGESTS[identity]
     digest = hashlib.blake2b(type(model).__qualname__.encode(), digest_size=16)
@@ -170,8 +178,9 @@ def _prepared_copy(predictor: Predictor, example: tuple) -> torch.nn.Module:
     key = _fingerprint(predictor.model)
     with _TRACE_LOCK:
         if key not in _TEMPLATES:
-            model = _traceable(_sharing_tensors(predictor.model).to(
-                memory_format=torch.contiguous_format))
+            model = _traceable(
+                _sharing_tensors(predictor.model).to(memory_format=torch.contiguous_format)
+            )
             _TEMPLATES[key] = _prepare(model, example, predictor.config)
             while len(_TEMPLATES) > _MAX_TEMPLATES:
                 _TEMPLATES.popitem(last=False)
@@ -197,7 +206,7 @@ def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Pr
         # few passes (observers cost per call), each no bigger than a mapping batch (memory)
         stacked = np.concatenate(batches)
         per_pass = max(1, CALIBRATION_PIXELS // (stacked.shape[2] * stacked.shape[3]))
-        batches = [stacked[i:i + per_pass] for i in range(0, len(stacked), per_pass)]
+        batches = [stacked[i : i + per_pass] for i in range(0, len(stacked), per_pass)]
     batches = [predictor.normalization.apply(batch) for batch in batches]
     example = (torch.from_numpy(np.ascontiguousarray(batches[0])),)
     with warnings.catch_warnings():
@@ -207,5 +216,6 @@ def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Pr
             for batch in batches:
                 prepared(torch.from_numpy(np.ascontiguousarray(batch)))
         quantized = convert_fx(prepared)
-    return Predictor(model=quantized, config=predictor.config, device=predictor.device,
-                     source=predictor.source)
+    return Predictor(
+        model=quantized, config=predictor.config, device=predictor.device, source=predictor.source
+    )

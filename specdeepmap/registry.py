@@ -32,9 +32,13 @@ class Decision:
     reason: str
 
 
-def decide(test_mean_iou: float, baseline_mean_iou: float | None = None,
-           champion_version: str | None = None, champion_mean_iou: float | None = None,
-           min_improvement: float = 0.0) -> Decision:
+def decide(
+    test_mean_iou: float,
+    baseline_mean_iou: float | None = None,
+    champion_version: str | None = None,
+    champion_mean_iou: float | None = None,
+    min_improvement: float = 0.0,
+) -> Decision:
     """The promotion rule, on scores measured on the *same* test chips.
 
     A version below the RandomForest baseline is never champion; the first version is; a
@@ -42,48 +46,73 @@ def decide(test_mean_iou: float, baseline_mean_iou: float | None = None,
     the same chips the champion stays (a number measured on other chips proves nothing).
     """
     if _known(baseline_mean_iou) and test_mean_iou < baseline_mean_iou:
-        return Decision(CHALLENGER, f"test mean IoU {test_mean_iou:.4f} is below the "
-                        f"RandomForest baseline's {baseline_mean_iou:.4f}")
+        return Decision(
+            CHALLENGER,
+            f"test mean IoU {test_mean_iou:.4f} is below the "
+            f"RandomForest baseline's {baseline_mean_iou:.4f}",
+        )
     if champion_version is None:
         return Decision(CHAMPION, "no champion yet")
     if not _known(champion_mean_iou):
-        return Decision(CHALLENGER, f"champion version {champion_version} could not be scored "
-                        "on the same test chips")
+        return Decision(
+            CHALLENGER,
+            f"champion version {champion_version} could not be scored on the same test chips",
+        )
     if test_mean_iou >= champion_mean_iou + min_improvement:
-        return Decision(CHAMPION, f"beats champion version {champion_version} "
-                        f"({champion_mean_iou:.4f}) by {test_mean_iou - champion_mean_iou:.4f}"
-                        f" >= {min_improvement:.4f} on the same test chips")
-    return Decision(CHALLENGER, f"does not beat champion version {champion_version} "
-                    f"({champion_mean_iou:.4f}) by {min_improvement:.4f} on the same test chips")
+        return Decision(
+            CHAMPION,
+            f"beats champion version {champion_version} "
+            f"({champion_mean_iou:.4f}) by {test_mean_iou - champion_mean_iou:.4f}"
+            f" >= {min_improvement:.4f} on the same test chips",
+        )
+    return Decision(
+        CHALLENGER,
+        f"does not beat champion version {champion_version} "
+        f"({champion_mean_iou:.4f}) by {min_improvement:.4f} on the same test chips",
+    )
 
 
 def _known(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
 
-def record_scores(name: str, version: str, test_mean_iou: float,
-                  baseline_mean_iou: float | None = None, champion_version: str | None = None,
-                  champion_mean_iou: float | None = None, client=None) -> None:
+def record_scores(
+    name: str,
+    version: str,
+    test_mean_iou: float,
+    baseline_mean_iou: float | None = None,
+    champion_version: str | None = None,
+    champion_mean_iou: float | None = None,
+    client=None,
+) -> None:
     """Keep the comparison as version tags (the MLflow UI shows them on the version's page)."""
     client = _client(client)
     tags = {"test_mean_iou": f"{test_mean_iou:.6f}"}
     if _known(baseline_mean_iou):
-        tags |= {"baseline_rf_test_mean_iou": f"{baseline_mean_iou:.6f}",
-                 "below_baseline": str(test_mean_iou < baseline_mean_iou).lower()}
-    if champion_version is not None and champion_version != str(version) and \
-            _known(champion_mean_iou):
-        tags |= {"champion_test_mean_iou_same_chips": f"{champion_mean_iou:.6f}",
-                 "compared_with_version": str(champion_version)}
+        tags |= {
+            "baseline_rf_test_mean_iou": f"{baseline_mean_iou:.6f}",
+            "below_baseline": str(test_mean_iou < baseline_mean_iou).lower(),
+        }
+    if (
+        champion_version is not None
+        and champion_version != str(version)
+        and _known(champion_mean_iou)
+    ):
+        tags |= {
+            "champion_test_mean_iou_same_chips": f"{champion_mean_iou:.6f}",
+            "compared_with_version": str(champion_version),
+        }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
 
 
-def set_alias(name: str, version: str, alias: str, reason: str, by: str = "",
-              comment: str = "", client=None) -> None:
+def set_alias(
+    name: str, version: str, alias: str, reason: str, by: str = "", comment: str = "", client=None
+) -> None:
     """Move ``alias`` to ``version`` and record who, when and why as version tags."""
     client = _client(client)
     client.set_registered_model_alias(name, alias, version)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     tags = {f"{alias}_since": stamp, f"{alias}_reason": reason}
     if by:
         tags[f"{alias}_by"] = by
@@ -93,10 +122,16 @@ def set_alias(name: str, version: str, alias: str, reason: str, by: str = "",
         client.set_model_version_tag(name, version, key, value[:5000])
 
 
-def promote_if_better(name: str, version: str, test_mean_iou: float,
-                      baseline_mean_iou: float | None = None,
-                      champion_mean_iou: float | None = None, min_improvement: float = 0.0,
-                      mode: str = "auto", client=None) -> Decision:
+def promote_if_better(
+    name: str,
+    version: str,
+    test_mean_iou: float,
+    baseline_mean_iou: float | None = None,
+    champion_mean_iou: float | None = None,
+    min_improvement: float = 0.0,
+    mode: str = "auto",
+    client=None,
+) -> Decision:
     """Tag ``version`` with its scores and apply :func:`decide`; return the decision.
 
     ``champion_mean_iou`` is the current champion's pooled test mean IoU on the *same* test
@@ -108,16 +143,23 @@ def promote_if_better(name: str, version: str, test_mean_iou: float,
     current = champion_version(name, client)
     if current == str(version):
         current = None
-    record_scores(name, version, test_mean_iou, baseline_mean_iou, current, champion_mean_iou,
-                  client)
-    decision = decide(test_mean_iou, baseline_mean_iou, current, champion_mean_iou,
-                      min_improvement)
+    record_scores(
+        name, version, test_mean_iou, baseline_mean_iou, current, champion_mean_iou, client
+    )
+    decision = decide(test_mean_iou, baseline_mean_iou, current, champion_mean_iou, min_improvement)
     if mode == "auto":
-        set_alias(name, version, decision.alias, decision.reason, by="training pipeline",
-                  client=client)
+        set_alias(
+            name, version, decision.alias, decision.reason, by="training pipeline", client=client
+        )
     elif mode == "approval":
-        set_alias(name, version, CHALLENGER, f"waiting for a reviewer; the rule says "
-                  f"{decision.alias}: {decision.reason}", by="training pipeline", client=client)
+        set_alias(
+            name,
+            version,
+            CHALLENGER,
+            f"waiting for a reviewer; the rule says {decision.alias}: {decision.reason}",
+            by="training pipeline",
+            client=client,
+        )
     return decision
 
 
@@ -131,10 +173,16 @@ def champion_version(name: str, client=None) -> str | None:
         return None
 
 
-def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str,
-                   device: str = "auto", client=None,
-                   new_chip_matrices: dict | None = None,
-                   chip_units: dict | None = None) -> dict:
+def score_champion(
+    name: str,
+    test_csv: str,
+    new_model_uri: str,
+    out_folder: str,
+    device: str = "auto",
+    client=None,
+    new_chip_matrices: dict | None = None,
+    chip_units: dict | None = None,
+) -> dict:
     """Score the current champion on the new run's test chips with the Tester's code.
 
     Returns ``{"version", "mean_iou", "reason", "difference"}``: ``mean_iou`` is None (and
@@ -151,35 +199,52 @@ def score_champion(name: str, test_csv: str, new_model_uri: str, out_folder: str
 
     version = champion_version(name, client)
     if version is None:
-        return {"version": None, "mean_iou": None, "reason": "no champion yet",
-                "difference": None}
+        return {"version": None, "mean_iou": None, "reason": "no champion yet", "difference": None}
     champion_uri = f"models:/{name}/{version}"  # named so in the champion's test report
     champion, _ = read_model_file(champion_uri)
     new, _ = read_model_file(new_model_uri)
     for key in ("in_channels", "class_values"):
         if champion.get(key) != new.get(key):
-            return {"version": version, "mean_iou": None,
-                    "reason": f"champion version {version} has {key} = {champion.get(key)}, "
-                    f"the new model {new.get(key)}: they cannot be scored on the same chips",
-                    "difference": None}
-    report = evaluate_model(test_csv, champion_uri, out_folder, EvaluateParams(device=device),
-                            log_to_mlflow=False)
+            return {
+                "version": version,
+                "mean_iou": None,
+                "reason": f"champion version {version} has {key} = {champion.get(key)}, "
+                f"the new model {new.get(key)}: they cannot be scored on the same chips",
+                "difference": None,
+            }
+    report = evaluate_model(
+        test_csv, champion_uri, out_folder, EvaluateParams(device=device), log_to_mlflow=False
+    )
     difference = None
     if new_chip_matrices:
         try:
             difference = paired_bootstrap(
-                new_chip_matrices, report.metrics.chip_matrices or {},
-                units=chip_units or report.metrics.chip_units).to_dict()
+                new_chip_matrices,
+                report.metrics.chip_matrices or {},
+                units=chip_units or report.metrics.chip_units,
+            ).to_dict()
         except InputMismatchError as error:  # the new model's figures are for other chips
             log.warning("No interval for the difference with the champion: %s", error)
-    return {"version": version, "mean_iou": report.metrics.mean_iou, "reason": "",
-            "difference": difference}
+    return {
+        "version": version,
+        "mean_iou": report.metrics.mean_iou,
+        "reason": "",
+        "difference": difference,
+    }
 
 
-def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMPION,
-                    by: str = "", comment: str = "", force: bool = False,
-                    min_improvement: float = 0.01, device: str = "auto",
-                    client=None) -> Decision:
+def promote_by_hand(
+    name: str,
+    version: str,
+    out_folder: str,
+    alias: str = CHAMPION,
+    by: str = "",
+    comment: str = "",
+    force: bool = False,
+    min_improvement: float = 0.01,
+    device: str = "auto",
+    client=None,
+) -> Decision:
     """Move ``alias`` to a version by hand, with the training pipeline's checks for champion.
 
     For ``champion``: the version and the current champion are scored on the version's own
@@ -207,41 +272,66 @@ def promote_by_hand(name: str, version: str, out_folder: str, alias: str = CHAMP
     model_uri = f"models:/{name}/{version}"
     dataset = found.tags.get("dataset", "")
     test_csv = storage.join(dataset, "test_files.csv") if dataset else ""
-    digest = found.tags.get("dataset_digest") or (client.get_run(found.run_id).data.tags.get(
-        "dataset_digest") if found.run_id else None)  # versions registered before the tag
-    changed = _dataset_changed(dataset, digest) if test_csv and storage.exists(test_csv) \
-        else None
+    digest = found.tags.get("dataset_digest") or (
+        client.get_run(found.run_id).data.tags.get("dataset_digest") if found.run_id else None
+    )  # versions registered before the tag
+    changed = _dataset_changed(dataset, digest) if test_csv and storage.exists(test_csv) else None
     if not test_csv or not storage.exists(test_csv):
-        decision = Decision(CHALLENGER, f"its test chips ({test_csv or 'no dataset tag'}) are "
-                            "not available to compare it with the champion")
+        decision = Decision(
+            CHALLENGER,
+            f"its test chips ({test_csv or 'no dataset tag'}) are "
+            "not available to compare it with the champion",
+        )
     elif changed:
         decision = Decision(CHALLENGER, changed)
     else:
-        metrics = evaluate_model(test_csv, model_uri, storage.join(out_folder, f"v{version}"),
-                                 EvaluateParams(device=device), log_to_mlflow=False).metrics
+        metrics = evaluate_model(
+            test_csv,
+            model_uri,
+            storage.join(out_folder, f"v{version}"),
+            EvaluateParams(device=device),
+            log_to_mlflow=False,
+        ).metrics
         score = metrics.mean_iou
         current = champion_version(name, client)
         champion = {"version": None, "mean_iou": None, "difference": None}
         if current is not None and current != str(version):
-            champion = score_champion(name, test_csv, model_uri,
-                                      storage.join(out_folder, "champion"), device, client,
-                                      new_chip_matrices=metrics.chip_matrices)
+            champion = score_champion(
+                name,
+                test_csv,
+                model_uri,
+                storage.join(out_folder, "champion"),
+                device,
+                client,
+                new_chip_matrices=metrics.chip_matrices,
+            )
         baseline = found.tags.get("baseline_rf_test_mean_iou")
         baseline = float(baseline) if baseline else None
-        record_scores(name, str(version), score, baseline, champion["version"],
-                      champion["mean_iou"], client)
-        decision = decide(score, baseline, champion["version"], champion["mean_iou"],
-                          min_improvement)
+        record_scores(
+            name, str(version), score, baseline, champion["version"], champion["mean_iou"], client
+        )
+        decision = decide(
+            score, baseline, champion["version"], champion["mean_iou"], min_improvement
+        )
         if champion["difference"]:  # how sure the chips make it, beside the rule's reason
-            decision = Decision(decision.alias, decision.reason + "; " + Difference.from_dict(
-                champion["difference"]).sentence(f"version {version}", "the champion"))
+            decision = Decision(
+                decision.alias,
+                decision.reason
+                + "; "
+                + Difference.from_dict(champion["difference"]).sentence(
+                    f"version {version}", "the champion"
+                ),
+            )
         leakage = read_split_leakage(dataset)
         if leakage is not None and leakage.leaks:  # how honest those figures are
-            decision = Decision(decision.alias, f"{decision.reason}; the split leaks: "
-                                f"{leakage.sentence()}")
+            decision = Decision(
+                decision.alias, f"{decision.reason}; the split leaks: {leakage.sentence()}"
+            )
     if decision.alias != CHAMPION and not force:
-        raise PromotionRefusedError(f"{name} version {version} is not made champion: "
-                                    f"{decision.reason} (force to promote it anyway)")
+        raise PromotionRefusedError(
+            f"{name} version {version} is not made champion: "
+            f"{decision.reason} (force to promote it anyway)"
+        )
     reason = decision.reason if decision.alias == CHAMPION else f"forced: {decision.reason}"
     set_alias(name, str(version), CHAMPION, reason, by, comment, client)
     return decision
@@ -260,9 +350,11 @@ def _dataset_changed(dataset: str, digest: str | None) -> str | None:
     now = dataset_facts(dataset)["digest"]
     if now == digest:
         return None
-    return (f"its dataset {dataset} changed since it was trained (digest {digest}, now {now}):"
-            " its test chips are not the ones it was trained beside, so it cannot be scored "
-            "on them")
+    return (
+        f"its dataset {dataset} changed since it was trained (digest {digest}, now {now}):"
+        " its test chips are not the ones it was trained beside, so it cannot be scored "
+        "on them"
+    )
 
 
 def _client(client=None):
@@ -282,6 +374,6 @@ def resolve(model_uri: str, client=None) -> str:
     import mlflow
 
     client = client or mlflow.MlflowClient()
-    name, alias = model_uri[len("models:/"):].split("@", 1)
+    name, alias = model_uri[len("models:/") :].split("@", 1)
     version = client.get_model_version_by_alias(name, alias)
     return f"models:/{name}/{version.version}"

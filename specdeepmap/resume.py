@@ -51,24 +51,33 @@ def read_state(prefix: str) -> ResumeState | None:
     try:
         data = json.loads(storage.read_text(uri))
     except (ValueError, UnicodeDecodeError) as error:
-        raise UnreadableInputError(f"{uri} is not JSON ({error}): it is not a resume state "
-                                   "written by specdeepmap; use an empty checkpoint "
-                                   "prefix") from None
+        raise UnreadableInputError(
+            f"{uri} is not JSON ({error}): it is not a resume state "
+            "written by specdeepmap; use an empty checkpoint "
+            "prefix"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("mlflow_run_id"), str):
-        raise UnreadableInputError(f"{uri} is not a resume state written by specdeepmap (a "
-                                   "JSON object with mlflow_run_id); use an empty prefix")
+        raise UnreadableInputError(
+            f"{uri} is not a resume state written by specdeepmap (a "
+            "JSON object with mlflow_run_id); use an empty prefix"
+        )
     try:
         state = ResumeState(
-            mlflow_run_id=data["mlflow_run_id"], epoch=int(data.get("epoch", 0)),
+            mlflow_run_id=data["mlflow_run_id"],
+            epoch=int(data.get("epoch", 0)),
             global_step=int(data.get("global_step", 0)),
-            last=str(data.get("last", LAST_CHECKPOINT)), dataset=data.get("dataset"),
-            finished=bool(data.get("finished", False)), legacy="finished" not in data)
+            last=str(data.get("last", LAST_CHECKPOINT)),
+            dataset=data.get("dataset"),
+            finished=bool(data.get("finished", False)),
+            legacy="finished" not in data,
+        )
     except (TypeError, ValueError) as error:
         raise UnreadableInputError(f"{uri}: a field has the wrong type ({error})") from None
     if "/" in state.last or "\\" in state.last or state.last in ("", ".", ".."):
         raise InvalidParameterError(
             f"{uri} names its checkpoint {state.last!r}: it must be a file name inside "
-            f"{storage.redact(prefix)}, not a path elsewhere")
+            f"{storage.redact(prefix)}, not a path elsewhere"
+        )
     return state
 
 
@@ -82,15 +91,18 @@ def check_prefix_owner(state: ResumeState, prefix: str, dataset: str) -> None:
     if state.finished:
         raise InputMismatchError(
             f"{where} holds the checkpoints of a finished training (MLflow run "
-            f"{state.mlflow_run_id}): give a new checkpoint prefix for a new training")
+            f"{state.mlflow_run_id}): give a new checkpoint prefix for a new training"
+        )
     if state.dataset and not same_dataset(state.dataset, dataset):
         raise InputMismatchError(
             f"{where} holds the checkpoints of a training on {state.dataset}, not on "
-            f"{dataset}: give a new checkpoint prefix (one prefix per training)")
+            f"{dataset}: give a new checkpoint prefix (one prefix per training)"
+        )
 
 
-def check_run_continuable(status: str | None, run_dataset: str | None, run_id: str,
-                          prefix: str, dataset: str) -> None:
+def check_run_continuable(
+    status: str | None, run_dataset: str | None, run_id: str, prefix: str, dataset: str
+) -> None:
     """Refuse to reopen an MLflow run that finished or trained on another dataset.
 
     Args:
@@ -107,11 +119,13 @@ def check_run_continuable(status: str | None, run_dataset: str | None, run_id: s
     if status == "FINISHED":
         raise InputMismatchError(
             f"{where}/{RESUME_STATE} names MLflow run {run_id}, which has finished: give a "
-            "new checkpoint prefix for a new training")
+            "new checkpoint prefix for a new training"
+        )
     if run_dataset and not same_dataset(run_dataset, dataset):
         raise InputMismatchError(
             f"{where}/{RESUME_STATE} names MLflow run {run_id}, a training on {run_dataset},"
-            f" not on {dataset}: give a new checkpoint prefix")
+            f" not on {dataset}: give a new checkpoint prefix"
+        )
 
 
 def same_dataset(a: str, b: str) -> bool:
@@ -124,8 +138,7 @@ def same_dataset(a: str, b: str) -> bool:
     return location(a) == location(b)
 
 
-def check_resume_checkpoint(checkpoint: dict, uri: str, dataset: str,
-                            epochs: int | None) -> None:
+def check_resume_checkpoint(checkpoint: dict, uri: str, dataset: str, epochs: int | None) -> None:
     """Check a loaded ``resume`` checkpoint before training starts.
 
     Args:
@@ -139,24 +152,38 @@ def check_resume_checkpoint(checkpoint: dict, uri: str, dataset: str,
             no epochs left to train.
         InputMismatchError: trained on another dataset.
     """
-    if not isinstance(checkpoint, dict) or "optimizer_states" not in checkpoint \
-            or "epoch" not in checkpoint:
+    if (
+        not isinstance(checkpoint, dict)
+        or "optimizer_states" not in checkpoint
+        or "epoch" not in checkpoint
+    ):
         raise InvalidParameterError(
             f"{uri} is not a training checkpoint (no optimizer state or epoch): resume takes "
             "a .ckpt from a training's checkpoints/ folder; a model file (model.pt) holds "
-            "only weights")
+            "only weights"
+        )
     config = (checkpoint.get("hyper_parameters") or {}).get("config") or {}
     trained_on = config.get("dataset")
     if trained_on and not same_dataset(str(trained_on), dataset):
         raise InputMismatchError(
             f"{uri} is a training on {trained_on}, not on {dataset}: resume continues the "
-            "same training; start a new one for another dataset")
+            "same training; start a new one for another dataset"
+        )
     done = int(checkpoint["epoch"]) + 1
     if epochs is not None and done >= epochs:
         raise InvalidParameterError(
             f"{uri} has already trained {done} epoch(s) of the {epochs} asked: nothing is "
-            "left to train (raise epochs to continue it)")
+            "left to train (raise epochs to continue it)"
+        )
 
 
-__all__ = ["LAST_CHECKPOINT", "RESUME_STATE", "ResumeState", "check_prefix_owner",
-           "check_resume_checkpoint", "check_run_continuable", "read_state", "same_dataset"]
+__all__ = [
+    "LAST_CHECKPOINT",
+    "RESUME_STATE",
+    "ResumeState",
+    "check_prefix_owner",
+    "check_resume_checkpoint",
+    "check_run_continuable",
+    "read_state",
+    "same_dataset",
+]

@@ -26,7 +26,19 @@ from specdeepmap import storage
 from specdeepmap.classes import ClassInfo, ClassSchema, pam_xml
 
 SENTINEL2_BANDS = (
-    "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12",
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B8A",
+    "B09",
+    "B10",
+    "B11",
+    "B12",
 )
 
 #: class value → (name, mean TOA reflectance × 10 000 per Sentinel-2 band)
@@ -39,8 +51,14 @@ CLASS_SIGNATURES: dict[int, tuple[str, tuple[int, ...]]] = {
     6: ("bare soil", (1500, 1400, 1650, 1950, 2150, 2300, 2400, 2500, 2600, 900, 22, 3300, 2900)),
 }
 CLASS_PROBABILITIES = (0.12, 0.22, 0.26, 0.2, 0.1, 0.1)
-CLASS_COLORS = {1: (31, 120, 180), 2: (27, 94, 32), 3: (240, 200, 60), 4: (140, 200, 90),
-                5: (215, 48, 39), 6: (166, 118, 70)}
+CLASS_COLORS = {
+    1: (31, 120, 180),
+    2: (27, 94, 32),
+    3: (240, 200, 60),
+    4: (140, 200, 90),
+    5: (215, 48, 39),
+    6: (166, 118, 70),
+}
 
 #: UTM zone 33N, as the Sentinel-2 tile T33UUU near Brandenburg an der Havel
 DEFAULT_CRS = "EPSG:32633"
@@ -103,21 +121,34 @@ def generate_scene(
     n_bands = signatures.shape[1]
     transform = from_origin(*DEFAULT_ORIGIN, PIXEL_SIZE, PIXEL_SIZE)
     common = dict(
-        driver="GTiff", width=width, height=height, crs=CRS.from_string(DEFAULT_CRS),
-        transform=transform, tiled=True, blockxsize=256, blockysize=256,
+        driver="GTiff",
+        width=width,
+        height=height,
+        crs=CRS.from_string(DEFAULT_CRS),
+        transform=transform,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
     )
     if compress:
         common.update(compress=compress, predictor=2)
-    schema = ClassSchema([ClassInfo(v, CLASS_SIGNATURES[v][0], c)
-                          for v, c in CLASS_COLORS.items()], "sample data")
+    schema = ClassSchema(
+        [ClassInfo(v, CLASS_SIGNATURES[v][0], c) for v, c in CLASS_COLORS.items()], "sample data"
+    )
     image_uri = storage.join(out_folder, f"{name}.tif")
     label_uri = storage.join(out_folder, f"{name}_labels.tif")
     storage.makedirs(out_folder)
-    with storage.gdal_env(), storage.atomic_output(image_uri) as image_tmp, \
-            storage.atomic_output(label_uri) as label_tmp:
-        with rasterio.open(image_tmp, "w", count=n_bands, dtype="uint16", nodata=IMAGE_NODATA,
-                           **common) as image, \
-                rasterio.open(label_tmp, "w", count=1, dtype="uint8", **common) as label:
+    with (
+        storage.gdal_env(),
+        storage.atomic_output(image_uri) as image_tmp,
+        storage.atomic_output(label_uri) as label_tmp,
+    ):
+        with (
+            rasterio.open(
+                image_tmp, "w", count=n_bands, dtype="uint16", nodata=IMAGE_NODATA, **common
+            ) as image,
+            rasterio.open(label_tmp, "w", count=1, dtype="uint8", **common) as label,
+        ):
             for band, description in enumerate(SENTINEL2_BANDS, start=1):
                 image.set_band_description(band, description)
             image.update_tags(SOURCE="specdeepmap sample-data", SEED=str(seed))

@@ -64,8 +64,11 @@ from specdeepmap.params import ChipParams, SplitParams
 log = logging.getLogger(__name__)
 
 SET_NAMES = ("train", "validation", "test")
-CSV_NAMES = {"train": "train_files.csv", "validation": "validation_files.csv",
-             "test": "test_files.csv"}
+CSV_NAMES = {
+    "train": "train_files.csv",
+    "validation": "validation_files.csv",
+    "test": "test_files.csv",
+}
 SUMMARY_CSV = "Summary_train_val.csv"
 NORMALIZE_CSV = "Normalize_Bands.csv"
 LEAKAGE_CSV = "Split_leakage.csv"
@@ -100,21 +103,27 @@ def chip_class_counts(folder: str, workers: int = 4) -> pd.DataFrame:
     otherwise (chips made by SpecDeepMap itself have no manifest).
     """
     label_uris = storage.list_files(storage.join(folder, "labels"), ".tif")
-    image_names = {storage.basename(u)
-                   for u in storage.list_files(storage.join(folder, "images"), ".tif")}
+    image_names = {
+        storage.basename(u) for u in storage.list_files(storage.join(folder, "images"), ".tif")
+    }
     if not label_uris and not image_names:
         raise EmptyDatasetError(
             f"No chips in {folder}: expected images/*.tif and labels/*.tif "
-            "(run `specdeepmap chip` first)")
+            "(run `specdeepmap chip` first)"
+        )
     names = [storage.basename(u) for u in label_uris]
     missing = sorted(image_names - set(names))
     if missing:
-        raise MissingInputError(f"{len(missing)} image chip(s) in {folder}/images have no label "
-                                f"chip in {folder}/labels, e.g. {missing[0]}")
+        raise MissingInputError(
+            f"{len(missing)} image chip(s) in {folder}/images have no label "
+            f"chip in {folder}/labels, e.g. {missing[0]}"
+        )
     orphans = sorted(set(names) - image_names)
     if orphans:
-        raise MissingInputError(f"{len(orphans)} label chip(s) in {folder}/labels have no image "
-                                f"chip in {folder}/images, e.g. {orphans[0]}")
+        raise MissingInputError(
+            f"{len(orphans)} label chip(s) in {folder}/labels have no image "
+            f"chip in {folder}/images, e.g. {orphans[0]}"
+        )
     manifest = read_manifests(folder)
     if manifest is not None and set(names) <= set(manifest["chip"]):
         frame = manifest[manifest["chip"].isin(names)].drop_duplicates("chip", keep="last")
@@ -126,10 +135,15 @@ def chip_class_counts(folder: str, workers: int = 4) -> pd.DataFrame:
             width, height = src.width, src.height
         values, counts = np.unique(labels, return_counts=True)
         match = CHIP_NAME.match(storage.basename(uri))
-        row = {"chip": storage.basename(uri), "tile_x": width, "tile_y": height,
-               "scene": match["scene"] if match else "", "x": int(match["x"]) if match else 0,
-               "y": int(match["y"]) if match else 0}
-        row.update({f"{COUNT_PREFIX}{int(v)}": int(n) for v, n in zip(values, counts)})
+        row = {
+            "chip": storage.basename(uri),
+            "tile_x": width,
+            "tile_y": height,
+            "scene": match["scene"] if match else "",
+            "x": int(match["x"]) if match else 0,
+            "y": int(match["y"]) if match else 0,
+        }
+        row.update({f"{COUNT_PREFIX}{int(v)}": int(n) for v, n in zip(values, counts, strict=True)})
         return row
 
     with storage.gdal_env(), ThreadPoolExecutor(workers) as pool:
@@ -141,14 +155,16 @@ def chip_class_counts(folder: str, workers: int = 4) -> pd.DataFrame:
 
 
 def _class_columns(frame: pd.DataFrame) -> tuple[list[int], bool]:
-    values = sorted(int(c[len(COUNT_PREFIX):]) for c in frame.columns
-                    if c.startswith(COUNT_PREFIX))
+    values = sorted(
+        int(c[len(COUNT_PREFIX) :]) for c in frame.columns if c.startswith(COUNT_PREFIX)
+    )
     background = 0 in values and int(frame[f"{COUNT_PREFIX}0"].sum()) > 0
     return [v for v in values if v != 0], background
 
 
-def split_units(frame: pd.DataFrame, params: SplitParams,
-                pairs: np.ndarray | None = None) -> np.ndarray:
+def split_units(
+    frame: pd.DataFrame, params: SplitParams, pairs: np.ndarray | None = None
+) -> np.ndarray:
     """The unit each chip is assigned with (0, 1, …).
 
     The chip itself (``balanced``), its spatial block (``spatial-blocks``), or its group of touching
@@ -159,7 +175,7 @@ def split_units(frame: pd.DataFrame, params: SplitParams,
     if params.strategy == "balanced-groups":
         return group_units(frame, params, pairs)
     edge = params.block_size * frame.get("tile_x", pd.Series(256, index=frame.index))
-    keys = pd.Series(list(zip(frame["scene"], frame["x"] // edge, frame["y"] // edge)))
+    keys = pd.Series(list(zip(frame["scene"], frame["x"] // edge, frame["y"] // edge, strict=True)))
     return pd.factorize(keys)[0]
 
 
@@ -173,8 +189,12 @@ def max_group_size(frame: pd.DataFrame, params: SplitParams) -> int:
     return max(4, int(len(frame) * smallest / 2))
 
 
-def group_units(frame: pd.DataFrame, params: SplitParams, pairs: np.ndarray | None = None,
-                max_group: int | None = None) -> np.ndarray:
+def group_units(
+    frame: pd.DataFrame,
+    params: SplitParams,
+    pairs: np.ndarray | None = None,
+    max_group: int | None = None,
+) -> np.ndarray:
     """Units of ``balanced-groups``.
 
     Chips connected through touching chips form a group; a group larger than ``max_group`` chips
@@ -188,18 +208,25 @@ def group_units(frame: pd.DataFrame, params: SplitParams, pairs: np.ndarray | No
     if not large.any():
         return groups
     b = max(1, math.isqrt(max_group))
-    tile_x = frame["tile_x"].to_numpy(np.int64) if "tile_x" in frame else \
-        np.full(len(frame), 256)
-    step_x = frame["stride_x"].fillna(0).to_numpy(np.int64) if "stride_x" in frame else \
-        np.zeros(len(frame), np.int64)
-    step_y = frame["stride_y"].fillna(0).to_numpy(np.int64) if "stride_y" in frame else \
-        np.zeros(len(frame), np.int64)
+    tile_x = frame["tile_x"].to_numpy(np.int64) if "tile_x" in frame else np.full(len(frame), 256)
+    step_x = (
+        frame["stride_x"].fillna(0).to_numpy(np.int64)
+        if "stride_x" in frame
+        else np.zeros(len(frame), np.int64)
+    )
+    step_y = (
+        frame["stride_y"].fillna(0).to_numpy(np.int64)
+        if "stride_y" in frame
+        else np.zeros(len(frame), np.int64)
+    )
     step_x = np.where(step_x > 0, step_x, tile_x)
     step_y = np.where(step_y > 0, step_y, step_x)
     bx = frame["x"].to_numpy(np.int64) // (b * step_x)
     by = frame["y"].to_numpy(np.int64) // (b * step_y)
-    keys = [(int(g), int(x), int(y)) if cut else (int(g), -1, -1)
-            for g, x, y, cut in zip(groups, bx, by, large, strict=True)]
+    keys = [
+        (int(g), int(x), int(y)) if cut else (int(g), -1, -1)
+        for g, x, y, cut in zip(groups, bx, by, large, strict=True)
+    ]
     return pd.factorize(pd.Series(keys))[0]
 
 
@@ -220,8 +247,7 @@ class SplitChoice:
     note: str | None = None  #: why another strategy than the one asked for was used
 
 
-def split_chips(frame: pd.DataFrame, class_values: list[int],
-                params: SplitParams) -> SplitChoice:
+def split_chips(frame: pd.DataFrame, class_values: list[int], params: SplitParams) -> SplitChoice:
     """Set index (0 train, 1 validation, 2 test, 3 unused) of every chip, and its quality.
 
     ``balanced-groups`` assigns whole groups of touching chips (cutting only groups too large
@@ -237,21 +263,25 @@ def split_chips(frame: pd.DataFrame, class_values: list[int],
     """
     pairs = touching_pairs(frame)
     if params.strategy != "balanced-groups":
-        sets, achieved = _assign_units(frame, class_values, params,
-                                       split_units(frame, params), pairs)
+        sets, achieved = _assign_units(
+            frame, class_values, params, split_units(frame, params), pairs
+        )
         return SplitChoice(sets, achieved, params.strategy, pairs)
     labelled = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy().sum(axis=1)
     best, error, limit = None, None, max_group_size(frame, params)
     while True:
         try:
-            sets, achieved = _assign_units(frame, class_values, params,
-                                           group_units(frame, params, pairs, limit), pairs)
+            sets, achieved = _assign_units(
+                frame, class_values, params, group_units(frame, params, pairs, limit), pairs
+            )
         except SplitInfeasibleError as failed:
             error = failed
         else:
             leak = measure(frame, sets, labelled, pairs)
-            score = (leak.validation.touching_pixels + leak.test.touching_pixels,
-                     int((sets == UNUSED).sum()))
+            score = (
+                leak.validation.touching_pixels + leak.test.touching_pixels,
+                int((sets == UNUSED).sum()),
+            )
             if best is None or score < best[0]:
                 best = (score, sets, achieved)
             if score[0] == 0:
@@ -266,11 +296,21 @@ def split_chips(frame: pd.DataFrame, class_values: list[int],
         return SplitChoice(best[1], best[2], params.strategy, pairs)
     plain = params.model_copy(update={"strategy": "balanced"})
     sets, achieved = _assign_units(frame, class_values, plain, split_units(frame, plain), pairs)
-    why = (f"a split without spatial leakage would keep only {kept} of {wanted} training chips"
-           if best is not None else f"no split without spatial leakage exists ({error})")
-    return SplitChoice(sets, achieved, "balanced", pairs, note=(
-        f"{why}: split as 'balanced' (SpecDeepMap's) instead, with the leakage reported. Cut "
-        "the chips with a step larger than the tile, or add scenes, for an honest split"))
+    why = (
+        f"a split without spatial leakage would keep only {kept} of {wanted} training chips"
+        if best is not None
+        else f"no split without spatial leakage exists ({error})"
+    )
+    return SplitChoice(
+        sets,
+        achieved,
+        "balanced",
+        pairs,
+        note=(
+            f"{why}: split as 'balanced' (SpecDeepMap's) instead, with the leakage reported. Cut "
+            "the chips with a step larger than the tile, or add scenes, for an honest split"
+        ),
+    )
 
 
 def unit_adjacency(items: np.ndarray, pairs: np.ndarray):
@@ -285,8 +325,9 @@ def unit_adjacency(items: np.ndarray, pairs: np.ndarray):
     return coo_matrix((ones, (np.r_[a, b], np.r_[b, a])), shape=(n, n)).tocsr()
 
 
-def _buffer(sets: np.ndarray, counts: np.ndarray, pairs: np.ndarray,
-            min_share: float) -> np.ndarray:
+def _buffer(
+    sets: np.ndarray, counts: np.ndarray, pairs: np.ndarray, min_share: float
+) -> np.ndarray:
     """Leave out the training chips that touch a validation or test chip.
 
     Where that would leave a class below ``min_share`` of its pixels in training, keep the touching
@@ -309,8 +350,13 @@ def _buffer(sets: np.ndarray, counts: np.ndarray, pairs: np.ndarray,
     return sets
 
 
-def _assign_units(frame: pd.DataFrame, class_values: list[int], params: SplitParams,
-                  items: np.ndarray, pairs: np.ndarray) -> tuple[np.ndarray, object]:
+def _assign_units(
+    frame: pd.DataFrame,
+    class_values: list[int],
+    params: SplitParams,
+    items: np.ndarray,
+    pairs: np.ndarray,
+) -> tuple[np.ndarray, object]:
     """Assign units (chips, blocks or groups.
 
     ``items``) to sets with the class-balancing search; with ``balanced-groups``, leave out the
@@ -328,16 +374,22 @@ def _assign_units(frame: pd.DataFrame, class_values: list[int], params: SplitPar
         holders = int((item_counts[:, k] > 0).sum())
         if holders < n_sets:
             unit = {"balanced": "chip(s)", "spatial-blocks": "spatial block(s)"}.get(
-                params.strategy, "chip(s)")
+                params.strategy, "chip(s)"
+            )
             raise SplitInfeasibleError(
                 f"Class {value} occurs in only {holders} {unit}, too rare to appear in each of "
                 f"the {n_sets} sets: add data with class {value}, merge it into another class "
-                "or relabel it as 0 (unlabelled).")
-    item_sets = assign(item_counts, fractions, seed=params.seed,
-                       min_share=params.min_class_share, sizes=sizes,
-                       max_seconds=params.max_search_seconds,
-                       adjacency=unit_adjacency(items, pairs)
-                       if params.strategy == "balanced-groups" else None)
+                "or relabel it as 0 (unlabelled)."
+            )
+    item_sets = assign(
+        item_counts,
+        fractions,
+        seed=params.seed,
+        min_share=params.min_class_share,
+        sizes=sizes,
+        max_seconds=params.max_search_seconds,
+        adjacency=unit_adjacency(items, pairs) if params.strategy == "balanced-groups" else None,
+    )
     sets = item_sets[items]
     if params.strategy == "balanced-groups":  # the buffer: no evaluation chip touches training
         sets = _buffer(sets, counts, pairs, params.min_class_share)
@@ -355,31 +407,39 @@ def _assign_units(frame: pd.DataFrame, class_values: list[int], params: SplitPar
                     f"No split gives the {name} set {params.min_class_share:.0%} of the pixels "
                     f"of class {value} (best: {held[short[0]] / totals[short[0]]:.2%}): the "
                     "class is too rare or too concentrated in a few chips. Add data, merge or "
-                    "relabel the class, or change the percentages.")
+                    "relabel the class, or change the percentages."
+                )
     return sets, achieved
 
 
-def check_split_before_chipping(label_uris: list[str], chip: ChipParams,
-                                params: SplitParams) -> int:
+def check_split_before_chipping(
+    label_uris: list[str], chip: ChipParams, params: SplitParams
+) -> int:
     """Refuse, before any chip is cut, a split the labels cannot give: the label rasters'
     chip windows (:func:`specdeepmap.chipping.label_windows`) must hold at least two classes
-    and admit a split that meets the class-share rule. Returns the number of windows kept."""
+    and admit a split that meets the class-share rule. Returns the number of windows kept.
+    """
     frame = pd.concat([label_windows(uri, chip) for uri in label_uris], ignore_index=True)
     where = ", ".join(label_uris)
     if frame.empty:
-        raise EmptyDatasetError(f"No chip window of {where} reaches the minimum labelled share "
-                                f"of {chip.min_coverage} %: lower min_coverage or check the "
-                                "labels")
+        raise EmptyDatasetError(
+            f"No chip window of {where} reaches the minimum labelled share "
+            f"of {chip.min_coverage} %: lower min_coverage or check the "
+            "labels"
+        )
     class_values, _ = _class_columns(frame)
     if len(class_values) < 2:
-        raise InvalidLabelError(f"The labels of {where} hold a single class "
-                                f"({class_values}) in the chips that would be kept: "
-                                "segmentation needs at least two classes")
+        raise InvalidLabelError(
+            f"The labels of {where} hold a single class "
+            f"({class_values}) in the chips that would be kept: "
+            "segmentation needs at least two classes"
+        )
     try:
         split_chips(frame, class_values, params)  # the sets are chosen again after chipping
     except SplitInfeasibleError as error:
-        raise SplitInfeasibleError(f"Checked before chipping {where} with chips of "
-                                   f"{chip.tile_size[0]} px: {error}") from None
+        raise SplitInfeasibleError(
+            f"Checked before chipping {where} with chips of {chip.tile_size[0]} px: {error}"
+        ) from None
     return len(frame)
 
 
@@ -399,8 +459,9 @@ def class_weights(train_counts: np.ndarray, method: str) -> np.ndarray:
     return weights
 
 
-def band_statistics(image_uris: list[str], scaler: float | None,
-                    workers: int = 4) -> tuple[np.ndarray, np.ndarray, float | None]:
+def band_statistics(
+    image_uris: list[str], scaler: float | None, workers: int = 4
+) -> tuple[np.ndarray, np.ndarray, float | None]:
     """Per-band mean and population std over all valid pixels of the chips, in one pass.
 
     Each chip contributes (count, mean, M2) per band in float64, merged with Chan's parallel
@@ -430,13 +491,16 @@ def band_statistics(image_uris: list[str], scaler: float | None,
     count = mean = m2 = None
     nodata = None
     with storage.gdal_env(), ThreadPoolExecutor(workers) as pool:
-        for n_b, mean_b, m2_b, nodata in pool.map(chip_moments, image_uris):
+        for n_b, mean_b, m2_b, chip_nodata in pool.map(chip_moments, image_uris):
+            nodata = chip_nodata  # the chips share their nodata value: the last one's is kept
             if count is None:
                 count, mean, m2 = n_b, mean_b, m2_b
                 continue
             if len(n_b) != len(count):
-                raise EmptyDatasetError(f"Image chips have {len(count)} and {len(n_b)} bands: "
-                                        "all chips of a dataset must have the same bands")
+                raise EmptyDatasetError(
+                    f"Image chips have {len(count)} and {len(n_b)} bands: "
+                    "all chips of a dataset must have the same bands"
+                )
             merged = count + n_b
             delta = mean_b - mean
             safe = np.where(merged > 0, merged, 1)
@@ -460,20 +524,27 @@ def _format_scaler(scaler: float | None) -> str:
     return str(int(scaler)) if float(scaler).is_integer() else str(scaler)
 
 
-def summary_table(frame: pd.DataFrame, sets: np.ndarray, class_values: list[int],
-                  background: bool, params: SplitParams, achieved) -> pd.DataFrame:
+def summary_table(
+    frame: pd.DataFrame,
+    sets: np.ndarray,
+    class_values: list[int],
+    background: bool,
+    params: SplitParams,
+    achieved,
+) -> pd.DataFrame:
     """``Summary_train_val.csv`` as SpecDeepMap writes it, plus two split-quality columns."""
     counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy(np.int64)
     table = {"Class ID": class_values}
     per_set = {}
-    for s, (title, name) in enumerate(zip(("Train", "Validation", "Test"), SET_NAMES)):
+    for s, (title, name) in enumerate(zip(("Train", "Validation", "Test"), SET_NAMES, strict=True)):
         held = counts[sets == s].sum(axis=0)
         per_set[name] = held
         total = held.sum()
         table[f"{title} Count"] = held
         table[f"{title} Percentage"] = np.round(held / total * 100, 2) if total else 0.0
-    table["Class Train Weight"] = np.round(class_weights(per_set["train"],
-                                                         params.class_weighting), 4)
+    table["Class Train Weight"] = np.round(
+        class_weights(per_set["train"], params.class_weighting), 4
+    )
     table["Scaler"] = _format_scaler(params.scaler)
     table["Ignored Background : Class Zero"] = "Yes" if background else "No"
     table["Max Class Share Gap (pp)"] = round(achieved.max_share_gap_pp, 4)
@@ -489,9 +560,13 @@ def normalize_table(mean: np.ndarray, std: np.ndarray, scaler: float | None) -> 
     return table
 
 
-def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: str | None = None,
-                 workers: int = 4,
-                 progress: Callable[[str], None] | None = None) -> SplitReport:
+def make_dataset(
+    folder: str,
+    params: SplitParams = SplitParams(),
+    out_folder: str | None = None,
+    workers: int = 4,
+    progress: Callable[[str], None] | None = None,
+) -> SplitReport:
     """Split a chip folder into train/validation/test sets (Dataset Maker).
 
     Args:
@@ -513,13 +588,16 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
     class_values, background = _class_columns(frame)
     counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy()
     if not class_values or counts.sum() == 0:
-        raise EmptyDatasetError(f"The label chips in {folder}/labels hold no labelled pixels "
-                                "(every value is 0 = unlabelled)")
+        raise EmptyDatasetError(
+            f"The label chips in {folder}/labels hold no labelled pixels "
+            "(every value is 0 = unlabelled)"
+        )
     if len(class_values) == 1:
         raise InvalidLabelError(
             f"The label chips in {folder}/labels hold a single class (value {class_values[0]}; "
             "0 is unlabelled): a segmentation model needs at least two classes to tell apart. "
-            "Label the other land covers too.")
+            "Label the other land covers too."
+        )
     say(f"checking {len(frame)} image chips")
     check_image_chips([storage.join(folder, "images", c) for c in frame["chip"]], workers)
     say(f"balancing {len(frame)} chips over classes {class_values}")
@@ -527,16 +605,34 @@ def make_dataset(folder: str, params: SplitParams = SplitParams(), out_folder: s
     if choice.note:
         log.warning(choice.note)
         say(f"warning: {choice.note}")
-    return write_split(folder, frame, choice.sets, params, out_folder, workers, progress,
-                       started, notes=[choice.note] if choice.note else [],
-                       strategy=choice.strategy, pairs=choice.pairs)
+    return write_split(
+        folder,
+        frame,
+        choice.sets,
+        params,
+        out_folder,
+        workers,
+        progress,
+        started,
+        notes=[choice.note] if choice.note else [],
+        strategy=choice.strategy,
+        pairs=choice.pairs,
+    )
 
 
-def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: SplitParams,
-                out_folder: str | None = None, workers: int = 4,
-                progress: Callable[[str], None] | None = None,
-                started: float | None = None, notes: list[str] | None = None,
-                strategy: str | None = None, pairs: np.ndarray | None = None) -> SplitReport:
+def write_split(
+    folder: str,
+    frame: pd.DataFrame,
+    sets: np.ndarray,
+    params: SplitParams,
+    out_folder: str | None = None,
+    workers: int = 4,
+    progress: Callable[[str], None] | None = None,
+    started: float | None = None,
+    notes: list[str] | None = None,
+    strategy: str | None = None,
+    pairs: np.ndarray | None = None,
+) -> SplitReport:
     """Write the CSVs, band statistics and ``split.json`` of a chosen split.
 
     :func:`make_dataset` chooses the sets; a caller that chooses them otherwise (the folds of
@@ -547,7 +643,9 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
         frame: :func:`chip_class_counts` of the folder.
         sets: set index of every row of ``frame`` (0 train, 1 validation, 2 test, 3 unused).
         params: the scaler, normalisation and class weighting (percentages are not used).
-        out_folder, workers, progress: as in :func:`make_dataset`.
+        out_folder: as in :func:`make_dataset`.
+        workers: as in :func:`make_dataset`.
+        progress: as in :func:`make_dataset`.
         started: ``time.perf_counter()`` when the work began (for the report's seconds).
         notes: warnings the choice of the sets gave (kept with the others).
         strategy: the strategy that chose the sets, when not ``params.strategy``.
@@ -559,15 +657,24 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
     class_values, background = _class_columns(frame)
     counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy(np.float64)
     achieved = quality(counts, sets, 3, params.min_class_share)
-    log.info("Split quality: largest class-share gap %.2f pp, Jensen-Shannon divergence %.2e",
-             achieved.max_share_gap_pp, achieved.js_divergence)
+    log.info(
+        "Split quality: largest class-share gap %.2f pp, Jensen-Shannon divergence %.2e",
+        achieved.max_share_gap_pp,
+        achieved.js_divergence,
+    )
     pairs = touching_pairs(frame) if pairs is None else pairs
     leakage = measure(frame, sets, counts.sum(axis=1), pairs)
     used = strategy or params.strategy
-    buffer_chips = int(touching_other_sets(sets, pairs, UNUSED, (VALIDATION, TEST)).sum()) \
-        if used == "balanced-groups" else 0
-    warnings = [*(notes or []), *split_warnings(sets, params),
-                *leakage_warnings(leakage, buffer_chips, used, len(frame))]
+    buffer_chips = (
+        int(touching_other_sets(sets, pairs, UNUSED, (VALIDATION, TEST)).sum())
+        if used == "balanced-groups"
+        else 0
+    )
+    warnings = [
+        *(notes or []),
+        *split_warnings(sets, params),
+        *leakage_warnings(leakage, buffer_chips, used, len(frame)),
+    ]
     for message in warnings:
         log.warning(message)
         say(f"warning: {message}")
@@ -583,34 +690,47 @@ def write_split(folder: str, frame: pd.DataFrame, sets: np.ndarray, params: Spli
         texts[name] = (CSV_NAMES[name], rows.to_csv(index=False, lineterminator="\n"))
     summary = summary_table(frame, sets, class_values, background, params, achieved)
     texts["summary"] = (SUMMARY_CSV, summary.to_csv(index=False, lineterminator="\n"))
-    texts["leakage"] = (LEAKAGE_CSV, leakage_table(leakage).to_csv(index=False,
-                                                                   lineterminator="\n"))
+    texts["leakage"] = (
+        LEAKAGE_CSV,
+        leakage_table(leakage).to_csv(index=False, lineterminator="\n"),
+    )
     if params.normalize:
         say("computing band statistics")
         train_uris = [storage.join(folder, "images", c) for c in chips[sets == 0].sort_values()]
         mean, std, _ = band_statistics(train_uris, params.scaler, workers)
-        texts["normalize"] = (NORMALIZE_CSV, normalize_table(mean, std, params.scaler)
-                              .to_csv(index=False, lineterminator="\n"))
+        texts["normalize"] = (
+            NORMALIZE_CSV,
+            normalize_table(mean, std, params.scaler).to_csv(index=False, lineterminator="\n"),
+        )
     outputs = {}
     for key, (name, text) in texts.items():
         outputs[key] = storage.join(out_folder, name)
         storage.write_text(outputs[key], text)
-    weights = dict(zip(class_values, summary["Class Train Weight"].astype(float)))
+    weights = dict(zip(class_values, summary["Class Train Weight"].astype(float), strict=True))
     report = SplitReport(
-        folder=folder, chips={n: int((sets == s).sum()) for s, n in enumerate(SET_NAMES)},
-        class_values=class_values, background=background,
-        max_share_gap_pp=achieved.max_share_gap_pp, js_divergence=achieved.js_divergence,
-        class_weights=weights, outputs=outputs, seconds=time.perf_counter() - started,
-        warnings=warnings, leakage=leakage.to_dict(), buffer_chips=buffer_chips,
+        folder=folder,
+        chips={n: int((sets == s).sum()) for s, n in enumerate(SET_NAMES)},
+        class_values=class_values,
+        background=background,
+        max_share_gap_pp=achieved.max_share_gap_pp,
+        js_divergence=achieved.js_divergence,
+        class_weights=weights,
+        outputs=outputs,
+        seconds=time.perf_counter() - started,
+        warnings=warnings,
+        leakage=leakage.to_dict(),
+        buffer_chips=buffer_chips,
         strategy=used,
     )
     record = {"params": params.model_dump(), "report": asdict(report), "version": __version__}
     outputs["run"] = storage.join(out_folder, "split.json")
     storage.write_text(outputs["run"], json.dumps(record, indent=2, default=str))
     total = len(frame)
-    parts = [f"{title} dataset: {report.chips[n]} images ({report.chips[n] / total:.2%})"
-             for title, n in zip(("Training", "Validation", "Test"), SET_NAMES)
-             if report.chips[n]]
+    parts = [
+        f"{title} dataset: {report.chips[n]} images ({report.chips[n] / total:.2%})"
+        for title, n in zip(("Training", "Validation", "Test"), SET_NAMES, strict=True)
+        if report.chips[n]
+    ]
     log.info("Final dataset split: %s.", ", ".join(parts))
     return report
 
@@ -623,33 +743,43 @@ def leakage_table(leakage: Leakage) -> pd.DataFrame:
     """
     rows = []
     for name, part in (("Validation", leakage.validation), ("Test", leakage.test)):
-        rows.append({"Set": name, "Chips": part.chips,
-                     "Chips Touching Train": part.touching_chips,
-                     "Chip Share (%)": round(part.chip_share * 100, 2),
-                     "Labelled Pixels": part.labelled_pixels,
-                     "Pixels In Touching Chips": part.touching_pixels,
-                     "Pixel Share (%)": round(part.pixel_share * 100, 2)})
+        rows.append(
+            {
+                "Set": name,
+                "Chips": part.chips,
+                "Chips Touching Train": part.touching_chips,
+                "Chip Share (%)": round(part.chip_share * 100, 2),
+                "Labelled Pixels": part.labelled_pixels,
+                "Pixels In Touching Chips": part.touching_pixels,
+                "Pixel Share (%)": round(part.pixel_share * 100, 2),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def leakage_warnings(leakage: Leakage, buffer_chips: int, strategy: str,
-                     total: int) -> list[str]:
+def leakage_warnings(leakage: Leakage, buffer_chips: int, strategy: str, total: int) -> list[str]:
     """What a user should know about the split's spatial separation.
 
     ``strategy`` is the strategy that chose the sets.
     """
     out = []
     if leakage.leaks and strategy == "balanced-groups":
-        out.append(f"spatial leakage: {leakage.sentence()} Some classes occur only in chips "
-                   "that touch each other's: a few were kept in training for the class-share "
-                   "rule")
+        out.append(
+            f"spatial leakage: {leakage.sentence()} Some classes occur only in chips "
+            "that touch each other's: a few were kept in training for the class-share "
+            "rule"
+        )
     elif leakage.leaks:
-        out.append(f"spatial leakage: {leakage.sentence()} Strategy '{strategy}' "
-                   "assigns chips that touch to different sets; the default 'balanced-groups' "
-                   "keeps them apart (or cut chips with a step larger than the tile)")
+        out.append(
+            f"spatial leakage: {leakage.sentence()} Strategy '{strategy}' "
+            "assigns chips that touch to different sets; the default 'balanced-groups' "
+            "keeps them apart (or cut chips with a step larger than the tile)"
+        )
     if buffer_chips:
-        out.append(f"{buffer_chips} of {total} chips touch a validation or test chip and are "
-                   "left out of training (the buffer that keeps the sets apart)")
+        out.append(
+            f"{buffer_chips} of {total} chips touch a validation or test chip and are "
+            "left out of training (the buffer that keeps the sets apart)"
+        )
     return out
 
 
@@ -657,7 +787,9 @@ def check_image_chips(uris: list[str], workers: int = 4) -> tuple[int, int, int]
     """Open the header of every image chip (all sets, not only those read for statistics):
     an unreadable chip, or one whose bands or size differ from the others, is refused here
     with its name, instead of breaking training or testing later. Returns the chips'
-    (bands, height, width)."""
+    (bands, height, width).
+    """
+
     def header(uri: str) -> tuple[int, int, int]:
         try:
             with storage.open_raster(uri) as src:
@@ -667,17 +799,19 @@ def check_image_chips(uris: list[str], workers: int = 4) -> tuple[int, int, int]
         except Exception as error:  # noqa: BLE001 - GDAL's errors for a broken file
             if storage.is_transient(error):
                 raise
-            raise UnreadableInputError(f"Image chip {uri} cannot be read as a raster "
-                                       f"({type(error).__name__}: {error})") from error
+            raise UnreadableInputError(
+                f"Image chip {uri} cannot be read as a raster ({type(error).__name__}: {error})"
+            ) from error
 
     with storage.gdal_env(), ThreadPoolExecutor(workers) as pool:
         shapes = list(pool.map(header, uris))
-    for uri, shape in zip(uris, shapes):
+    for uri, shape in zip(uris, shapes, strict=True):
         if shape != shapes[0]:
             raise InputMismatchError(
                 f"Image chip {uri} has {shape[0]} bands of {shape[1]} x {shape[2]} px, "
                 f"{uris[0]} has {shapes[0][0]} bands of {shapes[0][1]} x {shapes[0][2]} px: all "
-                "chips of a dataset must match")
+                "chips of a dataset must match"
+            )
     return shapes[0]
 
 
@@ -688,14 +822,18 @@ def split_warnings(sets: np.ndarray, params: SplitParams) -> list[str]:
     unused = int((sets == 3).sum())
     percent = params.train_percent + params.validation_percent + params.test_percent
     if percent < 100 - 1e-9:
-        out.append(f"train + validation + test = {percent:g} %: {unused} of {total} chips are "
-                   "left out of every set")
+        out.append(
+            f"train + validation + test = {percent:g} %: {unused} of {total} chips are "
+            "left out of every set"
+        )
     for s, name in enumerate(SET_NAMES):
         wanted = (params.train_percent, params.validation_percent, params.test_percent)[s]
         n = int((sets == s).sum())
         if wanted > 0 and n < 3:
-            out.append(f"the {name} set holds only {n} chip(s) of {total}: its IoU will be "
-                       "noisy; more chips (a smaller tile or step) give sounder figures")
+            out.append(
+                f"the {name} set holds only {n} chip(s) of {total}: its IoU will be "
+                "noisy; more chips (a smaller tile or step) give sounder figures"
+            )
     return out
 
 

@@ -48,8 +48,10 @@ def _read_json(uri: str) -> dict:
     except ValueError as error:
         raise InvalidParameterError(f"{uri} is not JSON: {error}") from None
     if not isinstance(data, dict):
-        raise InvalidParameterError(f"{uri} is a JSON {type(data).__name__}, not a STAC "
-                                    "object (an item, catalog or collection is a JSON object)")
+        raise InvalidParameterError(
+            f"{uri} is a JSON {type(data).__name__}, not a STAC "
+            "object (an item, catalog or collection is a JSON object)"
+        )
     return data
 
 
@@ -65,7 +67,8 @@ def _href(base: str, href: object, what: str = "link") -> str:
     if scheme and scheme.group(1).lower() not in ("s3", "file"):
         raise InvalidParameterError(
             f"{base}: {what} href {href} is a {scheme.group(1)}:// URL, which is not "
-            "supported: copy the file to a local path or to s3:// and point the item there")
+            "supported: copy the file to a local path or to s3:// and point the item there"
+        )
     if scheme or href.startswith("/"):
         return href
     return storage.join(storage.parent(base), href.removeprefix("./"))
@@ -75,14 +78,16 @@ def _assets(item: dict, where: str) -> dict[str, dict]:
     """The item's assets, each checked to be an object."""
     assets = item.get("assets", {})
     if not isinstance(assets, dict) or not all(isinstance(a, dict) for a in assets.values()):
-        raise InvalidParameterError(f"STAC item {where}: 'assets' must be an object of asset "
-                                    "objects (key → {href, ...})")
+        raise InvalidParameterError(
+            f"STAC item {where}: 'assets' must be an object of asset objects (key → {{href, ...}})"
+        )
     return assets
 
 
 def item_band_assets(item: dict, band_names: list[str], where: str) -> list[str]:
     """Asset hrefs holding ``band_names``, in that order (matched case-insensitively by asset
-    key, band name or common name)."""
+    key, band name or common name).
+    """
     index: dict[str, tuple[str, object]] = {}
     assets = _assets(item, where)
     for key, asset in assets.items():
@@ -90,47 +95,63 @@ def item_band_assets(item: dict, band_names: list[str], where: str) -> list[str]
         bands = [*(asset.get("eo:bands") or []), *(asset.get("bands") or [])]
         for band in bands if isinstance(bands, list) else []:
             if isinstance(band, dict):
-                names |= {band.get("name", ""), band.get("common_name", ""),
-                          band.get("eo:common_name", "")}
+                names |= {
+                    band.get("name", ""),
+                    band.get("common_name", ""),
+                    band.get("eo:common_name", ""),
+                }
         for name in names:
             if name and isinstance(name, str):
                 index.setdefault(name.lower(), (key, asset.get("href")))
     missing = [b for b in band_names if b.lower() not in index]
     if missing:
-        raise InputMismatchError(f"STAC item {where} has no asset for band(s) "
-                                 f"{', '.join(missing)} (assets: {', '.join(assets)})")
-    return [_href(where, index[b.lower()][1], f"asset '{index[b.lower()][0]}'")
-            for b in band_names]
+        raise InputMismatchError(
+            f"STAC item {where} has no asset for band(s) "
+            f"{', '.join(missing)} (assets: {', '.join(assets)})"
+        )
+    return [_href(where, index[b.lower()][1], f"asset '{index[b.lower()][0]}'") for b in band_names]
 
 
-def item_scene(item_uri: str, band_names: list[str], vrt_uri: str,
-               resampling: str = "bilinear") -> str:
+def item_scene(
+    item_uri: str, band_names: list[str], vrt_uri: str, resampling: str = "bilinear"
+) -> str:
     """A VRT of the item's assets for ``band_names`` (the model's bands), at the finest
-    resolution among them; returns ``vrt_uri``."""
+    resolution among them; returns ``vrt_uri``.
+    """
     item = _read_json(item_uri)
     if item.get("type") != "Feature":
         raise InvalidParameterError(f"{item_uri} is not a STAC item (type {item.get('type')})")
     if not band_names or any(re.fullmatch(r"band \d+", b) for b in band_names):
-        raise InputMismatchError(f"The model does not name its bands: the assets of STAC item "
-                                 f"{item_uri} cannot be matched to them")
-    return stack_bands(item_band_assets(item, band_names, item_uri), vrt_uri, resampling,
-                       names=list(band_names))
+        raise InputMismatchError(
+            f"The model does not name its bands: the assets of STAC item "
+            f"{item_uri} cannot be matched to them"
+        )
+    return stack_bands(
+        item_band_assets(item, band_names, item_uri), vrt_uri, resampling, names=list(band_names)
+    )
 
 
 def _acquired(input_uri: str, input_item: dict | None) -> dt.datetime | None:
     if input_item and input_item.get("properties", {}).get("datetime"):
-        return dt.datetime.fromisoformat(input_item["properties"]["datetime"].replace("Z",
-                                                                                      "+00:00"))
+        return dt.datetime.fromisoformat(
+            input_item["properties"]["datetime"].replace("Z", "+00:00")
+        )
     found = re.search(r"(20\d{6})T?(\d{6})?", storage.stem(input_uri))
     if not found:
         return None
     stamp = found.group(1) + (found.group(2) or "000000")
-    return dt.datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.strptime(stamp, "%Y%m%d%H%M%S").replace(tzinfo=dt.UTC)
 
 
-def write_map_item(map_uri: str, input_uri: str, model_uri: str, classes: ClassSchema,
-                   class_values: list[int], extra_assets: dict[str, str] | None = None,
-                   input_item_uri: str | None = None) -> str:
+def write_map_item(
+    map_uri: str,
+    input_uri: str,
+    model_uri: str,
+    classes: ClassSchema,
+    class_values: list[int],
+    extra_assets: dict[str, str] | None = None,
+    input_item_uri: str | None = None,
+) -> str:
     """Write ``<map>.json``, the STAC item of a class map; returns its URI.
 
     ``datetime`` is the scene's acquisition time (from the input item, or a
@@ -147,47 +168,78 @@ def write_map_item(map_uri: str, input_uri: str, model_uri: str, classes: ClassS
         crs, shape, transform = src.crs, [src.height, src.width], list(src.transform)[:6]
         dtype, resolution = src.dtypes[0], abs(src.transform.a)
     input_item = _read_json(input_item_uri) if input_item_uri else None
-    made = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    made = dt.datetime.now(dt.UTC).replace(microsecond=0)
     acquired = _acquired(input_uri, input_item)
-    geometry = {"type": "Polygon", "coordinates": [[
-        [bounds[0], bounds[1]], [bounds[2], bounds[1]], [bounds[2], bounds[3]],
-        [bounds[0], bounds[3]], [bounds[0], bounds[1]]]]}
+    geometry = {
+        "type": "Polygon",
+        "coordinates": [
+            [
+                [bounds[0], bounds[1]],
+                [bounds[2], bounds[1]],
+                [bounds[2], bounds[3]],
+                [bounds[0], bounds[3]],
+                [bounds[0], bounds[1]],
+            ]
+        ],
+    }
     item = pystac.Item(
-        id=storage.stem(map_uri), geometry=geometry, bbox=list(bounds), datetime=acquired,
-        start_datetime=None if acquired else made, end_datetime=None if acquired else made,
-        properties={"title": f"Land-cover classes of {storage.basename(input_uri)}"})
+        id=storage.stem(map_uri),
+        geometry=geometry,
+        bbox=list(bounds),
+        datetime=acquired,
+        start_datetime=None if acquired else made,
+        end_datetime=None if acquired else made,
+        properties={"title": f"Land-cover classes of {storage.basename(input_uri)}"},
+    )
     item.stac_extensions.append(PROCESSING_SCHEMA)
     item.properties |= {
         "processing:software": {"specdeepmap": __version__},
         "processing:datetime": made.isoformat().replace("+00:00", "Z"),
         "processing:lineage": f"semantic segmentation of {input_uri} with {model_uri} "
-                              "(overlapping windows, blended probabilities)",
-        "specdeepmap:model": model_uri}
+        "(overlapping windows, blended probabilities)",
+        "specdeepmap:model": model_uri,
+    }
     projection = ProjectionExtension.ext(item, add_if_missing=True)
     projection.code = crs.to_string() if crs else None
     projection.shape, projection.transform = shape, transform
-    asset = pystac.Asset(href=storage.basename(map_uri), media_type=COG_TYPE,
-                         roles=["data"], title="class map")
+    asset = pystac.Asset(
+        href=storage.basename(map_uri), media_type=COG_TYPE, roles=["data"], title="class map"
+    )
     item.add_asset("classes", asset)
     ClassificationExtension.ext(asset, add_if_missing=True).classes = [
-        Classification.create(value=0, name="unlabelled", description="no class (nodata)",
-                              nodata=True)] + [
-        Classification.create(value=int(v), name=_slug(classes.name(v)),
-                              title=classes.name(v),
-                              color_hint="{:02X}{:02X}{:02X}".format(*classes.info(v).color))
-        for v in class_values]
-    RasterExtension.ext(asset, add_if_missing=True).bands = [RasterBand.create(
-        nodata=0, data_type=DataType(dtype), spatial_resolution=resolution)]
-    kinds = {"quicklook": ("image/png", ["overview", "visual"]),
-             "metrics": ("application/json", ["metadata"]),
-             "style": ("text/xml", ["style", "metadata"])}
+        Classification.create(
+            value=0, name="unlabelled", description="no class (nodata)", nodata=True
+        )
+    ] + [
+        Classification.create(
+            value=int(v),
+            name=_slug(classes.name(v)),
+            title=classes.name(v),
+            color_hint="{:02X}{:02X}{:02X}".format(*classes.info(v).color),
+        )
+        for v in class_values
+    ]
+    RasterExtension.ext(asset, add_if_missing=True).bands = [
+        RasterBand.create(nodata=0, data_type=DataType(dtype), spatial_resolution=resolution)
+    ]
+    kinds = {
+        "quicklook": ("image/png", ["overview", "visual"]),
+        "metrics": ("application/json", ["metadata"]),
+        "style": ("text/xml", ["style", "metadata"]),
+    }
     for key, uri in (extra_assets or {}).items():
         media_type, roles = kinds.get(key, (None, ["metadata"]))
-        item.add_asset(key, pystac.Asset(href=storage.basename(uri), media_type=media_type,
-                                         roles=roles))
+        item.add_asset(
+            key, pystac.Asset(href=storage.basename(uri), media_type=media_type, roles=roles)
+        )
     source = input_item_uri or input_uri
-    item.add_link(pystac.Link("derived_from", source, media_type="application/json"
-                              if input_item_uri else "image/tiff"))
+    item.add_link(
+        pystac.Link(
+            "derived_from",
+            source,
+            media_type="application/json" if input_item_uri else "image/tiff",
+        )
+    )
     uri = _item_uri(map_uri)
     data = item.to_dict(include_self_link=False, transform_hrefs=False)
     storage.write_text(uri, json.dumps(data, indent=2))
@@ -205,14 +257,21 @@ def _item_uri(map_uri: str) -> str:
 
 def update_catalog(prefix: str, title: str = "specdeepmap maps") -> str:
     """Write ``prefix/catalog.json`` linking every map item under the prefix (one writer at a
-    time: the flow calls it after mapping)."""
+    time: the flow calls it after mapping).
+    """
     items = [u for u in storage.list_files(prefix, "_classes" + ITEM_SUFFIX)]
-    catalog = {"type": "Catalog", "stac_version": "1.1.0", "id": _slug(storage.basename(prefix))
-               or "maps", "title": title, "description": "Class maps made by specdeepmap, one "
-               "STAC item per scene.",
-               "links": [{"rel": "root", "href": "./" + CATALOG, "type": "application/json"}] +
-               [{"rel": "item", "href": "./" + storage.basename(u), "type": "application/json"}
-                for u in items]}
+    catalog = {
+        "type": "Catalog",
+        "stac_version": "1.1.0",
+        "id": _slug(storage.basename(prefix)) or "maps",
+        "title": title,
+        "description": "Class maps made by specdeepmap, one STAC item per scene.",
+        "links": [{"rel": "root", "href": "./" + CATALOG, "type": "application/json"}]
+        + [
+            {"rel": "item", "href": "./" + storage.basename(u), "type": "application/json"}
+            for u in items
+        ],
+    }
     uri = storage.join(prefix, CATALOG)
     storage.write_text(uri, json.dumps(catalog, indent=2))
     return uri
@@ -228,8 +287,10 @@ def is_item_file(uri: str) -> bool:
 
 def is_catalog(uri: str) -> bool:
     """True for a STAC catalog or collection JSON (not an item)."""
-    return uri.lower().endswith(".json") and _read_json(uri).get("type") in ("Catalog",
-                                                                             "Collection")
+    return uri.lower().endswith(".json") and _read_json(uri).get("type") in (
+        "Catalog",
+        "Collection",
+    )
 
 
 def catalog_items(uri: str) -> list[str]:
@@ -251,8 +312,9 @@ def _walk_catalog(uri: str, found: list[str], parents: list[str]) -> None:
 
     where = location(uri)
     if where in parents:
-        raise InvalidParameterError(f"STAC catalog {uri} links back to itself (a child link "
-                                    "cycle): fix its 'child' links")
+        raise InvalidParameterError(
+            f"STAC catalog {uri} links back to itself (a child link cycle): fix its 'child' links"
+        )
     data = _read_json(uri)
     if data.get("type") == "Feature":
         found.append(uri)
@@ -263,17 +325,27 @@ def _walk_catalog(uri: str, found: list[str], parents: list[str]) -> None:
     if len(links) > MAX_LINKS_PER_CATALOG:
         raise InvalidParameterError(
             f"STAC catalog {uri} has {len(links)} links, more than the "
-            f"{MAX_LINKS_PER_CATALOG} read from one file: split it into child catalogs")
+            f"{MAX_LINKS_PER_CATALOG} read from one file: split it into child catalogs"
+        )
     for link in links:
         if link.get("rel") == "item":
             found.append(_href(uri, link.get("href")))
             if len(found) > MAX_ITEMS:
-                raise InvalidParameterError(f"STAC catalog {uri} lists more than {MAX_ITEMS} "
-                                            "items: map it in parts (child catalogs)")
+                raise InvalidParameterError(
+                    f"STAC catalog {uri} lists more than {MAX_ITEMS} "
+                    "items: map it in parts (child catalogs)"
+                )
         elif link.get("rel") == "child":
             _walk_catalog(_href(uri, link.get("href")), found, [*parents, where])
 
 
-__all__ = ["is_item", "is_item_file", "is_catalog", "item_scene", "item_band_assets",
-           "write_map_item",
-           "update_catalog", "catalog_items"]
+__all__ = [
+    "is_item",
+    "is_item_file",
+    "is_catalog",
+    "item_scene",
+    "item_band_assets",
+    "write_map_item",
+    "update_catalog",
+    "catalog_items",
+]

@@ -99,7 +99,8 @@ def check_scheme(uri: str) -> None:
 
         raise InvalidParameterError(
             f"{redact(str(uri))}: {found.group(1)}:// URIs are not supported (local paths, "
-            "file:// and s3:// are): download the file or copy it to object storage first")
+            "file:// and s3:// are): download the file or copy it to object storage first"
+        )
 
 
 def _endpoint() -> str | None:
@@ -192,8 +193,9 @@ def open_raster(uri: str, threads: int = 1) -> Iterator[rasterio.io.DatasetReade
                 if is_s3(uri) and os.path.basename(uri) in _messages(error):
                     # a block of an object that opened fine could not be fetched: the
                     # network or the server failed mid-read (a ConnectionError, retried)
-                    raise ConnectionError(f"Reading {uri} failed mid-way: "
-                                          f"{_messages(error)}") from error
+                    raise ConnectionError(
+                        f"Reading {uri} failed mid-way: {_messages(error)}"
+                    ) from error
                 raise
 
 
@@ -212,8 +214,9 @@ def _clear_gdal_cache(path: str) -> None:
     import ctypes
     import glob
 
-    libs = glob.glob(os.path.join(os.path.dirname(rasterio.__file__), os.pardir,
-                                  "rasterio.libs", "libgdal*.so*"))
+    libs = glob.glob(
+        os.path.join(os.path.dirname(rasterio.__file__), os.pardir, "rasterio.libs", "libgdal*.so*")
+    )
     names = libs or ["libgdal.so"]
     for name in names:
         try:
@@ -238,7 +241,8 @@ def _reopen_uncached(uri: str, error: Exception) -> rasterio.io.DatasetReader | 
 
 def redact(text: str) -> str:
     """``text`` with the password of every ``scheme://user:password@host`` URI masked, so
-    URIs can be logged and shown (an MLflow tracking URI may carry basic-auth credentials)."""
+    URIs can be logged and shown (an MLflow tracking URI may carry basic-auth credentials).
+    """
     return re.sub(r"(?<=://)([^/\s:@]+):([^/\s@]+)@", r"\1:***@", text)
 
 
@@ -277,27 +281,50 @@ def is_transient(error: BaseException) -> bool:
 
 #: errno values of network failures a retry can fix (a full disk, a read-only filesystem or
 #: a bad path is not one of them)
-_NETWORK_ERRNOS = frozenset(getattr(errno, name) for name in (
-    "ECONNREFUSED", "ECONNRESET", "ECONNABORTED", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH",
-    "ENETDOWN", "EPIPE", "EAGAIN") if hasattr(errno, name))
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ETIMEDOUT",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "EPIPE",
+        "EAGAIN",
+    )
+    if hasattr(errno, name)
+)
 
 
 def _looks_transient(message: str) -> bool:
     message = message.lower()
-    return any(word in message for word in ("curl", "connect", "timed out", "timeout",
-                                            "http response code: 5", "slow down",
-                                            "temporarily"))
+    return any(
+        word in message
+        for word in (
+            "curl",
+            "connect",
+            "timed out",
+            "timeout",
+            "http response code: 5",
+            "slow down",
+            "temporarily",
+        )
+    )
 
 
 def fingerprint(uri: str) -> str:
     """A short digest of what identifies a file's content cheaply: its size and its ETag (S3)
-    or modification time (local). A file replaced under the same name gets another one."""
+    or modification time (local). A file replaced under the same name gets another one.
+    """
     import hashlib
 
     fs, path = filesystem(uri)
     info = fs.info(path)
-    stamp = info.get("ETag") or info.get("etag") or info.get("LastModified") or \
-        info.get("mtime") or ""
+    stamp = (
+        info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or ""
+    )
     return hashlib.blake2b(f"{info.get('size')}|{stamp}".encode(), digest_size=8).hexdigest()
 
 
@@ -318,8 +345,9 @@ def list_files(folder: str, suffix: str | tuple[str, ...] = "") -> list[str]:
     if not fs.exists(path):
         return []
     names = [basename(p) for p in fs.ls(path, detail=False)]
-    return sorted(join(folder, n) for n in names
-                  if n.endswith(suffix) and not TEMPORARY_NAME.match(n))
+    return sorted(
+        join(folder, n) for n in names if n.endswith(suffix) and not TEMPORARY_NAME.match(n)
+    )
 
 
 def read_bytes(uri: str) -> bytes:
@@ -344,7 +372,8 @@ def read_text(uri: str) -> str:
     except UnicodeDecodeError as error:
         raise UnreadableInputError(
             f"{uri} is not UTF-8 text (byte {error.start} is 0x{data[error.start]:02x}): save "
-            "it as UTF-8") from None
+            "it as UTF-8"
+        ) from None
 
 
 def check_writable_folder(uri: str, what: str) -> None:
@@ -367,8 +396,7 @@ def check_writable_folder(uri: str, what: str) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise InvalidParameterError(f"{what} is not writable: "
-                                    f"{error.strerror or error}") from None
+        raise InvalidParameterError(f"{what} is not writable: {error.strerror or error}") from None
 
 
 def makedirs(uri: str) -> None:
@@ -479,12 +507,14 @@ def cached_local_copy(uri: str, cache_dir: str) -> str:
 def private_cache_dir(name: str) -> str:
     """A cache folder only this user can read (``$SPECDEEPMAP_CACHE`` or
     ``~/.cache/specdeepmap``, then ``name``): created with mode 0700, refused when another
-    user owns it or others may write to it (files placed there would be trusted later)."""
+    user owns it or others may write to it (files placed there would be trusted later).
+    """
     import stat
 
     base = os.environ.get("SPECDEEPMAP_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "specdeepmap")
+        "specdeepmap",
+    )
     folder = os.path.join(base, name)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     for path in (base, folder):
@@ -495,7 +525,8 @@ def private_cache_dir(name: str) -> str:
             raise InvalidParameterError(
                 f"Cache folder {path} is not private (owner uid {info.st_uid}, mode "
                 f"{stat.filemode(info.st_mode)}): make it yours with mode 0700, or set "
-                "SPECDEEPMAP_CACHE to a private folder")
+                "SPECDEEPMAP_CACHE to a private folder"
+            )
     os.chmod(folder, 0o700)
     return folder
 
@@ -503,7 +534,8 @@ def private_cache_dir(name: str) -> str:
 def cached_version(uri: str, cache_dir: str) -> str:
     """Local copy of a remote file, re-downloaded when the object changes: the cache key is the
     object's identity (URI hash + :func:`fingerprint`: size and ETag), never a path built from
-    the key, so every key stays inside ``cache_dir``. Local paths are returned as they are."""
+    the key, so every key stays inside ``cache_dir``. Local paths are returned as they are.
+    """
     if not is_s3(uri):
         return local_path(uri)
     suffix = os.path.splitext(basename(uri))[1][:16]

@@ -13,9 +13,11 @@ from specdeepmap.baseline import BaselineResult, write_baseline
 from specdeepmap.classes import ClassSchema
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
-EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development",
-                   "mlflow.note.content": "Segmentation models trained by specdeepmap: one run "
-                   "per training, with its RandomForest baseline, test results and model card."}
+EXPERIMENT_TAGS = {
+    EXPERIMENT_KIND: "custom_model_development",
+    "mlflow.note.content": "Segmentation models trained by specdeepmap: one run "
+    "per training, with its RandomForest baseline, test results and model card.",
+}
 REGISTERED_MODEL_DESCRIPTION = """Semantic segmentation models trained by specdeepmap.
 
 Aliases:
@@ -52,16 +54,16 @@ def ensure_experiment(uri: str, name: str) -> None:
     if experiment is None:
         location = None
         if uri.startswith("sqlite:///"):
-            db = os.path.abspath(uri[len("sqlite:///"):])
+            db = os.path.abspath(uri[len("sqlite:///") :])
             location = "file://" + os.path.join(os.path.dirname(db), "mlartifacts")
         mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     elif experiment.tags.get(EXPERIMENT_KIND) != EXPERIMENT_TAGS[EXPERIMENT_KIND]:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND,
-                                                 EXPERIMENT_TAGS[EXPERIMENT_KIND])
+        mlflow.MlflowClient().set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND, EXPERIMENT_TAGS[EXPERIMENT_KIND]
+        )
 
 
-def log_baseline(baseline: BaselineResult, folder: str, classes: ClassSchema | None = None
-                 ) -> None:
+def log_baseline(baseline: BaselineResult, folder: str, classes: ClassSchema | None = None) -> None:
     """Log the baseline's metrics to the active MLflow run and its files under ``baseline/``."""
     import mlflow
 
@@ -70,9 +72,15 @@ def log_baseline(baseline: BaselineResult, folder: str, classes: ClassSchema | N
     mlflow.log_artifacts(folder, artifact_path="baseline")
 
 
-def register_model(model_file: str, config: dict, name: str, val_iou: float,
-                   dataset: str, baseline_val_iou: float | None = None,
-                   dataset_digest: str | None = None) -> tuple[str, str]:
+def register_model(
+    model_file: str,
+    config: dict,
+    name: str,
+    val_iou: float,
+    dataset: str,
+    baseline_val_iou: float | None = None,
+    dataset_digest: str | None = None,
+) -> tuple[str, str]:
     """Log the model (MLflow pyfunc, code-defined, no pickles) and register a new version.
 
     Must run inside an active MLflow run (the model card, :mod:`specdeepmap.model_card`,
@@ -85,21 +93,29 @@ def register_model(model_file: str, config: dict, name: str, val_iou: float,
     height, width = config["tile_size"]
     example = np.zeros((1, config["in_channels"], height, width), dtype=np.float32)
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=mlflow_model.__file__,
-        artifacts={"model_file": model_file}, input_example=example,
-        registered_model_name=name, pip_requirements=[f"specdeepmap=={__version__}"],
+        name="model",
+        python_model=mlflow_model.__file__,
+        artifacts={"model_file": model_file},
+        input_example=example,
+        registered_model_name=name,
+        pip_requirements=[f"specdeepmap=={__version__}"],
     )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
-    for key, value in {"val_iou": f"{val_iou:.4f}", "dataset": dataset,
-                       "specdeepmap_version": config["version"], "architecture":
-                       config["architecture"], "backbone": config["backbone"]}.items():
+    for key, value in {
+        "val_iou": f"{val_iou:.4f}",
+        "dataset": dataset,
+        "specdeepmap_version": config["version"],
+        "architecture": config["architecture"],
+        "backbone": config["backbone"],
+    }.items():
         client.set_model_version_tag(name, version, key, value)
     if dataset_digest:  # promotion checks that the test chips are still these
         client.set_model_version_tag(name, version, "dataset_digest", dataset_digest)
     if baseline_val_iou is not None:
-        client.set_model_version_tag(name, version, "baseline_rf_val_mean_iou",
-                                     f"{baseline_val_iou:.4f}")
+        client.set_model_version_tag(
+            name, version, "baseline_rf_val_mean_iou", f"{baseline_val_iou:.4f}"
+        )
     if not client.get_registered_model(name).description:
         client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     return f"models:/{name}/{version}", version

@@ -28,21 +28,35 @@ def polygonize(class_uri: str, gpkg_uri: str, max_pixels: int = 100_000_000) -> 
     geometries, classes = [], []
     with storage.open_raster(class_uri) as src:
         crs = src.crs.to_wkt() if src.crs else None
-        rows = src.height if src.width * src.height <= max_pixels else \
-            max(1, max_pixels // src.width)
+        rows = (
+            src.height if src.width * src.height <= max_pixels else max(1, max_pixels // src.width)
+        )
         if rows < src.height:
-            log.warning("%s is large: polygonising in strips of %d rows; polygons crossing "
-                        "strip borders are split there", class_uri, rows)
+            log.warning(
+                "%s is large: polygonising in strips of %d rows; polygons crossing "
+                "strip borders are split there",
+                class_uri,
+                rows,
+            )
         for y in range(0, src.height, rows):
             window = Window(0, y, src.width, min(rows, src.height - y))
             data = src.read(1, window=window)
-            for geometry, value in shapes(data, mask=data != 0, connectivity=4,
-                                          transform=src.window_transform(window)):
+            for geometry, value in shapes(
+                data, mask=data != 0, connectivity=4, transform=src.window_transform(window)
+            ):
                 geometries.append(shape(geometry))
                 classes.append(int(value))
     wkb = shapely.to_wkb(np.array(geometries, dtype=object)) if geometries else np.array([])
     with storage.atomic_output(gpkg_uri, suffix=".gpkg") as tmp:
-        pyogrio.raw.write(tmp, wkb, field_data=[np.array(classes, dtype=np.int32)],
-                          fields=["Class"], crs=crs, driver="GPKG", geometry_type="Polygon",
-                          layer="classes", encoding="UTF-8")
+        pyogrio.raw.write(
+            tmp,
+            wkb,
+            field_data=[np.array(classes, dtype=np.int32)],
+            fields=["Class"],
+            crs=crs,
+            driver="GPKG",
+            geometry_type="Polygon",
+            layer="classes",
+            encoding="UTF-8",
+        )
     return len(classes)

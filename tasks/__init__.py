@@ -17,5 +17,14 @@ from tasks.steps import (
     train_task,
 )
 
-__all__ = ["champion_task", "check_labels_task", "chip_task", "evaluate_task",
-           "map_scene_task", "model_card_task", "promote_task", "split_task", "train_task"]
+__all__ = [
+    "champion_task",
+    "check_labels_task",
+    "chip_task",
+    "evaluate_task",
+    "map_scene_task",
+    "model_card_task",
+    "promote_task",
+    "split_task",
+    "train_task",
+]

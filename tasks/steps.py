@@ -30,8 +30,12 @@ def retry_transient(task, task_run, state) -> bool:
     return False
 
 
-RETRIES = dict(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2),
-               retry_jitter_factor=0.5, retry_condition_fn=retry_transient)
+RETRIES = dict(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_transient,
+)
 # Re-runs skip finished work in the core itself (chips and maps that exist are kept), which
 # stays right when outputs are deleted or scenes are added; a Prefect input-hash cache would
 # not notice either. Results are persisted so a retried flow run can reuse finished tasks.
@@ -47,26 +51,35 @@ def _table(rows: list[tuple], header: tuple) -> str:
 @task(name="check labels", **RETRIES)
 def check_labels_task(label_uris: list[str], chip: ChipParams, split: SplitParams) -> int:
     """Before chipping: the labels hold two classes or more and admit a split that meets the
-    class-share rule (else the run stops here, with the reason, and nothing is written)."""
+    class-share rule (else the run stops here, with the reason, and nothing is written).
+    """
     windows = check_split_before_chipping(label_uris, chip, split)
     get_run_logger().info("Labels checked: %d chip windows, a valid split exists", windows)
     return windows
 
 
 @task(name="chip scene", **RETRIES, **PERSIST)
-def chip_task(image_uri: str, label_uri: str, out_uri: str, params: ChipParams,
-              classes_uri: str | None = None) -> ChipReport:
+def chip_task(
+    image_uri: str, label_uri: str, out_uri: str, params: ChipParams, classes_uri: str | None = None
+) -> ChipReport:
     """Raster Splitter on one scene; artifact: chip counts and class distribution."""
     report = chip_scene(image_uri, label_uri, out_uri, params, classes_uri=classes_uri)
     total = sum(v for k, v in report.class_counts.items() if k) or 1
     names = report.class_names
     create_markdown_artifact(
-        key="chips", description=f"Chips of {image_uri}",
+        key="chips",
+        description=f"Chips of {image_uri}",
         markdown=f"**{report.chips} chips** in `{out_uri}` ({report.written} new, "
-        f"{report.reused} kept, {report.below_coverage} below coverage)\n\n" + _table(
-            [(k, names.get(k, k), v, f"{v / total:.1%}")
-             for k, v in sorted(report.class_counts.items()) if k],
-            ("value", "class", "pixels", "share")))
+        f"{report.reused} kept, {report.below_coverage} below coverage)\n\n"
+        + _table(
+            [
+                (k, names.get(k, k), v, f"{v / total:.1%}")
+                for k, v in sorted(report.class_counts.items())
+                if k
+            ],
+            ("value", "class", "pixels", "share"),
+        ),
+    )
     return report
 
 
@@ -76,14 +89,20 @@ def split_task(chip_folder: str, params: SplitParams) -> SplitReport:
     report = make_dataset(chip_folder, params)
     leakage = Leakage.from_dict(report.leakage)
     create_markdown_artifact(
-        key="split", description=f"Split of {chip_folder}",
-        markdown=_table([(k, v) for k, v in report.chips.items()], ("set", "chips")) +
-        f"\n\nLargest class-share gap **{report.max_share_gap_pp:.2f} pp**, "
+        key="split",
+        description=f"Split of {chip_folder}",
+        markdown=_table([(k, v) for k, v in report.chips.items()], ("set", "chips"))
+        + f"\n\nLargest class-share gap **{report.max_share_gap_pp:.2f} pp**, "
         f"Jensen-Shannon divergence {report.js_divergence:.2e} (strategy {report.strategy})."
-        f"\n\n**Spatial leakage**: {leakage.sentence()}" +
-        (f" {report.buffer_chips} chips touching a validation or test chip were left out of "
-         "training." if report.buffer_chips else "") +
-        "".join(f"\n\n- warning: {escape_md(w)}" for w in report.warnings))
+        f"\n\n**Spatial leakage**: {leakage.sentence()}"
+        + (
+            f" {report.buffer_chips} chips touching a validation or test chip were left out of "
+            "training."
+            if report.buffer_chips
+            else ""
+        )
+        + "".join(f"\n\n- warning: {escape_md(w)}" for w in report.warnings),
+    )
     return report
 
 
@@ -93,35 +112,52 @@ def train_task(config: TrainConfig) -> TrainResult:
     result = train(config)
     rows = [("best val IoU (pooled; it chose the checkpoint)", f"{result.best_val_iou:.4f}")]
     if result.val_epoch_median is not None:
-        rows.append((f"median val IoU of the {result.val_epochs} validated epochs",
-                     f"{result.val_epoch_median:.4f}"))
+        rows.append(
+            (
+                f"median val IoU of the {result.val_epochs} validated epochs",
+                f"{result.val_epoch_median:.4f}",
+            )
+        )
     if "members' best validation IoU" in result.training:  # an ensemble
         rows.append(("members' best val IoU", result.training["members' best validation IoU"]))
     if "validation IoU of the ensemble distilled" in result.training:
-        rows.append(("val IoU of the ensemble it was distilled from",
-                     f"{result.training['validation IoU of the ensemble distilled']:.4f}"))
+        rows.append(
+            (
+                "val IoU of the ensemble it was distilled from",
+                f"{result.training['validation IoU of the ensemble distilled']:.4f}",
+            )
+        )
     if result.baseline_mean_iou("validation") is not None:
-        rows.append(("RandomForest baseline val IoU",
-                     f"{result.baseline_mean_iou('validation'):.4f}"))
-    rows += [("epochs", result.epochs_run), ("MLflow run", result.run_id),
-             ("model", result.model_uri), ("checkpoint", result.best_checkpoint)]
-    create_markdown_artifact(key="training", description="Training result",
-                             markdown=_table(rows, ("", "")))
+        rows.append(
+            ("RandomForest baseline val IoU", f"{result.baseline_mean_iou('validation'):.4f}")
+        )
+    rows += [
+        ("epochs", result.epochs_run),
+        ("MLflow run", result.run_id),
+        ("model", result.model_uri),
+        ("checkpoint", result.best_checkpoint),
+    ]
+    create_markdown_artifact(
+        key="training", description="Training result", markdown=_table(rows, ("", ""))
+    )
     return result
 
 
 @task(name="evaluate model", **RETRIES, **PERSIST)
-def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | None,
-                  baseline: dict | None = None) -> dict:
+def evaluate_task(
+    test_csv: str, model_uri: str, out_uri: str, run_id: str | None, baseline: dict | None = None
+) -> dict:
     """Deep Learning Tester; artifact: per-class metrics beside the RandomForest baseline's
-    (``baseline``: :meth:`BaselineResult.summary`). Returns the summary metrics."""
+    (``baseline``: :meth:`BaselineResult.summary`). Returns the summary metrics.
+    """
     forest = summary_metrics(baseline, "test")
-    report = evaluate_model(test_csv, model_uri, out_uri, mlflow_run_id=run_id,
-                            baseline=forest)
+    report = evaluate_model(test_csv, model_uri, out_uri, mlflow_run_id=run_id, baseline=forest)
     m = report.metrics
     forest_iou = forest.iou if forest is not None else [float("nan")] * len(m.class_values)
-    text = (f"Mean IoU **{m.mean_iou:.4f}** (pooled pixels), "
-            f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap)")
+    text = (
+        f"Mean IoU **{m.mean_iou:.4f}** (pooled pixels), "
+        f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap)"
+    )
     if forest is not None:
         text += f"; RandomForest baseline **{forest.mean_iou:.4f}** on the same chips"
     if report.versus_baseline is not None:
@@ -129,98 +165,169 @@ def evaluate_task(test_csv: str, model_uri: str, out_uri: str, run_id: str | Non
     if report.split_leakage is not None and report.split_leakage.leaks:
         text += f"\n\n**The split leaks**: {report.split_leakage.sentence()}"
     create_markdown_artifact(
-        key="evaluation", description=f"Test metrics of {model_uri}",
-        markdown=text + "\n\n" + _table(
-            [(c, f"{i:.3f}", f"{b:.3f}", f"{p:.3f}", f"{r:.3f}") for c, i, b, p, r in
-             zip(m.class_values, m.iou, forest_iou, m.precision, m.recall)],
-            ("class", "IoU", "RandomForest IoU", "precision", "recall")))
-    return {"test_mean_iou": m.mean_iou, "test_mean_iou_per_chip": report.per_chip_mean_iou,
-            "overall_accuracy": m.overall_accuracy, "iou_csv": report.iou_csv,
-            "baseline_rf_test_mean_iou": forest.mean_iou if forest is not None else None,
-            "baseline_rf_difference": report.versus_baseline.to_dict()
-            if report.versus_baseline is not None else None,
-            "split_leakage": report.split_leakage.to_dict()
-            if report.split_leakage is not None else None}
+        key="evaluation",
+        description=f"Test metrics of {model_uri}",
+        markdown=text
+        + "\n\n"
+        + _table(
+            [
+                (c, f"{i:.3f}", f"{b:.3f}", f"{p:.3f}", f"{r:.3f}")
+                for c, i, b, p, r in zip(
+                    m.class_values, m.iou, forest_iou, m.precision, m.recall, strict=True
+                )
+            ],
+            ("class", "IoU", "RandomForest IoU", "precision", "recall"),
+        ),
+    )
+    return {
+        "test_mean_iou": m.mean_iou,
+        "test_mean_iou_per_chip": report.per_chip_mean_iou,
+        "overall_accuracy": m.overall_accuracy,
+        "iou_csv": report.iou_csv,
+        "baseline_rf_test_mean_iou": forest.mean_iou if forest is not None else None,
+        "baseline_rf_difference": report.versus_baseline.to_dict()
+        if report.versus_baseline is not None
+        else None,
+        "split_leakage": report.split_leakage.to_dict()
+        if report.split_leakage is not None
+        else None,
+    }
 
 
 @task(name="score champion", **RETRIES)
-def champion_task(name: str, test_csv: str, new_model_uri: str, out_uri: str,
-                  new_evaluation_uri: str | None = None) -> dict:
+def champion_task(
+    name: str,
+    test_csv: str,
+    new_model_uri: str,
+    out_uri: str,
+    new_evaluation_uri: str | None = None,
+) -> dict:
     """The current champion scored on the new run's test chips (fair comparison); with the
-    new model's Tester output folder, also the difference with its interval over the chips."""
+    new model's Tester output folder, also the difference with its interval over the chips.
+    """
     chips = units = None
     if new_evaluation_uri:
-        tested = json.loads(storage.read_text(storage.join(new_evaluation_uri,
-                                                           "test_metrics.json")))
+        tested = json.loads(
+            storage.read_text(storage.join(new_evaluation_uri, "test_metrics.json"))
+        )
         chips, units = tested.get("chip_confusion_matrices"), tested.get("chip_units")
-    score = registry.score_champion(name, test_csv, new_model_uri, out_uri,
-                                    new_chip_matrices=chips, chip_units=units)
+    score = registry.score_champion(
+        name, test_csv, new_model_uri, out_uri, new_chip_matrices=chips, chip_units=units
+    )
     if score["mean_iou"] is None and score["version"] is not None:
         get_run_logger().warning("Champion not compared: %s", score["reason"])
     return score
 
 
 @task(name="promote model")
-def promote_task(name: str, version: str, test_mean_iou: float,
-                 baseline_mean_iou: float | None = None, champion: dict | None = None,
-                 min_improvement: float = 0.0, mode: str = "auto",
-                 baseline_difference: dict | None = None,
-                 split_leakage: dict | None = None) -> dict:
+def promote_task(
+    name: str,
+    version: str,
+    test_mean_iou: float,
+    baseline_mean_iou: float | None = None,
+    champion: dict | None = None,
+    min_improvement: float = 0.0,
+    mode: str = "auto",
+    baseline_difference: dict | None = None,
+    split_leakage: dict | None = None,
+) -> dict:
     """Apply the promotion rule (champion on the same test chips, margin, baseline) in
     ``mode`` auto, approval or none; artifact: the comparison, with how sure the test chips
     make each difference (``champion["difference"]``, ``baseline_difference``:
     :meth:`comparison.Difference.to_dict`). Returns ``{"alias", "reason", "comparison"}``
-    (alias None in mode none)."""
+    (alias None in mode none).
+    """
     champion = champion or {}
-    decision = registry.promote_if_better(name, version, test_mean_iou, baseline_mean_iou,
-                                          champion.get("mean_iou"), min_improvement, mode)
+    decision = registry.promote_if_better(
+        name,
+        version,
+        test_mean_iou,
+        baseline_mean_iou,
+        champion.get("mean_iou"),
+        min_improvement,
+        mode,
+    )
     alias = {"auto": decision.alias, "approval": registry.CHALLENGER}.get(mode)
 
     def fmt(value):
         return "–" if value is None else f"{value:.4f}"
 
     comparison = _table(
-        [(f"version {version} (new)", fmt(test_mean_iou)),
-         (f"champion version {champion.get('version') or '–'}",
-          fmt(champion.get("mean_iou")) + (f" ({champion['reason']})"
-                                            if champion.get("reason") else "")),
-         ("RandomForest baseline", fmt(baseline_mean_iou)),
-         ("required margin over the champion", f"{min_improvement:.3f}")],
-        ("pooled test mean IoU on the new run's test chips", ""))
-    sentences = [Difference.from_dict(difference).sentence(f"Version {version}", other)
-                 for difference, other in ((champion.get("difference"), "the champion"),
-                                           (baseline_difference, "the RandomForest"))
-                 if difference]
+        [
+            (f"version {version} (new)", fmt(test_mean_iou)),
+            (
+                f"champion version {champion.get('version') or '–'}",
+                fmt(champion.get("mean_iou"))
+                + (f" ({champion['reason']})" if champion.get("reason") else ""),
+            ),
+            ("RandomForest baseline", fmt(baseline_mean_iou)),
+            ("required margin over the champion", f"{min_improvement:.3f}"),
+        ],
+        ("pooled test mean IoU on the new run's test chips", ""),
+    )
+    sentences = [
+        Difference.from_dict(difference).sentence(f"Version {version}", other)
+        for difference, other in (
+            (champion.get("difference"), "the champion"),
+            (baseline_difference, "the RandomForest"),
+        )
+        if difference
+    ]
     if split_leakage and Leakage.from_dict(split_leakage).leaks:
-        sentences.append("**The split leaks**, so these test figures overstate every model on "
-                         "new areas: " + Leakage.from_dict(split_leakage).sentence())
+        sentences.append(
+            "**The split leaks**, so these test figures overstate every model on "
+            "new areas: " + Leakage.from_dict(split_leakage).sentence()
+        )
     if sentences:
         comparison += "\n\n" + "\n".join(f"- {s}" for s in sentences)
     create_markdown_artifact(
-        key="promotion", description=f"Promotion of {name} version {version}",
+        key="promotion",
+        description=f"Promotion of {name} version {version}",
         markdown=f"Version {version}: **{alias or 'no alias'}** (mode {mode}; the rule says "
-        f"{decision.alias}: {decision.reason}).\n\n{comparison}")
-    get_run_logger().info("%s version %s: %s (mode %s; rule: %s)", name, version,
-                          alias or "no alias", mode, decision.reason)
+        f"{decision.alias}: {decision.reason}).\n\n{comparison}",
+    )
+    get_run_logger().info(
+        "%s version %s: %s (mode %s; rule: %s)",
+        name,
+        version,
+        alias or "no alias",
+        mode,
+        decision.reason,
+    )
     return {"alias": alias, "reason": decision.reason, "comparison": comparison}
 
 
 @task(name="model card", **RETRIES)
-def model_card_task(name: str, result: TrainResult, dataset: str, evaluation_uri: str,
-                    summary: dict, reason: str) -> str:
+def model_card_task(
+    name: str, result: TrainResult, dataset: str, evaluation_uri: str, summary: dict, reason: str
+) -> str:
     """The version's model card with its test results, prediction panels and comparison;
-    its summary becomes the version's description."""
-    scores = {"val": result.best_val_iou, "test": summary["test_mean_iou"],
-              "baseline_val": summary["baseline_rf_val_mean_iou"],
-              "baseline_test": summary["baseline_rf_test_mean_iou"],
-              "baseline_difference": summary.get("baseline_rf_difference"),
-              "champion_version": summary["champion_version"],
-              "champion_test": summary["champion_test_mean_iou_same_chips"],
-              "alias": summary["alias"] or "none", "alias_reason": reason,
-              "run_id": result.run_id, **result.selection_scores()}
-    return publish_model_card(name, result.model_version, result.run_id, result.model_file,
-                              dataset, scores, result.training, evaluation_uri,
-                              storage.join(dataset, "test_files.csv"))
+    its summary becomes the version's description.
+    """
+    scores = {
+        "val": result.best_val_iou,
+        "test": summary["test_mean_iou"],
+        "baseline_val": summary["baseline_rf_val_mean_iou"],
+        "baseline_test": summary["baseline_rf_test_mean_iou"],
+        "baseline_difference": summary.get("baseline_rf_difference"),
+        "champion_version": summary["champion_version"],
+        "champion_test": summary["champion_test_mean_iou_same_chips"],
+        "alias": summary["alias"] or "none",
+        "alias_reason": reason,
+        "run_id": result.run_id,
+        **result.selection_scores(),
+    }
+    return publish_model_card(
+        name,
+        result.model_version,
+        result.run_id,
+        result.model_file,
+        dataset,
+        scores,
+        result.training,
+        evaluation_uri,
+        storage.join(dataset, "test_files.csv"),
+    )
 
 
 @task(name="map scene", **RETRIES)
@@ -228,10 +335,21 @@ def map_scene_task(input_uri: str, model_uri: str, output_uri: str, params: MapP
     """Deep Learning Mapper on one scene: class COG, metrics JSON and quicklook PNG."""
     products = map_scene_products(input_uri, model_uri, output_uri, params)
     create_markdown_artifact(
-        key="map", description=f"Map of {input_uri}",
-        markdown=_table([(k, v) for k, v in products.items()], ("output", "value")))
+        key="map",
+        description=f"Map of {input_uri}",
+        markdown=_table([(k, v) for k, v in products.items()], ("output", "value")),
+    )
     return products
 
 
-__all__ = ["check_labels_task", "chip_task", "split_task", "train_task", "evaluate_task",
-           "champion_task", "promote_task", "model_card_task", "map_scene_task"]
+__all__ = [
+    "check_labels_task",
+    "chip_task",
+    "split_task",
+    "train_task",
+    "evaluate_task",
+    "champion_task",
+    "promote_task",
+    "model_card_task",
+    "map_scene_task",
+]

@@ -38,9 +38,19 @@ def write_raster(path, array, crs=UTM33, transform=None, nodata=None, **extra) -
     if array.ndim == 2:
         array = array[None]
     transform = transform or from_origin(330000, 5822040, 10, 10)
-    with rasterio.open(path, "w", driver="GTiff", width=array.shape[2], height=array.shape[1],
-                       count=array.shape[0], dtype=array.dtype, crs=crs, transform=transform,
-                       nodata=nodata, **extra) as dst:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=array.shape[2],
+        height=array.shape[1],
+        count=array.shape[0],
+        dtype=array.dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+        **extra,
+    ) as dst:
         dst.write(array)
     return str(path)
 
@@ -69,22 +79,34 @@ def s3_server():
     port = _free_port()
     exe = Path(sys.executable).with_name("moto_server")
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"moto-{port}.log", "w")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                              "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing",
-                      AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+        )
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     deadline = time.time() + 30
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 break
-        except OSError:
+        except OSError as error:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError(f"moto_server did not start on port {port}")
+                raise RuntimeError(f"moto_server did not start on port {port}") from error
             time.sleep(0.2)
     yield endpoint
     proc.terminate()
@@ -138,9 +160,16 @@ def dataset(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train")
     scene = generate_scene(str(root / "scene"), 384, 384, seed=5, field_size=48)
-    chip_scene(scene.image_uri, scene.label_uri, str(root / "chips"),
-               ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=40))
-    make_dataset(str(root / "chips"), SplitParams(train_percent=70, validation_percent=15, test_percent=15, scaler=10000))
+    chip_scene(
+        scene.image_uri,
+        scene.label_uri,
+        str(root / "chips"),
+        ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=40),
+    )
+    make_dataset(
+        str(root / "chips"),
+        SplitParams(train_percent=70, validation_percent=15, test_percent=15, scaler=10000),
+    )
     return root
 
 
@@ -149,13 +178,17 @@ def trained(dataset):
     """A tiny U-Net trained for 2 short epochs, registered as 'test-model' in SQLite MLflow."""
     from specdeepmap.training import TrainConfig, train
 
-    config = TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "run"), epochs=4,
-                         batch_size=8, device="cpu", keep_top_k=-1,
-                         tracking_uri=f"sqlite:///{dataset}/mlflow.db",
-                         registered_model="test-model")
+    config = TrainConfig(
+        dataset=str(dataset / "chips"),
+        out=str(dataset / "run"),
+        epochs=4,
+        batch_size=8,
+        device="cpu",
+        keep_top_k=-1,
+        tracking_uri=f"sqlite:///{dataset}/mlflow.db",
+        registered_model="test-model",
+    )
     return config, train(config)
-
-
 
 
 @pytest.fixture(scope="session")
@@ -170,15 +203,17 @@ def prefect_api():
 def gdal_category_names(path: str) -> list[str]:
     """Band 1's category names as GDAL itself reads them (through the libgdal that rasterio
     ships; rasterio has no API for them). GDAL's GTiff driver loads the ``.aux.xml`` sidecar
-    lazily, so the band's metadata is asked for first."""
+    lazily, so the band's metadata is asked for first.
+    """
     import ctypes
     import glob
     import os
 
     import rasterio
 
-    found = glob.glob(os.path.join(os.path.dirname(rasterio.__file__), os.pardir,
-                                   "rasterio.libs", "libgdal*"))
+    found = glob.glob(
+        os.path.join(os.path.dirname(rasterio.__file__), os.pardir, "rasterio.libs", "libgdal*")
+    )
     if not found:
         pytest.skip("rasterio's libgdal was not found (not a manylinux wheel)")
     lib = ctypes.CDLL(found[0])

@@ -73,23 +73,32 @@ def test_map_never_replaces_its_inputs_or_a_foreign_file(trained, dataset, tmp_p
     _fails([*base, str(tmp_path / "link")], "would replace the input scene")
     _fails([*base, f"file://{scene}"], "would replace the input scene")
     _fails([*base, str(model)], "would replace the model file")
-    _fails([*base, str(tmp_path / "map.tif"), "--ground-truth", str(labels), "--iou-csv",
-            str(labels)], "would replace the ground truth")
-    _fails([*base, str(tmp_path / "map.tif"), "--confidence", str(tmp_path / "map.tif")],
-           "are one file")
+    _fails(
+        [*base, str(tmp_path / "map.tif"), "--ground-truth", str(labels), "--iou-csv", str(labels)],
+        "would replace the ground truth",
+    )
+    _fails(
+        [*base, str(tmp_path / "map.tif"), "--confidence", str(tmp_path / "map.tif")],
+        "are one file",
+    )
     assert {p: _digest(p) for p in before} == before
     assert not (tmp_path / "map.tif").exists()
 
     foreign = tmp_path / "notes.tif"
     write_raster(foreign, np.ones((1, 8, 8), np.uint8))
     kept = _digest(foreign)
-    _fails([*base, str(foreign), "--device", "cpu"], "exists and is not a specdeepmap class map",
-           "--overwrite")
+    _fails(
+        [*base, str(foreign), "--device", "cpu"],
+        "exists and is not a specdeepmap class map",
+        "--overwrite",
+    )
     assert _digest(foreign) == kept
     csv = tmp_path / "notes.csv"
     csv.write_text("my notes\n")
-    _fails([*base, str(tmp_path / "m.tif"), "--ground-truth", str(labels), "--iou-csv",
-            str(csv)], "is not a specdeepmap IoU CSV")
+    _fails(
+        [*base, str(tmp_path / "m.tif"), "--ground-truth", str(labels), "--iou-csv", str(csv)],
+        "is not a specdeepmap IoU CSV",
+    )
     assert csv.read_text() == "my notes\n"
     _fails([*base, str(tmp_path)], "is a folder")
 
@@ -107,8 +116,7 @@ def test_stack_bands_never_replaces_a_file(tmp_path):
     bands = tmp_path / "bands"
     bands.mkdir()
     for i, name in enumerate(("B02", "B03", "B04")):
-        write_raster(bands / f"T33UUU_{name}.tif",
-                     np.full((1, 16, 16), i + 1, np.uint16))
+        write_raster(bands / f"T33UUU_{name}.tif", np.full((1, 16, 16), i + 1, np.uint16))
     first = bands / "T33UUU_B02.tif"
     kept = _digest(first)
     _fails(["stack-bands", str(first), str(bands)], "give it a .vrt name")
@@ -142,9 +150,21 @@ def test_sigterm_mid_map_leaves_no_staging_folder_and_no_output(trained, tmp_pat
     staging.mkdir()
     env = {**os.environ, "TMPDIR": str(staging)}
     process = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "specdeepmap"), "map", scene.image_uri,
-         result.model_file, str(tmp_path / "out" / "map.tif"), "--device", "cpu",
-         "--window", "64"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            os.path.join(os.path.dirname(sys.executable), "specdeepmap"),
+            "map",
+            scene.image_uri,
+            result.model_file,
+            str(tmp_path / "out" / "map.tif"),
+            "--device",
+            "cpu",
+            "--window",
+            "64",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while not any(p.startswith("specdeepmap-map-") for p in os.listdir(staging)):
         assert process.poll() is None, process.stderr.read()
@@ -164,8 +184,15 @@ def test_sigterm_mid_map_leaves_no_staging_folder_and_no_output(trained, tmp_pat
 def _quick(dataset_folder, out, **extra):
     from specdeepmap.training import TrainConfig
 
-    settings = dict(epochs=2, batch_size=8, limit_batches=2, device="cpu", baseline=False,
-                    registered_model=None, tracking_uri=f"sqlite:///{out.parent}/mlflow.db")
+    settings = dict(
+        epochs=2,
+        batch_size=8,
+        limit_batches=2,
+        device="cpu",
+        baseline=False,
+        registered_model=None,
+        tracking_uri=f"sqlite:///{out.parent}/mlflow.db",
+    )
     return TrainConfig(dataset=str(dataset_folder), out=str(out), **(settings | extra))
 
 
@@ -186,7 +213,8 @@ def test_a_checkpoint_prefix_belongs_to_one_unfinished_training(dataset, tmp_pat
     assert state["dataset"] == str(dataset / "chips")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = lambda: client.search_runs(  # noqa: E731
-        [client.get_experiment_by_name("specdeepmap").experiment_id])
+        [client.get_experiment_by_name("specdeepmap").experiment_id]
+    )
     assert len(runs()) == 1
 
     with pytest.raises(InputMismatchError, match="finished training"):
@@ -204,30 +232,45 @@ def test_a_checkpoint_prefix_belongs_to_one_unfinished_training(dataset, tmp_pat
     # killed after its last epoch but before it was logged (Lightning had already marked the
     # MLflow run FINISHED): the same command completes that training, in that run
     (prefix / RESUME_STATE).write_text(json.dumps({**state, "finished": False}))
-    completed = train(_quick(dataset / "chips", tmp_path / "again",
-                             checkpoint_uri=str(prefix)))
+    completed = train(_quick(dataset / "chips", tmp_path / "again", checkpoint_uri=str(prefix)))
     assert completed.run_id == first.run_id and len(runs()) == 1
     assert json.loads((prefix / RESUME_STATE).read_text())["finished"] is True
 
-    for text, match in (("{not json", "is not JSON"), ("[1, 2]", "not a resume state"),
-                        (json.dumps({**state, "finished": False, "last": "/etc/passwd"}),
-                         "must be a file name inside")):
+    for text, match in (
+        ("{not json", "is not JSON"),
+        ("[1, 2]", "not a resume state"),
+        (
+            json.dumps({**state, "finished": False, "last": "/etc/passwd"}),
+            "must be a file name inside",
+        ),
+    ):
         (prefix / RESUME_STATE).write_text(text)
-        result = runner.invoke(app, ["train", str(dataset / "chips"), "--out",
-                                     str(tmp_path / "cli"), "--checkpoint-uri", str(prefix),
-                                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                                     "--device", "cpu", "--registered-model", ""])
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                str(dataset / "chips"),
+                "--out",
+                str(tmp_path / "cli"),
+                "--checkpoint-uri",
+                str(prefix),
+                "--tracking-uri",
+                f"sqlite:///{tmp_path}/mlflow.db",
+                "--device",
+                "cpu",
+                "--registered-model",
+                "",
+            ],
+        )
         assert result.exit_code == 2 and match in result.output, result.output
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(InvalidParameterError, match="not writable"):
-        train(_quick(dataset / "chips", tmp_path / "again",
-                     checkpoint_uri=str(blocker / "ckpt")))
+        train(_quick(dataset / "chips", tmp_path / "again", checkpoint_uri=str(blocker / "ckpt")))
     assert len(runs()) == 1
 
 
-def test_resume_takes_only_an_unfinished_checkpoint_of_the_same_dataset(dataset, trained,
-                                                                        tmp_path):
+def test_resume_takes_only_an_unfinished_checkpoint_of_the_same_dataset(dataset, trained, tmp_path):
     """--resume takes a training checkpoint of this dataset with epochs left, nothing else."""
     from specdeepmap.training import train
 
@@ -244,9 +287,20 @@ def test_resume_takes_only_an_unfinished_checkpoint_of_the_same_dataset(dataset,
         train(_quick(other, tmp_path / "x", resume=checkpoint, epochs=5))
     noise = tmp_path / "noise.ckpt"
     noise.write_bytes(os.urandom(300))
-    output = _fails(["train", str(dataset / "chips"), "--resume", str(noise), "--device", "cpu",
-                     "--out", str(tmp_path / "x")], "noise.ckpt",
-                    "is not a PyTorch model or checkpoint file")
+    output = _fails(
+        [
+            "train",
+            str(dataset / "chips"),
+            "--resume",
+            str(noise),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        "noise.ckpt",
+        "is not a PyTorch model or checkpoint file",
+    )
     assert "weights_only" not in output  # no advice to load it unsafely
     # the dataset is recorded absolute, whichever way it was given
     here = os.getcwd()
@@ -273,8 +327,11 @@ def test_a_crafted_checkpoint_runs_nothing(tmp_path):
 
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": Payload()}, evil)
-    _fails(["map", str(tmp_path / "scene.tif"), str(evil), str(tmp_path / "map.tif")],
-           "evil.ckpt", "pickled objects")
+    _fails(
+        ["map", str(tmp_path / "scene.tif"), str(evil), str(tmp_path / "map.tif")],
+        "evil.ckpt",
+        "pickled objects",
+    )
     assert not marker.exists()
 
 
@@ -293,37 +350,87 @@ def test_malformed_stac_is_one_line_naming_the_file(trained, tmp_path, monkeypat
     cases = {
         "array.json": ("[1, 2]", "is a JSON list, not a STAC object"),
         "assets.json": (json.dumps({"type": "Feature", "assets": [1]}), "'assets' must be"),
-        "nohref.json": (json.dumps({"type": "Feature", "assets": {
-            b: {"title": b} for b in ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08",
-                                      "B8A", "B09", "B10", "B11", "B12")}}), "has no href"),
-        "http.json": (json.dumps({"type": "Feature", "assets": {
-            b: {"href": f"https://example.invalid/{b}.tif"} for b in (
-                "B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10",
-                "B11", "B12")}}), "https:// URL, which is not supported"),
+        "nohref.json": (
+            json.dumps(
+                {
+                    "type": "Feature",
+                    "assets": {
+                        b: {"title": b}
+                        for b in (
+                            "B01",
+                            "B02",
+                            "B03",
+                            "B04",
+                            "B05",
+                            "B06",
+                            "B07",
+                            "B08",
+                            "B8A",
+                            "B09",
+                            "B10",
+                            "B11",
+                            "B12",
+                        )
+                    },
+                }
+            ),
+            "has no href",
+        ),
+        "http.json": (
+            json.dumps(
+                {
+                    "type": "Feature",
+                    "assets": {
+                        b: {"href": f"https://example.invalid/{b}.tif"}
+                        for b in (
+                            "B01",
+                            "B02",
+                            "B03",
+                            "B04",
+                            "B05",
+                            "B06",
+                            "B07",
+                            "B08",
+                            "B8A",
+                            "B09",
+                            "B10",
+                            "B11",
+                            "B12",
+                        )
+                    },
+                }
+            ),
+            "https:// URL, which is not supported",
+        ),
     }
     for name, (text, match) in cases.items():
         (tmp_path / name).write_text(text)
         _fails(["map", str(tmp_path / name), model, str(tmp_path / "o.tif")], name, match)
     catalog = tmp_path / "catalog" / "catalog.json"
     catalog.parent.mkdir()
-    catalog.write_text(json.dumps({"type": "Catalog", "links": [
-        {"rel": "child", "href": "./catalog.json"}]}))
+    catalog.write_text(
+        json.dumps({"type": "Catalog", "links": [{"rel": "child", "href": "./catalog.json"}]})
+    )
     with pytest.raises(InvalidParameterError, match="links back to itself"):
         stac.catalog_items(str(catalog))
     catalog.write_text(json.dumps({"type": "Catalog", "links": [{"rel": "item"}]}))
     with pytest.raises(InvalidParameterError, match="has no href"):
         stac.catalog_items(str(catalog))
     monkeypatch.setattr(stac, "MAX_LINKS_PER_CATALOG", 5)
-    catalog.write_text(json.dumps({"type": "Catalog", "links": [
-        {"rel": "item", "href": f"./{i}.json"} for i in range(6)]}))
+    catalog.write_text(
+        json.dumps(
+            {"type": "Catalog", "links": [{"rel": "item", "href": f"./{i}.json"} for i in range(6)]}
+        )
+    )
     with pytest.raises(InvalidParameterError, match="6 links, more than the 5"):
         stac.catalog_items(str(catalog))
-    _fails(["map", "https://example.invalid/scene.tif", model, str(tmp_path / "o.tif")],
-           "https:// URIs are not supported")
+    _fails(
+        ["map", "https://example.invalid/scene.tif", model, str(tmp_path / "o.tif")],
+        "https:// URIs are not supported",
+    )
 
 
-def test_a_catalog_file_beside_the_scenes_does_not_stop_a_folder_run(trained, dataset,
-                                                                     tmp_path):
+def test_a_catalog_file_beside_the_scenes_does_not_stop_a_folder_run(trained, dataset, tmp_path):
     """JSON files that are not STAC items are skipped with a warning in a folder of scenes."""
     _, result = trained
     scenes = tmp_path / "in"
@@ -331,11 +438,12 @@ def test_a_catalog_file_beside_the_scenes_does_not_stop_a_folder_run(trained, da
     shutil.copy(dataset / "scene" / "demo_s2.tif", scenes / "a.tif")
     (scenes / "my-catalog.json").write_text(json.dumps({"type": "Catalog", "links": []}))
     (scenes / "notes.json").write_text("[]")
-    done = runner.invoke(app, ["map", str(scenes) + "/", result.model_file,
-                               str(tmp_path / "maps"), "--device", "cpu"])
+    done = runner.invoke(
+        app,
+        ["map", str(scenes) + "/", result.model_file, str(tmp_path / "maps"), "--device", "cpu"],
+    )
     assert done.exit_code == 0, done.output
-    assert "1 new scene(s)" in done.output and "my-catalog.json is not a STAC item" in \
-        done.output
+    assert "1 new scene(s)" in done.output and "my-catalog.json is not a STAC item" in done.output
 
 
 # ---------------------------------------------------------------- classes files
@@ -348,24 +456,48 @@ def test_a_bad_classes_file_is_one_line_naming_it(small_scene, tmp_path):
     def refused(name: str, content: bytes, match: str) -> None:
         path = tmp_path / name
         path.write_bytes(content)
-        _fails(["chip", small_scene.image_uri, small_scene.label_uri, str(tmp_path / "out"),
-                "--classes", str(path)], name, match)
+        _fails(
+            [
+                "chip",
+                small_scene.image_uri,
+                small_scene.label_uri,
+                str(tmp_path / "out"),
+                "--classes",
+                str(path),
+            ],
+            name,
+            match,
+        )
         assert not (tmp_path / "out").exists()
 
-    palette = b"<qgis><pipe><rasterrenderer><colorPalette>%s</colorPalette></rasterrenderer>" \
+    palette = (
+        b"<qgis><pipe><rasterrenderer><colorPalette>%s</colorPalette></rasterrenderer>"
         b"</pipe></qgis>"
+    )
     refused("hex.csv", b"value,name,color\n1,water,#gggggg\n", "colour '#gggggg'")
     refused("latin1.csv", "value,name\n1,Wässer\n".encode("latin-1"), "is not UTF-8 text")
     refused("big.csv", b"value,name\n1,a\n300,b\n", "value '300' is not a class value (1-255")
     refused("names.csv", b"value,name\n1,forest\n2,Forest\n", "to several values")
     refused("control.csv", b'value,name\n1,"a\x01b"\n', "control character")
-    refused("novalue.qml", palette % b'<paletteEntry color="#ff0000" label="a"/>',
-            "palette entry value None")
-    refused("text.qml", palette % b'<paletteEntry value="x" color="#ff0000" label="a"/>',
-            "palette entry value 'x'")
-    refused("twice.qml", palette % (b'<paletteEntry value="1" color="#ff0000" label="a"/>'
-                                    b'<paletteEntry value="1" color="#00ff00" label="b"/>'),
-            "twice.qml lists value(s) 1 twice")
+    refused(
+        "novalue.qml",
+        palette % b'<paletteEntry color="#ff0000" label="a"/>',
+        "palette entry value None",
+    )
+    refused(
+        "text.qml",
+        palette % b'<paletteEntry value="x" color="#ff0000" label="a"/>',
+        "palette entry value 'x'",
+    )
+    refused(
+        "twice.qml",
+        palette
+        % (
+            b'<paletteEntry value="1" color="#ff0000" label="a"/>'
+            b'<paletteEntry value="1" color="#00ff00" label="b"/>'
+        ),
+        "twice.qml lists value(s) 1 twice",
+    )
 
     import logging
 
@@ -401,11 +533,26 @@ def test_user_text_is_inert_in_the_model_card(trained):
     from specdeepmap.inference import read_model_file
 
     model_config, _ = read_model_file(result.model_file)
-    evil = {**model_config, "classes": {"classes": [
-        {"value": v, "name": name, "color": "#102030"} for v, name in zip(
-            model_config["class_values"],
-            ["<script>alert(1)</script>", "[x](javascript:alert(1))", "a | b", "line\nbreak",
-             "*bold*", "`code`"], strict=True)]}}
+    evil = {
+        **model_config,
+        "classes": {
+            "classes": [
+                {"value": v, "name": name, "color": "#102030"}
+                for v, name in zip(
+                    model_config["class_values"],
+                    [
+                        "<script>alert(1)</script>",
+                        "[x](javascript:alert(1))",
+                        "a | b",
+                        "line\nbreak",
+                        "*bold*",
+                        "`code`",
+                    ],
+                    strict=True,
+                )
+            ]
+        },
+    }
     card = model_card(evil, {"uri": "/d`x", "digest": "0"}, {}, {})
     text = summary(evil, {"uri": "/d"}, {})
     for rendered in (card, text):
@@ -436,11 +583,35 @@ def test_absurd_windows_nan_pixels_and_empty_scenes(trained, dataset, tmp_path):
 
     _, result = trained
     scene = str(dataset / "scene" / "demo_s2.tif")
-    done = runner.invoke(app, ["map", scene, result.model_file, str(tmp_path / "w.tif"),
-                               "--window", "100000", "--device", "cpu"])
+    done = runner.invoke(
+        app,
+        [
+            "map",
+            scene,
+            result.model_file,
+            str(tmp_path / "w.tif"),
+            "--window",
+            "100000",
+            "--device",
+            "cpu",
+        ],
+    )
     assert done.exit_code == 0, done.output  # one padded window: the scene itself
-    _fails(["map", scene, result.model_file, str(tmp_path / "b.tif"), "--batch-size",
-            "100000000", "--device", "cpu"], "GiB", "more than the", "--batch-size")
+    _fails(
+        [
+            "map",
+            scene,
+            result.model_file,
+            str(tmp_path / "b.tif"),
+            "--batch-size",
+            "100000000",
+            "--device",
+            "cpu",
+        ],
+        "GiB",
+        "more than the",
+        "--batch-size",
+    )
     assert not (tmp_path / "b.tif").exists()
 
     with rasterio.open(scene) as src:
@@ -452,8 +623,9 @@ def test_absurd_windows_nan_pixels_and_empty_scenes(trained, dataset, tmp_path):
     with rasterio.open(nan_scene, "w", **profile) as dst:
         dst.write(data)
     with pytest.warns(UserWarning, match="NaN or infinite"):
-        map_scene(nan_scene, result.model_file, str(tmp_path / "nan_map.tif"),
-                  MapParams(device="cpu"))
+        map_scene(
+            nan_scene, result.model_file, str(tmp_path / "nan_map.tif"), MapParams(device="cpu")
+        )
     with rasterio.open(tmp_path / "nan_map.tif") as src:
         out = src.read(1)
     assert (out[10:40, 10:40] == 0).all() and (out[60:70, 60:70] == 0).all()
@@ -463,8 +635,9 @@ def test_absurd_windows_nan_pixels_and_empty_scenes(trained, dataset, tmp_path):
     with rasterio.open(empty, "w", **profile) as dst:
         dst.write(np.zeros_like(data))
     with pytest.warns(UserWarning, match="every pixel is nodata"):
-        map_scene(empty, result.model_file, str(tmp_path / "empty_map.tif"),
-                  MapParams(device="cpu"))
+        map_scene(
+            empty, result.model_file, str(tmp_path / "empty_map.tif"), MapParams(device="cpu")
+        )
 
 
 def test_a_test_csv_with_other_columns_and_foreign_classes(trained, dataset, tmp_path):
@@ -472,8 +645,12 @@ def test_a_test_csv_with_other_columns_and_foreign_classes(trained, dataset, tmp
     _, result = trained
     csv = tmp_path / "test.csv"
     csv.write_text("img,label\na.tif,b.tif\n")
-    _fails(["test", str(csv), result.model_file], "test.csv",
-           "must start with the columns image,mask", "img, label")
+    _fails(
+        ["test", str(csv), result.model_file],
+        "test.csv",
+        "must start with the columns image,mask",
+        "img, label",
+    )
 
     from specdeepmap.evaluation import evaluate_model
 
@@ -486,8 +663,13 @@ def test_a_test_csv_with_other_columns_and_foreign_classes(trained, dataset, tmp
         labels[:4, :4] = 9  # a class the model never saw
         dst.write(labels, 1)
     with pytest.warns(UserWarning, match="class value.s. 9 that the model"):
-        evaluate_model(str(chips / "test_files.csv"), result.model_file, str(tmp_path / "t"),
-                       EvaluateParams(device="cpu"), log_to_mlflow=False)
+        evaluate_model(
+            str(chips / "test_files.csv"),
+            result.model_file,
+            str(tmp_path / "t"),
+            EvaluateParams(device="cpu"),
+            log_to_mlflow=False,
+        )
 
 
 # ---------------------------------------------------------------- errors named as they are
@@ -497,11 +679,13 @@ def test_local_errors_are_not_retried_as_network_failures(tmp_path):
     """File-exists, folder and disk errors are local: not transient, not called unreachable."""
     from specdeepmap.cli import describe_error
 
-    local = [FileExistsError(errno.EEXIST, "File exists", "x"),
-             IsADirectoryError(errno.EISDIR, "Is a directory", "x"),
-             NotADirectoryError(errno.ENOTDIR, "Not a directory", "x"),
-             OSError(errno.ENOSPC, "No space left on device"),
-             OSError(errno.EROFS, "Read-only file system")]
+    local = [
+        FileExistsError(errno.EEXIST, "File exists", "x"),
+        IsADirectoryError(errno.EISDIR, "Is a directory", "x"),
+        NotADirectoryError(errno.ENOTDIR, "Not a directory", "x"),
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EROFS, "Read-only file system"),
+    ]
     for error in local:
         assert not storage.is_transient(error), error
         assert "storage unreachable" not in describe_error(error)
@@ -521,9 +705,19 @@ def test_promote_refuses_a_version_whose_dataset_changed(dataset, tmp_path):
     chips = tmp_path / "chips"
     shutil.copytree(dataset / "chips", chips)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    train(TrainConfig(dataset=str(chips), out=str(tmp_path / "run"), epochs=1, batch_size=8,
-                      limit_batches=2, device="cpu", baseline=False, tracking_uri=uri,
-                      registered_model="changing"))
+    train(
+        TrainConfig(
+            dataset=str(chips),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            batch_size=8,
+            limit_batches=2,
+            device="cpu",
+            baseline=False,
+            tracking_uri=uri,
+            registered_model="changing",
+        )
+    )
     lines = (chips / "test_files.csv").read_text().splitlines()
     (chips / "test_files.csv").write_text("\n".join(lines[:-1]) + "\n")  # one chip less
     previous = mlflow.get_tracking_uri()

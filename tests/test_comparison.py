@@ -14,7 +14,7 @@ CLASSES = [1, 2, 3]
 
 def chip_matrices(truths: list[np.ndarray], preds: list[np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
-    for i, (truth, pred) in enumerate(zip(truths, preds)):
+    for i, (truth, pred) in enumerate(zip(truths, preds, strict=True)):
         out[f"chip_{i}.tif"] = m = np.zeros((3, 3), np.int64)
         accumulate(m, truth, pred, CLASSES)
     return out
@@ -54,7 +54,8 @@ def test_a_model_better_on_every_chip_is_called_better(truths):
     assert result.chips == 12 and result.level == 0.9
     assert paired_bootstrap(bad, good).verdict == "worse"
     assert "the test chips favour the forest" in paired_bootstrap(bad, good).sentence(
-        "the model", "the forest")
+        "the model", "the forest"
+    )
 
 
 def test_the_same_predictions_differ_by_exactly_nothing(truths):
@@ -67,7 +68,8 @@ def test_the_same_predictions_differ_by_exactly_nothing(truths):
 
 def test_models_that_win_different_chips_are_undecided(truths):
     """Each model better on half the chips: the interval spans 0, and more such chips
-    narrow it."""
+    narrow it.
+    """
     rng = np.random.default_rng(4)
     a_preds = [noisy(t, 0.1 if i % 2 else 0.5, rng) for i, t in enumerate(truths)]
     b_preds = [noisy(t, 0.5 if i % 2 else 0.1, rng) for i, t in enumerate(truths)]
@@ -75,11 +77,13 @@ def test_models_that_win_different_chips_are_undecided(truths):
     assert few.low < 0 < few.high and few.verdict == "undecided"
     assert "cannot tell the two apart" in few.sentence("A", "B")
     assert "With only" not in few.sentence("A", "B")  # 12 chips
-    four = paired_bootstrap(chip_matrices(truths[:4], a_preds[:4]),
-                            chip_matrices(truths[:4], b_preds[:4]))
+    four = paired_bootstrap(
+        chip_matrices(truths[:4], a_preds[:4]), chip_matrices(truths[:4], b_preds[:4])
+    )
     assert "With only 4 test chips the interval is narrower" in four.sentence("A", "B")
-    many = paired_bootstrap(chip_matrices(truths * 8, a_preds * 8),
-                            chip_matrices(truths * 8, b_preds * 8))
+    many = paired_bootstrap(
+        chip_matrices(truths * 8, a_preds * 8), chip_matrices(truths * 8, b_preds * 8)
+    )
     assert many.high - many.low < (few.high - few.low) / 2
     assert Difference.from_dict(few.to_dict()) == few  # it travels as plain data
 
@@ -108,8 +112,7 @@ def test_touching_chips_are_resampled_together():
     single = paired_bootstrap(a, b, units={name: 0 for name in a})
     assert single.units == 1 and single.chips == 12
     assert single.low == pytest.approx(single.difference) == pytest.approx(single.high)
-    assert "over 1 resampled groups of touching test chips (12 chips)" in \
-        single.sentence("A", "B")
+    assert "over 1 resampled groups of touching test chips (12 chips)" in single.sentence("A", "B")
     assert "only 1 independent groups" in single.sentence("A", "B")
     each = paired_bootstrap(a, b, units={name: i for i, name in enumerate(a)})
     plain = paired_bootstrap(a, b)
@@ -119,4 +122,6 @@ def test_touching_chips_are_resampled_together():
     apart = {f"s_tile_{i * 40}_0.tif": (32, 32) for i in range(5)}
     assert len(set(chip_units(apart).values())) == 5
     assert chip_units({"no_position.tif": (8, 8), "other.tif": (8, 8)}) == {
-        "no_position.tif": 0, "other.tif": 1}
+        "no_position.tif": 0,
+        "other.tif": 1,
+    }

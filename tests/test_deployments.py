@@ -41,7 +41,8 @@ def _wait_http(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> N
 @pytest.fixture(scope="module")
 def platform(s3_server, tmp_path_factory):
     """MLflow server (basic-auth app, SQLite registry, artifacts in S3), Prefect server (API
-    auth string), deployments, worker. The secrets are canaries: no output may hold them."""
+    auth string), deployments, worker. The secrets are canaries: no output may hold them.
+    """
     import uuid
 
     import boto3
@@ -50,59 +51,94 @@ def platform(s3_server, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="platform")
     mlflow_port, prefect_port = _free_port(), _free_port()
     canary = f"canary{uuid.uuid4().hex}"
-    secrets = {"prefect": f"{canary}prefect", "mlflow": f"{canary}mlflow",
-               "s3": f"{canary}s3", "flask": f"{canary}flask"}
+    secrets = {
+        "prefect": f"{canary}prefect",
+        "mlflow": f"{canary}mlflow",
+        "s3": f"{canary}s3",
+        "flask": f"{canary}flask",
+    }
     (root / "mlflow-auth.ini").write_text(
         "[mlflow]\ndefault_permission = READ\n"
         f"database_uri = sqlite:///{root}/mlflow-auth.db\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-    auth_env = {"PREFECT_SERVER_API_AUTH_STRING": f"admin:{secrets['prefect']}",
-                "PREFECT_API_AUTH_STRING": f"admin:{secrets['prefect']}",
-                "MLFLOW_AUTH_CONFIG_PATH": str(root / "mlflow-auth.ini"),
-                "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-                "MLFLOW_AUTH_ADMIN_PASSWORD": secrets["mlflow"],
-                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets["flask"],
-                "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets["mlflow"],
-                "AWS_SECRET_ACCESS_KEY": secrets["s3"]}  # (the test's moto takes any key)
-    env = {**os.environ, **auth_env,
-           "MLFLOW_S3_ENDPOINT_URL": s3_server,
-           "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
-           "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
-           "PREFECT_HOME": str(root / "prefect"),
-           "PREFECT_WORKER_QUERY_SECONDS": "1",
-           # a lost worker is noticed within seconds (production: 30 s heartbeats, 90 s)
-           "PREFECT_WORKER_HEARTBEAT_SECONDS": "3",
-           "PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS": "2",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "SPECDEEPMAP_HOME": str(REPO),
-           "SPECDEEPMAP_RUNS_DIR": str(root / "runs"),
-           "SPECDEEPMAP_INPUT_PREFIX": "s3://platform/scenes",
-           "SPECDEEPMAP_OUTPUT_PREFIX": "s3://platform/maps"}
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    auth_env = {
+        "PREFECT_SERVER_API_AUTH_STRING": f"admin:{secrets['prefect']}",
+        "PREFECT_API_AUTH_STRING": f"admin:{secrets['prefect']}",
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "mlflow-auth.ini"),
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": secrets["mlflow"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets["flask"],
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": secrets["mlflow"],
+        "AWS_SECRET_ACCESS_KEY": secrets["s3"],
+    }  # (the test's moto takes any key)
+    env = {
+        **os.environ,
+        **auth_env,
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
+        "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        # a lost worker is noticed within seconds (production: 30 s heartbeats, 90 s)
+        "PREFECT_WORKER_HEARTBEAT_SECONDS": "3",
+        "PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS": "2",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "SPECDEEPMAP_HOME": str(REPO),
+        "SPECDEEPMAP_RUNS_DIR": str(root / "runs"),
+        "SPECDEEPMAP_INPUT_PREFIX": "s3://platform/scenes",
+        "SPECDEEPMAP_OUTPUT_PREFIX": "s3://platform/maps",
+    }
     procs = []
 
     def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:
         log = root / f"{name}.log"
         # each service in a session of its own: a test can take one down with its children
-        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], env=env, cwd=REPO,
-                                stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / args[0]), *args[1:]],
+            env=env,
+            cwd=REPO,
+            stdout=open(log, "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         procs.append(proc)
         return proc, log
 
-    mlflow, mlflow_log = start("mlflow", "mlflow", "server", "--app-name", "basic-auth",
-                               "--host", "127.0.0.1", "--port",
-                               str(mlflow_port), "--backend-store-uri",
-                               f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
-                               "s3://platform/mlflow", "--workers", "1")
-    prefect, prefect_log = start("prefect", "prefect", "server", "start", "--host",
-                                 "127.0.0.1", "--port", str(prefect_port))
+    mlflow, mlflow_log = start(
+        "mlflow",
+        "mlflow",
+        "server",
+        "--app-name",
+        "basic-auth",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(mlflow_port),
+        "--backend-store-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--artifacts-destination",
+        "s3://platform/mlflow",
+        "--workers",
+        "1",
+    )
+    prefect, prefect_log = start(
+        "prefect", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)
+    )
     try:
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120, mlflow, mlflow_log)
         _wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 180, prefect, prefect_log)
 
         def cli(*args: str) -> str:
-            done = subprocess.run([str(BIN / "prefect"), "--no-prompt", *args], env=env,
-                                  cwd=REPO, capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                [str(BIN / "prefect"), "--no-prompt", *args],
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert done.returncode == 0, done.stdout + done.stderr
             return done.stdout
 
@@ -114,9 +150,14 @@ def platform(s3_server, tmp_path_factory):
         with pytest.MonkeyPatch.context() as patch:  # this test's MLflow client logs in
             patch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
             patch.setenv("MLFLOW_TRACKING_PASSWORD", secrets["mlflow"])
-            yield {"api": env["PREFECT_API_URL"], "tracking": env["MLFLOW_TRACKING_URI"],
-                   "root": root, "worker": [worker], "secrets": secrets,
-                   "start_worker": lambda: start("worker", *worker_command)[0]}
+            yield {
+                "api": env["PREFECT_API_URL"],
+                "tracking": env["MLFLOW_TRACKING_URI"],
+                "root": root,
+                "worker": [worker],
+                "secrets": secrets,
+                "start_worker": lambda: start("worker", *worker_command)[0],
+            }
     finally:
         _API.auth = None
         for proc in reversed(procs):
@@ -135,13 +176,19 @@ def _trigger(api: str, deployment: str, parameters: dict):
     """Create a flow run of a deployment, as the UI's 'Run' button does."""
     found = _patient(lambda: _API.get(f"{api}/deployments/name/{deployment}", timeout=30))
     found.raise_for_status()
-    return _patient(lambda: _API.post(f"{api}/deployments/{found.json()['id']}/create_flow_run",
-                                       json={"parameters": parameters}, timeout=30))
+    return _patient(
+        lambda: _API.post(
+            f"{api}/deployments/{found.json()['id']}/create_flow_run",
+            json={"parameters": parameters},
+            timeout=30,
+        )
+    )
 
 
 def _patient(call, attempts: int = 5):
     """A request to the SQLite-backed test server, which can answer 5xx ("database is
-    locked") or not at all for a while when training takes both CPU cores."""
+    locked") or not at all for a while when training takes both CPU cores.
+    """
     for attempt in range(attempts):
         try:
             response = call()
@@ -173,9 +220,15 @@ def _emit(api: str, event: str, resource_id: str, payload: dict) -> None:
     import datetime
     import uuid
 
-    body = [{"id": str(uuid.uuid4()), "event": event,
-             "occurred": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-             "resource": {"prefect.resource.id": resource_id}, "payload": payload}]
+    body = [
+        {
+            "id": str(uuid.uuid4()),
+            "event": event,
+            "occurred": datetime.datetime.now(datetime.UTC).isoformat(),
+            "resource": {"prefect.resource.id": resource_id},
+            "payload": payload,
+        }
+    ]
     response = _patient(lambda: _API.post(f"{api}/events", json=body, timeout=30))
     assert response.status_code < 300, response.text
 
@@ -185,8 +238,13 @@ def _wait_deployment_run(api: str, deployment: str, seconds: float = 300) -> dic
     found = _patient(lambda: _API.get(f"{api}/deployments/name/{deployment}", timeout=30))
     deadline = time.time() + seconds
     while time.time() < deadline:
-        response = _patient(lambda: _API.post(f"{api}/flow_runs/filter", timeout=30, json={
-            "deployments": {"id": {"any_": [found.json()["id"]]}}}))
+        response = _patient(
+            lambda: _API.post(
+                f"{api}/flow_runs/filter",
+                timeout=30,
+                json={"deployments": {"id": {"any_": [found.json()["id"]]}}},
+            )
+        )
         if response.status_code < 500 and response.json():
             return _wait_run(api, response.json()[0]["id"], deadline - time.time())
         time.sleep(1)
@@ -197,12 +255,22 @@ def _review(api: str, run_input: dict, seconds: float = 420) -> dict:
     """Wait for the training run's review to pause, then answer its form as the UI does."""
     deadline = time.time() + seconds
     while time.time() < deadline:
-        response = _patient(lambda: _API.post(f"{api}/flow_runs/filter", timeout=30, json={
-            "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}}))
+        response = _patient(
+            lambda: _API.post(
+                f"{api}/flow_runs/filter",
+                timeout=30,
+                json={"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}},
+            )
+        )
         if response.status_code < 500 and response.json():
             paused = response.json()[0]
-            answer = _patient(lambda: _API.post(f"{api}/flow_runs/{paused['id']}/resume",
-                                                 timeout=30, json={"run_input": run_input}))
+            answer = _patient(
+                lambda paused=paused: _API.post(
+                    f"{api}/flow_runs/{paused['id']}/resume",
+                    timeout=30,
+                    json={"run_input": run_input},
+                )
+            )
             assert answer.json()["status"] == "ACCEPT", answer.text
             return paused
         time.sleep(1)
@@ -217,14 +285,25 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
     scene = generate_scene(str(tmp_path / "scene"), 320, 320, seed=11, field_size=48)
     storage.upload(scene.image_uri, "s3://platform/train/demo_s2.tif")
     storage.upload(scene.label_uri, "s3://platform/train/demo_s2_labels.tif")
-    params = {"params": {
-        "scenes": [{"image_uri": "s3://platform/train/demo_s2.tif",
-                    "label_uri": "s3://platform/train/demo_s2_labels.tif"}],
-        "work_uri": "s3://platform/work",
-        "chip": {"tile_x": 32, "tile_y": 32, "step_x": 32, "step_y": 32, "min_coverage": 40},
-        "split": {"train_percent": 70, "validation_percent": 15, "test_percent": 15,
-                  "scaler": 10000},
-        "train": {"epochs": 2, "batch_size": 16, "device": "cpu"}}}
+    params = {
+        "params": {
+            "scenes": [
+                {
+                    "image_uri": "s3://platform/train/demo_s2.tif",
+                    "label_uri": "s3://platform/train/demo_s2_labels.tif",
+                }
+            ],
+            "work_uri": "s3://platform/work",
+            "chip": {"tile_x": 32, "tile_y": 32, "step_x": 32, "step_y": 32, "min_coverage": 40},
+            "split": {
+                "train_percent": 70,
+                "validation_percent": 15,
+                "test_percent": 15,
+                "scaler": 10000,
+            },
+            "train": {"epochs": 2, "batch_size": 16, "device": "cpu"},
+        }
+    }
     created = _trigger(platform["api"], "training-pipeline/training-pipeline", params)
     assert created.status_code == 201, created.text
     # the deployment asks for approval: the reviewer approves in the run's form
@@ -257,8 +336,10 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
     assert created.status_code == 201, created.text
     run = _wait_run(platform["api"], created.json()["id"])
     assert run["state"]["type"] == "COMPLETED", run["state"]
-    with storage.open_raster("s3://platform/maps/new_scene_classes.tif") as out, \
-            storage.open_raster(scene.image_uri) as src:
+    with (
+        storage.open_raster("s3://platform/maps/new_scene_classes.tif") as out,
+        storage.open_raster(scene.image_uri) as src,
+    ):
         assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
         assert set(np.unique(out.read(1))) <= set(range(7))
     first = json.loads(storage.read_text("s3://platform/maps/new_scene_classes_metrics.json"))
@@ -276,8 +357,12 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
 
     # event-driven: an upstream system announces a scene; the trigger maps it at once
     storage.upload(scene.image_uri, "s3://platform/arrivals/announced.tif")
-    _emit(platform["api"], "specdeepmap.scene.arrived", "specdeepmap.scene.announced",
-          {"scene_uri": "s3://platform/arrivals/announced.tif"})
+    _emit(
+        platform["api"],
+        "specdeepmap.scene.arrived",
+        "specdeepmap.scene.announced",
+        {"scene_uri": "s3://platform/arrivals/announced.tif"},
+    )
     run = _wait_deployment_run(platform["api"], "map/map-on-arrival")
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"]["params"]["scenes"] == ["s3://platform/arrivals/announced.tif"]
@@ -285,8 +370,13 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
 
 
 def test_bad_parameters_are_rejected_by_the_api(platform):
-    bad = {"params": {"scenes": [{"image_uri": "a.tif", "label_uri": "b.tif"}],
-                      "work_uri": "w", "train": {"epochs": 0}}}
+    bad = {
+        "params": {
+            "scenes": [{"image_uri": "a.tif", "label_uri": "b.tif"}],
+            "work_uri": "w",
+            "train": {"epochs": 0},
+        }
+    }
     created = _trigger(platform["api"], "training-pipeline/training-pipeline", bad)
     assert created.status_code in (409, 422), created.text
     assert "epochs" in created.text
@@ -295,7 +385,8 @@ def test_bad_parameters_are_rejected_by_the_api(platform):
 def test_a_lost_worker_does_not_lose_the_training(platform, tmp_path):
     """The worker (and the flow run it started) is killed mid-training, as when its machine
     is lost; a new worker picks up the restarted flow run, which continues the training from
-    its last checkpoint in object storage: one MLflow run, one registered version."""
+    its last checkpoint in object storage: one MLflow run, one registered version.
+    """
     import signal
 
     import mlflow
@@ -305,15 +396,33 @@ def test_a_lost_worker_does_not_lose_the_training(platform, tmp_path):
     scene = generate_scene(str(tmp_path / "scene"), 320, 320, seed=12, field_size=48)
     storage.upload(scene.image_uri, "s3://platform/lost/image.tif")
     storage.upload(scene.label_uri, "s3://platform/lost/labels.tif")
-    params = {"promotion": "auto", "params": {
-        "scenes": [{"image_uri": "s3://platform/lost/image.tif",
-                    "label_uri": "s3://platform/lost/labels.tif"}],
-        "work_uri": "s3://platform/lost-work", "model_name": "survivor",
-        "chip": {"tile_x": 32, "tile_y": 32, "step_x": 32, "step_y": 32, "min_coverage": 40},
-        "split": {"train_percent": 70, "validation_percent": 15, "test_percent": 15,
-                  "scaler": 10000},
-        "train": {"epochs": 12, "batch_size": 8, "device": "cpu", "early_stopping": False,
-                  "baseline": False}}}
+    params = {
+        "promotion": "auto",
+        "params": {
+            "scenes": [
+                {
+                    "image_uri": "s3://platform/lost/image.tif",
+                    "label_uri": "s3://platform/lost/labels.tif",
+                }
+            ],
+            "work_uri": "s3://platform/lost-work",
+            "model_name": "survivor",
+            "chip": {"tile_x": 32, "tile_y": 32, "step_x": 32, "step_y": 32, "min_coverage": 40},
+            "split": {
+                "train_percent": 70,
+                "validation_percent": 15,
+                "test_percent": 15,
+                "scaler": 10000,
+            },
+            "train": {
+                "epochs": 12,
+                "batch_size": 8,
+                "device": "cpu",
+                "early_stopping": False,
+                "baseline": False,
+            },
+        },
+    }
     created = _trigger(platform["api"], "training-pipeline/training-pipeline", params)
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
@@ -327,20 +436,29 @@ def test_a_lost_worker_does_not_lose_the_training(platform, tmp_path):
     killed_at = json.loads(storage.read_text(state))
     # the server notices the lost worker and marks its run crashed ...
     deadline = time.time() + 120
-    while _patient(lambda: _API.get(f"{platform['api']}/flow_runs/{run_id}", timeout=30)
-                   ).json()["state"]["type"] != "CRASHED":
+    while (
+        _patient(lambda: _API.get(f"{platform['api']}/flow_runs/{run_id}", timeout=30)).json()[
+            "state"
+        ]["type"]
+        != "CRASHED"
+    ):
         assert time.time() < deadline, "the lost worker's run was never marked crashed"
         time.sleep(1)
     # ... the operator (or an automation) reschedules it; a new worker takes it
-    response = _patient(lambda: _API.post(
-        f"{platform['api']}/flow_runs/{run_id}/set_state", timeout=30,
-        json={"state": {"type": "SCHEDULED", "name": "Scheduled"}, "force": True}))
+    response = _patient(
+        lambda: _API.post(
+            f"{platform['api']}/flow_runs/{run_id}/set_state",
+            timeout=30,
+            json={"state": {"type": "SCHEDULED", "name": "Scheduled"}, "force": True},
+        )
+    )
     assert response.status_code < 300, response.text
     rescheduled = response.json()["state"]["timestamp"]
     platform["worker"][:] = [platform["start_worker"]()]
     deadline = time.time() + 420
     while (run := _wait_run(platform["api"], run_id, deadline - time.time()))["state"][
-            "type"] == "CRASHED" and run["state"]["timestamp"] < rescheduled:
+        "type"
+    ] == "CRASHED" and run["state"]["timestamp"] < rescheduled:
         time.sleep(1)  # the crash recorded before the reschedule
     assert run["state"]["type"] == "COMPLETED", run["state"]
 
@@ -357,19 +475,29 @@ def test_secrets_reach_no_output(platform):
     the services' secrets (Prefect's auth string, MLflow's password, the S3 secret key, Flask's
     key) is in any output: the runs folder, the service logs, MLflow's and Prefect's
     databases (parameters, tags, artifacts' metadata, flow-run parameters, Prefect artifacts),
-    or any object in the bucket (MLflow artifacts, chips, maps and their tags)."""
+    or any object in the bucket (MLflow artifacts, chips, maps and their tags).
+    """
     import boto3
 
     assert _API.get(f"{platform['api']}/flows/filter", auth=None).status_code == 401
     secrets = {name: value.encode() for name, value in platform["secrets"].items()}
-    found = [f"{path}: {name}" for path in platform["root"].rglob("*") if path.is_file()
-             for name, secret in secrets.items() if secret in path.read_bytes()]
+    found = [
+        f"{path}: {name}"
+        for path in platform["root"].rglob("*")
+        if path.is_file()
+        for name, secret in secrets.items()
+        if secret in path.read_bytes()
+    ]
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="platform")
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="platform")
+        for o in page.get("Contents", [])
+    ]
     assert len(keys) > 20  # chips, models, maps: the pipeline did write
     for key in keys:
         body = s3.get_object(Bucket="platform", Key=key)["Body"].read()
-        found += [f"s3://platform/{key}: {name}" for name, secret in secrets.items()
-                  if secret in body]
+        found += [
+            f"s3://platform/{key}: {name}" for name, secret in secrets.items() if secret in body
+        ]
     assert not found

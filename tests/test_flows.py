@@ -27,25 +27,33 @@ def mlflow_store(tmp_path, monkeypatch):
 
 def test_promotion_compares_on_the_same_chips_with_a_margin(mlflow_store, tmp_path):
     """A champion that scored better on its own (easier) test set but worse on the new run's
-    chips is replaced; a win below the margin, or without a same-chips score, is not enough."""
+    chips is replaced; a win below the margin, or without a same-chips score, is not enough.
+    """
     import mlflow
 
     from specdeepmap.registry import promote_if_better, resolve
 
     client = mlflow.MlflowClient()
     client.create_registered_model("m")
-    versions = [client.create_model_version("m", source=str(tmp_path)).version
-                for _ in range(4)]
+    versions = [client.create_model_version("m", source=str(tmp_path)).version for _ in range(4)]
     assert promote_if_better("m", versions[0], 0.90).alias == "champion"  # the first one
     # v1 scores 0.60 on its chips, where the champion (0.90 on its own chips) scores 0.50
-    assert promote_if_better("m", versions[1], 0.60, champion_mean_iou=0.50,
-                             min_improvement=0.01).alias == "champion"
+    assert (
+        promote_if_better(
+            "m", versions[1], 0.60, champion_mean_iou=0.50, min_improvement=0.01
+        ).alias
+        == "champion"
+    )
     tags = client.get_model_version("m", versions[1]).tags
     assert tags["champion_test_mean_iou_same_chips"] == "0.500000"
     assert tags["compared_with_version"] == str(versions[0])
     # better, but by less than the margin
-    assert promote_if_better("m", versions[2], 0.605, champion_mean_iou=0.60,
-                             min_improvement=0.01).alias == "challenger"
+    assert (
+        promote_if_better(
+            "m", versions[2], 0.605, champion_mean_iou=0.60, min_improvement=0.01
+        ).alias
+        == "challenger"
+    )
     # a higher number measured on other chips proves nothing: the champion stays
     assert promote_if_better("m", versions[3], 0.99).alias == "challenger"
     assert resolve("models:/m@champion") == f"models:/m/{versions[1]}"
@@ -53,10 +61,10 @@ def test_promotion_compares_on_the_same_chips_with_a_margin(mlflow_store, tmp_pa
     assert resolve("/some/model.pt") == "/some/model.pt"
 
 
-def test_champion_is_scored_on_the_new_chips_without_touching_its_run(trained, dataset,
-                                                                       tmp_path):
+def test_champion_is_scored_on_the_new_chips_without_touching_its_run(trained, dataset, tmp_path):
     """score_champion gives the Tester's pooled mean IoU of the champion on the given chips,
-    logs nothing to the champion's run, and refuses a comparison across class sets."""
+    logs nothing to the champion's run, and refuses a comparison across class sets.
+    """
     import mlflow
 
     from specdeepmap.evaluation import evaluate_model
@@ -70,30 +78,39 @@ def test_champion_is_scored_on_the_new_chips_without_touching_its_run(trained, d
     before = client.get_run(result.run_id).data.metrics
     test_csv = str(dataset / "chips" / "test_files.csv")
     score = score_champion("test-model", test_csv, result.model_file, str(tmp_path / "c"))
-    expected = evaluate_model(test_csv, result.model_file, str(tmp_path / "e"),
-                              log_to_mlflow=False).metrics.mean_iou
+    expected = evaluate_model(
+        test_csv, result.model_file, str(tmp_path / "e"), log_to_mlflow=False
+    ).metrics.mean_iou
     assert score["version"] == result.model_version and score["reason"] == ""
     assert score["mean_iou"] == pytest.approx(expected)
     assert client.get_run(result.run_id).data.metrics == before
     assert score["difference"] is None  # without the new model's per-chip figures
     # with them (here: the champion's own), the paired difference and its interval
     chips = json.loads((tmp_path / "c" / "test_metrics.json").read_text())
-    paired = score_champion("test-model", test_csv, result.model_file, str(tmp_path / "c2"),
-                            new_chip_matrices=chips["chip_confusion_matrices"])
+    paired = score_champion(
+        "test-model",
+        test_csv,
+        result.model_file,
+        str(tmp_path / "c2"),
+        new_chip_matrices=chips["chip_confusion_matrices"],
+    )
     assert paired["difference"]["difference"] == 0 and paired["difference"]["low"] == 0
     assert paired["difference"]["verdict"] == "undecided"
     assert paired["difference"]["chips"] == len(chips["chip_confusion_matrices"]) > 1
 
     other_config, _ = read_model_file(result.model_file)
-    other = export_model_file({**other_config, "class_values": [1, 2, 3, 4, 5, 9]},
-                              load_model(result.model_file, "cpu").model,
-                              str(tmp_path / "other.pt"))
+    other = export_model_file(
+        {**other_config, "class_values": [1, 2, 3, 4, 5, 9]},
+        load_model(result.model_file, "cpu").model,
+        str(tmp_path / "other.pt"),
+    )
     refused = score_champion("test-model", test_csv, other, str(tmp_path / "o"))
     assert refused["mean_iou"] is None and "class_values" in refused["reason"]
 
 
-def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, mlflow_store,
-                                                        tmp_path):
+def test_training_pipeline_then_scheduled_mapping_on_s3(
+    prefect_api, s3_bucket, mlflow_store, tmp_path
+):
     import mlflow
 
     from flows.params import ScenePair, ScheduledMappingParams, TrainingPipelineParams
@@ -106,16 +123,29 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
     storage.upload(scene.label_uri, f"{s3_bucket}/train/demo_s2_labels.tif")
     # class names travel in GDAL's sidecar, as GIS tools write them
     storage.upload(scene.label_uri + ".aux.xml", f"{s3_bucket}/train/demo_s2_labels.tif.aux.xml")
-    summary = training_pipeline(TrainingPipelineParams(
-        scenes=[ScenePair(image_uri=f"{s3_bucket}/train/demo_s2.tif",
-                          label_uri=f"{s3_bucket}/train/demo_s2_labels.tif")],
-        work_uri=f"{s3_bucket}/work", model_name="flow-model",
-        chip=ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=40),
-        split=SplitParams(train_percent=70, validation_percent=15, test_percent=15,
-                            scaler=10000),
-        train=TrainParams(epochs=2, batch_size=16, device="cpu")))
-    for name in ("train_files.csv", "test_files.csv", "Summary_train_val.csv",
-                 "Normalize_Bands.csv"):
+    summary = training_pipeline(
+        TrainingPipelineParams(
+            scenes=[
+                ScenePair(
+                    image_uri=f"{s3_bucket}/train/demo_s2.tif",
+                    label_uri=f"{s3_bucket}/train/demo_s2_labels.tif",
+                )
+            ],
+            work_uri=f"{s3_bucket}/work",
+            model_name="flow-model",
+            chip=ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=40),
+            split=SplitParams(
+                train_percent=70, validation_percent=15, test_percent=15, scaler=10000
+            ),
+            train=TrainParams(epochs=2, batch_size=16, device="cpu"),
+        )
+    )
+    for name in (
+        "train_files.csv",
+        "test_files.csv",
+        "Summary_train_val.csv",
+        "Normalize_Bands.csv",
+    ):
         assert storage.exists(f"{s3_bucket}/work/chips/{name}")
     assert storage.list_files(f"{s3_bucket}/work/chips/images", ".tif")
     assert storage.exists(f"{s3_bucket}/work/evaluation/v{summary['version']}/test_iou.csv")
@@ -127,19 +157,19 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
     run = client.get_run(summary["run_id"])
     assert "val_iou" in run.data.metrics and "test_mean_iou" in run.data.metrics
     assert run.data.metrics["baseline_rf_test_mean_iou"] == pytest.approx(
-        summary["baseline_rf_test_mean_iou"])
+        summary["baseline_rf_test_mean_iou"]
+    )
     version = client.get_model_version("flow-model", summary["version"])
     assert version.tags["below_baseline"] == str(below).lower()
-    assert float(version.tags["test_mean_iou"]) == pytest.approx(summary["test_mean_iou"],
-                                                                  abs=1e-6)
+    assert float(version.tags["test_mean_iou"]) == pytest.approx(summary["test_mean_iou"], abs=1e-6)
     assert "RandomForest" in version.description
     # how far the test chips can tell the model from the forest: a paired bootstrap interval
     versus = summary["baseline_rf_difference"]
     assert versus["difference"] == pytest.approx(
-        summary["test_mean_iou"] - summary["baseline_rf_test_mean_iou"])
+        summary["test_mean_iou"] - summary["baseline_rf_test_mean_iou"]
+    )
     assert versus["low"] <= versus["difference"] <= versus["high"]
-    assert run.data.metrics["test_mean_iou_minus_baseline_rf_low"] == pytest.approx(
-        versus["low"])
+    assert run.data.metrics["test_mean_iou_minus_baseline_rf_low"] == pytest.approx(versus["low"])
     assert "90% interval over" in version.description
     assert f"{summary['test_mean_iou']:.4f}" in version.description
     assert "the best of 2 validated epochs (their median:" in version.description
@@ -150,9 +180,15 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
     card = open(card).read()
     facts = dataset_facts(f"{s3_bucket}/work/chips")
     assert facts["digest"] in card and facts["digest"] in version.description
-    for text in ("| water | 1 |", "| forest | 2 |", "B01", "| band | name | mean | std |",
-                 "![prediction_panels.png](prediction_panels.png)", "dice-ce",
-                 f"{summary['test_mean_iou']:.4f}"):
+    for text in (
+        "| water | 1 |",
+        "| forest | 2 |",
+        "B01",
+        "| band | name | mean | std |",
+        "![prediction_panels.png](prediction_panels.png)",
+        "dice-ce",
+        f"{summary['test_mean_iou']:.4f}",
+    ):
         assert text in card, text
     images = [a.path for a in client.list_artifacts(summary["run_id"], "model_card")]
     assert {"model_card/prediction_panels.png", "model_card/confusion_matrix.png"} <= set(images)
@@ -164,8 +200,9 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
     experiment = client.get_experiment(client.get_run(summary["run_id"]).info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     # the test report shows the baseline beside the model, and is logged although on S3
-    report = storage.read_text(f"{s3_bucket}/work/evaluation/v{summary['version']}/"
-                               "test_metrics.csv")
+    report = storage.read_text(
+        f"{s3_bucket}/work/evaluation/v{summary['version']}/test_metrics.csv"
+    )
     assert "Baseline RF IoU" in report.splitlines()[0]
     logged = [a.path for a in client.list_artifacts(summary["run_id"], "test")]
     assert "test/confusion_matrix.png" in logged and "test/test_iou.csv" in logged
@@ -174,8 +211,11 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(prefect_api, s3_bucket, 
 
     for i in (1, 2):
         storage.upload(scene.image_uri, f"{s3_bucket}/scenes/scene{i}.tif")
-    params = ScheduledMappingParams(input_prefix=f"{s3_bucket}/scenes",
-                                    output_prefix=f"{s3_bucket}/maps", model_name="flow-model")
+    params = ScheduledMappingParams(
+        input_prefix=f"{s3_bucket}/scenes",
+        output_prefix=f"{s3_bucket}/maps",
+        model_name="flow-model",
+    )
     first = scheduled_mapping(params)
     assert len(first) == 2
     with rasterio.open(scene.image_uri) as src:
@@ -200,14 +240,18 @@ def test_bad_parameters_are_rejected_before_work(prefect_api, tmp_path):
         MapParams(overlap=60)
     scenes = [{"image_uri": "a.tif", "label_uri": "b.tif"}]
     for settings, message in (
-            ({"split": {"train_percent": 90, "validation_percent": 20, "test_percent": 0}},
-             "add up to 110"),
-            # a cross-field rule of the recipe: refused when the run starts, before chipping
-            ({"train": {"distill": True, "ensemble": 1}}, "set ensemble >= 2"),
-            ({"chip": {"tile_size": 64}}, "Extra inputs are not permitted")):
+        (
+            {"split": {"train_percent": 90, "validation_percent": 20, "test_percent": 0}},
+            "add up to 110",
+        ),
+        # a cross-field rule of the recipe: refused when the run starts, before chipping
+        ({"train": {"distill": True, "ensemble": 1}}, "set ensemble >= 2"),
+        ({"chip": {"tile_size": 64}}, "Extra inputs are not permitted"),
+    ):
         with pytest.raises(Exception, match=message):
-            training_pipeline(params={"scenes": scenes, "work_uri": str(tmp_path / "w"),
-                                      **settings})
+            training_pipeline(
+                params={"scenes": scenes, "work_uri": str(tmp_path / "w"), **settings}
+            )
         assert not (tmp_path / "w").exists()
 
 
@@ -271,16 +315,16 @@ class _Proxy:
                 import struct
 
                 self.refused += 1
-                client.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_LINGER,
-                                  struct.pack("ii", 1, 0))
+                client.setsockopt(
+                    self._socket.SOL_SOCKET, self._socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
                 client.close()  # a reset, not an orderly close
                 continue
             upstream = self._socket.create_connection(("127.0.0.1", self.target_port))
             self._connections += [client, upstream]
             self._open.add(client)
             for a, b in ((client, upstream), (upstream, client)):
-                self._threading.Thread(target=self._pipe, args=(a, b, client),
-                                       daemon=True).start()
+                self._threading.Thread(target=self._pipe, args=(a, b, client), daemon=True).start()
 
     def _pipe(self, a, b, client) -> None:
         try:
@@ -297,10 +341,10 @@ class _Proxy:
                     pass
 
 
-def test_s3_read_cut_off_mid_way_is_a_transient_error(s3_server, s3_bucket, tmp_path,
-                                                      monkeypatch):
+def test_s3_read_cut_off_mid_way_is_a_transient_error(s3_server, s3_bucket, tmp_path, monkeypatch):
     """An S3 raster that opened fine but whose blocks stop arriving raises a ConnectionError
-    naming the object (retried by the tasks), not a 'bad file' error."""
+    naming the object (retried by the tasks), not a 'bad file' error.
+    """
     from urllib.parse import urlparse
 
     from rasterio.windows import Window
@@ -336,7 +380,8 @@ async def _task_states(prefix: str, since) -> list[str]:
 
 
 def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
-        prefect_api, s3_server, s3_bucket, tmp_path, monkeypatch):
+    prefect_api, s3_server, s3_bucket, tmp_path, monkeypatch
+):
     import asyncio
     import datetime
     import threading
@@ -360,8 +405,11 @@ def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
         direct = boto3.client("s3", endpoint_url=s3_server)  # not through the proxy
         bucket = s3_bucket.removeprefix("s3://")
         deadline = time.time() + 120
-        while time.time() < deadline and direct.list_objects_v2(
-                Bucket=bucket, Prefix="chips/images/").get("KeyCount", 0) < 20:
+        while (
+            time.time() < deadline
+            and direct.list_objects_v2(Bucket=bucket, Prefix="chips/images/").get("KeyCount", 0)
+            < 20
+        ):
             time.sleep(0.05)  # until chipping is well under way
         proxy.stop(reset=True)  # the S3 server goes away in the middle of the run...
         time.sleep(3)
@@ -372,10 +420,16 @@ def test_s3_outage_during_a_run_is_retried_and_leaves_no_partial_object(
     thread = threading.Thread(target=outage)
     started = datetime.datetime.now(datetime.UTC)
     thread.start()
-    result = chip_flow([ScenePair(image_uri=f"{s3_bucket}/in/demo_s2.tif",
-                                  label_uri=f"{s3_bucket}/in/demo_s2_labels.tif")],
-                       f"{s3_bucket}/chips", ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32,
-                                                          min_coverage=0))
+    result = chip_flow(
+        [
+            ScenePair(
+                image_uri=f"{s3_bucket}/in/demo_s2.tif",
+                label_uri=f"{s3_bucket}/in/demo_s2_labels.tif",
+            )
+        ],
+        f"{s3_bucket}/chips",
+        ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=0),
+    )
     thread.join()
     assert result[0]["chips"] == 400
     # the outage cut requests in flight, so the run is complete only because they were
@@ -404,14 +458,23 @@ def test_map_flow_on_a_dask_cluster(prefect_api, trained, dataset, tmp_path):
     (tmp_path / "in").mkdir()
     for name in ("a.tif", "b.tif"):
         shutil.copy(dataset / "scene" / "demo_s2.tif", tmp_path / "in" / name)
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                      dashboard_address=None) as cluster:
-        products = map_flow(MapFlowParams(
-            model_uri=result.model_file, output_uri=str(tmp_path / "maps"),
-            input_prefix=str(tmp_path / "in"), map=MapParams(device="cpu", precision="int8"),
-            task_runner="dask", dask_address=cluster.scheduler_address))
-    assert sorted(os.path.basename(p["classes"]) for p in products) == \
-        ["a_classes.tif", "b_classes.tif"]
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+    ) as cluster:
+        products = map_flow(
+            MapFlowParams(
+                model_uri=result.model_file,
+                output_uri=str(tmp_path / "maps"),
+                input_prefix=str(tmp_path / "in"),
+                map=MapParams(device="cpu", precision="int8"),
+                task_runner="dask",
+                dask_address=cluster.scheduler_address,
+            )
+        )
+    assert sorted(os.path.basename(p["classes"]) for p in products) == [
+        "a_classes.tif",
+        "b_classes.tif",
+    ]
     for p in products:
         assert os.path.exists(p["metrics"]) and os.path.exists(p["quicklook"])
         with rasterio.open(p["classes"]) as dst:  # the form's precision reached the mapper
@@ -420,7 +483,8 @@ def test_map_flow_on_a_dask_cluster(prefect_api, trained, dataset, tmp_path):
 
 def _answer_review(flow_run_name_contains: str, run_input: dict, seconds: float = 120):
     """Wait for a paused review flow run and answer its form through the Prefect API, as a
-    reviewer does in the UI (Resume)."""
+    reviewer does in the UI (Resume).
+    """
     import time
 
     from prefect.client.orchestration import get_client
@@ -435,8 +499,11 @@ def _answer_review(flow_run_name_contains: str, run_input: dict, seconds: float 
     deadline = time.time() + seconds
     with get_client(sync_client=True) as client:
         while time.time() < deadline:
-            paused = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            paused = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+                )
+            )
             paused = [r for r in paused if r.state.state_details.run_input_keyset]
             if paused:
                 resume_flow_run(paused[0].id, run_input=run_input)
@@ -446,11 +513,13 @@ def _answer_review(flow_run_name_contains: str, run_input: dict, seconds: float 
 
 
 @pytest.mark.parametrize("approve", [False, True])
-def test_a_reviewer_approves_or_rejects_through_the_prefect_api(prefect_api, mlflow_store,
-                                                                tmp_path, approve):
+def test_a_reviewer_approves_or_rejects_through_the_prefect_api(
+    prefect_api, mlflow_store, tmp_path, approve
+):
     """In approval mode the version waits as challenger; the review flow pauses with a typed
     form; the answer (given through the API, as the UI does) moves the alias or not, and
-    who, when and why are kept as version tags."""
+    who, when and why are kept as version tags.
+    """
     import threading
 
     import mlflow
@@ -460,18 +529,23 @@ def test_a_reviewer_approves_or_rejects_through_the_prefect_api(prefect_api, mlf
 
     client = mlflow.MlflowClient()
     client.create_registered_model("reviewed")
-    first, second = [str(client.create_model_version("reviewed", source=str(tmp_path)).version)
-                     for _ in range(2)]
+    first, second = [
+        str(client.create_model_version("reviewed", source=str(tmp_path)).version) for _ in range(2)
+    ]
     promote_if_better("reviewed", first, 0.5)
-    decision = promote_if_better("reviewed", second, 0.7, champion_mean_iou=0.6,
-                                 min_improvement=0.01, mode="approval")
+    decision = promote_if_better(
+        "reviewed", second, 0.7, champion_mean_iou=0.6, min_improvement=0.01, mode="approval"
+    )
     assert decision.alias == "champion"  # what the rule advises ...
     assert str(client.get_model_version_by_alias("reviewed", "challenger").version) == second
     assert str(client.get_model_version_by_alias("reviewed", "champion").version) == first
 
     result = {}
-    worker = threading.Thread(target=lambda: result.update(review_flow(
-        "reviewed", second, decision.reason, "| comparison |", timeout_hours=0.05)))
+    worker = threading.Thread(
+        target=lambda: result.update(
+            review_flow("reviewed", second, decision.reason, "| comparison |", timeout_hours=0.05)
+        )
+    )
     worker.start()
     _answer_review("review", {"approve": approve, "reviewer": "rita", "comment": "checked"})
     worker.join(timeout=120)
@@ -484,8 +558,9 @@ def test_a_reviewer_approves_or_rejects_through_the_prefect_api(prefect_api, mlf
     assert ("approved" if approve else "rejected") in tags[f"{alias}_reason"]
 
 
-def test_training_pipeline_refuses_impossible_labels_before_chipping(prefect_api, mlflow_store,
-                                                                     tmp_path):
+def test_training_pipeline_refuses_impossible_labels_before_chipping(
+    prefect_api, mlflow_store, tmp_path
+):
     """A label raster with one class stops the run at its first task: no chips are cut."""
     from flows.params import ScenePair, TrainingPipelineParams
     from flows.pipelines import training_pipeline
@@ -495,9 +570,11 @@ def test_training_pipeline_refuses_impossible_labels_before_chipping(prefect_api
 
     image = write_raster(tmp_path / "image.tif", np.ones((3, 64, 64), np.uint16))
     label = write_raster(tmp_path / "label.tif", np.full((64, 64), 4, np.uint8))
-    params = TrainingPipelineParams(scenes=[ScenePair(image_uri=image, label_uri=label)],
-                                    work_uri=str(tmp_path / "work"),
-                                    chip=ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32))
+    params = TrainingPipelineParams(
+        scenes=[ScenePair(image_uri=image, label_uri=label)],
+        work_uri=str(tmp_path / "work"),
+        chip=ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32),
+    )
     with pytest.raises(InvalidLabelError, match="single class"):
         training_pipeline(params)
     assert not (tmp_path / "work" / "chips").exists()
@@ -505,12 +582,16 @@ def test_training_pipeline_refuses_impossible_labels_before_chipping(prefect_api
 
 def test_two_process_training_inside_a_flow_run(prefect_api, mlflow_store, dataset):
     """Multi-device training inside a Prefect flow run: the processes are spawned (the flow
-    is not re-entered by a re-run command line), one MLflow run, one registered version."""
+    is not re-entered by a re-run command line), one MLflow run, one registered version.
+    """
     from flows.pipelines import train_flow
     from specdeepmap.params import TrainParams
     from tests.test_training import _check_ddp_run
 
-    result = train_flow(str(dataset / "chips"), TrainParams(
-        devices=2, device="cpu", epochs=2, batch_size=8, baseline=False), "ddp-model")
+    result = train_flow(
+        str(dataset / "chips"),
+        TrainParams(devices=2, device="cpu", epochs=2, batch_size=8, baseline=False),
+        "ddp-model",
+    )
     assert result.model_version == "1"
     _check_ddp_run(mlflow_store, str(dataset / "chips"), result.model_file)

@@ -18,8 +18,13 @@ from specdeepmap.params import EvaluateParams
 
 
 def _grid(n: int, tile: int, step: int, scene: str = "a") -> pd.DataFrame:
-    return pd.DataFrame([{"scene": scene, "x": c * step, "y": r * step, "tile_x": tile,
-                          "tile_y": tile} for r in range(n) for c in range(n)])
+    return pd.DataFrame(
+        [
+            {"scene": scene, "x": c * step, "y": r * step, "tile_x": tile, "tile_y": tile}
+            for r in range(n)
+            for c in range(n)
+        ]
+    )
 
 
 def _brute_force_touching(frame: pd.DataFrame) -> set[tuple[int, int]]:
@@ -31,9 +36,13 @@ def _brute_force_touching(frame: pd.DataFrame) -> set[tuple[int, int]]:
     x, y = frame["x"].to_numpy(), frame["y"].to_numpy()
     w = frame["tile_x"].to_numpy()
     h = frame["tile_y"].to_numpy() if "tile_y" in frame else w
-    touch = (scene[:, None] == scene[None]) & (x[:, None] <= x[None] + w[None]) & \
-        (x[None] <= x[:, None] + w[:, None]) & (y[:, None] <= y[None] + h[None]) & \
-        (y[None] <= y[:, None] + h[:, None])
+    touch = (
+        (scene[:, None] == scene[None])
+        & (x[:, None] <= x[None] + w[None])
+        & (x[None] <= x[:, None] + w[:, None])
+        & (y[:, None] <= y[None] + h[None])
+        & (y[None] <= y[:, None] + h[:, None])
+    )
     return {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(touch, 1)), strict=True)}
 
 
@@ -105,7 +114,12 @@ def test_the_default_split_keeps_touching_chips_apart(tmp_path):
 
     scene = generate_scene(str(tmp_path / "scene"), 640, 640, seed=7, field_size=96)
     chips = tmp_path / "chips"
-    chip_scene(scene.image_uri, scene.label_uri, str(chips), ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=30))
+    chip_scene(
+        scene.image_uri,
+        scene.label_uri,
+        str(chips),
+        ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=30),
+    )
     manifest = read_manifests(str(chips))
     report = make_dataset(str(chips), SplitParams(scaler=10000))
     assert report.strategy == "balanced-groups"
@@ -118,14 +132,18 @@ def test_the_default_split_keeps_touching_chips_apart(tmp_path):
     assert (table["Chips Touching Train"] == 0).all()
     assert any("left out of training" in w for w in report.warnings)
 
-    plain = make_dataset(str(chips), SplitParams(scaler=10000, strategy="balanced"),
-                         out_folder=str(tmp_path / "plain"))
+    plain = make_dataset(
+        str(chips),
+        SplitParams(scaler=10000, strategy="balanced"),
+        out_folder=str(tmp_path / "plain"),
+    )
     touching = _extents_touch(manifest, _sets_of(tmp_path / "plain"))
     assert touching[1] > 0
-    assert (plain.leakage["validation"]["touching_chips"],
-            plain.leakage["test"]["touching_chips"]) == touching
-    assert any(w.startswith("spatial leakage:") and "balanced-groups" in w
-               for w in plain.warnings)
+    assert (
+        plain.leakage["validation"]["touching_chips"],
+        plain.leakage["test"]["touching_chips"],
+    ) == touching
+    assert any(w.startswith("spatial leakage:") and "balanced-groups" in w for w in plain.warnings)
     # the cost of the separation, as reported: the class-share gap stays moderate
     assert report.max_share_gap_pp < plain.max_share_gap_pp + 10
 
@@ -143,11 +161,18 @@ def test_chips_with_gaps_split_as_before(tmp_path):
 
     scene = generate_scene(str(tmp_path / "scene"), 640, 640, seed=7, field_size=96)
     chips = tmp_path / "chips"
-    chip_scene(scene.image_uri, scene.label_uri, str(chips), ChipParams(tile_x=32, tile_y=32, step_x=40, step_y=40, min_coverage=30))
-    grouped = make_dataset(str(chips), SplitParams(normalize=False),
-                           out_folder=str(tmp_path / "g"))
-    plain = make_dataset(str(chips), SplitParams(normalize=False, strategy="balanced"),
-                         out_folder=str(tmp_path / "p"))
+    chip_scene(
+        scene.image_uri,
+        scene.label_uri,
+        str(chips),
+        ChipParams(tile_x=32, tile_y=32, step_x=40, step_y=40, min_coverage=30),
+    )
+    grouped = make_dataset(str(chips), SplitParams(normalize=False), out_folder=str(tmp_path / "g"))
+    plain = make_dataset(
+        str(chips),
+        SplitParams(normalize=False, strategy="balanced"),
+        out_folder=str(tmp_path / "p"),
+    )
     assert _sets_of(tmp_path / "g") == _sets_of(tmp_path / "p")
     assert grouped.buffer_chips == 0 and not Leakage.from_dict(grouped.leakage).leaks
     assert grouped.max_share_gap_pp == plain.max_share_gap_pp
@@ -166,17 +191,22 @@ def test_the_shared_sentinel2_scene_splits_without_leakage(shared_data, tmp_path
 
     folder = shared_data / "s2l1c_brandenburg_osm"
     chips = tmp_path / "chips"
-    chip_scene(str(folder / "s2l1c_T33UUU_20170216_13b_10m.tif"),
-               str(folder / "osm_landuse_labels_10m.tif"), str(chips),
-               ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=10))
+    chip_scene(
+        str(folder / "s2l1c_T33UUU_20170216_13b_10m.tif"),
+        str(folder / "osm_landuse_labels_10m.tif"),
+        str(chips),
+        ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64, min_coverage=10),
+    )
     manifest = read_manifests(str(chips))
     report = make_dataset(str(chips), SplitParams(scaler=10000, normalize=False))
     assert report.strategy == "balanced-groups"
     assert _extents_touch(manifest, _sets_of(chips)) == (0, 0)
     assert report.chips["test"] >= 15 and report.chips["train"] >= 0.6 * len(manifest)
-    plain = make_dataset(str(chips), SplitParams(scaler=10000, normalize=False,
-                                                 strategy="balanced"),
-                         out_folder=str(tmp_path / "plain"))
+    plain = make_dataset(
+        str(chips),
+        SplitParams(scaler=10000, normalize=False, strategy="balanced"),
+        out_folder=str(tmp_path / "plain"),
+    )
     assert plain.leakage["test"]["chip_share"] > 0.9
 
 
@@ -197,13 +227,29 @@ def test_the_comparison_names_the_leakage(trained, dataset, tmp_path):
     _, result = trained
     chips = tmp_path / "chips"
     shutil.copytree(dataset / "chips", chips)
-    make_dataset(str(chips), SplitParams(train_percent=70, validation_percent=15, test_percent=15, scaler=10000, strategy="balanced"))
-    report = evaluate_model(str(chips / "test_files.csv"), result.model_file,
-                            str(tmp_path / "test"), EvaluateParams(device="cpu"), log_to_mlflow=False)
+    make_dataset(
+        str(chips),
+        SplitParams(
+            train_percent=70,
+            validation_percent=15,
+            test_percent=15,
+            scaler=10000,
+            strategy="balanced",
+        ),
+    )
+    report = evaluate_model(
+        str(chips / "test_files.csv"),
+        result.model_file,
+        str(tmp_path / "test"),
+        EvaluateParams(device="cpu"),
+        log_to_mlflow=False,
+    )
     assert report.split_leakage is not None and report.split_leakage.test.touching_chips > 0
     written = json.loads((tmp_path / "test" / "test_metrics.json").read_text())
-    assert written["split_leakage"]["test"]["touching_chips"] == \
-        report.split_leakage.test.touching_chips
+    assert (
+        written["split_leakage"]["test"]["touching_chips"]
+        == report.split_leakage.test.touching_chips
+    )
     config, _ = read_model_file(result.model_file)
     text = summary(config, dataset_facts(str(chips)), {})
     assert "**The split leaks**" in text and "test chips" in text

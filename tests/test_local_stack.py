@@ -1,5 +1,6 @@
 """The local stack as an operator runs it: ``infrastructure/local-stack.sh`` with
-authentication on, started twice, stopped and started again."""
+authentication on, started twice, stopped and started again.
+"""
 
 from __future__ import annotations
 
@@ -18,15 +19,26 @@ pytestmark = pytest.mark.integration
 SCRIPT = REPO / "infrastructure" / "local-stack.sh"
 SERVICES = ("s3", "mlflow", "prefect", "worker")
 #: what a caller's environment may carry that the stack must not take over
-FOREIGN = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_URI",
-           "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_URL",
-           "PREFECT_API_AUTH_STRING", "PREFECT_AUTH_STRING", "PREFECT_HOME",
-           "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_FLASK_SERVER_SECRET_KEY")
+FOREIGN = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "PREFECT_API_URL",
+    "PREFECT_API_AUTH_STRING",
+    "PREFECT_AUTH_STRING",
+    "PREFECT_HOME",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+)
 
 
 def _script(env: dict, command: str) -> str:
-    done = subprocess.run(["bash", str(SCRIPT), command], env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), command], env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -42,8 +54,11 @@ def _exports(env: dict) -> dict[str, str]:
 
 
 def _groups(state: Path) -> dict[str, int]:
-    return {name: int((state / f"{name}.pid").read_text()) for name in SERVICES
-            if (state / f"{name}.pid").exists()}
+    return {
+        name: int((state / f"{name}.pid").read_text())
+        for name in SERVICES
+        if (state / f"{name}.pid").exists()
+    }
 
 
 def _alive(group: int) -> bool:
@@ -65,15 +80,18 @@ def stack(tmp_path_factory):
     state = tmp_path_factory.mktemp("stack")
     ports = {"S3_PORT": _free_port(), "MLFLOW_PORT": _free_port(), "PREFECT_PORT": _free_port()}
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN}
-    env.update({k: str(v) for k, v in ports.items()}, STACK_STATE=str(state),
-               VENV=str(Path(sys.executable).parent.parent), STACK_TIMEOUT="300",
-               POOL="stack-test")
+    env.update(
+        {k: str(v) for k, v in ports.items()},
+        STACK_STATE=str(state),
+        VENV=str(Path(sys.executable).parent.parent),
+        STACK_TIMEOUT="300",
+        POOL="stack-test",
+    )
     first = _script(env, "start")
     try:
         yield {"env": env, "state": state, "ports": ports, "first_start": first}
     finally:
-        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True,
-                       timeout=300)
+        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=300)
 
 
 def test_start_twice_runs_each_service_once(stack):
@@ -109,8 +127,12 @@ def test_every_api_refuses_strangers_and_serves_the_stack(stack):
 
     assert httpx.get(f"{cfg['AWS_ENDPOINT_URL']}/specdeepmap", timeout=30).status_code == 403
     s3 = lambda secret: boto3.client(  # noqa: E731
-        "s3", endpoint_url=cfg["AWS_ENDPOINT_URL"], region_name="us-east-1",
-        aws_access_key_id=cfg["AWS_ACCESS_KEY_ID"], aws_secret_access_key=secret)
+        "s3",
+        endpoint_url=cfg["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=cfg["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=secret,
+    )
     with pytest.raises(botocore.exceptions.ClientError, match="SignatureDoesNotMatch"):
         s3("not-the-secret").list_objects_v2(Bucket="specdeepmap")
     assert s3(cfg["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(Bucket="specdeepmap")["KeyCount"] >= 0
@@ -120,7 +142,8 @@ def test_every_api_refuses_strangers_and_serves_the_stack(stack):
 
 def test_state_survives_stop_and_start_and_stop_leaves_nothing(stack, tmp_path):
     """A model registered with its artifacts in the bucket is still there, artifacts
-    included, after stop/start; stop leaves no process and no listening port."""
+    included, after stop/start; stop leaves no process and no listening port.
+    """
     import boto3
     import mlflow
 
@@ -135,12 +158,17 @@ def test_state_survives_stop_and_start_and_stop_leaves_nothing(stack, tmp_path):
         client.log_artifact(run.info.run_id, str(tmp_path / "weights.txt"), "model")
         client.set_terminated(run.info.run_id)
         client.create_registered_model("stack-model")
-        version = client.create_model_version("stack-model", f"runs:/{run.info.run_id}/model",
-                                              run_id=run.info.run_id)
+        version = client.create_model_version(
+            "stack-model", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
+        )
         # explicit keys: boto3's default session keeps the credentials it resolved first
-        s3 = boto3.client("s3", endpoint_url=cfg["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                          aws_access_key_id=cfg["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=cfg["AWS_SECRET_ACCESS_KEY"])
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=cfg["AWS_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id=cfg["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=cfg["AWS_SECRET_ACCESS_KEY"],
+        )
         s3.put_object(Bucket="specdeepmap", Key="scenes/a.tif", Body=b"scene")
 
         groups = _groups(stack["state"])
@@ -170,24 +198,40 @@ def test_each_service_holds_only_its_own_secrets_and_the_state_is_private(stack)
     the stack's databases and logs are the operator's only.
     """
     cfg = _exports(stack["env"])
-    secret = {"s3": cfg["AWS_SECRET_ACCESS_KEY"], "prefect": cfg["PREFECT_API_AUTH_STRING"],
-              "mlflow": cfg["MLFLOW_TRACKING_PASSWORD"]}
-    flask_key = next(line.split("=", 1)[1] for line in
-                     (stack["state"] / "secrets.env").read_text().splitlines()
-                     if line.startswith("MLFLOW_FLASK_SERVER_SECRET_KEY="))
-    allowed = {"s3": {"s3"}, "mlflow": {"s3", "mlflow", "flask"}, "prefect": {"prefect"},
-               "worker": {"s3", "prefect", "mlflow"}}
+    secret = {
+        "s3": cfg["AWS_SECRET_ACCESS_KEY"],
+        "prefect": cfg["PREFECT_API_AUTH_STRING"],
+        "mlflow": cfg["MLFLOW_TRACKING_PASSWORD"],
+    }
+    flask_key = next(
+        line.split("=", 1)[1]
+        for line in (stack["state"] / "secrets.env").read_text().splitlines()
+        if line.startswith("MLFLOW_FLASK_SERVER_SECRET_KEY=")
+    )
+    allowed = {
+        "s3": {"s3"},
+        "mlflow": {"s3", "mlflow", "flask"},
+        "prefect": {"prefect"},
+        "worker": {"s3", "prefect", "mlflow"},
+    }
     for service, group in _groups(stack["state"]).items():
-        pids = [int(p) for p in subprocess.run(["pgrep", "-g", str(group)], capture_output=True,
-                                               text=True).stdout.split()]
+        pids = [
+            int(p)
+            for p in subprocess.run(
+                ["pgrep", "-g", str(group)], capture_output=True, text=True
+            ).stdout.split()
+        ]
         assert pids, f"{service} has no process"
         for pid in pids:
             try:
                 environment = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
             except (FileNotFoundError, ProcessLookupError):
                 continue  # a short-lived child
-            held = {name for name, value in {**secret, "flask": flask_key}.items()
-                    if value in environment}
+            held = {
+                name
+                for name, value in {**secret, "flask": flask_key}.items()
+                if value in environment
+            }
             assert held <= allowed[service], (service, pid, held - allowed[service])
     for path in stack["state"].rglob("*"):
         if path.is_file() and path.suffix in (".db", ".log", ".env", ".ini"):
@@ -205,14 +249,18 @@ def test_presigned_urls_are_honoured_up_to_seven_days(stack):
     from botocore.config import Config
 
     cfg = _exports(stack["env"])
-    s3 = boto3.client("s3", endpoint_url=cfg["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                      aws_access_key_id=cfg["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=cfg["AWS_SECRET_ACCESS_KEY"],
-                      config=Config(signature_version="s3v4"))  # SigV4 query signing
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=cfg["AWS_ENDPOINT_URL"],
+        region_name="us-east-1",
+        aws_access_key_id=cfg["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=cfg["AWS_SECRET_ACCESS_KEY"],
+        config=Config(signature_version="s3v4"),
+    )  # SigV4 query signing
     s3.put_object(Bucket="specdeepmap", Key="presign/a.txt", Body=b"hello")
     url = lambda seconds: s3.generate_presigned_url(  # noqa: E731
-        "get_object", Params={"Bucket": "specdeepmap", "Key": "presign/a.txt"},
-        ExpiresIn=seconds)
+        "get_object", Params={"Bucket": "specdeepmap", "Key": "presign/a.txt"}, ExpiresIn=seconds
+    )
     ok = httpx.get(url(3600), timeout=30)
     assert ok.status_code == 200 and ok.content == b"hello"
     assert httpx.get(url(7 * 24 * 3600), timeout=30).status_code == 200

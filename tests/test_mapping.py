@@ -25,12 +25,16 @@ def transform_of(path):
 
 
 def test_windows_cover_every_pixel_and_weights_are_smooth():
-    for size, window, stride in [(1000, 256, 205), (256, 256, 205), (100, 256, 205),
-                                 (513, 128, 100)]:
+    for size, window, stride in [
+        (1000, 256, 205),
+        (256, 256, 205),
+        (100, 256, 205),
+        (513, 128, 100),
+    ]:
         starts = window_starts(size, window, stride)
         covered = np.zeros(size, bool)
         for s in starts:
-            covered[s:s + window] = True
+            covered[s : s + window] = True
         assert covered.all() and starts[-1] + min(window, size) >= size
     w = weight_window(128, 26, "cosine")
     assert w.min() > 0 and w[64] == 1 and np.all(np.diff(w[:26]) > 0)
@@ -40,12 +44,17 @@ def test_output_is_a_georeferenced_cog_with_lineage(trained, dataset, tmp_path):
     _, result = trained
     scene = str(dataset / "scene" / "demo_s2.tif")
     out = tmp_path / "out" / "classes.tif"
-    report = map_scene(scene, result.model_file, str(out), MapParams(device="cpu"),
-                       gt_uri=str(dataset / "scene" / "demo_s2_labels.tif"),
-                       iou_csv_uri=str(tmp_path / "out" / "iou.csv"),
-                       confidence_uri=str(tmp_path / "out" / "confidence.tif"),
-                       probabilities_uri=str(tmp_path / "out" / "probabilities.tif"),
-                       vector_uri=str(tmp_path / "out" / "classes.gpkg"))
+    report = map_scene(
+        scene,
+        result.model_file,
+        str(out),
+        MapParams(device="cpu"),
+        gt_uri=str(dataset / "scene" / "demo_s2_labels.tif"),
+        iou_csv_uri=str(tmp_path / "out" / "iou.csv"),
+        confidence_uri=str(tmp_path / "out" / "confidence.tif"),
+        probabilities_uri=str(tmp_path / "out" / "probabilities.tif"),
+        vector_uri=str(tmp_path / "out" / "classes.gpkg"),
+    )
     with rasterio.open(scene) as src, rasterio.open(out) as dst:
         assert dst.crs == src.crs and dst.transform == src.transform
         assert dst.shape == src.shape and dst.dtypes[0] == "uint8" and dst.nodata == 0
@@ -64,18 +73,30 @@ def test_output_is_a_georeferenced_cog_with_lineage(trained, dataset, tmp_path):
     with rasterio.open(dataset / "scene" / "demo_s2_labels.tif") as gt:
         truth = gt.read(1).astype(int)
     counted = (truth > 0) & (classes > 0)
-    expected = [((truth == c) & (classes == c) & counted).sum()
-                / (((truth == c) | (classes == c)) & counted).sum() for c in range(1, 7)]
+    expected = [
+        ((truth == c) & (classes == c) & counted).sum()
+        / (((truth == c) | (classes == c)) & counted).sum()
+        for c in range(1, 7)
+    ]
     written = [float(line.split(",")[1]) for line in lines[1:-1]]
     np.testing.assert_allclose(written, expected, atol=1e-9)
     assert float(lines[-1].split(",")[1]) == pytest.approx(np.mean(expected))
     assert report.mean_iou == pytest.approx(np.mean(expected))
     assert report.pixels_processed >= classes.size
     assert sorted(os.listdir(tmp_path / "out")) == [
-        "classes.gpkg", "classes.qml", "classes.tif", "classes.tif.aux.xml", "confidence.tif",
-        "iou.csv", "iou_metrics.csv", "probabilities.tif"]
-    with rasterio.open(tmp_path / "out" / "probabilities.tif") as probs, \
-            rasterio.open(tmp_path / "out" / "confidence.tif") as conf:
+        "classes.gpkg",
+        "classes.qml",
+        "classes.tif",
+        "classes.tif.aux.xml",
+        "confidence.tif",
+        "iou.csv",
+        "iou_metrics.csv",
+        "probabilities.tif",
+    ]
+    with (
+        rasterio.open(tmp_path / "out" / "probabilities.tif") as probs,
+        rasterio.open(tmp_path / "out" / "confidence.tif") as conf,
+    ):
         p = probs.read().astype(int)
         assert probs.count == 6 and probs.transform == transform_of(scene)
         valid = classes > 0
@@ -108,21 +129,32 @@ def _pointwise(self, batch, **kwargs):
     return torch.softmax(torch.einsum("kc,nchw->nkhw", weights, x) * 3, dim=1)
 
 
-@pytest.mark.parametrize("window, overlap, batch", [
-    (64, 10, None), (96, 25, None), (256, 10, None), (384, 0, None),
-    (64, 10, 2),  # several batches per row: columns carried from batch to batch
-    (48, 49, 3),  # windows 16 px apart: every pixel in up to 3 rows of windows
-])
-def test_stitching_is_exact_for_any_window(trained, dataset, tmp_path, monkeypatch,
-                                           window, overlap, batch):
+@pytest.mark.parametrize(
+    "window, overlap, batch",
+    [
+        (64, 10, None),
+        (96, 25, None),
+        (256, 10, None),
+        (384, 0, None),
+        (64, 10, 2),  # several batches per row: columns carried from batch to batch
+        (48, 49, 3),  # windows 16 px apart: every pixel in up to 3 rows of windows
+    ],
+)
+def test_stitching_is_exact_for_any_window(
+    trained, dataset, tmp_path, monkeypatch, window, overlap, batch
+):
     """Blended windows of any size reproduce a per-pixel model everywhere, edges included."""
     from specdeepmap import inference
 
     _, result = trained
     monkeypatch.setattr(inference.Predictor, "probabilities", _pointwise)
     scene = str(dataset / "scene" / "demo_s2.tif")
-    map_scene(scene, result.model_file, str(tmp_path / "m.tif"),
-              MapParams(window=window, overlap=overlap, batch_size=batch, device="cpu"))
+    map_scene(
+        scene,
+        result.model_file,
+        str(tmp_path / "m.tif"),
+        MapParams(window=window, overlap=overlap, batch_size=batch, device="cpu"),
+    )
     predictor = load_model(result.model_file, "cpu")
     with rasterio.open(scene) as src:
         data = src.read()
@@ -133,7 +165,8 @@ def test_stitching_is_exact_for_any_window(trained, dataset, tmp_path, monkeypat
 
 def _contextual(self, batch, **kwargs):
     """A stand-in whose output depends on the whole window (its mean), not only the pixel, so
-    that every window's share in the blend shows in the result."""
+    that every window's share in the blend shows in the result.
+    """
     x = torch.from_numpy(self.normalization.apply(batch))
     weights = torch.linspace(-1, 1, x.shape[1] * 6).reshape(6, x.shape[1])
     context = x.mean(dim=(1, 2, 3))[:, None, None, None] * torch.arange(6.0)[None, :, None, None]
@@ -141,19 +174,25 @@ def _contextual(self, batch, **kwargs):
 
 
 @pytest.mark.parametrize("window, overlap, batch", [(64, 10, 2), (48, 49, 3), (256, 10, None)])
-def test_streamed_blend_equals_whole_scene_blend(trained, dataset, tmp_path, monkeypatch,
-                                                 window, overlap, batch):
+def test_streamed_blend_equals_whole_scene_blend(
+    trained, dataset, tmp_path, monkeypatch, window, overlap, batch
+):
     """The streamed probabilities equal a blend computed over the whole scene in memory:
-    nothing a window adds is lost between batches or between rows of windows."""
+    nothing a window adds is lost between batches or between rows of windows.
+    """
     from specdeepmap import inference
     from specdeepmap.mapping import weight_window
 
     _, result = trained
     monkeypatch.setattr(inference.Predictor, "probabilities", _contextual)
     scene = str(dataset / "scene" / "demo_s2.tif")
-    map_scene(scene, result.model_file, str(tmp_path / "m.tif"),
-              MapParams(window=window, overlap=overlap, batch_size=batch, device="cpu"),
-              probabilities_uri=str(tmp_path / "p.tif"))
+    map_scene(
+        scene,
+        result.model_file,
+        str(tmp_path / "m.tif"),
+        MapParams(window=window, overlap=overlap, batch_size=batch, device="cpu"),
+        probabilities_uri=str(tmp_path / "p.tif"),
+    )
     predictor = load_model(result.model_file, "cpu")
     with rasterio.open(scene) as src:
         data = src.read()
@@ -165,9 +204,9 @@ def test_streamed_blend_equals_whole_scene_blend(trained, dataset, tmp_path, mon
     starts = window_starts(data.shape[1], window, window - overlap_px)
     for y in starts:
         for x in starts:
-            probs = _contextual(predictor, data[None, :, y:y + window, x:x + window])[0]
-            acc[:, y:y + window, x:x + window] += probs.numpy() * weights
-            wsum[y:y + window, x:x + window] += weights
+            probs = _contextual(predictor, data[None, :, y : y + window, x : x + window])[0]
+            acc[:, y : y + window, x : x + window] += probs.numpy() * weights
+            wsum[y : y + window, x : x + window] += weights
     expected = np.round(acc / wsum * 255)
     valid = ~np.all(data == 0, axis=0)
     got = rasterio.open(tmp_path / "p.tif").read().astype(float)
@@ -176,7 +215,8 @@ def test_streamed_blend_equals_whole_scene_blend(trained, dataset, tmp_path, mon
 
 def test_batch_norm_folding_keeps_the_outputs(trained):
     """Every batch norm of the trained U-Net folds into its convolution, in place (no second
-    copy of the weights); outputs unchanged; folding again changes nothing."""
+    copy of the weights); outputs unchanged; folding again changes nothing.
+    """
     import copy
 
     from specdeepmap.inference import fold_batch_norms
@@ -207,7 +247,8 @@ def test_batch_norm_folding_keeps_the_outputs(trained):
 
 def test_batch_norm_folding_refuses_a_convolution_used_twice():
     """A convolution whose output also bypasses its batch norm cannot be folded: the check
-    against the original notices, and the network is left as it was."""
+    against the original notices, and the network is left as it was.
+    """
     from specdeepmap.inference import fold_batch_norms
 
     class Residual(torch.nn.Module):
@@ -232,10 +273,16 @@ def test_batch_norm_folding_refuses_a_convolution_used_twice():
 
 def test_tiny_scene_uint16_classes_and_errors(tmp_path):
     model = build_model(ModelSpec("unet", "resnet18", 4, 4))
-    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 4,
-              "num_classes": 4, "class_values": [3, 7, 300], "ignore_index": 0,
-              "tile_size": [32, 32], "normalization": {"scaler": 1000.0, "mean": None,
-                                                       "std": None, "nodata": -1.0}}
+    config = {
+        "architecture": "unet",
+        "backbone": "resnet18",
+        "in_channels": 4,
+        "num_classes": 4,
+        "class_values": [3, 7, 300],
+        "ignore_index": 0,
+        "tile_size": [32, 32],
+        "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": -1.0},
+    }
     model_file = export_model_file(config, model, str(tmp_path / "m.pt"))
     data = np.random.default_rng(0).uniform(0, 1000, (4, 20, 25)).astype(np.float32)
     data[:, :3, :3] = -1
@@ -268,8 +315,12 @@ def test_interrupted_run_leaves_no_output(trained, dataset, tmp_path, monkeypatc
 
     monkeypatch.setattr(inference.Predictor, "probabilities", failing)
     with pytest.raises(KeyboardInterrupt):
-        map_scene(str(dataset / "scene" / "demo_s2.tif"), result.model_file,
-                  str(tmp_path / "out" / "c.tif"), MapParams(window=64, device="cpu"))
+        map_scene(
+            str(dataset / "scene" / "demo_s2.tif"),
+            result.model_file,
+            str(tmp_path / "out" / "c.tif"),
+            MapParams(window=64, device="cpu"),
+        )
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -278,12 +329,22 @@ def test_s3_in_and_out(trained, dataset, s3_bucket, tmp_path):
     _, result = trained
     storage.upload(str(dataset / "scene" / "demo_s2.tif"), f"{s3_bucket}/scenes/a.tif")
     storage.upload(result.model_file, f"{s3_bucket}/models/model.pt")
-    map_scene(f"{s3_bucket}/scenes/a.tif", f"{s3_bucket}/models/model.pt",
-              f"{s3_bucket}/maps/a_classes.tif", MapParams(device="cpu"))
-    map_scene(str(dataset / "scene" / "demo_s2.tif"), result.model_file,
-              str(tmp_path / "local.tif"), MapParams(device="cpu"))
-    with storage.open_raster(f"{s3_bucket}/maps/a_classes.tif") as remote, \
-            rasterio.open(tmp_path / "local.tif") as local:
+    map_scene(
+        f"{s3_bucket}/scenes/a.tif",
+        f"{s3_bucket}/models/model.pt",
+        f"{s3_bucket}/maps/a_classes.tif",
+        MapParams(device="cpu"),
+    )
+    map_scene(
+        str(dataset / "scene" / "demo_s2.tif"),
+        result.model_file,
+        str(tmp_path / "local.tif"),
+        MapParams(device="cpu"),
+    )
+    with (
+        storage.open_raster(f"{s3_bucket}/maps/a_classes.tif") as remote,
+        rasterio.open(tmp_path / "local.tif") as local,
+    ):
         np.testing.assert_array_equal(remote.read(1), local.read(1))
         assert remote.transform == local.transform
 
@@ -298,29 +359,49 @@ def test_real_enmap_scene_through_the_registry(enmap_folder, tmp_path):
     from specdeepmap.splitting import make_dataset
     from specdeepmap.training import TrainConfig, train
 
-    make_dataset(str(enmap_folder), SplitParams(train_percent=60, validation_percent=20, test_percent=20), out_folder=str(tmp_path / "ds"))
+    make_dataset(
+        str(enmap_folder),
+        SplitParams(train_percent=60, validation_percent=20, test_percent=20),
+        out_folder=str(tmp_path / "ds"),
+    )
     # the CSVs hold absolute chip paths (they lie outside the chip folder)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = train(TrainConfig(dataset=str(tmp_path / "ds"), out=str(tmp_path / "run"),
-                               epochs=1, batch_size=4, device="cpu", tracking_uri=uri,
-                               registered_model="enmap", augment=False))
+    result = train(
+        TrainConfig(
+            dataset=str(tmp_path / "ds"),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            batch_size=4,
+            device="cpu",
+            tracking_uri=uri,
+            registered_model="enmap",
+            augment=False,
+        )
+    )
     mosaic = np.zeros((224, 64, 128), np.float32)
     for i, x in enumerate((96, 128, 160, 192)):
         for j, y in enumerate((96, 128)):
             with rasterio.open(enmap_folder / "images" / f"enmap_potsdam_tile_{x}_{y}.tif") as c:
-                mosaic[:, j * 32:(j + 1) * 32, i * 32:(i + 1) * 32] = c.read()
+                mosaic[:, j * 32 : (j + 1) * 32, i * 32 : (i + 1) * 32] = c.read()
                 if (i, j) == (0, 0):
                     transform, crs = c.transform, c.crs
-    scene = write_raster(tmp_path / "enmap.tif", mosaic, crs=crs, transform=transform,
-                         nodata=-32768)
+    scene = write_raster(
+        tmp_path / "enmap.tif", mosaic, crs=crs, transform=transform, nodata=-32768
+    )
     with rasterio.open(enmap_folder / "enmap_landcover_unstyled.tif") as gt:
         truth = gt.read(1, window=((96, 160), (96, 224)))
-    gt_path = write_raster(tmp_path / "gt.tif", truth.astype(np.uint8), crs=crs,
-                           transform=transform)
+    gt_path = write_raster(
+        tmp_path / "gt.tif", truth.astype(np.uint8), crs=crs, transform=transform
+    )
     mlflow.set_tracking_uri(uri)
-    report = map_scene(scene, f"models:/enmap/{result.model_version}",
-                       str(tmp_path / "enmap_classes.tif"), MapParams(device="cpu"),
-                       gt_uri=gt_path, iou_csv_uri=str(tmp_path / "iou.csv"))
+    report = map_scene(
+        scene,
+        f"models:/enmap/{result.model_version}",
+        str(tmp_path / "enmap_classes.tif"),
+        MapParams(device="cpu"),
+        gt_uri=gt_path,
+        iou_csv_uri=str(tmp_path / "iou.csv"),
+    )
     lines = (tmp_path / "iou.csv").read_text().splitlines()
     assert len(lines) == 8 and report.mean_iou is not None
     with rasterio.open(tmp_path / "enmap_classes.tif") as out:
@@ -338,12 +419,22 @@ def test_cli_maps_a_folder_of_scenes_once(trained, dataset, tmp_path):
     (tmp_path / "in").mkdir()
     for name in ("a.tif", "b.tif"):
         shutil.copy(dataset / "scene" / "demo_s2.tif", tmp_path / "in" / name)
-    args = ["map", str(tmp_path / "in") + "/", result.model_file, str(tmp_path / "maps"),
-            "--device", "cpu", "--precision", "int8"]
+    args = [
+        "map",
+        str(tmp_path / "in") + "/",
+        result.model_file,
+        str(tmp_path / "maps"),
+        "--device",
+        "cpu",
+        "--precision",
+        "int8",
+    ]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    assert sorted(f for f in os.listdir(tmp_path / "maps") if f.endswith(".tif")) == \
-        ["a_classes.tif", "b_classes.tif"]
+    assert sorted(f for f in os.listdir(tmp_path / "maps") if f.endswith(".tif")) == [
+        "a_classes.tif",
+        "b_classes.tif",
+    ]
     with rasterio.open(tmp_path / "maps" / "a_classes.tif") as dst:
         assert dst.tags()["SPECDEEPMAP_PRECISION"] == "int8"
     wrong = CliRunner().invoke(app, [*args[:4], "--precision", "fp8"])
@@ -359,28 +450,43 @@ def test_unwritable_output_fails_before_work(trained, dataset, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(InvalidParameterError, match="not writable"):
-        map_scene(str(dataset / "scene" / "demo_s2.tif"), result.model_file,
-                  str(blocker / "out.tif"), MapParams(device="cpu"))
+        map_scene(
+            str(dataset / "scene" / "demo_s2.tif"),
+            result.model_file,
+            str(blocker / "out.tif"),
+            MapParams(device="cpu"),
+        )
 
 
 def test_lineage_names_the_mlflow_run(trained, dataset, tmp_path):
     _, result = trained
-    map_scene(str(dataset / "scene" / "demo_s2.tif"), result.model_file,
-              str(tmp_path / "m.tif"), MapParams(device="cpu"))
+    map_scene(
+        str(dataset / "scene" / "demo_s2.tif"),
+        result.model_file,
+        str(tmp_path / "m.tif"),
+        MapParams(device="cpu"),
+    )
     with rasterio.open(tmp_path / "m.tif") as dst:
         assert dst.tags()["SPECDEEPMAP_MODEL_RUN_ID"] == result.run_id
 
 
 def test_blending_leaves_no_seams_where_cropping_does(tmp_path, monkeypatch):
     """A model whose output drifts with its window's context (as CNNs' do): cropping turns the
-    drift into steps at the crop lines, blending spreads it over the overlap."""
+    drift into steps at the crop lines, blending spreads it over the overlap.
+    """
     from specdeepmap import inference
 
     model = build_model(ModelSpec("unet", "resnet18", 2, 3))
-    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 2,
-              "num_classes": 3, "class_values": [1, 2], "ignore_index": 0,
-              "tile_size": [64, 64], "normalization": {"scaler": None, "mean": None,
-                                                       "std": None, "nodata": None}}
+    config = {
+        "architecture": "unet",
+        "backbone": "resnet18",
+        "in_channels": 2,
+        "num_classes": 3,
+        "class_values": [1, 2],
+        "ignore_index": 0,
+        "tile_size": [64, 64],
+        "normalization": {"scaler": None, "mean": None, "std": None, "nodata": None},
+    }
     model_file = export_model_file(config, model, str(tmp_path / "m.pt"))
     y, x = np.mgrid[0:512, 0:512].astype(np.float32)
     scene = write_raster(tmp_path / "gradient.tif", np.stack([x / 512, y / 512]))
@@ -395,8 +501,12 @@ def test_blending_leaves_no_seams_where_cropping_does(tmp_path, monkeypatch):
     steps = {}
     for blend in ("crop", "cosine"):
         out = tmp_path / f"{blend}.tif"
-        map_scene(scene, model_file, str(out), MapParams(window=128, overlap=25, blend=blend,
-                                                         device="cpu"))
+        map_scene(
+            scene,
+            model_file,
+            str(out),
+            MapParams(window=128, overlap=25, blend=blend, device="cpu"),
+        )
         classes = rasterio.open(out).read(1)
         # largest shift of the class boundary from one row to the next
         steps[blend] = int((classes[1:] != classes[:-1]).sum(axis=1).max())
@@ -412,14 +522,18 @@ def test_int8_quantization_traces_every_architecture(architecture):
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(architecture, "resnet18", 4, 4)).eval()
-    config = {"architecture": architecture, "backbone": "resnet18",
-              "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": None}}
+    config = {
+        "architecture": architecture,
+        "backbone": "resnet18",
+        "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": None},
+    }
     fp32 = Predictor(model, config, torch.device("cpu"))
     rng = np.random.default_rng(0)
     windows = [rng.integers(0, 1000, (1, 4, 64, 64)).astype(np.uint16) for _ in range(3)]
     int8 = quantize_int8(fp32, windows)
-    assert int8.model is not model and any("quantized" in type(m).__module__
-                                           for m in int8.model.modules())
+    assert int8.model is not model and any(
+        "quantized" in type(m).__module__ for m in int8.model.modules()
+    )
     batch = np.concatenate(windows)
     p32, p8 = fp32.probabilities(batch), int8.probabilities(batch)
     assert p8.shape == p32.shape and torch.allclose(p8.sum(1), torch.ones(1), atol=1e-4)
@@ -434,17 +548,21 @@ def test_int8_map_matches_fp32(trained, dataset, tmp_path):
     every pixel whose top two are more than 0.25 apart, and on 98.5 % of all pixels; the IoU
     stays. (The fixture's model is trained for seconds, so it has many near-ties, and how many
     varies between training runs; the demo model `make run` trains keeps 99.97 % of all its
-    pixels' classes under int8, see docs/benchmarks.md.)"""
+    pixels' classes under int8, see docs/benchmarks.md).
+    """
     _, result = trained
     scene = str(dataset / "scene" / "demo_s2.tif")
     maps, iou = {}, {}
     for precision in ("fp32", "int8"):
         out = tmp_path / f"{precision}.tif"
-        iou[precision] = map_scene(scene, result.model_file, str(out),
-                                   MapParams(device="cpu", precision=precision),
-                                   gt_uri=str(dataset / "scene" / "demo_s2_labels.tif"),
-                                   probabilities_uri=str(tmp_path / f"{precision}_p.tif")
-                                   ).mean_iou
+        iou[precision] = map_scene(
+            scene,
+            result.model_file,
+            str(out),
+            MapParams(device="cpu", precision=precision),
+            gt_uri=str(dataset / "scene" / "demo_s2_labels.tif"),
+            probabilities_uri=str(tmp_path / f"{precision}_p.tif"),
+        ).mean_iou
         with rasterio.open(out) as dst:
             maps[precision] = dst.read(1)
             assert dst.tags()["SPECDEEPMAP_PRECISION"] == precision
@@ -460,10 +578,12 @@ def test_int8_map_matches_fp32(trained, dataset, tmp_path):
     assert abs(iou["int8"] - iou["fp32"]) < 0.03
 
 
-def test_an_unreachable_output_store_is_not_called_a_missing_bucket(trained, dataset, tmp_path,
-                                                                     monkeypatch):
+def test_an_unreachable_output_store_is_not_called_a_missing_bucket(
+    trained, dataset, tmp_path, monkeypatch
+):
     """With the S3 endpoint down, an s3:// output is reported as unreachable (transient, so
-    tasks retry it), not as a bucket that does not exist, and without minutes of waiting."""
+    tasks retry it), not as a bucket that does not exist, and without minutes of waiting.
+    """
     import socket
     import time
 
@@ -479,8 +599,17 @@ def test_an_unreachable_output_store_is_not_called_a_missing_bucket(trained, dat
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     started = time.perf_counter()
-    out = CliRunner().invoke(app, ["map", str(dataset / "scene" / "demo_s2.tif"),
-                                   result.model_file, "s3://maps/scene.tif", "--device", "cpu"])
+    out = CliRunner().invoke(
+        app,
+        [
+            "map",
+            str(dataset / "scene" / "demo_s2.tif"),
+            result.model_file,
+            "s3://maps/scene.tif",
+            "--device",
+            "cpu",
+        ],
+    )
     assert out.exit_code == 2, out.output
     assert "unreachable" in out.output and "does not exist" not in out.output
     assert time.perf_counter() - started < 60
@@ -488,7 +617,8 @@ def test_an_unreachable_output_store_is_not_called_a_missing_bucket(trained, dat
 
 def test_a_scene_is_done_once_its_metrics_exist_or_for_its_model_version(tmp_path):
     """The scheduled flow's bookkeeping: a scene is mapped when its metrics JSON (written
-    last) exists; asked per model version, a map made by another version is redone."""
+    last) exists; asked per model version, a map made by another version is redone.
+    """
     import json
 
     from specdeepmap.mapping import unmapped_scenes
@@ -500,8 +630,9 @@ def test_a_scene_is_done_once_its_metrics_exist_or_for_its_model_version(tmp_pat
     (tmp_path / "out" / "a_classes.tif").write_bytes(b"")  # map without metrics: unfinished
     (tmp_path / "out" / "b_classes.tif").write_bytes(b"")
     (tmp_path / "out" / "b_classes_metrics.json").write_text(json.dumps({"model": "models:/m/1"}))
-    names = [os.path.basename(u) for u in unmapped_scenes(str(tmp_path / "in"),
-                                                          str(tmp_path / "out"))]
+    names = [
+        os.path.basename(u) for u in unmapped_scenes(str(tmp_path / "in"), str(tmp_path / "out"))
+    ]
     assert names == ["a.tif", "c.tif"]
     again = unmapped_scenes(str(tmp_path / "in"), str(tmp_path / "out"), model_uri="models:/m/2")
     assert [os.path.basename(u) for u in again] == ["a.tif", "b.tif", "c.tif"]
@@ -546,22 +677,29 @@ def test_the_mapper_loads_no_library_it_does_not_use():
     """A mapping process, int8 included, imports neither pandas nor the Dataset Maker (~70 MB
     of resident memory in every mapping worker), nor the compiler stack that torch.fx's
     stack-trace recording would pull in while quantizing (torch.export, networkx, redis: ~35 MB),
-    nor, on a host without a GPU, Triton (~70 MB), unless ``SPECDEEPMAP_HIDE_TRITON=0``."""
+    nor, on a host without a GPU, Triton (~70 MB), unless ``SPECDEEPMAP_HIDE_TRITON=0``.
+    """
     import importlib.metadata
 
     from specdeepmap import GPU_DEVICE_FILES
 
     if any(os.path.exists(path) for path in GPU_DEVICE_FILES):
         pytest.skip("this host has a GPU: Triton stays importable")
-    proc = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True,
-                          check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORTS], capture_output=True, text=True, check=True
+    )
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
     try:
         importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         return  # nothing to hide: a CPU-only torch build has no Triton
-    kept = subprocess.run([sys.executable, "-c", _IMPORTS], capture_output=True, text=True,
-                          check=True, env={**os.environ, "SPECDEEPMAP_HIDE_TRITON": "0"})
+    kept = subprocess.run(
+        [sys.executable, "-c", _IMPORTS],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "SPECDEEPMAP_HIDE_TRITON": "0"},
+    )
     assert kept.stdout.strip().splitlines()[-1] == "['triton']", kept.stdout
 
 
@@ -570,24 +708,45 @@ def test_the_mapper_loads_no_library_it_does_not_use():
 def test_peak_memory_does_not_grow_with_the_scene(tmp_path, precision):
     """Mapping a scene 16 times larger (4 x wider, 4 x taller) raises the peak RSS above the
     runtime floor (torch and the model) by less than a quarter of what one whole-scene array of
-    class probabilities would take: nothing is sized by the scene but a few overlap rows."""
+    class probabilities would take: nothing is sized by the scene but a few overlap rows.
+    """
     from specdeepmap.sample_data import generate_scene
 
     torch.manual_seed(0)
-    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 13,
-              "num_classes": 7, "class_values": [1, 2, 3, 4, 5, 6], "ignore_index": 0,
-              "tile_size": [256, 256],
-              "normalization": {"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0}}
-    model = export_model_file(config, build_model(ModelSpec("unet", "resnet18", 13, 7)),
-                              str(tmp_path / "model.pt"))
+    config = {
+        "architecture": "unet",
+        "backbone": "resnet18",
+        "in_channels": 13,
+        "num_classes": 7,
+        "class_values": [1, 2, 3, 4, 5, 6],
+        "ignore_index": 0,
+        "tile_size": [256, 256],
+        "normalization": {"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0},
+    }
+    model = export_model_file(
+        config, build_model(ModelSpec("unet", "resnet18", 13, 7)), str(tmp_path / "model.pt")
+    )
     above_floor = {}
     for width, height in ((1024, 512), (4096, 2048)):
-        scene = generate_scene(str(tmp_path / f"s{width}"), width=width, height=height,
-                               seed=1).image_uri
+        scene = generate_scene(
+            str(tmp_path / f"s{width}"), width=width, height=height, seed=1
+        ).image_uri
         env = {**os.environ, "GDAL_CACHEMAX": "8"}  # a cache both scenes fill
-        proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, scene, model,
-                               str(tmp_path / f"m{width}.tif"), precision],
-                              capture_output=True, text=True, env=env, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _PEAK_RSS,
+                scene,
+                model,
+                str(tmp_path / f"m{width}.tif"),
+                precision,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         rss = json.loads(proc.stdout.strip().splitlines()[-1])
         above_floor[width] = rss["peak"] - rss["floor"]
     whole_scene_probabilities_mb = 6 * 4096 * 2048 * 4 / 2**20  # 192 MB

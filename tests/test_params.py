@@ -1,5 +1,6 @@
 """One parameter model per step: the CLI's options and the flows' forms come from the same
-fields, with the same defaults, bounds and cross-field rules."""
+fields, with the same defaults, bounds and cross-field rules.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +10,26 @@ from typer.testing import CliRunner
 
 from specdeepmap.cli import app
 from specdeepmap.cli.options import step_options
-from specdeepmap.params import (BaselineParams, ChipParams, EvaluateParams, MapParams,
-                                SplitParams, TrainParams)
+from specdeepmap.params import (
+    BaselineParams,
+    ChipParams,
+    EvaluateParams,
+    MapParams,
+    SplitParams,
+    TrainParams,
+)
 
 runner = CliRunner()
 
 #: command → the step model its options come from
-COMMANDS = {"chip": ChipParams, "split": SplitParams, "train": TrainParams, "test": EvaluateParams,
-            "map": MapParams, "baseline": BaselineParams}
+COMMANDS = {
+    "chip": ChipParams,
+    "split": SplitParams,
+    "train": TrainParams,
+    "test": EvaluateParams,
+    "map": MapParams,
+    "baseline": BaselineParams,
+}
 
 
 def _options(command: str) -> dict:
@@ -55,8 +68,7 @@ def test_generated_options_build_the_model():
         seen.append(params)
         print(image, workers)
 
-    done = runner.invoke(probe, ["scene.tif", "--tile-x", "64", "--step-y", "32", "--workers",
-                                 "3"])
+    done = runner.invoke(probe, ["scene.tif", "--tile-x", "64", "--step-y", "32", "--workers", "3"])
     assert done.exit_code == 0, done.output
     assert done.output.strip() == "scene.tif 3"
     assert seen[0] == ChipParams(tile_x=64, step_y=32)

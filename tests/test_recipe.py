@@ -16,7 +16,8 @@ from specdeepmap.models import ModelSpec, SpectralSegmentation, build_model, spe
 
 def test_d4_augmentation_keeps_image_and_label_aligned():
     """Image and label get the same flip/turn: a label that encodes each pixel's own value
-    stays equal to the transformed image, for every element drawn."""
+    stays equal to the transformed image, for every element drawn.
+    """
     image = torch.arange(2 * 6 * 6, dtype=torch.float32).reshape(2, 6, 6)
     mask = image[0].long()
     seen = set()
@@ -32,7 +33,8 @@ def test_d4_augmentation_keeps_image_and_label_aligned():
 
 def test_d4_rotate_keeps_the_mask_on_the_image():
     """With a free rotation the mask is rotated like the image: where the mask is labelled
-    the rotated image still carries that label's constant value."""
+    the rotated image still carries that label's constant value.
+    """
     torch.manual_seed(0)
     mask = torch.zeros(32, 32, dtype=torch.long)
     mask[8:24, 8:24] = 3
@@ -65,16 +67,23 @@ def test_spectral_jitter_is_a_gain_on_the_raw_values():
 
 def test_tta_is_the_mean_of_the_back_transformed_predictions():
     """tta_d4 equals averaging, by hand, the eight predictions mapped back; and for an
-    orientation-dependent predictor it differs from the plain prediction."""
+    orientation-dependent predictor it differs from the plain prediction.
+    """
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         got = tta_d4(conv, x)
-        manual = torch.stack([
-            torch.rot90(conv(torch.rot90(x.flip(-1) if f else x, k, (-2, -1))), -k, (-2, -1))
-            .flip(-1) if f else
-            torch.rot90(conv(torch.rot90(x, k, (-2, -1))), -k, (-2, -1)) for k, f in D4])
+        manual = torch.stack(
+            [
+                torch.rot90(
+                    conv(torch.rot90(x.flip(-1) if f else x, k, (-2, -1))), -k, (-2, -1)
+                ).flip(-1)
+                if f
+                else torch.rot90(conv(torch.rot90(x, k, (-2, -1))), -k, (-2, -1))
+                for k, f in D4
+            ]
+        )
         torch.testing.assert_close(got, manual.mean(0))
         assert not torch.allclose(got, conv(x))
         # a predictor that commutes with D4 (per pixel) is unchanged by TTA
@@ -85,7 +94,8 @@ def test_tta_is_the_mean_of_the_back_transformed_predictions():
 
 def test_spectral_front_end_width_and_auto_rule():
     """The front-end turns the bands into N channels that the encoder reads (auto: 32); the
-    per-pixel head sees the same features."""
+    per-pixel head sees the same features.
+    """
     assert spectral_channels_for(224, -1) == 32 and spectral_channels_for(13, -1) == 32
     assert spectral_channels_for(13, 16) == 16 and spectral_channels_for(224, 0) == 0
     model = build_model(ModelSpec("unet", "resnet18", 224, 5, 32))
@@ -126,7 +136,8 @@ def test_dice_ce_loss_rewards_overlap_and_ignores_unlabelled():
 def test_lovasz_ce_loss_is_one_minus_mean_iou_on_hard_predictions():
     """On saturated predictions the Lovász-softmax term equals 1 − the mean IoU over the
     classes present (the Lovász extension is exact on sets); class-0 pixels count nowhere; an
-    unknown loss name is refused before training."""
+    unknown loss name is refused before training.
+    """
     from specdeepmap.errors import InvalidParameterError
     from specdeepmap.training import TrainConfig
 
@@ -137,11 +148,15 @@ def test_lovasz_ce_loss_is_one_minus_mean_iou_on_hard_predictions():
     predicted[flip] = torch.randint(1, 4, (int(flip.sum()),), generator=generator)
     logits = torch.nn.functional.one_hot(predicted, 4).permute(0, 3, 1, 2).float() * 50
     labelled = target > 0
-    ious = [((predicted == c) & (target == c)).sum() / (((predicted == c) | (target == c))
-                                                         & labelled).sum() for c in (1, 2, 3)]
+    ious = [
+        ((predicted == c) & (target == c)).sum()
+        / (((predicted == c) | (target == c)) & labelled).sum()
+        for c in (1, 2, 3)
+    ]
     loss = LovaszCELoss(ignore_index=0)
-    torch.testing.assert_close(loss.lovasz(logits, target),
-                               1 - torch.stack(ious).mean(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        loss.lovasz(logits, target), 1 - torch.stack(ious).mean(), atol=1e-4, rtol=0
+    )
     assert 0.2 < float(loss.lovasz(logits, target)) < 0.9
     changed = torch.where(labelled[:, None], logits, 0.0)  # another prediction off the labels
     torch.testing.assert_close(loss(changed, target), loss(logits, target))
@@ -152,7 +167,7 @@ def test_lovasz_ce_loss_is_one_minus_mean_iou_on_hard_predictions():
 def test_warmup_then_cosine_schedule():
     factors = [warmup_cosine(s, 10, 100, 0.01) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
     assert factors[-1] == pytest.approx(0.01, abs=1e-3)
     assert warmup_cosine(0, 0, 100, 0.0) == pytest.approx(1.0)
 
@@ -161,19 +176,25 @@ def test_warmup_then_cosine_schedule():
 def test_int8_quantizes_a_model_with_a_spectral_front_end(architecture):
     torch.manual_seed(0)
     model = build_model(ModelSpec(architecture, "resnet18", 40, 4, 8)).eval()
-    windows = [np.random.default_rng(i).integers(0, 1000, (1, 40, 64, 64)).astype(np.uint16)
-               for i in range(3)]
+    windows = [
+        np.random.default_rng(i).integers(0, 1000, (1, 40, 64, 64)).astype(np.uint16)
+        for i in range(3)
+    ]
     assert int8_error(model, 1000.0, windows) < 0.05
 
 
 def int8_error(model: torch.nn.Module, scaler: float, windows: list[np.ndarray]) -> float:
     """Mean absolute difference of the class probabilities of ``model`` and of its int8 copy
-    calibrated on ``windows`` (raw (1, C, H, W) arrays divided by ``scaler``)."""
+    calibrated on ``windows`` (raw (1, C, H, W) arrays divided by ``scaler``).
+    """
     from specdeepmap.inference import Predictor
     from specdeepmap.quantization import quantize_int8
 
-    config = {"architecture": "unet", "backbone": "resnet18",
-              "normalization": {"scaler": scaler, "mean": None, "std": None, "nodata": None}}
+    config = {
+        "architecture": "unet",
+        "backbone": "resnet18",
+        "normalization": {"scaler": scaler, "mean": None, "std": None, "nodata": None},
+    }
     fp32 = Predictor(model, config, torch.device("cpu"))
     int8 = quantize_int8(fp32, windows)
     batch = np.concatenate(windows)
@@ -182,7 +203,8 @@ def int8_error(model: torch.nn.Module, scaler: float, windows: list[np.ndarray])
 
 def test_baseline_is_logged_with_the_run_and_blocks_promotion(trained, dataset):
     """Every training run fits the RandomForest: its metrics are in the MLflow run, its files
-    in the run's artifacts; a version below it never becomes champion automatically."""
+    in the run's artifacts; a version below it never becomes champion automatically.
+    """
     import mlflow
 
     from specdeepmap.registry import promote_if_better
@@ -193,34 +215,41 @@ def test_baseline_is_logged_with_the_run_and_blocks_promotion(trained, dataset):
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
     metrics = client.get_run(result.run_id).data.metrics
     assert metrics["baseline_rf_val_mean_iou"] == pytest.approx(
-        result.baseline_mean_iou("validation"))
-    assert metrics["baseline_rf_test_mean_iou"] == pytest.approx(
-        result.baseline_mean_iou("test"))
+        result.baseline_mean_iou("validation")
+    )
+    assert metrics["baseline_rf_test_mean_iou"] == pytest.approx(result.baseline_mean_iou("test"))
     assert any(k.startswith("baseline_rf_test_iou_class_") for k in metrics)
     artifacts = [a.path for a in client.list_artifacts(result.run_id, "baseline")]
     assert "baseline/test_iou.csv" in artifacts and "baseline/baseline.json" in artifacts
 
     mlflow.set_tracking_uri(config.tracking_uri)
     client.create_registered_model("baseline-gate")
-    versions = [client.create_model_version("baseline-gate", source=str(dataset)).version
-                for _ in range(3)]
-    assert promote_if_better("baseline-gate", versions[0], 0.40, baseline_mean_iou=0.50).alias \
+    versions = [
+        client.create_model_version("baseline-gate", source=str(dataset)).version for _ in range(3)
+    ]
+    assert (
+        promote_if_better("baseline-gate", versions[0], 0.40, baseline_mean_iou=0.50).alias
         == "challenger"
+    )
     tags = client.get_model_version("baseline-gate", versions[0]).tags
     assert tags["below_baseline"] == "true" and tags["baseline_rf_test_mean_iou"] == "0.500000"
-    assert promote_if_better("baseline-gate", versions[1], 0.55, baseline_mean_iou=0.50).alias \
+    assert (
+        promote_if_better("baseline-gate", versions[1], 0.55, baseline_mean_iou=0.50).alias
         == "champion"
-    assert client.get_model_version("baseline-gate", versions[1]).tags["below_baseline"] \
-        == "false"
+    )
+    assert client.get_model_version("baseline-gate", versions[1]).tags["below_baseline"] == "false"
     # better than the champion but below the baseline: still not champion
-    assert promote_if_better("baseline-gate", versions[2], 0.60, baseline_mean_iou=0.70).alias \
+    assert (
+        promote_if_better("baseline-gate", versions[2], 0.60, baseline_mean_iou=0.70).alias
         == "challenger"
+    )
     assert client.get_model_version_by_alias("baseline-gate", "champion").version == versions[1]
 
 
 def test_baseline_command_writes_the_testers_csv(dataset, tmp_path):
     """`specdeepmap baseline` writes test_iou.csv in SpecDeepMap's format with one row per
-    class, and its pooled figures match a fit done through the library."""
+    class, and its pooled figures match a fit done through the library.
+    """
     from typer.testing import CliRunner
 
     from specdeepmap.baseline import dataset_normalization, run_baseline
@@ -245,7 +274,8 @@ def test_baseline_command_writes_the_testers_csv(dataset, tmp_path):
 
 def test_encoder_depth_follows_the_chip_size_and_drops_unused_stages():
     """Auto depth keeps the deepest features >= 4 px; a shallower encoder holds no stage it
-    never runs (every parameter gets a gradient, as DDP requires)."""
+    never runs (every parameter gets a gradient, as DDP requires).
+    """
     from specdeepmap.errors import InvalidParameterError
     from specdeepmap.models import encoder_depth_for
 
@@ -258,14 +288,16 @@ def test_encoder_depth_follows_the_chip_size_and_drops_unused_stages():
     assert not any(k.startswith("encoder.layer3") for k in model.state_dict())
     full = build_model(ModelSpec("unet", "resnet18", 13, 4))
     assert sum(p.numel() for p in full.parameters()) > 10 * sum(
-        p.numel() for p in model.parameters())
+        p.numel() for p in model.parameters()
+    )
     model(torch.randn(2, 13, 32, 32)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
 def test_class_balanced_sampling_favours_chips_with_rare_classes(tmp_path):
     """A chip holding the only pixels of a rare class is drawn far more often than a chip of
-    the common class; weights sum to 1."""
+    the common class; weights sum to 1.
+    """
     from specdeepmap.data import ChipDataset, Normalization
     from specdeepmap.training import class_balanced_weights
     from tests.conftest import write_raster
@@ -279,15 +311,17 @@ def test_class_balanced_sampling_favours_chips_with_rare_classes(tmp_path):
         pairs.append((image, write_raster(tmp_path / f"l{i}.tif", label)))
     lookup = np.zeros(256, np.int64)
     lookup[1], lookup[2] = 1, 2
-    weights = class_balanced_weights(ChipDataset(pairs, Normalization(), lookup,
-                                                 cache_dir=str(tmp_path / "cache")))
+    weights = class_balanced_weights(
+        ChipDataset(pairs, Normalization(), lookup, cache_dir=str(tmp_path / "cache"))
+    )
     assert weights.sum().item() == pytest.approx(1.0)
     assert weights[0] > 2 * weights[1] and weights[1] == pytest.approx(weights[3].item())
 
 
 def test_cutmix_pastes_a_box_of_another_chip_into_image_and_label():
     """Each chip gets one axis-aligned box from the chip before it in the batch, copied into
-    the image (every band) and the label at the same place; nothing else changes."""
+    the image (every band) and the label at the same place; nothing else changes.
+    """
     from specdeepmap.augmentation import cutmix
 
     images = torch.stack([torch.full((3, 16, 16), float(i)) for i in range(3)])
@@ -309,7 +343,8 @@ def test_cutmix_pastes_a_box_of_another_chip_into_image_and_label():
 
 def test_band_dropout_zeroes_whole_bands_and_keeps_each_bands_expectation():
     """Band dropout zeroes a band over the whole chip (never single pixels), a share close to
-    the probability, per chip, and scales the kept bands so that their mean is unchanged."""
+    the probability, per chip, and scales the kept bands so that their mean is unchanged.
+    """
     from specdeepmap.augmentation import band_dropout
 
     images = torch.randn(64, 50, 4, 4) + 3.0
@@ -329,7 +364,8 @@ def test_pca_start_puts_the_spectra_main_axis_into_the_first_front_end_filter(tm
     """Chips whose spectra vary along one known direction (plus small noise): the first
     principal axis is that direction, whether a pixel is labelled or not, and the front-end's
     first filter starts on it, at the layer's initial weight scale; the other filters are left
-    alone when there are fewer axes than filters."""
+    alone when there are fewer axes than filters.
+    """
     from specdeepmap.data import ChipDataset, principal_axes
     from specdeepmap.models import ModelSpec, build_model, init_spectral_front_end
     from specdeepmap.normalization import Normalization
@@ -343,15 +379,19 @@ def test_pca_start_puts_the_spectra_main_axis_into_the_first_front_end_filter(tm
         amount = rng.normal(0, 300, (16, 16))
         image = 1000 + direction[:, None, None] * amount + rng.normal(0, 5, (6, 16, 16))
         label = np.zeros((16, 16), np.uint8)  # no labelled pixel at all
-        pairs.append((write_raster(tmp_path / f"i{i}.tif", image.astype(np.uint16)),
-                      write_raster(tmp_path / f"l{i}.tif", label)))
-    dataset = ChipDataset(pairs, Normalization(), np.zeros(256, np.int64),
-                          cache_dir=str(tmp_path / "cache"))
+        pairs.append(
+            (
+                write_raster(tmp_path / f"i{i}.tif", image.astype(np.uint16)),
+                write_raster(tmp_path / f"l{i}.tif", label),
+            )
+        )
+    dataset = ChipDataset(
+        pairs, Normalization(), np.zeros(256, np.int64), cache_dir=str(tmp_path / "cache")
+    )
     axes = principal_axes(dataset, 8)
     assert axes.shape == (6, 6)  # no more axes than bands
     assert abs(float(axes[0] @ direction)) > 0.99
-    model = build_model(ModelSpec("unet", "resnet18", 6, 3, spectral_channels=4,
-                                  encoder_depth=3))
+    model = build_model(ModelSpec("unet", "resnet18", 6, 3, spectral_channels=4, encoder_depth=3))
     conv = model.spectral[0]
     before = conv.weight.detach().clone()
     assert init_spectral_front_end(model, axes[:2]) == 2
@@ -364,23 +404,29 @@ def test_pca_start_puts_the_spectra_main_axis_into_the_first_front_end_filter(tm
 
 def test_training_starts_the_front_end_on_the_principal_axes_by_default(dataset, tmp_path):
     """The Trainer's default start (``spectral_init='pca'``) is the training chips' principal
-    axes; ``random`` keeps the usual random start."""
-
+    axes; ``random`` keeps the usual random start.
+    """
     from specdeepmap.data import principal_axes
     from specdeepmap.training import TrainConfig, prepare
 
     cfg = TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "run"), device="cpu")
     _, model, _, _, train_set, _ = prepare(cfg)
     axes = principal_axes(train_set, 64, seed=cfg.seed)
-    cosine = lambda net: abs(float(torch.nn.functional.cosine_similarity(  # noqa: E731
-        net.spectral[0].weight[0, :, 0, 0], torch.as_tensor(axes[0]), dim=0)))
+
+    def cosine(net) -> float:
+        first = net.spectral[0].weight[0, :, 0, 0].detach()
+        return abs(
+            float(torch.nn.functional.cosine_similarity(first, torch.as_tensor(axes[0]), dim=0))
+        )
+
     assert cosine(model) > 0.999
     assert cosine(prepare(cfg.model_copy(update={"spectral_init": "random"}))[1]) < 0.99
 
 
 def test_pseudo_labels_fill_only_unlabelled_pixels_the_forest_is_sure_of(tmp_path):
     """The forest labels a chip's unlabelled pixels (never its labelled ones) where its vote
-    share reaches the threshold; the training chips then carry those labels."""
+    share reaches the threshold; the training chips then carry those labels.
+    """
     from specdeepmap.baseline import fit_forest, pseudo_labels
     from specdeepmap.data import ChipDataset
     from specdeepmap.normalization import Normalization
@@ -400,8 +446,9 @@ def test_pseudo_labels_fill_only_unlabelled_pixels_the_forest_is_sure_of(tmp_pat
 
     lookup = np.zeros(256, np.int64)
     lookup[1], lookup[2] = 1, 2
-    chips = ChipDataset([pair], Normalization(), lookup, cache_dir=str(tmp_path / "cache"),
-                        pseudo_labels=[pseudo])
+    chips = ChipDataset(
+        [pair], Normalization(), lookup, cache_dir=str(tmp_path / "cache"), pseudo_labels=[pseudo]
+    )
     _, mask = chips[0]
     assert (mask.numpy() == np.where(label > 0, label, pseudo)).all()
 
@@ -425,9 +472,16 @@ def test_group_norm_replaces_every_batch_norm_and_survives_export(tmp_path):
     model = build_model(ModelSpec("unet", "resnet18", 5, 3, 8, 3, "group")).eval()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
-    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 5,
-              "num_classes": 3, "spectral_channels": 8, "encoder_depth": 3, "norm": "group",
-              "normalization": {"scaler": None, "mean": None, "std": None, "nodata": None}}
+    config = {
+        "architecture": "unet",
+        "backbone": "resnet18",
+        "in_channels": 5,
+        "num_classes": 3,
+        "spectral_channels": 8,
+        "encoder_depth": 3,
+        "norm": "group",
+        "normalization": {"scaler": None, "mean": None, "std": None, "nodata": None},
+    }
     path = export_model_file(config, model, str(tmp_path / "model.pt"))
     x = torch.randn(1, 5, 32, 32)
     with torch.no_grad():
@@ -437,32 +491,50 @@ def test_group_norm_replaces_every_batch_norm_and_survives_export(tmp_path):
 def test_recipe_switches_reach_the_training_run(dataset, tmp_path):
     """CutMix, band dropout, pseudo-labels, the per-pixel loss, group norm and weight decay
     train together, are recorded as the run's parameters, and AdamW is used when weight decay
-    is on."""
+    is on.
+    """
     import mlflow
 
     from specdeepmap.lightning_task import SegmentationTask
     from specdeepmap.training import TrainConfig, train
 
-    result = train(TrainConfig(
-        dataset=str(dataset / "chips"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
-        limit_batches=2, device="cpu", registered_model=None, baseline=False,
-        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", cutmix=0.5, pseudo_labels=0.6,
-        pixel_loss_weight=0.5, norm="group", weight_decay=0.01, band_dropout=0.2,
-        spectral_init="random"))
-    params = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(
-        result.run_id).data.params
+    result = train(
+        TrainConfig(
+            dataset=str(dataset / "chips"),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            batch_size=4,
+            limit_batches=2,
+            device="cpu",
+            registered_model=None,
+            baseline=False,
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+            cutmix=0.5,
+            pseudo_labels=0.6,
+            pixel_loss_weight=0.5,
+            norm="group",
+            weight_decay=0.01,
+            band_dropout=0.2,
+            spectral_init="random",
+        )
+    )
+    params = (
+        mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id).data.params
+    )
     assert (params["cutmix"], params["pseudo_labels"], params["norm"]) == ("0.5", "0.6", "group")
     assert (params["band_dropout"], params["spectral_init"]) == ("0.2", "random")
     assert result.baseline is not None  # pseudo-labels fit the forest even without baseline
-    task = SegmentationTask(torch.nn.Conv2d(1, 2, 1), {"num_classes": 2}, None, 1e-3, 1,
-                            weight_decay=0.01)
+    task = SegmentationTask(
+        torch.nn.Conv2d(1, 2, 1), {"num_classes": 2}, None, 1e-3, 1, weight_decay=0.01
+    )
     task.trainer = type("T", (), {"estimated_stepping_batches": 4})()
     assert isinstance(task.configure_optimizers()["optimizer"], torch.optim.AdamW)
 
 
 def test_consistency_loss_targets_confident_unlabelled_pixels_only():
     """The FixMatch term learns the network's confident classes on unlabelled pixels (seen in
-    another orientation), ignores labelled and unsure pixels, and is 0 without either."""
+    another orientation), ignores labelled and unsure pixels, and is 0 without either.
+    """
     from specdeepmap.lightning_task import consistency_loss
 
     torch.manual_seed(0)
@@ -490,13 +562,15 @@ def test_consistency_loss_targets_confident_unlabelled_pixels_only():
 def test_an_ensemble_gives_the_mean_of_its_members_probabilities(architecture):
     """An ensemble's softmax is its members' mean class probabilities, and it quantizes to
     int8 as one network does (SegFormer's decoder, which torch.fx cannot trace, stays fp32 in
-    every member)."""
+    every member).
+    """
     from specdeepmap.models import EnsembleSegmentation
 
     torch.manual_seed(0)
     depth = 3 if architecture == "unet" else 5
-    members = [build_model(ModelSpec(architecture, "resnet18", 6, 4, 8, depth)).eval()
-               for _ in range(3)]
+    members = [
+        build_model(ModelSpec(architecture, "resnet18", 6, 4, 8, depth)).eval() for _ in range(3)
+    ]
     ensemble = EnsembleSegmentation(members).eval()
     x = torch.randn(2, 6, 32, 32)
     with torch.no_grad():
@@ -504,8 +578,9 @@ def test_an_ensemble_gives_the_mean_of_its_members_probabilities(architecture):
         mean = ensemble(x)[:, 1:].softmax(1)
     assert (each[0] - each[1]).abs().max() > 1e-3  # the members differ
     torch.testing.assert_close(mean, each.mean(0), atol=1e-5, rtol=1e-4)
-    windows = [np.random.default_rng(i).normal(0, 1, (1, 6, 64, 64)).astype(np.float32)
-               for i in range(3)]
+    windows = [
+        np.random.default_rng(i).normal(0, 1, (1, 6, 64, 64)).astype(np.float32) for i in range(3)
+    ]
     assert int8_error(ensemble, 1.0, windows) < 0.05
 
 
@@ -513,35 +588,54 @@ def test_training_an_ensemble_writes_one_model_of_its_members(dataset, tmp_path)
     """``ensemble=2`` trains two networks from different starts, each with its own
     checkpoints and metrics in the one MLflow run; the model file holds both, and its
     probabilities are the mean of the two best checkpoints'. Resuming an ensemble is refused
-    before any work."""
+    before any work.
+    """
     import mlflow
 
     from specdeepmap.inference import load_model, read_model_file
     from specdeepmap.training import TrainConfig, train
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = train(TrainConfig(
-        dataset=str(dataset / "chips"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
-        limit_batches=2, device="cpu", registered_model=None, baseline=False,
-        tracking_uri=uri, ensemble=2))
+    result = train(
+        TrainConfig(
+            dataset=str(dataset / "chips"),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            batch_size=4,
+            limit_batches=2,
+            device="cpu",
+            registered_model=None,
+            baseline=False,
+            tracking_uri=uri,
+            ensemble=2,
+        )
+    )
     config, state = read_model_file(result.model_file)
     assert config["ensemble"] == 2
     assert {key.split(".")[1] for key in state} == {"0", "1"}
-    checkpoints = [read_model_file(os.path.join(tmp_path, "run", "checkpoints", *sub, name))
-                   for sub in ([], ["member1"])
-                   for name in os.listdir(os.path.join(tmp_path, "run", "checkpoints", *sub))
-                   if name.endswith(".ckpt")]
+    checkpoints = [
+        read_model_file(os.path.join(tmp_path, "run", "checkpoints", *sub, name))
+        for sub in ([], ["member1"])
+        for name in os.listdir(os.path.join(tmp_path, "run", "checkpoints", *sub))
+        if name.endswith(".ckpt")
+    ]
     assert len(checkpoints) == 2
     x = np.random.default_rng(0).integers(100, 4000, (2, 13, 32, 32)).astype(np.uint16)
     members = []
     for member_config, member_state in checkpoints:
         path = tmp_path / f"m{len(members)}.pt"
-        torch.save({"format": "specdeepmap-model/1", "config": member_config,
-                    "state_dict": member_state}, path)
+        torch.save(
+            {"format": "specdeepmap-model/1", "config": member_config, "state_dict": member_state},
+            path,
+        )
         members.append(load_model(str(path), "cpu").probabilities(x))
     assert (members[0] - members[1]).abs().max() > 1e-3  # different random starts
-    torch.testing.assert_close(load_model(result.model_file, "cpu").probabilities(x),
-                               (members[0] + members[1]) / 2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        load_model(result.model_file, "cpu").probabilities(x),
+        (members[0] + members[1]) / 2,
+        atol=1e-5,
+        rtol=1e-4,
+    )
     client = mlflow.MlflowClient(uri)
     metrics = client.get_run(result.run_id).data.metrics
     assert "val_iou" in metrics and "member1-val_iou" in metrics
@@ -549,13 +643,20 @@ def test_training_an_ensemble_writes_one_model_of_its_members(dataset, tmp_path)
     assert client.get_run(result.run_id).data.params["ensemble"] == "2"
     assert len(result.training["members' best validation IoU"].split(", ")) == 2  # model card
     with pytest.raises(InvalidParameterError, match="ensemble"):
-        train(TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "again"),
-                          ensemble=2, resume=result.model_file))
+        train(
+            TrainConfig(
+                dataset=str(dataset / "chips"),
+                out=str(tmp_path / "again"),
+                ensemble=2,
+                resume=result.model_file,
+            )
+        )
 
 
 def test_the_distillation_loss_pulls_the_student_towards_the_teacher():
     """Zero where the student's class probabilities equal the teacher's (whatever channel 0,
-    'unlabelled', holds), positive elsewhere, on every pixel; a gradient step lowers it."""
+    'unlabelled', holds), positive elsewhere, on every pixel; a gradient step lowers it.
+    """
     from specdeepmap.lightning_task import distillation_loss
 
     torch.manual_seed(0)
@@ -580,17 +681,29 @@ def test_distilling_an_ensemble_writes_one_network(dataset, tmp_path):
     """``distill`` with ``ensemble=2``: the members train, then one more network learns from
     their mean; the model file is that single network (no ensemble in its config), its
     checkpoint and metrics are in the run beside the ensemble's validation IoU. Without an
-    ensemble the switch is refused before any work."""
+    ensemble the switch is refused before any work.
+    """
     import mlflow
 
     from specdeepmap.inference import read_model_file
     from specdeepmap.training import TrainConfig, train
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = train(TrainConfig(
-        dataset=str(dataset / "chips"), out=str(tmp_path / "run"), epochs=1, batch_size=4,
-        limit_batches=2, device="cpu", registered_model=None, baseline=False,
-        tracking_uri=uri, ensemble=2, distill=True))
+    result = train(
+        TrainConfig(
+            dataset=str(dataset / "chips"),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            batch_size=4,
+            limit_batches=2,
+            device="cpu",
+            registered_model=None,
+            baseline=False,
+            tracking_uri=uri,
+            ensemble=2,
+            distill=True,
+        )
+    )
     config, state = read_model_file(result.model_file)
     assert not config.get("ensemble")
     assert not any(key.startswith("members.") for key in state)
@@ -604,5 +717,4 @@ def test_distilling_an_ensemble_writes_one_network(dataset, tmp_path):
     assert result.best_val_iou == pytest.approx(metrics["best_val_iou"])
     assert "validation IoU of the ensemble distilled" in result.training
     with pytest.raises(InvalidParameterError, match="distill"):
-        TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "x"),
-                    distill=True)
+        TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "x"), distill=True)

@@ -19,9 +19,18 @@ from specdeepmap.params import SplitParams
 from specdeepmap.splitting import band_statistics, make_dataset
 from tests.conftest import write_raster
 
-SUMMARY_COLUMNS = ["Class ID", "Train Count", "Train Percentage", "Validation Count",
-                   "Validation Percentage", "Test Count", "Test Percentage",
-                   "Class Train Weight", "Scaler", "Ignored Background : Class Zero"]
+SUMMARY_COLUMNS = [
+    "Class ID",
+    "Train Count",
+    "Train Percentage",
+    "Validation Count",
+    "Validation Percentage",
+    "Test Count",
+    "Test Percentage",
+    "Class Train Weight",
+    "Scaler",
+    "Ignored Background : Class Zero",
+]
 
 
 def make_chip_folder(folder, n=40, classes=(1, 5, 200), size=16, seed=0, nodata=-1.0):
@@ -31,8 +40,9 @@ def make_chip_folder(folder, n=40, classes=(1, 5, 200), size=16, seed=0, nodata=
     os.makedirs(folder / "labels")
     for i in range(n):
         name = f"scene_tile_{(i % 8) * size}_{(i // 8) * size}.tif"
-        labels = rng.choice([0, *classes], size=(size, size),
-                            p=[0.3] + [0.7 / len(classes)] * len(classes)).astype(np.uint8)
+        labels = rng.choice(
+            [0, *classes], size=(size, size), p=[0.3] + [0.7 / len(classes)] * len(classes)
+        ).astype(np.uint8)
         labels[: size // 2] = classes[i % len(classes)]
         image = rng.normal(1000, 100, size=(3, size, size)).astype(np.float32)
         image[:, 0, 0] = nodata
@@ -62,16 +72,19 @@ def test_outputs_have_specdeepmaps_names_columns_and_values(tmp_path):
     assert (summary["Ignored Background : Class Zero"] == "Yes").all()
     # counts recomputed from the label chips themselves
     for title, key in (("Train", "train"), ("Validation", "validation"), ("Test", "test")):
-        labels = np.concatenate([rasterio.open(folder / m).read(1).ravel()
-                                 for m in files[key]["mask"]])
+        labels = np.concatenate(
+            [rasterio.open(folder / m).read(1).ravel() for m in files[key]["mask"]]
+        )
         expected = [(labels == c).sum() for c in (1, 5, 200)]
         assert list(summary[f"{title} Count"]) == expected
-        np.testing.assert_allclose(summary[f"{title} Percentage"],
-                                   np.round(np.array(expected) / sum(expected) * 100, 2))
+        np.testing.assert_allclose(
+            summary[f"{title} Percentage"], np.round(np.array(expected) / sum(expected) * 100, 2)
+        )
     share = summary["Train Count"] / summary["Train Count"].sum()
     np.testing.assert_allclose(summary["Class Train Weight"], np.round(1 - share, 4))
-    assert summary["Max Class Share Gap (pp)"].iloc[0] == pytest.approx(report.max_share_gap_pp,
-                                                                         abs=1e-4)
+    assert summary["Max Class Share Gap (pp)"].iloc[0] == pytest.approx(
+        report.max_share_gap_pp, abs=1e-4
+    )
     assert report.max_share_gap_pp < 3
 
 
@@ -81,8 +94,12 @@ def test_band_statistics_match_numpy_with_nodata_excluded_before_scaling(tmp_pat
     train = pd.read_csv(folder / "train_files.csv")["image"]
     stack = np.stack([rasterio.open(folder / p).read() for p in train]).astype(np.float64)
     stats = pd.read_csv(folder / "Normalize_Bands.csv")
-    assert list(stats.columns) == ["Band_Number", "std", "mean",
-                                   "std and mean already scaled by scaler"]
+    assert list(stats.columns) == [
+        "Band_Number",
+        "std",
+        "mean",
+        "std and mean already scaled by scaler",
+    ]
     for band in range(3):
         values = stack[:, band].ravel()
         values = values[values != -1.0] / 10000
@@ -100,8 +117,9 @@ def test_inverse_frequency_weights_and_no_background(tmp_path):
     make_dataset(str(folder), SplitParams(class_weighting="inverse-frequency", normalize=False))
     summary = pd.read_csv(folder / "Summary_train_val.csv")
     counts = summary["Train Count"].to_numpy()
-    np.testing.assert_allclose(summary["Class Train Weight"],
-                               np.round(counts.sum() / (2 * counts), 4))
+    np.testing.assert_allclose(
+        summary["Class Train Weight"], np.round(counts.sum() / (2 * counts), 4)
+    )
     assert (summary["Ignored Background : Class Zero"] == "No").all()
     assert ",None," in (folder / "Summary_train_val.csv").read_text().splitlines()[1]
     assert not (folder / "Normalize_Bands.csv").exists()
@@ -119,9 +137,17 @@ def test_seeded_split_is_reproducible_and_seed_matters(tmp_path):
 
 def test_spatial_blocks_keep_neighbours_together(tmp_path):
     folder = make_chip_folder(tmp_path / "chips", n=64)
-    make_dataset(str(folder), SplitParams(strategy="spatial-blocks", block_size=2,
-                                          normalize=False, train_percent=50,
-                                          validation_percent=25, test_percent=25))
+    make_dataset(
+        str(folder),
+        SplitParams(
+            strategy="spatial-blocks",
+            block_size=2,
+            normalize=False,
+            train_percent=50,
+            validation_percent=25,
+            test_percent=25,
+        ),
+    )
     set_of = {}
     for key in ("train", "validation", "test"):
         for image in pd.read_csv(folder / f"{key}_files.csv")["image"]:
@@ -148,7 +174,9 @@ def test_balancing_beats_two_points_on_skewed_data():
 
 def test_errors(tmp_path):
     with pytest.raises(InvalidParameterError, match="add up to 110"):
-        make_dataset(str(tmp_path), SplitParams(train_percent=80, validation_percent=20, test_percent=10))
+        make_dataset(
+            str(tmp_path), SplitParams(train_percent=80, validation_percent=20, test_percent=10)
+        )
     (tmp_path / "empty").mkdir()
     with pytest.raises(EmptyDatasetError, match="No chips"):
         make_dataset(str(tmp_path / "empty"))
@@ -181,8 +209,11 @@ def test_errors(tmp_path):
 @pytest.mark.shared_data
 def test_real_enmap_chips(enmap_folder, tmp_path):
     """224-band EnMAP chips: split, NaN-free where data exist, empty stats for bad bands."""
-    report = make_dataset(str(enmap_folder), SplitParams(train_percent=60, validation_percent=20, test_percent=20),
-                          out_folder=str(tmp_path / "csv"))
+    report = make_dataset(
+        str(enmap_folder),
+        SplitParams(train_percent=60, validation_percent=20, test_percent=20),
+        out_folder=str(tmp_path / "csv"),
+    )
     assert sum(report.chips.values()) == 18 and report.class_values == [1, 2, 3, 4, 5, 6]
     # the 18 chips all touch: a split without leakage would keep too few training chips, so
     # the default says so and splits SpecDeepMap's way, with the leak reported
@@ -206,7 +237,8 @@ def test_real_enmap_chips(enmap_folder, tmp_path):
 
 def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
     """Percentages below 100, a set of one chip, a text file posing as a chip outside the
-    training set, a single class, and a scene whose name starts with a dot."""
+    training set, a single class, and a scene whose name starts with a dot.
+    """
     import logging
 
     from specdeepmap.errors import InvalidLabelError, UnreadableInputError
@@ -222,7 +254,12 @@ def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
         label[:, 4:] = 2
         write_raster(chips / "labels" / name, label)
     with caplog.at_level(logging.WARNING):  # the chips touch in a row: SpecDeepMap's split
-        report = make_dataset(str(chips), SplitParams(train_percent=80, validation_percent=5, test_percent=5, strategy="balanced"))
+        report = make_dataset(
+            str(chips),
+            SplitParams(
+                train_percent=80, validation_percent=5, test_percent=5, strategy="balanced"
+            ),
+        )
     assert sum(report.chips.values()) == 18  # dot-named chips are seen; 10 % left out
     assert any("= 90 %" in w and "2 of 20" in w for w in report.warnings)
     assert any("validation set holds only" in w for w in report.warnings)
@@ -230,10 +267,14 @@ def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
 
     test_chip = pd.read_csv(chips / "test_files.csv")["image"][0]
     (chips / test_chip).write_text("not a raster")
-    previous = {n: (chips / n).read_text() for n in ("train_files.csv", "test_files.csv",
-                                                      "Normalize_Bands.csv", "split.json")}
+    previous = {
+        n: (chips / n).read_text()
+        for n in ("train_files.csv", "test_files.csv", "Normalize_Bands.csv", "split.json")
+    }
     with pytest.raises(UnreadableInputError, match=test_chip.split("/")[-1]):
-        make_dataset(str(chips), SplitParams(train_percent=70, validation_percent=15, test_percent=15))
+        make_dataset(
+            str(chips), SplitParams(train_percent=70, validation_percent=15, test_percent=15)
+        )
     assert {n: (chips / n).read_text() for n in previous} == previous  # the old split, whole
 
     one = tmp_path / "one"
@@ -247,7 +288,8 @@ def test_surprising_splits_are_said_and_bad_chips_refused(tmp_path, caplog):
 
 def test_an_impossible_split_is_refused_before_chipping(tmp_path):
     """The label raster alone tells that a class is too rare for three sets, or that there is
-    one class only: the check says so before any chip is cut."""
+    one class only: the check says so before any chip is cut.
+    """
     from specdeepmap.errors import InvalidLabelError, SplitInfeasibleError
     from specdeepmap.params import ChipParams, SplitParams
     from specdeepmap.splitting import check_split_before_chipping
@@ -256,7 +298,10 @@ def test_an_impossible_split_is_refused_before_chipping(tmp_path):
     labels[:, 64:] = 2
     labels[:8, :8] = 3  # class 3 in one 32 px window only
     uri = write_raster(tmp_path / "labels.tif", labels)
-    chip, split = ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=50), SplitParams(train_percent=60, validation_percent=20, test_percent=20)
+    chip, split = (
+        ChipParams(tile_x=32, tile_y=32, step_x=32, step_y=32, min_coverage=50),
+        SplitParams(train_percent=60, validation_percent=20, test_percent=20),
+    )
     with pytest.raises(SplitInfeasibleError, match="before chipping.*Class 3 occurs in only 1"):
         check_split_before_chipping([uri], chip, split)
     labels[:8, :8] = 1
@@ -269,7 +314,8 @@ def test_an_impossible_split_is_refused_before_chipping(tmp_path):
 
 def test_a_chosen_split_is_written_as_given(tmp_path):
     """write_split (what make_dataset ends with) writes the sets a caller chose, e.g. the
-    folds of a cross-validation, with statistics of that training set."""
+    folds of a cross-validation, with statistics of that training set.
+    """
     from specdeepmap.splitting import chip_class_counts, write_split
 
     folder = make_chip_folder(tmp_path / "chips", n=12)

@@ -19,21 +19,32 @@ SCHEMAS = ("classification/v2.0.0", "projection/v2.0.0", "raster/v1.1.0", "proce
 @pytest.fixture
 def scene_item(dataset, tmp_path):
     """The demo scene as a STAC item with one single-band asset per band (shuffled keys,
-    named by eo:bands)."""
+    named by eo:bands).
+    """
     folder = tmp_path / "item"
     folder.mkdir()
     assets = {}
     with rasterio.open(dataset / "scene" / "demo_s2.tif") as src:
         for band in reversed(range(1, src.count + 1)):
             name = src.descriptions[band - 1]
-            path = write_raster(folder / f"{name}.tif", src.read(band), transform=src.transform,
-                                nodata=src.nodata)
-            assets[f"asset{band}"] = {"href": f"./{name}.tif", "type": "image/tiff",
-                                      "eo:bands": [{"name": name}]}
+            path = write_raster(
+                folder / f"{name}.tif", src.read(band), transform=src.transform, nodata=src.nodata
+            )
+            assets[f"asset{band}"] = {
+                "href": f"./{name}.tif",
+                "type": "image/tiff",
+                "eo:bands": [{"name": name}],
+            }
             del path
-    item = {"type": "Feature", "stac_version": "1.1.0", "id": "S2A_20170216T102101_demo",
-            "geometry": None, "properties": {"datetime": "2017-02-16T10:21:01Z"},
-            "links": [], "assets": assets}
+    item = {
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "id": "S2A_20170216T102101_demo",
+        "geometry": None,
+        "properties": {"datetime": "2017-02-16T10:21:01Z"},
+        "links": [],
+        "assets": assets,
+    }
     uri = folder / "S2A_20170216T102101_demo.json"
     uri.write_text(json.dumps(item))
     return str(uri), item
@@ -46,8 +57,12 @@ def test_a_map_is_published_as_a_stac_item(trained, dataset, scene_item, tmp_pat
     products = map_scene_products(uri, result.model_file, str(out), MapParams(device="cpu"))
     # the item's bands, found by name in another order, map like the stacked file
     direct = tmp_path / "direct.tif"
-    map_scene_products(str(dataset / "scene" / "demo_s2.tif"), result.model_file, str(direct),
-                       MapParams(device="cpu"))
+    map_scene_products(
+        str(dataset / "scene" / "demo_s2.tif"),
+        result.model_file,
+        str(direct),
+        MapParams(device="cpu"),
+    )
     with rasterio.open(out) as a, rasterio.open(direct) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
         colormap = a.colormap(1)
@@ -106,8 +121,9 @@ def test_items_on_s3_are_read_through_their_relative_hrefs(scene_item, s3_bucket
         name = asset["href"].removeprefix("./")
         storage.upload(storage.join(folder, name), f"{s3_bucket}/items/{name}")
     storage.write_text(f"{s3_bucket}/items/item.json", json.dumps(item))
-    vrt = item_scene(f"{s3_bucket}/items/item.json", ["B02", "B03", "B04"],
-                     str(tmp_path / "rgb.vrt"))
+    vrt = item_scene(
+        f"{s3_bucket}/items/item.json", ["B02", "B03", "B04"], str(tmp_path / "rgb.vrt")
+    )
     with storage.open_raster(vrt) as src, rasterio.open(storage.join(folder, "B03.tif")) as b3:
         assert src.descriptions == ("B02", "B03", "B04")
         np.testing.assert_array_equal(src.read(2), b3.read(1))

@@ -72,8 +72,9 @@ def test_transient_errors_are_told_apart_from_bad_input():
     from specdeepmap.errors import InvalidLabelError
 
     def client_error(code, status):
-        return ClientError({"Error": {"Code": code},
-                            "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+        return ClientError(
+            {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+        )
 
     assert storage.is_transient(EndpointConnectionError(endpoint_url="http://x"))
     assert storage.is_transient(client_error("SlowDown", 503))
@@ -88,10 +89,10 @@ def test_transient_errors_are_told_apart_from_bad_input():
 
 
 @pytest.mark.integration
-def test_a_model_replaced_under_the_same_key_is_fetched_again(s3_bucket, tmp_path,
-                                                              monkeypatch):
+def test_a_model_replaced_under_the_same_key_is_fetched_again(s3_bucket, tmp_path, monkeypatch):
     """The model cache keys on the object's ETag, lives in a private folder, and keeps every
-    cached file inside it whatever the key."""
+    cached file inside it whatever the key.
+    """
     import stat
 
     import torch
@@ -103,8 +104,7 @@ def test_a_model_replaced_under_the_same_key_is_fetched_again(s3_bucket, tmp_pat
     uri = f"{s3_bucket}/models/model.pt"
     for run in ("first", "second"):
         local = tmp_path / f"{run}.pt"
-        torch.save({"format": MODEL_FORMAT, "config": {"run_id": run},
-                    "state_dict": {}}, local)
+        torch.save({"format": MODEL_FORMAT, "config": {"run_id": run}, "state_dict": {}}, local)
         storage.upload(str(local), uri)
         config, _ = read_model_file(uri)
         assert config["run_id"] == run  # not the first download again

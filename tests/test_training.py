@@ -47,8 +47,10 @@ def test_ssl4eo_weights_load_into_encoder(tmp_path, backbone):
     import timm
 
     source = timm.create_model(backbone, in_chans=13, num_classes=0)
-    state = {k: torch.randn_like(v) if v.is_floating_point() else v
-             for k, v in source.state_dict().items()}
+    state = {
+        k: torch.randn_like(v) if v.is_floating_point() else v
+        for k, v in source.state_dict().items()
+    }
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
     path = tmp_path / f"{backbone}_sentinel2_all_moco-abc123.pth"
     torch.save(state, path)
@@ -101,9 +103,13 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     assert len(names) == result.epochs_run == 4
     for epoch, name in enumerate(names):
         assert name.startswith(f"{epoch:05d}-val_iou_") and name.endswith(".ckpt")
-        float(name[len("00000-val_iou_"):-5])
-    events = [f for _, _, files in os.walk(dataset / "run" / "lightning_logs") for f in files
-              if f.startswith("events.out.tfevents")]
+        float(name[len("00000-val_iou_") : -5])
+    events = [
+        f
+        for _, _, files in os.walk(dataset / "run" / "lightning_logs")
+        for f in files
+        if f.startswith("events.out.tfevents")
+    ]
     assert events
     model_config, _ = read_model_file(result.best_checkpoint)
     assert model_config["in_channels"] == 13 and model_config["tile_size"] == [32, 32]
@@ -121,12 +127,17 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     assert run.data.metrics["val_iou_epoch_median"] == pytest.approx(result.val_epoch_median)
     version = client.get_model_version("test-model", result.model_version)
     assert version.tags["val_iou"] == f"{result.best_val_iou:.4f}"
-    assert (f"the best of 4 validated epochs (their median: {result.val_epoch_median:.4f})"
-            in version.description), version.description
+    assert (
+        f"the best of 4 validated epochs (their median: {result.val_epoch_median:.4f})"
+        in version.description
+    ), version.description
     assert version.tags["dataset"] == config.dataset and "specdeepmap_version" in version.tags
     artifacts = [a.path for a in client.list_artifacts(result.run_id, "dataset")]
     assert "dataset/Summary_train_val.csv" in artifacts
-    assert run.data.params["split_seed"] == "42" and float(run.data.params["split_train_percent"]) == 70
+    assert (
+        run.data.params["split_seed"] == "42"
+        and float(run.data.params["split_train_percent"]) == 70
+    )
 
     mlflow.set_tracking_uri(config.tracking_uri)
     client.set_registered_model_alias("test-model", "champion", result.model_version)
@@ -135,15 +146,18 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     x = np.random.default_rng(0).integers(100, 4000, (2, 13, 32, 32)).astype(np.uint16)
     np.testing.assert_array_equal(by_alias.predict_classes(x), by_file.predict_classes(x))
     pyfunc = mlflow.pyfunc.load_model(f"models:/test-model/{result.model_version}")
-    np.testing.assert_array_equal(pyfunc.predict(x.astype(np.float32)),
-                                  by_file.predict_classes(x))
+    np.testing.assert_array_equal(pyfunc.predict(x.astype(np.float32)), by_file.predict_classes(x))
 
 
 def test_tester_outputs_specdeepmap_csv_and_metrics(trained, dataset, tmp_path):
     config, result = trained
-    report = evaluate_model(str(dataset / "chips" / "test_files.csv"), result.model_file,
-                        str(tmp_path / "test"), EvaluateParams(device="cpu"),
-                        predictions_folder=str(tmp_path / "preds"))
+    report = evaluate_model(
+        str(dataset / "chips" / "test_files.csv"),
+        result.model_file,
+        str(tmp_path / "test"),
+        EvaluateParams(device="cpu"),
+        predictions_folder=str(tmp_path / "preds"),
+    )
     lines = (tmp_path / "test" / "test_iou.csv").read_text().splitlines()
     assert lines[0] == "Class,IoU,Name" and lines[-1].startswith("Mean IoU,")  # named classes
     assert [int(line.split(",")[0]) for line in lines[1:-1]] == [1, 2, 3, 4, 5, 6]
@@ -157,17 +171,21 @@ def test_tester_outputs_specdeepmap_csv_and_metrics(trained, dataset, tmp_path):
     truth, pred = [], []
     for mask in pd.read_csv(dataset / "chips" / "test_files.csv")["mask"]:
         name = os.path.basename(mask).removesuffix(".tif")
-        with rasterio.open(dataset / "chips" / mask) as t, \
-                rasterio.open(tmp_path / "preds" / f"{name}_prediction.tif") as p:
+        with (
+            rasterio.open(dataset / "chips" / mask) as t,
+            rasterio.open(tmp_path / "preds" / f"{name}_prediction.tif") as p,
+        ):
             truth.append(t.read(1).astype(int))
             pred.append(p.read(1).astype(int))
     per_chip, pooled = [], []
     for c in range(1, 7):
-        ious = [((t == c) & (q == c)).sum() / ((t == c) | (q == c)).sum()
-                for t, q in zip(truth, pred, strict=True) if ((t == c) | (q == c)).any()]
+        ious = [
+            ((t == c) & (q == c)).sum() / ((t == c) | (q == c)).sum()
+            for t, q in zip(truth, pred, strict=True)
+            if ((t == c) | (q == c)).any()
+        ]
         per_chip.append(np.mean(ious) if ious else np.nan)  # SpecDeepMap: mean over chips
-        t, q = np.concatenate([x.ravel() for x in truth]), np.concatenate(
-            [x.ravel() for x in pred])
+        t, q = np.concatenate([x.ravel() for x in truth]), np.concatenate([x.ravel() for x in pred])
         labelled = t > 0
         union = (((t == c) | (q == c)) & labelled).sum()
         pooled.append(((t == c) & (q == c)).sum() / union if union else np.nan)
@@ -189,13 +207,20 @@ def test_errors_before_training(dataset, trained):
     other = dataset / "other.ckpt"
     torch.save(checkpoint, other)
     with pytest.raises(InputMismatchError, match="class_values"):
-        train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"),
-                          resume=str(other), device="cpu", epochs=10))
+        train(
+            TrainConfig(
+                dataset=str(dataset / "chips"),
+                out=str(dataset / "x"),
+                resume=str(other),
+                device="cpu",
+                epochs=10,
+            )
+        )
     if not torch.cuda.is_available():
         from specdeepmap.errors import DeviceUnavailableError
+
         with pytest.raises(DeviceUnavailableError):
-            train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"),
-                              device="gpu"))
+            train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"), device="gpu"))
 
 
 def test_imagenet_offline_says_how_to_supply_a_file(monkeypatch):
@@ -234,9 +259,21 @@ def test_tensorboard_command_serves_the_logs(trained, dataset):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "specdeepmap.cli", "tensorboard",
-                             "--logdir", str(dataset / "run"), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "specdeepmap.cli",
+            "tensorboard",
+            "--logdir",
+            str(dataset / "run"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -262,9 +299,13 @@ def _check_ddp_run(config_uri: str, dataset_folder: str, model_file: str):
     runs = client.search_runs([client.get_experiment_by_name("specdeepmap").experiment_id])
     assert len(runs) == 1  # one MLflow run, not one per process
     assert len(client.search_model_versions("name='ddp-model'")) == 1
-    single = evaluate_model(f"{dataset_folder}/validation_files.csv", model_file,
-                            os.path.join(os.path.dirname(model_file), "val"), EvaluateParams(device="cpu"),
-                            log_to_mlflow=False).metrics.mean_iou
+    single = evaluate_model(
+        f"{dataset_folder}/validation_files.csv",
+        model_file,
+        os.path.join(os.path.dirname(model_file), "val"),
+        EvaluateParams(device="cpu"),
+        log_to_mlflow=False,
+    ).metrics.mean_iou
     best = runs[0].data.metrics["best_val_iou"]
     assert best == pytest.approx(single, abs=1e-6)  # every validation chip once
 
@@ -273,27 +314,49 @@ def _check_ddp_run(config_uri: str, dataset_folder: str, model_file: str):
 def test_two_process_ddp_on_cpu_from_the_command_line(dataset, tmp_path):
     """`--devices 2` on CPU (gloo, spawned processes) trains to the end (it used to hang at
     the first epoch's end), logs one MLflow run and registers one version; the reported
-    validation IoU is the whole validation set's, each chip counted once."""
+    validation IoU is the whole validation set's, each chip counted once.
+    """
     import subprocess
     import sys
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "specdeepmap"), "train",
-         str(dataset / "chips"), "--out", str(tmp_path / "run"), "--devices", "2", "--device",
-         "cpu", "--epochs", "2", "--batch-size", "8", "--tracking-uri", uri,
-         "--registered-model", "ddp-model", "--no-baseline"],
-        capture_output=True, text=True, timeout=600)
+        [
+            os.path.join(os.path.dirname(sys.executable), "specdeepmap"),
+            "train",
+            str(dataset / "chips"),
+            "--out",
+            str(tmp_path / "run"),
+            "--devices",
+            "2",
+            "--device",
+            "cpu",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--tracking-uri",
+            uri,
+            "--registered-model",
+            "ddp-model",
+            "--no-baseline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "model_uri: models:/ddp-model/1" in done.stdout
     _check_ddp_run(uri, str(dataset / "chips"), str(tmp_path / "run" / "model.pt"))
 
 
-def test_a_killed_training_continues_from_its_checkpoint_in_object_storage(dataset, s3_bucket,
-                                                                           tmp_path):
+def test_a_killed_training_continues_from_its_checkpoint_in_object_storage(
+    dataset, s3_bucket, tmp_path
+):
     """Checkpoints go to S3 as training goes; a training process killed (SIGKILL) after a
     checkpoint and started again with the same checkpoint URI continues from there, in the
-    same MLflow run, and registers one version."""
+    same MLflow run, and registers one version.
+    """
     import json
     import signal
     import subprocess
@@ -304,14 +367,31 @@ def test_a_killed_training_continues_from_its_checkpoint_in_object_storage(datas
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     epochs = 8
-    command = [os.path.join(os.path.dirname(sys.executable), "specdeepmap"), "train",
-               str(dataset / "chips"), "--device", "cpu", "--epochs", str(epochs),
-               "--batch-size", "8", "--no-baseline", "--no-early-stopping", "--tracking-uri",
-               uri, "--registered-model", "resumed", "--checkpoint-uri",
-               f"{s3_bucket}/checkpoints/run-1"]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "specdeepmap"),
+        "train",
+        str(dataset / "chips"),
+        "--device",
+        "cpu",
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--no-baseline",
+        "--no-early-stopping",
+        "--tracking-uri",
+        uri,
+        "--registered-model",
+        "resumed",
+        "--checkpoint-uri",
+        f"{s3_bucket}/checkpoints/run-1",
+    ]
     state = f"{s3_bucket}/checkpoints/run-1/resume.json"
-    first = subprocess.Popen([*command, "--out", str(tmp_path / "first")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "first")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (storage.exists(state) and json.loads(storage.read_text(state))["epoch"] >= 1):
         assert first.poll() is None, "training ended before it could be killed"
@@ -322,8 +402,9 @@ def test_a_killed_training_continues_from_its_checkpoint_in_object_storage(datas
     killed_at = json.loads(storage.read_text(state))
     assert storage.exists(f"{s3_bucket}/checkpoints/run-1/last.ckpt")
 
-    again = subprocess.run([*command, "--out", str(tmp_path / "second")], capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(
+        [*command, "--out", str(tmp_path / "second")], capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "Continuing the interrupted training" in again.stderr + again.stdout
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -341,7 +422,8 @@ def test_a_killed_training_continues_from_its_checkpoint_in_object_storage(datas
 def test_a_registered_model_whose_files_are_gone_says_so(tmp_path):
     """A registry that knows a model whose artifact store lost its files (an object store
     reset under a registry that survived): "model artifacts missing from the store" at once,
-    not an unreadable-model error; an unknown model keeps MLflow's own message."""
+    not an unreadable-model error; an unknown model keeps MLflow's own message.
+    """
     import shutil
 
     import mlflow
@@ -356,16 +438,24 @@ def test_a_registered_model_whose_files_are_gone_says_so(tmp_path):
     experiment = client.create_experiment("gone", artifact_location=str(tmp_path / "store"))
     run = client.create_run(experiment)
     torch.manual_seed(0)
-    config = {"architecture": "unet", "backbone": "resnet18", "in_channels": 3,
-              "num_classes": 3, "class_values": [1, 2], "ignore_index": 0,
-              "tile_size": [32, 32],
-              "normalization": {"scaler": 1.0, "mean": None, "std": None, "nodata": None}}
-    model_file = export_model_file(config, build_model(ModelSpec("unet", "resnet18", 3, 3)),
-                                   str(tmp_path / "model.pt"))
+    config = {
+        "architecture": "unet",
+        "backbone": "resnet18",
+        "in_channels": 3,
+        "num_classes": 3,
+        "class_values": [1, 2],
+        "ignore_index": 0,
+        "tile_size": [32, 32],
+        "normalization": {"scaler": 1.0, "mean": None, "std": None, "nodata": None},
+    }
+    model_file = export_model_file(
+        config, build_model(ModelSpec("unet", "resnet18", 3, 3)), str(tmp_path / "model.pt")
+    )
     client.log_artifact(run.info.run_id, model_file, "model")
     client.create_registered_model("gone-model")
-    client.create_model_version("gone-model", f"runs:/{run.info.run_id}/model",
-                                run_id=run.info.run_id)
+    client.create_model_version(
+        "gone-model", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
+    )
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)  # as the alias test above: the registry follows it
     try:

@@ -45,16 +45,20 @@ def describe_error(error: BaseException) -> str | None:
     from rasterio.errors import RasterioError
 
     if isinstance(error, NoCredentialsError):
-        return ("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an "
-                "instance role) and AWS_ENDPOINT_URL for a non-AWS store")
+        return (
+            "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an "
+            "instance role) and AWS_ENDPOINT_URL for a non-AWS store"
+        )
     if isinstance(error, MlflowException):
         return f"MLflow: {text}"
     if isinstance(error, RasterioError):
         return f"cannot read the raster: {text}"
     if isinstance(error, BotoCoreError | ClientError | OSError):
         if is_transient(error):
-            return (f"storage unreachable ({kind}: {text}); check AWS_ENDPOINT_URL and the "
-                    "network, then run again")
+            return (
+                f"storage unreachable ({kind}: {text}); check AWS_ENDPOINT_URL and the "
+                "network, then run again"
+            )
         if isinstance(error, NotADirectoryError):
             return f"a path that must be a folder is a file: {text}"
         if isinstance(error, IsADirectoryError):
@@ -71,6 +75,7 @@ def describe_error(error: BaseException) -> str | None:
 
 def errors_to_exit(func: Callable[..., Any]) -> Callable[..., Any]:
     """Print expected errors as one line (no traceback) and exit with status 2."""
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -82,12 +87,20 @@ def errors_to_exit(func: Callable[..., Any]) -> Callable[..., Any]:
             logging.getLogger(__name__).debug("error details", exc_info=True)
             console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
+
     return wrapper
 
 
 def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+    """A progress bar on stderr that disappears when done."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 @app.callback()
@@ -135,5 +148,17 @@ def tensorboard(
 
     print(f"TensorBoard at http://127.0.0.1:{port}/ (Ctrl+C stops it)", flush=True)
     # replace this process, so that Ctrl+C and signals reach TensorBoard itself
-    os.execv(sys.executable, [sys.executable, "-m", "tensorboard.main", "--logdir", logdir,
-                              "--port", str(port), "--host", "127.0.0.1"])
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            logdir,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+    )

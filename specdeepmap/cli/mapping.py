@@ -15,23 +15,33 @@ from specdeepmap.params import MapParams
 @errors_to_exit
 @step_options(MapParams)
 def map_cmd(
-    image: Annotated[str, typer.Argument(
-        help="Input raster URI, or a folder / s3:// prefix ending in '/' of scenes.")],
+    image: Annotated[
+        str,
+        typer.Argument(
+            help="Input raster URI, or a folder / s3:// prefix ending in '/' of scenes."
+        ),
+    ],
     model: Annotated[str, typer.Argument(help="Model file/URI or models:/NAME/VERSION|@ALIAS.")],
-    output: Annotated[str, typer.Argument(
-        help="Output GeoTIFF (COG) URI; a folder for several scenes.")],
+    output: Annotated[
+        str, typer.Argument(help="Output GeoTIFF (COG) URI; a folder for several scenes.")
+    ],
     params: MapParams,
     ground_truth: Annotated[str | None, typer.Option(help="Label raster for IoU.")] = None,
     iou_csv: Annotated[str | None, typer.Option(help="IoU CSV output URI.")] = None,
-    confidence: Annotated[str | None, typer.Option(
-        help="Confidence GeoTIFF output URI.")] = None,
-    probabilities: Annotated[str | None, typer.Option(
-        help="Per-class probability GeoTIFF output URI.")] = None,
-    vector: Annotated[str | None, typer.Option(
-        help="GeoPackage of class polygons (class 0 dropped).")] = None,
-    overwrite: Annotated[bool, typer.Option(
-        help="Replace existing output files that are not maps of ours (an input is never "
-        "replaced; earlier maps are replaced anyway).")] = False,
+    confidence: Annotated[str | None, typer.Option(help="Confidence GeoTIFF output URI.")] = None,
+    probabilities: Annotated[
+        str | None, typer.Option(help="Per-class probability GeoTIFF output URI.")
+    ] = None,
+    vector: Annotated[
+        str | None, typer.Option(help="GeoPackage of class polygons (class 0 dropped).")
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace existing output files that are not maps of ours (an input is never "
+            "replaced; earlier maps are replaced anyway)."
+        ),
+    ] = False,
 ) -> None:
     """Deep Learning Mapper: whole-scene prediction to a Cloud Optimized GeoTIFF."""
     import os
@@ -42,9 +52,18 @@ def map_cmd(
         reports = map_scenes(image, model, output, params)
         console.print(f"{len(reports)} new scene(s) mapped into {output}")
         return
-    report = map_scene(image, model, output, params,
-                       gt_uri=ground_truth, iou_csv_uri=iou_csv, confidence_uri=confidence,
-                       probabilities_uri=probabilities, vector_uri=vector, overwrite=overwrite)
+    report = map_scene(
+        image,
+        model,
+        output,
+        params,
+        gt_uri=ground_truth,
+        iou_csv_uri=iou_csv,
+        confidence_uri=confidence,
+        probabilities_uri=probabilities,
+        vector_uri=vector,
+        overwrite=overwrite,
+    )
     console.print(f"{report.windows} windows in {report.seconds:.1f} s → {output}")
     if report.mean_iou is not None:
         console.print(f"mean IoU {report.mean_iou:.4f}")

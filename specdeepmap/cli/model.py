@@ -23,27 +23,45 @@ def train(
     workers: Annotated[int, typer.Option(min=0, help="Data-loader workers.")] = 0,
     resume: Annotated[str | None, typer.Option(help="Checkpoint to resume from.")] = None,
     keep_top_k: Annotated[int, typer.Option(help="Best checkpoints kept (-1: all).")] = 1,
-    checkpoint_uri: Annotated[str | None, typer.Option(
-        help="Also write checkpoints here as training goes (s3:// or a folder); run the same "
-        "command again to continue an interrupted training from its last checkpoint.")] = None,
-    registered_model: Annotated[str, typer.Option(
-        help="MLflow registered model name ('' to skip).")] = "specdeepmap-segmentation",
+    checkpoint_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="Also write checkpoints here as training goes (s3:// or a folder); run the same "
+            "command again to continue an interrupted training from its last checkpoint."
+        ),
+    ] = None,
+    registered_model: Annotated[
+        str, typer.Option(help="MLflow registered model name ('' to skip).")
+    ] = "specdeepmap-segmentation",
     tracking_uri: Annotated[str | None, typer.Option(help=TRACKING_HELP)] = None,
 ) -> None:
     """Deep Learning Trainer: train, log to TensorBoard and MLflow, register the best model."""
     from specdeepmap.training import TrainConfig
     from specdeepmap.training import train as run_training
 
-    result = run_training(TrainConfig.from_params(
-        params, dataset=dataset, out=out, workers=workers, resume=resume,
-        keep_top_k=keep_top_k, checkpoint_uri=checkpoint_uri,
-        registered_model=registered_model or None, tracking_uri=tracking_uri))
-    console.print(f"best val IoU {result.best_val_iou:.4f}: " + (
-        result.best_checkpoint if params.ensemble == 1 or params.distill
-        else f"the mean of {params.ensemble} networks"))
+    result = run_training(
+        TrainConfig.from_params(
+            params,
+            dataset=dataset,
+            out=out,
+            workers=workers,
+            resume=resume,
+            keep_top_k=keep_top_k,
+            checkpoint_uri=checkpoint_uri,
+            registered_model=registered_model or None,
+            tracking_uri=tracking_uri,
+        )
+    )
+    console.print(
+        f"best val IoU {result.best_val_iou:.4f}: "
+        + (
+            result.best_checkpoint
+            if params.ensemble == 1 or params.distill
+            else f"the mean of {params.ensemble} networks"
+        )
+    )
     if result.baseline_mean_iou("validation") is not None:
-        console.print(f"RandomForest baseline val IoU "
-                      f"{result.baseline_mean_iou('validation'):.4f}")
+        console.print(f"RandomForest baseline val IoU {result.baseline_mean_iou('validation'):.4f}")
     print(f"model_file: {result.model_file}")
     print(f"model_uri: {result.model_uri}")
     print(f"run_id: {result.run_id}")
@@ -57,15 +75,18 @@ def test_cmd(
     model: Annotated[str, typer.Argument(help="Model file/URI or models:/NAME/VERSION|@ALIAS.")],
     params: EvaluateParams,
     out: Annotated[str, typer.Option(help="Folder for the CSVs and plots.")] = "runs/test",
-    predictions: Annotated[str | None, typer.Option(
-        help="Folder for per-chip prediction GeoTIFFs.")] = None,
+    predictions: Annotated[
+        str | None, typer.Option(help="Folder for per-chip prediction GeoTIFFs.")
+    ] = None,
 ) -> None:
     """Deep Learning Tester: IoU CSV (SpecDeepMap format) and confusion-matrix metrics."""
     from specdeepmap.evaluation import evaluate_model
 
     report = evaluate_model(test_csv, model, out, params, predictions_folder=predictions)
-    console.print(f"mean IoU {report.metrics.mean_iou:.4f} (pooled pixels), "
-                  f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap's definition)")
+    console.print(
+        f"mean IoU {report.metrics.mean_iou:.4f} (pooled pixels), "
+        f"{report.per_chip_mean_iou:.4f} (per-chip mean, SpecDeepMap's definition)"
+    )
     print(f"iou_csv: {report.iou_csv}")
     print(f"metrics_csv: {report.metrics_csv}")
 
@@ -84,8 +105,9 @@ def baseline(
     result = baseline_dataset(dataset, out, params)
     for split in ("validation", "test"):
         if result.mean_iou(split) is not None:
-            console.print(f"RandomForest {split} mean IoU {result.mean_iou(split):.4f} "
-                          "(pooled pixels)")
+            console.print(
+                f"RandomForest {split} mean IoU {result.mean_iou(split):.4f} (pooled pixels)"
+            )
     print(f"iou_csv: {out.rstrip('/')}/test_iou.csv")
 
 
@@ -94,22 +116,30 @@ def baseline(
 def promote(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Model version to promote.")],
-    alias: Annotated[str, typer.Option(help="Alias to move (champion is checked first).")]
-    = "champion",
+    alias: Annotated[
+        str, typer.Option(help="Alias to move (champion is checked first).")
+    ] = "champion",
     comment: Annotated[str, typer.Option(help="Why (kept as a version tag).")] = "",
     by: Annotated[str | None, typer.Option(help="Who (default: the login name).")] = None,
-    force: Annotated[bool, typer.Option(
-        help="Promote even if the version does not beat the champion on its test chips by "
-        "the margin, or is below the RandomForest baseline.")] = False,
-    min_improvement: Annotated[float, typer.Option(
-        min=0, max=1, help="Mean IoU the version must gain over the champion.")] = 0.01,
-    out: Annotated[str, typer.Option(help="Folder for the comparison's test files.")]
-    = "runs/promote",
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Promote even if the version does not beat the champion on its test chips by "
+            "the margin, or is below the RandomForest baseline."
+        ),
+    ] = False,
+    min_improvement: Annotated[
+        float, typer.Option(min=0, max=1, help="Mean IoU the version must gain over the champion.")
+    ] = 0.01,
+    out: Annotated[
+        str, typer.Option(help="Folder for the comparison's test files.")
+    ] = "runs/promote",
     device: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
     tracking_uri: Annotated[str | None, typer.Option(help=TRACKING_HELP)] = None,
 ) -> None:
     """Move an alias (champion by default) to a model version, with the training pipeline's
-    checks: scored against the champion on the version's own test chips."""
+    checks: scored against the champion on the version's own test chips.
+    """
     import getpass
 
     import mlflow
@@ -118,8 +148,10 @@ def promote(
     from specdeepmap.tracking import tracking_uri as default_tracking_uri
 
     mlflow.set_tracking_uri(default_tracking_uri(tracking_uri))
-    decision = promote_by_hand(name, version, out, alias, by or getpass.getuser(), comment,
-                               force, min_improvement, device)
+    decision = promote_by_hand(
+        name, version, out, alias, by or getpass.getuser(), comment, force, min_improvement, device
+    )
     forced = alias == CHAMPION and decision.alias != CHAMPION
-    console.print(f"{name} version {version} is now {alias}"
-                  f"{' (forced)' if forced else ''}: {decision.reason}")
+    console.print(
+        f"{name} version {version} is now {alias}{' (forced)' if forced else ''}: {decision.reason}"
+    )

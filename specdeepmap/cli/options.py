@@ -52,12 +52,17 @@ def option_parameter(name: str, field: FieldInfo) -> inspect.Parameter:
     if kind is bool or kind == (bool | None):  # --flag/--no-flag, as typer writes it
         names = [f"{names[0]}/--no-{name.replace('_', '-')}", *names[1:]]
     option = typer.Option(*names, help=field.description, **_bounds(field))
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
-                             annotation=Annotated[kind, option])
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=field.default,
+        annotation=Annotated[kind, option],
+    )
 
 
-def step_options(model: type[BaseModel], *, exclude: tuple[str, ...] = (),
-                 argument: str = "params") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def step_options(
+    model: type[BaseModel], *, exclude: tuple[str, ...] = (), argument: str = "params"
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a typer command one option per field of ``model``; it receives ``argument=model(...)``.
 
     Fields named in ``exclude`` keep their defaults (the command sets them itself).
@@ -68,8 +73,11 @@ def step_options(model: type[BaseModel], *, exclude: tuple[str, ...] = (),
         signature = inspect.signature(command, eval_str=True)
         names = list(signature.parameters)
         at = names.index(argument)  # the step's options go where its argument was
-        own = [p if i < at else p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-               for i, p in enumerate(signature.parameters.values()) if p.name != argument]
+        own = [
+            p if i < at else p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for i, p in enumerate(signature.parameters.values())
+            if p.name != argument
+        ]
         clash = set(fields) & {p.name for p in own}
         if clash:
             raise TypeError(f"{command.__name__}: options {sorted(clash)} defined twice")
@@ -79,8 +87,9 @@ def step_options(model: type[BaseModel], *, exclude: tuple[str, ...] = (),
             values = {name: kwargs.pop(name) for name in fields}
             return command(**kwargs, **{argument: model(**values)})
 
-        parameters = own[:at] + [option_parameter(name, field) for name, field in
-                                 fields.items()] + own[at:]
+        parameters = (
+            own[:at] + [option_parameter(name, field) for name, field in fields.items()] + own[at:]
+        )
         wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
         del wrapper.__wrapped__  # typer must see the new signature, not the command's
