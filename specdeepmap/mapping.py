@@ -44,10 +44,13 @@ from rasterio.windows import Window
 from specdeepmap import __version__, storage
 from specdeepmap.bands import same_band_order
 from specdeepmap.classes import ClassSchema, pam_xml, qml
+from specdeepmap.drift import Verdict
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.evaluation import accumulate, metrics_from_matrix, write_iou_csv
 from specdeepmap.inference import Predictor, fold_batch_norms, load_model
+from specdeepmap.masks import MaskReader, QualityMask, check_masks, masked_value, with_masked
 from specdeepmap.params import MapParams
+from specdeepmap.scene_quality import QUALITY_SUFFIX, SceneQuality, write_quality
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,11 @@ class MapReport:
     #: preparing the network: int8 quantization and calibration, or batch-norm folding
     #: (part of ``seconds``)
     setup_seconds: float = 0.0
+    verdict: Verdict | None = None  #: does the scene look like the model's training data?
+    quality_uri: str | None = None  #: the quality JSON beside the map
+    masked_share: float = 0.0  #: share of the pixels with data that the mask flagged
+    #: why the scene was not mapped (almost all of it masked); nothing was written
+    skipped: str | None = None
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -282,6 +290,7 @@ def map_scene(
     vector_uri: str | None = None,
     predictor: Predictor | None = None,
     overwrite: bool = False,
+    mask: QualityMask | None = None,
 ) -> MapReport:
     """Predict a whole scene (a raster, a VRT or a STAC item) into a class-map COG (Deep
     Learning Mapper).
@@ -304,6 +313,14 @@ def map_scene(
         predictor: an already loaded model (saves reloading across scenes).
         overwrite: replace existing outputs that are not maps of ours (an input is never
             replaced).
+        mask: pixels to leave unclassified (cloud, shadow, snow...): they get one reserved
+            value (:func:`~specdeepmap.masks.masked_value`). A STAC item's own mask asset is
+            used when none is given. A scene whose mask flags more than
+            ``params.max_masked_share`` is not mapped (the report says why).
+
+    Returns:
+        The report, with the scene's drift verdict (:mod:`specdeepmap.drift`), also written
+        to ``MAP_quality.json`` beside the map.
 
     Raises:
         OutputConflictError: an output is an input, two outputs are one file, or an output
@@ -322,11 +339,15 @@ def map_scene(
             "probability raster": probabilities_uri,
             "polygon file": vector_uri,
             "IoU CSV": iou_csv_uri,
+            "quality JSON": _base(output_uri) + QUALITY_SUFFIX,
         },
         overwrite,
     )
     predictor = predictor or load_model(model_uri, params.device)
     if is_item(input_uri):  # the item's assets for the model's bands, stacked by name
+        from specdeepmap.stac import item_mask
+
+        mask = mask or item_mask(input_uri)
         with tempfile.TemporaryDirectory(prefix="specdeepmap-scene-") as folder:
             scene = item_scene(
                 input_uri,
@@ -345,6 +366,7 @@ def map_scene(
                 vector_uri,
                 predictor,
                 overwrite=True,
+                mask=mask,
             )  # checked above
     check_writable(output_uri)
     tile = max(predictor.tile_size)
@@ -355,6 +377,18 @@ def map_scene(
         # the windows' blocks decoded on as many threads as the network uses
         src = stack.enter_context(storage.open_raster(input_uri, threads=torch.get_num_threads()))
         _check_input(src, predictor, input_uri, model_uri)
+        quality = SceneQuality(src.count, len(values), predictor.normalization.scaler, mask)
+        if mask is not None:
+            share = check_masks(mask, src)
+            if share > params.max_masked_share:
+                reason = (
+                    f"{share:.0%} of the scene is masked (more than "
+                    f"{params.max_masked_share:.0%}): not mapped"
+                )
+                log.warning("%s: %s", input_uri, reason)
+                return MapReport(output_uri, 0, 0, time.perf_counter() - started, skipped=reason)
+            quality.masked_value = masked_value(list(values))
+            quality.reader = stack.enter_context(MaskReader(mask, src))
         window = params.window or choose_window(src.height, src.width, tile, overlap_px)
         # a window larger than the scene maps it in one padded window either way
         window = min(window, max(_to_stride(src.height), _to_stride(src.width)))
@@ -389,6 +423,7 @@ def map_scene(
             model_uri,
             output_uri,
             {"confidence": confidence_uri, "probabilities": probabilities_uri},
+            quality,
         )
     if vector_uri:
         from specdeepmap.vectorize import polygonize
@@ -400,6 +435,10 @@ def map_scene(
             f"{input_uri}: every pixel is nodata (or NaN): the map {output_uri} holds no class",
             stacklevel=2,
         )
+    verdict = quality.verdict(predictor.config)
+    quality_uri = write_quality(_base(output_uri) + QUALITY_SUFFIX, quality.summary(verdict))
+    if verdict.suspect:
+        log.warning("%s: %s", input_uri, verdict.sentence())
     result = MapReport(
         output_uri=output_uri,
         windows=report["windows"],
@@ -409,6 +448,9 @@ def map_scene(
         window=window,
         batch_size=batch_size,
         setup_seconds=setup_seconds,
+        verdict=verdict,
+        quality_uri=quality_uri,
+        masked_share=quality.masked_share,
     )
     if gt_uri is not None:
         metrics = metrics_from_matrix(matrix, [int(v) for v in values])
@@ -516,6 +558,7 @@ def _stream(
     model_uri: str,
     output_uri: str,
     extras: dict[str, str | None],
+    quality: SceneQuality,
 ) -> dict:
     """The streaming loop; writes temporary tiled GeoTIFFs, then the final COGs.
 
@@ -527,7 +570,8 @@ def _stream(
     cache completes the blocks two batches share).
 
     ``extras`` may name a ``confidence`` (top-class probability) and a ``probabilities``
-    (one band per class) output; both are uint8, probability × 255.
+    (one band per class) output; both are uint8, probability × 255. ``quality`` masks the
+    finished pixels and counts what the scene's verdict needs.
     """
     height, width = src.height, src.width
     ys = window_starts(height, window, stride)
@@ -539,6 +583,10 @@ def _stream(
     fill = nodata if nodata is not None else 0
     class_values = [int(v) for v in values]
     classes_schema = predictor.classes
+    legend_values = class_values
+    if quality.mask is not None:  # the masked pixels' value in every legend
+        classes_schema = with_masked(classes_schema, quality.masked_value, quality.mask.label)
+        legend_values = [*class_values, quality.masked_value]
     staging = tempfile.mkdtemp(prefix="specdeepmap-map-")
     matrix = np.zeros((k, k), dtype=np.int64)
     pixels = classified = 0
@@ -569,12 +617,15 @@ def _stream(
         "SPECDEEPMAP_CLASS_VALUES": ",".join(str(v) for v in class_values),
         "SPECDEEPMAP_CLASS_NAMES": json.dumps({v: classes_schema.name(v) for v in class_values}),
         "SPECDEEPMAP_PRECISION": params.precision,
+        "SPECDEEPMAP_MASKED_VALUE": str(quality.masked_value) if quality.mask else "",
     }
     # every forward pass: (window row, its first window's index in xs)
     jobs = [(r, b) for r in range(len(ys)) for b in range(0, len(xs), batch_size)]
 
-    def read_batch(r: int, b: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The batch's windows (N, C, rows, cols) and its span's nodata mask."""
+    def read_batch(r: int, b: int) -> tuple:
+        """The batch's windows (N, C, rows, cols), its span (C, rows, cols), the span's
+        nodata mask and its quality mask (True: masked; None without).
+        """
         x0 = xs[b]
         batch_x = xs[b : b + batch_size]
         span = _read_span(src, ys[r], x0, batch_x[-1] + pad_w, pad_h, fill)
@@ -587,7 +638,7 @@ def _stream(
                 span[:, broken] = 0
                 mask = broken if mask is None else mask | broken
         windows = np.stack([span[:, :, x - x0 : x - x0 + pad_w] for x in batch_x])
-        return windows, mask
+        return windows, span, mask, quality.read_mask(ys[r], x0, batch_x[-1] + pad_w, pad_h)
 
     extras = {name: uri for name, uri in extras.items() if uri}
     bands = {"confidence": 1, "probabilities": k}
@@ -621,7 +672,7 @@ def _stream(
             future = reader.submit(read_batch, *jobs[0])
             for j, (r, b) in enumerate(jobs):
                 y = ys[r]
-                batch, mask = future.result()
+                batch, span, mask, flagged = future.result()
                 if j + 1 < len(jobs):
                     future = reader.submit(read_batch, *jobs[j + 1])
                 batch_x = xs[b : b + batch_size]
@@ -666,6 +717,12 @@ def _stream(
                 classes = values[done[:k, :rows].argmax(axis=0)].astype(dtype)
                 if mask is not None:
                     classes[mask[:rows, : c1 - c0]] = 0
+                masked = quality.finish(
+                    classes,
+                    span[:, :rows, : c1 - c0],
+                    flagged[:rows, : c1 - c0] if flagged is not None else None,
+                    done[:, :rows],
+                )
                 final_window = Window(c0, y, c1 - c0, rows)
                 out.write(classes[None], window=final_window)
                 classified += int(np.count_nonzero(classes))
@@ -677,15 +734,14 @@ def _stream(
                     }
                 for name, dst in extra_out.items():
                     data = np.round(scaled[name] * 255).astype(np.uint8)
-                    data[:, classes == 0] = 0
+                    data[:, (classes == 0) | masked] = 0
                     dst.write(data, window=final_window)
                 if gt is not None:
                     truth = gt.read(1, window=final_window)
-                    accumulate(
-                        matrix, truth.astype(np.int64), classes.astype(np.int64), class_values
-                    )
+                    scored = np.where(masked, 0, classes).astype(np.int64)  # masked: not scored
+                    accumulate(matrix, truth.astype(np.int64), scored, class_values)
             out.update_tags(**tags)
-            out.write_colormap(1, classes_schema.colormap(class_values))
+            out.write_colormap(1, classes_schema.colormap(legend_values))
             for dst in extra_out.values():
                 dst.update_tags(**tags)
             if "probabilities" in extra_out:
@@ -694,8 +750,8 @@ def _stream(
                         band, classes_schema.name(value)
                     )
         # class names beside the map (written first: the map's presence means complete)
-        storage.write_text(output_uri + ".aux.xml", pam_xml(classes_schema, class_values))
-        storage.write_text(_base(output_uri) + ".qml", qml(classes_schema, class_values))
+        storage.write_text(output_uri + ".aux.xml", pam_xml(classes_schema, legend_values))
+        storage.write_text(_base(output_uri) + ".qml", qml(classes_schema, legend_values))
         _finish_cog(class_tmp, output_uri, staging, "mode")
         for name, uri in extras.items():
             _finish_cog(os.path.join(staging, f"{name}.tif"), uri, staging, "average")

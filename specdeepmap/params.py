@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specdeepmap.errors import InvalidParameterError
+from specdeepmap.masks import QualityMask
 
 Architecture = Literal["unet", "unetplusplus", "deeplabv3plus", "segformer"]
 #: SpecDeepMap's names (and spellings users type) for our architecture names
@@ -425,6 +426,27 @@ class MapParams(StepParams):
         description="Average each window over its 8 flips and quarter "
         "turns: smoother maps at 8 times the mapping time.",
     )
+    mask_preset: Literal["s2-scl", "enmap-ql", "binary"] | None = Field(
+        None,
+        description="Which values of a quality mask flag a pixel: s2-scl (Sentinel-2 L2A "
+        "SCL: cloud shadow 3, cloud 8 and 9, cirrus 10, snow 11), enmap-ql (EnMAP "
+        "QL_QUALITY_* layers: 1), binary (1); or give mask_values.",
+    )
+    mask_values: list[int] = Field(
+        default_factory=list,
+        description="Mask values that flag a pixel (instead of a preset's).",
+    )
+    max_masked_share: float = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="A scene whose mask flags more than this share is not mapped (reported "
+        "as skipped).",
+    )
+
+    def quality_mask(self, uris: list[str] | tuple[str, ...]) -> QualityMask | None:
+        """The quality mask of a scene from its mask rasters and these settings."""
+        return QualityMask.build(uris, self.mask_preset, self.mask_values)
 
 
 class BaselineParams(StepParams):

@@ -23,6 +23,7 @@ from specdeepmap import __version__, storage
 from specdeepmap.bands import stack_bands
 from specdeepmap.classes import ClassSchema
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
+from specdeepmap.masks import QualityMask
 
 PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
 COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
@@ -129,6 +130,32 @@ def item_scene(
     return stack_bands(
         item_band_assets(item, band_names, item_uri), vrt_uri, resampling, names=list(band_names)
     )
+
+
+def item_mask(item_uri: str) -> QualityMask | None:
+    """The quality mask a STAC item ships, by asset key or role: ``SCL`` (Sentinel-2 L2A),
+    ``QL_QUALITY_*`` (EnMAP, one asset per kind) or a ``cloud`` asset (0/1). None when it has
+    none.
+    """
+    item = _read_json(item_uri)
+    assets = _assets(item, item_uri)
+
+    def href(key: str) -> str:
+        return _href(item_uri, assets[key].get("href"), f"asset '{key}'")
+
+    def roles(key: str) -> list:
+        return assets[key].get("roles") or []
+
+    for key in assets:
+        if key.upper() == "SCL" or "scl" in roles(key):
+            return QualityMask.build([href(key)], "s2-scl")
+    quality = [href(k) for k in sorted(assets) if k.upper().startswith("QL_QUALITY_")]
+    if quality:
+        return QualityMask.build(quality, "enmap-ql")
+    for key in assets:
+        if key.lower() == "cloud" or "cloud" in roles(key):
+            return QualityMask.build([href(key)], "binary")
+    return None
 
 
 def _acquired(input_uri: str, input_item: dict | None) -> dt.datetime | None:

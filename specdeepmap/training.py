@@ -605,6 +605,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         mlflow.MlflowClient(uri).log_metric(run_id, "best_val_iou_single_pass", best_iou)
     else:
         best_iou = members[0][1].best_score
+    # what the mapper's drift verdict compares each scene's map with
+    config["reference"] = validation_reference(model, val_set, cfg.batch_size)
     # lineage: maps made with this model file name the MLflow run that produced it
     model_file = export_model_file(
         {**config, "run_id": run_id}, model, os.path.join(cfg.out, MODEL_FILE)
@@ -902,6 +904,27 @@ def pooled_iou(model: nn.Module, dataset: ChipDataset, batch_size: int, num_clas
     for x, y in DataLoader(dataset, batch_size=batch_size):
         metric.update(model(x)[:, 1:].argmax(1) + 1, y)
     return float(metric.compute())
+
+
+def validation_reference(model: nn.Module, dataset: ChipDataset, batch_size: int) -> dict:
+    """The model's outputs on its validation chips, as the mapper computes them on a scene
+    (softmax over the real classes): class shares and the share of low-confidence pixels.
+
+    The model file carries them, so that each mapped scene's verdict can say whether its map
+    looks like the model's maps of data it knows (:func:`specdeepmap.drift.output_drift`).
+    """
+    from torch.utils.data import DataLoader
+
+    from specdeepmap.drift import output_reference
+
+    model = model.eval().cpu()
+
+    def batches():
+        with torch.no_grad():
+            for x, _ in DataLoader(dataset, batch_size=batch_size):
+                yield torch.softmax(model(x)[:, 1:].float(), dim=1).numpy()
+
+    return output_reference(batches())
 
 
 def ddp_strategy(devices: int):

@@ -8,6 +8,7 @@ import typer
 
 from specdeepmap.cli.app import app, console, errors_to_exit
 from specdeepmap.cli.options import step_options
+from specdeepmap.errors import InvalidParameterError
 from specdeepmap.params import MapParams
 
 
@@ -42,13 +43,38 @@ def map_cmd(
             "replaced; earlier maps are replaced anyway)."
         ),
     ] = False,
+    mask: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Quality mask raster (repeat for several, e.g. EnMAP's QL_QUALITY_* layers): "
+            "its flagged pixels (--mask-preset or --mask-values) are left unclassified, with "
+            "their own map value."
+        ),
+    ] = None,
+    fail_on_suspect: Annotated[
+        bool,
+        typer.Option(
+            help="Exit with status 3 when the scene's verdict is suspect (the map is written "
+            "anyway)."
+        ),
+    ] = False,
 ) -> None:
-    """Deep Learning Mapper: whole-scene prediction to a Cloud Optimized GeoTIFF."""
+    """Deep Learning Mapper: whole-scene prediction to a Cloud Optimized GeoTIFF.
+
+    Every map gets a verdict: does the scene (and its map) look like the model's training
+    data? It is printed and written to MAP_quality.json beside the map.
+    """
     import os
 
     from specdeepmap.mapping import map_scene, map_scenes
 
+    quality_mask = params.quality_mask(mask or [])
     if image.endswith("/") or os.path.isdir(image):
+        if quality_mask is not None:
+            raise InvalidParameterError(
+                "--mask belongs to one scene: map a folder's scenes one by one, or give "
+                "STAC items with their mask assets"
+            )
         reports = map_scenes(image, model, output, params)
         console.print(f"{len(reports)} new scene(s) mapped into {output}")
         return
@@ -63,7 +89,22 @@ def map_cmd(
         probabilities_uri=probabilities,
         vector_uri=vector,
         overwrite=overwrite,
+        mask=quality_mask,
     )
+    if report.skipped:
+        console.print(f"skipped {image}: {report.skipped}")
+        return
     console.print(f"{report.windows} windows in {report.seconds:.1f} s → {output}")
     if report.mean_iou is not None:
         console.print(f"mean IoU {report.mean_iou:.4f}")
+    if quality_mask is not None:
+        console.print(f"masked: {report.masked_share:.1%} of the pixels with data")
+    verdict = report.verdict
+    style = "bold yellow" if verdict.suspect else "green"
+    console.print(
+        f"[{style}]verdict {verdict.sentence()}[/] ({report.quality_uri})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if verdict.suspect and fail_on_suspect:
+        raise typer.Exit(code=3)

@@ -51,11 +51,14 @@ def option_parameter(name: str, field: FieldInfo) -> inspect.Parameter:
     kind = _option_type(field.annotation)
     if kind is bool or kind == (bool | None):  # --flag/--no-flag, as typer writes it
         names = [f"{names[0]}/--no-{name.replace('_', '-')}", *names[1:]]
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, list):  # a repeatable option; not given: the model's default
+        kind, default = kind | None, None
     option = typer.Option(*names, help=field.description, **_bounds(field))
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
-        default=field.default,
+        default=default,
         annotation=Annotated[kind, option],
     )
 
@@ -84,7 +87,9 @@ def step_options(
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
-            values = {name: kwargs.pop(name) for name in fields}
+            given = {name: kwargs.pop(name) for name in fields}
+            # an option left out stands for the field's default (a repeatable one is None)
+            values = {name: value for name, value in given.items() if value is not None}
             return command(**kwargs, **{argument: model(**values)})
 
         parameters = (

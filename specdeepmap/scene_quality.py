@@ -1,0 +1,109 @@
+"""What the mapper does for trust while it streams a scene: it applies the quality mask to the
+finished classes and counts what the drift verdict needs (:mod:`specdeepmap.drift`).
+
+One :class:`SceneQuality` per mapped scene: :meth:`SceneQuality.read_mask` runs in the
+reader thread beside the scene's own read, :meth:`SceneQuality.finish` on each block of
+finished pixels, :meth:`SceneQuality.verdict` at the end.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from specdeepmap import storage
+from specdeepmap.drift import OutputStatistics, SceneStatistics, Verdict, judge
+from specdeepmap.masks import MaskReader, QualityMask
+
+#: the quality JSON beside a map: ``MAP_quality.json`` for ``MAP.tif``
+QUALITY_SUFFIX = "_quality.json"
+
+
+@dataclass
+class SceneQuality:
+    """Mask, counts and statistics of one scene being mapped."""
+
+    bands: int
+    classes: int
+    scaler: float | None = None
+    mask: QualityMask | None = None
+    masked_value: int = 0
+    reader: MaskReader | None = None
+    masked: int = 0  #: pixels with data that the mask flagged
+    data: int = 0  #: pixels with data (not nodata), masked or not
+    scene: SceneStatistics = field(init=False)
+    output: OutputStatistics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scene = SceneStatistics(self.bands, self.scaler)
+        self.output = OutputStatistics(self.classes)
+
+    def read_mask(self, y: int, x0: int, x1: int, rows: int) -> np.ndarray | None:
+        """The mask of a span of the scene (True: masked), or None without a mask."""
+        return self.reader.read(y, x0, x1, rows) if self.reader is not None else None
+
+    def finish(
+        self,
+        classes: np.ndarray,
+        span: np.ndarray,
+        flagged: np.ndarray | None,
+        scores: np.ndarray,
+    ) -> np.ndarray:
+        """Mask and count a block of finished pixels; returns the masked pixels (bool).
+
+        Args:
+            classes: the block's class values, 0 where nodata; masked pixels get
+                ``masked_value`` here.
+            span: the block's input pixels (bands, rows, cols).
+            flagged: the block's mask (True: masked), or None.
+            scores: the blended class scores (K + 1, rows, cols), the last channel the
+                blending weight sum.
+        """
+        data = classes != 0
+        masked = flagged & data if flagged is not None else np.zeros_like(data)
+        classes[masked] = self.masked_value
+        valid = data & ~masked
+        self.data += int(np.count_nonzero(data))
+        self.masked += int(np.count_nonzero(masked))
+        self.scene.add(span, valid)
+        # the output statistics on every second pixel both ways (a quarter of the cost)
+        sample = scores[:, ::2, ::2]
+        k = sample.shape[0] - 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            confidence = sample[:k].max(axis=0) / sample[k]
+        self.output.add(sample[:k].argmax(axis=0), confidence, valid[::2, ::2])
+        return masked
+
+    @property
+    def masked_share(self) -> float:
+        """Share of the pixels with data that the mask flagged."""
+        return self.masked / max(1, self.data)
+
+    def verdict(self, config: dict) -> Verdict:
+        """The scene's verdict against the model's config."""
+        return judge(self.scene, self.output, config, self.masked_share)
+
+    def summary(self, verdict: Verdict) -> dict:
+        """The quality JSON's content: verdict, reasons, scores, shares and the mask."""
+        shares = self.output.shares
+        return {
+            "verdict": verdict.status,
+            "reasons": verdict.reasons,
+            "scores": verdict.scores,
+            "thresholds": verdict.to_dict()["thresholds"],
+            "masked_share": round(self.masked_share, 6),
+            "masked_value": self.masked_value if self.mask else None,
+            "mask": {"uris": list(self.mask.uris), "values": list(self.mask.values)}
+            if self.mask
+            else None,
+            "class_shares": [round(float(s), 6) for s in shares],
+            "mean_confidence": round(self.output.mean_confidence, 4),
+        }
+
+
+def write_quality(uri: str, summary: dict) -> str:
+    """Write the quality JSON atomically; returns its URI."""
+    storage.write_text(uri, json.dumps(summary, indent=2))
+    return uri

@@ -1,0 +1,260 @@
+"""Quality masks and the per-scene drift verdict: real Sentinel-2 halves and shifted copies,
+a generated SCL raster, the mapper and the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine
+from typer.testing import CliRunner
+
+from specdeepmap.cli import app
+from specdeepmap.drift import (
+    THRESHOLDS,
+    OutputStatistics,
+    SceneStatistics,
+    js_divergence,
+    judge,
+)
+from specdeepmap.errors import InputMismatchError, InvalidParameterError
+from specdeepmap.mapping import map_scene
+from specdeepmap.masks import QualityMask
+from specdeepmap.params import MapParams
+
+runner = CliRunner()
+S2 = "s2l1c_brandenburg_osm/s2l1c_T33UUU_20170216_13b_10m.tif"
+
+
+@pytest.fixture(scope="module")
+def s2_halves(shared_data):
+    """The shared Sentinel-2 scene's west half as training statistics, its east half raw."""
+    with rasterio.open(shared_data / S2) as src:
+        pixels = src.read().astype(np.float64)
+    width = pixels.shape[2]
+    west = pixels[:, :, : width // 2].reshape(13, -1) / 10000
+    config = {"normalization": {"mean": west.mean(1).tolist(), "std": west.std(1).tolist()}}
+    return config, pixels[:, :, width // 2 :]
+
+
+def _verdict(config: dict, scene: np.ndarray):
+    stats = SceneStatistics(scene.shape[0], 10000)
+    stats.add(scene, None)
+    return judge(stats, OutputStatistics(2), config)
+
+
+def test_the_other_half_of_a_real_scene_is_ok(s2_halves):
+    config, east = s2_halves
+    verdict = _verdict(config, east)
+    assert verdict.status == "ok" and verdict.reasons == []
+    assert verdict.scores["median_band_shift"] < THRESHOLDS["median_band_shift"] / 2
+    assert 0.9 < verdict.scores["gain"] < 1.2 and abs(verdict.scores["offset"]) < 0.1
+
+
+def test_an_offset_a_gain_and_unscaled_reflectance_are_suspect(s2_halves):
+    config, east = s2_halves
+    offset = _verdict(config, east + 1000)
+    assert offset.suspect and "bands 1–13 are shifted by +1" in offset.reasons[0]
+    assert offset.scores["gain"] == pytest.approx(_verdict(config, east).scores["gain"])
+    doubled = _verdict(config, east * 2)
+    assert doubled.suspect and "scaled by 2.1" in doubled.reasons[0]
+    reflectance = _verdict(config, east / 10000)  # 0-1 where the model expects × 10 000
+    assert reflectance.suspect and "scaled by 0.0001" in reflectance.reasons[0]
+
+
+def test_js_divergence_bounds_and_output_drift():
+    assert js_divergence([1, 0], [1, 0]) == 0
+    assert js_divergence([1, 0], [0, 1]) == pytest.approx(1.0)
+    assert js_divergence([0.5, 0.5], [1, 0]) == pytest.approx(0.311, abs=1e-3)
+    config = {"reference": {"class_shares": [0.5, 0.3, 0.2], "low_confidence_share": 0.1}}
+    same = OutputStatistics(3)
+    index = np.repeat([0, 1, 2], [50, 30, 20]).reshape(10, 10)
+    same.add(index, np.full((10, 10), 0.9), np.ones((10, 10), bool))
+    assert judge(SceneStatistics(1), same, config).status == "ok"
+    drifted = OutputStatistics(3)
+    drifted.add(np.full((10, 10), 2), np.full((10, 10), 0.4), np.ones((10, 10), bool))
+    verdict = judge(SceneStatistics(1), drifted, config)
+    assert verdict.suspect and len(verdict.reasons) == 2
+    assert "100% of pixels below 0.5 confidence; 10% on the validation chips" in verdict.reasons
+
+
+def _scl(dataset, tmp_path, values: dict, crs="EPSG:32633", shift=0.0, name="scl") -> str:
+    """An SCL-like uint8 raster at twice the scene's pixel size over its extent; ``values``:
+    value → (row slice, col slice) in SCL pixels.
+    """
+    with rasterio.open(dataset / "scene" / "demo_s2.tif") as src:
+        t, height, width = src.transform, src.height, src.width
+    scl = np.full((height // 2, width // 2), 4, np.uint8)  # 4: vegetation
+    for value, (rows, cols) in values.items():
+        scl[rows, cols] = value
+    transform = Affine(t.a * 2, 0, t.c + shift, 0, t.e * 2, t.f)
+    path = tmp_path / f"{name}.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=width // 2,
+        height=height // 2,
+        count=1,
+        dtype="uint8",
+        crs=crs,
+        transform=transform,
+    ) as dst:
+        dst.write(scl, 1)
+    return str(path)
+
+
+def test_masked_pixels_get_their_own_value_name_and_colour(trained, dataset, tmp_path):
+    _, result = trained
+    scene = str(dataset / "scene" / "demo_s2.tif")
+    mask_uri = _scl(
+        dataset, tmp_path, {9: (slice(0, 48), slice(0, 96)), 3: (slice(150, 160), slice(0, 10))}
+    )
+    out = tmp_path / "map.tif"
+    report = map_scene(
+        scene,
+        result.model_file,
+        str(out),
+        MapParams(device="cpu", mask_preset="s2-scl"),
+        mask=MapParams(mask_preset="s2-scl").quality_mask([mask_uri]),
+    )
+    with rasterio.open(out) as dst:
+        classes = dst.read(1)
+        colormap = dst.colormap(1)
+    assert np.all(classes[:96, :192] == 255)  # the cloud, resampled nearest to 10 m
+    assert np.all(classes[300:320, :20] == 255)  # the shadow
+    assert not np.any(classes[100:290] == 255)
+    assert colormap[255][:3] == (200, 200, 200)
+    names = (tmp_path / "map.tif.aux.xml").read_text()
+    assert "masked: cloud / shadow / cirrus / snow" in names
+    assert "masked: cloud" in (tmp_path / "map.qml").read_text()
+    assert np.count_nonzero(classes == 255) == 96 * 192 + 20 * 20
+    expected = (96 * 192 + 20 * 20) / np.count_nonzero(classes)  # of the pixels with data
+    assert report.masked_share == pytest.approx(expected, rel=1e-6)
+    quality = json.loads((tmp_path / "map_quality.json").read_text())
+    assert quality["masked_value"] == 255
+    assert quality["masked_share"] == pytest.approx(expected, abs=1e-6)
+    assert quality["verdict"] == report.verdict.status
+
+
+def test_the_trained_model_carries_its_reference_and_its_own_scene_is_ok(
+    trained, dataset, tmp_path
+):
+    import torch
+
+    _, result = trained
+    config = torch.load(result.model_file, weights_only=True)["config"]
+    reference = config["reference"]
+    assert sum(reference["class_shares"]) == pytest.approx(1.0, abs=1e-4)
+    assert len(reference["class_shares"]) == len(config["class_values"])
+    done = runner.invoke(
+        app,
+        [
+            "map",
+            str(dataset / "scene" / "demo_s2.tif"),
+            result.model_file,
+            str(tmp_path / "m.tif"),
+            "--device",
+            "cpu",
+            "--fail-on-suspect",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "verdict ok" in done.output
+
+
+def test_a_shifted_scene_is_suspect_on_the_command_line(trained, dataset, tmp_path):
+    _, result = trained
+    with rasterio.open(dataset / "scene" / "demo_s2.tif") as src:
+        profile, pixels = src.profile, src.read()
+    shifted = tmp_path / "shifted.tif"
+    with rasterio.open(shifted, "w", **profile) as dst:
+        dst.write(np.clip(pixels.astype(np.int64) + 1000, 0, 65535).astype(pixels.dtype))
+    args = ["map", str(shifted), result.model_file, str(tmp_path / "s.tif"), "--device", "cpu"]
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0 and "verdict suspect" in done.output, done.output
+    assert "shifted by +" in done.output
+    again = runner.invoke(app, [*args, "--fail-on-suspect"])
+    assert again.exit_code == 3
+    quality = json.loads((tmp_path / "s_quality.json").read_text())
+    assert quality["verdict"] == "suspect" and quality["reasons"]
+
+
+def test_bad_masks_are_refused_before_any_work(trained, dataset, tmp_path):
+    _, result = trained
+    scene = str(dataset / "scene" / "demo_s2.tif")
+    cases = [
+        (
+            _scl(dataset, tmp_path, {}, crs="EPSG:32632", name="utm32"),
+            "s2-scl",
+            InputMismatchError,
+            "CRS",
+        ),
+        (
+            _scl(dataset, tmp_path, {}, shift=500.0, name="shifted"),
+            "s2-scl",
+            InputMismatchError,
+            "does not hold the scene's extent",
+        ),
+    ]
+    for mask_uri, preset, error, message in cases:
+        with pytest.raises(error, match=message):
+            map_scene(
+                scene,
+                result.model_file,
+                str(tmp_path / "x.tif"),
+                MapParams(device="cpu"),
+                mask=QualityMask.build([mask_uri], preset),
+            )
+    mask_uri = _scl(dataset, tmp_path, {})
+    with pytest.raises(InvalidParameterError, match="never holds the value.s. 300"):
+        map_scene(
+            scene,
+            result.model_file,
+            str(tmp_path / "x.tif"),
+            MapParams(device="cpu"),
+            mask=QualityMask.build([mask_uri], values=[300]),
+        )
+    with pytest.raises(InvalidParameterError, match="say which values flag a pixel"):
+        QualityMask.build([mask_uri])
+    done = runner.invoke(
+        app,
+        [
+            "map",
+            scene,
+            result.model_file,
+            str(tmp_path / "x.tif"),
+            "--mask",
+            mask_uri,
+            "--mask-preset",
+            "landsat",
+        ],
+    )
+    assert done.exit_code == 2 and "landsat" in done.output
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_an_almost_all_masked_scene_is_skipped(trained, dataset, tmp_path):
+    _, result = trained
+    mask_uri = _scl(dataset, tmp_path, {9: (slice(0, 192), slice(0, 192))})
+    done = runner.invoke(
+        app,
+        [
+            "map",
+            str(dataset / "scene" / "demo_s2.tif"),
+            result.model_file,
+            str(tmp_path / "cloudy.tif"),
+            "--device",
+            "cpu",
+            "--mask",
+            mask_uri,
+            "--mask-preset",
+            "s2-scl",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "100% of the scene is masked" in done.output
+    assert not list(tmp_path.glob("cloudy*"))
