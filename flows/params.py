@@ -97,6 +97,17 @@ class MapFlowParams(BaseModel):
         "or every item of a STAC catalog/collection JSON.",
     )
     map: MapParams = Field(MapParams(), description="Deep Learning Mapper settings.")
+    masks: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Quality mask rasters per scene URI (their flagged values: map.mask_preset "
+        "or map.mask_values); a STAC item's own mask asset is used without naming it.",
+    )
+    quarantine: bool = Field(
+        True,
+        description="Keep a suspect map (its scene does not look like the model's training "
+        "data) under quarantine/, out of the published catalog, and emit the event "
+        "specdeepmap.map.suspect.",
+    )
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="Threads on this worker, or a Dask cluster."
     )
@@ -127,3 +138,9 @@ class ScheduledMappingParams(BaseModel):
         "scene + model version); off: a scene is mapped once.",
     )
     map: MapParams = Field(MapParams(), description="Deep Learning Mapper settings.")
+    mask_suffix: str | None = Field(
+        None,
+        description="A scene's quality mask lies beside it as SCENE + this suffix (e.g. "
+        "_SCL.tif: scene.tif and scene_SCL.tif); its flagged values: map.mask_preset or "
+        "map.mask_values. STAC items bring their own mask assets.",
+    )

@@ -18,8 +18,10 @@ from pydantic import Field
 from flows.params import MapFlowParams, ScenePair, ScheduledMappingParams, TrainingPipelineParams
 from specdeepmap import registry, storage
 from specdeepmap.bands import stack_scene
-from specdeepmap.mapping import output_uri_for, scenes_under, unmapped_scenes
+from specdeepmap.mapping import output_uri_for, scenes_under
+from specdeepmap.model_card import escape_md
 from specdeepmap.params import ChipParams, SplitParams, TrainParams
+from specdeepmap.publishing import release, unmapped_scenes
 from specdeepmap.stac import is_catalog, update_catalog
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
@@ -30,6 +32,7 @@ from tasks import (
     evaluate_task,
     map_scene_task,
     model_card_task,
+    monitor_task,
     promote_task,
     split_task,
     train_task,
@@ -300,7 +303,14 @@ def _map_scenes(
     scenes: list[str], model_uri: str, output_uri: str, params: MapFlowParams
 ) -> list[dict]:
     futures = [
-        map_scene_task.submit(s, model_uri, output_uri_for(s, output_uri), params.map)
+        map_scene_task.submit(
+            s,
+            model_uri,
+            output_uri_for(s, output_uri),
+            params.map,
+            params.masks.get(s),
+            params.quarantine,
+        )
         for s in scenes
     ]
     return [f.result() for f in futures]
@@ -309,7 +319,10 @@ def _map_scenes(
 @flow(name="map")
 def map_flow(params: MapFlowParams) -> list[dict]:
     """Map scenes in parallel (threads or Dask): a list of rasters, VRTs, STAC items or
-    catalogs, or every scene under a prefix (or in a STAC catalog).
+    catalogs, or every scene under a prefix (or in a STAC catalog). Each map gets a verdict;
+    a suspect one is quarantined (see :class:`MapFlowParams`). The figures of every scene go
+    to the model version's MLflow monitoring run, and the published maps into the output's
+    STAC catalog.
     """
     params = MapFlowParams.model_validate(params.model_dump())
     scenes = [
@@ -331,8 +344,37 @@ def map_flow(params: MapFlowParams) -> list[dict]:
     results = _map_scenes.with_options(task_runner=runner)(
         scenes, model_uri, params.output_uri, params
     )
+    monitor_task(model_uri, results)
     update_catalog(params.output_uri)  # one writer, after every scene's item exists
     return results
+
+
+@flow(name="release-map")
+def release_flow(map_uri: str, reviewer: str, reason: str) -> str:
+    """Publish a quarantined map after review: it leaves ``quarantine/``, its STAC item
+    records who released it and why, and the catalog lists it.
+    """
+    published = release(map_uri, reviewer, reason)
+    get_run_logger().info("%s released by %s: %s", published, reviewer, reason)
+    return published
+
+
+@flow(name="suspect-map")
+def suspect_map_flow(map_uri: str, scene: str, model: str, reasons: str) -> dict:
+    """React to a suspect map: the automation of ``prefect.yaml`` runs this on each event
+    ``specdeepmap.map.suspect``. It asks for a review: an artifact with the reasons, the map's
+    place in quarantine and the command that publishes it once checked.
+    """
+    create_markdown_artifact(
+        key="suspect-map",
+        description=f"Review the quarantined map of {storage.basename(scene)}",
+        markdown=f"## Suspect map: {storage.basename(map_uri)}\n\n"
+        f"- **scene**: {scene}\n- **model**: {model}\n- **map (quarantined)**: {map_uri}\n"
+        f"- **why**: {escape_md(reasons)}\n\nAfter checking it, publish it with "
+        f"`specdeepmap release {map_uri} --reason '…'` or the `release-map` flow.",
+    )
+    get_run_logger().warning("Suspect map %s of %s: %s", map_uri, scene, reasons)
+    return {"map": map_uri, "scene": scene, "model": model, "reasons": reasons}
 
 
 @flow(name="scheduled-mapping")
@@ -349,6 +391,13 @@ def scheduled_mapping(params: ScheduledMappingParams) -> list[dict]:
     # nothing when there are none, even before the first champion exists)
     model_uri = registry.resolve(alias_uri) if params.redo_with_new_model else None
     scenes = unmapped_scenes(params.input_prefix, params.output_prefix, model_uri=model_uri)
+    masks: dict[str, list[str]] = {}
+    if params.mask_suffix:  # a scene's mask beside it is no scene itself
+        scenes = [s for s in scenes if not s.endswith(params.mask_suffix)]
+        for scene in scenes:
+            mask = storage.join(storage.parent(scene), storage.stem(scene) + params.mask_suffix)
+            if storage.exists(mask):
+                masks[scene] = [mask]
     if not scenes:
         logger.info("No new scenes under %s", params.input_prefix)
         return []
@@ -356,6 +405,10 @@ def scheduled_mapping(params: ScheduledMappingParams) -> list[dict]:
     logger.info("Mapping %d new scene(s) with %s", len(scenes), model_uri)
     return map_flow(
         MapFlowParams(
-            model_uri=model_uri, output_uri=params.output_prefix, scenes=scenes, map=params.map
+            model_uri=model_uri,
+            output_uri=params.output_prefix,
+            scenes=scenes,
+            map=params.map,
+            masks=masks,
         )
     )

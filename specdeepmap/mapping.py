@@ -817,23 +817,6 @@ def scenes_under(prefix: str) -> list[str]:
     return scenes
 
 
-def unmapped_scenes(
-    input_prefix: str, out_folder: str, suffix: str = "_classes.tif", model_uri: str | None = None
-) -> list[str]:
-    """Scenes (GeoTIFFs, VRTs and STAC items under ``input_prefix``) not mapped yet: their
-    metrics JSON (written last, see :func:`map_scene_products`) does not exist, or, with
-    ``model_uri`` (``models:/NAME/VERSION``), was written for another model.
-    """
-    todo = []
-    for uri in scenes_under(input_prefix):
-        metrics = _base(output_uri_for(uri, out_folder, suffix)) + "_metrics.json"
-        if not storage.exists(metrics):
-            todo.append(uri)
-        elif model_uri and json.loads(storage.read_text(metrics)).get("model") != model_uri:
-            todo.append(uri)
-    return todo
-
-
 def quicklook(
     class_uri: str, png_uri: str, max_size: int = 1024, classes: ClassSchema | None = None
 ) -> str:
@@ -891,60 +874,6 @@ def class_areas(class_uri: str) -> dict[int, float]:
             for v, c in zip(values.tolist(), n.tolist(), strict=True):
                 counts[v] = counts.get(v, 0) + c
     return {v: c * pixel_area for v, c in sorted(counts.items()) if v != 0}
-
-
-def map_scene_products(
-    input_uri: str,
-    model_uri: str,
-    output_uri: str,
-    params: MapParams = MapParams(),
-    predictor: Predictor | None = None,
-) -> dict:
-    """Map a scene and write, beside the class COG, ``*_quicklook.png``, the map's STAC item
-    ``*_classes.json`` and ``*_metrics.json``.
-
-    ``input_uri`` may be a raster, a VRT or a STAC item (its assets for the model's bands are
-    stacked as a VRT, by band name). The metrics JSON is written last, so a scene whose
-    metrics exist is complete. Returns the output URIs and the headline numbers.
-    """
-    from specdeepmap.stac import is_item, write_map_item
-
-    predictor = predictor or load_model(model_uri, params.device)
-    base = _base(output_uri)
-    report = map_scene(input_uri, model_uri, output_uri, params, predictor=predictor)
-    png = quicklook(output_uri, base + "_quicklook.png", classes=predictor.classes)
-    areas = class_areas(output_uri)
-    metrics_uri = base + "_metrics.json"
-    item = write_map_item(
-        output_uri,
-        input_uri,
-        model_uri,
-        predictor.classes,
-        predictor.class_values,
-        {"quicklook": png, "metrics": metrics_uri, "style": base + ".qml"},
-        input_item_uri=input_uri if is_item(input_uri) else None,
-    )
-    metrics = {
-        "input": input_uri,
-        "model": model_uri,
-        "output": output_uri,
-        "quicklook": png,
-        "stac_item": item,
-        "windows": report.windows,
-        "seconds": round(report.seconds, 3),
-        "pixels_processed": report.pixels_processed,
-        "class_area": {str(k): v for k, v in areas.items()},
-        "class_names": {str(k): predictor.classes.name(k) for k in areas},
-        "software": f"specdeepmap {__version__}",
-    }
-    storage.write_text(metrics_uri, json.dumps(metrics, indent=2))
-    return {
-        "classes": output_uri,
-        "quicklook": png,
-        "metrics": metrics_uri,
-        "stac_item": item,
-        "seconds": round(report.seconds, 2),
-    }
 
 
 def map_scenes(

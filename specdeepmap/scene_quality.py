@@ -95,7 +95,11 @@ class SceneQuality:
             "thresholds": verdict.to_dict()["thresholds"],
             "masked_share": round(self.masked_share, 6),
             "masked_value": self.masked_value if self.mask else None,
-            "mask": {"uris": list(self.mask.uris), "values": list(self.mask.values)}
+            "mask": {
+                "uris": list(self.mask.uris),
+                "values": list(self.mask.values),
+                "label": self.mask.label,
+            }
             if self.mask
             else None,
             "class_shares": [round(float(s), 6) for s in shares],

@@ -178,8 +178,11 @@ def write_map_item(
     class_values: list[int],
     extra_assets: dict[str, str] | None = None,
     input_item_uri: str | None = None,
+    properties: dict | None = None,
 ) -> str:
     """Write ``<map>.json``, the STAC item of a class map; returns its URI.
+
+    ``properties`` are added to the item's (e.g. ``specdeepmap:quality``, the verdict).
 
     ``datetime`` is the scene's acquisition time (from the input item, or a
     ``YYYYMMDDThhmmss`` stamp in the input's name); without one the item gives the time the
@@ -225,7 +228,7 @@ def write_map_item(
         "processing:lineage": f"semantic segmentation of {input_uri} with {model_uri} "
         "(overlapping windows, blended probabilities)",
         "specdeepmap:model": model_uri,
-    }
+    } | (properties or {})
     projection = ProjectionExtension.ext(item, add_if_missing=True)
     projection.code = crs.to_string() if crs else None
     projection.shape, projection.transform = shape, transform
@@ -250,11 +253,15 @@ def write_map_item(
         RasterBand.create(nodata=0, data_type=DataType(dtype), spatial_resolution=resolution)
     ]
     kinds = {
+        "confidence": (COG_TYPE, ["data", "quality"]),
+        "quality": ("application/json", ["metadata", "quality"]),
         "quicklook": ("image/png", ["overview", "visual"]),
         "metrics": ("application/json", ["metadata"]),
         "style": ("text/xml", ["style", "metadata"]),
     }
     for key, uri in (extra_assets or {}).items():
+        if uri is None:
+            continue
         media_type, roles = kinds.get(key, (None, ["metadata"]))
         item.add_asset(
             key, pystac.Asset(href=storage.basename(uri), media_type=media_type, roles=roles)

@@ -471,6 +471,21 @@ def remove(uri: str) -> None:
         fs.rm_file(path)
 
 
+def move(source: str, target: str) -> None:
+    """Move a file within one store (a rename locally; a copy, then a delete, on S3).
+
+    The target's folder is created; an existing target is replaced.
+    """
+    fs, path = filesystem(source)
+    _, target_path = filesystem(target)
+    if not is_s3(target):
+        os.makedirs(os.path.dirname(target_path) or ".", exist_ok=True)
+        os.replace(path, target_path)
+        return
+    fs.copy(path, target_path)
+    fs.rm_file(path)
+
+
 def download(uri: str, local_file: str) -> str:
     """Copy a URI to a local file (atomically) and return the local path."""
     os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)

@@ -6,6 +6,7 @@ import json
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
 from prefect.tasks import exponential_backoff
 
 from specdeepmap import registry, storage
@@ -14,11 +15,15 @@ from specdeepmap.chipping import ChipReport, chip_scene
 from specdeepmap.comparison import Difference
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.leakage import Leakage
-from specdeepmap.mapping import map_scene_products
 from specdeepmap.model_card import escape_md, publish_model_card
+from specdeepmap.monitoring import log_scenes
 from specdeepmap.params import ChipParams, MapParams, SplitParams
+from specdeepmap.publishing import map_scene_products
 from specdeepmap.splitting import SplitReport, check_split_before_chipping, make_dataset
 from specdeepmap.training import TrainConfig, TrainResult, train
+
+#: the event a suspect map emits (automations react to it: see prefect.yaml)
+SUSPECT_EVENT = "specdeepmap.map.suspect"
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -331,15 +336,62 @@ def model_card_task(
 
 
 @task(name="map scene", **RETRIES)
-def map_scene_task(input_uri: str, model_uri: str, output_uri: str, params: MapParams) -> dict:
-    """Deep Learning Mapper on one scene: class COG, metrics JSON and quicklook PNG."""
-    products = map_scene_products(input_uri, model_uri, output_uri, params)
+def map_scene_task(
+    input_uri: str,
+    model_uri: str,
+    output_uri: str,
+    params: MapParams,
+    mask_uris: list[str] | None = None,
+    quarantine: bool = True,
+) -> dict:
+    """Deep Learning Mapper on one scene, with its verdict; a suspect map goes to quarantine
+    (with ``quarantine``) and is announced as the Prefect event ``specdeepmap.map.suspect``.
+    """
+    products = map_scene_products(
+        input_uri,
+        model_uri,
+        output_uri,
+        params,
+        mask=params.quality_mask(mask_uris or []),
+        quarantine=quarantine,
+    )
+    if products.get("skipped"):
+        get_run_logger().warning("%s not mapped: %s", input_uri, products["skipped"])
+    elif products["verdict"] == "suspect":
+        get_run_logger().warning("%s: suspect map (%s)", input_uri, "; ".join(products["reasons"]))
+        emit_event(
+            event=SUSPECT_EVENT,
+            resource={
+                "prefect.resource.id": f"specdeepmap.map.{products['classes']}",
+                "prefect.resource.name": storage.basename(products["classes"]),
+            },
+            payload={
+                "scene": input_uri,
+                "model": model_uri,
+                "map": products["classes"],
+                "quarantined": products["quarantined"],
+                "reasons": products["reasons"],
+                "scores": products["scores"],
+            },
+        )
+    rows = [(k, v) for k, v in products.items() if k not in ("scores", "class_shares")]
     create_markdown_artifact(
         key="map",
         description=f"Map of {input_uri}",
-        markdown=_table([(k, v) for k, v in products.items()], ("output", "value")),
+        markdown=_table([(k, escape_md(str(v))) for k, v in rows], ("output", "value")),
     )
     return products
+
+
+@task(name="log scenes to MLflow", **RETRIES)
+def monitor_task(model_uri: str, products: list[dict]) -> str | None:
+    """One step per mapped scene in the model version's MLflow monitoring run."""
+    if not model_uri.startswith("models:/") or not products:
+        return None  # a model file has no registry version to monitor
+    from specdeepmap.inference import load_model
+
+    class_values = load_model(model_uri, "cpu").class_values
+    return log_scenes(model_uri, products, class_values)
 
 
 __all__ = [
@@ -352,4 +404,5 @@ __all__ = [
     "promote_task",
     "model_card_task",
     "map_scene_task",
+    "monitor_task",
 ]

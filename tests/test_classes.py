@@ -13,8 +13,8 @@ from specdeepmap.chipping import chip_scene
 from specdeepmap.classes import ClassInfo, ClassSchema, qml, read_classes_file, read_label_classes
 from specdeepmap.errors import InputMismatchError, InvalidLabelError
 from specdeepmap.evaluation import evaluate_model
-from specdeepmap.mapping import map_scene_products
 from specdeepmap.params import ChipParams, EvaluateParams
+from specdeepmap.publishing import map_scene_products
 from specdeepmap.sample_data import CLASS_SIGNATURES, generate_scene
 from tests.conftest import gdal_category_names, write_raster
 

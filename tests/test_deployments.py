@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import rasterio
 
 from specdeepmap import storage
 from tests.conftest import REPO, _free_port
@@ -367,6 +368,37 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
     assert run["state"]["type"] == "COMPLETED", run["state"]
     assert run["parameters"]["params"]["scenes"] == ["s3://platform/arrivals/announced.tif"]
     assert storage.exists("s3://platform/maps/announced_classes.tif")
+
+    # a scene whose numbers changed (+1000 on every band): mapped, but quarantined, kept out of
+    # the catalog, announced by the event specdeepmap.map.suspect, whose automation asks for a
+    # review; the verdict of every scene is charted in the version's monitoring run
+    shifted = tmp_path / "shifted.tif"
+    with rasterio.open(scene.image_uri) as src:
+        profile, pixels = src.profile, src.read()
+    with rasterio.open(shifted, "w", **profile) as dst:
+        dst.write(np.clip(pixels.astype(np.int64) + 1000, 0, 65535).astype(pixels.dtype))
+    storage.upload(str(shifted), "s3://platform/arrivals/shifted.tif")
+    _emit(
+        platform["api"],
+        "specdeepmap.scene.arrived",
+        "specdeepmap.scene.shifted",
+        {"scene_uri": "s3://platform/arrivals/shifted.tif"},
+    )
+    review = _wait_deployment_run(platform["api"], "suspect-map/suspect-map-review")
+    assert review["state"]["type"] == "COMPLETED", review["state"]
+    held = "s3://platform/maps/quarantine/shifted_classes.tif"
+    assert review["parameters"]["map_uri"] == held
+    assert "shifted by +" in review["parameters"]["reasons"]
+    assert storage.exists(held) and not storage.exists("s3://platform/maps/shifted_classes.tif")
+    item = json.loads(storage.read_text("s3://platform/maps/quarantine/shifted_classes.json"))
+    assert item["properties"]["specdeepmap:quality"]["verdict"] == "suspect"
+    assert "shifted_classes" not in storage.read_text("s3://platform/maps/catalog.json")
+    monitoring = client.search_runs(
+        [client.get_experiment_by_name("specdeepmap-monitoring").experiment_id],
+        filter_string="tags.`specdeepmap.model` = 'models:/specdeepmap-segmentation/1'",
+    )
+    suspect = client.get_metric_history(monitoring[0].info.run_id, "suspect")
+    assert sorted(m.value for m in suspect) == [0.0, 0.0, 1.0]  # new_scene, announced, shifted
 
 
 def test_bad_parameters_are_rejected_by_the_api(platform):

@@ -258,3 +258,47 @@ def test_an_almost_all_masked_scene_is_skipped(trained, dataset, tmp_path):
     assert done.exit_code == 0, done.output
     assert "100% of the scene is masked" in done.output
     assert not list(tmp_path.glob("cloudy*"))
+
+
+def test_each_mapped_scene_is_a_step_of_the_versions_monitoring_run(trained, monkeypatch):
+    import mlflow
+
+    from specdeepmap.monitoring import EXPERIMENT, log_scenes
+
+    config, _ = trained
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking_uri)
+
+    def product(name: str, verdict: str, shares: list[float]) -> dict:
+        scores = {"median_band_shift": 0.4, "gain": 1.02, "offset": None}
+        return {
+            "input": name,
+            "verdict": verdict,
+            "masked_share": 0.1,
+            "scores": scores,
+            "mean_confidence": 0.8,
+            "class_shares": shares,
+        }
+
+    try:
+        first = log_scenes("models:/test-model/1", [product("a.tif", "ok", [0.7, 0.3])], [1, 5])
+        second = log_scenes(
+            "models:/test-model/1",
+            [product("b.tif", "suspect", [0.1, 0.9]), {"input": "c.tif", "skipped": "masked"}],
+            [1, 5],
+        )
+        client = mlflow.MlflowClient(config.tracking_uri)
+        assert first == second  # one run per model version
+        history = client.get_metric_history(first, "suspect")
+        assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
+            (0, 0.0),
+            (1, 1.0),
+        ]
+        shares = client.get_metric_history(first, "class_share_5")
+        assert sorted(m.value for m in shares) == [0.3, 0.9]
+        run = client.get_run(first)
+        assert run.data.tags["scene_1"] == "b.tif" and "drift_offset" not in run.data.metrics
+        assert run.data.metrics["skipped_scenes"] == 1
+        assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+    finally:
+        mlflow.set_tracking_uri(previous)

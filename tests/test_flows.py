@@ -481,6 +481,50 @@ def test_map_flow_on_a_dask_cluster(prefect_api, trained, dataset, tmp_path):
             assert dst.tags()["SPECDEEPMAP_PRECISION"] == "int8"
 
 
+def test_a_suspect_map_is_quarantined_then_released(prefect_api, trained, dataset, tmp_path):
+    from flows.params import MapFlowParams
+    from flows.pipelines import map_flow, release_flow
+    from specdeepmap.params import MapParams
+    from specdeepmap.publishing import unmapped_scenes
+
+    _, result = trained
+    (tmp_path / "in").mkdir()
+    with rasterio.open(dataset / "scene" / "demo_s2.tif") as src:
+        profile, pixels = src.profile, src.read()
+    for name, offset in (("plain.tif", 0), ("shifted.tif", 1000)):
+        with rasterio.open(tmp_path / "in" / name, "w", **profile) as dst:
+            dst.write(np.clip(pixels.astype(np.int64) + offset, 0, 65535).astype(pixels.dtype))
+    maps = tmp_path / "maps"
+    products = map_flow(
+        MapFlowParams(
+            model_uri=result.model_file,
+            output_uri=str(maps),
+            input_prefix=str(tmp_path / "in"),
+            map=MapParams(device="cpu"),
+        )
+    )
+    verdicts = {os.path.basename(p["input"]): (p["verdict"], p["quarantined"]) for p in products}
+    assert verdicts == {"plain.tif": ("ok", False), "shifted.tif": ("suspect", True)}
+    held = maps / "quarantine" / "shifted_classes.tif"
+    assert held.exists() and (maps / "quarantine" / "shifted_classes_metrics.json").exists()
+    assert not (maps / "shifted_classes.tif").exists()
+    catalog = (maps / "catalog.json").read_text()
+    assert "plain_classes.json" in catalog and "shifted_classes" not in catalog
+    item = json.loads((maps / "quarantine" / "shifted_classes.json").read_text())
+    quality = item["properties"]["specdeepmap:quality"]
+    assert quality["verdict"] == "suspect" and "shifted by +" in quality["reasons"][0]
+    assert item["assets"]["confidence"]["href"] == "shifted_classes_confidence.tif"
+    # a quarantined scene counts as mapped: the next scheduled run leaves it alone
+    assert unmapped_scenes(str(tmp_path / "in"), str(maps)) == []
+
+    published = release_flow(str(held), "rita", "checked: the new processing baseline")
+    assert published == str(maps / "shifted_classes.tif") and not held.exists()
+    item = json.loads((maps / "shifted_classes.json").read_text())
+    assert item["properties"]["specdeepmap:release"]["by"] == "rita"
+    assert "shifted_classes.json" in (maps / "catalog.json").read_text()
+    assert unmapped_scenes(str(tmp_path / "in"), str(maps)) == []
+
+
 def _answer_review(flow_run_name_contains: str, run_input: dict, seconds: float = 120):
     """Wait for a paused review flow run and answer its form through the Prefect API, as a
     reviewer does in the UI (Resume).

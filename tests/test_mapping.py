@@ -88,6 +88,7 @@ def test_output_is_a_georeferenced_cog_with_lineage(trained, dataset, tmp_path):
         "classes.qml",
         "classes.tif",
         "classes.tif.aux.xml",
+        "classes_quality.json",
         "confidence.tif",
         "iou.csv",
         "iou_metrics.csv",
@@ -621,7 +622,7 @@ def test_a_scene_is_done_once_its_metrics_exist_or_for_its_model_version(tmp_pat
     """
     import json
 
-    from specdeepmap.mapping import unmapped_scenes
+    from specdeepmap.publishing import unmapped_scenes
 
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()

@@ -8,8 +8,8 @@ import rasterio
 
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError
-from specdeepmap.mapping import map_scene_products
 from specdeepmap.params import MapParams
+from specdeepmap.publishing import map_scene_products
 from specdeepmap.stac import catalog_items, item_scene, update_catalog
 from tests.conftest import write_raster
 

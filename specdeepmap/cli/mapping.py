@@ -108,3 +108,23 @@ def map_cmd(
     )
     if verdict.suspect and fail_on_suspect:
         raise typer.Exit(code=3)
+
+
+@app.command()
+@errors_to_exit
+def release(
+    map_uri: Annotated[
+        str, typer.Argument(help="The quarantined map (OUT/quarantine/NAME.tif) or OUT/NAME.tif.")
+    ],
+    reason: Annotated[str, typer.Option(help="Why the map can be trusted after all.")],
+    by: Annotated[str | None, typer.Option(help="Who (default: the login name).")] = None,
+) -> None:
+    """Publish a quarantined map: it leaves quarantine/, its STAC item records who released it
+    and why, and the folder's catalog.json lists it.
+    """
+    import getpass
+
+    from specdeepmap.publishing import release as release_map
+
+    published = release_map(map_uri, by or getpass.getuser(), reason)
+    console.print(f"released: {published}")

@@ -1,0 +1,234 @@
+"""Published or quarantined: where a scheduled map goes after its verdict.
+
+A map whose scene the verdict finds suspect (:mod:`specdeepmap.drift`) is kept apart from the
+trusted ones: its products (class COG and sidecars, confidence COG, quicklook, STAC item,
+quality and metrics JSON) move into ``OUT/quarantine/``, which the prefix's ``catalog.json``
+does not list (:func:`specdeepmap.stac.update_catalog` lists the folder's own items only). A
+reviewer who checked it releases it (:func:`release`): the products move back, and its STAC
+item records who released it, when and why.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from specdeepmap import __version__, storage
+from specdeepmap.errors import MissingInputError
+from specdeepmap.inference import Predictor
+from specdeepmap.masks import QualityMask, with_masked
+from specdeepmap.params import MapParams
+
+QUARANTINE = "quarantine"
+#: a map's products: ``BASE`` + each suffix, for the map ``BASE.tif``
+PRODUCT_SUFFIXES = (
+    ".tif",
+    ".tif.aux.xml",
+    ".qml",
+    "_confidence.tif",
+    "_quicklook.png",
+    ".json",
+    "_quality.json",
+    "_metrics.json",  # last: its presence means the scene is done
+)
+
+
+def _base(map_uri: str) -> str:
+    return map_uri[:-4] if map_uri.endswith(".tif") else map_uri
+
+
+def quarantine_uri(map_uri: str) -> str:
+    """Where a map of ``OUT/NAME.tif`` goes in quarantine: ``OUT/quarantine/NAME.tif``."""
+    return storage.join(storage.parent(map_uri), QUARANTINE, storage.basename(map_uri))
+
+
+def is_quarantined(map_uri: str) -> bool:
+    """Whether the map's URI lies in a quarantine folder."""
+    return storage.basename(storage.parent(map_uri)) == QUARANTINE
+
+
+def move_products(map_uri: str, target_map_uri: str) -> str:
+    """Move every product of a map that exists (the metrics JSON last); returns the target."""
+    source, target = _base(map_uri), _base(target_map_uri)
+    for suffix in PRODUCT_SUFFIXES:
+        if storage.exists(source + suffix):
+            storage.move(source + suffix, target + suffix)
+    return target_map_uri
+
+
+def release(map_uri: str, by: str, reason: str) -> str:
+    """Publish a quarantined map: move it out of quarantine and record the release.
+
+    Args:
+        map_uri: the map in quarantine (``OUT/quarantine/NAME.tif``), or where it would be
+            published (``OUT/NAME.tif``).
+        by: who released it.
+        reason: why it can be trusted after all.
+
+    Returns:
+        The published map's URI.
+
+    Raises:
+        MissingInputError: the map is not in quarantine.
+    """
+    from specdeepmap.stac import update_catalog
+
+    held = map_uri if is_quarantined(map_uri) else quarantine_uri(map_uri)
+    if not storage.exists(held):
+        raise MissingInputError(f"No quarantined map at {held}")
+    published = storage.join(storage.parent(storage.parent(held)), storage.basename(held))
+    item_uri = _base(held) + ".json"
+    if storage.exists(item_uri):
+        item = json.loads(storage.read_text(item_uri))
+        item["properties"]["specdeepmap:release"] = {
+            "by": by,
+            "reason": reason,
+            "datetime": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        }
+        storage.write_text(item_uri, json.dumps(item, indent=2))
+    move_products(held, published)
+    update_catalog(storage.parent(published))
+    return published
+
+
+def done_marker(map_uri: str) -> str | None:
+    """The metrics JSON of a mapped scene, published or in quarantine (None: not mapped)."""
+    for uri in (map_uri, quarantine_uri(map_uri)):
+        if storage.exists(_base(uri) + "_metrics.json"):
+            return _base(uri) + "_metrics.json"
+    return None
+
+
+def unmapped_scenes(
+    input_prefix: str, out_folder: str, suffix: str = "_classes.tif", model_uri: str | None = None
+) -> list[str]:
+    """Scenes (GeoTIFFs, VRTs and STAC items under ``input_prefix``) not mapped yet.
+
+    A scene is mapped once its metrics JSON (written last, see :func:`map_scene_products`)
+    exists, published or in quarantine (a suspect map is not mapped again every hour), and,
+    with ``model_uri`` (``models:/NAME/VERSION``), was written for that model.
+    """
+    from specdeepmap.mapping import output_uri_for, scenes_under
+
+    todo = []
+    for uri in scenes_under(input_prefix):
+        metrics = done_marker(output_uri_for(uri, out_folder, suffix))
+        if metrics is None:
+            todo.append(uri)
+        elif model_uri and json.loads(storage.read_text(metrics)).get("model") != model_uri:
+            todo.append(uri)
+    return todo
+
+
+def map_scene_products(
+    input_uri: str,
+    model_uri: str,
+    output_uri: str,
+    params: MapParams = MapParams(),
+    predictor: Predictor | None = None,
+    mask: QualityMask | None = None,
+    quarantine: bool = False,
+) -> dict:
+    """Map a scene for production: beside the class COG, a confidence COG, a quicklook, the
+    quality JSON with the scene's verdict, the map's STAC item and ``*_metrics.json``.
+
+    ``input_uri`` may be a raster, a VRT or a STAC item (its band assets are stacked by band
+    name; its mask asset is used unless ``mask`` is given). With ``quarantine`` a suspect
+    map's products move into ``quarantine/`` beside it before the metrics JSON is written
+    (last, so that a scene whose metrics exist is complete). A scene almost all masked is not
+    mapped: its metrics JSON says why. Returns the output URIs and the headline figures.
+    """
+    from specdeepmap.inference import load_model
+    from specdeepmap.mapping import class_areas, map_scene, quicklook
+    from specdeepmap.stac import is_item, write_map_item
+
+    predictor = predictor or load_model(model_uri, params.device)
+    base = _base(output_uri)
+    report = map_scene(
+        input_uri,
+        model_uri,
+        output_uri,
+        params,
+        confidence_uri=base + "_confidence.tif",
+        predictor=predictor,
+        mask=mask,
+    )
+    head = {"input": input_uri, "model": model_uri, "software": f"specdeepmap {__version__}"}
+    if report.skipped:
+        storage.write_text(base + "_metrics.json", json.dumps(head | {"skipped": report.skipped}))
+        return {
+            "input": input_uri,
+            "skipped": report.skipped,
+            "verdict": None,
+            "quarantined": False,
+            "metrics": base + "_metrics.json",
+        }
+    quality = json.loads(storage.read_text(report.quality_uri))
+    classes, values = predictor.classes, list(predictor.class_values)
+    if quality["masked_value"] is not None:
+        classes = with_masked(classes, quality["masked_value"], quality["mask"]["label"])
+        values.append(quality["masked_value"])
+    png = quicklook(output_uri, base + "_quicklook.png", classes=classes)
+    item = write_map_item(
+        output_uri,
+        input_uri,
+        model_uri,
+        classes,
+        values,
+        {
+            "quicklook": png,
+            "metrics": base + "_metrics.json",
+            "style": base + ".qml",
+            "quality": report.quality_uri,
+            "confidence": report.confidence_uri,
+        },
+        input_item_uri=input_uri if is_item(input_uri) else None,
+        properties={"specdeepmap:quality": item_quality(quality)},
+    )
+    quarantined = quarantine and report.verdict.suspect
+    if quarantined:  # before the metrics JSON exists: a crash leaves it unpublished
+        output_uri = move_products(output_uri, quarantine_uri(output_uri))
+        base = _base(output_uri)
+        png, item = base + "_quicklook.png", base + ".json"
+    areas = class_areas(output_uri)
+    metrics = head | {
+        "output": output_uri,
+        "quicklook": png,
+        "stac_item": item,
+        "verdict": report.verdict.status,
+        "reasons": report.verdict.reasons,
+        "quarantined": quarantined,
+        "masked_share": round(report.masked_share, 6),
+        "windows": report.windows,
+        "seconds": round(report.seconds, 3),
+        "pixels_processed": report.pixels_processed,
+        "class_area": {str(k): v for k, v in areas.items()},
+        "class_names": {str(k): classes.name(k) for k in areas},
+    }
+    storage.write_text(base + "_metrics.json", json.dumps(metrics, indent=2))
+    return {
+        "input": input_uri,
+        "classes": output_uri,
+        "quicklook": png,
+        "metrics": base + "_metrics.json",
+        "stac_item": item,
+        "seconds": round(report.seconds, 2),
+        "verdict": report.verdict.status,
+        "reasons": report.verdict.reasons,
+        "scores": report.verdict.scores,
+        "masked_share": round(report.masked_share, 6),
+        "mean_confidence": quality["mean_confidence"],
+        "class_shares": quality["class_shares"],
+        "quarantined": quarantined,
+    }
+
+
+def item_quality(quality: dict) -> dict:
+    """The ``specdeepmap:quality`` property of a map's STAC item."""
+    return {
+        "verdict": quality["verdict"],
+        "reasons": quality["reasons"],
+        "masked_share": quality["masked_share"],
+        "mean_confidence": quality["mean_confidence"],
+        "scores": quality["scores"],
+    }
