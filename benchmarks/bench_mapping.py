@@ -21,6 +21,8 @@ GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
 * band files (``--bands-size``, 0 to skip): the scene written as 13 single-band GeoTIFFs at
   Sentinel-2's 10/20/60 m, stacked as a VRT (``specdeepmap.bands.stack_bands``), mapped
   beside the same scene stacked in one GeoTIFF;
+* the quality guard: the seconds the verdict takes inside each ``map`` run, and a map with
+  an SCL-like mask at 20 m (a fifth of the scene flagged) against the plain map;
 * ``quality``: with a trained model (``--quality-model``, default the one ``make run`` trains),
   the share of pixels whose class differs from fp32 and the mean IoU against the labels, per
   precision (random weights say nothing about that).
@@ -56,10 +58,16 @@ CHILD = textwrap.dedent("""
     result["floor_rss_mb"] = int([l for l in open("/proc/self/status")
                                   if l.startswith("VmRSS")][0].split()[1]) / 1024
     start = time.perf_counter()
-    if mode == "map":
+    if mode in ("map", "mapmask"):
+        mask = None
+        if mode == "mapmask":  # an SCL-like raster at 20 m beside the scene
+            from specdeepmap.masks import QualityMask
+            mask = QualityMask.build([scene[:-4] + "_SCL.tif"], "s2-scl")
         report = map_scene(scene, model_file, out,
                            MapParams(device=device, precision=precision),
-                           predictor=predictor)
+                           predictor=predictor, mask=mask)
+        result.update(guard=report.guard_seconds, verdict=report.verdict.status,
+                      masked=report.masked_share)
         # a scene smaller than a window is processed as one padded window
         side = math.isqrt(report.pixels_processed // report.windows)
         result.update(windows=report.windows, pixels=report.pixels_processed,
@@ -254,6 +262,70 @@ def measure(
     return median(maps), median(models), ratios
 
 
+def write_scl(scene: str) -> str:
+    """An SCL-like mask at twice the scene's pixel size beside it (``SCENE_SCL.tif``): mostly
+    vegetation (4), with cloud (9) and shadow (3) blocks over about a fifth of the scene.
+    """
+    import numpy as np
+    import rasterio
+    from rasterio.transform import Affine
+
+    with rasterio.open(scene) as src:
+        t, height, width, crs = src.transform, src.height, src.width, src.crs
+    rows, cols = -(-height // 2), -(-width // 2)
+    scl = np.full((rows, cols), 4, np.uint8)
+    scl[: rows // 4, : cols // 2] = 9  # a cloud over an eighth
+    scl[rows // 4 : rows // 4 + rows // 16, :cols] = 3  # its shadow
+    path = scene[:-4] + "_SCL.tif"
+    profile = dict(
+        driver="GTiff",
+        width=cols,
+        height=rows,
+        count=1,
+        dtype="uint8",
+        crs=crs,
+        transform=Affine(t.a * 2, 0, t.c, 0, t.e * 2, t.f),
+        tiled=True,
+        compress="deflate",
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(scl, 1)
+    return path
+
+
+def guard_table(rows: list, args, work: str, model_file: str) -> None:
+    """The quality guard's cost: its seconds inside the median map run (verdict only), and a
+    map with an SCL mask (mask + verdict) against the median map run of the same size.
+    """
+    print("\nQuality guard (mask + verdict) within the mapping time, same runs")
+    print(
+        "scene | precision | map s | guard s (verdict only) | share | map with mask s | "
+        "guard s (mask + verdict) | share | masked | with mask / without"
+    )
+    print(" | ".join("---" for _ in range(10)))
+    for size, precision, ours, _, _, _, _ in rows:
+        scene = os.path.join(work, f"s{size}", "demo_s2.tif")
+        masked = sorted(
+            (
+                run(
+                    f"mapmask:{precision}",
+                    scene,
+                    model_file,
+                    os.path.join(work, f"mask{size}-{precision}.tif"),
+                    args.device,
+                )
+                for _ in range(args.repeats)
+            ),
+            key=lambda r: r["seconds"],
+        )[args.repeats // 2]
+        print(
+            f"{size}² | {precision} | {ours['seconds']:.1f} | {ours['guard']:.2f} | "
+            f"{ours['guard'] / ours['seconds']:.1%} | {masked['seconds']:.1f} | "
+            f"{masked['guard']:.2f} | {masked['guard'] / masked['seconds']:.1%} | "
+            f"{masked['masked']:.0%} | {masked['seconds'] / ours['seconds']:.2f}"
+        )
+
+
 def main() -> None:
     """Generate scenes, run every measurement, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -301,6 +373,7 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         scene = generate_scene(os.path.join(work, f"s{size}"), size, size, seed=2).image_uri
+        write_scl(scene)
         read = run("read", scene, model_file, "", args.device)
         base = run(
             "baseline", scene, model_file, os.path.join(work, f"base{size}.tif"), args.device
@@ -361,6 +434,7 @@ def main() -> None:
             f"{ours['setup']:.1f}" if precision == "int8" else "–",
         ]
         print(" | ".join(cells))
+    guard_table(rows, args, work, model_file)
     if args.bands_size:
         size = args.bands_size
         stacked = generate_scene(os.path.join(work, f"b{size}"), size, size, seed=4).image_uri

@@ -76,6 +76,8 @@ class MapReport:
     masked_share: float = 0.0  #: share of the pixels with data that the mask flagged
     #: why the scene was not mapped (almost all of it masked); nothing was written
     skipped: str | None = None
+    #: seconds spent on the quality mask and the verdict (part of ``seconds``)
+    guard_seconds: float = 0.0
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -379,7 +381,9 @@ def map_scene(
         _check_input(src, predictor, input_uri, model_uri)
         quality = SceneQuality(src.count, len(values), predictor.normalization.scaler, mask)
         if mask is not None:
+            checking = time.perf_counter()
             share = check_masks(mask, src)
+            quality.seconds += time.perf_counter() - checking
             if share > params.max_masked_share:
                 reason = (
                     f"{share:.0%} of the scene is masked (more than "
@@ -451,6 +455,7 @@ def map_scene(
         verdict=verdict,
         quality_uri=quality_uri,
         masked_share=quality.masked_share,
+        guard_seconds=quality.seconds,
     )
     if gt_uri is not None:
         metrics = metrics_from_matrix(matrix, [int(v) for v in values])

@@ -9,6 +9,7 @@ finished pixels, :meth:`SceneQuality.verdict` at the end.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,8 @@ class SceneQuality:
     reader: MaskReader | None = None
     masked: int = 0  #: pixels with data that the mask flagged
     data: int = 0  #: pixels with data (not nodata), masked or not
+    #: time spent masking, counting and judging (its cost, measured by bench_mapping.py)
+    seconds: float = 0.0
     scene: SceneStatistics = field(init=False)
     output: OutputStatistics = field(init=False)
 
@@ -42,7 +45,12 @@ class SceneQuality:
 
     def read_mask(self, y: int, x0: int, x1: int, rows: int) -> np.ndarray | None:
         """The mask of a span of the scene (True: masked), or None without a mask."""
-        return self.reader.read(y, x0, x1, rows) if self.reader is not None else None
+        if self.reader is None:
+            return None
+        started = time.perf_counter()
+        flagged = self.reader.read(y, x0, x1, rows)
+        self.seconds += time.perf_counter() - started
+        return flagged
 
     def finish(
         self,
@@ -61,6 +69,7 @@ class SceneQuality:
             scores: the blended class scores (K + 1, rows, cols), the last channel the
                 blending weight sum.
         """
+        started = time.perf_counter()
         data = classes != 0
         masked = flagged & data if flagged is not None else np.zeros_like(data)
         classes[masked] = self.masked_value
@@ -74,6 +83,7 @@ class SceneQuality:
         with np.errstate(invalid="ignore", divide="ignore"):
             confidence = sample[:k].max(axis=0) / sample[k]
         self.output.add(sample[:k].argmax(axis=0), confidence, valid[::2, ::2])
+        self.seconds += time.perf_counter() - started
         return masked
 
     @property
@@ -83,7 +93,10 @@ class SceneQuality:
 
     def verdict(self, config: dict) -> Verdict:
         """The scene's verdict against the model's config."""
-        return judge(self.scene, self.output, config, self.masked_share)
+        started = time.perf_counter()
+        verdict = judge(self.scene, self.output, config, self.masked_share)
+        self.seconds += time.perf_counter() - started
+        return verdict
 
     def summary(self, verdict: Verdict) -> dict:
         """The quality JSON's content: verdict, reasons, scores, shares and the mask."""
