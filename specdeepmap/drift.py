@@ -185,7 +185,7 @@ def input_drift(scene: SceneStatistics, mean: list, std: list) -> tuple[list[str
     shift = (seen - trained_mean) / np.where(usable, trained_std, 1)
     median_shift = float(np.median(np.abs(shift[usable])))
     reasons, scores = [], {"median_band_shift": round(median_shift, 3)}
-    gain = offset = None
+    gain = offset = intercept = None
     if usable.sum() >= 2 and np.ptp(trained_mean[usable]) > 0:
         gain, intercept = np.polyfit(trained_mean[usable], seen[usable], 1)
         level = float(np.median(np.abs(trained_mean[usable]))) or 1.0
@@ -200,7 +200,7 @@ def input_drift(scene: SceneStatistics, mean: list, std: list) -> tuple[list[str
         )
     elif offset is not None and abs(offset) > THRESHOLDS["offset"]:
         moved = np.flatnonzero(usable & (np.abs(shift) > 1))
-        difference = float(np.median((seen - trained_mean)[usable])) * (scene.scaler or 1)
+        difference = float(intercept) * (scene.scaler or 1)  # in the scene's own units
         reasons.append(
             f"{_bands(moved if moved.size else np.flatnonzero(usable))} are shifted by "
             f"{difference:+.4g} against training (e.g. a new processing baseline)"

@@ -302,3 +302,16 @@ def test_each_mapped_scene_is_a_step_of_the_versions_monitoring_run(trained, mon
         assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_releasing_a_map_that_is_not_in_quarantine_is_refused(tmp_path):
+    from specdeepmap.errors import MissingInputError
+
+    done = runner.invoke(
+        app, ["release", str(tmp_path / "maps" / "x_classes.tif"), "--reason", "checked"]
+    )
+    assert done.exit_code == 2 and "No quarantined map at" in done.output
+    with pytest.raises(MissingInputError, match="quarantine/x_classes.tif"):
+        from specdeepmap.publishing import release
+
+        release(str(tmp_path / "maps" / "x_classes.tif"), "rita", "checked")
