@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 OUT ?= runs/demo
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install run test test-fast lint bench clean
+.PHONY: install run test test-fast lint docs docs-serve bench clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -38,6 +38,16 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# the documentation site: the CLI reference generated from the app, then mkdocs (strict:
+# a broken link or a missing page fails the build)
+docs: install
+	$(VENV)/bin/typer specdeepmap.cli utils docs --name specdeepmap \
+	  --title "Command line reference" --output docs/reference/cli.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site --quiet
+
+docs-serve: docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve -a 127.0.0.1:8000
+
 bench: install
 	$(PY) benchmarks/bench_chipping.py
 	$(PY) benchmarks/bench_splitting.py
@@ -50,4 +60,4 @@ bench: install
 	$(PY) benchmarks/bench_bands.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

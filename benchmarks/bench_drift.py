@@ -51,7 +51,7 @@ def trained_on(pixels: np.ndarray) -> dict:
 def verdict(config: dict, scene: np.ndarray):
     """The input verdict of a scene against a model's statistics."""
     stats = SceneStatistics(scene.shape[0], SCALER)
-    stats.add(scene, None)
+    stats.add(scene.reshape(scene.shape[0], -1))
     return judge(stats, OutputStatistics(1), config)
 
 

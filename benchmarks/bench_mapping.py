@@ -21,8 +21,9 @@ GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
 * band files (``--bands-size``, 0 to skip): the scene written as 13 single-band GeoTIFFs at
   Sentinel-2's 10/20/60 m, stacked as a VRT (``specdeepmap.bands.stack_bands``), mapped
   beside the same scene stacked in one GeoTIFF;
-* the quality guard: the seconds the verdict takes inside each ``map`` run, and a map with
-  an SCL-like mask at 20 m (a fifth of the scene flagged) against the plain map;
+* the quality guard (``--only-guard``: this table alone): the seconds the verdict takes on
+  the mapping's main thread inside each ``map`` run, and a map with an SCL-like mask at 20 m
+  (a fifth of the scene flagged) against the plain map, alternating, ``--repeats`` each;
 * ``quality``: with a trained model (``--quality-model``, default the one ``make run`` trains),
   the share of pixels whose class differs from fp32 and the mean IoU against the labels, per
   precision (random weights say nothing about that).
@@ -66,8 +67,8 @@ CHILD = textwrap.dedent("""
         report = map_scene(scene, model_file, out,
                            MapParams(device=device, precision=precision),
                            predictor=predictor, mask=mask)
-        result.update(guard=report.guard_seconds, verdict=report.verdict.status,
-                      masked=report.masked_share)
+        result.update(guard=report.guard_seconds, mask_read=report.mask_read_seconds,
+                      verdict=report.verdict.status, masked=report.masked_share)
         # a scene smaller than a window is processed as one padded window
         side = math.isqrt(report.pixels_processed // report.windows)
         result.update(windows=report.windows, pixels=report.pixels_processed,
@@ -294,35 +295,35 @@ def write_scl(scene: str) -> str:
 
 
 def guard_table(rows: list, args, work: str, model_file: str) -> None:
-    """The quality guard's cost: its seconds inside the median map run (verdict only), and a
-    map with an SCL mask (mask + verdict) against the median map run of the same size.
+    """The quality guard's cost, per size and precision: plain maps (the verdict alone) and
+    maps with an SCL-like mask (mask + verdict), alternating, ``--repeats`` each; medians.
+
+    "guard s" is the time on the mapping's main thread (masking, counting, judging); the
+    mask is read in the reader thread, beside the network ("mask read s").
     """
-    print("\nQuality guard (mask + verdict) within the mapping time, same runs")
+    print("\nQuality guard within the mapping time (medians of alternating runs)")
     print(
-        "scene | precision | map s | guard s (verdict only) | share | map with mask s | "
-        "guard s (mask + verdict) | share | masked | with mask / without"
+        "scene | precision | map s | guard s (verdict) | share | map with mask s | "
+        "guard s (mask + verdict) | share | mask read s (reader thread) | masked | "
+        "with mask / without"
     )
-    print(" | ".join("---" for _ in range(10)))
-    for size, precision, ours, _, _, _, _ in rows:
+    print(" | ".join("---" for _ in range(11)))
+    for size, precision, ours in rows:
         scene = os.path.join(work, f"s{size}", "demo_s2.tif")
-        masked = sorted(
-            (
-                run(
-                    f"mapmask:{precision}",
-                    scene,
-                    model_file,
-                    os.path.join(work, f"mask{size}-{precision}.tif"),
-                    args.device,
-                )
-                for _ in range(args.repeats)
-            ),
-            key=lambda r: r["seconds"],
-        )[args.repeats // 2]
+        plain, masked = [ours] if ours else [], []
+        for _ in range(args.repeats):
+            if len(plain) < args.repeats:
+                out = os.path.join(work, f"map{size}-{precision}.tif")
+                plain.append(run(f"map:{precision}", scene, model_file, out, args.device))
+            out = os.path.join(work, f"mask{size}-{precision}.tif")
+            masked.append(run(f"mapmask:{precision}", scene, model_file, out, args.device))
+        a = sorted(plain, key=lambda r: r["seconds"])[len(plain) // 2]
+        b = sorted(masked, key=lambda r: r["seconds"])[len(masked) // 2]
         print(
-            f"{size}² | {precision} | {ours['seconds']:.1f} | {ours['guard']:.2f} | "
-            f"{ours['guard'] / ours['seconds']:.1%} | {masked['seconds']:.1f} | "
-            f"{masked['guard']:.2f} | {masked['guard'] / masked['seconds']:.1%} | "
-            f"{masked['masked']:.0%} | {masked['seconds'] / ours['seconds']:.2f}"
+            f"{size}² | {precision} | {a['seconds']:.1f} | {a['guard']:.2f} | "
+            f"{a['guard'] / a['seconds']:.1%} | {b['seconds']:.1f} | {b['guard']:.2f} | "
+            f"{b['guard'] / b['seconds']:.1%} | {b['mask_read']:.2f} | {b['masked']:.0%} | "
+            f"{b['seconds'] / a['seconds']:.2f}"
         )
 
 
@@ -365,12 +366,28 @@ def main() -> None:
         help="scene widths (1024 rows) for peak RSS against width",
     )
     parser.add_argument("--workdir", default=None)
+    parser.add_argument(
+        "--only-guard",
+        action="store_true",
+        help="only the quality guard's table (plain and masked maps per size and precision)",
+    )
     args = parser.parse_args()
     from specdeepmap.sample_data import generate_scene
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench-mapping-")
     model_file = make_model(os.path.join(work, "model.pt"))
     rows = []
+    if args.only_guard:
+        for size in args.sizes:
+            scene = generate_scene(os.path.join(work, f"s{size}"), size, size, seed=2).image_uri
+            write_scl(scene)
+        guard_table(
+            [(size, p, None) for size in args.sizes for p in args.precisions],
+            args,
+            work,
+            model_file,
+        )
+        return
     for size in args.sizes:
         scene = generate_scene(os.path.join(work, f"s{size}"), size, size, seed=2).image_uri
         write_scl(scene)
@@ -434,7 +451,7 @@ def main() -> None:
             f"{ours['setup']:.1f}" if precision == "int8" else "–",
         ]
         print(" | ".join(cells))
-    guard_table(rows, args, work, model_file)
+    guard_table([(size, p, ours) for size, p, ours, *_ in rows], args, work, model_file)
     if args.bands_size:
         size = args.bands_size
         stacked = generate_scene(os.path.join(work, f"b{size}"), size, size, seed=4).image_uri

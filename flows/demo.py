@@ -80,7 +80,7 @@ Class map (COG):        {maps[0]["classes"]}
 Quicklook:              {maps[0]["quicklook"]}
 STAC item of the map:   {maps[0]["stac_item"]}
 Model card:             MLflow run {summary["run_id"]}, artifact model_card/model_card.md
-MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000)
+MLflow UI:   .venv/bin/mlflow ui --backend-store-uri {uri}   (then http://127.0.0.1:5000/#/experiments?workflowType=machine_learning)
 Prefect UI:  .venv/bin/prefect server start   (then http://127.0.0.1:4200; this run used the
              ephemeral API, start the server before a run to keep its history there)
 TensorBoard: .venv/bin/specdeepmap tensorboard --logdir {out}/training""")

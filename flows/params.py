@@ -108,6 +108,11 @@ class MapFlowParams(BaseModel):
         "data) under quarantine/, out of the published catalog, and emit the event "
         "specdeepmap.map.suspect.",
     )
+    force: bool = Field(
+        False,
+        description="Map a scene again even if this model version mapped it already (off: "
+        "an arrival announced twice maps once).",
+    )
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="Threads on this worker, or a Dask cluster."
     )

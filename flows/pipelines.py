@@ -21,7 +21,7 @@ from specdeepmap.bands import stack_scene
 from specdeepmap.mapping import output_uri_for, scenes_under
 from specdeepmap.model_card import escape_md
 from specdeepmap.params import ChipParams, SplitParams, TrainParams
-from specdeepmap.publishing import release, unmapped_scenes
+from specdeepmap.publishing import mapped_with, release, unmapped_scenes
 from specdeepmap.stac import is_catalog, update_catalog
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
@@ -124,6 +124,11 @@ def flow_run_url(flow_run_id: str) -> str | None:
     return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else None
 
 
+#: MLflow 3.17's UI picks its view from this query parameter (then remembers it), not from the
+#: experiment's ``mlflow.experimentKind`` tag: without it the UI opens the GenAI view
+MLFLOW_UI_VIEW = "workflowType=machine_learning"
+
+
 def mlflow_run_url(run_id: str) -> str | None:
     """The MLflow run's page (None for a server-less tracking store)."""
     import mlflow
@@ -132,7 +137,10 @@ def mlflow_run_url(run_id: str) -> str | None:
     if not uri.startswith(("http://", "https://")):
         return None
     run = mlflow.MlflowClient().get_run(run_id)
-    return f"{storage.redact(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    return (
+        f"{storage.redact(uri).rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        f"?{MLFLOW_UI_VIEW}"
+    )
 
 
 @flow(name="evaluate")
@@ -142,12 +150,16 @@ def evaluate_flow(test_csv: str, model_uri: str, out_uri: str) -> dict:
 
 
 class ReviewInput(RunInput):
-    """The reviewer's answer to a promotion request (the form in the Prefect UI)."""
+    """The reviewer's answer to a promotion request (the form in the Prefect UI).
 
-    approve: bool = Field(
-        False,
-        description="Make this version the champion (it maps "
-        "production scenes from the next scheduled run on).",
+    The decision has no default: a reviewer must choose, so that a form sent without a
+    choice is refused instead of being recorded as a rejection.
+    """
+
+    decision: Literal["approve", "reject"] = Field(
+        ...,
+        description="approve: this version becomes the champion (it maps production scenes "
+        "from the next scheduled run on); reject: it stays challenger.",
     )
     reviewer: str = Field(..., min_length=1, description="Your name, kept with the version.")
     comment: str = Field("", description="Why: kept with the version as a tag.")
@@ -155,24 +167,35 @@ class ReviewInput(RunInput):
 
 @flow(name="review")
 def review_flow(
-    model_name: str, version: str, rule: str, comparison: str, timeout_hours: float = 24.0
+    model_name: str,
+    version: str,
+    rule: str,
+    comparison: str,
+    timeout_hours: float = 24.0,
+    links: str = "",
 ) -> dict:
     """Ask a reviewer to approve a new version as champion: show the comparison, pause until
     the reviewer answers the form in the Prefect UI (Resume), then move the alias or not.
 
-    The version holds ``challenger`` meanwhile. No answer within ``timeout_hours``: it stays
-    challenger. Returns ``{"alias", "approved", "reviewer", "comment"}``.
+    The form itself shows the comparison and ``links`` (markdown: the MLflow run, the model
+    card, the maps); the parent run's name and an artifact on it say that it waits for this
+    run. The version holds ``challenger`` meanwhile. No answer within ``timeout_hours``: it
+    stays challenger. Returns ``{"alias", "approved", "reviewer", "comment"}``.
     """
     logger = get_run_logger()
+    request = (
+        f"## Approve {model_name} version {version} as champion?\n\n{comparison}\n\n"
+        f"The promotion rule says: **{rule}**.\n\n{links}"
+    )
     create_markdown_artifact(
         key="review-request",
         description=f"Approve {model_name} version {version}?",
-        markdown=f"## Approve {model_name} version {version} as champion?\n\n{comparison}\n\n"
-        f"The promotion rule says: **{rule}**.\n\nAnswer with **Resume** on this flow run.",
+        markdown=request + "\n\nAnswer with **Resume** on this flow run.",
     )
+    parent = _announce_wait(f"{model_name} v{version}")
     try:
         answer = pause_flow_run(
-            wait_for_input=ReviewInput,
+            wait_for_input=ReviewInput.with_initial_data(description=request),
             timeout=int(timeout_hours * 3600),
             poll_interval=2,
             key=f"review-{model_name}-{version}",
@@ -187,9 +210,12 @@ def review_flow(
         registry.set_alias(
             model_name, version, registry.CHALLENGER, f"no review within {timeout_hours} h"
         )
+        _end_wait(parent)
         return {"alias": registry.CHALLENGER, "approved": False, "reviewer": "", "comment": ""}
-    alias = registry.CHAMPION if answer.approve else registry.CHALLENGER
-    verdict = "approved" if answer.approve else "rejected"
+    _end_wait(parent)
+    approved = answer.decision == "approve"
+    alias = registry.CHAMPION if approved else registry.CHALLENGER
+    verdict = "approved" if approved else "rejected"
     registry.set_alias(
         model_name,
         version,
@@ -201,10 +227,51 @@ def review_flow(
     logger.info("%s version %s %s by %s: %s", model_name, version, verdict, answer.reviewer, alias)
     return {
         "alias": alias,
-        "approved": answer.approve,
+        "approved": approved,
         "reviewer": answer.reviewer,
         "comment": answer.comment,
     }
+
+
+WAITING = " (waiting for a review)"
+
+
+def _announce_wait(what: str) -> tuple[str, str] | None:
+    """Make the parent run show that it waits for this review run: its name says so and an
+    artifact on it links here. Returns (parent id, its name), None without a parent.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    context = get_run_context()
+    if context.flow_run.parent_task_run_id is None:
+        return None
+    with get_client(sync_client=True) as client:
+        task_run = client.read_task_run(context.flow_run.parent_task_run_id)
+        parent = client.read_flow_run(task_run.flow_run_id)
+        client.update_flow_run(parent.id, name=parent.name + WAITING)
+        here = flow_run_url(str(context.flow_run.id)) or f"flow run {context.flow_run.name}"
+        client.create_artifact(
+            ArtifactCreate(
+                key="waiting-for-review",
+                type="markdown",
+                flow_run_id=parent.id,
+                description=f"Review of {what}",
+                data=f"This run waits for the review of **{what}**: answer with **Resume** "
+                f"on the review run: {here}",
+            )
+        )
+    return str(parent.id), parent.name
+
+
+def _end_wait(parent: tuple[str, str] | None) -> None:
+    """The parent run's own name again, once the review is answered."""
+    if parent is None:
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(parent[0], name=parent[1])
 
 
 @flow(name="training-pipeline")
@@ -255,15 +322,6 @@ def training_pipeline(
         metrics["baseline_rf_difference"],
         metrics["split_leakage"],
     )
-    if promotion == "approval":
-        review = review_flow(
-            params.model_name,
-            result.model_version,
-            promoted["reason"],
-            promoted["comparison"],
-            params.review_timeout_hours,
-        )
-        promoted |= {"alias": review["alias"], "reason": f"reviewed: {review}"}
     summary = {
         "model_uri": result.model_uri,
         "version": result.model_version,
@@ -274,19 +332,38 @@ def training_pipeline(
         "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"),
         "champion_version": champion["version"],
         "champion_test_mean_iou_same_chips": champion["mean_iou"],
+        "champion_difference": champion.get("difference"),
         **metrics,
     }
+    links = review_links(result, evaluation_uri)
+    if promotion == "approval":
+        # the decision on one screen: the card and the version's description hold the
+        # figures before the run waits for the reviewer
+        model_card_task(
+            params.model_name,
+            result,
+            chips_uri,
+            evaluation_uri,
+            summary,
+            f"waiting for a reviewer; the rule says: {promoted['reason']}",
+        )
+        review = review_flow(
+            params.model_name,
+            result.model_version,
+            promoted["reason"],
+            promoted["comparison"],
+            params.review_timeout_hours,
+            links,
+        )
+        promoted |= {"alias": review["alias"], "reason": f"reviewed: {review}"}
+        summary["alias"] = promoted["alias"]
     model_card_task(
         params.model_name, result, chips_uri, evaluation_uri, summary, promoted["reason"]
     )
-    links = [
-        f"- **MLflow run**: {mlflow_run_url(result.run_id) or result.run_id} "
-        f"({storage.redact(tracking_uri())})"
-    ]
     create_markdown_artifact(
         key="training-pipeline",
         description="Training pipeline result",
-        markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()) + "\n" + "\n".join(links),
+        markdown="\n".join(f"- **{k}**: {v}" for k, v in summary.items()) + "\n" + links,
     )
     logger.info(
         "Model %s version %s (%s): test mean IoU %.4f",
@@ -296,6 +373,21 @@ def training_pipeline(
         metrics["test_mean_iou"],
     )
     return summary
+
+
+def review_links(result: TrainResult, evaluation_uri: str) -> str:
+    """Where a reviewer finds the run, the model card, the test outputs (markdown list)."""
+    run = mlflow_run_url(result.run_id)
+    return "\n".join(
+        [
+            f"- **MLflow run**: {run or result.run_id} ({storage.redact(tracking_uri())})",
+            "- **model card**: run artifact `model_card/model_card.md` (confusion matrix, "
+            f"class IoU, prediction panels){' at ' + run if run else ''}",
+            f"- **model version**: {result.model_uri}",
+            f"- **test outputs**: {storage.redact(evaluation_uri)} (`test_iou.csv`, "
+            "`test_metrics.csv`; the champion's under `champion/`)",
+        ]
+    )
 
 
 @flow(name="map-scenes")
@@ -329,7 +421,11 @@ def map_flow(params: MapFlowParams) -> list[dict]:
         item for uri in params.scenes for item in (scenes_under(uri) if is_catalog(uri) else [uri])
     ] or scenes_under(params.input_prefix)
     model_uri = registry.resolve(params.model_uri)
-    if params.task_runner == "dask":
+    if not params.force:  # the same scene announced twice is mapped once per model version
+        done = [s for s in scenes if mapped_with(output_uri_for(s, params.output_uri), model_uri)]
+        if done:
+            get_run_logger().info("Mapped by %s already (force to redo): %s", model_uri, done)
+        scenes = [s for s in scenes if s not in done]
         from prefect_dask import DaskTaskRunner
 
         runner = (

@@ -82,6 +82,25 @@ running() {  # name: its process group has a live process
   [ -n "$pid" ] && kill -0 -- "-$pid" 2>/dev/null
 }
 
+any_running() {
+  local name
+  for name in $SERVICES; do running "$name" && return 0; done
+  return 1
+}
+
+ports() {  # a running stack's ports (start writes them) win over the environment's
+  local file="$state/ports.env"
+  if [ -f "$file" ] && any_running; then
+    # shellcheck disable=SC1090
+    . "$file"
+  fi
+}
+
+save_ports() {
+  printf 'S3_PORT=%s\nMLFLOW_PORT=%s\nPREFECT_PORT=%s\n' "$S3_PORT" "$MLFLOW_PORT" \
+    "$PREFECT_PORT" > "$state/ports.env"
+}
+
 start_bg() {  # name command...: in a session of its own, so stop reaches its children
   local name=$1; shift
   setsid "$@" >> "$state/$name.log" 2>&1 < /dev/null &
@@ -107,7 +126,8 @@ wait_healthy() {  # name url [any]: until the URL answers 200 (with "any": answe
 }
 
 start() {
-  secrets; exports
+  secrets; ports; exports
+  save_ports
   mkdir -p "$state/prefect"
   if running s3; then echo "  s3 already running"
   elif command -v minio > /dev/null; then
@@ -172,7 +192,7 @@ INI
 }
 
 env_lines() {
-  secrets; exports
+  secrets; ports; exports
   for name in AWS_ENDPOINT_URL AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_DEFAULT_REGION \
       MLFLOW_S3_ENDPOINT_URL MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME \
       MLFLOW_TRACKING_PASSWORD PREFECT_API_URL PREFECT_API_AUTH_STRING PREFECT_HOME; do
@@ -220,9 +240,12 @@ stop() {
 }
 
 status() {
+  ports
+  local -A port=([s3]="$S3_PORT" [mlflow]="$MLFLOW_PORT" [prefect]="$PREFECT_PORT")
   for name in $SERVICES; do
     if running "$name"; then
-      echo "  $name running (process group $(pid_of "$name")), log $state/$name.log"
+      echo "  $name running (process group $(pid_of "$name"))${port[$name]:+ on \
+127.0.0.1:${port[$name]}}, log $state/$name.log"
     else
       echo "  $name not running"
     fi

@@ -28,6 +28,7 @@ from specdeepmap.evaluation import (
     Metrics,
     accumulate,
     mean_chip_iou,
+    metric_name,
     metrics_from_matrix,
     per_chip_iou,
     write_test_outputs,
@@ -65,8 +66,10 @@ class BaselineResult:
         score = self.scores.get(split)
         return None if score is None else score.metrics.mean_iou
 
-    def mlflow_metrics(self) -> dict[str, float]:
-        """``baseline_rf_val_mean_iou``, ``baseline_rf_test_mean_iou``, per-class IoU."""
+    def mlflow_metrics(self, names: dict[int, str] | None = None) -> dict[str, float]:
+        """``baseline_rf_val_mean_iou``, ``baseline_rf_test_mean_iou``, per-class IoU
+        (``baseline_rf_test_iou_class_3_water`` with the class ``names``).
+        """
         out = {}
         for split, short in (("validation", "val"), ("test", "test")):
             score = self.scores.get(split)
@@ -76,7 +79,8 @@ class BaselineResult:
             out[f"{PREFIX}_{short}_overall_accuracy"] = score.metrics.overall_accuracy
             for value, iou in zip(self.class_values, score.metrics.iou, strict=True):
                 if np.isfinite(iou):
-                    out[f"{PREFIX}_{short}_iou_class_{value}"] = float(iou)
+                    key = metric_name(f"{PREFIX}_{short}_iou", value, (names or {}).get(value, ""))
+                    out[key] = float(iou)
         return {k: float(v) for k, v in out.items() if np.isfinite(v)}
 
     def summary(self) -> dict:

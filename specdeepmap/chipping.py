@@ -276,8 +276,11 @@ def chip_scene(
         A :class:`ChipReport` with counts and the manifest's URI.
 
     Raises:
-        InvalidParameterError, InputMismatchError, InvalidLabelError, MissingInputError,
-        UnreadableInputError.
+        InputMismatchError: image and labels differ in grid, CRS or size, or the classes
+            file disagrees with classes already in ``out_uri``.
+        InvalidLabelError: the labels hold values that are not classes 0-255.
+        MissingInputError: an input does not exist.
+        UnreadableInputError: an input is not a raster (or a classes file is unreadable).
     """
     started = time.perf_counter()
     scene = storage.stem(image_uri)

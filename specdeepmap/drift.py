@@ -4,8 +4,8 @@ A model carries its training statistics (per-band mean and standard deviation af
 scaler, :class:`~specdeepmap.normalization.Normalization`) and, since 2026-12, a reference of
 its own output on its validation chips (class shares and the share of low-confidence pixels,
 :func:`output_reference`). The mapper accumulates the same figures for the scene it maps
-(:class:`SceneStatistics`, on a regular sample of the valid, unmasked pixels, and
-:class:`OutputStatistics`, on every classified pixel) and :func:`judge` compares them:
+(:class:`SceneStatistics` and :class:`OutputStatistics`, on regular samples of the valid,
+unmasked pixels; :mod:`specdeepmap.scene_quality`) and :func:`judge` compares them:
 
 * **input**: each band's mean shift in training standard deviations (the median over the
   bands, robust to a single odd band), and a straight-line fit of the scene's band means
@@ -44,8 +44,6 @@ THRESHOLDS = {
     "class_share_js": 0.2,  # Jensen-Shannon divergence of class shares (base 2)
     "low_confidence_extra": 0.25,  # low-confidence share above the validation chips' by this
 }
-#: every n-th pixel along rows and columns feeds the input statistics
-SAMPLE_STEP = 4
 
 
 @dataclass
@@ -63,11 +61,9 @@ class SceneStatistics:
         self.total = np.zeros(self.bands)
         self.squares = np.zeros(self.bands)
 
-    def add(self, span: np.ndarray, valid: np.ndarray | None) -> None:
-        """Add a (bands, rows, cols) block's valid pixels, every :data:`SAMPLE_STEP`-th."""
-        sample = span[:, ::SAMPLE_STEP, ::SAMPLE_STEP].reshape(self.bands, -1).astype(np.float64)
-        if valid is not None:
-            sample = sample[:, valid[::SAMPLE_STEP, ::SAMPLE_STEP].ravel()]
+    def add(self, pixels: np.ndarray) -> None:
+        """Add valid pixels, (bands, n) raw values (a sample of the scene's)."""
+        sample = pixels.reshape(self.bands, -1).astype(np.float64)
         if self.scaler:
             sample = sample / self.scaler
         finite = np.isfinite(sample)

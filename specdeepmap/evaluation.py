@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -78,14 +79,16 @@ def metrics_from_matrix(
 ) -> Metrics:
     """IoU, precision, recall, F1 per class, overall accuracy and mean IoU.
 
-    Classes with neither truth nor prediction get NaN and are left out of the mean.
+    Classes with neither truth nor prediction get NaN and are left out of the mean. A class
+    that occurs but is never predicted has precision 0 (none of its predictions is right, as
+    none was made), not NaN: a reviewer sees a number, and :func:`never_predicted` names it.
     """
     m = matrix.astype(np.float64)
     tp = np.diag(m)
     truth, pred = m.sum(axis=1), m.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = tp / (truth + pred - tp)
-        precision = tp / pred
+        precision = np.where((pred == 0) & (truth > 0), 0.0, tp / pred)
         recall = tp / truth
         f1 = 2 * precision * recall / (precision + recall)
         f1 = np.where((tp == 0) & (truth + pred > 0), 0.0, f1)
@@ -101,6 +104,20 @@ def metrics_from_matrix(
         mean_iou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
         chip_matrices=chip_matrices,
     )
+
+
+def never_predicted(metrics: Metrics) -> list[int]:
+    """Class values that occur in the truth but that the model never predicted."""
+    truth, pred = metrics.matrix.sum(axis=1), metrics.matrix.sum(axis=0)
+    return [v for v, t, p in zip(metrics.class_values, truth, pred, strict=True) if t and not p]
+
+
+def metric_name(kind: str, value: int, name: str) -> str:
+    """An MLflow metric name for one class: ``test_iou_class_3_water`` (the value alone
+    when the class has no name).
+    """
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    return f"{kind}_class_{value}" + (f"_{slug}" if slug and slug != str(value) else "")
 
 
 def accumulate(
@@ -311,6 +328,8 @@ class EvaluationReport:
     versus_baseline: Difference | None = None
     #: how far the test chips touch training chips (from the dataset's ``split.json``)
     split_leakage: Leakage | None = None
+    #: the model's class names by value
+    class_names: dict[int, str] = field(default_factory=dict)
 
 
 def evaluate_model(
@@ -455,6 +474,7 @@ def evaluate_model(
         predictions=exported,
         versus_baseline=versus,
         split_leakage=leakage,
+        class_names={v: predictor.classes.name(v) for v in class_values},
     )
     if versus is not None:
         log.info(versus.sentence("The model", "the RandomForest baseline"))
@@ -504,7 +524,8 @@ def _log_to_mlflow(
     for name, values in (("iou", m.iou), ("precision", m.precision), ("recall", m.recall)):
         for c, v in zip(m.class_values, values, strict=True):
             if np.isfinite(v):
-                client.log_metric(run_id, f"test_{name}_class_{c}", float(v))
+                key = metric_name(f"test_{name}", c, report.class_names.get(c, ""))
+                client.log_metric(run_id, key, float(v))
     with tempfile.TemporaryDirectory() as tmp:  # S3 outputs are logged from a local copy
         for uri in (
             report.iou_csv,

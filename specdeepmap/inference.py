@@ -2,9 +2,10 @@
 
 A model file is plain data plus tensors, loaded with ``torch.load(weights_only=True)`` so that it
 can never run code: either a Lightning checkpoint written by the Trainer (``*.ckpt``, the config
-under ``hyper_parameters["config"]``) or an exported ``model.pt`` (``{"format", "config",
-"state_dict"}``). The config says everything inference needs: architecture, backbone, bands,
-class values, ignore index, normalisation and tile size.
+under ``hyper_parameters["config"]``), an exported ``model.pt`` (``{"format", "config",
+"state_dict"}``), or a checkpoint of SpecDeepMap's Trainer, read without running its pickled
+objects (:mod:`specdeepmap.foreign`). The config says everything inference needs:
+architecture, backbone, bands, class values, ignore index, normalisation and tile size.
 
 Model URIs: a local path, ``s3://…``, or an MLflow registry URI ``models:/NAME/VERSION`` or
 ``models:/NAME@ALIAS`` (the registered model carries the model file as an artifact).
@@ -119,7 +120,19 @@ def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
     The tensors are loaded straight from the (local or cached) file, not from a copy of its
     bytes in memory, so loading holds the weights once.
     """
-    obj = load_plain_data(local_model_file(uri), uri)
+    path = local_model_file(uri)
+    try:
+        obj = load_plain_data(path, uri)
+    except UnsafeModelFileError as refusal:  # SpecDeepMap's checkpoints pickle a few objects
+        from specdeepmap import foreign
+
+        try:
+            obj = foreign.load_checkpoint(path)
+        except Exception:  # noqa: BLE001 - any other object: the first refusal stands
+            raise refusal from None
+        if not foreign.is_specdeepmap_checkpoint(obj):
+            raise refusal from None
+        return foreign.to_model_file(obj, uri)
     if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
         return obj["config"], obj["state_dict"]
     if isinstance(obj, dict) and "config" in (obj.get("hyper_parameters") or {}):

@@ -76,8 +76,10 @@ class MapReport:
     masked_share: float = 0.0  #: share of the pixels with data that the mask flagged
     #: why the scene was not mapped (almost all of it masked); nothing was written
     skipped: str | None = None
-    #: seconds spent on the quality mask and the verdict (part of ``seconds``)
+    #: seconds the quality mask and the verdict took on the mapping's main thread (part of
+    #: ``seconds``), and reading the mask in the reader thread (beside the network's work)
     guard_seconds: float = 0.0
+    mask_read_seconds: float = 0.0
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -456,6 +458,7 @@ def map_scene(
         quality_uri=quality_uri,
         masked_share=quality.masked_share,
         guard_seconds=quality.seconds,
+        mask_read_seconds=quality.reader_seconds,
     )
     if gt_uri is not None:
         metrics = metrics_from_matrix(matrix, [int(v) for v in values])
@@ -739,11 +742,13 @@ def _stream(
                     }
                 for name, dst in extra_out.items():
                     data = np.round(scaled[name] * 255).astype(np.uint8)
-                    data[:, (classes == 0) | masked] = 0
+                    data[:, (classes == 0) if masked is None else (classes == 0) | masked] = 0
                     dst.write(data, window=final_window)
                 if gt is not None:
                     truth = gt.read(1, window=final_window)
-                    scored = np.where(masked, 0, classes).astype(np.int64)  # masked: not scored
+                    scored = (classes if masked is None else np.where(masked, 0, classes)).astype(
+                        np.int64
+                    )  # masked pixels are not scored
                     accumulate(matrix, truth.astype(np.int64), scored, class_values)
             out.update_tags(**tags)
             out.write_colormap(1, classes_schema.colormap(legend_values))

@@ -97,8 +97,18 @@ def check_masks(mask: QualityMask, scene) -> float:
             _check_mask(uri, src, mask.values, scene)
     shape = (min(scene.height, 512), min(scene.width, 512))
     flagged = np.zeros(shape, bool)
-    with MaskReader(mask, scene) as reader:
-        for vrt in reader._vrts:
+    for uri in mask.uris:
+        with (
+            storage.open_raster(uri) as src,
+            WarpedVRT(
+                src,
+                crs=scene.crs or src.crs,
+                transform=scene.transform,
+                width=scene.width,
+                height=scene.height,
+                resampling=Resampling.nearest,
+            ) as vrt,
+        ):
             flagged |= np.isin(vrt.read(1, out_shape=shape), mask.values)
     if not flagged.any():
         warnings.warn(
@@ -144,30 +154,36 @@ def _check_mask(uri: str, src, values: tuple[int, ...], scene) -> None:
 class MaskReader:
     """Reads the combined mask of scene windows (True: masked), resampled to the scene grid.
 
-    Use as a context manager, in the thread that reads the scene.
+    A mask on the scene's grid or on a coarser grid that nests it (e.g. Sentinel-2's 20 m SCL
+    over a 10 m scene: each mask pixel covers 2 × 2 scene pixels) is read at its own
+    resolution and repeated, which is nearest resampling without GDAL's warper; any other
+    grid goes through a warped VRT. Use as a context manager, in the thread that reads the
+    scene.
     """
 
     def __init__(self, mask: QualityMask, scene) -> None:
         self.mask = mask
         self.scene = scene
         self._stack = contextlib.ExitStack()
-        self._vrts: list = []
+        self._sources: list[tuple] = []  # ("nested", src, k, dx, dy) or ("warped", vrt)
+        self._table: np.ndarray | None = None
 
     def __enter__(self) -> MaskReader:
         for uri in self.mask.uris:
             src = self._stack.enter_context(storage.open_raster(uri))
-            self._vrts.append(
-                self._stack.enter_context(
-                    WarpedVRT(
-                        src,
-                        crs=self.scene.crs or src.crs,
-                        transform=self.scene.transform,
-                        width=self.scene.width,
-                        height=self.scene.height,
-                        resampling=Resampling.nearest,
-                    )
-                )
+            nested = _nesting(src.transform, self.scene.transform)
+            if nested is not None:
+                self._sources.append(("nested", src, *nested))
+                continue
+            vrt = WarpedVRT(
+                src,
+                crs=self.scene.crs or src.crs,
+                transform=self.scene.transform,
+                width=self.scene.width,
+                height=self.scene.height,
+                resampling=Resampling.nearest,
             )
+            self._sources.append(("warped", self._stack.enter_context(vrt)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -182,7 +198,48 @@ class MaskReader:
         w = min(x1, self.scene.width) - x0
         if h <= 0 or w <= 0:
             return out
-        for vrt in self._vrts:
-            data = vrt.read(1, window=Window(x0, y, w, h))
-            out[:h, :w] |= np.isin(data, self.mask.values)
+        for source in self._sources:
+            if source[0] == "warped":
+                data = source[1].read(1, window=Window(x0, y, w, h))
+            else:
+                data = _read_nested(*source[1:], x0, y, w, h)
+            out[:h, :w] |= self._flags(data)
         return out
+
+    def _flags(self, data: np.ndarray) -> np.ndarray:
+        """Flagged pixels: a table lookup for 8- and 16-bit integer masks (SCL, QL layers),
+        several times faster than ``np.isin``, which the other types use.
+        """
+        if data.dtype in (np.uint8, np.uint16):
+            if self._table is None or len(self._table) <= np.iinfo(data.dtype).max:
+                self._table = np.zeros(np.iinfo(data.dtype).max + 1, bool)
+                self._table[[v for v in self.mask.values if 0 <= v < len(self._table)]] = True
+            return self._table[data]
+        return np.isin(data, self.mask.values)
+
+
+def _nesting(mask_transform, scene_transform) -> tuple[int, int, int] | None:
+    """(k, dx, dy) when each mask pixel covers k × k scene pixels on one aligned grid (the
+    scene's pixel (col, row) is the mask's ((col + dx) // k, (row + dy) // k)), else None.
+    """
+    m, t = mask_transform, scene_transform
+    if m.b or m.d or t.b or t.d or not t.a or not t.e:
+        return None
+    k = m.a / t.a
+    dx, dy = (t.c - m.c) / t.a, (t.f - m.f) / t.e
+    if not all(abs(v - round(v)) < 1e-6 for v in (k, m.e / t.e, dx, dy)):
+        return None
+    if round(k) < 1 or round(k) != round(m.e / t.e) or dx < -1e-6 or dy < -1e-6:
+        return None
+    return int(round(k)), int(round(dx)), int(round(dy))
+
+
+def _read_nested(src, k: int, dx: int, dy: int, x0: int, y: int, w: int, h: int) -> np.ndarray:
+    """Scene window (x0, y, w, h) of a nested mask: its pixels read once, repeated k × k."""
+    c0, r0 = (x0 + dx) // k, (y + dy) // k
+    c1, r1 = (x0 + dx + w - 1) // k + 1, (y + dy + h - 1) // k + 1
+    data = src.read(1, window=Window(c0, r0, c1 - c0, r1 - r0), boundless=True, fill_value=0)
+    if k > 1:
+        data = np.repeat(np.repeat(data, k, axis=0), k, axis=1)
+    top, left = (y + dy) - r0 * k, (x0 + dx) - c0 * k
+    return data[top : top + h, left : left + w]

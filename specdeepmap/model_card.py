@@ -138,7 +138,8 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
     ``scores``: ``val``, ``test``, ``baseline_val``, ``baseline_test``, ``champion_version``,
     ``champion_test``, ``alias``, ``alias_reason``, ``run_id``, ``val_epochs`` and
     ``val_median`` (the validated epochs and their median IoU), ``baseline_difference``
-    (:meth:`comparison.Difference.to_dict` on the test chips); any may be missing.
+    and ``champion_difference`` (:meth:`comparison.Difference.to_dict` on the test chips);
+    any may be missing.
 
     The validation IoU chose the checkpoint (the best of the validated epochs), so on a few
     validation chips it overstates the model: on the shared EnMAP set the best epoch scored
@@ -169,13 +170,12 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
         rows[0].append(None)
         rows[1].append(scores.get("champion_test"))
     lines += _table(header, rows) + [""]
-    if scores.get("baseline_difference"):
-        lines += [
-            Difference.from_dict(scores["baseline_difference"]).sentence(
-                "This model", "the RandomForest"
-            ),
-            "",
-        ]
+    for key, other in (
+        ("baseline_difference", "the RandomForest"),
+        ("champion_difference", f"champion v{champion}"),
+    ):
+        if scores.get(key):
+            lines += [Difference.from_dict(scores[key]).sentence("This model", other), ""]
     if facts.get("leakage"):  # how honest the comparison is
         leakage = Leakage.from_dict(facts["leakage"])
         lines += [
@@ -315,14 +315,23 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
-def prediction_panels(test_csv: str, predictor, png_uri: str, count: int = 4) -> str | None:
-    """A PNG of a few test chips: image (three bands), label and prediction in the classes'
-    colours. The chips shown are those with the most classes (ties: CSV order).
+def prediction_panels(
+    test_csv: str,
+    predictor,
+    png_uri: str,
+    count: int = 4,
+    others: dict[str, object] | None = None,
+) -> str | None:
+    """A PNG of a few test chips: image (three bands), label, this model's prediction and, side
+    by side, each of ``others`` (label → predictor, e.g. the champion's), in the classes'
+    colours, with a legend of the class names. The chips shown are those with the most
+    classes (ties: CSV order).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     frame = read_csv(test_csv)
     if frame.empty:
@@ -342,25 +351,30 @@ def prediction_panels(test_csv: str, predictor, png_uri: str, count: int = 4) ->
     for i in chosen:
         with storage.open_raster(pairs[i][0]) as src:
             images.append(src.read())
-    predictions = predictor.predict_classes(np.stack(images))
+    models = {"this model": predictor, **(others or {})}
+    predictions = {name: model.predict_classes(np.stack(images)) for name, model in models.items()}
     classes: ClassSchema = predictor.classes
-    fig, axes = plt.subplots(len(chosen), 3, figsize=(7.5, 2.5 * len(chosen)), squeeze=False)
-    for row, (i, image, pred) in enumerate(zip(chosen, images, predictions, strict=True)):
+    columns = 2 + len(models)
+    fig, axes = plt.subplots(
+        len(chosen), columns, figsize=(2.5 * columns, 2.5 * len(chosen) + 0.6), squeeze=False
+    )
+    for row, i in enumerate(chosen):
         truth = labels[i]
-        pred = np.where(truth == 0, 0, pred)  # unlabelled pixels are not judged
-        for col, (title, panel) in enumerate(
-            (
-                ("image", _rgb(image, predictor)),
-                ("label", _colour(truth, classes)),
-                ("prediction", _colour(pred, classes)),
-            )
-        ):
+        panels = [("image", _rgb(images[row], predictor)), ("label", _colour(truth, classes))]
+        for name, predicted in predictions.items():  # unlabelled pixels are not judged
+            panels.append((name, _colour(np.where(truth == 0, 0, predicted[row]), classes)))
+        for col, (title, panel) in enumerate(panels):
             axes[row, col].imshow(panel, interpolation="nearest")
             axes[row, col].set_axis_off()
             axes[row, col].set_title(
                 f"{title}: {storage.stem(pairs[i][0])}" if col == 0 else title, fontsize=7
             )
-    fig.tight_layout()
+    legend = [
+        Patch(color=np.array(classes.info(v).color) / 255, label=classes.name(v))
+        for v in predictor.class_values
+    ]
+    fig.legend(handles=legend, loc="lower center", ncol=min(6, len(legend)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.6 / (2.5 * len(chosen) + 0.6), 1, 1))
     with storage.atomic_output(png_uri) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
@@ -391,6 +405,42 @@ def _colour(labels: np.ndarray, classes: ClassSchema) -> np.ndarray:
     return out
 
 
+def card_html(card: str, folder: str) -> str:
+    """The card as one HTML page with its images embedded (``data:`` URIs).
+
+    MLflow's artifact view renders an HTML artifact, images and all, but shows a Markdown
+    artifact as text, where ``![…](x.png)`` stays a file name; the HTML card is what a
+    reviewer reads in the MLflow UI.
+    """
+    import base64
+    import html
+    import os
+
+    import markdown
+
+    def inline(found: re.Match) -> str:
+        path = os.path.join(folder, found.group(2))
+        if not os.path.isfile(path):
+            return found.group(0)
+        with open(path, "rb") as handle:
+            data = base64.b64encode(handle.read()).decode()
+        return f"![{found.group(1)}](data:image/png;base64,{data})"
+
+    body = markdown.markdown(
+        re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", inline, card), extensions=["tables"]
+    )
+    title = html.escape(card.splitlines()[0].lstrip("# ")) if card else "Model card"
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:60em;margin:1em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+        "img{max-width:100%}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{style}</style></head><body>{body}</body></html>"
+    )
+
+
 def publish_model_card(
     name: str,
     version: str,
@@ -403,13 +453,15 @@ def publish_model_card(
     test_csv: str | None = None,
     facts: dict | None = None,
     client=None,
+    others: dict[str, str] | None = None,
 ) -> str:
     """Write the card of a model version and show it in MLflow; returns the Markdown.
 
     The card and its images go to the run's ``model_card/`` artifacts (replacing an earlier
     card of the same run); its summary becomes the version's description. ``test_folder``
     (the Tester's output) adds the test results and confusion matrix, ``test_csv`` sample
-    prediction panels. ``facts``: :func:`dataset_facts` when the caller has them already.
+    prediction panels (beside this model's, those of ``others``: label → model URI, e.g. the
+    champion's). ``facts``: :func:`dataset_facts` when the caller has them already.
     """
     import tempfile
 
@@ -429,12 +481,14 @@ def publish_model_card(
                 if storage.exists(uri):
                     storage.download(uri, storage.join(folder, image))
                     images.append(image)
+        compared = {label: load_model(uri, "cpu") for label, uri in (others or {}).items()}
         if test_csv and prediction_panels(
-            test_csv, predictor, storage.join(folder, "prediction_panels.png")
+            test_csv, predictor, storage.join(folder, "prediction_panels.png"), others=compared
         ):
             images.append("prediction_panels.png")
         card = model_card(predictor.config, facts, scores, training, test, images)
         storage.write_text(storage.join(folder, "model_card.md"), card)
+        storage.write_text(storage.join(folder, "model_card.html"), card_html(card, folder))
         client.log_artifacts(run_id, folder, artifact_path=CARD_FOLDER)
     client.update_model_version(name, version, description=summary(predictor.config, facts, scores))
     return card

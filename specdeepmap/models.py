@@ -33,7 +33,10 @@ ARCHITECTURES = {
     "unetplusplus": "UnetPlusPlus",
     "deeplabv3plus": "DeepLabV3Plus",
     "segformer": "Segformer",
+    "justo-unet": "JustoUNetSimple",  # ours (below), not smp's
 }
+#: networks without an encoder: no backbone, no pretrained weights, no spectral front-end
+PLAIN_ARCHITECTURES = ("justo-unet",)
 #: SSL4EO-S12 MoCo weights (Wang et al. 2023) as distributed by torchgeo: timm ResNet state
 #: dicts for 13 Sentinel-2 L1C bands (B01…B12 incl. B10), inputs divided by 10 000.
 SENTINEL2_WEIGHTS = {
@@ -127,12 +130,14 @@ def encoder_depth_for(architecture: str, tile: int, requested: int) -> int:
     return requested
 
 
-def spectral_channels_for(bands: int, requested: int) -> int:
+def spectral_channels_for(bands: int, requested: int, architecture: str = "unet") -> int:
     """Width of the spectral front-end: ``requested`` if > 0, none if 0, and for -1 (auto)
     :data:`SPECTRAL_AUTO_CHANNELS` whatever the band count: it cut the first layer's weights
     7-fold for 224 EnMAP bands, and its per-pixel head lifted the rare, spectrally distinct
     classes of 13-band Sentinel-2 data too (docs/recipe.md).
     """
+    if canonical_architecture(architecture) in PLAIN_ARCHITECTURES:
+        return 0 if requested == -1 else requested  # build_model refuses a front-end
     return SPECTRAL_AUTO_CHANNELS if requested == -1 else requested
 
 
@@ -240,8 +245,41 @@ def backbone_encoder(model: nn.Module) -> nn.Module:
     return model.encoder
 
 
+class JustoUNetSimple(nn.Module):
+    """SpecDeepMap's fifth architecture, 2D-Justo-UNet-Simple (after Justo et al.,
+    NTNU-SmallSat-Lab ``s_l_c_segm_hyp_img``): a two-level U-Net without skips, made for
+    hyperspectral chips, with SpecDeepMap's layer names (its checkpoints load as they are).
+
+    conv 3×3 (bands → 6) + BN + ReLU, max-pool 2, conv 3×3 (6 → 12) + BN + ReLU, max-pool 2,
+    nearest ×2, conv 3×3 (12 → 6) + BN + ReLU, nearest ×2, conv 3×3 (6 → classes) + BN. It
+    returns logits: SpecDeepMap's version ended in a softmax that its cross-entropy applied
+    again (a double softmax, defect 16 of ../shared/SPECDEEPMAP.md); the argmax is the same.
+    Chips must be multiples of 4 px.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.enc_conv1 = nn.Conv2d(in_channels, 6, kernel_size=3, padding=1)
+        self.enc_bn1 = nn.BatchNorm2d(6)
+        self.enc_conv2 = nn.Conv2d(6, 12, kernel_size=3, padding=1)
+        self.enc_bn2 = nn.BatchNorm2d(12)
+        self.dec_conv1 = nn.Conv2d(12, 6, kernel_size=3, padding=1)
+        self.dec_bn1 = nn.BatchNorm2d(6)
+        self.dec_conv2 = nn.Conv2d(6, num_classes, kernel_size=3, padding=1)
+        self.dec_bn2 = nn.BatchNorm2d(num_classes)
+
+    @override
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.enc_bn1(self.enc_conv1(x))), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.enc_bn2(self.enc_conv2(x))), 2)
+        x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = torch.relu(self.dec_bn1(self.dec_conv1(x)))
+        x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.dec_bn2(self.dec_conv2(x))
+
+
 def build_model(spec: ModelSpec, imagenet: bool = False) -> nn.Module:
-    """Build an smp segmentation network from its spec.
+    """Build a segmentation network from its spec (smp's, or :class:`JustoUNetSimple`).
 
     Args:
         spec: architecture, backbone, input bands and output classes.
@@ -251,6 +289,15 @@ def build_model(spec: ModelSpec, imagenet: bool = False) -> nn.Module:
     import segmentation_models_pytorch as smp
 
     architecture = canonical_architecture(spec.architecture)
+    if architecture in PLAIN_ARCHITECTURES:
+        if imagenet or spec.spectral_channels:
+            raise InvalidParameterError(
+                f"{architecture} has no encoder: no pretrained weights, no spectral front-end"
+            )
+        model = JustoUNetSimple(spec.in_channels, spec.num_classes)
+        if spec.norm == "group":
+            to_group_norm(model)
+        return model
     check_backbone(spec.backbone)
     cls = getattr(smp, ARCHITECTURES[architecture])
     encoder_bands = spec.spectral_channels or spec.in_channels

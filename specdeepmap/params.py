@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from specdeepmap.errors import InvalidParameterError
 from specdeepmap.masks import QualityMask
 
-Architecture = Literal["unet", "unetplusplus", "deeplabv3plus", "segformer"]
+Architecture = Literal["unet", "unetplusplus", "deeplabv3plus", "segformer", "justo-unet"]
 #: SpecDeepMap's names (and spellings users type) for our architecture names
 ARCHITECTURE_ALIASES = {
     "u-net": "unet",
@@ -34,6 +34,11 @@ ARCHITECTURE_ALIASES = {
     "deeplabv3+": "deeplabv3plus",
     "deeplabv3plus": "deeplabv3plus",
     "segformer": "segformer",
+    # SpecDeepMap's fifth architecture, 2D-Justo-UNet-Simple
+    "justounetsimple": "justo-unet",
+    "2d-justo-unet-simple": "justo-unet",
+    "justo-unet": "justo-unet",
+    "justo": "justo-unet",
 }
 Device = Literal["cpu", "gpu", "auto"]
 
@@ -174,8 +179,9 @@ class TrainParams(StepParams):
 
     architecture: Architecture = Field(
         "unet",
-        description="Segmentation network: unet, unetplusplus, deeplabv3plus, "
-        "segformer (SpecDeepMap's 'U-Net', 'U-Net++', 'DeepLabV3+', 'SegFormer' too).",
+        description="Segmentation network: unet, unetplusplus, deeplabv3plus, segformer, "
+        "justo-unet (SpecDeepMap's 'U-Net', 'U-Net++', 'DeepLabV3+', 'SegFormer', "
+        "'JustoUNetSimple' too; justo-unet: a small U-Net for hyperspectral chips, no backbone).",
     )
     backbone: str = Field(
         "resnet18",
@@ -353,6 +359,8 @@ class TrainParams(StepParams):
 
     @model_validator(mode="after")
     def _recipe(self) -> TrainParams:
+        if self.architecture == "justo-unet" and self.weights not in (None, "none"):
+            raise ValueError("justo-unet has no encoder to take pretrained weights: drop weights")
         if self.distill and self.ensemble < 2:
             raise ValueError(
                 "distill learns from an ensemble's mean: set ensemble >= 2 (e.g. 3) with it"

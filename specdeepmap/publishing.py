@@ -49,10 +49,15 @@ def is_quarantined(map_uri: str) -> bool:
 
 def move_products(map_uri: str, target_map_uri: str) -> str:
     """Move every product of a map that exists (the metrics JSON last); returns the target."""
+    from specdeepmap.stac import CATALOG, relink_item
+
     source, target = _base(map_uri), _base(target_map_uri)
     for suffix in PRODUCT_SUFFIXES:
         if storage.exists(source + suffix):
             storage.move(source + suffix, target + suffix)
+            if suffix == ".json":  # the STAC item: its self link and its catalog moved
+                catalog = ("../" if is_quarantined(target_map_uri) else "./") + CATALOG
+                relink_item(target + suffix, catalog)
     return target_map_uri
 
 
@@ -97,6 +102,14 @@ def done_marker(map_uri: str) -> str | None:
         if storage.exists(_base(uri) + "_metrics.json"):
             return _base(uri) + "_metrics.json"
     return None
+
+
+def mapped_with(map_uri: str, model_uri: str) -> bool:
+    """Whether the scene of ``map_uri`` is mapped already, by ``model_uri`` (published, in
+    quarantine, or skipped as masked).
+    """
+    marker = done_marker(map_uri)
+    return marker is not None and json.loads(storage.read_text(marker)).get("model") == model_uri
 
 
 def unmapped_scenes(

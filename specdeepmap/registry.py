@@ -106,12 +106,31 @@ def record_scores(
         client.set_model_version_tag(name, version, key, value)
 
 
+#: a version holds at most one of these: champion and challenger exclude each other
+EXCLUSIVE = {CHAMPION: CHALLENGER, CHALLENGER: CHAMPION}
+#: version tag keeping the aliases a version held before, with who, when and why (JSON list)
+ALIAS_HISTORY = "alias_history"
+
+
 def set_alias(
     name: str, version: str, alias: str, reason: str, by: str = "", comment: str = "", client=None
 ) -> None:
-    """Move ``alias`` to ``version`` and record who, when and why as version tags."""
+    """Move ``alias`` to ``version`` and record who, when and why as version tags.
+
+    ``champion`` and ``challenger`` are exclusive: the version gives up the other one, and
+    the ``ALIAS_*`` tags of an alias a version no longer holds (the other one, or this one on
+    the version it moves from) move into its ``alias_history`` tag.
+    """
     client = _client(client)
+    previous = _holder(client, name, alias)
     client.set_registered_model_alias(name, alias, version)
+    if previous is not None and previous != str(version):
+        _retire(client, name, previous, alias)
+    other = EXCLUSIVE.get(alias)
+    if other is not None:
+        if _holder(client, name, other) == str(version):
+            client.delete_registered_model_alias(name, other)
+        _retire(client, name, str(version), other)
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     tags = {f"{alias}_since": stamp, f"{alias}_reason": reason}
     if by:
@@ -120,6 +139,33 @@ def set_alias(
         tags[f"{alias}_comment"] = comment
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value[:5000])
+
+
+def _holder(client, name: str, alias: str) -> str | None:
+    """The version holding ``alias`` (None: no version does)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _retire(client, name: str, version: str, alias: str) -> None:
+    """Move a version's ``ALIAS_*`` tags into its alias history (it no longer holds it)."""
+    import json
+
+    tags = client.get_model_version(name, version).tags
+    stale = {k: v for k, v in tags.items() if k.startswith(f"{alias}_")}
+    if not stale:
+        return
+    history = json.loads(tags.get(ALIAS_HISTORY) or "[]")
+    history.append({"alias": alias} | {k[len(alias) + 1 :]: v for k, v in stale.items()})
+    while len(json.dumps(history)) > 5000 and len(history) > 1:  # MLflow's tag value limit
+        history.pop(0)
+    client.set_model_version_tag(name, version, ALIAS_HISTORY, json.dumps(history)[:5000])
+    for key in stale:
+        client.delete_model_version_tag(name, version, key)
 
 
 def promote_if_better(

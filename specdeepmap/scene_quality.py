@@ -20,6 +20,8 @@ from specdeepmap.masks import MaskReader, QualityMask
 
 #: the quality JSON beside a map: ``MAP_quality.json`` for ``MAP.tif``
 QUALITY_SUFFIX = "_quality.json"
+#: every n-th pixel along rows and columns feeds the input / the output statistics
+INPUT_STEP, OUTPUT_STEP = 8, 4
 
 
 @dataclass
@@ -34,8 +36,11 @@ class SceneQuality:
     reader: MaskReader | None = None
     masked: int = 0  #: pixels with data that the mask flagged
     data: int = 0  #: pixels with data (not nodata), masked or not
-    #: time spent masking, counting and judging (its cost, measured by bench_mapping.py)
+    #: time the mapping's main thread spent masking, counting and judging (the guard's cost
+    #: on the critical path, measured by bench_mapping.py)
     seconds: float = 0.0
+    #: time the reader thread spent reading the mask (beside the network's work)
+    reader_seconds: float = 0.0
     scene: SceneStatistics = field(init=False)
     output: OutputStatistics = field(init=False)
 
@@ -49,7 +54,7 @@ class SceneQuality:
             return None
         started = time.perf_counter()
         flagged = self.reader.read(y, x0, x1, rows)
-        self.seconds += time.perf_counter() - started
+        self.reader_seconds += time.perf_counter() - started
         return flagged
 
     def finish(
@@ -58,8 +63,9 @@ class SceneQuality:
         span: np.ndarray,
         flagged: np.ndarray | None,
         scores: np.ndarray,
-    ) -> np.ndarray:
-        """Mask and count a block of finished pixels; returns the masked pixels (bool).
+    ) -> np.ndarray | None:
+        """Mask and count a block of finished pixels; returns the masked pixels (bool), None
+        without a mask.
 
         Args:
             classes: the block's class values, 0 where nodata; masked pixels get
@@ -70,19 +76,28 @@ class SceneQuality:
                 blending weight sum.
         """
         started = time.perf_counter()
-        data = classes != 0
-        masked = flagged & data if flagged is not None else np.zeros_like(data)
-        classes[masked] = self.masked_value
-        valid = data & ~masked
-        self.data += int(np.count_nonzero(data))
-        self.masked += int(np.count_nonzero(masked))
-        self.scene.add(span, valid)
-        # the output statistics on every second pixel both ways (a quarter of the cost)
-        sample = scores[:, ::2, ::2]
+        masked = None
+        if flagged is not None:  # full-resolution work only where there is a mask
+            masked = flagged & (classes != 0)
+            classes[masked] = self.masked_value
+            self.masked += int(np.count_nonzero(masked))
+        self.data += int(np.count_nonzero(classes))
+        # the statistics on a regular sample: every INPUT_STEP-th pixel of the input, every
+        # OUTPUT_STEP-th of the output, both ways (a 512 x 512 block gives 4 096 and 16 384)
+        step = INPUT_STEP
+        valid = classes[::step, ::step] != 0
+        if masked is not None:
+            valid &= ~masked[::step, ::step]
+        self.scene.add(span[:, ::step, ::step][:, valid])
+        step = OUTPUT_STEP
+        valid = classes[::step, ::step] != 0
+        if masked is not None:
+            valid &= ~masked[::step, ::step]
+        sample = scores[:, ::step, ::step]
         k = sample.shape[0] - 1
         with np.errstate(invalid="ignore", divide="ignore"):
             confidence = sample[:k].max(axis=0) / sample[k]
-        self.output.add(sample[:k].argmax(axis=0), confidence, valid[::2, ::2])
+        self.output.add(sample[:k].argmax(axis=0), confidence, valid)
         self.seconds += time.perf_counter() - started
         return masked
 

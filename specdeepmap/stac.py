@@ -29,6 +29,7 @@ PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.
 COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
 ITEM_SUFFIX = ".json"
 CATALOG = "catalog.json"
+CATALOG_RELS = ("self", "root", "parent")
 
 
 def is_item(uri: str) -> bool:
@@ -276,8 +277,26 @@ def write_map_item(
     )
     uri = _item_uri(map_uri)
     data = item.to_dict(include_self_link=False, transform_hrefs=False)
+    data["links"] = catalog_links(uri, "./" + CATALOG) + data["links"]
     storage.write_text(uri, json.dumps(data, indent=2))
     return uri
+
+
+def catalog_links(item_uri: str, catalog_href: str) -> list[dict]:
+    """An item's ``self`` (absolute), ``root`` and ``parent`` (the catalog, relative) links."""
+    return [
+        {"rel": "self", "href": storage.absolute(item_uri), "type": "application/json"},
+        {"rel": "root", "href": catalog_href, "type": "application/json"},
+        {"rel": "parent", "href": catalog_href, "type": "application/json"},
+    ]
+
+
+def relink_item(item_uri: str, catalog_href: str) -> None:
+    """Point a moved item's ``self``, ``root`` and ``parent`` links at its new place."""
+    item = _read_json(item_uri)
+    kept = [link for link in item.get("links", []) if link.get("rel") not in CATALOG_RELS]
+    item["links"] = catalog_links(item_uri, catalog_href) + kept
+    storage.write_text(item_uri, json.dumps(item, indent=2))
 
 
 def _slug(name: str) -> str:

@@ -5,6 +5,7 @@ registration of a trained model as a new model version.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -67,7 +68,8 @@ def log_baseline(baseline: BaselineResult, folder: str, classes: ClassSchema | N
     """Log the baseline's metrics to the active MLflow run and its files under ``baseline/``."""
     import mlflow
 
-    mlflow.log_metrics(baseline.mlflow_metrics())
+    names = {v: classes.name(v) for v in baseline.class_values} if classes else None
+    mlflow.log_metrics(baseline.mlflow_metrics(names))
     write_baseline(baseline, folder, classes=classes)
     mlflow.log_artifacts(folder, artifact_path="baseline")
 
@@ -119,3 +121,37 @@ def register_model(
     if not client.get_registered_model(name).description:
         client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
     return f"models:/{name}/{version}", version
+
+
+def register_imported(
+    model_file: str, config: dict, name: str, card: str, uri: str | None = None
+) -> str:
+    """Register an imported model (:mod:`specdeepmap.foreign`) in its own MLflow run, with
+    its card as the run's ``model_card/model_card.md`` and the version's description.
+
+    Returns ``models:/NAME/VERSION``.
+    """
+    import tempfile
+
+    import mlflow
+
+    ensure_experiment(tracking_uri(uri), "specdeepmap")
+    source = config["imported_from"]["file"]
+    with mlflow.start_run(
+        experiment_id=mlflow.get_experiment_by_name("specdeepmap").experiment_id,
+        run_name=f"import {os.path.basename(source)}",
+        tags={"mlflow.source.name": "specdeepmap import", "imported_from": source},
+    ):
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "model_card.md")
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(card)
+            mlflow.log_artifact(path, artifact_path="model_card")
+        found = re.search(r"val_iou_(\d+\.\d+)", os.path.basename(source))
+        model_uri, version = register_model(
+            model_file, config, name, float(found.group(1)) if found else float("nan"), ""
+        )
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, version, "imported_from", source)
+    client.update_model_version(name, version, description=card)
+    return model_uri

@@ -327,14 +327,22 @@ def prepare(cfg: TrainConfig) -> tuple:
         raise InputMismatchError(
             f"{NORMALIZE_CSV} of {cfg.dataset} has {len(mean)} bands, the chips have {bands}"
         )
-    if height % 32 or width % 32:
+    if canonical_architecture(cfg.architecture) == "justo-unet":
+        if height % 4 or width % 4:
+            raise InputMismatchError(
+                f"Chips of {cfg.dataset} are {width} x {height} px: justo-unet needs multiples "
+                "of 4 (two max-pools)"
+            )
+    elif height % 32 or width % 32:
         log.warning("Chips of %d x %d px: most encoders need sizes divisible by 32", height, width)
     normalization = Normalization(scaler=scaler, mean=mean, std=std, nodata=nodata)
     num_classes = len(info.class_values) + 1
     architecture = canonical_architecture(cfg.architecture)
     # pretrained weights expect the raw bands: no front-end unless one is asked for
     spectral = spectral_channels_for(
-        bands, cfg.spectral_channels if kind == "none" else max(cfg.spectral_channels, 0)
+        bands,
+        cfg.spectral_channels if kind == "none" else max(cfg.spectral_channels, 0),
+        architecture,
     )
     # pretrained encoders keep all their stages unless fewer are asked for
     depth = encoder_depth_for(
@@ -672,6 +680,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 dataset_frame(cfg.dataset),
                 source=cfg.dataset,
                 name=storage.basename(cfg.dataset) or "chips",
+                digest=facts["digest"],  # one digest: the tag's, the card's and MLflow's
             ),
             context="training",
         )

@@ -13,7 +13,7 @@ from specdeepmap import registry, storage
 from specdeepmap.baseline import summary_metrics
 from specdeepmap.chipping import ChipReport, chip_scene
 from specdeepmap.comparison import Difference
-from specdeepmap.evaluation import evaluate_model
+from specdeepmap.evaluation import evaluate_model, never_predicted
 from specdeepmap.leakage import Leakage
 from specdeepmap.model_card import escape_md, publish_model_card
 from specdeepmap.monitoring import log_scenes
@@ -169,20 +169,27 @@ def evaluate_task(
         text += ". " + report.versus_baseline.sentence("The model", "the RandomForest")
     if report.split_leakage is not None and report.split_leakage.leaks:
         text += f"\n\n**The split leaks**: {report.split_leakage.sentence()}"
+    missing = never_predicted(m)
+    if missing:
+        text += "\n\n¹ never predicted on these chips: its precision is 0 (no prediction of it)"
+    rows = [
+        (
+            f"{c} {escape_md(report.class_names.get(c, ''))}".strip(),
+            f"{i:.3f}",
+            f"{b:.3f}",
+            f"{p:.3f}" + ("¹" if c in missing else ""),
+            f"{r:.3f}",
+        )
+        for c, i, b, p, r in zip(
+            m.class_values, m.iou, forest_iou, m.precision, m.recall, strict=True
+        )
+    ]
     create_markdown_artifact(
         key="evaluation",
         description=f"Test metrics of {model_uri}",
         markdown=text
         + "\n\n"
-        + _table(
-            [
-                (c, f"{i:.3f}", f"{b:.3f}", f"{p:.3f}", f"{r:.3f}")
-                for c, i, b, p, r in zip(
-                    m.class_values, m.iou, forest_iou, m.precision, m.recall, strict=True
-                )
-            ],
-            ("class", "IoU", "RandomForest IoU", "precision", "recall"),
-        ),
+        + _table(rows, ("class", "IoU", "RandomForest IoU", "precision", "recall")),
     )
     return {
         "test_mean_iou": m.mean_iou,
@@ -315,6 +322,7 @@ def model_card_task(
         "baseline_val": summary["baseline_rf_val_mean_iou"],
         "baseline_test": summary["baseline_rf_test_mean_iou"],
         "baseline_difference": summary.get("baseline_rf_difference"),
+        "champion_difference": summary.get("champion_difference"),
         "champion_version": summary["champion_version"],
         "champion_test": summary["champion_test_mean_iou_same_chips"],
         "alias": summary["alias"] or "none",
@@ -322,6 +330,12 @@ def model_card_task(
         "run_id": result.run_id,
         **result.selection_scores(),
     }
+    champion = summary["champion_version"]
+    others = (
+        {f"champion v{champion}": f"models:/{name}/{champion}"}
+        if champion and str(champion) != str(result.model_version)
+        else None
+    )
     return publish_model_card(
         name,
         result.model_version,
@@ -332,6 +346,7 @@ def model_card_task(
         result.training,
         evaluation_uri,
         storage.join(dataset, "test_files.csv"),
+        others=others,
     )
 
 

@@ -252,8 +252,10 @@ def _wait_deployment_run(api: str, deployment: str, seconds: float = 300) -> dic
     raise TimeoutError(f"no run of {deployment} within {seconds} s")
 
 
-def _review(api: str, run_input: dict, seconds: float = 420) -> dict:
-    """Wait for the training run's review to pause, then answer its form as the UI does."""
+def _review(api: str, run_input: dict, seconds: float = 420, check=None) -> dict:
+    """Wait for the training run's review to pause, then answer its form as the UI does
+    (``check(paused run)`` first: what a reviewer sees while the run waits).
+    """
     deadline = time.time() + seconds
     while time.time() < deadline:
         response = _patient(
@@ -265,6 +267,8 @@ def _review(api: str, run_input: dict, seconds: float = 420) -> dict:
         )
         if response.status_code < 500 and response.json():
             paused = response.json()[0]
+            if check is not None:
+                check(paused)
             answer = _patient(
                 lambda paused=paused: _API.post(
                     f"{api}/flow_runs/{paused['id']}/resume",
@@ -307,14 +311,36 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
     }
     created = _trigger(platform["api"], "training-pipeline/training-pipeline", params)
     assert created.status_code == 201, created.text
+    client = mlflow.MlflowClient(tracking_uri=platform["tracking"])
+
+    def while_waiting(paused: dict) -> None:
+        """The decision on one screen: the version's description holds the figures, the
+        parent run says that it waits.
+        """
+        version = client.get_model_version("specdeepmap-segmentation", "1")
+        assert "RandomForest" in version.description
+        assert "waiting for a reviewer" in version.description
+        waiting = _patient(
+            lambda: _API.post(
+                f"{platform['api']}/flow_runs/filter",
+                timeout=30,
+                json={"flow_runs": {"name": {"like_": "waiting for a review"}}},
+            )
+        )
+        assert [r["id"] for r in waiting.json()] == [created.json()["id"]]
+
     # the deployment asks for approval: the reviewer approves in the run's form
-    _review(platform["api"], {"approve": True, "reviewer": "rita", "comment": "first model"})
+    _review(
+        platform["api"],
+        {"decision": "approve", "reviewer": "rita", "comment": "first model"},
+        check=while_waiting,
+    )
     run = _wait_run(platform["api"], created.json()["id"])
     assert run["state"]["type"] == "COMPLETED", run["state"]
+    assert "waiting for a review" not in run["name"]  # its own name again once answered
 
     assert storage.exists("s3://platform/work/chips/train_files.csv")
     assert storage.exists("s3://platform/work/evaluation/v1/test_iou.csv")
-    client = mlflow.MlflowClient(tracking_uri=platform["tracking"])
     version = client.get_model_version("specdeepmap-segmentation", "1")
     assert "test_mean_iou" in version.tags and "RandomForest" in version.description
     assert version.tags["champion_by"] == "rita"
@@ -399,6 +425,27 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
     )
     suspect = client.get_metric_history(monitoring[0].info.run_id, "suspect")
     assert sorted(m.value for m in suspect) == [0.0, 0.0, 1.0]  # new_scene, announced, shifted
+
+
+def test_the_documented_event_command_is_accepted(platform):
+    """infrastructure/README.md's curl as an operator pastes it (another event name, so that
+    nothing is mapped): accepted with the stack's credentials, refused without them.
+    """
+    import textwrap
+
+    text = (REPO / "infrastructure" / "README.md").read_text()
+    block = textwrap.dedent(text[text.index("    curl -fsS") :].split("\n\n")[0])
+    command = block.replace("specdeepmap.scene.arrived", "specdeepmap.test.ping")
+    for auth, accepted in ((f"admin:{platform['secrets']['prefect']}", True), ("admin:no", False)):
+        env = {
+            "PATH": os.environ["PATH"],
+            "PREFECT_API_URL": platform["api"],
+            "PREFECT_API_AUTH_STRING": auth,
+        }
+        done = subprocess.run(
+            ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert (done.returncode == 0) is accepted, done.stderr
 
 
 def test_bad_parameters_are_rejected_by_the_api(platform):

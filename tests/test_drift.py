@@ -24,6 +24,7 @@ from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.mapping import map_scene
 from specdeepmap.masks import QualityMask
 from specdeepmap.params import MapParams
+from tests.conftest import write_raster
 
 runner = CliRunner()
 S2 = "s2l1c_brandenburg_osm/s2l1c_T33UUU_20170216_13b_10m.tif"
@@ -42,7 +43,7 @@ def s2_halves(shared_data):
 
 def _verdict(config: dict, scene: np.ndarray):
     stats = SceneStatistics(scene.shape[0], 10000)
-    stats.add(scene, None)
+    stats.add(scene.reshape(scene.shape[0], -1))
     return judge(stats, OutputStatistics(2), config)
 
 
@@ -315,3 +316,37 @@ def test_releasing_a_map_that_is_not_in_quarantine_is_refused(tmp_path):
         from specdeepmap.publishing import release
 
         release(str(tmp_path / "maps" / "x_classes.tif"), "rita", "checked")
+
+
+def test_a_nested_mask_reads_like_gdals_nearest_resampling(tmp_path):
+    """A mask whose pixels each cover 3 x 3 scene pixels, its grid one scene pixel off the
+    scene's origin: read at its own resolution and repeated, it equals GDAL's warp.
+    """
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    from specdeepmap.masks import MaskReader
+
+    scene_transform = Affine(10, 0, 330010, 0, -10, 5822000)
+    scene = write_raster(
+        tmp_path / "scene.tif", np.ones((1, 70, 95), np.uint16), transform=scene_transform
+    )
+    values = np.random.default_rng(3).integers(0, 12, (30, 40)).astype(np.uint8)
+    mask = write_raster(
+        tmp_path / "mask.tif", values, transform=Affine(30, 0, 330000, 0, -30, 5822020)
+    )
+    with rasterio.open(scene) as src, rasterio.open(mask) as m:
+        with MaskReader(QualityMask.build([mask], "s2-scl"), src) as reader:
+            assert reader._sources[0][0] == "nested"
+            got = reader.read(40, 7, 90, 50)
+        with WarpedVRT(
+            m,
+            crs=src.crs,
+            transform=src.transform,
+            width=src.width,
+            height=src.height,
+            resampling=Resampling.nearest,
+        ) as vrt:
+            expected = np.isin(vrt.read(1), (3, 8, 9, 10, 11))[40:70, 7:90]
+    np.testing.assert_array_equal(got[:30], expected)
+    assert expected.any() and not got[30:].any()  # beyond the scene's last row: not masked

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -192,6 +193,12 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(
         assert text in card, text
     images = [a.path for a in client.list_artifacts(summary["run_id"], "model_card")]
     assert {"model_card/prediction_panels.png", "model_card/confusion_matrix.png"} <= set(images)
+    # the HTML card MLflow renders: its images inside it, the same tables
+    page = open(client.download_artifacts(summary["run_id"], "model_card/model_card.html")).read()
+    sources = re.findall(r'<img[^>]*src="([^"]+)"', page)
+    assert len(sources) == len([p for p in images if p.endswith(".png")])
+    assert all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "<td>water</td>" in page and facts["digest"] in page
     inputs = client.get_run(summary["run_id"]).inputs.dataset_inputs
     assert inputs and inputs[0].dataset.source and "chips" in inputs[0].dataset.source
     run_tags = client.get_run(summary["run_id"]).data.tags
@@ -514,6 +521,20 @@ def test_a_suspect_map_is_quarantined_then_released(prefect_api, trained, datase
     quality = item["properties"]["specdeepmap:quality"]
     assert quality["verdict"] == "suspect" and "shifted by +" in quality["reasons"][0]
     assert item["assets"]["confidence"]["href"] == "shifted_classes_confidence.tif"
+    links = {link["rel"]: link["href"] for link in item["links"]}
+    assert links["self"] == str(maps / "quarantine" / "shifted_classes.json")
+    assert links["parent"] == links["root"] == "../catalog.json"
+    # the same scenes announced again: nothing is mapped twice by one model version
+    first = (maps / "plain_classes_metrics.json").read_text()
+    again = map_flow(
+        MapFlowParams(
+            model_uri=result.model_file,
+            output_uri=str(maps),
+            input_prefix=str(tmp_path / "in"),
+            map=MapParams(device="cpu"),
+        )
+    )
+    assert again == [] and (maps / "plain_classes_metrics.json").read_text() == first
     # a quarantined scene counts as mapped: the next scheduled run leaves it alone
     assert unmapped_scenes(str(tmp_path / "in"), str(maps)) == []
 
@@ -521,6 +542,8 @@ def test_a_suspect_map_is_quarantined_then_released(prefect_api, trained, datase
     assert published == str(maps / "shifted_classes.tif") and not held.exists()
     item = json.loads((maps / "shifted_classes.json").read_text())
     assert item["properties"]["specdeepmap:release"]["by"] == "rita"
+    links = {link["rel"]: link["href"] for link in item["links"]}
+    assert links["self"] == str(maps / "shifted_classes.json") and links["root"] == "./catalog.json"
     assert "shifted_classes.json" in (maps / "catalog.json").read_text()
     assert unmapped_scenes(str(tmp_path / "in"), str(maps)) == []
 
@@ -550,6 +573,10 @@ def _answer_review(flow_run_name_contains: str, run_input: dict, seconds: float 
             )
             paused = [r for r in paused if r.state.state_details.run_input_keyset]
             if paused:
+                if "decision" in run_input:  # a form sent without a choice is refused
+                    undecided = {k: v for k, v in run_input.items() if k != "decision"}
+                    with pytest.raises(RuntimeError, match="Cannot resume"):
+                        resume_flow_run(paused[0].id, run_input=undecided)
                 resume_flow_run(paused[0].id, run_input=run_input)
                 return paused[0]
             time.sleep(0.5)
@@ -591,15 +618,26 @@ def test_a_reviewer_approves_or_rejects_through_the_prefect_api(
         )
     )
     worker.start()
-    _answer_review("review", {"approve": approve, "reviewer": "rita", "comment": "checked"})
+    answer = {"decision": "approve" if approve else "reject", "reviewer": "rita"}
+    _answer_review("review", answer | {"comment": "checked"})
     worker.join(timeout=120)
     assert result["approved"] is approve and result["reviewer"] == "rita"
     champion = str(client.get_model_version_by_alias("reviewed", "champion").version)
     assert champion == (second if approve else first)
-    tags = client.get_model_version("reviewed", second).tags
+    version = client.get_model_version("reviewed", second)
     alias = "champion" if approve else "challenger"
-    assert tags[f"{alias}_by"] == "rita" and tags[f"{alias}_comment"] == "checked"
-    assert ("approved" if approve else "rejected") in tags[f"{alias}_reason"]
+    assert version.tags[f"{alias}_by"] == "rita" and version.tags[f"{alias}_comment"] == "checked"
+    assert ("approved" if approve else "rejected") in version.tags[f"{alias}_reason"]
+    # champion and challenger exclude each other; the alias given up is history
+    assert version.aliases == [alias]
+    if approve:
+        assert not [k for k in version.tags if k.startswith("challenger_")]
+        history = json.loads(version.tags["alias_history"])
+        assert history[-1]["alias"] == "challenger"
+        assert history[-1]["reason"].startswith("waiting for a reviewer")
+        old = client.get_model_version("reviewed", first)
+        assert old.aliases == [] and "champion_since" not in old.tags
+        assert json.loads(old.tags["alias_history"])[-1]["alias"] == "champion"
 
 
 def test_training_pipeline_refuses_impossible_labels_before_chipping(

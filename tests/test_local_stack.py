@@ -107,6 +107,18 @@ def test_start_twice_runs_each_service_once(stack):
         assert cfg[name] and cfg[name] not in stack["first_start"] + again  # start never says
 
 
+def test_env_and_status_know_the_running_stacks_ports(stack):
+    """A shell without the custom ports gets the running stack's, not the defaults."""
+    plain = {k: v for k, v in stack["env"].items() if k not in stack["ports"]}
+    cfg = _exports(plain)
+    assert cfg["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{stack['ports']['S3_PORT']}"
+    assert cfg["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{stack['ports']['MLFLOW_PORT']}"
+    assert cfg["PREFECT_API_URL"] == f"http://127.0.0.1:{stack['ports']['PREFECT_PORT']}/api"
+    status = _script(plain, "status")
+    for name, key in (("s3", "S3_PORT"), ("mlflow", "MLFLOW_PORT"), ("prefect", "PREFECT_PORT")):
+        assert f"{name} running" in status and f"127.0.0.1:{stack['ports'][key]}" in status
+
+
 def test_every_api_refuses_strangers_and_serves_the_stack(stack):
     """Prefect, MLflow and S3: refused without the stack's credentials, served with them."""
     import boto3

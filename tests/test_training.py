@@ -134,6 +134,8 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     assert version.tags["dataset"] == config.dataset and "specdeepmap_version" in version.tags
     artifacts = [a.path for a in client.list_artifacts(result.run_id, "dataset")]
     assert "dataset/Summary_train_val.csv" in artifacts
+    # one digest of the dataset: MLflow's Datasets panel shows the tag's (and the card's)
+    assert run.inputs.dataset_inputs[0].dataset.digest == run.data.tags["dataset_digest"]
     assert (
         run.data.params["split_seed"] == "42"
         and float(run.data.params["split_train_percent"]) == 70
@@ -468,3 +470,17 @@ def test_a_registered_model_whose_files_are_gone_says_so(tmp_path):
         assert not isinstance(unknown.value, MissingInputError)
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+def test_a_class_never_predicted_has_precision_zero_and_is_named():
+    from specdeepmap.evaluation import metric_name, never_predicted
+
+    # truth rows, prediction columns: class 2 occurs 5 times and is never predicted; class 3
+    # neither occurs nor is predicted
+    matrix = np.array([[8, 0, 0], [5, 0, 0], [0, 0, 0]])
+    m = metrics_from_matrix(matrix, [1, 2, 3])
+    assert m.precision[0] == pytest.approx(8 / 13) and m.precision[1] == 0.0
+    assert np.isnan(m.precision[2]) and np.isnan(m.iou[2])
+    assert never_predicted(m) == [2]
+    assert metric_name("test_iou", 2, "Mixed forest") == "test_iou_class_2_mixed_forest"
+    assert metric_name("test_iou", 2, "2") == "test_iou_class_2"

@@ -155,3 +155,32 @@ def promote(
     console.print(
         f"{name} version {version} is now {alias}{' (forced)' if forced else ''}: {decision.reason}"
     )
+
+
+@app.command("import")
+@errors_to_exit
+def import_cmd(
+    checkpoint: Annotated[
+        str, typer.Argument(help="A checkpoint of SpecDeepMap's Trainer (.ckpt).")
+    ],
+    out: Annotated[str, typer.Argument(help="The model file to write (model.pt format).")],
+    registered_model: Annotated[
+        str | None, typer.Option(help="Also register it in MLflow under this name.")
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help=TRACKING_HELP)] = None,
+) -> None:
+    """Import a SpecDeepMap checkpoint: read without running its pickled objects, written as
+    a specdeepmap model file that test, map and promote take (and registered, if asked).
+    """
+    from specdeepmap.foreign import convert, import_card
+
+    config = convert(checkpoint, out)
+    console.print(
+        f"{out}: {config['architecture']}, {config['in_channels']} bands, classes "
+        f"{config['class_values']}, {config['tile_size'][1]} px chips"
+    )
+    if registered_model:
+        from specdeepmap.tracking import register_imported
+
+        uri = register_imported(out, config, registered_model, import_card(config), tracking_uri)
+        print(f"model_uri: {uri}")

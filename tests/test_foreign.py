@@ -1,0 +1,174 @@
+"""SpecDeepMap checkpoints in: read without running pickled code, mapped to our model files,
+scored with our Tester on the shipped EnMAP chips; SpecDeepMap's Justo U-Net trains here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from specdeepmap.cli import app
+from specdeepmap.errors import UnsafeModelFileError
+from specdeepmap.inference import load_model, read_model_file
+from specdeepmap.models import JustoUNetSimple
+
+runner = CliRunner()
+SHIPPED = "enmap_potsdam/00049-val_iou_0.3325.ckpt"
+
+
+def test_the_shipped_checkpoint_is_read_as_data(shared_data):
+    config, state = read_model_file(str(shared_data / SHIPPED))
+    assert config["architecture"] == "justo-unet" and config["in_channels"] == 224
+    assert config["class_values"] == [1, 2, 3, 4, 5, 6] and config["num_classes"] == 7
+    assert config["tile_size"] == [32, 32] and config["normalization"]["scaler"] is None
+    assert config["imported_from"]["epoch"] == 49
+    network = JustoUNetSimple(224, 7)
+    network.load_state_dict(state, strict=True)  # SpecDeepMap's layer names, every tensor
+
+
+class Marker:
+    """Unpickling this would create a file: a crafted checkpoint must not."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(shared_data, tmp_path):
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "crafted.ckpt"
+    # SpecDeepMap's hyper-parameters, its foreign objects, and one object that runs code
+    hyper = {
+        "in_channels": 3,
+        "architecture": "JustoUNetSimple",
+        "classes": 3,
+        "img_x": 32,
+        "img_y": 32,
+        "class_values": [1, 2],
+        "payload": Marker(str(marker)),
+    }
+    torch.save({"state_dict": {}, "hyper_parameters": hyper}, crafted)
+    with pytest.raises(UnsafeModelFileError, match="refusing to unpickle"):
+        read_model_file(str(crafted))
+    assert not marker.exists()
+    done = runner.invoke(app, ["import", str(crafted), str(tmp_path / "m.pt")])
+    assert done.exit_code == 2 and "refusing to unpickle" in done.output
+    assert not marker.exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_the_shipped_checkpoint_is_scored_by_our_tester(shared_data, enmap_folder, tmp_path):
+    """Our Tester runs SpecDeepMap's checkpoint; its classes agree with SpecDeepMap's own
+    prediction (softmax over all seven channels, background included) wherever that
+    prediction is a class.
+    """
+    from specdeepmap.data import read_chip_list
+    from specdeepmap.evaluation import evaluate_model
+    from specdeepmap.params import EvaluateParams
+
+    checkpoint = str(shared_data / SHIPPED)
+    test_csv = str(enmap_folder / "test_files.csv")
+    report = evaluate_model(
+        test_csv,
+        checkpoint,
+        str(tmp_path / "test"),
+        EvaluateParams(device="cpu"),
+        log_to_mlflow=False,
+    )
+    assert 0.2 < report.metrics.mean_iou < 0.6  # recorded in docs/interop.md
+    predictor = load_model(checkpoint, "cpu")
+    import rasterio
+
+    images = []
+    for image_uri, _ in read_chip_list(test_csv):
+        with rasterio.open(image_uri) as src:
+            images.append(src.read().astype(np.float32))
+    batch = torch.from_numpy(np.stack(images))
+    with torch.no_grad():
+        logits = predictor.model(batch)
+    theirs = torch.softmax(torch.softmax(logits, 1), 1).argmax(1).numpy()  # their double softmax
+    ours = predictor.predict_classes(np.stack(images))
+    classes = theirs > 0
+    assert (ours[classes] == theirs[classes]).mean() == 1.0
+    written = json.loads((tmp_path / "test" / "test_metrics.json").read_text())
+    assert written["mean_iou"] == pytest.approx(report.metrics.mean_iou)
+
+
+def test_import_writes_a_model_file_and_registers_it(shared_data, tmp_path, monkeypatch):
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    try:
+        done = runner.invoke(
+            app,
+            [
+                "import",
+                str(shared_data / SHIPPED),
+                str(tmp_path / "m.pt"),
+                "--registered-model",
+                "from-enmapbox",
+                "--tracking-uri",
+                store,
+            ],
+        )
+        assert done.exit_code == 0, done.output
+        assert "justo-unet, 224 bands" in done.output
+        saved = torch.load(tmp_path / "m.pt", weights_only=True)
+        assert saved["config"]["imported_from"]["file"].endswith(SHIPPED.split("/")[1])
+        client = mlflow.MlflowClient(store)
+        version = client.get_model_version("from-enmapbox", "1")
+        assert version.tags["imported_from"].endswith(".ckpt")
+        assert "Not carried over" in version.description
+        assert version.tags["val_iou"] == "0.3325"
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_a_justo_unet_trains_and_maps_here(dataset, tmp_path):
+    from specdeepmap.mapping import map_scene
+    from specdeepmap.params import MapParams
+    from specdeepmap.training import TrainConfig, train
+
+    config = TrainConfig(
+        dataset=str(dataset / "chips"),
+        out=str(tmp_path / "run"),
+        architecture="JustoUNetSimple",
+        epochs=2,
+        batch_size=8,
+        device="cpu",
+        baseline=False,
+        registered_model=None,
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+    )
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    try:
+        result = train(config)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    saved = torch.load(result.model_file, weights_only=True)
+    assert saved["config"]["architecture"] == "justo-unet"
+    assert saved["config"]["spectral_channels"] == 0
+    assert set(saved["state_dict"]) >= {"enc_conv1.weight", "dec_bn2.running_var"}
+    report = map_scene(
+        str(dataset / "scene" / "demo_s2.tif"),
+        result.model_file,
+        str(tmp_path / "map.tif"),
+        MapParams(device="cpu", precision="int8"),
+    )
+    assert report.windows >= 1
+
+
+def test_justo_unet_refuses_pretrained_weights():
+    from specdeepmap.errors import InvalidParameterError
+    from specdeepmap.params import TrainParams
+
+    with pytest.raises(InvalidParameterError, match="no encoder"):
+        TrainParams(architecture="justo-unet", weights="imagenet")
