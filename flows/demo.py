@@ -67,6 +67,7 @@ def main() -> None:
             model_uri=summary["model_uri"],
             output_uri=os.path.join(out, "maps"),
             scenes=[scene.image_uri],
+            force=True,  # the demo maps its scene on every run
         )
     )
     uri = os.environ["MLFLOW_TRACKING_URI"]
@@ -77,6 +78,7 @@ test mean IoU {summary["test_mean_iou"]:.3f} (pooled pixels; RandomForest baseli
 Chips and dataset CSVs: {out}/chips
 Test metrics:           {out}/evaluation/v{summary["version"]}
 Class map (COG):        {maps[0]["classes"]}
+Verdict of the scene:   {maps[0]["verdict"]} {"; ".join(maps[0]["reasons"])}
 Quicklook:              {maps[0]["quicklook"]}
 STAC item of the map:   {maps[0]["stac_item"]}
 Model card:             MLflow run {summary["run_id"]}, artifact model_card/model_card.md
