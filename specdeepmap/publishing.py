@@ -82,16 +82,28 @@ def release(map_uri: str, by: str, reason: str) -> str:
     if not storage.exists(held):
         raise MissingInputError(f"No quarantined map at {held}")
     published = storage.join(storage.parent(storage.parent(held)), storage.basename(held))
+    record = {
+        "by": by,
+        "reason": reason,
+        "datetime": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+    }
     item_uri = _base(held) + ".json"
     if storage.exists(item_uri):
         item = json.loads(storage.read_text(item_uri))
-        item["properties"]["specdeepmap:release"] = {
-            "by": by,
-            "reason": reason,
-            "datetime": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
-        }
+        item["properties"]["specdeepmap:release"] = record
         storage.write_text(item_uri, json.dumps(item, indent=2))
     move_products(held, published)
+    metrics_uri = _base(published) + "_metrics.json"
+    if storage.exists(metrics_uri):  # the done marker says where the map is now, and why
+        base = _base(published)
+        metrics = json.loads(storage.read_text(metrics_uri)) | {
+            "output": published,
+            "quicklook": base + "_quicklook.png",
+            "stac_item": base + ".json",
+            "quarantined": False,
+            "released": record,
+        }
+        storage.write_text(metrics_uri, json.dumps(metrics, indent=2))
     update_catalog(storage.parent(published))
     return published
 

@@ -542,6 +542,9 @@ def test_a_suspect_map_is_quarantined_then_released(prefect_api, trained, datase
     assert published == str(maps / "shifted_classes.tif") and not held.exists()
     item = json.loads((maps / "shifted_classes.json").read_text())
     assert item["properties"]["specdeepmap:release"]["by"] == "rita"
+    metrics = json.loads((maps / "shifted_classes_metrics.json").read_text())
+    assert metrics["output"] == published and metrics["quarantined"] is False
+    assert metrics["released"]["reason"] == "checked: the new processing baseline"
     links = {link["rel"]: link["href"] for link in item["links"]}
     assert links["self"] == str(maps / "shifted_classes.json") and links["root"] == "./catalog.json"
     assert "shifted_classes.json" in (maps / "catalog.json").read_text()
