@@ -21,7 +21,7 @@ from specdeepmap.bands import stack_scene
 from specdeepmap.mapping import output_uri_for, scenes_under
 from specdeepmap.model_card import escape_md
 from specdeepmap.params import ChipParams, SplitParams, TrainParams
-from specdeepmap.publishing import mapped_with, release, unmapped_scenes
+from specdeepmap.publishing import mapped_with, masks_beside, release, unmapped_scenes
 from specdeepmap.stac import is_catalog, update_catalog
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
@@ -488,12 +488,8 @@ def scheduled_mapping(params: ScheduledMappingParams) -> list[dict]:
     model_uri = registry.resolve(alias_uri) if params.redo_with_new_model else None
     scenes = unmapped_scenes(params.input_prefix, params.output_prefix, model_uri=model_uri)
     masks: dict[str, list[str]] = {}
-    if params.mask_suffix:  # a scene's mask beside it is no scene itself
-        scenes = [s for s in scenes if not s.endswith(params.mask_suffix)]
-        for scene in scenes:
-            mask = storage.join(storage.parent(scene), storage.stem(scene) + params.mask_suffix)
-            if storage.exists(mask):
-                masks[scene] = [mask]
+    if params.mask_suffix:
+        scenes, masks = masks_beside(scenes, params.mask_suffix)
     if not scenes:
         logger.info("No new scenes under %s", params.input_prefix)
         return []

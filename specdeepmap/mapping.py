@@ -263,7 +263,7 @@ def check_outputs(
         outputs = {
             **outputs,
             "category names (.aux.xml)": class_map + ".aux.xml",
-            "QGIS style (.qml)": _base(class_map) + ".qml",
+            "QGIS style (.qml)": map_base(class_map) + ".qml",
         }
     iou_csv = outputs.get("IoU CSV")
     if iou_csv:
@@ -343,7 +343,7 @@ def map_scene(
             "probability raster": probabilities_uri,
             "polygon file": vector_uri,
             "IoU CSV": iou_csv_uri,
-            "quality JSON": _base(output_uri) + QUALITY_SUFFIX,
+            "quality JSON": map_base(output_uri) + QUALITY_SUFFIX,
         },
         overwrite,
     )
@@ -442,7 +442,7 @@ def map_scene(
             stacklevel=2,
         )
     verdict = quality.verdict(predictor.config)
-    quality_uri = write_quality(_base(output_uri) + QUALITY_SUFFIX, quality.summary(verdict))
+    quality_uri = write_quality(map_base(output_uri) + QUALITY_SUFFIX, quality.summary(verdict))
     if verdict.suspect:
         log.warning("%s: %s", input_uri, verdict.sentence())
     result = MapReport(
@@ -761,7 +761,7 @@ def _stream(
                     )
         # class names beside the map (written first: the map's presence means complete)
         storage.write_text(output_uri + ".aux.xml", pam_xml(classes_schema, legend_values))
-        storage.write_text(_base(output_uri) + ".qml", qml(classes_schema, legend_values))
+        storage.write_text(map_base(output_uri) + ".qml", qml(classes_schema, legend_values))
         _finish_cog(class_tmp, output_uri, staging, "mode")
         for name, uri in extras.items():
             _finish_cog(os.path.join(staging, f"{name}.tif"), uri, staging, "average")
@@ -791,7 +791,7 @@ def _finish_cog(tmp: str, uri: str, staging: str, resampling: str) -> None:
     storage.upload(cog, uri)
 
 
-def _base(uri: str) -> str:
+def map_base(uri: str) -> str:
     """``uri`` without its ``.tif`` extension (where the map's sidecars go)."""
     return uri[:-4] if uri.endswith(".tif") else uri
 

@@ -98,17 +98,7 @@ def check_masks(mask: QualityMask, scene) -> float:
     shape = (min(scene.height, 512), min(scene.width, 512))
     flagged = np.zeros(shape, bool)
     for uri in mask.uris:
-        with (
-            storage.open_raster(uri) as src,
-            WarpedVRT(
-                src,
-                crs=scene.crs or src.crs,
-                transform=scene.transform,
-                width=scene.width,
-                height=scene.height,
-                resampling=Resampling.nearest,
-            ) as vrt,
-        ):
+        with storage.open_raster(uri) as src, on_scene_grid(src, scene) as vrt:
             flagged |= np.isin(vrt.read(1, out_shape=shape), mask.values)
     if not flagged.any():
         warnings.warn(
@@ -117,6 +107,18 @@ def check_masks(mask: QualityMask, scene) -> float:
             stacklevel=3,
         )
     return float(flagged.mean())
+
+
+def on_scene_grid(src, scene) -> WarpedVRT:
+    """The mask ``src`` resampled nearest onto the scene's grid (a GDAL warped VRT)."""
+    return WarpedVRT(
+        src,
+        crs=scene.crs or src.crs,
+        transform=scene.transform,
+        width=scene.width,
+        height=scene.height,
+        resampling=Resampling.nearest,
+    )
 
 
 def _check_mask(uri: str, src, values: tuple[int, ...], scene) -> None:
@@ -175,15 +177,8 @@ class MaskReader:
             if nested is not None:
                 self._sources.append(("nested", src, *nested))
                 continue
-            vrt = WarpedVRT(
-                src,
-                crs=self.scene.crs or src.crs,
-                transform=self.scene.transform,
-                width=self.scene.width,
-                height=self.scene.height,
-                resampling=Resampling.nearest,
-            )
-            self._sources.append(("warped", self._stack.enter_context(vrt)))
+            vrt = self._stack.enter_context(on_scene_grid(src, self.scene))
+            self._sources.append(("warped", vrt))
         return self
 
     def __exit__(self, *exc) -> None:

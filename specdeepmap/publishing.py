@@ -16,6 +16,7 @@ import json
 from specdeepmap import __version__, storage
 from specdeepmap.errors import MissingInputError
 from specdeepmap.inference import Predictor
+from specdeepmap.mapping import map_base
 from specdeepmap.masks import QualityMask, with_masked
 from specdeepmap.params import MapParams
 
@@ -33,10 +34,6 @@ PRODUCT_SUFFIXES = (
 )
 
 
-def _base(map_uri: str) -> str:
-    return map_uri[:-4] if map_uri.endswith(".tif") else map_uri
-
-
 def quarantine_uri(map_uri: str) -> str:
     """Where a map of ``OUT/NAME.tif`` goes in quarantine: ``OUT/quarantine/NAME.tif``."""
     return storage.join(storage.parent(map_uri), QUARANTINE, storage.basename(map_uri))
@@ -51,7 +48,7 @@ def move_products(map_uri: str, target_map_uri: str) -> str:
     """Move every product of a map that exists (the metrics JSON last); returns the target."""
     from specdeepmap.stac import CATALOG, relink_item
 
-    source, target = _base(map_uri), _base(target_map_uri)
+    source, target = map_base(map_uri), map_base(target_map_uri)
     for suffix in PRODUCT_SUFFIXES:
         if storage.exists(source + suffix):
             storage.move(source + suffix, target + suffix)
@@ -87,15 +84,15 @@ def release(map_uri: str, by: str, reason: str) -> str:
         "reason": reason,
         "datetime": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
     }
-    item_uri = _base(held) + ".json"
+    item_uri = map_base(held) + ".json"
     if storage.exists(item_uri):
         item = json.loads(storage.read_text(item_uri))
         item["properties"]["specdeepmap:release"] = record
         storage.write_text(item_uri, json.dumps(item, indent=2))
     move_products(held, published)
-    metrics_uri = _base(published) + "_metrics.json"
+    metrics_uri = map_base(published) + "_metrics.json"
     if storage.exists(metrics_uri):  # the done marker says where the map is now, and why
-        base = _base(published)
+        base = map_base(published)
         metrics = json.loads(storage.read_text(metrics_uri)) | {
             "output": published,
             "quicklook": base + "_quicklook.png",
@@ -111,9 +108,22 @@ def release(map_uri: str, by: str, reason: str) -> str:
 def done_marker(map_uri: str) -> str | None:
     """The metrics JSON of a mapped scene, published or in quarantine (None: not mapped)."""
     for uri in (map_uri, quarantine_uri(map_uri)):
-        if storage.exists(_base(uri) + "_metrics.json"):
-            return _base(uri) + "_metrics.json"
+        if storage.exists(map_base(uri) + "_metrics.json"):
+            return map_base(uri) + "_metrics.json"
     return None
+
+
+def masks_beside(scenes: list[str], suffix: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Scenes whose quality mask lies beside them as ``SCENE + suffix`` (e.g. ``_SCL.tif``):
+    the scenes without the mask files (a mask is no scene) and each scene's mask, if any.
+    """
+    scenes = [s for s in scenes if not s.endswith(suffix)]
+    masks = {}
+    for scene in scenes:
+        mask = storage.join(storage.parent(scene), storage.stem(scene) + suffix)
+        if storage.exists(mask):
+            masks[scene] = [mask]
+    return scenes, masks
 
 
 def mapped_with(map_uri: str, model_uri: str) -> bool:
@@ -168,7 +178,7 @@ def map_scene_products(
     from specdeepmap.stac import is_item, write_map_item
 
     predictor = predictor or load_model(model_uri, params.device)
-    base = _base(output_uri)
+    base = map_base(output_uri)
     report = map_scene(
         input_uri,
         model_uri,
@@ -213,7 +223,7 @@ def map_scene_products(
     quarantined = quarantine and report.verdict.suspect
     if quarantined:  # before the metrics JSON exists: a crash leaves it unpublished
         output_uri = move_products(output_uri, quarantine_uri(output_uri))
-        base = _base(output_uri)
+        base = map_base(output_uri)
         png, item = base + "_quicklook.png", base + ".json"
     areas = class_areas(output_uri)
     metrics = head | {

@@ -85,14 +85,9 @@ class SceneQuality:
         # the statistics on a regular sample: every INPUT_STEP-th pixel of the input, every
         # OUTPUT_STEP-th of the output, both ways (a 512 x 512 block gives 4 096 and 16 384)
         step = INPUT_STEP
-        valid = classes[::step, ::step] != 0
-        if masked is not None:
-            valid &= ~masked[::step, ::step]
-        self.scene.add(span[:, ::step, ::step][:, valid])
+        self.scene.add(span[:, ::step, ::step][:, _valid(classes, masked, step)])
         step = OUTPUT_STEP
-        valid = classes[::step, ::step] != 0
-        if masked is not None:
-            valid &= ~masked[::step, ::step]
+        valid = _valid(classes, masked, step)
         sample = scores[:, ::step, ::step]
         k = sample.shape[0] - 1
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -133,6 +128,14 @@ class SceneQuality:
             "class_shares": [round(float(s), 6) for s in shares],
             "mean_confidence": round(self.output.mean_confidence, 4),
         }
+
+
+def _valid(classes: np.ndarray, masked: np.ndarray | None, step: int) -> np.ndarray:
+    """Every ``step``-th pixel both ways: classified and not masked."""
+    valid = classes[::step, ::step] != 0
+    if masked is not None:
+        valid &= ~masked[::step, ::step]
+    return valid
 
 
 def write_quality(uri: str, summary: dict) -> str:

@@ -131,8 +131,6 @@ def register_imported(
 
     Returns ``models:/NAME/VERSION``.
     """
-    import tempfile
-
     import mlflow
 
     ensure_experiment(tracking_uri(uri), "specdeepmap")
@@ -142,11 +140,7 @@ def register_imported(
         run_name=f"import {os.path.basename(source)}",
         tags={"mlflow.source.name": "specdeepmap import", "imported_from": source},
     ):
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, "model_card.md")
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write(card)
-            mlflow.log_artifact(path, artifact_path="model_card")
+        mlflow.log_text(card, "model_card/model_card.md")
         found = re.search(r"val_iou_(\d+\.\d+)", os.path.basename(source))
         model_uri, version = register_model(
             model_file, config, name, float(found.group(1)) if found else float("nan"), ""
