@@ -24,6 +24,7 @@ GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
 * the quality guard (``--only-guard``: this table alone): the seconds the verdict takes on
   the mapping's main thread inside each ``map`` run, and a map with an SCL-like mask at 20 m
   (a fifth of the scene flagged) against the plain map, alternating, ``--repeats`` each;
+  and the offline cloud detector (``--cloud-mask s2cloudless``) alone, once per size;
 * ``quality``: with a trained model (``--quality-model``, default the one ``make run`` trains),
   the share of pixels whose class differs from fp32 and the mean IoU against the labels, per
   precision (random weights say nothing about that).
@@ -85,6 +86,11 @@ CHILD = textwrap.dedent("""
         for _ in range(math.ceil(windows / batch)):
             predictor.probabilities(x, channels_last=precision != "int8",
                                     autocast=precision == "bf16").cpu().numpy()
+    elif mode == "clouds":  # the offline cloud detector alone (map --cloud-mask s2cloudless)
+        from specdeepmap.clouds import detect_clouds
+        with rasterio.open(scene) as src:
+            found = detect_clouds(src, scene, out)
+        result.update(cloud_share=found.share)
     elif mode == "read":
         with rasterio.open(scene) as src:
             for y in range(0, src.height, 512):
@@ -305,9 +311,10 @@ def guard_table(rows: list, args, work: str, model_file: str) -> None:
     print(
         "scene | precision | map s | guard s (verdict) | share | map with mask s | "
         "guard s (mask + verdict) | share | mask read s (reader thread) | masked | "
-        "with mask / without"
+        "with mask / without | cloud detector s | detector / map"
     )
-    print(" | ".join("---" for _ in range(11)))
+    print(" | ".join("---" for _ in range(13)))
+    detector: dict[int, float] = {}
     for size, precision, ours in rows:
         scene = os.path.join(work, f"s{size}", "demo_s2.tif")
         plain, masked = [ours] if ours else [], []
@@ -319,11 +326,15 @@ def guard_table(rows: list, args, work: str, model_file: str) -> None:
             masked.append(run(f"mapmask:{precision}", scene, model_file, out, args.device))
         a = sorted(plain, key=lambda r: r["seconds"])[len(plain) // 2]
         b = sorted(masked, key=lambda r: r["seconds"])[len(masked) // 2]
+        if size not in detector:  # independent of the network's precision: once per size
+            out = os.path.join(work, f"clouds{size}.tif")
+            detector[size] = run("clouds", scene, model_file, out, args.device)["seconds"]
         print(
             f"{size}² | {precision} | {a['seconds']:.1f} | {a['guard']:.2f} | "
             f"{a['guard'] / a['seconds']:.1%} | {b['seconds']:.1f} | {b['guard']:.2f} | "
             f"{b['guard'] / b['seconds']:.1%} | {b['mask_read']:.2f} | {b['masked']:.0%} | "
-            f"{b['seconds'] / a['seconds']:.2f}"
+            f"{b['seconds'] / a['seconds']:.2f} | {detector[size]:.1f} | "
+            f"{detector[size] / a['seconds']:.1%}"
         )
 
 

@@ -19,7 +19,7 @@ from flows.params import MapFlowParams, ScenePair, ScheduledMappingParams, Train
 from specdeepmap import registry, storage
 from specdeepmap.bands import stack_scene
 from specdeepmap.mapping import output_uri_for, scenes_under
-from specdeepmap.model_card import escape_md
+from specdeepmap.model_card import escape_md, panels_markdown
 from specdeepmap.params import ChipParams, SplitParams, TrainParams
 from specdeepmap.publishing import mapped_with, masks_beside, release, unmapped_scenes
 from specdeepmap.stac import is_catalog, update_catalog
@@ -173,19 +173,23 @@ def review_flow(
     comparison: str,
     timeout_hours: float = 24.0,
     links: str = "",
+    run_id: str = "",
 ) -> dict:
     """Ask a reviewer to approve a new version as champion: show the comparison, pause until
     the reviewer answers the form in the Prefect UI (Resume), then move the alias or not.
 
-    The form itself shows the comparison and ``links`` (markdown: the MLflow run, the model
-    card, the maps); the parent run's name and an artifact on it say that it waits for this
-    run. The version holds ``challenger`` meanwhile. No answer within ``timeout_hours``: it
-    stays challenger. Returns ``{"alias", "approved", "reviewer", "comment"}``.
+    The form itself shows the comparison, the maps of the version's card (``run_id``: its
+    MLflow run; test chips with the label, this version's and the champion's maps) and
+    ``links`` (markdown: the MLflow run, the model card, the test outputs); the parent run's
+    name and an artifact on it say that it waits for this run. The version holds
+    ``challenger`` meanwhile. No answer within ``timeout_hours``: it stays challenger.
+    Returns ``{"alias", "approved", "reviewer", "comment"}``.
     """
     logger = get_run_logger()
+    maps = panels_markdown(run_id) if run_id else ""
     request = (
         f"## Approve {model_name} version {version} as champion?\n\n{comparison}\n\n"
-        f"The promotion rule says: **{rule}**.\n\n{links}"
+        f"{maps}\n\nThe promotion rule says: **{rule}**.\n\n{links}"
     )
     create_markdown_artifact(
         key="review-request",
@@ -354,6 +358,7 @@ def training_pipeline(
             promoted["comparison"],
             params.review_timeout_hours,
             links,
+            result.run_id,
         )
         promoted |= {"alias": review["alias"], "reason": f"reviewed: {review}"}
         summary["alias"] = promoted["alias"]
@@ -381,8 +386,8 @@ def review_links(result: TrainResult, evaluation_uri: str) -> str:
     return "\n".join(
         [
             f"- **MLflow run**: {run or result.run_id} ({storage.redact(tracking_uri())})",
-            "- **model card**: run artifact `model_card/model_card.md` (confusion matrix, "
-            f"class IoU, prediction panels){' at ' + run if run else ''}",
+            "- **model card**: run artifact `model_card/model_card.html` (figures, confusion "
+            f"matrix, class IoU, the maps beside the champion's){' at ' + run if run else ''}",
             f"- **model version**: {result.model_uri}",
             f"- **test outputs**: {storage.redact(evaluation_uri)} (`test_iou.csv`, "
             "`test_metrics.csv`; the champion's under `champion/`)",

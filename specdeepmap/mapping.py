@@ -44,6 +44,7 @@ from rasterio.windows import Window
 from specdeepmap import __version__, storage
 from specdeepmap.bands import same_band_order
 from specdeepmap.classes import ClassSchema, pam_xml, qml
+from specdeepmap.clouds import check_detector, detect_clouds
 from specdeepmap.drift import Verdict
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.evaluation import accumulate, metrics_from_matrix, write_iou_csv
@@ -319,7 +320,8 @@ def map_scene(
             replaced).
         mask: pixels to leave unclassified (cloud, shadow, snow...): they get one reserved
             value (:func:`~specdeepmap.masks.masked_value`). A STAC item's own mask asset is
-            used when none is given. A scene whose mask flags more than
+            used when none is given, else ``params.cloud_mask``'s detector when one is set
+            (:mod:`specdeepmap.clouds`). A scene whose mask flags more than
             ``params.max_masked_share`` is not mapped (the report says why).
 
     Returns:
@@ -333,6 +335,7 @@ def map_scene(
     from specdeepmap.stac import is_item, item_scene
 
     started = time.perf_counter()
+    check_detector(params.cloud_mask)
     check_outputs(
         input_uri,
         model_uri,
@@ -381,7 +384,16 @@ def map_scene(
         # the windows' blocks decoded on as many threads as the network uses
         src = stack.enter_context(storage.open_raster(input_uri, threads=torch.get_num_threads()))
         _check_input(src, predictor, input_uri, model_uri)
+        detecting = time.perf_counter()
+        if mask is None and params.cloud_mask:  # a scene's own mask wins over the detector
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="specdeepmap-clouds-"))
+            clouds = detect_clouds(
+                src, input_uri, os.path.join(folder, "clouds.tif"), params.cloud_threshold
+            )
+            log.info("%s: %s flags %.1f%% as cloud", input_uri, clouds.detector, 100 * clouds.share)
+            mask = clouds.quality_mask()
         quality = SceneQuality(src.count, len(values), predictor.normalization.scaler, mask)
+        quality.seconds += time.perf_counter() - detecting
         if mask is not None:
             checking = time.perf_counter()
             share = check_masks(mask, src)

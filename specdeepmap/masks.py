@@ -44,6 +44,8 @@ class QualityMask:
     uris: tuple[str, ...]
     values: tuple[int, ...]
     label: str = "masked"
+    #: the cloud detector that made the mask (:mod:`specdeepmap.clouds`); None: given as input
+    detector: str | None = None
 
     @classmethod
     def build(

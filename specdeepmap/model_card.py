@@ -405,6 +405,55 @@ def _colour(labels: np.ndarray, classes: ClassSchema) -> np.ndarray:
     return out
 
 
+def png_data_uri(path: str, max_width: int | None = None) -> str:
+    """A PNG file as a ``data:`` URI, which MLflow's HTML view and Prefect's Markdown show
+    without a file server behind them.
+
+    With ``max_width``: a wider image is scaled down and stored with a 256-colour palette
+    (class maps and panels are flat colours), so that it fits in a Prefect form or artifact.
+    """
+    import base64
+    import io
+
+    if max_width is None:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    else:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.width > max_width:
+                height = round(image.height * max_width / image.width)
+                image = image.resize((max_width, height), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            image.quantize(256).save(buffer, format="PNG", optimize=True)
+            data = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def panels_markdown(run_id: str, client=None, max_width: int = 900) -> str:
+    """The card's prediction panels of a run (test chips: image, label, this version's map and
+    the champion's side by side, with the class legend) as an embedded Markdown image, for a
+    review request that shows the maps where the reviewer decides; '' when the run has none.
+    """
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = client or mlflow.MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="specdeepmap-panels-") as folder:
+        try:
+            path = client.download_artifacts(run_id, f"{CARD_FOLDER}/prediction_panels.png", folder)
+        except (MlflowException, OSError):
+            return ""
+        return (
+            "**Test chips: the label, this version's map and the champion's, side by side**"
+            f"\n\n![prediction panels]({png_data_uri(path, max_width)})"
+        )
+
+
 def card_html(card: str, folder: str) -> str:
     """The card as one HTML page with its images embedded (``data:`` URIs).
 
@@ -412,7 +461,6 @@ def card_html(card: str, folder: str) -> str:
     artifact as text, where ``![…](x.png)`` stays a file name; the HTML card is what a
     reviewer reads in the MLflow UI.
     """
-    import base64
     import html
     import os
 
@@ -422,9 +470,7 @@ def card_html(card: str, folder: str) -> str:
         path = os.path.join(folder, found.group(2))
         if not os.path.isfile(path):
             return found.group(0)
-        with open(path, "rb") as handle:
-            data = base64.b64encode(handle.read()).decode()
-        return f"![{found.group(1)}](data:image/png;base64,{data})"
+        return f"![{found.group(1)}]({png_data_uri(path)})"
 
     body = markdown.markdown(
         re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", inline, card), extensions=["tables"]

@@ -444,6 +444,19 @@ class MapParams(StepParams):
         default_factory=list,
         description="Mask values that flag a pixel (instead of a preset's).",
     )
+    cloud_mask: Literal["s2cloudless"] | None = Field(
+        None,
+        description="Offline cloud detector for scenes without a mask of their own "
+        "(Sentinel-2 L1C: s2cloudless, needs pip install 'specdeepmap[cloud]'); a scene's "
+        "own mask wins.",
+    )
+    cloud_threshold: float = Field(
+        0.4,
+        gt=0,
+        lt=1,
+        description="Cloud probability above which the detector flags a pixel "
+        "(s2cloudless's 0.4; lower masks more).",
+    )
     max_masked_share: float = Field(
         0.95,
         ge=0,

@@ -118,15 +118,21 @@ class SceneQuality:
             "thresholds": verdict.to_dict()["thresholds"],
             "masked_share": round(self.masked_share, 6),
             "masked_value": self.masked_value if self.mask else None,
-            "mask": {
-                "uris": list(self.mask.uris),
-                "values": list(self.mask.values),
-                "label": self.mask.label,
-            }
-            if self.mask
-            else None,
+            "mask": self._mask_summary(),
             "class_shares": [round(float(s), 6) for s in shares],
             "mean_confidence": round(self.output.mean_confidence, 4),
+        }
+
+    def _mask_summary(self) -> dict | None:
+        """The mask's rasters and values, or the detector that made it (a temporary file)."""
+        if self.mask is None:
+            return None
+        if self.mask.detector:
+            return {"detector": self.mask.detector, "label": self.mask.label}
+        return {
+            "uris": list(self.mask.uris),
+            "values": list(self.mask.values),
+            "label": self.mask.label,
         }
 
 

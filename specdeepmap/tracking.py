@@ -64,14 +64,53 @@ def ensure_experiment(uri: str, name: str) -> None:
         )
 
 
-def log_baseline(baseline: BaselineResult, folder: str, classes: ClassSchema | None = None) -> None:
-    """Log the baseline's metrics to the active MLflow run and its files under ``baseline/``."""
+#: the child run that holds the RandomForest baseline's figures: its name and role tag
+BASELINE_RUN_NAME = "RandomForest baseline"
+ROLE_TAG = "specdeepmap.role"
+
+
+def log_baseline(baseline: BaselineResult, folder: str, classes: ClassSchema | None = None) -> str:
+    """Log the baseline in a child run of the active MLflow run ("RandomForest baseline"):
+    its metrics (``baseline_rf_*``) and its files (``baseline/``).
+
+    The model's own run keeps the model's figures and the comparison
+    (``test_mean_iou_minus_baseline_rf*``), so the metrics a reviewer opens first are the
+    model's; the forest's run is listed under it in the experiment and its id is the
+    parent's tag ``baseline_run_id``. A continued training logs into the same child.
+    Returns the child's run id.
+    """
     import mlflow
 
+    active = mlflow.active_run().info
+    parent = active.run_id
     names = {v: classes.name(v) for v in baseline.class_values} if classes else None
-    mlflow.log_metrics(baseline.mlflow_metrics(names))
     write_baseline(baseline, folder, classes=classes)
-    mlflow.log_artifacts(folder, artifact_path="baseline")
+    existing = baseline_run_id(parent)
+    with mlflow.start_run(
+        run_id=existing,
+        experiment_id=active.experiment_id,  # the parent's, not the process's current one
+        run_name=None if existing else BASELINE_RUN_NAME,
+        nested=True,
+        tags=None if existing else {ROLE_TAG: "baseline"},
+    ) as child:
+        mlflow.log_metrics(baseline.mlflow_metrics(names))
+        mlflow.log_artifacts(folder, artifact_path="baseline")
+    mlflow.set_tag("baseline_run_id", child.info.run_id)
+    return child.info.run_id
+
+
+def baseline_run_id(run_id: str, client=None) -> str | None:
+    """The id of the RandomForest baseline's child run of a training run (None: none)."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    found = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.`{ROLE_TAG}` = 'baseline'",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
 
 
 def register_model(

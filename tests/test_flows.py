@@ -1,5 +1,7 @@
 """Prefect flows against a real (temporary) Prefect API, a real S3 server and MLflow."""
 
+import base64
+import io
 import json
 import os
 import re
@@ -7,6 +9,7 @@ import re
 import numpy as np
 import pytest
 import rasterio
+from PIL import Image
 
 from specdeepmap import storage
 
@@ -157,7 +160,8 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(
     client = mlflow.MlflowClient()
     run = client.get_run(summary["run_id"])
     assert "val_iou" in run.data.metrics and "test_mean_iou" in run.data.metrics
-    assert run.data.metrics["baseline_rf_test_mean_iou"] == pytest.approx(
+    forest = client.get_run(run.data.tags["baseline_run_id"])  # the forest's child run
+    assert forest.data.metrics["baseline_rf_test_mean_iou"] == pytest.approx(
         summary["baseline_rf_test_mean_iou"]
     )
     version = client.get_model_version("flow-model", summary["version"])
@@ -586,6 +590,25 @@ def _answer_review(flow_run_name_contains: str, run_input: dict, seconds: float 
     raise TimeoutError("no review flow run paused")
 
 
+def _artifact(flow_run_id, key: str) -> str:
+    """The newest artifact ``key`` of a flow run (its Markdown)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            )
+        )
+    return found[-1].data
+
+
 @pytest.mark.parametrize("approve", [False, True])
 def test_a_reviewer_approves_or_rejects_through_the_prefect_api(
     prefect_api, mlflow_store, tmp_path, approve
@@ -614,17 +637,34 @@ def test_a_reviewer_approves_or_rejects_through_the_prefect_api(
     assert str(client.get_model_version_by_alias("reviewed", "challenger").version) == second
     assert str(client.get_model_version_by_alias("reviewed", "champion").version) == first
 
+    # the card's maps of the version's run (1200 px wide): the request embeds them
+    with mlflow.start_run() as run:
+        panels = tmp_path / "model_card" / "prediction_panels.png"
+        panels.parent.mkdir()
+        Image.fromarray(np.tile(np.arange(1200, dtype=np.uint8), (300, 1))).save(panels)
+        mlflow.log_artifact(str(panels), "model_card")
     result = {}
     worker = threading.Thread(
         target=lambda: result.update(
-            review_flow("reviewed", second, decision.reason, "| comparison |", timeout_hours=0.05)
+            review_flow(
+                "reviewed",
+                second,
+                decision.reason,
+                "| comparison |",
+                timeout_hours=0.05,
+                run_id=run.info.run_id,
+            )
         )
     )
     worker.start()
     answer = {"decision": "approve" if approve else "reject", "reviewer": "rita"}
-    _answer_review("review", answer | {"comment": "checked"})
+    paused = _answer_review("review", answer | {"comment": "checked"})
     worker.join(timeout=120)
     assert result["approved"] is approve and result["reviewer"] == "rita"
+    request = _artifact(paused.id, "review-request")
+    embedded = re.search(r"!\[prediction panels\]\(data:image/png;base64,([^)]+)\)", request)
+    with Image.open(io.BytesIO(base64.b64decode(embedded.group(1)))) as shown:
+        assert shown.size == (900, 225)  # scaled to fit the form
     champion = str(client.get_model_version_by_alias("reviewed", "champion").version)
     assert champion == (second if approve else first)
     version = client.get_model_version("reviewed", second)

@@ -202,8 +202,8 @@ def int8_error(model: torch.nn.Module, scaler: float, windows: list[np.ndarray])
 
 
 def test_baseline_is_logged_with_the_run_and_blocks_promotion(trained, dataset):
-    """Every training run fits the RandomForest: its metrics are in the MLflow run, its files
-    in the run's artifacts; a version below it never becomes champion automatically.
+    """Every training run fits the RandomForest: its metrics and files are in a child run of
+    the model's MLflow run; a version below it never becomes champion automatically.
     """
     import mlflow
 
@@ -212,14 +212,24 @@ def test_baseline_is_logged_with_the_run_and_blocks_promotion(trained, dataset):
     config, result = trained
     assert result.baseline is not None
     assert 0 < result.baseline_mean_iou("validation") <= 1
+    from specdeepmap.tracking import BASELINE_RUN_NAME, baseline_run_id
+
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
-    metrics = client.get_run(result.run_id).data.metrics
+    # the forest's figures are in a child run: the model's run holds the model's only
+    model_run = client.get_run(result.run_id)
+    assert not [k for k in model_run.data.metrics if k.startswith("baseline_rf_")]
+    forest_id = baseline_run_id(result.run_id, client)
+    assert model_run.data.tags["baseline_run_id"] == forest_id
+    forest = client.get_run(forest_id)
+    assert forest.info.run_name == BASELINE_RUN_NAME
+    assert forest.data.tags["mlflow.parentRunId"] == result.run_id
+    metrics = forest.data.metrics
     assert metrics["baseline_rf_val_mean_iou"] == pytest.approx(
         result.baseline_mean_iou("validation")
     )
     assert metrics["baseline_rf_test_mean_iou"] == pytest.approx(result.baseline_mean_iou("test"))
     assert any(k.startswith("baseline_rf_test_iou_class_") for k in metrics)
-    artifacts = [a.path for a in client.list_artifacts(result.run_id, "baseline")]
+    artifacts = [a.path for a in client.list_artifacts(forest_id, "baseline")]
     assert "baseline/test_iou.csv" in artifacts and "baseline/baseline.json" in artifacts
 
     mlflow.set_tracking_uri(config.tracking_uri)

@@ -368,7 +368,7 @@ def test_a_killed_training_continues_from_its_checkpoint_in_object_storage(
     import mlflow
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    epochs = 8
+    epochs = 5
     command = [
         os.path.join(os.path.dirname(sys.executable), "specdeepmap"),
         "train",

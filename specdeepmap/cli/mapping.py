@@ -97,7 +97,7 @@ def map_cmd(
     console.print(f"{report.windows} windows in {report.seconds:.1f} s → {output}")
     if report.mean_iou is not None:
         console.print(f"mean IoU {report.mean_iou:.4f}")
-    if quality_mask is not None:
+    if quality_mask is not None or params.cloud_mask:
         console.print(f"masked: {report.masked_share:.1%} of the pixels with data")
     verdict = report.verdict
     style = "bold yellow" if verdict.suspect else "green"
