@@ -27,7 +27,7 @@ run: install
 	$(PY) -m flows.demo --out $(OUT)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # the loop while working: no services, no spawned processes (< 3 min on 2 cores)
 test-fast: install

@@ -201,7 +201,8 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
         f"Trained on `{_code(facts.get('uri'))}` (digest `{facts.get('digest')}`; chips "
         f"train/validation/test {'/'.join(str(chips.get(s, 0)) for s in SPLITS)})"
         + (f", MLflow run `{scores['run_id']}`" if scores.get("run_id") else "")
-        + f". Full model card: run artifact `{CARD_FOLDER}/model_card.md`."
+        + f". Full model card: run artifact `{CARD_FOLDER}/model_card.html` (with its images; "
+        "`model_card.md`: the text)."
     )
     return "\n".join(lines)
 

@@ -255,9 +255,10 @@ def _wait_deployment_run(api: str, deployment: str, seconds: float = 300) -> dic
 def _look_as_a_reviewer(platform: dict, paused: dict, run_id: str, experiment_id: str) -> None:
     """Headless Chromium (driven by Playwright) opens what a reviewer opens while the run
     waits: the paused run's Resume form in the Prefect UI, whose maps must be an image that
-    loaded (not text or a broken link), and the model card in the MLflow UI, whose images
-    must load too. Screenshots go to ``$SPECDEEPMAP_SCREENSHOTS`` (default: the platform's
-    folder). Without Chromium or Playwright it warns and returns: the rest of the test runs.
+    loaded (not text or a broken link), the model card in the MLflow UI, whose images must
+    load too, and the run's metric charts, which must be the model's. Screenshots go to
+    ``$SPECDEEPMAP_SCREENSHOTS`` (default: the platform's folder). Without Chromium or
+    Playwright it warns and returns: the rest of the test runs.
     """
     import base64
     import shutil
@@ -289,31 +290,29 @@ def _look_as_a_reviewer(platform: dict, paused: dict, run_id: str, experiment_id
             maps = prefect.locator("img[alt='prediction panels']").first
             maps.wait_for(timeout=60_000)
             maps.scroll_into_view_if_needed()
-            prefect.wait_for_function(
-                "i => i.complete && i.naturalWidth > 0", arg=maps.element_handle()
-            )
+            loaded = "i => i.complete && i.naturalWidth > 0"
+            prefect.wait_for_function(loaded, arg=maps.element_handle())
             prefect.screenshot(path=shots / "prefect-resume-form.png")
             assert prefect.get_by_text("approve").count() > 0  # the required choice
-            card = browser.new_context(
+            mlflow_ui = browser.new_context(
                 viewport={"width": 1400, "height": 1100},
                 http_credentials={"username": "admin", "password": platform["secrets"]["mlflow"]},
             ).new_page()
-            card.goto(
-                f"{platform['tracking']}/#/experiments/{experiment_id}/runs/{run_id}"
-                "/artifactPath/model_card/model_card.html?workflowType=machine_learning"
-            )
-            images = None
-            deadline = time.time() + 60
-            while time.time() < deadline and not images:
-                for frame in card.frames:
-                    if frame.locator("img").count():
-                        images = frame.locator("img")
-                time.sleep(0.5)
-            assert images is not None, "the model card shows no image in MLflow's artifact view"
-            for i in range(images.count()):
-                loaded = images.nth(i).evaluate("i => i.complete && i.naturalWidth")
-                assert loaded, f"card image {i} did not load"
-            card.screenshot(path=shots / "mlflow-model-card.png")
+            run_page = f"{platform['tracking']}/#/experiments/{experiment_id}/runs/{run_id}"
+            view = "?workflowType=machine_learning"
+            mlflow_ui.goto(f"{run_page}/artifactPath/model_card/model_card.html{view}")
+            try:  # the HTML artifact is shown in its own (sandboxed) frame
+                images = mlflow_ui.frame_locator("iframe").first.locator("img")
+                images.first.wait_for(timeout=120_000)
+                for i in range(images.count()):
+                    assert images.nth(i).evaluate(loaded), f"card image {i} is broken"
+            finally:
+                mlflow_ui.screenshot(path=shots / "mlflow-model-card.png")
+            # the metrics a reviewer opens first are the model's (the forest's: a child run)
+            mlflow_ui.goto(f"{run_page}/model-metrics{view}")
+            mlflow_ui.get_by_text("test_mean_iou", exact=True).first.wait_for(timeout=60_000)
+            assert mlflow_ui.get_by_text("baseline_rf_test_mean_iou").count() == 0
+            mlflow_ui.screenshot(path=shots / "mlflow-model-metrics.png")
         finally:
             browser.close()
 
