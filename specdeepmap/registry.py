@@ -139,6 +139,10 @@ def set_alias(
         tags[f"{alias}_comment"] = comment
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value[:5000])
+    from specdeepmap.mlm import refresh_model_item
+
+    for changed in {str(version), previous} - {None}:  # their MLM items name their aliases
+        refresh_model_item(name, changed, client)
 
 
 def _holder(client, name: str, alias: str) -> str | None:

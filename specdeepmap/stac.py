@@ -194,6 +194,8 @@ def write_map_item(
     from pystac.extensions.projection import ProjectionExtension
     from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
+    from specdeepmap.mlm import model_item_href
+
     with storage.open_raster(map_uri) as src:
         bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds, densify_pts=21)
         crs, shape, transform = src.crs, [src.height, src.width], list(src.transform)[:6]
@@ -244,7 +246,7 @@ def write_map_item(
     ] + [
         Classification.create(
             value=int(v),
-            name=_slug(classes.name(v)),
+            name=slug(classes.name(v)),
             title=classes.name(v),
             color_hint="{:02X}{:02X}{:02X}".format(*classes.info(v).color),
         )
@@ -266,6 +268,11 @@ def write_map_item(
         media_type, roles = kinds.get(key, (None, ["metadata"]))
         item.add_asset(
             key, pystac.Asset(href=storage.basename(uri), media_type=media_type, roles=roles)
+        )
+    model_item = model_item_href(model_uri)
+    if model_item is not None:  # the model version's MLM item (specdeepmap.mlm)
+        item.add_link(
+            pystac.Link("derived_from", model_item, media_type="application/json", title="model")
         )
     source = input_item_uri or input_uri
     item.add_link(
@@ -299,7 +306,7 @@ def relink_item(item_uri: str, catalog_href: str) -> None:
     storage.write_text(item_uri, json.dumps(item, indent=2))
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     """A ``classification:classes`` name: lowercase words joined by ``-``."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "class"
 
@@ -316,7 +323,7 @@ def update_catalog(prefix: str, title: str = "specdeepmap maps") -> str:
     catalog = {
         "type": "Catalog",
         "stac_version": "1.1.0",
-        "id": _slug(storage.basename(prefix)) or "maps",
+        "id": slug(storage.basename(prefix)) or "maps",
         "title": title,
         "description": "Class maps made by specdeepmap, one STAC item per scene.",
         "links": [{"rel": "root", "href": "./" + CATALOG, "type": "application/json"}]

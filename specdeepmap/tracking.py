@@ -130,6 +130,7 @@ def register_model(
     import mlflow
 
     from specdeepmap import mlflow_model
+    from specdeepmap.mlm import publish_model_item
 
     height, width = config["tile_size"]
     example = np.zeros((1, config["in_channels"], height, width), dtype=np.float32)
@@ -159,6 +160,7 @@ def register_model(
         )
     if not client.get_registered_model(name).description:
         client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+    publish_model_item(name, version, config, os.path.basename(model_file), client)
     return f"models:/{name}/{version}", version
 
 

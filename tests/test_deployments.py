@@ -4,6 +4,7 @@ MLflow tracking server with artifacts in S3, triggered through the REST API as t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -168,9 +169,11 @@ def platform(s3_server, tmp_path_factory):
                 pass
         for proc in procs:
             try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                proc.wait(5)
+            except subprocess.TimeoutExpired:  # a server still draining: its group goes too
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)
+                proc.wait(10)
 
 
 def _trigger(api: str, deployment: str, parameters: dict):

@@ -638,7 +638,10 @@ def test_a_reviewer_approves_or_rejects_through_the_prefect_api(
     assert str(client.get_model_version_by_alias("reviewed", "champion").version) == first
 
     # the card's maps of the version's run (1200 px wide): the request embeds them
-    with mlflow.start_run() as run:
+    artifacts = (tmp_path / "artifacts").as_uri()  # not the working folder's mlruns/
+    with mlflow.start_run(
+        experiment_id=mlflow.create_experiment(f"review-{approve}", artifact_location=artifacts)
+    ) as run:
         panels = tmp_path / "model_card" / "prediction_panels.png"
         panels.parent.mkdir()
         Image.fromarray(np.tile(np.arange(1200, dtype=np.uint8), (300, 1))).save(panels)
