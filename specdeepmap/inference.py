@@ -312,11 +312,16 @@ def _bn_scale(bn: torch.nn.BatchNorm2d) -> torch.Tensor:
 
 
 def load_model(uri: str, device: str = "auto") -> Predictor:
-    """Load a model file (path, ``s3://`` or ``models:/``) for inference.
+    """Load a model file (path, ``s3://`` or ``models:/``) for inference; a ``.onnx`` file
+    exported by :func:`specdeepmap.onnx_model.export_onnx` runs with ONNX Runtime.
 
     The network is built without initialising weights (on the meta device) and takes the
     file's tensors as they are (``assign``), so loading never holds two copies of the weights.
     """
+    if uri.lower().endswith(".onnx"):  # an exported model: ONNX Runtime runs it
+        from specdeepmap.onnx_model import load_onnx
+
+        return load_onnx(uri)
     config, state = read_model_file(uri)
     with torch.device("meta"):
         model = build_network(config)

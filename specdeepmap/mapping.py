@@ -507,6 +507,13 @@ def prepare_predictor(
     two copies of it; folded first, the int8 trace shares the folded weights instead of fusing
     batch norms into copies of them (~45 MB for a ResNet-18 U-Net).
     """
+    if predictor.model is None:  # an ONNX model: ONNX Runtime optimises its own graph
+        if params.precision != "fp32":
+            raise InvalidParameterError(
+                f"{predictor.source} is an ONNX model: it maps in fp32 (precision "
+                f"{params.precision} is for torch models)"
+            )
+        return predictor
     fold_batch_norms(predictor.model, predictor.in_channels)
     if params.precision == "int8":
         from specdeepmap.quantization import quantize_int8

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import tempfile
 
@@ -42,13 +43,19 @@ def value_scaling(normalization: dict, bands: int) -> list[dict] | None:
     scaler = normalization.get("scaler") or 1.0
     mean, std = normalization.get("mean"), normalization.get("std")
     if mean is not None and std is not None:
-        return [
-            {"type": "z-score", "mean": float(m) * scaler, "stddev": float(s) * scaler}
-            for m, s in zip(mean, std, strict=True)
-        ]
+        return [_band_scaling(m, s, scaler) for m, s in zip(mean, std, strict=True)]
     if scaler != 1.0:
         return [{"type": "scale", "value": 1.0 / scaler}] * bands
     return None
+
+
+def _band_scaling(mean: float | None, std: float | None, scaler: float) -> dict:
+    """One band's scaling; a band without statistics (nodata everywhere in training) is
+    multiplied by 0, as the model's normalisation does.
+    """
+    if mean is None or std is None or not (math.isfinite(mean) and math.isfinite(std)) or not std:
+        return {"type": "scale", "value": 0.0}
+    return {"type": "z-score", "mean": float(mean) * scaler, "stddev": float(std) * scaler}
 
 
 def model_item(

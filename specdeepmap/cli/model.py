@@ -8,6 +8,7 @@ import typer
 
 from specdeepmap.cli.app import app, console, errors_to_exit
 from specdeepmap.cli.options import step_options
+from specdeepmap.errors import InvalidParameterError
 from specdeepmap.params import BaselineParams, EvaluateParams, TrainParams
 
 TRACKING_HELP = "MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)."
@@ -154,6 +155,30 @@ def promote(
     forced = alias == CHAMPION and decision.alias != CHAMPION
     console.print(
         f"{name} version {version} is now {alias}{' (forced)' if forced else ''}: {decision.reason}"
+    )
+
+
+@app.command()
+@errors_to_exit
+def export(
+    model: Annotated[str, typer.Argument(help="Model file, s3:// URI or models:/NAME@ALIAS.")],
+    out: Annotated[str, typer.Argument(help="The ONNX file to write (OUT.onnx).")],
+    chips: Annotated[
+        str | None,
+        typer.Option(help="Chip CSV to check the export on (default: the model's test chips)."),
+    ] = None,
+) -> None:
+    """Export a model to ONNX (normalisation, network and softmax in one file, checked
+    against torch before it is written); test and map take the .onnx file as MODEL.
+    """
+    from specdeepmap.onnx_model import export_onnx
+
+    if not out.lower().endswith(".onnx"):
+        raise InvalidParameterError(f"{out}: the ONNX file's name must end in .onnx")
+    report = export_onnx(model, out, chips)
+    console.print(
+        f"{out}: classes agree with torch on {report.agreement:.4%} of {report.pixels} pixels, "
+        f"largest probability difference {report.max_difference:.1e} ({report.seconds:.1f} s)"
     )
 
 

@@ -1,0 +1,223 @@
+"""Models as ONNX files: exported from ours, checked against torch, run by ONNX Runtime.
+
+``specdeepmap export MODEL OUT.onnx`` writes one self-contained file: the model's own
+normalisation (scaler, per-band mean and std, nodata pixels to the band mean), the network
+and the softmax over the real classes, so the graph takes raw pixel values as float32
+(batch, bands, height, width) and returns class probabilities (batch, classes, height,
+width), batch and window size free. The model's config (bands, classes, tile size, value
+mapping) travels in the file's metadata, so ``specdeepmap test`` and ``map`` take the
+``.onnx`` file as MODEL and run it with ONNX Runtime, no torch network involved.
+
+Before the file is written the export is checked against the torch model on real chips
+(the model's test chips by default) or raw windows: the share of pixels whose class agrees
+and the largest probability difference; below :data:`MIN_AGREEMENT` nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from specdeepmap import storage
+from specdeepmap.errors import InputMismatchError
+from specdeepmap.inference import Predictor
+
+#: the metadata key that holds the model's config
+CONFIG_KEY = "specdeepmap_config"
+#: pixels whose class must agree with the torch model's for the export to be written
+MIN_AGREEMENT = 0.999
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What the check against torch found."""
+
+    uri: str
+    pixels: int
+    agreement: float  #: share of pixels whose class is the torch model's
+    max_difference: float  #: largest absolute difference of a class probability
+    seconds: float
+
+
+class _Portable(torch.nn.Module):
+    """Raw pixels → class probabilities: the model's normalisation, network and softmax."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        super().__init__()
+        self.network = predictor.model
+        norm = predictor.normalization
+        bands = predictor.in_channels
+        scale = 1.0 / norm.scaler if norm.scaler else 1.0
+        mean = np.zeros(bands) if norm.mean is None else np.asarray(norm.mean, dtype=float)
+        std = np.ones(bands) if norm.std is None else np.asarray(norm.std, dtype=float)
+        # bands without statistics become 0 (gain and bias 0), as Normalization.apply does
+        missing = ~np.isfinite(mean) | ~np.isfinite(std) | (std == 0)
+        std, mean = np.where(missing, 1.0, std), np.where(missing, 0.0, mean)
+        gain, bias = np.where(missing, 0.0, scale / std), -mean / std
+        # ((x * scale) - mean) / std as one multiply-add per band
+        self.register_buffer("gain", torch.tensor(gain, dtype=torch.float32)[:, None, None])
+        self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32)[:, None, None])
+        nodata = norm.nodata
+        self.nodata = None if nodata is None or np.isnan(nodata) else float(nodata)
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        x = torch.nan_to_num(raw * self.gain + self.bias, nan=0.0, posinf=0.0, neginf=0.0)
+        if self.nodata is not None:  # nodata in every band: the band mean (0), as in torch
+            x = torch.where((raw == self.nodata).all(dim=1, keepdim=True), torch.zeros_like(x), x)
+        return torch.softmax(self.network(x)[:, 1:], dim=1)
+
+
+def export_onnx(
+    model_uri: str, out_uri: str, chips_csv: str | None = None, count: int = 8
+) -> ExportReport:
+    """Export a model to ONNX, check it against torch, then write it to ``out_uri``.
+
+    ``chips_csv``: a chip CSV whose first ``count`` images check the export (default: the
+    model's dataset's ``test_files.csv`` when it can be read, else random raw windows).
+
+    Raises:
+        InputMismatchError: the ONNX model's classes agree with torch's on fewer than
+            :data:`MIN_AGREEMENT` of the pixels (nothing is written).
+    """
+    import tempfile
+    import time
+
+    import onnx
+
+    from specdeepmap.inference import load_model
+
+    started = time.perf_counter()
+    predictor = load_model(model_uri, "cpu")
+    portable = _Portable(predictor).eval()
+    height, width = predictor.tile_size
+    sample = _check_batch(predictor, chips_csv, count)
+    batch, rows, cols = (torch.export.Dim(n, min=1) for n in ("batch", "rows", "cols"))
+    with tempfile.TemporaryDirectory(prefix="specdeepmap-onnx-") as folder:
+        path = os.path.join(folder, "model.onnx")
+        # an example of at least 2 x 64 x 64 px: a size of 1 (in 32 px steps) would be fixed
+        pad = [(0, 0), (0, 0), (0, max(0, 64 - height)), (0, max(0, 64 - width))]
+        example = torch.from_numpy(np.pad(sample[:2], pad, mode="edge").astype(np.float32))
+        program = torch.onnx.export(
+            portable,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=({0: batch, 2: 32 * rows, 3: 32 * cols},),
+            input_names=["raw"],
+            output_names=["probabilities"],
+            verbose=False,
+        )
+        program.save(path, external_data=False)
+        model = onnx.load(path)
+        onnx.helper.set_model_props(
+            model,
+            {
+                CONFIG_KEY: json.dumps(predictor.config),
+                "source": storage.redact(model_uri),
+            },
+        )
+        onnx.save(model, path)
+        agreement, difference = _compare(path, portable, sample)
+        if agreement < MIN_AGREEMENT:
+            raise InputMismatchError(
+                f"The ONNX export of {model_uri} agrees with the torch model on "
+                f"{agreement:.3%} of the pixels (at least {MIN_AGREEMENT:.1%} needed): "
+                "not written"
+            )
+        with storage.atomic_output(out_uri) as tmp:
+            os.replace(path, tmp)
+    return ExportReport(
+        out_uri,
+        int(sample.shape[0] * height * width),
+        agreement,
+        difference,
+        time.perf_counter() - started,
+    )
+
+
+def _check_batch(predictor: Predictor, chips_csv: str | None, count: int) -> np.ndarray:
+    """Raw (N, C, H, W) chips to check the export on: a chip CSV's, else random windows."""
+    from specdeepmap.data import resolve_row
+    from specdeepmap.splitting import read_csv
+
+    csv = chips_csv
+    dataset = predictor.config.get("dataset")
+    if csv is None and dataset and storage.exists(storage.join(dataset, "test_files.csv")):
+        csv = storage.join(dataset, "test_files.csv")
+    height, width = predictor.tile_size
+    if csv is not None:
+        frame = read_csv(csv)
+        chips = []
+        for image in frame["image"][:count]:
+            with storage.open_raster(resolve_row(storage.parent(csv), image)) as src:
+                chips.append(src.read()[:, :height, :width].astype(np.float32))
+        if chips and all(c.shape == chips[0].shape for c in chips):
+            return np.stack(chips)
+    rng = np.random.default_rng(0)
+    scaler = predictor.normalization.scaler or 1.0
+    return (rng.random((count, predictor.in_channels, height, width)) * 0.5 * scaler).astype(
+        np.float32
+    )
+
+
+def _compare(path: str, portable: torch.nn.Module, sample: np.ndarray) -> tuple[float, float]:
+    """(class agreement, largest probability difference) of the ONNX file against torch."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = portable(torch.from_numpy(sample)).numpy()
+    found = session.run(None, {"raw": sample})[0]
+    agreement = float((found.argmax(1) == expected.argmax(1)).mean())
+    return agreement, float(np.abs(found - expected).max())
+
+
+class OnnxPredictor(Predictor):
+    """A :class:`Predictor` whose probabilities come from an ONNX Runtime session."""
+
+    def __init__(self, session, config: dict, source: str) -> None:
+        super().__init__(model=None, config=config, device=torch.device("cpu"), source=source)
+        self.session = session
+
+    @torch.inference_mode()
+    def probabilities(
+        self,
+        batch: np.ndarray,
+        normalized: bool = False,
+        autocast: bool = False,
+        channels_last: bool = False,
+        tta: bool = False,
+    ) -> torch.Tensor:
+        """Class probabilities of a raw (N, C, H, W) batch (the graph normalises)."""
+        if normalized or tta:
+            raise InputMismatchError(
+                f"{self.source}: an ONNX model takes raw pixels and maps without TTA"
+            )
+        raw = np.ascontiguousarray(batch, dtype=np.float32)
+        return torch.from_numpy(self.session.run(None, {"raw": raw})[0])
+
+
+def load_onnx(uri: str) -> OnnxPredictor:
+    """An exported ``.onnx`` model (local or ``s3://``) ready for the Tester and the Mapper."""
+    import onnxruntime as ort
+
+    from specdeepmap.inference import local_model_file
+
+    path = local_model_file(uri)
+    session = ort.InferenceSession(path, providers=_providers())
+    props = session.get_modelmeta().custom_metadata_map
+    if CONFIG_KEY not in props:
+        raise InputMismatchError(f"{uri} is an ONNX model without specdeepmap's config")
+    return OnnxPredictor(session, json.loads(props[CONFIG_KEY]), uri)
+
+
+def _providers() -> list[str]:
+    """CUDA where ONNX Runtime has it and a GPU is present, else the CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    cuda = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
