@@ -207,18 +207,21 @@ def model_item_href(model_uri: str) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from specdeepmap.registry import resolve
+
     client = mlflow.MlflowClient()
-    reference = model_uri[len("models:/") :]
     try:
-        if "@" in reference:
-            found = client.get_model_version_by_alias(*reference.split("@", 1))
-        else:
-            found = client.get_model_version(*reference.split("/", 1))
-        if _read(client, found.name, str(found.version)) is None:
+        pinned = resolve(model_uri, client)[len("models:/") :]
+        if "/" not in pinned:  # a logged model's id, not a registered version
             return None
+        name, version = pinned.split("/", 1)
+        run_id = client.get_model_version(name, version).run_id
+        listed = client.list_artifacts(run_id, ITEM_FOLDER)  # listed, not downloaded
     except MlflowException:
         return None
-    return item_href(client, found.name, str(found.version))
+    if not any(a.path == f"{ITEM_FOLDER}/{ITEM_FILE}" for a in listed):
+        return None
+    return item_href(client, name, version)
 
 
 def read_model_item(name: str, version: str, client=None) -> dict | None:
