@@ -12,7 +12,9 @@ GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
   input);
 * ``read``: one pass over the scene in strips (I/O floor);
 * ``baseline``: SpecDeepMap's mapper: 256 px tiles, stride ⌊256·0.8⌋, margins cropped, batch 1,
-  the whole output in memory, a plain striped GeoTIFF;
+  the whole output in memory, a plain striped GeoTIFF; run as often as the mapper, in the
+  same rounds (the table gives its median and fastest–slowest, and the speed-up's widest
+  range: the fastest baseline over the slowest map to the slowest over the fastest);
 * peak RSS against scene width (1024 rows; ``--widths``): the buffers that span the scene;
   every row also gives the *floor*: RSS once torch, smp and the model are loaded, before any
   pixel (the same in the baseline's process);
@@ -238,13 +240,25 @@ def latest_demo_model() -> str:
 
 
 def measure(
-    size: int, scene: str, precision: str, model_file: str, work: str, device: str, repeats: int
+    size: int,
+    scene: str,
+    precision: str,
+    model_file: str,
+    work: str,
+    device: str,
+    repeats: int,
+    baselines: list[dict] | None = None,
 ) -> tuple[dict, dict, list[float]]:
     """Median map and model-only runs (alternating, each in a fresh process) and every
-    run's map/model ratio.
+    run's map/model ratio. With ``baselines`` (a list), the baseline runs once in every
+    round too, appended to it, so that it is repeated as often as the mapper.
     """
     maps, models = [], []
     for _ in range(repeats):
+        if baselines is not None:
+            baselines.append(
+                run("baseline", scene, model_file, os.path.join(work, f"base{size}.tif"), device)
+            )
         maps.append(
             run(
                 f"map:{precision}",
@@ -265,8 +279,12 @@ def measure(
             )
         )
     ratios = [m["seconds"] / o["seconds"] for o, m in zip(maps, models, strict=True)]
-    median = lambda runs: sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]  # noqa: E731
-    return median(maps), median(models), ratios
+    return median(maps) | {"all_seconds": [m["seconds"] for m in maps]}, median(models), ratios
+
+
+def median(runs: list[dict]) -> dict:
+    """The run of median seconds."""
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
 
 
 def write_scl(scene: str) -> str:
@@ -403,20 +421,25 @@ def main() -> None:
         scene = generate_scene(os.path.join(work, f"s{size}"), size, size, seed=2).image_uri
         write_scl(scene)
         read = run("read", scene, model_file, "", args.device)
-        base = run(
-            "baseline", scene, model_file, os.path.join(work, f"base{size}.tif"), args.device
-        )
-        for precision in args.precisions:
+        bases: list[dict] = []
+        for i, precision in enumerate(args.precisions):
             ours, model, ratios = measure(
-                size, scene, precision, model_file, work, args.device, args.repeats
+                size,
+                scene,
+                precision,
+                model_file,
+                work,
+                args.device,
+                args.repeats,
+                baselines=bases if i == 0 else None,  # alternating with the first precision
             )
-            rows.append((size, precision, ours, model, read, base, ratios))
+            rows.append((size, precision, ours, model, read, bases, ratios))
 
     mpx = lambda size, r: size * size / 1e6 / r["seconds"]  # noqa: E731
     print(
         f"\nMapper, U-Net/ResNet-18, 13 bands, 256 px tiles, 10 % overlap, device "
         f"{args.device}, {os.cpu_count()} cores, GDAL_CACHEMAX 64 MB, median of "
-        f"{args.repeats} run(s)"
+        f"{args.repeats} run(s) each of the mapper and the baseline (fastest–slowest)"
     )
     header = [
         "scene",
@@ -430,9 +453,9 @@ def main() -> None:
         "map/model range",
         "read Mpx/s",
         "processed/scene px",
-        "baseline s",
+        "baseline s (range)",
         "baseline Mpx/s",
-        "speed-up",
+        "speed-up (range)",
         "RSS map MB",
         "RSS baseline MB",
         "RSS floor MB",
@@ -440,7 +463,10 @@ def main() -> None:
     ]
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
-    for size, precision, ours, model, read, base, ratios in rows:
+    for size, precision, ours, model, read, bases, ratios in rows:
+        base = median(bases)
+        seconds = [b["seconds"] for b in bases]
+        maps = ours["all_seconds"]
         cells = [
             f"{size}²",
             precision,
@@ -453,9 +479,10 @@ def main() -> None:
             f"{min(ratios):.2f}-{max(ratios):.2f}",
             f"{mpx(size, read):.0f}",
             f"{ours['pixels'] / size**2:.2f}",
-            f"{base['seconds']:.1f}",
+            f"{base['seconds']:.1f} ({min(seconds):.1f}–{max(seconds):.1f})",
             f"{mpx(size, base):.2f}",
-            f"{base['seconds'] / ours['seconds']:.2f}x",
+            f"{base['seconds'] / ours['seconds']:.2f}x "
+            f"({min(seconds) / max(maps):.2f}–{max(seconds) / min(maps):.2f})",
             f"{ours['peak_rss_mb']:.0f}",
             f"{base['peak_rss_mb']:.0f}",
             f"{ours['floor_rss_mb']:.0f}",

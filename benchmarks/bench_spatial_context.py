@@ -70,7 +70,7 @@ def main() -> None:
     print("--- | --- | --- | --- | --- | ---")
     for name in args.sets:
         prepare, split = SETS[name]
-        chips, _ = prepare(Path(args.data), work)
+        chips = prepare(Path(args.data), work)
         datasets = fold_datasets(name, chips, split(), args.folds, work)
         matrices, classes = smoothed_forest_matrices(datasets, windows, args.seed)
         scores = {w: metrics_from_matrix(sum(m.values()), classes, m) for w, m in matrices.items()}

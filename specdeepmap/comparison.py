@@ -44,8 +44,9 @@ class Difference:
     level: float  #: the interval's coverage, e.g. 0.9
     chips: int  #: test chips
     share_a_better: float  #: share of resamples where A scored higher
-    #: independent units resampled: groups of touching chips (a chip's neighbours share its
-    #: fields and woods, so they are not independent draws); ``chips`` when not grouped
+    #: independent units resampled: groups of neighbouring chips (touching, or in one spatial
+    #: block of the split: a chip's neighbours share its fields and woods, so they are not
+    #: independent draws); ``chips`` when not grouped
     units: int | None = None
 
     @property
@@ -67,7 +68,7 @@ class Difference:
             if units == self.chips
             else (
                 f"{self.level:.0%} interval over {units} resampled "
-                f"groups of touching test chips ({self.chips} chips)"
+                f"groups of neighbouring test chips ({self.chips} chips)"
             )
         )
         text = (

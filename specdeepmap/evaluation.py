@@ -31,7 +31,7 @@ from specdeepmap.classes import ClassSchema
 from specdeepmap.comparison import Difference, paired_bootstrap
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError
 from specdeepmap.inference import load_model
-from specdeepmap.leakage import Leakage, chip_units, read_split_leakage
+from specdeepmap.leakage import Leakage, chip_units, read_split_leakage, split_block_size
 from specdeepmap.params import EvaluateParams
 
 if TYPE_CHECKING:
@@ -280,7 +280,7 @@ def write_test_outputs(
         summary["chip_confusion_matrices"] = {
             name: m.tolist() for name, m in metrics.chip_matrices.items()
         }
-    if metrics.chip_units is not None:  # resampled together: groups of touching chips
+    if metrics.chip_units is not None:  # resampled together: touching chips, a split's blocks
         summary["chip_units"] = metrics.chip_units
     if baseline is not None:
         table["Baseline RF IoU"] = baseline.iou
@@ -448,7 +448,7 @@ def evaluate_model(
     chip_iou = mean_chip_iou(chip_ious, k)
     matrix = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
     metrics = metrics_from_matrix(matrix, class_values, chip_matrices)
-    metrics.chip_units = chip_units(chip_sizes)
+    metrics.chip_units = chip_units(chip_sizes, split_block_size(storage.parent(test_csv)))
     versus = compare_with_baseline(metrics, baseline) if baseline is not None else None
     leakage = read_split_leakage(storage.parent(test_csv))
     iou_csv, metrics_csv, plots, summary = write_test_outputs(

@@ -209,16 +209,49 @@ def measure(
     return Leakage(*parts)
 
 
-def chip_units(chips: dict[str, tuple[int, int]]) -> dict[str, int]:
+def spatial_blocks(frame: pd.DataFrame, block_size: int) -> np.ndarray:
+    """Block index of every chip: the chip grid of each scene cut into squares of
+    ``block_size`` × ``block_size`` chips (the units of the ``spatial-blocks`` split).
+
+    Args:
+        frame: one row per chip with ``scene``, ``x``, ``y`` and ``tile_x`` (``tile_y``, default
+            ``tile_x``) in pixels.
+        block_size: chips per block edge.
+    """
+    import pandas as pd
+
+    tile_x = frame["tile_x"] if "tile_x" in frame else pd.Series(256, index=frame.index)
+    tile_y = frame["tile_y"] if "tile_y" in frame else tile_x
+    keys = pd.Series(
+        list(
+            zip(
+                frame["scene"],
+                frame["x"] // (block_size * tile_x),
+                frame["y"] // (block_size * tile_y),
+                strict=True,
+            )
+        )
+    )
+    return pd.factorize(keys)[0]
+
+
+def chip_units(chips: dict[str, tuple[int, int]], block_size: int | None = None) -> dict[str, int]:
     """The independent units of a set of chips, for resampling.
 
     Chips named by the Raster Splitter (``{scene}_tile_{x}_{y}.tif``, SpecDeepMap's names too) that
-    touch share a unit; chips without a position in their name are units of their own.
+    touch share a unit, and so do chips of one spatial block when the split was made in blocks
+    (``block_size``): the split kept a block's chips together because they are not independent,
+    so the bootstrap draws them together too. Units are the connected groups of both relations.
+    Chips without a position in their name are units of their own.
 
     Args:
         chips: (height, width) of each chip, by file name.
+        block_size: chips per block edge of a ``spatial-blocks`` split; None when the split
+            was not made in blocks.
     """
     import pandas as pd
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
     from specdeepmap.chipping import CHIP_NAME
 
@@ -236,7 +269,40 @@ def chip_units(chips: dict[str, tuple[int, int]]) -> dict[str, int]:
         )
     if not rows:
         return {}
-    return dict(zip(chips, touch_groups(pd.DataFrame(rows)).tolist(), strict=True))
+    frame = pd.DataFrame(rows)
+    units = touch_groups(frame)
+    if block_size:
+        blocks = spatial_blocks(frame, block_size)
+        n = len(frame)
+        # link each chip to its touch group's and its block's node: chips sharing either meet
+        left = np.arange(n)
+        graph = coo_matrix(
+            (
+                np.ones(2 * n),
+                (np.concatenate([left, left]), np.concatenate([n + units, 2 * n + blocks])),
+            ),
+            shape=(3 * n, 3 * n),
+        )
+        units = connected_components(graph, directed=False)[1][:n]
+        units = pd.factorize(units)[0]
+    return dict(zip(chips, units.tolist(), strict=True))
+
+
+def split_block_size(folder: str) -> int | None:
+    """The block size of a dataset folder's ``spatial-blocks`` split (its ``split.json``);
+    None for other strategies or a folder without the record.
+    """
+    import json
+
+    from specdeepmap import storage
+
+    try:
+        record = json.loads(storage.read_text(storage.join(folder, "split.json")))
+        if record.get("report", {}).get("strategy") != "spatial-blocks":
+            return None
+        return int(record["params"]["block_size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def read_split_leakage(folder: str) -> Leakage | None:
@@ -261,6 +327,8 @@ __all__ = [
     "SetLeakage",
     "chip_extents",
     "chip_units",
+    "spatial_blocks",
+    "split_block_size",
     "measure",
     "read_split_leakage",
     "touch_groups",

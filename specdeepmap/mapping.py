@@ -350,7 +350,7 @@ def map_scene(
         },
         overwrite,
     )
-    predictor = predictor or load_model(model_uri, params.device)
+    predictor = predictor or load_for_engine(model_uri, params)
     if is_item(input_uri):  # the item's assets for the model's bands, stacked by name
         from specdeepmap.stac import item_mask
 
@@ -497,6 +497,23 @@ def map_scene(
     return result
 
 
+def load_for_engine(model_uri: str, params: MapParams) -> Predictor:
+    """The model as ``params.engine`` runs it: torch, or ONNX Runtime on the model's ONNX
+    file (exported and, for int8, calibrated once per model file:
+    :func:`specdeepmap.onnx_model.cached_onnx`). An ``.onnx`` model always runs on ONNX
+    Runtime.
+    """
+    if params.engine == "onnxruntime" and not model_uri.lower().endswith(".onnx"):
+        if params.precision == "bf16":
+            raise InvalidParameterError(
+                "--engine onnxruntime maps in fp32 or int8 (bf16 is torch's autocast)"
+            )
+        from specdeepmap.onnx_model import cached_onnx, load_onnx
+
+        return load_onnx(cached_onnx(model_uri, int8=params.precision == "int8"))
+    return load_model(model_uri, params.device)
+
+
 def prepare_predictor(
     predictor: Predictor, params: MapParams, calibration: Callable[[], list[np.ndarray]]
 ) -> Predictor:
@@ -508,10 +525,12 @@ def prepare_predictor(
     batch norms into copies of them (~45 MB for a ResNet-18 U-Net).
     """
     if predictor.model is None:  # an ONNX model: ONNX Runtime optimises its own graph
-        if params.precision != "fp32":
+        stored = getattr(predictor, "precision", "fp32")
+        if params.precision != stored:
             raise InvalidParameterError(
-                f"{predictor.source} is an ONNX model: it maps in fp32 (precision "
-                f"{params.precision} is for torch models)"
+                f"{predictor.source} is an {stored} ONNX model: it maps in {stored} "
+                f"(precision {params.precision} asked; export the model again with the "
+                "precision wanted, or map a torch model with --engine onnxruntime)"
             )
         return predictor
     fold_batch_norms(predictor.model, predictor.in_channels)
@@ -915,7 +934,7 @@ def map_scenes(
 ) -> list[MapReport]:
     """Map several scenes (a list of URIs or a folder/prefix of .tif files), one output each."""
     uris = scenes_under(inputs) if isinstance(inputs, str) else list(inputs)
-    predictor = load_model(model_uri, params.device)
+    predictor = load_for_engine(model_uri, params)
     reports = []
     for uri in uris:
         target = output_uri_for(uri, out_folder, suffix)

@@ -425,6 +425,12 @@ class MapParams(StepParams):
         description="bf16: autocast (GPUs, AMX CPUs); int8: quantized network on the "
         "CPU (several times faster on VNNI CPUs, a few pixels change class).",
     )
+    engine: Literal["torch", "onnxruntime"] = Field(
+        "torch",
+        description="What runs the network: torch, or ONNX Runtime (the model exported to "
+        "ONNX once and cached; int8: calibrated once on the model's training chips; an "
+        ".onnx MODEL always runs on ONNX Runtime).",
+    )
     channels_last: bool = Field(
         True, description="Run the network channels-last (faster convolutions on CPUs and GPUs)."
     )

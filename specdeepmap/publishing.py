@@ -173,11 +173,10 @@ def map_scene_products(
     (last, so that a scene whose metrics exist is complete). A scene almost all masked is not
     mapped: its metrics JSON says why. Returns the output URIs and the headline figures.
     """
-    from specdeepmap.inference import load_model
-    from specdeepmap.mapping import class_areas, map_scene, quicklook
+    from specdeepmap.mapping import class_areas, load_for_engine, map_scene, quicklook
     from specdeepmap.stac import is_item, write_map_item
 
-    predictor = predictor or load_model(model_uri, params.device)
+    predictor = predictor or load_for_engine(model_uri, params)
     base = map_base(output_uri)
     report = map_scene(
         input_uri,

@@ -55,6 +55,7 @@ from specdeepmap.leakage import (
     VALIDATION,
     Leakage,
     measure,
+    spatial_blocks,
     touch_groups,
     touching_other_sets,
     touching_pairs,
@@ -174,9 +175,7 @@ def split_units(
         return np.arange(len(frame))
     if params.strategy == "balanced-groups":
         return group_units(frame, params, pairs)
-    edge = params.block_size * frame.get("tile_x", pd.Series(256, index=frame.index))
-    keys = pd.Series(list(zip(frame["scene"], frame["x"] // edge, frame["y"] // edge, strict=True)))
-    return pd.factorize(keys)[0]
+    return spatial_blocks(frame, params.block_size)
 
 
 def max_group_size(frame: pd.DataFrame, params: SplitParams) -> int:

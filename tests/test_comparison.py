@@ -112,7 +112,8 @@ def test_touching_chips_are_resampled_together():
     single = paired_bootstrap(a, b, units={name: 0 for name in a})
     assert single.units == 1 and single.chips == 12
     assert single.low == pytest.approx(single.difference) == pytest.approx(single.high)
-    assert "over 1 resampled groups of touching test chips (12 chips)" in single.sentence("A", "B")
+    text = single.sentence("A", "B")
+    assert "over 1 resampled groups of neighbouring test chips (12 chips)" in text
     assert "only 1 independent groups" in single.sentence("A", "B")
     each = paired_bootstrap(a, b, units={name: i for i, name in enumerate(a)})
     plain = paired_bootstrap(a, b)
@@ -125,3 +126,44 @@ def test_touching_chips_are_resampled_together():
         "no_position.tif": 0,
         "other.tif": 1,
     }
+
+
+def test_a_splits_spatial_blocks_are_resampled_together(tmp_path):
+    """Chips of one block of a ``spatial-blocks`` split are one unit even where they do not
+    touch (the split kept them together because they are not independent); blocks that touch
+    join too; the Tester finds the block size in the dataset folder's ``split.json``.
+    """
+    import json
+
+    from specdeepmap.leakage import chip_units, split_block_size
+
+    # 32 px chips 40 px apart: none touch. Blocks of 2 x 2 chips = 64 px edges
+    apart = {f"s_tile_{x}_{y}.tif": (32, 32) for x in (0, 40, 160, 200) for y in (0, 200)}
+    assert len(set(chip_units(apart).values())) == 8
+    units = chip_units(apart, block_size=2)
+    # block x index: 0 // 64 = 40 // 64 = 0, 160 // 64 = 2, 200 // 64 = 3; y: 0 and 3
+    expected = [
+        {"s_tile_0_0.tif", "s_tile_40_0.tif"},
+        {"s_tile_160_0.tif"},
+        {"s_tile_200_0.tif"},
+        {"s_tile_0_200.tif", "s_tile_40_200.tif"},
+        {"s_tile_160_200.tif"},
+        {"s_tile_200_200.tif"},
+    ]
+    found = {}
+    for name, unit in units.items():
+        found.setdefault(unit, set()).add(name)
+    assert sorted(map(sorted, found.values())) == sorted(map(sorted, expected))
+    # a touching pair in different blocks joins them: 64-px chip at 32 reaches 96 (block 1)
+    joined = chip_units({"s_tile_0_0.tif": (32, 64), "s_tile_64_0.tif": (32, 32)}, block_size=1)
+    assert len(set(joined.values())) == 1
+
+    (tmp_path / "split.json").write_text(
+        json.dumps({"params": {"block_size": 3}, "report": {"strategy": "spatial-blocks"}})
+    )
+    assert split_block_size(str(tmp_path)) == 3
+    (tmp_path / "split.json").write_text(
+        json.dumps({"params": {"block_size": 3}, "report": {"strategy": "balanced-groups"}})
+    )
+    assert split_block_size(str(tmp_path)) is None
+    assert split_block_size(str(tmp_path / "missing")) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pandas as pd
 import pytest
 import rasterio
 from typer.testing import CliRunner
@@ -83,3 +84,76 @@ def test_the_command_line_exports_and_refuses_what_it_cannot(trained, tmp_path):
     onnx.save(foreign, str(tmp_path / "foreign.onnx"))
     with pytest.raises(InputMismatchError, match="without specdeepmap's config"):
         load_model(str(tmp_path / "foreign.onnx"))
+
+
+def test_an_int8_export_is_calibrated_once_on_the_training_chips(trained, dataset, tmp_path):
+    """``--int8``: convolutions quantized (QDQ), the file says int8, its classes checked
+    here against the torch fp32 model on the test chips; without readable training chips it
+    is refused before anything is written.
+    """
+    from specdeepmap.errors import MissingInputError
+
+    _, result = trained
+    out = tmp_path / "int8.onnx"
+    done = runner.invoke(app, ["export", result.model_file, str(out), "--int8"])
+    assert done.exit_code == 0, done.output
+    model = onnx.load(str(out))
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("DequantizeLinear") > ops.count("Conv") > 0  # weights and activations
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["specdeepmap_precision"] == "int8"
+    chips = []
+    for image in pd.read_csv(dataset / "chips" / "test_files.csv")["image"]:
+        with rasterio.open(dataset / "chips" / image) as src:
+            chips.append(src.read())
+    raw = np.stack(chips)
+    expected = load_model(result.model_file, "cpu").probabilities(raw).numpy().argmax(1)
+    found = load_model(str(out)).probabilities(raw).numpy().argmax(1)
+    assert (found == expected).mean() >= 0.99
+    with pytest.raises(MissingInputError, match="--calibration-chips"):
+        export_onnx(
+            result.model_file,
+            str(tmp_path / "none.onnx"),
+            int8=True,
+            calibration_csv=str(tmp_path / "missing.csv"),
+        )
+    assert not (tmp_path / "none.onnx").exists()
+
+
+def test_map_engine_onnxruntime_exports_once_and_reuses_the_file(
+    trained, dataset, tmp_path, monkeypatch
+):
+    """``--engine onnxruntime`` maps a torch model file through its cached ONNX export:
+    the same classes as torch, one export per model file and precision, whatever the
+    number of scenes.
+    """
+    _, result = trained
+    monkeypatch.setenv("SPECDEEPMAP_CACHE", str(tmp_path / "cache"))
+    scene = str(dataset / "scene" / "demo_s2.tif")
+    maps = {}
+    for name, params in (
+        ("torch", MapParams(device="cpu")),
+        ("ort", MapParams(device="cpu", engine="onnxruntime")),
+        ("ort-again", MapParams(device="cpu", engine="onnxruntime")),
+        ("ort-int8", MapParams(device="cpu", engine="onnxruntime", precision="int8")),
+    ):
+        if name == "ort-again":
+            cached = sorted((tmp_path / "cache" / "onnx").iterdir())
+            stamps = [path.stat().st_mtime_ns for path in cached]
+        map_scene(scene, result.model_file, str(tmp_path / f"{name}.tif"), params)
+        with rasterio.open(tmp_path / f"{name}.tif") as src:
+            maps[name] = src.read(1)
+    assert (maps["ort"] == maps["torch"]).mean() >= 0.999
+    assert (maps["ort-again"] == maps["ort"]).all()
+    assert (maps["ort-int8"] == maps["torch"]).mean() >= 0.98
+    assert [p.name.split("-")[1] for p in cached] == ["fp32.onnx"]
+    files = sorted((tmp_path / "cache" / "onnx").iterdir())
+    assert [p.name.split("-")[1] for p in files] == ["fp32.onnx", "int8.onnx"]
+    assert files[0].stat().st_mtime_ns == stamps[0]  # the second map exported nothing
+    with pytest.raises(InvalidParameterError, match="fp32 or int8"):
+        map_scene(
+            scene,
+            result.model_file,
+            str(tmp_path / "bf16.tif"),
+            MapParams(engine="onnxruntime", precision="bf16"),
+        )

@@ -167,6 +167,18 @@ def export(
         str | None,
         typer.Option(help="Chip CSV to check the export on (default: the model's test chips)."),
     ] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Write a statically quantized int8 file, calibrated once on the model's "
+            "training chips.",
+        ),
+    ] = False,
+    calibration_chips: Annotated[
+        str | None,
+        typer.Option(help="--int8: chip CSV to calibrate on (default: the training chips)."),
+    ] = None,
 ) -> None:
     """Export a model to ONNX (normalisation, network and softmax in one file, checked
     against torch before it is written); test and map take the .onnx file as MODEL.
@@ -175,7 +187,7 @@ def export(
 
     if not out.lower().endswith(".onnx"):
         raise InvalidParameterError(f"{out}: the ONNX file's name must end in .onnx")
-    report = export_onnx(model, out, chips)
+    report = export_onnx(model, out, chips, int8=int8, calibration_csv=calibration_chips)
     console.print(
         f"{out}: classes agree with torch on {report.agreement:.4%} of {report.pixels} pixels, "
         f"largest probability difference {report.max_difference:.1e} ({report.seconds:.1f} s)"
