@@ -10,6 +10,10 @@ GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
 * ``model``: the network alone, prepared as the mapper prepares it (fp32: batch norms folded,
   channels-last; int8: quantized), on the same number of windows of the same size (random
   input);
+* ``--engines``: the same maps with ONNX Runtime running the network (rows "fp32
+  onnxruntime", "int8 onnxruntime"): the model exported once (``export_onnx``), int8 with
+  its convolutions statically quantized once (calibrated on eight windows of the scene; a
+  real model is calibrated on its training chips), neither's export in the timed run;
 * ``read``: one pass over the scene in strips (I/O floor);
 * ``baseline``: SpecDeepMap's mapper: 256 px tiles, stride ⌊256·0.8⌋, margins cropped, batch 1,
   the whole output in memory, a plain striped GeoTIFF; run as often as the mapper, in the
@@ -233,6 +237,35 @@ def quality(
     return rows
 
 
+def onnx_models(model_file: str, scene: str, work: str) -> dict[str, str]:
+    """The benchmark's model as ONNX files, by precision: fp32 (``export_onnx``, checked
+    against torch) and int8 (its convolutions quantized, calibrated on eight 256² windows of
+    ``scene``: the random-weight model has no training chips, and its near-tied classes would
+    fail the int8 export's agreement check, which speed does not depend on).
+    """
+    import onnx
+    import rasterio
+
+    from specdeepmap.mapping import _calibration_windows
+    from specdeepmap.onnx_model import PRECISION_KEY, export_onnx, quantize
+
+    fp32 = os.path.join(work, "model.onnx")
+    int8 = os.path.join(work, "model_int8.onnx")
+    if not os.path.exists(fp32):
+        export_onnx(model_file, fp32)
+    if not os.path.exists(int8):
+        with rasterio.open(scene) as src:
+            windows = [w.astype("float32") for w in _calibration_windows(src, 256)]
+        quantize(fp32, int8, windows)
+        model = onnx.load(int8)
+        onnx.helper.set_model_props(
+            model,
+            {p.key: p.value for p in model.metadata_props} | {PRECISION_KEY: "int8"},
+        )
+        onnx.save(model, int8)
+    return {"fp32": fp32, "int8": int8}
+
+
 def latest_demo_model() -> str:
     """The model file of the newest demo training (``make run``), or "" when there is none."""
     found = sorted(glob.glob("runs/demo/training/*/model.pt"))
@@ -375,6 +408,13 @@ def main() -> None:
         "--repeats", type=int, default=1, help="map and model-only runs per size and precision"
     )
     parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["torch", "onnxruntime"],
+        choices=["torch", "onnxruntime"],
+        help="what runs the network (onnxruntime: fp32 and int8 ONNX files; not bf16)",
+    )
+    parser.add_argument(
         "--bands-size",
         type=int,
         default=4092,
@@ -422,18 +462,24 @@ def main() -> None:
         write_scl(scene)
         read = run("read", scene, model_file, "", args.device)
         bases: list[dict] = []
-        for i, precision in enumerate(args.precisions):
+        engines = {"torch": {p: model_file for p in args.precisions}}
+        if "onnxruntime" in args.engines:
+            engines["onnxruntime"] = onnx_models(model_file, scene, work)
+        for i, (engine, precision) in enumerate(
+            (e, p) for e in args.engines for p in args.precisions if p in engines[e]
+        ):
             ours, model, ratios = measure(
                 size,
                 scene,
                 precision,
-                model_file,
+                engines[engine][precision],
                 work,
                 args.device,
                 args.repeats,
-                baselines=bases if i == 0 else None,  # alternating with the first precision
+                baselines=bases if i == 0 else None,  # alternating with the first
             )
-            rows.append((size, precision, ours, model, read, bases, ratios))
+            label = precision if engine == "torch" else f"{precision} {engine}"
+            rows.append((size, label, ours, model, read, bases, ratios))
 
     mpx = lambda size, r: size * size / 1e6 / r["seconds"]  # noqa: E731
     print(
@@ -489,7 +535,8 @@ def main() -> None:
             f"{ours['setup']:.1f}" if precision == "int8" else "–",
         ]
         print(" | ".join(cells))
-    guard_table([(size, p, ours) for size, p, ours, *_ in rows], args, work, model_file)
+    torch_rows = [(size, p, ours) for size, p, ours, *_ in rows if " " not in p]
+    guard_table(torch_rows, args, work, model_file)
     if args.bands_size:
         size = args.bands_size
         stacked = generate_scene(os.path.join(work, f"b{size}"), size, size, seed=4).image_uri

@@ -130,22 +130,8 @@ def export_onnx(
     portable = _Portable(predictor).eval()
     height, width = predictor.tile_size
     sample = _check_batch(predictor, chips_csv, count)
-    batch, rows, cols = (torch.export.Dim(n, min=1) for n in ("batch", "rows", "cols"))
     with tempfile.TemporaryDirectory(prefix="specdeepmap-onnx-") as folder:
-        path = os.path.join(folder, "model.onnx")
-        # an example of at least 2 x 64 x 64 px: a size of 1 (in 32 px steps) would be fixed
-        pad = [(0, 0), (0, 0), (0, max(0, 64 - height)), (0, max(0, 64 - width))]
-        example = torch.from_numpy(np.pad(sample[:2], pad, mode="edge").astype(np.float32))
-        program = torch.onnx.export(
-            portable,
-            (example,),
-            dynamo=True,
-            dynamic_shapes=({0: batch, 2: 32 * rows, 3: 32 * cols},),
-            input_names=["raw"],
-            output_names=["probabilities"],
-            verbose=False,
-        )
-        program.save(path, external_data=False)
+        path = _write_graph(portable, sample, os.path.join(folder, "model.onnx"))
         model = onnx.load(path)
         onnx.helper.set_model_props(
             model,
@@ -176,6 +162,28 @@ def export_onnx(
         difference,
         time.perf_counter() - started,
     )
+
+
+def _write_graph(portable: torch.nn.Module, sample: np.ndarray, path: str) -> str:
+    """The graph of ``portable`` as an ONNX file at ``path`` (dynamo exporter, the current
+    opset, weights inside), batch and window size free (multiples of 32 px).
+    """
+    batch, rows, cols = (torch.export.Dim(n, min=1) for n in ("batch", "rows", "cols"))
+    _, _, height, width = sample.shape
+    # an example of at least 2 x 64 x 64 px: a size of 1 (in 32 px steps) would be fixed
+    pad = [(0, 0), (0, 0), (0, max(0, 64 - height)), (0, max(0, 64 - width))]
+    example = torch.from_numpy(np.pad(sample[:2], pad, mode="edge").astype(np.float32))
+    program = torch.onnx.export(
+        portable,
+        (example,),
+        dynamo=True,
+        dynamic_shapes=({0: batch, 2: 32 * rows, 3: 32 * cols},),
+        input_names=["raw"],
+        output_names=["probabilities"],
+        verbose=False,
+    )
+    program.save(path, external_data=False)
+    return path
 
 
 def _check_batch(predictor: Predictor, chips_csv: str | None, count: int) -> np.ndarray:
