@@ -52,8 +52,11 @@ class Difference:
     @property
     def verdict(self) -> str:
         """``better`` or ``worse`` (A against B) when the interval excludes 0, else
-        ``undecided``.
+        ``undecided``; always ``undecided`` with a single independent unit, whose resamples
+        are all the same draw (the interval collapses onto the difference and says nothing).
         """
+        if (self.units if self.units is not None else self.chips) < 2:
+            return "undecided"
         if self.low > 0:
             return "better"
         if self.high < 0:
@@ -75,7 +78,9 @@ class Difference:
             f"{a} scores {self.difference:+.3f} mean IoU against {b} "
             f"({where}: {self.low:+.3f} to {self.high:+.3f}); "
         )
-        if self.verdict == "undecided":
+        if units < 2:
+            text += "one independent unit cannot tell the two apart."
+        elif self.verdict == "undecided":
             text += "the test chips cannot tell the two apart."
         else:
             text += f"the test chips favour {a if self.verdict == 'better' else b}."

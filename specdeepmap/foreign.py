@@ -20,8 +20,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 
+from specdeepmap import storage
 from specdeepmap.classes import ClassSchema
 from specdeepmap.errors import InputMismatchError
 from specdeepmap.params import ARCHITECTURE_ALIASES
@@ -203,6 +205,140 @@ def convert(checkpoint_uri: str, out_uri: str) -> dict:
     model.load_state_dict(state, strict=True)
     export_model_file(config, model, out_uri)
     return config
+
+
+#: our architectures by the names SpecDeepMap's Trainer builds (its ``_prepare_model``)
+SPECDEEPMAP_ARCHITECTURES = {
+    "unet": "Unet",
+    "unetplusplus": "Unet++",
+    "deeplabv3plus": "DeepLabV3+",
+    "justo-unet": "JustoUNetSimple",
+}
+#: the bias of the background channel in an exported network: SpecDeepMap's argmax runs
+#: over every channel, background included; ours chooses among the classes, so the exported
+#: background channel is made never to win (its logit lowered by this much)
+BACKGROUND_BIAS = -1.0e4
+#: the last layer's bias per architecture family (smp's segmentation head, Justo's last norm)
+_LAST_BIAS = ("segmentation_head.0.bias", "dec_bn2.bias")
+
+
+def export_checkpoint(model_uri: str, out_uri: str) -> dict:
+    """Write one of our models as a checkpoint SpecDeepMap's Tester and Mapper load.
+
+    Their loader (``MyModel.load_from_checkpoint`` in EnMAP-Box) builds a plain network from
+    the hyper-parameters (architecture, backbone, bands, classes incl. background) and loads
+    ``state_dict`` under ``model.``; its ``predict`` divides by ``scaler``, applies the pickled
+    torchvision ``Normalize`` of ``preprocess`` and takes the argmax over all channels. So the
+    model must be a plain one (no spectral front-end, five encoder stages, batch norms, one
+    network), its normalisation becomes a ``Normalize`` (a band without statistics: mean 0,
+    std infinite, i.e. 0 as ours makes it), and the background channel never wins.
+
+    Returns the hyper-parameters written.
+
+    Raises:
+        InputMismatchError: the model has parts SpecDeepMap's Trainer does not build (named).
+    """
+    import lightning
+    from torchvision import transforms
+
+    from specdeepmap.inference import load_model
+    from specdeepmap.models import ModelSpec, build_model, canonical_architecture
+
+    predictor = load_model(model_uri, "cpu")
+    if predictor.model is None:
+        raise InputMismatchError(f"{model_uri} is an ONNX file: export its torch model instead")
+    spec = ModelSpec.from_config(predictor.config)
+    name = SPECDEEPMAP_ARCHITECTURES.get(canonical_architecture(spec.architecture))
+    problems = [
+        what
+        for what, present in (
+            (
+                f"architecture {spec.architecture} (SpecDeepMap builds "
+                + ", ".join(SPECDEEPMAP_ARCHITECTURES.values())
+                + ")",
+                name is None,
+            ),
+            (
+                f"a spectral front-end of {spec.spectral_channels} channels "
+                "(train with --spectral-channels 0)",
+                spec.spectral_channels > 0,
+            ),
+            (
+                f"{spec.encoder_depth} encoder stages (SpecDeepMap's have 5: --encoder-depth 5)",
+                spec.encoder_depth != 5,
+            ),
+            ("group norms (--norm batch)", spec.norm != "batch"),
+        )
+        if present
+    ]
+    state = predictor.model.state_dict()
+    if not problems:
+        plain = build_model(
+            ModelSpec(spec.architecture, spec.backbone, spec.in_channels, spec.num_classes)
+        ).state_dict()
+        if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in plain.items()}:
+            problems.append("layers a plain network does not have (an ensemble, a pixel head)")
+    if problems:
+        raise InputMismatchError(
+            f"{model_uri} cannot be loaded by SpecDeepMap: it has " + "; ".join(problems)
+        )
+    state = {f"model.{k}": v.detach().clone() for k, v in state.items()}
+    for key in _LAST_BIAS:
+        if f"model.{key}" in state:
+            state[f"model.{key}"][0] += BACKGROUND_BIAS
+    norm = predictor.normalization
+    preprocess = None
+    if norm.mean is not None and norm.std is not None:
+        mean = np.asarray(norm.mean, dtype=float)
+        std = np.asarray(norm.std, dtype=float)
+        missing = ~np.isfinite(mean) | ~np.isfinite(std) | (std == 0)
+        preprocess = transforms.Compose(
+            [
+                transforms.Normalize(
+                    mean=np.where(missing, 0.0, mean).tolist(),
+                    std=np.where(missing, np.inf, std).tolist(),
+                )
+            ]
+        )
+    values = predictor.class_values
+    height, width = predictor.tile_size
+    hyper = {
+        "in_channels": spec.in_channels,
+        "architecture": name,
+        "classes": spec.num_classes,
+        "backbone": None if name == "JustoUNetSimple" else spec.backbone,
+        "weights": None,
+        "epochs": predictor.config.get("epochs"),
+        "lr": predictor.config.get("lr"),
+        "batch_size": predictor.config.get("batch_size"),
+        "num_workers": 0,
+        "acc": "cpu",
+        "transform": None,
+        "freeze_backbone": False,
+        "class_weights": None,
+        "checkpoint_path": None,
+        "img_x": int(width),
+        "img_y": int(height),
+        "preprocess": preprocess,
+        "remove_background_class": "Yes",
+        "scaler": float(norm.scaler) if norm.scaler else None,
+        "class_values": [int(v) for v in values],
+        "forward_mapping": {int(v): i + 1 for i, v in enumerate(values)},
+        "reverse_mapping": {i + 1: int(v) for i, v in enumerate(values)},
+    }
+    checkpoint = {
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": lightning.__version__,
+        "state_dict": state,
+        # as SpecDeepMap's own: the flat keys, and MyModel's init arguments
+        "hyper_parameters": hyper
+        | {"train_data": None, "val_data": None, "feedback": None, "hparams": dict(hyper)},
+        "specdeepmap_platform": {"source": storage.redact(model_uri)},
+    }
+    with storage.atomic_output(out_uri) as tmp:
+        torch.save(checkpoint, tmp)
+    return hyper
 
 
 def import_card(config: dict) -> str:

@@ -142,6 +142,10 @@ def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
             if k.startswith("model.")
         }
         return obj["hyper_parameters"]["config"], state
+    from specdeepmap import foreign
+
+    if foreign.is_specdeepmap_checkpoint(obj):  # SpecDeepMap's, without pickled objects
+        return foreign.to_model_file(obj, uri)
     raise UnsafeModelFileError(f"{uri} is not a specdeepmap model file (no config found)")
 
 

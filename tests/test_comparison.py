@@ -112,6 +112,7 @@ def test_touching_chips_are_resampled_together():
     single = paired_bootstrap(a, b, units={name: 0 for name in a})
     assert single.units == 1 and single.chips == 12
     assert single.low == pytest.approx(single.difference) == pytest.approx(single.high)
+    assert single.difference != 0 and single.verdict == "undecided"  # one draw proves nothing
     text = single.sentence("A", "B")
     assert "over 1 resampled groups of neighbouring test chips (12 chips)" in text
     assert "only 1 independent groups" in single.sentence("A", "B")

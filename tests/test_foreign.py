@@ -172,3 +172,152 @@ def test_justo_unet_refuses_pretrained_weights():
 
     with pytest.raises(InvalidParameterError, match="no encoder"):
         TrainParams(architecture="justo-unet", weights="imagenet")
+
+
+class _SpecDeepMapStyleModel:
+    """What EnMAP-Box's SpecDeepMap does with a checkpoint, written from its behaviour
+    (``../shared/SPECDEEPMAP.md`` §3.7 and its Tester): a LightningModule whose init takes
+    ``train_data``, ``val_data``, ``hparams`` and ``feedback``, builds the plain network from
+    the hyper-parameters, is loaded with ``load_from_checkpoint(path, weights_only=False,
+    hparams=...)``, and predicts by dividing by ``scaler``, applying ``preprocess`` and taking
+    the argmax over every channel.
+    """
+
+    @staticmethod
+    def load(path: str):
+        import lightning as L
+        import segmentation_models_pytorch as smp
+
+        class MyModel(L.LightningModule):
+            def __init__(self, train_data=None, val_data=None, hparams=None, feedback=None):
+                super().__init__()
+                self.hparams.update(hparams)
+                self.save_hyperparameters()
+                h = self.hparams
+                builders = {
+                    "Unet": smp.Unet,
+                    "Unet++": smp.UnetPlusPlus,
+                    "DeepLabV3+": smp.DeepLabV3Plus,
+                }
+                if h["architecture"] == "JustoUNetSimple":
+                    self.model = JustoUNetSimple(h["in_channels"], h["classes"])
+                else:
+                    self.model = builders[h["architecture"]](
+                        encoder_name=h["backbone"],
+                        encoder_weights=None,
+                        in_channels=h["in_channels"],
+                        classes=h["classes"],
+                    )
+
+            def forward(self, image):
+                return self.model(image)
+
+            def predict(self, image):
+                self.eval()
+                with torch.no_grad():
+                    if self.hparams["scaler"] is not None:
+                        image = image / self.hparams["scaler"]
+                    if self.hparams["preprocess"] is not None:
+                        image = self.hparams["preprocess"](image)
+                    return torch.argmax(torch.softmax(self(image), dim=1), dim=1)
+
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        h = checkpoint["hyper_parameters"]
+        keys = ("architecture", "backbone", "classes", "in_channels", "preprocess", "scaler")
+        model = MyModel.load_from_checkpoint(
+            path,
+            map_location="cpu",
+            weights_only=False,
+            hparams={k: h[k] for k in keys} | {"remove_background_class": "Yes"},
+        )
+        return model, h
+
+
+def _their_classes(path: str, chips: np.ndarray) -> np.ndarray:
+    model, hyper = _SpecDeepMapStyleModel.load(path)
+    index = model.predict(torch.from_numpy(chips.astype(np.float32))).numpy()
+    lut = np.zeros(hyper["classes"], np.int64)
+    for i, value in hyper["reverse_mapping"].items():
+        lut[int(i)] = value
+    return lut[index]
+
+
+def test_export_specdeepmap_round_trips_the_shipped_checkpoint(shared_data, tmp_path):
+    """The shipped checkpoint imported, then exported with ``--format specdeepmap``: loaded
+    the way SpecDeepMap loads it, it predicts what our import predicts on the shipped chips,
+    and our importer reads it back to the same model.
+    """
+    import rasterio
+
+    from specdeepmap.foreign import convert
+
+    convert(str(shared_data / SHIPPED), str(tmp_path / "imported.pt"))
+    done = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "imported.pt"),
+            str(tmp_path / "out.ckpt"),
+            "--format",
+            "specdeepmap",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert "JustoUNetSimple" in done.output
+    images = sorted((shared_data / "enmap_potsdam" / "images").glob("*.tif"))[:6]
+    chips = []
+    for path in images:
+        with rasterio.open(path) as src:
+            chips.append(src.read())
+    chips = np.stack(chips)
+    ours = load_model(str(tmp_path / "imported.pt"), "cpu")
+    expected = np.asarray(ours.class_values)[ours.probabilities(chips).numpy().argmax(1)]
+    found = _their_classes(str(tmp_path / "out.ckpt"), chips)
+    assert (found == expected).mean() >= 0.999
+    assert (found > 0).all()  # the background channel never wins
+    again, _ = read_model_file(str(tmp_path / "out.ckpt"))  # our importer reads it back
+    assert again["class_values"] == [1, 2, 3, 4, 5, 6] and again["tile_size"] == [32, 32]
+    assert again["architecture"] == "justo-unet" and again["in_channels"] == 224
+
+
+def test_export_specdeepmap_writes_a_normalised_unet_and_refuses_what_it_cannot(tmp_path):
+    """A plain U-Net with per-band statistics (one band without them) is predicted alike by
+    SpecDeepMap's way of loading; a model with a spectral front-end is refused, naming it.
+    """
+    from specdeepmap.errors import InputMismatchError
+    from specdeepmap.foreign import export_checkpoint
+    from specdeepmap.inference import export_model_file
+    from specdeepmap.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    mean = [float(m) for m in np.linspace(0.05, 0.3, 13)]
+    std = [0.1] * 13
+    mean[9], std[9] = None, None  # a band without statistics: 0, as ours makes it
+    config = {
+        "architecture": "unet",
+        "backbone": "resnet18",
+        "in_channels": 13,
+        "num_classes": 4,
+        "class_values": [2, 5, 9],
+        "ignore_index": 0,
+        "tile_size": [64, 64],
+        "normalization": {"scaler": 10000.0, "mean": mean, "std": std, "nodata": None},
+    }
+    plain = export_model_file(
+        config, build_model(ModelSpec("unet", "resnet18", 13, 4)), str(tmp_path / "plain.pt")
+    )
+    hyper = export_checkpoint(plain, str(tmp_path / "plain.ckpt"))
+    assert hyper["reverse_mapping"] == {1: 2, 2: 5, 3: 9} and hyper["scaler"] == 10000.0
+    chips = np.random.default_rng(1).integers(1, 4000, (2, 13, 64, 64)).astype(np.uint16)
+    ours = load_model(plain, "cpu")
+    expected = np.asarray(ours.class_values)[ours.probabilities(chips).numpy().argmax(1)]
+    found = _their_classes(str(tmp_path / "plain.ckpt"), chips)
+    assert (found == expected).mean() >= 0.999
+    front = export_model_file(
+        config | {"spectral_channels": 8},
+        build_model(ModelSpec("unet", "resnet18", 13, 4, spectral_channels=8)),
+        str(tmp_path / "front.pt"),
+    )
+    with pytest.raises(InputMismatchError, match="spectral front-end of 8 channels"):
+        export_checkpoint(front, str(tmp_path / "front.ckpt"))
+    assert not (tmp_path / "front.ckpt").exists()

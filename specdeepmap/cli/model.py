@@ -162,7 +162,18 @@ def promote(
 @errors_to_exit
 def export(
     model: Annotated[str, typer.Argument(help="Model file, s3:// URI or models:/NAME@ALIAS.")],
-    out: Annotated[str, typer.Argument(help="The ONNX file to write (OUT.onnx).")],
+    out: Annotated[
+        str,
+        typer.Argument(help="The file to write: OUT.onnx, or OUT.ckpt with --format specdeepmap."),
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="onnx, or specdeepmap: a checkpoint EnMAP-Box's SpecDeepMap Tester and Mapper "
+            "load (plain networks only).",
+        ),
+    ] = "onnx",
     chips: Annotated[
         str | None,
         typer.Option(help="Chip CSV to check the export on (default: the model's test chips)."),
@@ -181,10 +192,25 @@ def export(
     ] = None,
 ) -> None:
     """Export a model to ONNX (normalisation, network and softmax in one file, checked
-    against torch before it is written); test and map take the .onnx file as MODEL.
+    against torch before it is written; test and map take the .onnx file as MODEL), or as a
+    SpecDeepMap checkpoint for EnMAP-Box (--format specdeepmap).
     """
     from specdeepmap.onnx_model import export_onnx
 
+    if fmt not in ("onnx", "specdeepmap"):
+        raise InvalidParameterError(f"--format {fmt}: onnx or specdeepmap")
+    if fmt == "specdeepmap":
+        from specdeepmap.foreign import export_checkpoint
+
+        if not out.lower().endswith(".ckpt"):
+            raise InvalidParameterError(f"{out}: a SpecDeepMap checkpoint's name ends in .ckpt")
+        hyper = export_checkpoint(model, out)
+        console.print(
+            f"{out}: SpecDeepMap {hyper['architecture']} ({hyper['backbone']}), "
+            f"{hyper['in_channels']} bands, classes {hyper['class_values']}, "
+            f"{hyper['img_x']} px chips: load it in EnMAP-Box's Tester or Mapper"
+        )
+        return
     if not out.lower().endswith(".onnx"):
         raise InvalidParameterError(f"{out}: the ONNX file's name must end in .onnx")
     report = export_onnx(model, out, chips, int8=int8, calibration_csv=calibration_chips)
