@@ -553,7 +553,7 @@ def main() -> None:
                     f"{test.overall_accuracy:.3f} | {per_class} | {seconds:.0f} | "
                     + (
                         f"{versus.difference:+.3f} ({versus.low:+.3f} to "
-                        f"{versus.high:+.3f}, {versus.verdict})"
+                        f"{versus.high:+.3f}, {versus.verdict}, {versus.units} units)"
                         if versus
                         else ""
                     )
