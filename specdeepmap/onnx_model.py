@@ -130,6 +130,8 @@ def export_onnx(
     portable = _Portable(predictor).eval()
     height, width = predictor.tile_size
     sample = _check_batch(predictor, chips_csv, count)
+    # int8: the calibration chips are read first, so that a missing set fails before the export
+    calibration = _calibration_chips(predictor, calibration_csv) if int8 else []
     with tempfile.TemporaryDirectory(prefix="specdeepmap-onnx-") as folder:
         path = _write_graph(portable, sample, os.path.join(folder, "model.onnx"))
         model = onnx.load(path)
@@ -143,7 +145,6 @@ def export_onnx(
         )
         onnx.save(model, path)
         if int8:
-            calibration = _calibration_chips(predictor, calibration_csv)
             path = quantize(path, os.path.join(folder, "model_int8.onnx"), calibration)
         agreement, difference = _compare(path, portable, sample)
         needed = MIN_INT8_AGREEMENT if int8 else MIN_AGREEMENT
@@ -291,7 +292,15 @@ def cached_onnx(model_uri: str, int8: bool = False) -> str:
     name = f"{digest.hexdigest()[:20]}-{'int8' if int8 else 'fp32'}.onnx"
     path = os.path.join(storage.private_cache_dir("onnx"), name)
     if not os.path.exists(path):
-        report = export_onnx(local, path, int8=int8)
+        from specdeepmap.errors import MissingInputError
+
+        try:
+            report = export_onnx(local, path, int8=int8)
+        except MissingInputError as error:  # int8 without readable training chips
+            raise MissingInputError(
+                f"{error}. For a map: `specdeepmap export {model_uri} OUT.onnx --int8 "
+                "--calibration-chips CSV`, then map OUT.onnx"
+            ) from None
         log.info(
             "%s exported to ONNX%s for ONNX Runtime: %s (agreement %.4f%%, %.1f s)",
             model_uri,

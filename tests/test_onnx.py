@@ -157,3 +157,22 @@ def test_map_engine_onnxruntime_exports_once_and_reuses_the_file(
             str(tmp_path / "bf16.tif"),
             MapParams(engine="onnxruntime", precision="bf16"),
         )
+    # a model whose training chips cannot be read: int8 is refused before any export,
+    # with the command that calibrates it on chips the user gives
+    from specdeepmap.errors import MissingInputError
+    from specdeepmap.inference import export_model_file, read_model_file
+
+    config, state = read_model_file(result.model_file)
+    network = load_model(result.model_file, "cpu").model
+    network.load_state_dict(state)
+    moved = export_model_file(
+        config | {"dataset": str(tmp_path / "gone")}, network, str(tmp_path / "moved.pt")
+    )
+    with pytest.raises(MissingInputError, match="--calibration-chips CSV`, then map"):
+        map_scene(
+            scene,
+            moved,
+            str(tmp_path / "moved.tif"),
+            MapParams(engine="onnxruntime", precision="int8"),
+        )
+    assert not (tmp_path / "moved.tif").exists()
