@@ -7,7 +7,8 @@ reading of the spectrum. This benchmark measures which case a data set is, witho
 network: the forest's class probabilities are averaged over a moving window (w × w pixels,
 w = 1 is the forest as it is) before the argmax, and scored by the same cross-validation as
 ``bench_quality.py --folds`` (every development chip a test chip once, confusion matrices
-pooled over the folds; the held-out part is left out, as everywhere but ``--final``). The ratio column is the smoothed forest's test mean IoU over the per-pixel forest's.
+pooled over the folds; the held-out part is left out, as everywhere but ``--final``). The
+ratio column is the smoothed forest's test mean IoU over the per-pixel forest's.
 
 Usage: python benchmarks/bench_spatial_context.py [--sets enmap s2] [--folds 6]
        [--windows 1 3 5 7]
