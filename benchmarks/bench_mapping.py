@@ -375,8 +375,7 @@ def guard_table(rows: list, args, work: str, model_file: str) -> None:
                 plain.append(run(f"map:{precision}", scene, model_file, out, args.device))
             out = os.path.join(work, f"mask{size}-{precision}.tif")
             masked.append(run(f"mapmask:{precision}", scene, model_file, out, args.device))
-        a = sorted(plain, key=lambda r: r["seconds"])[len(plain) // 2]
-        b = sorted(masked, key=lambda r: r["seconds"])[len(masked) // 2]
+        a, b = median(plain), median(masked)
         if size not in detector:  # independent of the network's precision: once per size
             out = os.path.join(work, f"clouds{size}.tif")
             detector[size] = run("clouds", scene, model_file, out, args.device)["seconds"]

@@ -289,16 +289,9 @@ def export_checkpoint(model_uri: str, out_uri: str) -> dict:
     norm = predictor.normalization
     preprocess = None
     if norm.mean is not None and norm.std is not None:
-        mean = np.asarray(norm.mean, dtype=float)
-        std = np.asarray(norm.std, dtype=float)
-        missing = ~np.isfinite(mean) | ~np.isfinite(std) | (std == 0)
+        mean, std, missing = norm.band_terms(spec.in_channels)
         preprocess = transforms.Compose(
-            [
-                transforms.Normalize(
-                    mean=np.where(missing, 0.0, mean).tolist(),
-                    std=np.where(missing, np.inf, std).tolist(),
-                )
-            ]
+            [transforms.Normalize(mean=mean.tolist(), std=np.where(missing, np.inf, std).tolist())]
         )
     values = predictor.class_values
     height, width = predictor.tile_size

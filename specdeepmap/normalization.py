@@ -39,18 +39,29 @@ class Normalization:
         if self.mean is not None:
             shape = [1] * x.ndim
             shape[band_axis] = -1
-            mean = np.asarray(self.mean, np.float32)
-            std = np.asarray(self.std, np.float32)
-            missing = ~np.isfinite(mean) | ~np.isfinite(std) | (std == 0)
+            mean, std, missing = self.band_terms(x.shape[band_axis])
             # bands without statistics become 0: scale 0, offset 0
-            scale = np.where(missing, 0, 1 / np.where(missing, 1, std)).astype(np.float32)
-            x -= np.where(missing, 0, mean).astype(np.float32).reshape(shape)
+            scale = np.where(missing, 0, 1 / std).astype(np.float32)
+            x -= mean.astype(np.float32).reshape(shape)
             x *= scale.reshape(shape)
         if image.dtype.kind == "f":  # integer inputs cannot hold NaN or infinity
             np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         if invalid is not None:
             np.copyto(x, 0, where=np.broadcast_to(invalid, x.shape))
         return x
+
+    def band_terms(self, bands: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean, std, missing) per band as float64 arrays, for code that applies this
+        normalisation elsewhere (an ONNX graph, SpecDeepMap's ``Normalize``): bands without
+        statistics (NaN, or a std of 0) are flagged in ``missing`` and given mean 0 and
+        std 1; without statistics at all every band is mean 0, std 1, not missing.
+        """
+        if self.mean is None or self.std is None:
+            return np.zeros(bands), np.ones(bands), np.zeros(bands, bool)
+        mean = np.asarray(self.mean, np.float64)
+        std = np.asarray(self.std, np.float64)
+        missing = ~np.isfinite(mean) | ~np.isfinite(std) | (std == 0)
+        return np.where(missing, 0.0, mean), np.where(missing, 1.0, std), missing
 
     def to_dict(self) -> dict:
         """Plain data for a checkpoint (NaN becomes None)."""

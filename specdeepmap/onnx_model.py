@@ -71,13 +71,9 @@ class _Portable(torch.nn.Module):
         super().__init__()
         self.network = predictor.model
         norm = predictor.normalization
-        bands = predictor.in_channels
         scale = 1.0 / norm.scaler if norm.scaler else 1.0
-        mean = np.zeros(bands) if norm.mean is None else np.asarray(norm.mean, dtype=float)
-        std = np.ones(bands) if norm.std is None else np.asarray(norm.std, dtype=float)
         # bands without statistics become 0 (gain and bias 0), as Normalization.apply does
-        missing = ~np.isfinite(mean) | ~np.isfinite(std) | (std == 0)
-        std, mean = np.where(missing, 1.0, std), np.where(missing, 0.0, mean)
+        mean, std, missing = norm.band_terms(predictor.in_channels)
         gain, bias = np.where(missing, 0.0, scale / std), -mean / std
         # ((x * scale) - mean) / std as one multiply-add per band
         self.register_buffer("gain", torch.tensor(gain, dtype=torch.float32)[:, None, None])
@@ -189,7 +185,6 @@ def _write_graph(portable: torch.nn.Module, sample: np.ndarray, path: str) -> st
 
 def _check_batch(predictor: Predictor, chips_csv: str | None, count: int) -> np.ndarray:
     """Raw (N, C, H, W) chips to check the export on: a chip CSV's, else random windows."""
-    from specdeepmap.data import resolve_row
     from specdeepmap.splitting import read_csv
 
     csv = chips_csv
@@ -198,11 +193,8 @@ def _check_batch(predictor: Predictor, chips_csv: str | None, count: int) -> np.
         csv = storage.join(dataset, "test_files.csv")
     height, width = predictor.tile_size
     if csv is not None:
-        frame = read_csv(csv)
-        chips = []
-        for image in frame["image"][:count]:
-            with storage.open_raster(resolve_row(storage.parent(csv), image)) as src:
-                chips.append(src.read()[:, :height, :width].astype(np.float32))
+        images = list(read_csv(csv)["image"])[:count]
+        chips = [c[:, :height, :width] for c in _read_chips(csv, images)]
         if chips and all(c.shape == chips[0].shape for c in chips):
             return np.stack(chips)
     rng = np.random.default_rng(0)
@@ -217,7 +209,6 @@ def _calibration_chips(predictor: Predictor, chips_csv: str | None) -> list[np.n
     :data:`CALIBRATION_CHIPS` spread over ``chips_csv`` (default: the model's dataset's
     ``train_files.csv``).
     """
-    from specdeepmap.data import resolve_row
     from specdeepmap.errors import MissingInputError
     from specdeepmap.splitting import read_csv
 
@@ -229,11 +220,19 @@ def _calibration_chips(predictor: Predictor, chips_csv: str | None) -> list[np.n
             f"and {csv or 'its dataset'} cannot be read: give them with --calibration-chips CSV"
         )
     images = list(read_csv(csv)["image"])
-    picked = np.unique(np.linspace(0, len(images) - 1, min(CALIBRATION_CHIPS, len(images))))
+    n = len(images)
+    picked = np.unique(np.linspace(0, n - 1, min(CALIBRATION_CHIPS, n)).round().astype(int))
+    return [chip[None] for chip in _read_chips(csv, [images[i] for i in picked])]
+
+
+def _read_chips(csv: str, images: list[str]) -> list[np.ndarray]:
+    """The raw (C, H, W) float32 images of a chip CSV's ``image`` entries."""
+    from specdeepmap.data import resolve_row
+
     chips = []
-    for i in picked.round().astype(int):
-        with storage.open_raster(resolve_row(storage.parent(csv), images[i])) as src:
-            chips.append(src.read()[None].astype(np.float32))
+    for image in images:
+        with storage.open_raster(resolve_row(storage.parent(csv), image)) as src:
+            chips.append(src.read().astype(np.float32))
     return chips
 
 
