@@ -25,6 +25,14 @@ Modes:
   every chip's matrices, so that intervals can be recomputed without training;
 * ``--final``: train on the development units (a fifth validates, for the checkpoint) and
   score the held-out part: the figures to publish.
+* ``--grid``: the grid over users' settings (:data:`GRID`, since 2026-12-05): per set, the
+  benchmark's cell and cells that change one setting a user picks (batch size, label
+  coverage of the chips, the split's strategy, a tutorial-like chipping) or several. Each
+  cell is cross-validated on its own development chips (those clear of the held-out part,
+  which is the same ground in every cell): the units dealt into five parts, ``--folds``
+  (default 3) of them tested in turn, one seed by default; the table gives deep − forest
+  per cell with its interval (S2: over squares of 256 px, the same ground in every cell)
+  and names the worst cell. ``--cells`` picks cells by number.
 
 The Trainer fits the RandomForest baseline itself (every run does); both models are scored on
 the same chips with the same pooled confusion matrix. Prints, per set: chips per split, pooled
@@ -36,7 +44,7 @@ draws whole units: in the Tester, groups of touching chips and the split's block
 narrower than the truth). The interval's sentence counts the units.
 
 Usage: python benchmarks/bench_quality.py [--sets enmap s2] [--set loss=ce ...] [--seeds 1]
-       [--folds 6 [--save-matrices FILE] | --final]
+       [--folds 6 [--save-matrices FILE] | --final | --grid [--cells 0 1 ...]]
 Choose recipes on the development modes' validation columns only; their test columns are for
 checking, the ``--final`` table is for publishing.
 """
@@ -48,6 +56,7 @@ import itertools
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -197,23 +206,49 @@ def deal(frame, params: SplitParams, keep: np.ndarray, folds: int, name: str) ->
     return np.where(keep, fold_of[units], -1)
 
 
-def fold_datasets(name: str, chips: str, params: SplitParams, folds: int, work: str) -> list[str]:
-    """K dataset folders of one set's development chips for cross-validation (fold k tests,
-    fold k + 1 validates, the rest trains; :func:`deal`). The held-out part and its buffer
-    are in none of them.
+def fold_datasets(
+    name: str,
+    chips: str,
+    params: SplitParams,
+    folds: int,
+    work: str,
+    keep: np.ndarray | None = None,
+    tag: str = "",
+    parts: int | None = None,
+) -> list[str]:
+    """K dataset folders of one set's development chips for cross-validation: the units
+    dealt into ``parts`` parts (default K, :func:`deal`); fold k tests part k, validates on
+    part k + 1 and trains on the rest (K < ``parts``: only the first K folds, so that fewer
+    runs still train on as many chips). The held-out part and its buffer are in none of them
+    (``keep``: the development chips, by default those of :func:`holdout`). With
+    ``balanced-groups`` the training chips that touch a validation or test chip are left
+    out, as the Dataset Maker leaves them out.
     """
-    from specdeepmap.leakage import TEST, TRAIN, UNUSED, VALIDATION
+    from specdeepmap.leakage import (
+        TEST,
+        TRAIN,
+        UNUSED,
+        VALIDATION,
+        touching_other_sets,
+        touching_pairs,
+    )
     from specdeepmap.splitting import chip_class_counts, write_split
 
     frame = chip_class_counts(chips)
-    fold = deal(frame, params, holdout(name, frame, params) == TRAIN, folds, name)
+    if keep is None:
+        keep = holdout(name, frame, params) == TRAIN
+    parts = parts or folds
+    fold = deal(frame, params, keep, parts, name)
+    pairs = touching_pairs(frame)
     out = []
     for k in range(folds):
         sets = np.select(
-            [fold < 0, fold == k, fold == (k + 1) % folds], [UNUSED, TEST, VALIDATION], TRAIN
+            [fold < 0, fold == k, fold == (k + 1) % parts], [UNUSED, TEST, VALIDATION], TRAIN
         )
-        folder = os.path.join(work, f"{name}-fold-{k}")
-        write_split(chips, frame, sets, params, out_folder=folder)
+        if params.strategy == "balanced-groups":
+            sets[touching_other_sets(sets, pairs, TRAIN, (VALIDATION, TEST))] = UNUSED
+        folder = os.path.join(work, f"{name}{tag}-fold-{k}")
+        write_split(chips, frame, sets, params, out_folder=folder, pairs=pairs)
         out.append(folder)
     return out
 
@@ -368,6 +403,37 @@ def run_set(
     }
 
 
+def pool_folds(
+    name: str,
+    datasets: list[str],
+    work: str,
+    epochs: int,
+    overrides: dict,
+    seed: int,
+    tta: bool,
+    tag: str = "",
+) -> tuple[dict, dict, list]:
+    """Train and score every fold of one seed; both models' (and a teacher's) per-chip
+    confusion matrices of all folds pooled per split, seconds per model, and the classes.
+    """
+    pooled = {split: {"deep": {}, "forest": {}, "teacher": {}} for split in ("validation", "test")}
+    seconds = {"deep": 0.0, "forest": 0.0, "teacher": 0.0}
+    for k, dataset in enumerate(datasets):
+        r = run_set(name, dataset, work, epochs, overrides, seed, tta, f"{tag}-fold-{k}")
+        for split, model in itertools.product(pooled, ("deep", "forest", "teacher")):
+            if r[model]:
+                pooled[split][model].update(r[model][split].chip_matrices)
+        seconds["deep"] += r["deep_seconds"]
+        seconds["forest"] += r["forest_seconds"]
+        print(
+            f"{name}{tag} fold {k} seed {seed}: chips {'/'.join(map(str, r['chips']))}, "
+            f"test deep {r['deep']['test'].mean_iou:.3f}, forest "
+            f"{r['forest']['test'].mean_iou:.3f}",
+            flush=True,
+        )
+    return pooled, seconds, r["classes"]
+
+
 def cross_validate(
     name: str, chips: str, args: argparse.Namespace, overrides: dict, work: str
 ) -> list[str]:
@@ -386,33 +452,9 @@ def cross_validate(
     units = dict(zip(frame["chip"], split_units(frame, split).tolist(), strict=True))
     out = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        pooled = {
-            split: {"deep": {}, "forest": {}, "teacher": {}} for split in ("validation", "test")
-        }
-        seconds = {"deep": 0.0, "forest": 0.0, "teacher": 0.0}
-        for k, dataset in enumerate(datasets):
-            r = run_set(
-                name,
-                dataset,
-                work,
-                args.epochs or EPOCHS[name],
-                overrides,
-                seed,
-                args.tta,
-                tag=f"-fold-{k}",
-            )
-            for split, model in itertools.product(pooled, ("deep", "forest", "teacher")):
-                if r[model]:
-                    pooled[split][model].update(r[model][split].chip_matrices)
-            seconds["deep"] += r["deep_seconds"]
-            seconds["forest"] += r["forest_seconds"]
-            print(
-                f"{name} fold {k} seed {seed}: chips {'/'.join(map(str, r['chips']))}, "
-                f"test deep {r['deep']['test'].mean_iou:.3f}, forest "
-                f"{r['forest']['test'].mean_iou:.3f}",
-                flush=True,
-            )
-        classes = r["classes"]
+        pooled, seconds, classes = pool_folds(
+            name, datasets, work, args.epochs or EPOCHS[name], overrides, seed, args.tta
+        )
         if args.save_matrices:
             save_matrices(args.save_matrices, name, seed, classes, units, pooled)
         val, metrics = (
@@ -449,6 +491,195 @@ def cross_validate(
     return out
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the grid over users' settings: how the chips are cut, split and trained.
+
+    A field left at its default keeps the benchmark's setting for the set (:data:`SETS`).
+    """
+
+    name: str
+    #: S2: (chip size px, step px, minimum labelled share %) of the Raster Splitter
+    chipping: tuple[int, int, float] | None = None
+    #: EnMAP: only the shipped chips with at least this labelled share (%)
+    min_coverage: float = 0
+    #: the Dataset Maker's strategy (balanced, balanced-groups, spatial-blocks)
+    strategy: str | None = None
+    #: TrainConfig overrides, as (field, value) pairs
+    train: tuple[tuple[str, object], ...] = ()
+
+
+#: The grid over users' settings (``--grid``): one setting changed at a time from the
+#: benchmark's cell, then the settings a new user combined (issue of 2026-12-05). S2's scene
+#: labels 31 % of its pixels, so no chip larger than 96 px reaches 50 % coverage and none
+#: at all 75 %: the tutorial's full coverage is not possible on it. EnMAP's 18 shipped chips
+#: cannot be cut again (the image scene is not shipped): its coverage cells keep the chips
+#: above a threshold.
+GRID = {
+    "s2": (
+        Cell("benchmark: 64 px, coverage 50 %, spatial blocks, batch 2"),
+        Cell("batch 8", train=(("batch_size", 8),)),
+        Cell("batch 16", train=(("batch_size", 16),)),
+        Cell("coverage 25 %", chipping=(64, 64, 25)),
+        Cell("coverage 10 %", chipping=(64, 64, 10)),
+        Cell("balanced-groups split (the Dataset Maker's default)", strategy="balanced-groups"),
+        Cell("balanced split (SpecDeepMap's, neighbours leak)", strategy="balanced"),
+        Cell("tutorial-like: 96 px, step 120, coverage 50 %", chipping=(96, 120, 50)),
+        Cell(
+            "a user's: coverage 10 %, balanced-groups, batch 8",
+            chipping=(64, 64, 10),
+            strategy="balanced-groups",
+            train=(("batch_size", 8),),
+        ),
+    ),
+    "enmap": (
+        Cell("benchmark: 18 chips (cut at 10 %), balanced, batch 2"),
+        Cell("batch 8", train=(("batch_size", 8),)),
+        Cell("batch 16", train=(("batch_size", 16),)),
+        Cell("coverage 20 %", min_coverage=20),
+        Cell("coverage 30 %", min_coverage=30),
+    ),
+}
+#: S2's bootstrap unit in the grid: a square of this many pixels (4 x 4 of the benchmark's
+#: 64 px chips), the same ground in every cell whatever its chips or split
+GRID_BLOCK_PX = 256
+#: the grid's development units are dealt into this many parts; ``--folds`` of them are
+#: tested (3 by default: 60 % of the development chips tested, each run training on 60 %)
+GRID_PARTS = 5
+
+
+def overlaps(a: tuple[np.ndarray, ...], b: tuple[np.ndarray, ...], margin: int = 0) -> np.ndarray:
+    """Whether each window of ``a`` (x0, y0, x1, y1 arrays) overlaps any window of ``b``
+    grown by ``margin`` pixels (1: touching counts).
+    """
+    ax0, ay0, ax1, ay1 = (v[:, None] for v in a)
+    bx0, by0, bx1, by1 = (v[None, :] for v in b)
+    hit = (ax0 < bx1 + margin) & (bx0 - margin < ax1) & (ay0 < by1 + margin) & (by0 - margin < ay1)
+    return hit.any(axis=1)
+
+
+def cell_development(name: str, cell: Cell, frame, benchmark_frame) -> np.ndarray:
+    """The development chips of a cell: the chips of ``frame`` clear of the set's held-out
+    part (decided once, on the benchmark's chips, so every cell holds out the same ground):
+    none overlaps a held-out or buffer chip, none touches a held-out chip; on EnMAP, with at
+    least ``cell.min_coverage`` % labelled pixels.
+    """
+    from specdeepmap.leakage import TEST, TRAIN, UNUSED, chip_extents
+
+    sets = holdout(name, benchmark_frame, SETS[name][1]())
+    if cell.chipping is None:  # the set's own chips
+        keep = frame["chip"].isin(benchmark_frame["chip"][sets == TRAIN]).to_numpy()
+    else:
+        windows = np.stack(chip_extents(benchmark_frame)[1:])
+        mine = tuple(chip_extents(frame)[1:])
+        keep = ~overlaps(mine, tuple(windows[:, sets == UNUSED]))
+        keep &= ~overlaps(mine, tuple(windows[:, sets == TEST]), margin=1)
+    counts = frame[class_columns(frame)].to_numpy(np.float64).sum(axis=1)
+    total = counts + frame[f"{class_columns(frame)[0][:-1]}0"].to_numpy(np.float64)
+    return keep & (counts / total * 100 >= cell.min_coverage)
+
+
+def grid_units(name: str, frame) -> dict[str, int]:
+    """Bootstrap units of the grid: on S2 squares of :data:`GRID_BLOCK_PX` (by a chip's
+    origin); on EnMAP the chips (they all touch: its intervals are narrower than the truth).
+    """
+    if name != "s2":
+        return {chip: i for i, chip in enumerate(frame["chip"])}
+    keys = frame["x"] // GRID_BLOCK_PX * 100_000 + frame["y"] // GRID_BLOCK_PX
+    return dict(zip(frame["chip"], np.unique(keys, return_inverse=True)[1].tolist(), strict=True))
+
+
+def cell_chips(name: str, cell: Cell, data: Path, work: str) -> str:
+    """The chip folder of a cell: the set's own unless the cell cuts the S2 scene again."""
+    if cell.chipping is None:
+        return SETS[name][0](data, work)
+    from specdeepmap.chipping import chip_scene
+    from specdeepmap.params import ChipParams
+
+    size, step, coverage = cell.chipping
+    chips = os.path.join(work, f"{name}-chips-{size}-{step}-{coverage:g}")
+    if not os.path.exists(chips):
+        folder = data / "s2l1c_brandenburg_osm"
+        chip_scene(
+            str(folder / "s2l1c_T33UUU_20170216_13b_10m.tif"),
+            str(folder / "osm_landuse_labels_10m.tif"),
+            chips,
+            ChipParams(tile_x=size, tile_y=size, step_x=step, step_y=step, min_coverage=coverage),
+        )
+    return chips
+
+
+def run_cell(name: str, index: int, cell: Cell, args: argparse.Namespace, data: Path, work: str):
+    """Cross-validate one cell (``args.folds`` folds, ``args.seeds`` seeds, all pooled) on its
+    development chips; the table row and the deep − forest difference.
+    """
+    from specdeepmap.comparison import paired_bootstrap
+    from specdeepmap.evaluation import metrics_from_matrix
+    from specdeepmap.splitting import chip_class_counts
+
+    chips = cell_chips(name, cell, data, work)
+    frame = chip_class_counts(chips)
+    keep = cell_development(name, cell, frame, chip_class_counts(SETS[name][0](data, work)))
+    split = SETS[name][1]()
+    if cell.strategy:
+        split = split.model_copy(update={"strategy": cell.strategy})
+    tag = f"-cell-{index}"
+    datasets = fold_datasets(
+        name, chips, split, args.folds, work, keep=keep, tag=tag, parts=GRID_PARTS
+    )
+    overrides = parse_overrides(args.overrides) | dict(cell.train)
+    pooled = {split: {"deep": {}, "forest": {}} for split in ("validation", "test")}
+    seconds = 0.0
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        runs, took, classes = pool_folds(
+            name, datasets, work, args.epochs or EPOCHS[name], overrides, seed, args.tta, tag
+        )
+        for part, model in itertools.product(pooled, ("deep", "forest")):
+            pooled[part][model].update({f"{c}@{seed}": m for c, m in runs[part][model].items()})
+        seconds += took["deep"]
+    units = grid_units(name, frame)
+    seeded = {key: units[key.rsplit("@", 1)[0]] for key in pooled["test"]["deep"]}
+    test = {
+        model: metrics_from_matrix(sum(m.values()), classes, m)
+        for model, m in pooled["test"].items()
+    }
+    versus = paired_bootstrap(pooled["test"]["deep"], pooled["test"]["forest"], units=seeded)
+    row = (
+        f"{name} | {cell.name} | {int(keep.sum())} | {test['deep'].mean_iou:.3f} | "
+        f"{test['forest'].mean_iou:.3f} | {versus.difference:+.3f} ({versus.low:+.3f} to "
+        f"{versus.high:+.3f}) | {versus.verdict}, {versus.units} units | {seconds / 60:.0f}"
+    )
+    print(row, flush=True)
+    return row, versus
+
+
+def run_grid(args: argparse.Namespace, data: Path, work: str) -> None:
+    """Every cell of :data:`GRID` for the chosen sets (``--cells`` picks by number), then the
+    table of deep − forest per cell and the worst cell.
+    """
+    rows, worst = [], {}
+    for name in args.sets:
+        for index, cell in enumerate(GRID[name]):
+            if args.cells and index not in args.cells:
+                continue
+            row, versus = run_cell(name, index, cell, args, data, work)
+            rows.append(row)
+            if name not in worst or versus.difference < worst[name][1].difference:
+                worst[name] = (cell.name, versus)
+    print(
+        f"\nGrid over users' settings: {args.folds} folds, seed(s) {args.first_seed}–"
+        f"{args.first_seed + args.seeds - 1}, development chips only, pooled test figures"
+    )
+    print(
+        "set | cell | development chips | deep mean IoU | forest mean IoU | "
+        "deep − forest (90 % interval) | verdict | deep training min"
+    )
+    print("|".join("---" for _ in range(8)))
+    print("\n".join(rows))
+    for name, (cell, versus) in worst.items():
+        print(f"{name}: worst cell '{cell}': {versus.sentence('the deep model', 'the forest')}")
+
+
 def main() -> None:
     """Prepare the sets, train, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -463,7 +694,10 @@ def main() -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="Override both sets' epochs.")
     parser.add_argument(
-        "--seeds", type=int, default=3, help="Training seeds per set (the RandomForest's seed too)."
+        "--seeds",
+        type=int,
+        default=None,
+        help="Training seeds per set (the RandomForest's seed too); default 3, with --grid 1.",
     )
     parser.add_argument(
         "--first-seed",
@@ -488,6 +722,15 @@ def main() -> None:
         action="store_true",
         help="Score with D4 TTA (the figures without it are printed too).",
     )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="The grid over users' settings (GRID): each cell cross-validated over the "
+        "development chips (--folds, default 3), deep − forest per cell, the worst named.",
+    )
+    parser.add_argument(
+        "--cells", nargs="*", type=int, default=[], help="--grid: only these cells (0, 1, …)."
+    )
     parser.add_argument("--verbose", action="store_true", help="Also per-class val IoU.")
     parser.add_argument(
         "--save-matrices",
@@ -506,12 +749,17 @@ def main() -> None:
     logging.disable(logging.WARNING)
     data = Path(args.data)
     work = tempfile.mkdtemp(prefix="bench-quality-")
+    args.seeds = args.seeds or (1 if args.grid else 3)
     overrides = parse_overrides(args.overrides)
     print(f"overrides: {overrides or 'none (defaults)'}; TTA in scoring: {args.tta}")
     header = (
         "set | chips train/val/test | model | val mean IoU | test mean IoU | test OA | "
         "test per-class IoU | train s | test: deep − forest (90 % interval)"
     )
+    if args.grid:
+        args.folds = min(args.folds or 3, GRID_PARTS)
+        run_grid(args, data, work)
+        return
     rows, means = [], []
     for name in args.sets:
         chips = SETS[name][0](data, work)

@@ -58,6 +58,8 @@ class BaselineResult:
     class_values: list[int]
     train_pixels: int
     fit_seconds: float
+    trees: int = 100  #: trees of the forest
+    max_pixels: int = 100_000  #: the cap on labelled training pixels
     scores: dict[str, BaselineScore] = field(default_factory=dict)  #: "validation", "test"
     forest: Any = field(default=None, repr=False, compare=False)  #: the fitted classifier
 
@@ -104,7 +106,28 @@ class BaselineResult:
             "class_values": list(self.class_values),
             "train_pixels": self.train_pixels,
             "fit_seconds": self.fit_seconds,
+            "trees": self.trees,
+            "max_pixels": self.max_pixels,
         }
+
+
+def describe_forest(summary: dict | None) -> str | None:
+    """Which forest a model was compared with, in words (model card, reports), from a
+    :meth:`BaselineResult.summary`; None without one.
+    """
+    if not summary or "train_pixels" not in summary:
+        return None
+
+    def number(n: int) -> str:
+        return f"{n:,}".replace(",", " ")
+
+    trees = f" of {summary['trees']} trees" if summary.get("trees") else ""
+    cap = f" (at most {number(summary['max_pixels'])})" if summary.get("max_pixels") else ""
+    return (
+        f"a per-pixel RandomForest{trees} (EnMAP-Box's classifier) on the network's normalised "
+        f"bands, fitted on {number(summary['train_pixels'])} labelled pixels{cap} of the same "
+        "training chips"
+    )
 
 
 def summary_metrics(summary: dict | None, split: str) -> Metrics | None:
@@ -235,6 +258,8 @@ def run_baseline(
         class_values=list(info.class_values),
         train_pixels=pixels,
         fit_seconds=time.perf_counter() - started,
+        trees=params.trees,
+        max_pixels=params.max_pixels,
         forest=forest,
     )
     for split, pairs in (("validation", info.validation), ("test", info.test)):

@@ -136,7 +136,8 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
     beside the RandomForest's and the champion's on the same chips, and the alias it got.
 
     ``scores``: ``val``, ``test``, ``baseline_val``, ``baseline_test``, ``champion_version``,
-    ``champion_test``, ``alias``, ``alias_reason``, ``run_id``, ``val_epochs`` and
+    ``champion_test``, ``alias``, ``alias_reason``, ``run_id``, ``baseline_forest`` (which
+    forest, :func:`baseline.describe_forest`), ``val_epochs`` and
     ``val_median`` (the validated epochs and their median IoU), ``baseline_difference``
     and ``champion_difference`` (:meth:`comparison.Difference.to_dict` on the test chips);
     any may be missing.
@@ -170,6 +171,8 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
         rows[0].append(None)
         rows[1].append(scores.get("champion_test"))
     lines += _table(header, rows) + [""]
+    if scores.get("baseline_forest"):
+        lines += [f"The RandomForest: {scores['baseline_forest']}.", ""]  # our words
     for key, other in (
         ("baseline_difference", "the RandomForest"),
         ("champion_difference", f"champion v{champion}"),

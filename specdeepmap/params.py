@@ -16,6 +16,7 @@ JSON (``model_validate``), pydantic's own ``ValidationError``, which Prefect sho
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -174,6 +175,11 @@ class SplitParams(StepParams):
         return (self.train_percent / 100, self.validation_percent / 100, self.test_percent / 100)
 
 
+#: the default learning rate (SpecDeepMap's) at the default batch size (SpecDeepMap's)
+BASE_LR = 1e-3
+BASE_BATCH_SIZE = 2
+
+
 class TrainParams(StepParams):
     """Deep Learning Trainer: the network and the recipe a user chooses (no run plumbing)."""
 
@@ -207,7 +213,14 @@ class TrainParams(StepParams):
         "training chips, at least min_chips_per_epoch chips each).",
     )
     batch_size: int = Field(2, ge=1, le=1024, description="Chips per training step.")
-    lr: float = Field(1e-3, ge=1e-7, le=1, description="Learning rate.")
+    lr: float | None = Field(
+        None,
+        ge=1e-7,
+        le=1,
+        description="Learning rate of Adam; None: 0.001 at batch size 2, scaled by the square "
+        "root of batch_size / 2 (Adam's square-root rule: about the same training at any batch "
+        "size; docs/recipe.md). A rate given is used as it is.",
+    )
     lr_finder: bool = Field(False, description="Find a learning rate before training and use it.")
     augment: bool = Field(
         True,
@@ -371,6 +384,19 @@ class TrainParams(StepParams):
                 "other on one device: set devices to 1"
             )
         return self
+
+    @property
+    def learning_rate(self) -> float:
+        """The rate training uses: ``lr``, or by default :data:`BASE_LR` at
+        :data:`BASE_BATCH_SIZE` chips per step scaled by the square root of the batch size's
+        ratio to it (Malladi et al. 2022: Adam's updates keep their noise at a larger batch
+        when the rate grows with its square root, where SGD's linear rule would overshoot).
+        A run's length is counted in chips seen (epochs x chips per epoch), so a larger batch
+        takes fewer, larger steps over the same chips.
+        """
+        if self.lr is not None:
+            return self.lr
+        return BASE_LR * math.sqrt(self.batch_size / BASE_BATCH_SIZE)
 
 
 class EvaluateParams(StepParams):

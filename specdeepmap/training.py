@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from specdeepmap import __version__, storage
-from specdeepmap.baseline import pseudo_labels, run_baseline
+from specdeepmap.baseline import describe_forest, pseudo_labels, run_baseline
 from specdeepmap.classes import ClassSchema, read_dataset_classes
 from specdeepmap.console import is_verbose, quiet_lightning
 from specdeepmap.data import (
@@ -191,10 +191,13 @@ class TrainResult:
     val_epoch_median: float | None = None
 
     def selection_scores(self) -> dict:
-        """``val_epochs`` and ``val_median`` for the model card's scores (empty if unknown)."""
+        """``val_epochs`` and ``val_median`` for the model card's scores (when known), and
+        ``baseline_forest``: which forest the model is compared with.
+        """
+        out = {"baseline_forest": describe_forest(self.baseline)} if self.baseline else {}
         if self.val_epoch_median is None:
-            return {}
-        return {"val_epochs": self.val_epochs, "val_median": self.val_epoch_median}
+            return out
+        return out | {"val_epochs": self.val_epochs, "val_median": self.val_epoch_median}
 
     def baseline_mean_iou(self, split: str) -> float | None:
         """The RandomForest's pooled mean IoU on 'validation' or 'test' (None if not run)."""
@@ -531,6 +534,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if k not in ("tracking_uri", "run_tags", "resume")
             }
             | {
+                "learning_rate": cfg.learning_rate,  # lr, or the default scaled by batch size
                 "class_values": info.class_values,
                 "in_channels": config["in_channels"],
                 "tile_size": config["tile_size"],
@@ -687,6 +691,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         result.seconds = time.perf_counter() - started
         result.training = {
             **{k: getattr(cfg, k) for k in RECIPE_FIELDS},
+            "lr": cfg.lr
+            if cfg.lr is not None
+            else f"{cfg.learning_rate:.3g} (0.001 x sqrt(batch size / 2))",
             "epochs run": result.epochs_run,
             "wall time (s)": round(result.seconds, 1),
             "device": str(device),
@@ -818,7 +825,7 @@ def fit_member(
         model,
         config,
         class_weights,
-        cfg.lr,
+        cfg.learning_rate,
         cfg.epochs,
         cfg.loss,
         cfg.warmup_epochs,

@@ -64,3 +64,66 @@ def test_the_held_out_part_stays_out_of_every_development_mode(dataset, tmp_path
     assert _chips(final, "train_files.csv") | _chips(final, "validation_files.csv") == development
     # deterministic: the same part every run
     assert np.array_equal(sets, bench_quality.holdout("s2", frame, params))
+
+
+def test_every_grid_cell_keeps_clear_of_the_held_out_ground(dataset, tmp_path):
+    """A cell of the grid over users' settings cuts the scene its own way, but its chips never
+    overlap the held-out part or its buffer, nor touch a held-out chip; with balanced-groups
+    no training chip of a fold touches one of its validation or test chips.
+    """
+    import bench_quality
+
+    from specdeepmap.chipping import chip_scene
+    from specdeepmap.leakage import (
+        TEST,
+        TRAIN,
+        UNUSED,
+        VALIDATION,
+        chip_extents,
+        touching_pairs,
+    )
+    from specdeepmap.params import ChipParams
+    from specdeepmap.sample_data import generate_scene
+    from specdeepmap.splitting import chip_class_counts
+
+    benchmark = chip_class_counts(str(dataset / "chips"))  # 32 px chips
+    scene = generate_scene(str(tmp_path / "scene"), 384, 384, seed=5, field_size=48)
+    chips = str(tmp_path / "cell-chips")
+    chip_scene(
+        scene.image_uri,
+        scene.label_uri,
+        chips,
+        ChipParams(tile_x=48, tile_y=48, step_x=40, step_y=40, min_coverage=20),
+    )
+    frame = chip_class_counts(chips)
+    cell = bench_quality.Cell("48 px, overlapping", chipping=(48, 40, 20))
+    keep = bench_quality.cell_development("s2", cell, frame, benchmark)
+    assert 0 < keep.sum() < len(frame)
+    sets = bench_quality.holdout("s2", benchmark, bench_quality.s2_split())
+    windows = np.stack(chip_extents(benchmark)[1:])
+    mine = np.stack(chip_extents(frame)[1:])[:, keep]
+    for code, margin in ((UNUSED, 0), (TEST, 1)):
+        for x0, y0, x1, y1 in windows[:, sets == code].T:
+            assert not (
+                (mine[0] < x1 + margin)
+                & (x0 - margin < mine[2])
+                & (mine[1] < y1 + margin)
+                & (y0 - margin < mine[3])
+            ).any()
+    split = bench_quality.s2_split().model_copy(update={"strategy": "balanced-groups"})
+    split = split.model_copy(update={"scaler": 10000})
+    folds = bench_quality.fold_datasets(
+        "s2", chips, split, 3, str(tmp_path), keep=keep, tag="-cell", parts=5
+    )
+    assert len(folds) == 3
+    names = frame["chip"].to_numpy()
+    pairs = touching_pairs(frame)
+    for folder in folds:
+        role = {c: TRAIN for c in _chips(folder, "train_files.csv")}
+        role |= {c: VALIDATION for c in _chips(folder, "validation_files.csv")}
+        role |= {c: TEST for c in _chips(folder, "test_files.csv")}
+        assert set(role) <= set(names[keep])
+        assert role and TRAIN in role.values() and TEST in role.values()
+        for i, j in pairs:
+            a, b = role.get(names[i]), role.get(names[j])
+            assert {a, b} not in ({TRAIN, TEST}, {TRAIN, VALIDATION})

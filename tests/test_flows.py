@@ -193,6 +193,7 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(
         "![prediction_panels.png](prediction_panels.png)",
         "dice-ce",
         f"{summary['test_mean_iou']:.4f}",
+        "The RandomForest: a per-pixel RandomForest of 100 trees",
     ):
         assert text in card, text
     images = [a.path for a in client.list_artifacts(summary["run_id"], "model_card")]

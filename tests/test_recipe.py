@@ -256,6 +256,46 @@ def test_baseline_is_logged_with_the_run_and_blocks_promotion(trained, dataset):
     assert client.get_model_version_by_alias("baseline-gate", "champion").version == versions[1]
 
 
+def test_the_default_learning_rate_follows_the_batch_size(trained):
+    """Without an ``lr`` the rate is 0.001 at SpecDeepMap's batch size 2 and grows with the
+    square root of the batch size (a run's length is in chips seen, so a larger batch takes
+    fewer steps); a rate the user gives is used as it is. The run logs the rate it used.
+    """
+    import mlflow
+
+    from specdeepmap.params import TrainParams
+
+    assert TrainParams().learning_rate == pytest.approx(1e-3)
+    assert TrainParams(batch_size=8).learning_rate == pytest.approx(2e-3)
+    assert TrainParams(batch_size=32).learning_rate == pytest.approx(4e-3)
+    assert TrainParams(batch_size=8, lr=3e-4).learning_rate == pytest.approx(3e-4)
+    config, result = trained  # batch size 8, no lr
+    run = mlflow.MlflowClient(tracking_uri=config.tracking_uri).get_run(result.run_id)
+    assert float(run.data.params["learning_rate"]) == pytest.approx(2e-3)
+    assert result.training["lr"].startswith("0.002 (0.001 x sqrt(batch size / 2))")
+
+
+def test_the_model_card_names_the_forest(trained):
+    """A reviewer reads which forest the model was compared with: its trees, the bands it
+    saw and how many labelled training pixels it was fitted on.
+    """
+    from specdeepmap.model_card import summary
+
+    config, result = trained
+    scores = result.selection_scores()
+    pixels = result.baseline["train_pixels"]
+    assert pixels > 0
+    text = scores["baseline_forest"]
+    assert "RandomForest of 100 trees" in text
+    assert f"{pixels:,}".replace(",", " ") + " labelled pixels" in text
+    assert "at most 100 000" in text  # the cap
+    from specdeepmap.inference import read_model_file
+
+    model_config, _ = read_model_file(result.model_file)
+    card = summary(model_config, {}, {"val": 0.5, "test": 0.4} | scores)
+    assert f"The RandomForest: {text}." in card
+
+
 def test_baseline_command_writes_the_testers_csv(dataset, tmp_path):
     """`specdeepmap baseline` writes test_iou.csv in SpecDeepMap's format with one row per
     class, and its pooled figures match a fit done through the library.
