@@ -217,7 +217,7 @@ class TrainParams(StepParams):
         None,
         ge=1e-7,
         le=1,
-        description="Learning rate of Adam; None: 0.001 at batch size 2, scaled by the square "
+        description="Learning rate of Adam. Unset: 0.001 at batch size 2, scaled by the square "
         "root of batch_size / 2 (Adam's square-root rule: about the same training at any batch "
         "size; docs/recipe.md). A rate given is used as it is.",
     )
