@@ -234,21 +234,25 @@ class Predictor:
         return np.asarray(self.class_values, dtype=np.int64)[index]
 
 
-#: folding changes a network in place: two threads mapping with one model fold it once
-_FOLD_LOCK = threading.Lock()
+#: held while a network is changed in place or traced: folding batch norms (two threads
+#: mapping with one model fold it once) and torch.fx's int8 trace
+#: (:mod:`specdeepmap.quantization`), which patches ``torch.nn.Module.__call__`` process-wide,
+#: so that the forward pass folding runs in one thread never enters another thread's trace
+NETWORK_LOCK = threading.RLock()
 
 
 def fold_batch_norms(model: torch.nn.Module, in_channels: int) -> torch.nn.Module:
     """Fold, in place, every BatchNorm2d of an inference network that directly follows a
     Conv2d into that convolution's weights (a tenth of a U-Net's CPU time is batch norm).
 
-    The pairs are found by running the network once with hooks (no tracing, so other threads
-    are unaffected). The folded network's output is checked against the original's on that
-    input; should they differ, the original modules are put back, with a warning. In place,
-    so that mapping never holds two copies of a network; a folded network has nothing left to
-    fold, so folding again is a no-op. Returns ``model``.
+    The pairs are found by running the network once with hooks, under the lock an int8 trace
+    holds too (a forward pass during another thread's trace would enter that trace). The
+    folded network's output is checked against the original's on that input; should they
+    differ, the original modules are put back, with a warning. In place, so that mapping never
+    holds two copies of a network; a folded network has nothing left to fold, so folding again
+    is a no-op. Returns ``model``.
     """
-    with _FOLD_LOCK:
+    with NETWORK_LOCK:
         return _fold_batch_norms(model, in_channels)
 
 

@@ -18,8 +18,10 @@ torch.ao's FX quantization is used because it ships with the pinned torch; its s
 
 Threads: torch.fx traces by patching ``torch.nn.Module.__call__`` process-wide, so a module
 called by another thread during a trace ends up in (and breaks) that trace. Traces are
-therefore serialised by a lock and done once per network per process: scenes mapped in
-parallel threads with the same model share the traced, not yet calibrated, template. Do not
+therefore serialised by a lock (:data:`specdeepmap.inference.NETWORK_LOCK`, which folding
+batch norms, a forward pass, also holds) and done once per network per process: scenes
+mapped in parallel threads with the same model share the traced, not yet calibrated,
+template. Do not
 run other networks in the same process while a *new* network is first quantized.
 """
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from specdeepmap.errors import InvalidParameterError
-from specdeepmap.inference import Predictor
+from specdeepmap.inference import NETWORK_LOCK, Predictor
 from specdeepmap.models import EnsembleSegmentation, SpectralSegmentation
 
 #: the quantized-kernel library: oneDNN uses VNNI and changed fewer classes than fbgemm
@@ -51,7 +52,6 @@ warnings.filterwarnings(
 #: pixels per calibration pass (observers cost per call, so few passes; memory: no more than
 #: one mapping batch holds): the mapper's eight 128² crops make one pass
 CALIBRATION_PIXELS = 4 * 256 * 256
-_TRACE_LOCK = threading.Lock()
 #: fingerprint of the weights → traced network with fresh observers (a few, most recent last)
 _TEMPLATES: OrderedDict[str, torch.nn.Module] = OrderedDict()
 _MAX_TEMPLATES = 2
@@ -175,8 +175,8 @@ def _sharing_tensors(model: torch.nn.Module) -> torch.nn.Module:
 
 def _prepared_copy(predictor: Predictor, example: tuple) -> torch.nn.Module:
     """A fresh copy of the network traced with observers, tracing at most once per model."""
-    key = _fingerprint(predictor.model)
-    with _TRACE_LOCK:
+    with NETWORK_LOCK:  # the weights are read while no thread folds them
+        key = _fingerprint(predictor.model)
         if key not in _TEMPLATES:
             model = _traceable(
                 _sharing_tensors(predictor.model).to(memory_format=torch.contiguous_format)
