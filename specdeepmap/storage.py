@@ -351,11 +351,16 @@ def list_files(folder: str, suffix: str | tuple[str, ...] = "") -> list[str]:
 
 
 def read_bytes(uri: str) -> bytes:
-    """Read a whole (small) file."""
+    """Read a whole (small) file.
+
+    One request (``cat_file``), not open-then-read: on object storage opening takes the
+    object's version and a read that follows a concurrent overwrite (another process's
+    ``resume.json``, a model replaced) would fail with "file expired"; a single GET returns
+    one whole version, the old or the new.
+    """
     fs, path = filesystem(uri)
     try:
-        with fs.open(path, "rb") as handle:
-            return handle.read()
+        return fs.cat_file(path)
     except FileNotFoundError as error:
         raise MissingInputError(f"File not found: {uri}") from error
 
