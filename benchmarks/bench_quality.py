@@ -574,9 +574,11 @@ def cell_development(name: str, cell: Cell, frame, benchmark_frame) -> np.ndarra
         mine = tuple(chip_extents(frame)[1:])
         keep = ~overlaps(mine, tuple(windows[:, sets == UNUSED]))
         keep &= ~overlaps(mine, tuple(windows[:, sets == TEST]), margin=1)
-    counts = frame[class_columns(frame)].to_numpy(np.float64).sum(axis=1)
-    total = counts + frame[f"{class_columns(frame)[0][:-1]}0"].to_numpy(np.float64)
-    return keep & (counts / total * 100 >= cell.min_coverage)
+    from specdeepmap.chipping import COUNT_PREFIX
+
+    labelled = frame[class_columns(frame)].to_numpy(np.float64).sum(axis=1)
+    total = labelled + frame[f"{COUNT_PREFIX}0"].to_numpy(np.float64)
+    return keep & (labelled / total * 100 >= cell.min_coverage)
 
 
 def grid_units(name: str, frame) -> dict[str, int]:
@@ -628,7 +630,7 @@ def run_cell(name: str, index: int, cell: Cell, args: argparse.Namespace, data: 
         name, chips, split, args.folds, work, keep=keep, tag=tag, parts=GRID_PARTS
     )
     overrides = parse_overrides(args.overrides) | dict(cell.train)
-    pooled = {split: {"deep": {}, "forest": {}} for split in ("validation", "test")}
+    pooled = {part: {"deep": {}, "forest": {}} for part in ("validation", "test")}
     seconds = 0.0
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         runs, took, classes = pool_folds(
