@@ -246,8 +246,8 @@ def onnx_models(model_file: str, scene: str, work: str) -> dict[str, str]:
     import onnx
     import rasterio
 
-    from specdeepmap.mapping import _calibration_windows
     from specdeepmap.onnx_model import PRECISION_KEY, export_onnx, quantize
+    from specdeepmap.windows import calibration_windows
 
     fp32 = os.path.join(work, "model.onnx")
     int8 = os.path.join(work, "model_int8.onnx")
@@ -255,7 +255,7 @@ def onnx_models(model_file: str, scene: str, work: str) -> dict[str, str]:
         export_onnx(model_file, fp32)
     if not os.path.exists(int8):
         with rasterio.open(scene) as src:
-            windows = [w.astype("float32") for w in _calibration_windows(src, 256)]
+            windows = [w.astype("float32") for w in calibration_windows(src, 256)]
         quantize(fp32, int8, windows)
         model = onnx.load(int8)
         onnx.helper.set_model_props(

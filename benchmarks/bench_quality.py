@@ -441,7 +441,7 @@ def cross_validate(
     all folds' test chips.
     """
     from specdeepmap.comparison import paired_bootstrap
-    from specdeepmap.evaluation import metrics_from_matrix
+    from specdeepmap.metrics import metrics_from_matrix
     from specdeepmap.splitting import chip_class_counts, split_units
 
     split = SETS[name][1]()
@@ -616,7 +616,7 @@ def run_cell(name: str, index: int, cell: Cell, args: argparse.Namespace, data: 
     development chips; the table row and the deep − forest difference.
     """
     from specdeepmap.comparison import paired_bootstrap
-    from specdeepmap.evaluation import metrics_from_matrix
+    from specdeepmap.metrics import metrics_from_matrix
     from specdeepmap.splitting import chip_class_counts
 
     chips = cell_chips(name, cell, data, work)

@@ -27,7 +27,7 @@ from scipy.ndimage import uniform_filter
 
 from specdeepmap.baseline import dataset_normalization, fit_forest, read_pixels
 from specdeepmap.data import read_dataset_folder
-from specdeepmap.evaluation import accumulate, metrics_from_matrix
+from specdeepmap.metrics import accumulate, metrics_from_matrix
 from specdeepmap.params import BaselineParams
 
 

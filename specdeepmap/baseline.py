@@ -5,7 +5,7 @@ worse than such a forest is not worth its training time, so every training run f
 same data and scores it with the same code as the deep model: the labelled pixels of the
 training chips (sampled up to a cap, fixed seed) with the same normalised bands as features,
 then one pooled confusion matrix over the validation and the test chips
-(:func:`specdeepmap.evaluation.metrics_from_matrix`). Trees ignore monotonic band scaling, so
+(:func:`specdeepmap.metrics.metrics_from_matrix`). Trees ignore monotonic band scaling, so
 the normalisation changes nothing but how nodata is filled; using it keeps the features
 identical to what the network sees.
 """
@@ -24,14 +24,13 @@ from specdeepmap import storage
 from specdeepmap.classes import ClassSchema, read_dataset_classes
 from specdeepmap.data import DatasetInfo, chip_properties, read_dataset_folder
 from specdeepmap.errors import EmptyDatasetError
-from specdeepmap.evaluation import (
+from specdeepmap.evaluation import metric_name, write_test_outputs
+from specdeepmap.metrics import (
     Metrics,
     accumulate,
     mean_chip_iou,
-    metric_name,
     metrics_from_matrix,
     per_chip_iou,
-    write_test_outputs,
 )
 from specdeepmap.normalization import Normalization
 from specdeepmap.params import BaselineParams

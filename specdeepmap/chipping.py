@@ -74,9 +74,9 @@ class ChipReport:
     out_uri: str
     manifest_uri: str
     windows: int
-    written: int
-    reused: int
-    below_coverage: int
+    written: int = 0
+    reused: int = 0
+    below_coverage: int = 0
     class_counts: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
     class_names: dict[int, str] = field(default_factory=dict)
@@ -85,6 +85,19 @@ class ChipReport:
     def chips(self) -> int:
         """Chip pairs now present for this scene (written now or by an earlier run)."""
         return self.written + self.reused
+
+    def count(self, outcomes: list[str], seconds: float) -> None:
+        """Count the windows' outcomes ("written", "reused", "below") and log the total."""
+        self.written, self.reused = outcomes.count("written"), outcomes.count("reused")
+        self.below_coverage, self.seconds = outcomes.count("below"), seconds
+        log.info(
+            "Total created image and label tile pairs: %d (%d kept from an earlier run, "
+            "%d below coverage) in %.1f s",
+            self.written,
+            self.reused,
+            self.below_coverage,
+            self.seconds,
+        )
 
 
 def chip_name(scene: str, x: int, y: int) -> str:
@@ -283,118 +296,203 @@ def chip_scene(
         UnreadableInputError: an input is not a raster (or a classes file is unreadable).
     """
     started = time.perf_counter()
-    scene = storage.stem(image_uri)
+    source = read_source(image_uri, label_uri, params)
+    manifest_uri = storage.join(out_uri, MANIFEST_FOLDER, f"{source.scene}.csv")
+    # which scene the chips come from: a different file under the same name must not reuse
+    # (and silently keep) the chips of the earlier one
+    scene_id = f"{storage.fingerprint(image_uri)}-{storage.fingerprint(label_uri)}"
+    cutter = ChipCutter(
+        source,
+        out_uri,
+        params,
+        existing=_existing_pairs(out_uri),
+        previous=_previous_rows(manifest_uri, params, scene_id, image_uri),
+    )
+    schema = read_classes_file(classes_uri) if classes_uri else read_label_classes(label_uri)
+    read_dataset_classes(out_uri).merge(schema, storage.join(out_uri, CLASSES_JSON))  # early
+    for sub in ("images", "labels", MANIFEST_FOLDER):
+        storage.makedirs(storage.join(out_uri, sub))
+    offsets = tile_offsets(source.width, source.height, params)
+    log.info(
+        "Chipping %s (%d x %d px) into %d windows of %d x %d, stride %s, coverage >= %s %%",
+        image_uri,
+        source.width,
+        source.height,
+        len(offsets),
+        *params.tile_size,
+        params.stride,
+        params.min_coverage,
+    )
+    results = cutter.cut(offsets, workers, progress)
+    rows = [row | {"scene_id": scene_id} for _, row in results if row is not None]
+    class_counts = _write_manifest(manifest_uri, rows)
+    if schema.classes:
+        write_dataset_classes(out_uri, schema)
+    report = ChipReport(
+        image_uri=image_uri,
+        label_uri=label_uri,
+        out_uri=out_uri,
+        manifest_uri=manifest_uri,
+        windows=len(offsets),
+        class_counts=class_counts,
+        class_names={c.value: c.name for c in schema.classes},
+    )
+    report.count([kind for kind, _ in results], time.perf_counter() - started)
+    return report
+
+
+@dataclass
+class ChipSource:
+    """An image and its label raster, checked, with what every chip of them shares."""
+
+    image_uri: str
+    label_uri: str
+    scene: str  #: the chips' name prefix
+    width: int
+    height: int
+    image_profile: dict  #: a chip's GeoTIFF profile, without its transform
+    label_profile: dict
+    transform: rasterio.Affine
+    descriptions: tuple
+    band_tags: list[dict]
+    image_nodata: float | None
+    label_nodata: float | None
+
+
+def read_source(image_uri: str, label_uri: str, params: ChipParams) -> ChipSource:
+    """Open both rasters, check that they share a grid, that the labels are classes 0–255
+    and that the image can be read; warn when a tile is larger than the scene.
+    """
     tx, ty = params.tile_size
     with storage.open_raster(image_uri) as image, storage.open_raster(label_uri) as label:
         check_same_grid(image, label, image_uri, label_uri)
         validate_label_values(label, label_uri)
         check_readable(image, image_uri)
-        width, height = image.width, image.height
-        image_nodata = image.nodata
-        image_profile = dict(
-            driver="GTiff",
-            width=tx,
-            height=ty,
-            count=image.count,
-            dtype=image.dtypes[0],
-            crs=image.crs,
-            nodata=image_nodata,
+        source = ChipSource(
+            image_uri=image_uri,
+            label_uri=label_uri,
+            scene=storage.stem(image_uri),
+            width=image.width,
+            height=image.height,
+            image_profile=dict(
+                driver="GTiff",
+                width=tx,
+                height=ty,
+                count=image.count,
+                dtype=image.dtypes[0],
+                crs=image.crs,
+                nodata=image.nodata,
+            ),
+            label_profile=dict(
+                driver="GTiff", width=tx, height=ty, count=1, dtype="uint8", crs=image.crs
+            ),
+            transform=image.transform,
+            descriptions=image.descriptions,
+            band_tags=[image.tags(b) for b in range(1, image.count + 1)],
+            image_nodata=image.nodata,
+            label_nodata=label.nodata,
         )
-        label_profile = dict(
-            driver="GTiff", width=tx, height=ty, count=1, dtype="uint8", crs=image.crs
-        )
-        transform = image.transform
-        descriptions = image.descriptions
-        band_tags = [image.tags(b) for b in range(1, image.count + 1)]
-        label_nodata = label.nodata
-
-    if tx > width or ty > height:
+    if tx > source.width or ty > source.height:
         log.warning(
             "The tile (%d x %d px) is larger than the scene %s (%d x %d px): each chip "
             "is mostly padding (unlabelled); use a tile of at most the scene's size",
             tx,
             ty,
             image_uri,
-            width,
-            height,
+            source.width,
+            source.height,
         )
-    manifest_uri = storage.join(out_uri, MANIFEST_FOLDER, f"{scene}.csv")
-    # which scene the chips come from: a different file under the same name must not reuse
-    # (and silently keep) the chips of the earlier one
-    scene_id = f"{storage.fingerprint(image_uri)}-{storage.fingerprint(label_uri)}"
-    previous = _previous_rows(manifest_uri, params, scene_id, image_uri)
-    existing = _existing_pairs(out_uri)
-    schema = read_classes_file(classes_uri) if classes_uri else read_label_classes(label_uri)
-    read_dataset_classes(out_uri).merge(schema, storage.join(out_uri, CLASSES_JSON))  # early
-    for sub in ("images", "labels", MANIFEST_FOLDER):
-        storage.makedirs(storage.join(out_uri, sub))
-    offsets = tile_offsets(width, height, params)
-    log.info(
-        "Chipping %s (%d x %d px) into %d windows of %d x %d, stride %s, coverage >= %s %%",
-        image_uri,
-        width,
-        height,
-        len(offsets),
-        tx,
-        ty,
-        params.stride,
-        params.min_coverage,
-    )
+    return source
 
-    done = [0]
 
-    def work(chunk: list[tuple[int, int]]) -> list[tuple[str, dict | None]]:
-        results = []
-        with storage.open_raster(image_uri) as img, storage.open_raster(label_uri) as lab:
-            for x, y in chunk:
-                results.append(_chip_one(img, lab, x, y))
-                done[0] += 1
-                if progress is not None:
-                    progress(done[0], len(offsets))
-        return results
+class ChipCutter:
+    """Cuts the chips of one :class:`ChipSource` into ``out_uri`` (``images/``,
+    ``labels/``): a chip below the coverage threshold is skipped, one already written
+    (``existing``; its manifest row in ``previous`` when an earlier run recorded it) is kept.
+    """
 
-    def _chip_one(img, lab, x: int, y: int) -> tuple[str, dict | None]:
-        name = chip_name(scene, x, y)
-        if name in existing:
-            row = previous.get(name)
+    def __init__(
+        self,
+        source: ChipSource,
+        out_uri: str,
+        params: ChipParams,
+        existing: set[str],
+        previous: dict[str, dict],
+    ):
+        self.source, self.out_uri, self.params = source, out_uri, params
+        self.existing, self.previous = existing, previous
+
+    def cut(
+        self,
+        offsets: list[tuple[int, int]],
+        workers: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> list[tuple[str, dict | None]]:
+        """Every window's outcome ("written", "reused", "below") and manifest row."""
+        done = [0]
+        src = self.source
+
+        def work(chunk: list[tuple[int, int]]) -> list[tuple[str, dict | None]]:
+            results = []
+            with (
+                storage.open_raster(src.image_uri) as img,
+                storage.open_raster(src.label_uri) as lab,
+            ):
+                for x, y in chunk:
+                    results.append(self.chip(img, lab, x, y))
+                    done[0] += 1
+                    if progress is not None:
+                        progress(done[0], len(offsets))
+            return results
+
+        workers = max(1, min(workers, len(offsets)))
+        # interleave rows of chips between threads so each reads neighbouring blocks
+        chunks = [offsets[i::workers] for i in range(workers)]
+        with storage.gdal_env(), ThreadPoolExecutor(workers) as pool:
+            return [r for chunk in pool.map(work, chunks) for r in chunk]
+
+    def chip(self, img, lab, x: int, y: int) -> tuple[str, dict | None]:
+        """The chip at (x, y) of the open image and label rasters."""
+        src, params, out_uri = self.source, self.params, self.out_uri
+        tx, ty = params.tile_size
+        name = chip_name(src.scene, x, y)
+        if name in self.existing:
+            row = self.previous.get(name)
             if row is None:  # written by a run that stopped before its manifest
                 labels = _read_label_chip(storage.join(out_uri, "labels", name))
-                row = _manifest_row(name, x, y, labels, image_uri, label_uri, params)
+                row = _manifest_row(name, x, y, labels, src.image_uri, src.label_uri, params)
             return "reused", row
-        labels = label_to_classes(_padded_read(lab, x, y, tx, ty, 0, 1), label_nodata)
+        labels = label_to_classes(_padded_read(lab, x, y, tx, ty, 0, 1), src.label_nodata)
         threshold = params.min_coverage / 100.0
         # the label alone bounds the coverage from above: skip the image read when it fails
         if threshold > 0 and np.count_nonzero(labels) < threshold * tx * ty:
             return "below", None
-        fill = image_nodata if image_nodata is not None else 0
-        pixels = _padded_read(img, x, y, tx, ty, fill)
-        if image_nodata is not None:
-            labels[np.all(_equals(pixels, image_nodata), axis=0)] = 0
+        nodata = src.image_nodata
+        pixels = _padded_read(img, x, y, tx, ty, nodata if nodata is not None else 0)
+        if nodata is not None:
+            labels[np.all(_equals(pixels, nodata), axis=0)] = 0
             if threshold > 0 and np.count_nonzero(labels) < threshold * tx * ty:
                 return "below", None
-        chip_transform = transform @ rasterio.Affine.translation(x, y)
+        chip_transform = src.transform @ rasterio.Affine.translation(x, y)
         _write_geotiff(
             storage.join(out_uri, "images", name),
             pixels,
-            {**image_profile, "transform": chip_transform},
-            descriptions,
-            band_tags,
+            {**src.image_profile, "transform": chip_transform},
+            src.descriptions,
+            src.band_tags,
         )
         _write_geotiff(
             storage.join(out_uri, "labels", name),
             labels[None],
-            {**label_profile, "transform": chip_transform},
+            {**src.label_profile, "transform": chip_transform},
         )
-        return "written", _manifest_row(name, x, y, labels, image_uri, label_uri, params)
+        return "written", _manifest_row(name, x, y, labels, src.image_uri, src.label_uri, params)
 
-    workers = max(1, min(workers, len(offsets)))
-    # interleave rows of chips between threads so each reads neighbouring blocks
-    chunks = [offsets[i::workers] for i in range(workers)]
-    with storage.gdal_env(), ThreadPoolExecutor(workers) as pool:
-        results = [r for chunk in pool.map(work, chunks) for r in chunk]
 
-    rows = [row | {"scene_id": scene_id} for _, row in results if row is not None]
-    outcome = [kind for kind, _ in results]
+def _write_manifest(manifest_uri: str, rows: list[dict]) -> dict[int, int]:
+    """The scene's manifest (a row per chip, class-count columns last, in class order);
+    returns the labelled pixels per class over its chips.
+    """
     manifest = (
         pd.DataFrame(rows).sort_values(["y", "x"])
         if rows
@@ -407,31 +505,7 @@ def chip_scene(
     manifest[count_columns] = manifest[count_columns].fillna(0).astype("int64")
     manifest = manifest[[c for c in manifest.columns if c not in count_columns] + count_columns]
     storage.write_text(manifest_uri, manifest.to_csv(index=False))
-    class_counts = {int(c[len(COUNT_PREFIX) :]): int(manifest[c].sum()) for c in count_columns}
-    if schema.classes:
-        write_dataset_classes(out_uri, schema)
-    report = ChipReport(
-        image_uri=image_uri,
-        label_uri=label_uri,
-        out_uri=out_uri,
-        manifest_uri=manifest_uri,
-        windows=len(offsets),
-        written=outcome.count("written"),
-        reused=outcome.count("reused"),
-        below_coverage=outcome.count("below"),
-        class_counts=class_counts,
-        seconds=time.perf_counter() - started,
-        class_names={c.value: c.name for c in schema.classes},
-    )
-    log.info(
-        "Total created image and label tile pairs: %d (%d kept from an earlier run, "
-        "%d below coverage) in %.1f s",
-        report.written,
-        report.reused,
-        report.below_coverage,
-        report.seconds,
-    )
-    return report
+    return {int(c[len(COUNT_PREFIX) :]): int(manifest[c].sum()) for c in count_columns}
 
 
 def label_windows(label_uri: str, params: ChipParams = ChipParams()) -> pd.DataFrame:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from specdeepmap.errors import InputMismatchError
+from specdeepmap.metrics import mean_iou
 
 #: resamples of the test chips (measured over ten seeds of the draws: the interval's ends
 #: moved by up to 0.007 on the shared S2 set's 12 test chips, 0.012 on EnMAP's 4)
@@ -99,19 +100,6 @@ class Difference:
         return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
-def pooled_mean_iou(matrices: np.ndarray) -> np.ndarray:
-    """Mean IoU of each of a stack of (…, K, K) confusion matrices (rows = truth), over the
-    classes present in truth or prediction, as :func:`evaluation.metrics_from_matrix` does.
-    """
-    m = matrices.astype(np.float64)
-    tp = np.diagonal(m, axis1=-2, axis2=-1)
-    union = m.sum(axis=-1) + m.sum(axis=-2) - tp
-    present = union > 0
-    iou = np.divide(tp, union, out=np.zeros_like(tp), where=present)
-    counts = present.sum(axis=-1)
-    return np.where(counts > 0, iou.sum(axis=-1) / np.maximum(counts, 1), np.nan)
-
-
 def paired_bootstrap(
     a: dict[str, np.ndarray],
     b: dict[str, np.ndarray],
@@ -166,14 +154,14 @@ def paired_bootstrap(
         draws = rng.integers(0, n, (min(250, resamples - start), n))
         weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
         differences.append(
-            pooled_mean_iou(np.einsum("rn,nkl->rkl", weights, ma))
-            - pooled_mean_iou(np.einsum("rn,nkl->rkl", weights, mb))
+            mean_iou(np.einsum("rn,nkl->rkl", weights, ma))
+            - mean_iou(np.einsum("rn,nkl->rkl", weights, mb))
         )
     diffs = np.concatenate(differences)
     diffs = diffs[np.isfinite(diffs)]
     tail = (1 - level) / 2
     low, high = np.quantile(diffs, [tail, 1 - tail])
-    point = float(pooled_mean_iou(ma.sum(axis=0)) - pooled_mean_iou(mb.sum(axis=0)))
+    point = float(mean_iou(ma.sum(axis=0)) - mean_iou(mb.sum(axis=0)))
     return Difference(
         difference=point,
         low=float(low),

@@ -30,86 +30,21 @@ from specdeepmap import storage
 from specdeepmap.classes import ClassSchema
 from specdeepmap.comparison import Difference, paired_bootstrap
 from specdeepmap.errors import EmptyDatasetError, InputMismatchError
-from specdeepmap.inference import load_model
+from specdeepmap.inference import Predictor, load_model
 from specdeepmap.leakage import Leakage, chip_units, read_split_leakage, split_block_size
+from specdeepmap.metrics import (
+    Metrics,
+    accumulate,
+    mean_chip_iou,
+    metrics_from_matrix,
+    per_chip_iou,
+)
 from specdeepmap.params import EvaluateParams
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Metrics:
-    """Dataset-level metrics of one confusion matrix."""
-
-    class_values: list[int]
-    matrix: np.ndarray  #: rows = truth, columns = prediction, over class_values
-    iou: np.ndarray
-    precision: np.ndarray
-    recall: np.ndarray
-    f1: np.ndarray
-    overall_accuracy: float
-    mean_iou: float
-    #: each chip's confusion matrix by chip file name (they sum to ``matrix``), for the
-    #: paired comparison of two models on the same chips (:mod:`comparison`); None if unknown
-    chip_matrices: dict[str, np.ndarray] | None = None
-    #: each chip's independent unit (its group of touching chips), resampled together
-    chip_units: dict[str, int] | None = None
-
-    def table(self) -> pd.DataFrame:
-        """One row per class."""
-        import pandas as pd  # here: the mapper imports this module and never needs pandas
-
-        return pd.DataFrame(
-            {
-                "Class": self.class_values,
-                "IoU": self.iou,
-                "Precision": self.precision,
-                "Recall": self.recall,
-                "F1": self.f1,
-                "Pixels": self.matrix.sum(axis=1),
-            }
-        )
-
-
-def metrics_from_matrix(
-    matrix: np.ndarray, class_values: list[int], chip_matrices: dict[str, np.ndarray] | None = None
-) -> Metrics:
-    """IoU, precision, recall, F1 per class, overall accuracy and mean IoU.
-
-    Classes with neither truth nor prediction get NaN and are left out of the mean. A class
-    that occurs but is never predicted has precision 0 (none of its predictions is right, as
-    none was made), not NaN: a reviewer sees a number, and :func:`never_predicted` names it.
-    """
-    m = matrix.astype(np.float64)
-    tp = np.diag(m)
-    truth, pred = m.sum(axis=1), m.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = tp / (truth + pred - tp)
-        precision = np.where((pred == 0) & (truth > 0), 0.0, tp / pred)
-        recall = tp / truth
-        f1 = 2 * precision * recall / (precision + recall)
-        f1 = np.where((tp == 0) & (truth + pred > 0), 0.0, f1)
-    total = m.sum()
-    return Metrics(
-        class_values=list(class_values),
-        matrix=matrix.astype(np.int64),
-        iou=iou,
-        precision=precision,
-        recall=recall,
-        f1=f1,
-        overall_accuracy=float(tp.sum() / total) if total else float("nan"),
-        mean_iou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
-        chip_matrices=chip_matrices,
-    )
-
-
-def never_predicted(metrics: Metrics) -> list[int]:
-    """Class values that occur in the truth but that the model never predicted."""
-    truth, pred = metrics.matrix.sum(axis=1), metrics.matrix.sum(axis=0)
-    return [v for v, t, p in zip(metrics.class_values, truth, pred, strict=True) if t and not p]
 
 
 def metric_name(kind: str, value: int, name: str) -> str:
@@ -118,40 +53,6 @@ def metric_name(kind: str, value: int, name: str) -> str:
     """
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     return f"{kind}_class_{value}" + (f"_{slug}" if slug and slug != str(value) else "")
-
-
-def accumulate(
-    matrix: np.ndarray, truth: np.ndarray, pred: np.ndarray, class_values: list[int]
-) -> None:
-    """Add the pixels whose truth is one of ``class_values`` to ``matrix`` (in place)."""
-    lut = np.full(max(256, max(class_values) + 1), -1, dtype=np.int64)
-    lut[class_values] = np.arange(len(class_values))
-    t = lut[truth.ravel().astype(np.int64)]
-    p = lut[np.clip(pred.ravel().astype(np.int64), 0, len(lut) - 1)]
-    keep = (t >= 0) & (p >= 0)
-    k = len(class_values)
-    matrix += np.bincount(t[keep] * k + p[keep], minlength=k * k).reshape(k, k)
-
-
-def per_chip_iou(truth: np.ndarray, pred: np.ndarray, class_values: list[int]) -> np.ndarray:
-    """SpecDeepMap's per-chip IoU of each class (NaN where truth and prediction lack it)."""
-    out = np.full(len(class_values), np.nan)
-    for i, c in enumerate(class_values):
-        union = np.count_nonzero((truth == c) | (pred == c))
-        if union:
-            out[i] = np.count_nonzero((truth == c) & (pred == c)) / union
-    return out
-
-
-def mean_chip_iou(chip_ious: list[np.ndarray], num_classes: int) -> np.ndarray:
-    """SpecDeepMap's per-class IoU: the mean over chips of :func:`per_chip_iou`, ignoring the
-    chips where a class is absent from truth and prediction (NaN when it is absent from all).
-    """
-    if not chip_ious:
-        return np.full(num_classes, np.nan)
-    with warnings.catch_warnings():  # a class absent from every chip is NaN, said above
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(np.array(chip_ious), axis=0)
 
 
 def write_iou_csv(
@@ -368,93 +269,17 @@ def evaluate_model(
         raise EmptyDatasetError(f"{test_csv} lists no chips")
     predictor = load_model(model_uri, params.device)
     class_values = predictor.class_values
-    k = len(class_values)
-    chip_ious, chip_matrices = [], {}
-    chip_sizes: dict[str, tuple[int, int]] = {}
-    foreign: set[int] = set()  # labelled values the model does not know
-    foreign_pixels = 0
-    exported = []
-    if predictions_folder:
-        storage.makedirs(predictions_folder)
-    for start in range(0, len(pairs), params.batch_size):
-        batch_pairs = pairs[start : start + params.batch_size]
-        images, labels, profiles = [], [], []
-        for image_uri, mask_uri in batch_pairs:
-            with storage.open_raster(image_uri) as src:
-                if src.count != predictor.in_channels:
-                    raise InputMismatchError(
-                        f"{image_uri} has {src.count} bands, the model "
-                        f"{model_uri} expects {predictor.in_channels}"
-                    )
-                images.append(src.read())
-                profiles.append((src.transform, src.crs, src.nodata))
-            with storage.open_raster(mask_uri) as src:
-                labels.append(src.read(1).astype(np.int64))
-        if len({i.shape for i in images}) > 1:
-            raise InputMismatchError(f"Chips of {test_csv} differ in size")
-        preds = predictor.predict_classes(np.stack(images), tta=params.tta)
-        for (image_uri, _), image, truth, pred, (transform, crs, nodata) in zip(
-            batch_pairs, images, labels, preds, profiles, strict=True
-        ):
-            # per chip name (they sum to the pooled matrix; for paired comparisons, chips of
-            # one name in several folders count as one chip, for both models alike)
-            accumulate(
-                chip_matrices.setdefault(
-                    storage.basename(image_uri), np.zeros((k, k), dtype=np.int64)
-                ),
-                truth,
-                pred,
-                class_values,
-            )
-            chip_sizes[storage.basename(image_uri)] = truth.shape
-            chip_ious.append(per_chip_iou(truth, np.where(truth == 0, 0, pred), class_values))
-            unknown = (truth != 0) & ~np.isin(truth, class_values)
-            if unknown.any():
-                foreign.update(np.unique(truth[unknown]).tolist())
-                foreign_pixels += int(unknown.sum())
-            if predictions_folder:
-                out = pred.copy()
-                if params.mask_unlabelled:
-                    out[truth == 0] = 0
-                if nodata is not None:
-                    out[np.all(image == nodata, axis=0)] = 0
-                dtype = "uint8" if max(class_values) < 256 else "uint16"
-                uri = storage.join(predictions_folder, f"{storage.stem(image_uri)}_prediction.tif")
-                with (
-                    storage.atomic_output(uri) as tmp,
-                    rasterio.open(
-                        tmp,
-                        "w",
-                        driver="GTiff",
-                        width=out.shape[1],
-                        height=out.shape[0],
-                        count=1,
-                        dtype=dtype,
-                        crs=crs,
-                        transform=transform,
-                        nodata=0,
-                    ) as dst,
-                ):
-                    dst.write(out.astype(dtype)[None])
-                exported.append(uri)
-    if foreign:
-        warnings.warn(
-            f"{test_csv}: {foreign_pixels} labelled pixel(s) hold class value(s) "
-            f"{', '.join(map(str, sorted(foreign)))} that the model {model_uri} does not "
-            f"predict (it knows {', '.join(map(str, class_values))}): they are left out of "
-            "every figure; were these chips made for another model?",
-            stacklevel=2,
-        )
-    chip_iou = mean_chip_iou(chip_ious, k)
-    matrix = sum(chip_matrices.values(), np.zeros((k, k), dtype=np.int64))
-    metrics = metrics_from_matrix(matrix, class_values, chip_matrices)
-    metrics.chip_units = chip_units(chip_sizes, split_block_size(storage.parent(test_csv)))
+    scores, exported = _score_chips(
+        pairs, predictor, params, predictions_folder, test_csv, model_uri
+    )
+    scores.warn_foreign(test_csv, model_uri)
+    metrics = scores.metrics(split_block_size(storage.parent(test_csv)))
     versus = compare_with_baseline(metrics, baseline) if baseline is not None else None
     leakage = read_split_leakage(storage.parent(test_csv))
     iou_csv, metrics_csv, plots, summary = write_test_outputs(
         out_folder,
         metrics,
-        chip_iou,
+        mean_chip_iou(scores.ious, len(class_values)),
         {
             "model": model_uri,
             "test_csv": test_csv,
@@ -476,18 +301,167 @@ def evaluate_model(
         split_leakage=leakage,
         class_names={v: predictor.classes.name(v) for v in class_values},
     )
-    if versus is not None:
-        log.info(versus.sentence("The model", "the RandomForest baseline"))
-    if leakage is not None and leakage.test.touching_chips:
-        log.warning("%s: %s", test_csv, leakage.sentence())
     if log_to_mlflow:
         _log_to_mlflow(report, model_uri, mlflow_run_id, out_folder)
+    _log_report(report, test_csv)
+    return report
+
+
+def _log_report(report: EvaluationReport, test_csv: str) -> None:
+    """The figures a user reads first: the comparison with the forest, a leak, the IoU."""
+    if report.versus_baseline is not None:
+        log.info(report.versus_baseline.sentence("The model", "the RandomForest baseline"))
+    leakage = report.split_leakage
+    if leakage is not None and leakage.test.touching_chips:
+        log.warning("%s: %s", test_csv, leakage.sentence())
     log.info(
         "Test mean IoU: %.4f pooled over pixels, %.4f per-chip mean (SpecDeepMap)",
-        metrics.mean_iou,
+        report.metrics.mean_iou,
         report.per_chip_mean_iou,
     )
-    return report
+
+
+def _exported_classes(
+    pred: np.ndarray, truth: np.ndarray, image: np.ndarray, nodata, mask_unlabelled: bool
+) -> np.ndarray:
+    """A chip's prediction as exported: 0 where the chip is unlabelled (when asked) and
+    where the image has no data.
+    """
+    out = pred.copy()
+    if mask_unlabelled:
+        out[truth == 0] = 0
+    if nodata is not None:
+        out[np.all(image == nodata, axis=0)] = 0
+    return out
+
+
+def _score_chips(
+    pairs: list[tuple[str, str]],
+    predictor: Predictor,
+    params: EvaluateParams,
+    predictions_folder: str | None,
+    test_csv: str,
+    model_uri: str,
+) -> tuple[ChipScores, list[str]]:
+    """Predict the chips a batch at a time and score each; with ``predictions_folder``
+    each chip's prediction is written there too (returned: their URIs).
+    """
+    class_values = predictor.class_values
+    scores = ChipScores(class_values)
+    exported = []
+    if predictions_folder:
+        storage.makedirs(predictions_folder)
+    for start in range(0, len(pairs), params.batch_size):
+        batch_pairs = pairs[start : start + params.batch_size]
+        images, labels, profiles = _read_chips(batch_pairs, predictor.in_channels, model_uri)
+        if len({i.shape for i in images}) > 1:
+            raise InputMismatchError(f"Chips of {test_csv} differ in size")
+        preds = predictor.predict_classes(np.stack(images), tta=params.tta)
+        for (image_uri, _), image, truth, pred, profile in zip(
+            batch_pairs, images, labels, preds, profiles, strict=True
+        ):
+            scores.add(storage.basename(image_uri), truth, pred)
+            if predictions_folder:
+                uri = storage.join(predictions_folder, f"{storage.stem(image_uri)}_prediction.tif")
+                out = _exported_classes(pred, truth, image, profile[2], params.mask_unlabelled)
+                exported.append(_write_prediction(uri, out, profile, max(class_values)))
+    return scores, exported
+
+
+class ChipScores:
+    """Each test chip's figures as the Tester collects them: its confusion matrix and
+    SpecDeepMap's per-chip IoU by chip name, its size, and the labelled values the model
+    does not know (left out of every figure, and warned about).
+    """
+
+    def __init__(self, class_values: list[int]):
+        self.class_values = class_values
+        k = len(class_values)
+        self.k = k
+        self.ious: list[np.ndarray] = []
+        self.matrices: dict[str, np.ndarray] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}
+        self.foreign: set[int] = set()
+        self.foreign_pixels = 0
+
+    def add(self, name: str, truth: np.ndarray, pred: np.ndarray) -> None:
+        """One chip's truth and prediction (class values; 0: unlabelled)."""
+        # per chip name (they sum to the pooled matrix; for paired comparisons, chips of
+        # one name in several folders count as one chip, for both models alike)
+        matrix = self.matrices.setdefault(name, np.zeros((self.k, self.k), dtype=np.int64))
+        accumulate(matrix, truth, pred, self.class_values)
+        self.sizes[name] = truth.shape
+        self.ious.append(per_chip_iou(truth, np.where(truth == 0, 0, pred), self.class_values))
+        unknown = (truth != 0) & ~np.isin(truth, self.class_values)
+        if unknown.any():
+            self.foreign.update(np.unique(truth[unknown]).tolist())
+            self.foreign_pixels += int(unknown.sum())
+
+    def metrics(self, block_size: int | None) -> Metrics:
+        """The pooled metrics, each chip's matrix and its independent unit (chips that touch,
+        and the split's spatial blocks of ``block_size`` chips, resampled together).
+        """
+        matrix = sum(self.matrices.values(), np.zeros((self.k, self.k), dtype=np.int64))
+        metrics = metrics_from_matrix(matrix, self.class_values, self.matrices)
+        metrics.chip_units = chip_units(self.sizes, block_size)
+        return metrics
+
+    def warn_foreign(self, test_csv: str, model_uri: str) -> None:
+        """Say which labelled values no figure counts because the model does not know them."""
+        if not self.foreign:
+            return
+        warnings.warn(
+            f"{test_csv}: {self.foreign_pixels} labelled pixel(s) hold class value(s) "
+            f"{', '.join(map(str, sorted(self.foreign)))} that the model {model_uri} does "
+            f"not predict (it knows {', '.join(map(str, self.class_values))}): they are left "
+            "out of every figure; were these chips made for another model?",
+            stacklevel=3,
+        )
+
+
+def _read_chips(
+    pairs: list[tuple[str, str]], bands: int, model_uri: str
+) -> tuple[list[np.ndarray], list[np.ndarray], list[tuple]]:
+    """The image chips (refused unless they have the model's ``bands``), their labels and
+    each chip's (transform, CRS, nodata).
+    """
+    images, labels, profiles = [], [], []
+    for image_uri, mask_uri in pairs:
+        with storage.open_raster(image_uri) as src:
+            if src.count != bands:
+                raise InputMismatchError(
+                    f"{image_uri} has {src.count} bands, the model {model_uri} expects {bands}"
+                )
+            images.append(src.read())
+            profiles.append((src.transform, src.crs, src.nodata))
+        with storage.open_raster(mask_uri) as src:
+            labels.append(src.read(1).astype(np.int64))
+    return images, labels, profiles
+
+
+def _write_prediction(uri: str, classes: np.ndarray, profile: tuple, largest: int) -> str:
+    """A chip's predicted classes as a GeoTIFF on the chip's grid (nodata 0), written
+    atomically; uint16 when a class value passes 255.
+    """
+    transform, crs, _ = profile
+    dtype = "uint8" if largest < 256 else "uint16"
+    with (
+        storage.atomic_output(uri) as tmp,
+        rasterio.open(
+            tmp,
+            "w",
+            driver="GTiff",
+            width=classes.shape[1],
+            height=classes.shape[0],
+            count=1,
+            dtype=dtype,
+            crs=crs,
+            transform=transform,
+            nodata=0,
+        ) as dst,
+    ):
+        dst.write(classes.astype(dtype)[None])
+    return uri
 
 
 def _log_to_mlflow(

@@ -11,46 +11,17 @@ on rank 1).
 
 from __future__ import annotations
 
-import os
-
 import lightning as L
 import torch
 from torch import nn
 from torchmetrics import Metric
 from typing_extensions import override
 
-from specdeepmap import storage
 from specdeepmap.augmentation import D4, band_dropout, cutmix, d4_apply, d4_invert
 from specdeepmap.losses import Loss, build_loss, warmup_cosine
-from specdeepmap.resume import LAST_CHECKPOINT, RESUME_STATE, ResumeState
+from specdeepmap.metrics import confusion_matrix, mean_iou
 
 IGNORE_INDEX = 0
-
-
-def confusion_matrix(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    num_classes: int,
-    ignore_index: int | None = IGNORE_INDEX,
-) -> torch.Tensor:
-    """(num_classes × num_classes) counts, rows = truth, columns = prediction."""
-    pred, target = pred.reshape(-1), target.reshape(-1)
-    if ignore_index is not None:
-        keep = target != ignore_index
-        pred, target = pred[keep], target[keep]
-    flat = target.long() * num_classes + pred.long()
-    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
-
-
-def mean_iou(matrix: torch.Tensor, skip: int | None = IGNORE_INDEX) -> float:
-    """Mean IoU over classes that occur in truth or prediction (``skip`` left out)."""
-    matrix = matrix.double()
-    tp = matrix.diag()
-    union = matrix.sum(0) + matrix.sum(1) - tp
-    keep = union > 0
-    if skip is not None:
-        keep[skip] = False
-    return float((tp[keep] / union[keep]).mean()) if keep.any() else 0.0
 
 
 class PooledIoU(Metric):
@@ -71,11 +42,17 @@ class PooledIoU(Metric):
 
     @override
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        self.matrix += confusion_matrix(pred, target, self.num_classes)
+        counts = confusion_matrix(
+            target.cpu().numpy(), pred.cpu().numpy(), self.num_classes, IGNORE_INDEX
+        )
+        self.matrix += torch.from_numpy(counts).to(self.matrix.device)
 
     @override
     def compute(self) -> torch.Tensor:
-        return torch.tensor(mean_iou(self.matrix))
+        # the unlabelled channel left out; 0 (not NaN) before any class was seen, so that
+        # checkpointing and early stopping always compare numbers
+        iou = mean_iou(self.matrix.cpu().numpy(), skip=IGNORE_INDEX)
+        return torch.tensor(0.0 if iou != iou else iou)
 
 
 class SegmentationTask(L.LightningModule):
@@ -267,41 +244,3 @@ class ValidationHistory(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and "val_iou" in trainer.callback_metrics:
             self.scores.append(float(trainer.callback_metrics["val_iou"]))
-
-
-class MirroredCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
-    """Lightning's checkpointing, each saved file (the best ones and ``last.ckpt``) also
-    copied to ``mirror_uri`` (object storage or another folder) as soon as it is written: one
-    PUT on S3, a rename locally, so a copy is never half-written. ``resume.json`` beside it
-    names the MLflow run and the dataset, so that a restarted training continues that run
-    (see :mod:`specdeepmap.resume`).
-    """
-
-    def __init__(
-        self, mirror_uri: str | None, mlflow_run_id: str, dataset: str | None = None, **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.mirror_uri = mirror_uri
-        self.mlflow_run_id = mlflow_run_id
-        self.dataset = dataset
-
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        if self.mirror_uri and trainer.is_global_zero:
-            storage.upload(filepath, self._mirrored(filepath))
-            state = ResumeState(
-                self.mlflow_run_id,
-                trainer.current_epoch,
-                trainer.global_step,
-                LAST_CHECKPOINT,
-                self.dataset,
-            )
-            storage.write_text(storage.join(self.mirror_uri, RESUME_STATE), state.to_json())
-
-    def _remove_checkpoint(self, trainer, filepath: str) -> None:
-        super()._remove_checkpoint(trainer, filepath)
-        if self.mirror_uri and trainer.is_global_zero:  # a best checkpoint no longer best
-            storage.remove(self._mirrored(filepath))
-
-    def _mirrored(self, filepath: str) -> str:
-        return storage.join(self.mirror_uri, os.path.basename(filepath))

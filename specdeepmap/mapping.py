@@ -43,15 +43,29 @@ from rasterio.windows import Window
 
 from specdeepmap import __version__, storage
 from specdeepmap.bands import same_band_order
+from specdeepmap.blending import Blender
 from specdeepmap.classes import ClassSchema, pam_xml, qml
 from specdeepmap.clouds import check_detector, detect_clouds
 from specdeepmap.drift import Verdict
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
-from specdeepmap.evaluation import accumulate, metrics_from_matrix, write_iou_csv
+from specdeepmap.evaluation import write_iou_csv
 from specdeepmap.inference import Predictor, fold_batch_norms, load_model
+from specdeepmap.map_writer import MapWriter, finish_cog
 from specdeepmap.masks import MaskReader, QualityMask, check_masks, masked_value, with_masked
+from specdeepmap.metrics import accumulate, metrics_from_matrix
 from specdeepmap.params import MapParams
 from specdeepmap.scene_quality import QUALITY_SUFFIX, SceneQuality, write_quality
+from specdeepmap.windows import (
+    BATCH_PIXELS,
+    Batch,
+    BatchReader,
+    WindowGrid,
+    calibration_windows,
+    choose_window,
+    padded_shape,
+    to_stride,
+    weight_window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,71 +95,6 @@ class MapReport:
     #: ``seconds``), and reading the mask in the reader thread (beside the network's work)
     guard_seconds: float = 0.0
     mask_read_seconds: float = 0.0
-
-
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Start offsets covering [0, size) with the fewest windows no more than ``stride`` apart,
-    spread evenly: the first at 0, the last aligned to the end, every overlap about equal
-    (an edge-aligned last window spaced like the others, not piled onto its neighbour).
-    """
-    if size <= window:
-        return [0]
-    gaps = math.ceil((size - window) / stride)
-    return [round(i * (size - window) / gaps) for i in range(gaps + 1)]
-
-
-def _processed_pixels(height: int, width: int, window: int, stride: int) -> int:
-    rows, cols = _padded_shape(height, width, window)
-    return (
-        len(window_starts(height, window, stride))
-        * len(window_starts(width, window, stride))
-        * rows
-        * cols
-    )
-
-
-#: pixels per forward pass (a batch of windows, or one window): what bounds the network's
-#: activations, the mapper's largest memory (a U-Net/ResNet-18 at 512² holds ~120 MB at its
-#: peak, at 1024² four times that), and enough to batch
-BATCH_PIXELS = 512 * 512
-
-
-def choose_window(height: int, width: int, tile: int, overlap_px: int) -> int:
-    """The window (1, 2 or 4 × the training tile, no more than :data:`BATCH_PIXELS`) that
-    processes the fewest pixels.
-
-    A fully convolutional model accepts windows larger than its training chips; larger
-    windows repeat less of the overlap (at 10 % overlap a 2 × tile window processes about
-    1.23 × the scene's pixels where a 1 × tile window processes 1.56 ×), but near the scene
-    size the edge-aligned last window repeats more. Capped so that memory stays bounded
-    whatever the scene (one forward pass of a bigger window costs more memory than its saved
-    overlap is worth).
-    """
-    candidates = [tile * f for f in (1, 2, 4) if f == 1 or (tile * f) ** 2 <= BATCH_PIXELS]
-    return min(
-        candidates, key=lambda w: (_processed_pixels(height, width, w, max(1, w - overlap_px)), -w)
-    )
-
-
-def weight_window(size: int, ramp: int, kind: str) -> np.ndarray:
-    """1-D blending weights: rising over ``ramp`` px at both ends, 1 in the middle, never 0."""
-    w = np.ones(size, dtype=np.float32)
-    if kind == "none" or ramp <= 0:
-        return w
-    if kind == "crop":  # margins of half the overlap count (almost) nothing
-        margin = ramp // 2
-        w[:margin] = w[size - margin :] = 1e-6
-        return w
-    i = np.arange(ramp, dtype=np.float32) + 0.5
-    if kind == "linear":
-        edge = i / ramp
-    elif kind == "gaussian":
-        edge = np.exp(-0.5 * ((ramp - i) / (ramp / 2.5)) ** 2)
-    else:
-        edge = 0.5 - 0.5 * np.cos(np.pi * i / ramp)
-    w[:ramp] = np.minimum(w[:ramp], edge)
-    w[-ramp:] = np.minimum(w[-ramp:], edge[::-1])
-    return np.maximum(w, 1e-3)  # a pixel only one window covers keeps that window's vote
 
 
 def _check_input(
@@ -211,7 +160,7 @@ def check_memory(src, window: int, batch_size: int, classes: int, uri: str) -> N
     """
     import psutil
 
-    pad_h, pad_w = _padded_shape(src.height, src.width, window)
+    pad_h, pad_w = padded_shape(src.height, src.width, window)
     batch_pixels = batch_size * pad_h * pad_w
     # input (raw, float32, the prefetched batch), activations, blending buffers
     need = batch_pixels * (src.count * 4 * 3 + ACTIVATION_BYTES_PER_PIXEL) + (
@@ -325,176 +274,250 @@ def map_scene(
             ``params.max_masked_share`` is not mapped (the report says why).
 
     Returns:
-        The report, with the scene's drift verdict (:mod:`specdeepmap.drift`), also written
-        to ``MAP_quality.json`` beside the map.
+        The report, with the drift verdict (:mod:`specdeepmap.drift`; ``MAP_quality.json``).
 
     Raises:
         OutputConflictError: an output is an input, two outputs are one file, or an output
             exists and is not ours (without ``overwrite``); checked before any work.
     """
-    from specdeepmap.stac import is_item, item_scene
+    from specdeepmap.stac import is_item
 
     started = time.perf_counter()
+    outputs = MapOutputs(output_uri, confidence_uri, probabilities_uri, vector_uri, iou_csv_uri)
     check_detector(params.cloud_mask)
-    check_outputs(
-        input_uri,
-        model_uri,
-        gt_uri,
-        {
-            "class map": output_uri,
-            "confidence raster": confidence_uri,
-            "probability raster": probabilities_uri,
-            "polygon file": vector_uri,
-            "IoU CSV": iou_csv_uri,
-            "quality JSON": map_base(output_uri) + QUALITY_SUFFIX,
-        },
-        overwrite,
-    )
+    check_outputs(input_uri, model_uri, gt_uri, outputs.named(), overwrite)
     predictor = predictor or load_for_engine(model_uri, params)
     if is_item(input_uri):  # the item's assets for the model's bands, stacked by name
-        from specdeepmap.stac import item_mask
-
-        mask = mask or item_mask(input_uri)
-        with tempfile.TemporaryDirectory(prefix="specdeepmap-scene-") as folder:
-            scene = item_scene(
-                input_uri,
-                predictor.config.get("band_names") or [],
-                os.path.join(folder, "scene.vrt"),
-            )
-            return map_scene(
-                scene,
-                model_uri,
-                output_uri,
-                params,
-                gt_uri,
-                iou_csv_uri,
-                confidence_uri,
-                probabilities_uri,
-                vector_uri,
-                predictor,
-                overwrite=True,
-                mask=mask,
-            )  # checked above
+        return _map_item(input_uri, model_uri, outputs, params, gt_uri, predictor, mask)
     check_writable(output_uri)
-    tile = max(predictor.tile_size)
-    overlap_px = math.ceil(2 * params.overlap / 100 * tile)
-    values = predictor.value_lut()[1:]
-    dtype = "uint8" if values.max() < 256 else "uint16"
     with contextlib.ExitStack() as stack:
         # the windows' blocks decoded on as many threads as the network uses
         src = stack.enter_context(storage.open_raster(input_uri, threads=torch.get_num_threads()))
         _check_input(src, predictor, input_uri, model_uri)
-        detecting = time.perf_counter()
-        if mask is None and params.cloud_mask:  # a scene's own mask wins over the detector
-            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="specdeepmap-clouds-"))
-            clouds = detect_clouds(
-                src, input_uri, os.path.join(folder, "clouds.tif"), params.cloud_threshold
-            )
-            log.info("%s: %s flags %.1f%% as cloud", input_uri, clouds.detector, 100 * clouds.share)
-            mask = clouds.quality_mask()
-        quality = SceneQuality(src.count, len(values), predictor.normalization.scaler, mask)
-        quality.seconds += time.perf_counter() - detecting
-        if mask is not None:
-            checking = time.perf_counter()
-            share = check_masks(mask, src)
-            quality.seconds += time.perf_counter() - checking
-            if share > params.max_masked_share:
-                reason = (
-                    f"{share:.0%} of the scene is masked (more than "
-                    f"{params.max_masked_share:.0%}): not mapped"
-                )
-                log.warning("%s: %s", input_uri, reason)
-                return MapReport(output_uri, 0, 0, time.perf_counter() - started, skipped=reason)
-            quality.masked_value = masked_value(list(values))
-            quality.reader = stack.enter_context(MaskReader(mask, src))
-        window = params.window or choose_window(src.height, src.width, tile, overlap_px)
-        # a window larger than the scene maps it in one padded window either way
-        window = min(window, max(_to_stride(src.height), _to_stride(src.width)))
-        stride = max(1, window - overlap_px)
-        batch_size = params.batch_size or max(1, BATCH_PIXELS // (window * window))
-        check_memory(src, window, batch_size, len(values), input_uri)
-        blend_1d = weight_window(window, overlap_px, params.blend)
-        blend = np.outer(blend_1d, blend_1d)
-        setup_started = time.perf_counter()
-        predictor = prepare_predictor(predictor, params, lambda: _calibration_windows(src, 128))
-        setup_seconds = time.perf_counter() - setup_started
-        if params.precision == "int8":  # quantized networks take plain NCHW input
-            params = params.model_copy(update={"channels_last": False})
-        gt = stack.enter_context(storage.open_raster(gt_uri)) if gt_uri else None
-        if gt is not None and (gt.width, gt.height) != (src.width, src.height):
-            raise InputMismatchError(
-                f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
-                f"the input {input_uri} {src.width} x {src.height}"
-            )
-        report = _stream(
-            src,
-            gt,
-            predictor,
-            params,
-            window,
-            stride,
-            batch_size,
-            blend,
-            values,
-            dtype,
-            input_uri,
-            model_uri,
-            output_uri,
-            {"confidence": confidence_uri, "probabilities": probabilities_uri},
-            quality,
-        )
-    if vector_uri:
-        from specdeepmap.vectorize import polygonize
+        quality, skipped = _scene_quality(stack, src, input_uri, predictor, params, mask)
+        if skipped:
+            return MapReport(output_uri, 0, 0, time.perf_counter() - started, skipped=skipped)
+        grid, blend = _plan_windows(src, predictor, params, input_uri)
+        predictor, params, setup_seconds = _ready(predictor, params, src)
+        gt = _open_ground_truth(stack, gt_uri, src, input_uri)
+        tags = map_tags(predictor, params, model_uri, input_uri, quality)
+        streamed = _stream(src, gt, predictor, params, grid, blend, outputs, quality, tags)
+    if vector_uri:  # class polygons from the finished map
+        _polygonize(output_uri, vector_uri)
+    report = _report(outputs, streamed, grid, predictor, quality, input_uri, gt_uri is not None)
+    report.setup_seconds = setup_seconds
+    report.seconds = time.perf_counter() - started
+    log.info(
+        "Mapped %s → %s: %d windows in %.1f s", input_uri, output_uri, grid.windows, report.seconds
+    )
+    return report
 
-        polygonize(output_uri, vector_uri)
-    matrix = report.pop("matrix")
-    if report["classified"] == 0:
+
+@dataclass(frozen=True)
+class MapOutputs:
+    """Where one map's outputs go (None: not written)."""
+
+    classes: str
+    confidence: str | None = None
+    probabilities: str | None = None
+    vector: str | None = None
+    iou_csv: str | None = None
+
+    def named(self) -> dict[str, str | None]:
+        """Every output by what it is, the quality JSON beside the map included."""
+        return {
+            "class map": self.classes,
+            "confidence raster": self.confidence,
+            "probability raster": self.probabilities,
+            "polygon file": self.vector,
+            "IoU CSV": self.iou_csv,
+            "quality JSON": map_base(self.classes) + QUALITY_SUFFIX,
+        }
+
+    def extras(self) -> dict[str, str]:
+        """The probability rasters asked for, by the name :class:`MapWriter` knows."""
+        extras = {"confidence": self.confidence, "probabilities": self.probabilities}
+        return {name: uri for name, uri in extras.items() if uri}
+
+
+def _map_item(
+    item_uri: str,
+    model_uri: str,
+    outputs: MapOutputs,
+    params: MapParams,
+    gt_uri: str | None,
+    predictor: Predictor,
+    mask: QualityMask | None,
+) -> MapReport:
+    """Map a STAC item: the assets of the model's bands stacked by name into a VRT, the
+    item's own mask asset unless a mask is given. Its outputs were checked already.
+    """
+    from specdeepmap.stac import item_mask, item_scene
+
+    with tempfile.TemporaryDirectory(prefix="specdeepmap-scene-") as folder:
+        scene = item_scene(
+            item_uri, predictor.config.get("band_names") or [], os.path.join(folder, "scene.vrt")
+        )
+        return map_scene(
+            scene,
+            model_uri,
+            outputs.classes,
+            params,
+            gt_uri,
+            outputs.iou_csv,
+            outputs.confidence,
+            outputs.probabilities,
+            outputs.vector,
+            predictor,
+            overwrite=True,
+            mask=mask or item_mask(item_uri),
+        )
+
+
+def _scene_quality(
+    stack: contextlib.ExitStack,
+    src,
+    input_uri: str,
+    predictor: Predictor,
+    params: MapParams,
+    mask: QualityMask | None,
+) -> tuple[SceneQuality, str | None]:
+    """The scene's quality record, its mask (the scene's own, else the cloud detector's when
+    ``params`` names one) open for reading; and why the scene is not mapped (more of it
+    masked than ``params.max_masked_share``), None when it is.
+    """
+    detecting = time.perf_counter()
+    if mask is None and params.cloud_mask:  # a scene's own mask wins over the detector
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="specdeepmap-clouds-"))
+        clouds = detect_clouds(
+            src, input_uri, os.path.join(folder, "clouds.tif"), params.cloud_threshold
+        )
+        log.info("%s: %s flags %.1f%% as cloud", input_uri, clouds.detector, 100 * clouds.share)
+        mask = clouds.quality_mask()
+    values = predictor.value_lut()[1:]
+    quality = SceneQuality(src.count, len(values), predictor.normalization.scaler, mask)
+    quality.seconds += time.perf_counter() - detecting
+    if mask is None:
+        return quality, None
+    checking = time.perf_counter()
+    share = check_masks(mask, src)
+    quality.seconds += time.perf_counter() - checking
+    if share > params.max_masked_share:
+        reason = (
+            f"{share:.0%} of the scene is masked (more than "
+            f"{params.max_masked_share:.0%}): not mapped"
+        )
+        log.warning("%s: %s", input_uri, reason)
+        return quality, reason
+    quality.masked_value = masked_value(list(values))
+    quality.reader = stack.enter_context(MaskReader(mask, src))
+    return quality, None
+
+
+def _plan_windows(
+    src, predictor: Predictor, params: MapParams, input_uri: str
+) -> tuple[WindowGrid, np.ndarray]:
+    """The scene's windows (``params.window``, or the size that processes fewest pixels)
+    and their 2-D blending weights; the memory they need checked first.
+    """
+    tile = max(predictor.tile_size)
+    overlap_px = math.ceil(2 * params.overlap / 100 * tile)
+    window = params.window or choose_window(src.height, src.width, tile, overlap_px)
+    # a window larger than the scene maps it in one padded window either way
+    window = min(window, max(to_stride(src.height), to_stride(src.width)))
+    batch_size = params.batch_size or max(1, BATCH_PIXELS // (window * window))
+    classes = len(predictor.value_lut()) - 1
+    check_memory(src, window, batch_size, classes, input_uri)
+    grid = WindowGrid(src.height, src.width, window, max(1, window - overlap_px), batch_size)
+    blend_1d = weight_window(window, overlap_px, params.blend)
+    return grid, np.outer(blend_1d, blend_1d)
+
+
+def _polygonize(map_uri: str, vector_uri: str) -> None:
+    from specdeepmap.vectorize import polygonize
+
+    polygonize(map_uri, vector_uri)
+
+
+def _ready(predictor: Predictor, params: MapParams, src) -> tuple[Predictor, MapParams, float]:
+    """The network as the mapper runs it on ``src`` (:func:`prepare_predictor`), the
+    parameters it runs with (a quantized network takes plain NCHW input) and the seconds
+    its preparation took.
+    """
+    started = time.perf_counter()
+    predictor = prepare_predictor(predictor, params, lambda: calibration_windows(src, 128))
+    if params.precision == "int8":
+        params = params.model_copy(update={"channels_last": False})
+    return predictor, params, time.perf_counter() - started
+
+
+def _open_ground_truth(stack: contextlib.ExitStack, gt_uri: str | None, src, input_uri: str):
+    """The ground-truth raster, open, on the input's grid (refused otherwise); None."""
+    if gt_uri is None:
+        return None
+    gt = stack.enter_context(storage.open_raster(gt_uri))
+    if (gt.width, gt.height) != (src.width, src.height):
+        raise InputMismatchError(
+            f"Ground truth {gt_uri} is {gt.width} x {gt.height}, "
+            f"the input {input_uri} {src.width} x {src.height}"
+        )
+    return gt
+
+
+def _report(
+    outputs: MapOutputs,
+    streamed: Streamed,
+    grid: WindowGrid,
+    predictor: Predictor,
+    quality: SceneQuality,
+    input_uri: str,
+    scored: bool,
+) -> MapReport:
+    """The map's report: its drift verdict written to the quality JSON beside it, and with
+    ground truth its IoU (SpecDeepMap's CSV and a ``*_metrics.csv`` beside it when asked).
+    """
+    if streamed.classified == 0:
         warnings.warn(
-            f"{input_uri}: every pixel is nodata (or NaN): the map {output_uri} holds no class",
-            stacklevel=2,
+            f"{input_uri}: every pixel is nodata (or NaN): the map {outputs.classes} holds "
+            "no class",
+            stacklevel=3,
         )
     verdict = quality.verdict(predictor.config)
-    quality_uri = write_quality(map_base(output_uri) + QUALITY_SUFFIX, quality.summary(verdict))
+    quality_uri = write_quality(
+        map_base(outputs.classes) + QUALITY_SUFFIX, quality.summary(verdict)
+    )
     if verdict.suspect:
         log.warning("%s: %s", input_uri, verdict.sentence())
-    result = MapReport(
-        output_uri=output_uri,
-        windows=report["windows"],
-        pixels_processed=report["pixels"],
+    report = MapReport(
+        output_uri=outputs.classes,
+        windows=streamed.windows,
+        pixels_processed=streamed.pixels,
         seconds=0.0,
-        confidence_uri=confidence_uri,
-        window=window,
-        batch_size=batch_size,
-        setup_seconds=setup_seconds,
+        confidence_uri=outputs.confidence,
+        window=grid.window,
+        batch_size=grid.batch_size,
         verdict=verdict,
         quality_uri=quality_uri,
         masked_share=quality.masked_share,
         guard_seconds=quality.seconds,
         mask_read_seconds=quality.reader_seconds,
     )
-    if gt_uri is not None:
-        metrics = metrics_from_matrix(matrix, [int(v) for v in values])
-        result.mean_iou = metrics.mean_iou
-        if iou_csv_uri:
+    if scored:
+        values = [int(v) for v in predictor.value_lut()[1:]]
+        metrics = metrics_from_matrix(streamed.matrix, values)
+        report.mean_iou = metrics.mean_iou
+        if outputs.iou_csv:
             names = predictor.classes
             write_iou_csv(
-                iou_csv_uri,
+                outputs.iou_csv,
                 metrics.class_values,
                 metrics.iou,
                 [names.name(v) for v in metrics.class_values] if names.named else None,
             )
-            base = iou_csv_uri[:-4] if iou_csv_uri.endswith(".csv") else iou_csv_uri
+            base = outputs.iou_csv.removesuffix(".csv")
             storage.write_text(base + "_metrics.csv", metrics.table().to_csv(index=False))
-            result.iou_csv = iou_csv_uri
-    result.seconds = time.perf_counter() - started
-    log.info(
-        "Mapped %s → %s: %d windows in %.1f s",
-        input_uri,
-        output_uri,
-        result.windows,
-        result.seconds,
-    )
-    return result
+            report.iou_csv = outputs.iou_csv
+    return report
 
 
 def load_for_engine(model_uri: str, params: MapParams) -> Predictor:
@@ -543,50 +566,16 @@ def prepare_predictor(
     return predictor
 
 
-def _to_stride(size: int) -> int:
-    """``size`` rounded up to a multiple of 32 px, the encoders' output stride."""
-    return -(-size // 32) * 32
-
-
-def _padded_shape(height: int, width: int, window: int) -> tuple[int, int]:
-    """(rows, cols) of every window: ``window``, or the scene rounded up to 32 px (the
-    encoders' stride) along an axis shorter than a window, which one padded window covers.
+@dataclass
+class Streamed:
+    """What streaming a scene did: windows run, pixels the network processed, pixels
+    given a class, and the confusion matrix against the ground truth (when given).
     """
-    return (
-        window if height > window else _to_stride(height),
-        window if width > window else _to_stride(width),
-    )
 
-
-def _read_span(src, y: int, x0: int, x1: int, rows: int, fill: float) -> np.ndarray:
-    """Input rows [y, y + rows) × columns [x0, x1), padded with ``fill`` beyond the scene."""
-    h = min(rows, src.height - y)
-    w = min(x1, src.width) - x0
-    data = src.read(window=Window(x0, y, w, h))
-    if h < rows or w < x1 - x0:
-        data = np.pad(data, ((0, 0), (0, rows - h), (0, x1 - x0 - w)), constant_values=fill)
-    return data
-
-
-def _calibration_windows(src, size: int, count: int = 8) -> list[np.ndarray]:
-    """Up to ``count`` ``size``² crops spread evenly over the scene, for int8 calibration.
-
-    Activation ranges are per tensor, so small crops from across the scene calibrate as well as
-    whole windows at a fraction of the cost (observers are slow): on the demo model eight 128²
-    crops change the class of 0.029 % of pixels against fp32, as eight 256² crops do, at a third
-    of the setup time. Much smaller crops leave the deepest layers only a few pixels to observe
-    (32² crops: 41 % of classes kept).
-    """
-    size = min(size, src.height, src.width)
-    ys = np.linspace(0, src.height - size, math.ceil(math.sqrt(count))).round().astype(int)
-    xs = np.linspace(0, src.width - size, math.ceil(count / len(ys))).round().astype(int)
-    pad = _to_stride(size)
-    fill = src.nodata if src.nodata is not None else 0
-    return [
-        _read_span(src, int(y), int(x), int(x) + pad, pad, fill)[None]
-        for y in np.unique(ys)
-        for x in np.unique(xs)
-    ][:count]
+    windows: int
+    matrix: np.ndarray
+    pixels: int = 0
+    classified: int = 0
 
 
 def _stream(
@@ -594,62 +583,109 @@ def _stream(
     gt,
     predictor: Predictor,
     params: MapParams,
-    window: int,
-    stride: int,
-    batch_size: int,
+    grid: WindowGrid,
     blend: np.ndarray,
-    values: np.ndarray,
-    dtype: str,
-    input_uri: str,
-    model_uri: str,
-    output_uri: str,
-    extras: dict[str, str | None],
+    outputs: MapOutputs,
     quality: SceneQuality,
-) -> dict:
-    """The streaming loop; writes temporary tiled GeoTIFFs, then the final COGs.
+    tags: dict[str, str],
+) -> Streamed:
+    """The streaming loop: read a batch of windows (the next one in a background thread
+    while the network runs), blend its probabilities, finish and write the pixels it
+    finalises; then the final COGs.
 
-    Memory: the only float buffer that spans the scene is the carry band (classes × overlap
-    rows × scene width): what a row of windows adds to the rows it shares with the next row.
-    Input is read one batch of windows at a time (the next batch in a background thread while
-    the model runs); pixels are finalised (blend, argmax, nodata) one batch's columns at a
-    time, as soon as no later window touches them, and written straight away (GDAL's block
-    cache completes the blocks two batches share).
+    Memory: the only float buffer that spans the scene is the blender's carry band (classes
+    × overlap rows × scene width, :mod:`specdeepmap.blending`); GDAL's block cache completes
+    the blocks two batches share.
 
-    ``extras`` may name a ``confidence`` (top-class probability) and a ``probabilities``
-    (one band per class) output; both are uint8, probability × 255. ``quality`` masks the
-    finished pixels and counts what the scene's verdict needs.
+    Class values above 255 make the map uint16, else uint8. ``outputs`` may name a
+    ``confidence`` (top-class probability) and a ``probabilities`` (one band per class)
+    output. ``quality`` masks the finished pixels and counts what the scene's verdict needs.
     """
-    height, width = src.height, src.width
-    ys = window_starts(height, window, stride)
-    xs = window_starts(width, window, stride)
-    pad_h, pad_w = _padded_shape(height, width, window)
-    weights = blend[:pad_h, :pad_w]
-    k = len(values)
-    nodata = src.nodata
-    fill = nodata if nodata is not None else 0
+    values = predictor.value_lut()[1:]
+    dtype = "uint8" if values.max() < 256 else "uint16"
     class_values = [int(v) for v in values]
-    classes_schema = predictor.classes
-    legend_values = class_values
-    if quality.mask is not None:  # the masked pixels' value in every legend
-        classes_schema = with_masked(classes_schema, quality.masked_value, quality.mask.label)
-        legend_values = [*class_values, quality.masked_value]
+    schema, legend_values = legend(predictor, quality)
+    extras = outputs.extras()
+    blender = Blender(grid, len(values), blend)
+    reader = BatchReader(src, grid, quality.read_mask)
+    streamed = Streamed(grid.windows, np.zeros((len(values), len(values)), dtype=np.int64))
     staging = tempfile.mkdtemp(prefix="specdeepmap-map-")
-    matrix = np.zeros((k, k), dtype=np.int64)
-    pixels = classified = 0
-    profile = dict(
-        driver="GTiff",
-        width=width,
-        height=height,
-        count=1,
-        dtype=dtype,
-        crs=src.crs,
-        transform=src.transform,
-        nodata=0,
-        tiled=True,
-        blockxsize=256,
-        blockysize=256,
-    )
-    tags = {
+    try:
+        with (
+            MapWriter(src, staging, dtype, len(values), list(extras)) as writer,
+            ThreadPoolExecutor(1) as pool,
+        ):
+            future = pool.submit(reader.read, *grid.jobs[0])
+            for j, (r, b) in enumerate(grid.jobs):
+                batch = future.result()
+                if j + 1 < len(grid.jobs):
+                    future = pool.submit(reader.read, *grid.jobs[j + 1])
+                blender.start(r, b)
+                probabilities = predictor.probabilities(
+                    batch.windows,
+                    autocast=params.precision == "bf16",
+                    channels_last=params.channels_last,
+                    tta=params.tta,
+                ).cpu()
+                streamed.pixels += probabilities.shape[0] * grid.pad_h * grid.pad_w
+                blender.add(b, probabilities)
+                sums = blender.finish(b)
+                c0, c1 = grid.final_columns(b)
+                window = Window(c0, grid.ys[r], c1 - c0, sums.shape[1])
+                classes, masked = _finish_pixels(sums, batch, values, dtype, quality)
+                writer.write(window, classes, sums, masked)
+                streamed.classified += int(np.count_nonzero(classes))
+                if gt is not None:  # masked pixels are not scored
+                    scored = classes if masked is None else np.where(masked, 0, classes)
+                    truth = gt.read(1, window=window).astype(np.int64)
+                    accumulate(streamed.matrix, truth, scored.astype(np.int64), class_values)
+            writer.label(tags, schema, legend_values, class_values)
+        # class names beside the map (written first: the map's presence means complete)
+        storage.write_text(outputs.classes + ".aux.xml", pam_xml(schema, legend_values))
+        storage.write_text(map_base(outputs.classes) + ".qml", qml(schema, legend_values))
+        finish_cog(writer.path("classes"), outputs.classes, staging, "mode")
+        for name, uri in extras.items():
+            finish_cog(writer.path(name), uri, staging, "average")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return streamed
+
+
+def _finish_pixels(
+    sums: np.ndarray, batch: Batch, values: np.ndarray, dtype: str, quality: SceneQuality
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The classes of finished pixels (the weight sum is the same for every class: the argmax
+    needs no division), 0 where the input has no data, and the quality mask over them.
+    """
+    rows, cols = sums.shape[1:]
+    classes = values[sums[:-1].argmax(axis=0)].astype(dtype)
+    if batch.nodata is not None:
+        classes[batch.nodata[:rows, :cols]] = 0
+    flagged = batch.flagged[:rows, :cols] if batch.flagged is not None else None
+    masked = quality.finish(classes, batch.span[:, :rows, :cols], flagged, sums)
+    return classes, masked
+
+
+def legend(predictor: Predictor, quality: SceneQuality) -> tuple[ClassSchema, list[int]]:
+    """The map's classes and the values its legend lists: the model's, and the masked
+    pixels' reserved value when the scene has a mask.
+    """
+    values = [int(v) for v in predictor.value_lut()[1:]]
+    if quality.mask is None:
+        return predictor.classes, values
+    schema = with_masked(predictor.classes, quality.masked_value, quality.mask.label)
+    return schema, [*values, quality.masked_value]
+
+
+def map_tags(
+    predictor: Predictor, params: MapParams, model_uri: str, input_uri: str, quality: SceneQuality
+) -> dict[str, str]:
+    """The lineage tags every output of a map carries: model, run, version, input,
+    software, classes, precision, the masked pixels' value.
+    """
+    schema, legend_values = legend(predictor, quality)
+    class_values = legend_values[: len(predictor.value_lut()) - 1]
+    return {
         "SPECDEEPMAP_MODEL": model_uri,
         "SPECDEEPMAP_MODEL_RUN_ID": str(predictor.config.get("run_id", "")),
         # the registered model version when mapped with models:/NAME/VERSION, and the
@@ -661,172 +697,10 @@ def _stream(
         "SPECDEEPMAP_INPUT": input_uri,
         "SPECDEEPMAP_SOFTWARE": f"specdeepmap {__version__}",
         "SPECDEEPMAP_CLASS_VALUES": ",".join(str(v) for v in class_values),
-        "SPECDEEPMAP_CLASS_NAMES": json.dumps({v: classes_schema.name(v) for v in class_values}),
+        "SPECDEEPMAP_CLASS_NAMES": json.dumps({v: schema.name(v) for v in class_values}),
         "SPECDEEPMAP_PRECISION": params.precision,
         "SPECDEEPMAP_MASKED_VALUE": str(quality.masked_value) if quality.mask else "",
     }
-    # every forward pass: (window row, its first window's index in xs)
-    jobs = [(r, b) for r in range(len(ys)) for b in range(0, len(xs), batch_size)]
-
-    def read_batch(r: int, b: int) -> tuple:
-        """The batch's windows (N, C, rows, cols), its span (C, rows, cols), the span's
-        nodata mask and its quality mask (True: masked; None without).
-        """
-        x0 = xs[b]
-        batch_x = xs[b : b + batch_size]
-        span = _read_span(src, ys[r], x0, batch_x[-1] + pad_w, pad_h, fill)
-        mask = np.all(span == nodata, axis=0) if nodata is not None else None
-        if np.issubdtype(span.dtype, np.floating):
-            # NaN or ±inf in any band: no data (a NaN nodata never equals itself), and
-            # zeroed so that no NaN reaches the network
-            broken = ~np.isfinite(span).all(axis=0)
-            if broken.any():
-                span[:, broken] = 0
-                mask = broken if mask is None else mask | broken
-        windows = np.stack([span[:, :, x - x0 : x - x0 + pad_w] for x in batch_x])
-        return windows, span, mask, quality.read_mask(ys[r], x0, batch_x[-1] + pad_w, pad_h)
-
-    extras = {name: uri for name, uri in extras.items() if uri}
-    bands = {"confidence": 1, "probabilities": k}
-    try:
-        class_tmp = os.path.join(staging, "classes.tif")
-        with contextlib.ExitStack() as stack:
-            out = stack.enter_context(rasterio.open(class_tmp, "w", **profile))
-            extra_out = {
-                name: stack.enter_context(
-                    rasterio.open(
-                        os.path.join(staging, f"{name}.tif"),
-                        "w",
-                        **{**profile, "dtype": "uint8", "count": bands[name]},
-                    )
-                )
-                for name in extras
-            }
-            reader = stack.enter_context(ThreadPoolExecutor(1))
-            # Channel k of each buffer holds the blending weight sum. ``carry``: what earlier
-            # rows of windows added to the rows the next row of windows shares with them
-            # (overlap × scene width); ``work``: the current batch's columns (constant size).
-            gaps = [b - a for a, b in zip(ys, ys[1:], strict=False)] or [pad_h]
-            carry = np.zeros((k + 1, max(0, pad_h - min(gaps)), max(width, pad_w)), np.float32)
-            spans = [
-                xs[min(b + batch_size, len(xs)) - 1] - xs[b] + pad_w
-                for b in range(0, len(xs), batch_size)
-            ]
-            work = np.zeros((k + 1, pad_h, max(spans)), np.float32)
-            work_t = torch.from_numpy(work)  # a view: torch's element-wise ops use every core
-            weights_t = torch.from_numpy(np.ascontiguousarray(weights))
-            future = reader.submit(read_batch, *jobs[0])
-            for j, (r, b) in enumerate(jobs):
-                y = ys[r]
-                batch, span, mask, flagged = future.result()
-                if j + 1 < len(jobs):
-                    future = reader.submit(read_batch, *jobs[j + 1])
-                batch_x = xs[b : b + batch_size]
-                c0 = batch_x[0]
-                if b == 0:  # a new row of windows
-                    # rows [y, next y) are final once this row is done; the rows below them
-                    # are shared with the next row and carried over to it
-                    rows = (ys[r + 1] if r + 1 < len(ys) else min(height, y + pad_h)) - y
-                    carried_in = ys[r - 1] + pad_h - y if r else 0
-                    carry_out = pad_h - rows if r + 1 < len(ys) else 0
-                    work[:] = 0
-                    work_x = pulled = 0
-                else:  # drop the finalised columns left of this batch
-                    keep = pulled - c0
-                    work[:, :, :keep] = work[:, :, c0 - work_x : pulled - work_x].copy()
-                    work[:, :, keep:] = 0
-                    work_x = c0
-                end = batch_x[-1] + pad_w
-                if carried_in and end > pulled:  # what earlier rows added to these columns
-                    work[:, :carried_in, pulled - work_x : end - work_x] += carry[
-                        :, :carried_in, pulled:end
-                    ]
-                pulled = max(pulled, end)
-                probs = predictor.probabilities(
-                    batch,
-                    autocast=params.precision == "bf16",
-                    channels_last=params.channels_last,
-                    tta=params.tta,
-                ).cpu()
-                pixels += probs.shape[0] * pad_h * pad_w
-                for i, x in enumerate(batch_x):
-                    region = work_t[:, :, x - work_x : x - work_x + pad_w]
-                    region[:k].addcmul_(probs[i], weights_t)
-                    region[k].add_(weights_t)
-                # columns [this batch's first window, the next batch's) are final: no later
-                # window of this row touches them
-                c1 = xs[b + batch_size] if b + batch_size < len(xs) else width
-                done = work[:, :, : c1 - c0]
-                if carry_out:
-                    carry[:, :carry_out, c0:c1] = done[:, rows:]
-                # the weight sum is the same for every class: the argmax needs no division
-                classes = values[done[:k, :rows].argmax(axis=0)].astype(dtype)
-                if mask is not None:
-                    classes[mask[:rows, : c1 - c0]] = 0
-                masked = quality.finish(
-                    classes,
-                    span[:, :rows, : c1 - c0],
-                    flagged[:rows, : c1 - c0] if flagged is not None else None,
-                    done[:, :rows],
-                )
-                final_window = Window(c0, y, c1 - c0, rows)
-                out.write(classes[None], window=final_window)
-                classified += int(np.count_nonzero(classes))
-                if extra_out:
-                    final = done[:k, :rows] / done[k, :rows]
-                    scaled = {
-                        "confidence": final.max(axis=0, keepdims=True),
-                        "probabilities": final,
-                    }
-                for name, dst in extra_out.items():
-                    data = np.round(scaled[name] * 255).astype(np.uint8)
-                    data[:, (classes == 0) if masked is None else (classes == 0) | masked] = 0
-                    dst.write(data, window=final_window)
-                if gt is not None:
-                    truth = gt.read(1, window=final_window)
-                    scored = (classes if masked is None else np.where(masked, 0, classes)).astype(
-                        np.int64
-                    )  # masked pixels are not scored
-                    accumulate(matrix, truth.astype(np.int64), scored, class_values)
-            out.update_tags(**tags)
-            out.write_colormap(1, classes_schema.colormap(legend_values))
-            for dst in extra_out.values():
-                dst.update_tags(**tags)
-            if "probabilities" in extra_out:
-                for band, value in enumerate(class_values, start=1):
-                    extra_out["probabilities"].set_band_description(
-                        band, classes_schema.name(value)
-                    )
-        # class names beside the map (written first: the map's presence means complete)
-        storage.write_text(output_uri + ".aux.xml", pam_xml(classes_schema, legend_values))
-        storage.write_text(map_base(output_uri) + ".qml", qml(classes_schema, legend_values))
-        _finish_cog(class_tmp, output_uri, staging, "mode")
-        for name, uri in extras.items():
-            _finish_cog(os.path.join(staging, f"{name}.tif"), uri, staging, "average")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {
-        "windows": len(xs) * len(ys),
-        "pixels": pixels,
-        "matrix": matrix,
-        "classified": classified,
-    }
-
-
-def _finish_cog(tmp: str, uri: str, staging: str, resampling: str) -> None:
-    """Copy a finished GeoTIFF to a COG (DEFLATE, overviews) and move/upload it into place."""
-    cog = os.path.join(staging, f"cog-{os.path.basename(tmp)}")
-    with storage.gdal_env():
-        rasterio.shutil.copy(
-            tmp,
-            cog,
-            driver="COG",
-            compress="DEFLATE",
-            overview_resampling=resampling,
-            blocksize=256,
-            num_threads="ALL_CPUS",
-        )
-    storage.upload(cog, uri)
 
 
 def map_base(uri: str) -> str:

@@ -13,8 +13,9 @@ from specdeepmap import registry, storage
 from specdeepmap.baseline import summary_metrics
 from specdeepmap.chipping import ChipReport, chip_scene
 from specdeepmap.comparison import Difference
-from specdeepmap.evaluation import evaluate_model, never_predicted
+from specdeepmap.evaluation import evaluate_model
 from specdeepmap.leakage import Leakage
+from specdeepmap.metrics import never_predicted
 from specdeepmap.model_card import escape_md, publish_model_card
 from specdeepmap.monitoring import log_scenes
 from specdeepmap.params import ChipParams, MapParams, SplitParams
@@ -123,13 +124,15 @@ def train_task(config: TrainConfig) -> TrainResult:
                 f"{result.val_epoch_median:.4f}",
             )
         )
-    if "members' best validation IoU" in result.training:  # an ensemble
-        rows.append(("members' best val IoU", result.training["members' best validation IoU"]))
-    if "validation IoU of the ensemble distilled" in result.training:
+    if result.member_val_ious:  # an ensemble
+        rows.append(
+            ("members' best val IoU", ", ".join(f"{v:.4f}" for v in result.member_val_ious))
+        )
+    if result.distilled_from_val_iou is not None:
         rows.append(
             (
                 "val IoU of the ensemble it was distilled from",
-                f"{result.training['validation IoU of the ensemble distilled']:.4f}",
+                f"{result.distilled_from_val_iou:.4f}",
             )
         )
     if result.baseline_mean_iou("validation") is not None:
@@ -343,7 +346,7 @@ def model_card_task(
         result.model_file,
         dataset,
         scores,
-        result.training,
+        result.card_table(),
         evaluation_uri,
         storage.join(dataset, "test_files.csv"),
         others=others,

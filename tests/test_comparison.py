@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from specdeepmap.comparison import Difference, paired_bootstrap, pooled_mean_iou
+from specdeepmap.comparison import Difference, paired_bootstrap
 from specdeepmap.errors import InputMismatchError
-from specdeepmap.evaluation import accumulate, metrics_from_matrix
+from specdeepmap.metrics import accumulate, mean_iou, metrics_from_matrix
 
 CLASSES = [1, 2, 3]
 
@@ -39,7 +39,7 @@ def test_pooled_mean_iou_equals_the_testers_mean_iou():
     stack = rng.integers(0, 50, (5, 4, 4))
     stack[0, 2, :] = stack[0, :, 2] = 0  # a class absent from truth and prediction
     expected = [metrics_from_matrix(m, [1, 2, 3, 4]).mean_iou for m in stack]
-    assert pooled_mean_iou(stack) == pytest.approx(expected)
+    assert mean_iou(stack) == pytest.approx(expected)
 
 
 def test_a_model_better_on_every_chip_is_called_better(truths):

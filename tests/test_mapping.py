@@ -13,9 +13,10 @@ import torch
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import export_model_file, load_model
-from specdeepmap.mapping import map_scene, weight_window, window_starts
+from specdeepmap.mapping import map_scene
 from specdeepmap.models import ModelSpec, build_model
 from specdeepmap.params import MapParams
+from specdeepmap.windows import weight_window, window_starts
 from tests.conftest import write_raster
 
 
@@ -182,7 +183,7 @@ def test_streamed_blend_equals_whole_scene_blend(
     nothing a window adds is lost between batches or between rows of windows.
     """
     from specdeepmap import inference
-    from specdeepmap.mapping import weight_window
+    from specdeepmap.windows import weight_window
 
     _, result = trained
     monkeypatch.setattr(inference.Predictor, "probabilities", _contextual)

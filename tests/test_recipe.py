@@ -272,7 +272,7 @@ def test_the_default_learning_rate_follows_the_batch_size(trained):
     config, result = trained  # batch size 8, no lr
     run = mlflow.MlflowClient(tracking_uri=config.tracking_uri).get_run(result.run_id)
     assert float(run.data.params["learning_rate"]) == pytest.approx(2e-3)
-    assert result.training["lr"].startswith("0.002 (0.001 x sqrt(batch size / 2))")
+    assert result.card_table()["lr"].startswith("0.002 (0.001 x sqrt(batch size / 2))")
 
 
 def test_the_model_card_names_the_forest(trained):
@@ -460,7 +460,8 @@ def test_training_starts_the_front_end_on_the_principal_axes_by_default(dataset,
     from specdeepmap.training import TrainConfig, prepare
 
     cfg = TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "run"), device="cpu")
-    _, model, _, _, train_set, _ = prepare(cfg)
+    prepared = prepare(cfg)
+    model, train_set = prepared.model, prepared.train_set
     axes = principal_axes(train_set, 64, seed=cfg.seed)
 
     def cosine(net) -> float:
@@ -470,7 +471,7 @@ def test_training_starts_the_front_end_on_the_principal_axes_by_default(dataset,
         )
 
     assert cosine(model) > 0.999
-    assert cosine(prepare(cfg.model_copy(update={"spectral_init": "random"}))[1]) < 0.99
+    assert cosine(prepare(cfg.model_copy(update={"spectral_init": "random"})).model) < 0.99
 
 
 def test_pseudo_labels_fill_only_unlabelled_pixels_the_forest_is_sure_of(tmp_path):
@@ -691,7 +692,8 @@ def test_training_an_ensemble_writes_one_model_of_its_members(dataset, tmp_path)
     assert "val_iou" in metrics and "member1-val_iou" in metrics
     assert len(client.get_metric_history(result.run_id, "member_best_val_iou")) == 2
     assert client.get_run(result.run_id).data.params["ensemble"] == "2"
-    assert len(result.training["members' best validation IoU"].split(", ")) == 2  # model card
+    assert len(result.member_val_ious) == 2
+    assert len(result.card_table()["members' best validation IoU"].split(", ")) == 2
     with pytest.raises(InvalidParameterError, match="ensemble"):
         train(
             TrainConfig(
@@ -765,6 +767,7 @@ def test_distilling_an_ensemble_writes_one_network(dataset, tmp_path):
     metrics = mlflow.MlflowClient(uri).get_run(result.run_id).data.metrics
     assert {"student-val_iou", "ensemble_val_iou", "member1-val_iou"} <= set(metrics)
     assert result.best_val_iou == pytest.approx(metrics["best_val_iou"])
-    assert "validation IoU of the ensemble distilled" in result.training
+    assert result.distilled_from_val_iou is not None
+    assert "validation IoU of the ensemble distilled" in result.card_table()
     with pytest.raises(InvalidParameterError, match="distill"):
         TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "x"), distill=True)

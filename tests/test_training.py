@@ -14,8 +14,9 @@ from specdeepmap.errors import (
     MissingInputError,
     UnsafeModelFileError,
 )
-from specdeepmap.evaluation import accumulate, evaluate_model, metrics_from_matrix
+from specdeepmap.evaluation import evaluate_model
 from specdeepmap.inference import load_model, read_model_file
+from specdeepmap.metrics import accumulate, metrics_from_matrix
 from specdeepmap.models import ModelSpec, build_model, canonical_architecture, load_encoder_weights
 from specdeepmap.params import EvaluateParams
 from specdeepmap.training import TrainConfig, train
@@ -473,7 +474,8 @@ def test_a_registered_model_whose_files_are_gone_says_so(tmp_path):
 
 
 def test_a_class_never_predicted_has_precision_zero_and_is_named():
-    from specdeepmap.evaluation import metric_name, never_predicted
+    from specdeepmap.evaluation import metric_name
+    from specdeepmap.metrics import never_predicted
 
     # truth rows, prediction columns: class 2 occurs 5 times and is never predicted; class 3
     # neither occurs nor is predicted
