@@ -53,6 +53,7 @@ import textwrap
 
 CHILD = textwrap.dedent("""
     import json, math, sys, time
+    import specdeepmap; specdeepmap.hide_triton_without_gpu()  # as the entry points do
     import numpy as np, rasterio
     from rasterio.windows import Window
     from specdeepmap.inference import load_model

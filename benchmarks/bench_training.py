@@ -10,7 +10,7 @@ normalisation and augmentation). Prints samples/s of
 
 for each number of loader workers, and the ratio together / model (goal ≥ 0.9).
 
-Usage: python benchmarks/bench_training.py [--device cpu] [--batch-size 8] [--steps 12]
+Usage: python benchmarks/bench_training.py [--device cpu] [--batch-size 8] [--steps 12] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -59,6 +59,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="Rounds; each measures the model alone (the baseline) and then every loader "
+        "setting, so both are repeated alike; medians (range) are printed.",
+    )
     args = parser.parse_args()
     from specdeepmap.inference import resolve_device
     from specdeepmap.models import ModelSpec, build_model
@@ -85,47 +92,44 @@ def main() -> None:
     x0, y0 = next(iter(DataLoader(dataset, batch_size=bs)))
     step(x0, y0)
     sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(x0, y0)
-    sync()
-    model_rate = steps * bs / (time.perf_counter() - start)
 
-    rows = []
-    for workers in args.workers:
+    def model_alone() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(x0, y0)
+        sync()
+        return steps * bs / (time.perf_counter() - start)
 
-        def loader(workers: int = workers) -> DataLoader:
-            return DataLoader(
-                dataset,
-                batch_size=bs,
-                shuffle=True,
-                num_workers=workers,
-                drop_last=True,
-                pin_memory=device.type == "cuda",
-                persistent_workers=workers > 0,
-            )
+    def loader(workers: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=bs,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0,
+        )
 
-        it = loader()
+    def rate(workers: int, train: bool) -> float:
         start = time.perf_counter()
         n = 0
         while n < steps:
-            for _ in it:
-                n += 1
-                if n == steps:
-                    break
-        loader_rate = steps * bs / (time.perf_counter() - start)
-        it = loader()
-        start = time.perf_counter()
-        n = 0
-        while n < steps:
-            for x, y in it:
-                step(x, y)
+            for x, y in loader(workers):
+                if train:
+                    step(x, y)
                 n += 1
                 if n == steps:
                     break
         sync()
-        together = steps * bs / (time.perf_counter() - start)
-        rows.append((workers, loader_rate, together))
+        return steps * bs / (time.perf_counter() - start)
+
+    model_rates, loader_rates, together_rates = [], {w: [] for w in args.workers}, {}
+    for _ in range(args.repeats):
+        model_rates.append(model_alone())
+        for workers in args.workers:
+            loader_rates[workers].append(rate(workers, train=False))
+            together_rates.setdefault(workers, []).append(rate(workers, train=True))
 
     print(
         f"\nTraining throughput, U-Net/ResNet-18, 13 bands, 224², batch {bs}, device {device}, "
@@ -135,11 +139,20 @@ def main() -> None:
         "loader workers | loader samples/s | model samples/s | together samples/s | together/model"
     )
     print("--- | --- | --- | --- | ---")
-    for workers, loader_rate, together in rows:
+    model_rate = float(np.median(model_rates))
+    for workers in args.workers:
+        together = float(np.median(together_rates[workers]))
+        ratios = [t / m for t, m in zip(together_rates[workers], model_rates, strict=True)]
         print(
-            f"{workers} | {loader_rate:.1f} | {model_rate:.1f} | {together:.1f} | "
-            f"{together / model_rate:.2f}"
+            f"{workers} | {_spread(loader_rates[workers])} | {_spread(model_rates)} | "
+            f"{_spread(together_rates[workers])} | {together / model_rate:.2f} "
+            f"({min(ratios):.2f}–{max(ratios):.2f})"
         )
+    print(f"medians (range) of {args.repeats} rounds; the ratio's range is per round")
+
+
+def _spread(values: list[float]) -> str:
+    return f"{np.median(values):.1f} ({min(values):.1f}–{max(values):.1f})"
 
 
 if __name__ == "__main__":

@@ -326,41 +326,12 @@ def training_pipeline(
         metrics["baseline_rf_difference"],
         metrics["split_leakage"],
     )
-    summary = {
-        "model_uri": result.model_uri,
-        "version": result.model_version,
-        "alias": promoted["alias"],
-        "promotion": promotion,
-        "run_id": result.run_id,
-        "best_val_iou": result.best_val_iou,
-        "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"),
-        "champion_version": champion["version"],
-        "champion_test_mean_iou_same_chips": champion["mean_iou"],
-        "champion_difference": champion.get("difference"),
-        **metrics,
-    }
+    summary = pipeline_summary(result, promoted, promotion, champion, metrics)
     links = review_links(result, evaluation_uri)
     if promotion == "approval":
-        # the decision on one screen: the card and the version's description hold the
-        # figures before the run waits for the reviewer
-        model_card_task(
-            params.model_name,
-            result,
-            chips_uri,
-            evaluation_uri,
-            summary,
-            f"waiting for a reviewer; the rule says: {promoted['reason']}",
+        promoted |= ask_reviewer(
+            params, result, chips_uri, evaluation_uri, summary, promoted, links
         )
-        review = review_flow(
-            params.model_name,
-            result.model_version,
-            promoted["reason"],
-            promoted["comparison"],
-            params.review_timeout_hours,
-            links,
-            result.run_id,
-        )
-        promoted |= {"alias": review["alias"], "reason": f"reviewed: {review}"}
         summary["alias"] = promoted["alias"]
     model_card_task(
         params.model_name, result, chips_uri, evaluation_uri, summary, promoted["reason"]
@@ -378,6 +349,57 @@ def training_pipeline(
         metrics["test_mean_iou"],
     )
     return summary
+
+
+def pipeline_summary(
+    result: TrainResult, promoted: dict, promotion: str, champion: dict, metrics: dict
+) -> dict:
+    """The run's figures as the flow returns them and its artifact lists them."""
+    return {
+        "model_uri": result.model_uri,
+        "version": result.model_version,
+        "alias": promoted["alias"],
+        "promotion": promotion,
+        "run_id": result.run_id,
+        "best_val_iou": result.best_val_iou,
+        "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"),
+        "champion_version": champion["version"],
+        "champion_test_mean_iou_same_chips": champion["mean_iou"],
+        "champion_difference": champion.get("difference"),
+        **metrics,
+    }
+
+
+def ask_reviewer(
+    params: TrainingPipelineParams,
+    result: TrainResult,
+    chips_uri: str,
+    evaluation_uri: str,
+    summary: dict,
+    promoted: dict,
+    links: str,
+) -> dict:
+    """The decision on one screen: the card and the version's description hold the figures
+    before the run waits for the reviewer; returns the alias and reason they chose.
+    """
+    model_card_task(
+        params.model_name,
+        result,
+        chips_uri,
+        evaluation_uri,
+        summary,
+        f"waiting for a reviewer; the rule says: {promoted['reason']}",
+    )
+    review = review_flow(
+        params.model_name,
+        result.model_version,
+        promoted["reason"],
+        promoted["comparison"],
+        params.review_timeout_hours,
+        links,
+        result.run_id,
+    )
+    return {"alias": review["alias"], "reason": f"reviewed: {review}"}
 
 
 def review_links(result: TrainResult, evaluation_uri: str) -> str:

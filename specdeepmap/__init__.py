@@ -25,6 +25,9 @@ def hide_triton_without_gpu() -> bool:
     nothing (torch compiles CPU code without it). Hidden, a mapping process peaks ~70 MB
     lower (``docs/benchmarks.md``). It is left alone where a GPU device file exists, where it
     is already imported, and when ``SPECDEEPMAP_HIDE_TRITON=0``.
+
+    A library does not change what its users can import: the entry points call this (the
+    command line, the Prefect flows and tasks, the benchmarks), before torch is imported.
     """
     if os.environ.get("SPECDEEPMAP_HIDE_TRITON", "1") == "0" or "triton" in sys.modules:
         return False
@@ -37,6 +40,3 @@ def hide_triton_without_gpu() -> bool:
         lambda record: "triton not found" not in record.getMessage()
     )
     return True
-
-
-hide_triton_without_gpu()

@@ -32,6 +32,13 @@ class SplitQuality:
     js_divergence: float  #: largest Jensen-Shannon divergence between two sets (bits)
     min_share_ok: bool  #: every set holds at least ``min_share`` of every class's pixels
 
+    def sentence(self) -> str:
+        """The two figures as the split's log states them."""
+        return (
+            f"largest class-share gap {self.max_share_gap_pp:.2f} pp, "
+            f"Jensen-Shannon divergence {self.js_divergence:.2e}"
+        )
+
 
 def set_counts(n_items: int, fractions: tuple[float, ...]) -> list[int]:
     """Chips per set as SpecDeepMap computes them: ceil for test/validation, the rest for train.
@@ -183,15 +190,7 @@ def _search(
     scored = np.array([targets[0] > 0, targets[1] > 0, targets[2] > 0, False])
     objective = _Objective(counts, sizes, targets, scored, min_share)
 
-    # random start: fill the sets in a random item order up to their chip counts
-    order = rng.permutation(n_items)
-    bounds = np.cumsum(targets)
-    assignment = np.searchsorted(bounds, np.cumsum(sizes[order]) - 0.5, side="right")
-    assignment = np.minimum(assignment, 3)
-    result = np.empty(n_items, dtype=np.int64)
-    result[order] = assignment
-    assignment = result
-
+    assignment = _random_start(sizes, targets, rng)
     hist = np.stack([counts[assignment == s].sum(axis=0) for s in range(4)])
     n = np.array([sizes[assignment == s].sum() for s in range(4)])
     set_ids = np.arange(4)
@@ -246,6 +245,15 @@ def _search(
             assignment[j[best]] = sa
         current[[sa, sb]] = objective.loss(hist[[sa, sb]], n[[sa, sb]], np.array([sa, sb]))
     return assignment, float(current.sum()) + (cut.loss() if cut is not None else 0.0)
+
+
+def _random_start(sizes: np.ndarray, targets: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Fill the sets in a random item order up to their chip counts (``targets``)."""
+    order = rng.permutation(len(sizes))
+    assignment = np.searchsorted(np.cumsum(targets), np.cumsum(sizes[order]) - 0.5, side="right")
+    result = np.empty(len(sizes), dtype=np.int64)
+    result[order] = np.minimum(assignment, 3)
+    return result
 
 
 class _Cut:

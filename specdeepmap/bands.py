@@ -116,6 +116,60 @@ def _describe(uri: str) -> BandFile:
         )
 
 
+def _finest_common_grid(bands: list[BandFile]) -> BandFile:
+    """The band with the finest pixels, once every band is checked to share its CRS, its
+    extent (to half a coarse pixel) and the data type.
+    """
+    finest = min(bands, key=lambda b: (b.bounds[2] - b.bounds[0]) / b.width)
+    for band in bands:
+        if band.crs != finest.crs:
+            raise InputMismatchError(
+                f"Band files {finest.uri} and {band.uri} differ in CRS: {finest.crs} vs {band.crs}"
+            )
+        coarse = (band.bounds[2] - band.bounds[0]) / band.width
+        if any(abs(a - b) > coarse / 2 for a, b in zip(band.bounds, finest.bounds, strict=True)):
+            raise InputMismatchError(
+                f"Band files {finest.uri} and {band.uri} cover different "
+                f"extents: {finest.bounds} vs {band.bounds}"
+            )
+    dtypes = {b.dtype for b in bands}
+    if len(dtypes) > 1:
+        raise InputMismatchError(f"Band files differ in data type: {sorted(dtypes)}")
+    return finest
+
+
+def _vrt_band(
+    root, index: int, band: BandFile, name: str, gdal_type: str, resampling: str, grid: tuple
+) -> None:
+    """One band file as a VRT band placed on the finest grid (left, top, res_x, res_y)."""
+    left, top, res_x, res_y = grid
+    element = ET.SubElement(root, "VRTRasterBand", dataType=gdal_type, band=str(index))
+    ET.SubElement(element, "Description").text = name
+    if band.nodata is not None and not math.isnan(band.nodata):
+        ET.SubElement(element, "NoDataValue").text = repr(float(band.nodata))
+    source = ET.SubElement(element, "ComplexSource", resampling=resampling)
+    # absolute: the VRT may be written anywhere (a work folder, a temporary file, S3)
+    ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = (
+        storage.gdal_path(band.uri)
+        if storage.is_s3(band.uri)
+        else os.path.abspath(storage.local_path(band.uri))
+    )
+    ET.SubElement(source, "SourceBand").text = "1"
+    ET.SubElement(
+        source, "SrcRect", xOff="0", yOff="0", xSize=str(band.width), ySize=str(band.height)
+    )
+    ET.SubElement(
+        source,
+        "DstRect",
+        xOff=repr((band.bounds[0] - left) / res_x),
+        yOff=repr((top - band.bounds[3]) / res_y),
+        xSize=repr((band.bounds[2] - band.bounds[0]) / res_x),
+        ySize=repr((band.bounds[3] - band.bounds[1]) / res_y),
+    )
+    if band.nodata is not None and not math.isnan(band.nodata):
+        ET.SubElement(source, "NODATA").text = repr(float(band.nodata))
+
+
 def stack_bands(
     band_uris: list[str],
     vrt_path: str,
@@ -159,24 +213,10 @@ def stack_bands(
     names = names or [b.name for b in bands]
     if len(names) != len(bands) or len(set(names)) != len(names):
         raise InvalidParameterError(f"band names {names} must be unique, one per file")
-    finest = min(bands, key=lambda b: (b.bounds[2] - b.bounds[0]) / b.width)
+    finest = _finest_common_grid(bands)
     left, bottom, right, top = finest.bounds
     res_x = (right - left) / finest.width
     res_y = (top - bottom) / finest.height
-    for band in bands:
-        if band.crs != finest.crs:
-            raise InputMismatchError(
-                f"Band files {finest.uri} and {band.uri} differ in CRS: {finest.crs} vs {band.crs}"
-            )
-        coarse = (band.bounds[2] - band.bounds[0]) / band.width
-        if any(abs(a - b) > coarse / 2 for a, b in zip(band.bounds, finest.bounds, strict=True)):
-            raise InputMismatchError(
-                f"Band files {finest.uri} and {band.uri} cover different "
-                f"extents: {finest.bounds} vs {band.bounds}"
-            )
-    dtypes = {b.dtype for b in bands}
-    if len(dtypes) > 1:
-        raise InputMismatchError(f"Band files differ in data type: {sorted(dtypes)}")
     # GDAL's plain nearest path decodes a JPEG 2000 source again for every row it upsamples
     # (40 s instead of 0.7 s for the shared 13-band scene); "mode", when upsampling, takes the
     # one source pixel under each destination pixel: the same values, read once
@@ -196,31 +236,7 @@ def stack_bands(
         "float64": "Float64",
     }[bands[0].dtype]
     for index, (band, name) in enumerate(zip(bands, names, strict=True), start=1):
-        element = ET.SubElement(root, "VRTRasterBand", dataType=gdal_type, band=str(index))
-        ET.SubElement(element, "Description").text = name
-        if band.nodata is not None and not math.isnan(band.nodata):
-            ET.SubElement(element, "NoDataValue").text = repr(float(band.nodata))
-        source = ET.SubElement(element, "ComplexSource", resampling=gdal_resampling)
-        # absolute: the VRT may be written anywhere (a work folder, a temporary file, S3)
-        ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = (
-            storage.gdal_path(band.uri)
-            if storage.is_s3(band.uri)
-            else os.path.abspath(storage.local_path(band.uri))
-        )
-        ET.SubElement(source, "SourceBand").text = "1"
-        ET.SubElement(
-            source, "SrcRect", xOff="0", yOff="0", xSize=str(band.width), ySize=str(band.height)
-        )
-        ET.SubElement(
-            source,
-            "DstRect",
-            xOff=repr((band.bounds[0] - left) / res_x),
-            yOff=repr((top - band.bounds[3]) / res_y),
-            xSize=repr((band.bounds[2] - band.bounds[0]) / res_x),
-            ySize=repr((band.bounds[3] - band.bounds[1]) / res_y),
-        )
-        if band.nodata is not None and not math.isnan(band.nodata):
-            ET.SubElement(source, "NODATA").text = repr(float(band.nodata))
+        _vrt_band(root, index, band, name, gdal_type, gdal_resampling, (left, top, res_x, res_y))
     ET.indent(root)
     storage.write_text(vrt_path, ET.tostring(root, encoding="unicode") + "\n")
     return vrt_path

@@ -239,45 +239,17 @@ def export_checkpoint(model_uri: str, out_uri: str) -> dict:
         InputMismatchError: the model has parts SpecDeepMap's Trainer does not build (named).
     """
     import lightning
-    from torchvision import transforms
 
     from specdeepmap.inference import load_model
-    from specdeepmap.models import ModelSpec, build_model, canonical_architecture
+    from specdeepmap.models import ModelSpec, canonical_architecture
 
     predictor = load_model(model_uri, "cpu")
     if predictor.model is None:
         raise InputMismatchError(f"{model_uri} is an ONNX file: export its torch model instead")
     spec = ModelSpec.from_config(predictor.config)
     name = SPECDEEPMAP_ARCHITECTURES.get(canonical_architecture(spec.architecture))
-    problems = [
-        what
-        for what, present in (
-            (
-                f"architecture {spec.architecture} (SpecDeepMap builds "
-                + ", ".join(SPECDEEPMAP_ARCHITECTURES.values())
-                + ")",
-                name is None,
-            ),
-            (
-                f"a spectral front-end of {spec.spectral_channels} channels "
-                "(train with --spectral-channels 0)",
-                spec.spectral_channels > 0,
-            ),
-            (
-                f"{spec.encoder_depth} encoder stages (SpecDeepMap's have 5: --encoder-depth 5)",
-                spec.encoder_depth != 5,
-            ),
-            ("group norms (--norm batch)", spec.norm != "batch"),
-        )
-        if present
-    ]
     state = predictor.model.state_dict()
-    if not problems:
-        plain = build_model(
-            ModelSpec(spec.architecture, spec.backbone, spec.in_channels, spec.num_classes)
-        ).state_dict()
-        if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in plain.items()}:
-            problems.append("layers a plain network does not have (an ensemble, a pixel head)")
+    problems = _unexportable(spec, name, state)
     if problems:
         raise InputMismatchError(
             f"{model_uri} cannot be loaded by SpecDeepMap: it has " + "; ".join(problems)
@@ -287,12 +259,7 @@ def export_checkpoint(model_uri: str, out_uri: str) -> dict:
         if f"model.{key}" in state:
             state[f"model.{key}"][0] += BACKGROUND_BIAS
     norm = predictor.normalization
-    preprocess = None
-    if norm.mean is not None and norm.std is not None:
-        mean, std, missing = norm.band_terms(spec.in_channels)
-        preprocess = transforms.Compose(
-            [transforms.Normalize(mean=mean.tolist(), std=np.where(missing, np.inf, std).tolist())]
-        )
+    preprocess = _preprocess(norm, spec.in_channels)
     values = predictor.class_values
     height, width = predictor.tile_size
     hyper = {
@@ -332,6 +299,55 @@ def export_checkpoint(model_uri: str, out_uri: str) -> dict:
     with storage.atomic_output(out_uri) as tmp:
         torch.save(checkpoint, tmp)
     return hyper
+
+
+def _preprocess(norm, bands: int):
+    """Our normalisation as SpecDeepMap's ``preprocess``: a torchvision ``Normalize`` (a band
+    without statistics: mean 0, std infinite, i.e. 0 as ours makes it); None without one.
+    """
+    from torchvision import transforms
+
+    if norm.mean is None or norm.std is None:
+        return None
+    mean, std, missing = norm.band_terms(bands)
+    return transforms.Compose(
+        [transforms.Normalize(mean=mean.tolist(), std=np.where(missing, np.inf, std).tolist())]
+    )
+
+
+def _unexportable(spec, name: str | None, state: dict) -> list[str]:
+    """What a model has that SpecDeepMap's Trainer does not build (empty: exportable)."""
+    from specdeepmap.models import ModelSpec, build_model
+
+    problems = [
+        what
+        for what, present in (
+            (
+                f"architecture {spec.architecture} (SpecDeepMap builds "
+                + ", ".join(SPECDEEPMAP_ARCHITECTURES.values())
+                + ")",
+                name is None,
+            ),
+            (
+                f"a spectral front-end of {spec.spectral_channels} channels "
+                "(train with --spectral-channels 0)",
+                spec.spectral_channels > 0,
+            ),
+            (
+                f"{spec.encoder_depth} encoder stages (SpecDeepMap's have 5: --encoder-depth 5)",
+                spec.encoder_depth != 5,
+            ),
+            ("group norms (--norm batch)", spec.norm != "batch"),
+        )
+        if present
+    ]
+    if not problems:
+        plain = build_model(
+            ModelSpec(spec.architecture, spec.backbone, spec.in_channels, spec.num_classes)
+        ).state_dict()
+        if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in plain.items()}:
+            problems.append("layers a plain network does not have (an ensemble, a pixel head)")
+    return problems
 
 
 def import_card(config: dict) -> str:

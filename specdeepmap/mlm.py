@@ -71,21 +71,10 @@ def model_item(
     has no geometry (a model is not tied to a place; the training data's extent is in its
     model card); aliases and links are filled in when it is logged.
     """
-    from specdeepmap.stac import slug
-
     bands = list(
         config.get("band_names") or [f"band_{i + 1}" for i in range(config["in_channels"])]
     )
-    height, width = config["tile_size"]
-    classes = ClassSchema.from_dict(config["classes"]) if config.get("classes") else None
     values = [int(v) for v in config["class_values"]]
-    output_classes = []
-    for v in values:  # classification v1.1 names are slugs: the name itself is the description
-        label = classes.name(v) if classes else f"class {v}"
-        entry = {"value": v, "name": slug(label), "description": label}
-        if classes:
-            entry["color_hint"] = "{:02X}{:02X}{:02X}".format(*classes.info(v).color)
-        output_classes.append(entry)
     architecture = config["architecture"]
     properties = {
         "datetime": created.isoformat().replace("+00:00", "Z"),
@@ -104,32 +93,8 @@ def model_item(
         "mlm:accelerator": None,
         "mlm:accelerator_constrained": False,
         "mlm:pretrained": config.get("weights") not in (None, "None", ""),
-        "mlm:input": [
-            {
-                "name": "image chips",
-                "bands": bands,
-                "input": {
-                    "shape": [-1, len(bands), height, width],
-                    "dim_order": ["batch", "bands", "height", "width"],
-                    "data_type": "float32",
-                },
-                "value_scaling": value_scaling(config.get("normalization") or {}, len(bands)),
-                "pre_processing_function": None,
-            }
-        ],
-        "mlm:output": [
-            {
-                "name": "class probabilities",
-                "tasks": ["semantic-segmentation"],
-                "result": {
-                    "shape": [-1, len(values), height, width],
-                    "dim_order": ["batch", "channel", "height", "width"],
-                    "data_type": "float32",
-                },
-                "classification:classes": output_classes,
-                "post_processing_function": None,
-            }
-        ],
+        "mlm:input": [model_input(config, bands)],
+        "mlm:output": [model_output(config)],
         "version": str(version),
         "specdeepmap:aliases": [],
         "specdeepmap:band_dtype": config.get("dtype"),
@@ -152,6 +117,51 @@ def model_item(
                 "bands": [{"name": band} for band in bands],
             }
         },
+    }
+
+
+def model_input(config: dict, bands: list[str]) -> dict:
+    """MLM's input: the bands in order, the chip shape and the model's value scaling."""
+    height, width = config["tile_size"]
+    return {
+        "name": "image chips",
+        "bands": bands,
+        "input": {
+            "shape": [-1, len(bands), height, width],
+            "dim_order": ["batch", "bands", "height", "width"],
+            "data_type": "float32",
+        },
+        "value_scaling": value_scaling(config.get("normalization") or {}, len(bands)),
+        "pre_processing_function": None,
+    }
+
+
+def model_output(config: dict) -> dict:
+    """MLM's output: a probability per class and pixel, the classes named and coloured
+    (classification v1.1 names are slugs: the name itself is the description).
+    """
+    from specdeepmap.stac import slug
+
+    height, width = config["tile_size"]
+    classes = ClassSchema.from_dict(config["classes"]) if config.get("classes") else None
+    values = [int(v) for v in config["class_values"]]
+    output_classes = []
+    for v in values:
+        label = classes.name(v) if classes else f"class {v}"
+        entry = {"value": v, "name": slug(label), "description": label}
+        if classes:
+            entry["color_hint"] = "{:02X}{:02X}{:02X}".format(*classes.info(v).color)
+        output_classes.append(entry)
+    return {
+        "name": "class probabilities",
+        "tasks": ["semantic-segmentation"],
+        "result": {
+            "shape": [-1, len(values), height, width],
+            "dim_order": ["batch", "channel", "height", "width"],
+            "data_type": "float32",
+        },
+        "classification:classes": output_classes,
+        "post_processing_function": None,
     }
 
 

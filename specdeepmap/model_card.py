@@ -229,19 +229,30 @@ def model_card(
         images: file names of images beside the card (confusion matrix, prediction panels).
     """
     classes = schema_from_config(config)
-    values = list(config["class_values"])
-    norm = config.get("normalization", {})
+    lines = ["# Model card", "", "## Summary", "", summary(config, facts, scores), ""]
+    lines += _data_section(facts, classes, list(config["class_values"]))
+    lines += _input_section(config)
+    lines += _results_section(test, classes, list(config["class_values"]))
+    for image in images or []:
+        lines += ["", f"![{image}]({image})"]
+    lines += ["", "## Training", ""]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in training.items()]
+    lines += [
+        f"- weights: {config.get('weights')}, frozen encoder: {config.get('freeze_backbone')}",
+        f"- spectral front-end channels: {config.get('spectral_channels')}, encoder "
+        f"depth: {config.get('encoder_depth')}",
+        f"- software: specdeepmap {config.get('version')}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _data_section(facts: dict, classes: ClassSchema, values: list[int]) -> list[str]:
+    """The dataset: where it is, its digest, scenes, chip and split parameters, class shares
+    per split and chips per split.
+    """
     lines = [
-        "# Model card",
-        "",
-        "## Summary",
-        "",
-        summary(config, facts, scores),
-        "",
         "## Data",
         "",
-    ]
-    lines += [
         f"- dataset: `{_code(facts.get('uri'))}`, digest `{facts.get('digest')}` (chip "
         "manifests and split CSVs)",
         f"- scenes: {', '.join(f'`{_code(s)}`' for s in facts.get('scenes', [])) or '–'}",
@@ -262,61 +273,57 @@ def model_card(
                 for v in values
             ],
         ) + [""]
-    lines += _table(["split", "chips"], [[s, facts.get("chips", {}).get(s, 0)] for s in SPLITS]) + [
-        "",
-        "## Input contract",
-        "",
-    ]
+    chips = facts.get("chips", {})
+    return lines + _table(["split", "chips"], [[s, chips.get(s, 0)] for s in SPLITS]) + [""]
+
+
+def _input_section(config: dict) -> list[str]:
+    """What a scene must be for this model: bands, dtype, chip size, scaler, statistics."""
+    norm = config.get("normalization", {})
     bands = config.get("band_names") or [f"band {i + 1}" for i in range(config["in_channels"])]
     mean, std = norm.get("mean"), norm.get("std")
-    lines += [
+    lines = [
+        "## Input contract",
+        "",
         f"- {config['in_channels']} bands, dtype {config.get('dtype', '–')}, chips of "
         f"{config['tile_size'][0]} × {config['tile_size'][1]} px",
         f"- scaler: {norm.get('scaler')} (pixel values are divided by it first); "
         f"nodata: {norm.get('nodata')}",
         "",
     ]
-    lines += _table(
+    return lines + _table(
         ["band", "name", "mean", "std"],
         [[i + 1, name, _band_stat(mean, i), _band_stat(std, i)] for i, name in enumerate(bands)],
     )
-    lines += ["", "## Results", ""]
-    if test:
-        lines.append(
-            f"Test mean IoU **{_fmt(test.get('mean_iou_pooled'))}** pooled over "
-            f"pixels, {_fmt(test.get('mean_iou_per_chip_specdeepmap'))} per-chip mean "
-            f"(SpecDeepMap's), overall accuracy {_fmt(test.get('overall_accuracy'))}."
-        )
-        lines.append("")
-        per_class = {r["Class"]: r for r in test.get("per_class", [])}
-        baseline = test.get("baseline_rf_iou") or [None] * len(values)
-        lines += _table(
-            ["class", "value", "IoU", "precision", "recall", "RandomForest IoU"],
-            [
-                [
-                    classes.name(v),
-                    v,
-                    per_class.get(v, {}).get("IoU"),
-                    per_class.get(v, {}).get("Precision"),
-                    per_class.get(v, {}).get("Recall"),
-                    b,
-                ]
-                for v, b in zip(values, baseline, strict=True)
-            ],
-        )
-    else:
-        lines.append("Not tested yet (the training pipeline tests every version).")
-    for image in images or []:
-        lines += ["", f"![{image}]({image})"]
-    lines += ["", "## Training", ""]
-    lines += [f"- {k}: {_fmt(v)}" for k, v in training.items()]
+
+
+def _results_section(test: dict | None, classes: ClassSchema, values: list[int]) -> list[str]:
+    """The Tester's figures, per class beside the RandomForest's, when the version was tested."""
+    lines = ["", "## Results", ""]
+    if not test:
+        return lines + ["Not tested yet (the training pipeline tests every version)."]
     lines += [
-        f"- weights: {config.get('weights')}, frozen encoder: {config.get('freeze_backbone')}",
-        f"- spectral front-end channels: {config.get('spectral_channels')}, encoder "
-        f"depth: {config.get('encoder_depth')}",
-        f"- software: specdeepmap {config.get('version')}",
+        f"Test mean IoU **{_fmt(test.get('mean_iou_pooled'))}** pooled over "
+        f"pixels, {_fmt(test.get('mean_iou_per_chip_specdeepmap'))} per-chip mean "
+        f"(SpecDeepMap's), overall accuracy {_fmt(test.get('overall_accuracy'))}.",
+        "",
     ]
-    return "\n".join(lines) + "\n"
+    per_class = {r["Class"]: r for r in test.get("per_class", [])}
+    baseline = test.get("baseline_rf_iou") or [None] * len(values)
+    return lines + _table(
+        ["class", "value", "IoU", "precision", "recall", "RandomForest IoU"],
+        [
+            [
+                classes.name(v),
+                v,
+                per_class.get(v, {}).get("IoU"),
+                per_class.get(v, {}).get("Precision"),
+                per_class.get(v, {}).get("Recall"),
+                b,
+            ]
+            for v, b in zip(values, baseline, strict=True)
+        ],
+    )
 
 
 def prediction_panels(

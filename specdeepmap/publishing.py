@@ -14,9 +14,10 @@ import datetime as dt
 import json
 
 from specdeepmap import __version__, storage
+from specdeepmap.classes import ClassSchema
 from specdeepmap.errors import MissingInputError
 from specdeepmap.inference import Predictor
-from specdeepmap.mapping import map_base
+from specdeepmap.mapping import MapReport, map_base
 from specdeepmap.masks import QualityMask, with_masked
 from specdeepmap.params import MapParams
 
@@ -174,7 +175,6 @@ def map_scene_products(
     mapped: its metrics JSON says why. Returns the output URIs and the headline figures.
     """
     from specdeepmap.mapping import class_areas, load_for_engine, map_scene, quicklook
-    from specdeepmap.stac import is_item, write_map_item
 
     predictor = predictor or load_for_engine(model_uri, params)
     base = map_base(output_uri)
@@ -203,22 +203,7 @@ def map_scene_products(
         classes = with_masked(classes, quality["masked_value"], quality["mask"]["label"])
         values.append(quality["masked_value"])
     png = quicklook(output_uri, base + "_quicklook.png", classes=classes)
-    item = write_map_item(
-        output_uri,
-        input_uri,
-        model_uri,
-        classes,
-        values,
-        {
-            "quicklook": png,
-            "metrics": base + "_metrics.json",
-            "style": base + ".qml",
-            "quality": report.quality_uri,
-            "confidence": report.confidence_uri,
-        },
-        input_item_uri=input_uri if is_item(input_uri) else None,
-        properties={"specdeepmap:quality": item_quality(quality)},
-    )
+    item = _write_item(report, input_uri, model_uri, classes, values, png, quality)
     quarantined = quarantine and report.verdict.suspect
     if quarantined:  # before the metrics JSON exists: a crash leaves it unpublished
         output_uri = move_products(output_uri, quarantine_uri(output_uri))
@@ -229,13 +214,8 @@ def map_scene_products(
         "output": output_uri,
         "quicklook": png,
         "stac_item": item,
-        "verdict": report.verdict.status,
-        "reasons": report.verdict.reasons,
         "quarantined": quarantined,
-        "masked_share": round(report.masked_share, 6),
-        "windows": report.windows,
-        "seconds": round(report.seconds, 3),
-        "pixels_processed": report.pixels_processed,
+        **_run_figures(report),
         "class_area": {str(k): v for k, v in areas.items()},
         "class_names": {str(k): classes.name(k) for k in areas},
     }
@@ -254,6 +234,49 @@ def map_scene_products(
         "mean_confidence": quality["mean_confidence"],
         "class_shares": quality["class_shares"],
         "quarantined": quarantined,
+    }
+
+
+def _write_item(
+    report: MapReport,
+    input_uri: str,
+    model_uri: str,
+    classes: ClassSchema,
+    values: list[int],
+    quicklook_uri: str,
+    quality: dict,
+) -> str:
+    """The map's STAC item, its products as assets and its quality as a property."""
+    from specdeepmap.stac import is_item, write_map_item
+
+    base = map_base(report.output_uri)
+    return write_map_item(
+        report.output_uri,
+        input_uri,
+        model_uri,
+        classes,
+        values,
+        {
+            "quicklook": quicklook_uri,
+            "metrics": base + "_metrics.json",
+            "style": base + ".qml",
+            "quality": report.quality_uri,
+            "confidence": report.confidence_uri,
+        },
+        input_item_uri=input_uri if is_item(input_uri) else None,
+        properties={"specdeepmap:quality": item_quality(quality)},
+    )
+
+
+def _run_figures(report: MapReport) -> dict:
+    """The map's verdict and what mapping it took, for the metrics JSON."""
+    return {
+        "verdict": report.verdict.status,
+        "reasons": report.verdict.reasons,
+        "masked_share": round(report.masked_share, 6),
+        "windows": report.windows,
+        "seconds": round(report.seconds, 3),
+        "pixels_processed": report.pixels_processed,
     }
 
 

@@ -307,8 +307,6 @@ def promote_by_hand(
 
     from specdeepmap import storage
     from specdeepmap.errors import MissingInputError, PromotionRefusedError
-    from specdeepmap.evaluation import evaluate_model
-    from specdeepmap.leakage import read_split_leakage
 
     client = _client(client)
     try:
@@ -319,7 +317,6 @@ def promote_by_hand(
         decision = Decision(alias, f"set by hand{': ' + comment if comment else ''}")
         set_alias(name, str(version), alias, decision.reason, by, comment, client)
         return decision
-    model_uri = f"models:/{name}/{version}"
     dataset = found.tags.get("dataset", "")
     test_csv = storage.join(dataset, "test_files.csv") if dataset else ""
     digest = found.tags.get("dataset_digest") or (
@@ -335,48 +332,9 @@ def promote_by_hand(
     elif changed:
         decision = Decision(CHALLENGER, changed)
     else:
-        metrics = evaluate_model(
-            test_csv,
-            model_uri,
-            storage.join(out_folder, f"v{version}"),
-            EvaluateParams(device=device),
-            log_to_mlflow=False,
-        ).metrics
-        score = metrics.mean_iou
-        current = champion_version(name, client)
-        champion = {"version": None, "mean_iou": None, "difference": None}
-        if current is not None and current != str(version):
-            champion = score_champion(
-                name,
-                test_csv,
-                model_uri,
-                storage.join(out_folder, "champion"),
-                device,
-                client,
-                new_chip_matrices=metrics.chip_matrices,
-            )
-        baseline = found.tags.get("baseline_rf_test_mean_iou")
-        baseline = float(baseline) if baseline else None
-        record_scores(
-            name, str(version), score, baseline, champion["version"], champion["mean_iou"], client
+        decision = _judge_on_test_chips(
+            found, test_csv, out_folder, min_improvement, device, client
         )
-        decision = decide(
-            score, baseline, champion["version"], champion["mean_iou"], min_improvement
-        )
-        if champion["difference"]:  # how sure the chips make it, beside the rule's reason
-            decision = Decision(
-                decision.alias,
-                decision.reason
-                + "; "
-                + Difference.from_dict(champion["difference"]).sentence(
-                    f"version {version}", "the champion"
-                ),
-            )
-        leakage = read_split_leakage(dataset)
-        if leakage is not None and leakage.leaks:  # how honest those figures are
-            decision = Decision(
-                decision.alias, f"{decision.reason}; the split leaks: {leakage.sentence()}"
-            )
     if decision.alias != CHAMPION and not force:
         raise PromotionRefusedError(
             f"{name} version {version} is not made champion: "
@@ -385,6 +343,56 @@ def promote_by_hand(
     reason = decision.reason if decision.alias == CHAMPION else f"forced: {decision.reason}"
     set_alias(name, str(version), CHAMPION, reason, by, comment, client)
     return decision
+
+
+def _judge_on_test_chips(
+    found, test_csv: str, out_folder: str, min_improvement: float, device: str, client
+) -> Decision:
+    """Score a version and the champion on the version's test chips and judge by
+    :func:`decide`; the paired interval against the champion and a leaking split are
+    added to the reason.
+    """
+    from specdeepmap import storage
+    from specdeepmap.evaluation import evaluate_model
+    from specdeepmap.leakage import read_split_leakage
+
+    name, version = found.name, str(found.version)
+    model_uri = f"models:/{name}/{version}"
+    metrics = evaluate_model(
+        test_csv,
+        model_uri,
+        storage.join(out_folder, f"v{version}"),
+        EvaluateParams(device=device),
+        log_to_mlflow=False,
+    ).metrics
+    current = champion_version(name, client)
+    champion = {"version": None, "mean_iou": None, "difference": None}
+    if current is not None and current != version:
+        champion = score_champion(
+            name,
+            test_csv,
+            model_uri,
+            storage.join(out_folder, "champion"),
+            device,
+            client,
+            new_chip_matrices=metrics.chip_matrices,
+        )
+    baseline = found.tags.get("baseline_rf_test_mean_iou")
+    baseline = float(baseline) if baseline else None
+    record_scores(
+        name, version, metrics.mean_iou, baseline, champion["version"], champion["mean_iou"], client
+    )
+    decision = decide(
+        metrics.mean_iou, baseline, champion["version"], champion["mean_iou"], min_improvement
+    )
+    reasons = [decision.reason]
+    if champion["difference"]:  # how sure the chips make it, beside the rule's reason
+        difference = Difference.from_dict(champion["difference"])
+        reasons.append(difference.sentence(f"version {version}", "the champion"))
+    leakage = read_split_leakage(found.tags.get("dataset", ""))
+    if leakage is not None and leakage.leaks:  # how honest those figures are
+        reasons.append(f"the split leaks: {leakage.sentence()}")
+    return Decision(decision.alias, "; ".join(reasons))
 
 
 def _dataset_changed(dataset: str, digest: str | None) -> str | None:

@@ -90,6 +90,33 @@ def _field_map(height: int, width: int, field_size: int, rng: np.random.Generato
     return field_id, classes.astype(np.uint8), labelled, brightness
 
 
+def _strip(
+    row0: int,
+    rows: int,
+    width: int,
+    fields: tuple[np.ndarray, ...],
+    signatures: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image rows [row0, row0 + rows) (bands first, with noise and the swath's nodata edge)
+    and their labels (0 where the field is unlabelled).
+    """
+    field_id, field_class, field_labelled, field_brightness = fields
+    r = np.arange(row0, row0 + rows)
+    ids = field_id[r[:, None] // 4, np.arange(width)[None, :] // 4]
+    classes = field_class[ids]
+    spectra = signatures[classes - 1] * field_brightness[ids][..., None]
+    noise = rng.normal(0.0, 0.03, size=spectra.shape).astype(np.float32)
+    pixels = np.clip(spectra * (1.0 + noise), 1, 65535).astype(np.uint16)
+    pixels = np.moveaxis(pixels, -1, 0)
+    # nodata strip along the right edge, slanted like a swath border
+    edge = width - (0.06 * width + 0.04 * r)
+    swath_gap = np.arange(width)[None, :] >= edge[:, None]
+    pixels[:, swath_gap] = IMAGE_NODATA
+    labels = np.where(field_labelled[ids], classes, 0).astype(np.uint8)
+    return pixels, labels
+
+
 def generate_scene(
     out_folder: str,
     width: int = 1024,
@@ -114,9 +141,7 @@ def generate_scene(
         The URIs of the image and label rasters.
     """
     rng = np.random.default_rng(seed)
-    field_id, field_class, field_labelled, field_brightness = _field_map(
-        height, width, field_size, rng
-    )
+    fields = _field_map(height, width, field_size, rng)
     signatures = np.array([CLASS_SIGNATURES[c][1] for c in sorted(CLASS_SIGNATURES)], np.float32)
     n_bands = signatures.shape[1]
     transform = from_origin(*DEFAULT_ORIGIN, PIXEL_SIZE, PIXEL_SIZE)
@@ -155,18 +180,7 @@ def generate_scene(
             strip = 256
             for row0 in range(0, height, strip):
                 rows = min(strip, height - row0)
-                r = np.arange(row0, row0 + rows)
-                ids = field_id[r[:, None] // 4, np.arange(width)[None, :] // 4]
-                classes = field_class[ids]
-                spectra = signatures[classes - 1] * field_brightness[ids][..., None]
-                noise = rng.normal(0.0, 0.03, size=spectra.shape).astype(np.float32)
-                pixels = np.clip(spectra * (1.0 + noise), 1, 65535).astype(np.uint16)
-                pixels = np.moveaxis(pixels, -1, 0)
-                # nodata strip along the right edge, slanted like a swath border
-                edge = width - (0.06 * width + 0.04 * r)
-                swath_gap = np.arange(width)[None, :] >= edge[:, None]
-                pixels[:, swath_gap] = IMAGE_NODATA
-                labels = np.where(field_labelled[ids], classes, 0).astype(np.uint8)
+                pixels, labels = _strip(row0, rows, width, fields, signatures, rng)
                 window = Window(0, row0, width, rows)
                 image.write(pixels, window=window)
                 label.write(labels[None], window=window)

@@ -656,11 +656,7 @@ def write_split(
     class_values, background = _class_columns(frame)
     counts = frame[[f"{COUNT_PREFIX}{v}" for v in class_values]].to_numpy(np.float64)
     achieved = quality(counts, sets, 3, params.min_class_share)
-    log.info(
-        "Split quality: largest class-share gap %.2f pp, Jensen-Shannon divergence %.2e",
-        achieved.max_share_gap_pp,
-        achieved.js_divergence,
-    )
+    log.info("Split quality: %s", achieved.sentence())
     pairs = touching_pairs(frame) if pairs is None else pairs
     leakage = measure(frame, sets, counts.sum(axis=1), pairs)
     used = strategy or params.strategy
@@ -674,33 +670,9 @@ def write_split(
         *split_warnings(sets, params),
         *leakage_warnings(leakage, buffer_chips, used, len(frame)),
     ]
-    for message in warnings:
-        log.warning(message)
-        say(f"warning: {message}")
-    chips = frame["chip"]
-    prefix = "" if out_folder == folder else folder.rstrip("/") + "/"
-    # everything is computed first and written last, so a failure (a corrupt chip met by the
-    # band statistics) leaves the previous split whole instead of new lists beside old stats
-    texts = {}
-    for s, name in enumerate(SET_NAMES):
-        rows = _rows(chips[sets == s].sort_values())
-        if prefix:
-            rows = prefix + rows
-        texts[name] = (CSV_NAMES[name], rows.to_csv(index=False, lineterminator="\n"))
+    _say_warnings(warnings, say)
     summary = summary_table(frame, sets, class_values, background, params, achieved)
-    texts["summary"] = (SUMMARY_CSV, summary.to_csv(index=False, lineterminator="\n"))
-    texts["leakage"] = (
-        LEAKAGE_CSV,
-        leakage_table(leakage).to_csv(index=False, lineterminator="\n"),
-    )
-    if params.normalize:
-        say("computing band statistics")
-        train_uris = [storage.join(folder, "images", c) for c in chips[sets == 0].sort_values()]
-        mean, std, _ = band_statistics(train_uris, params.scaler, workers)
-        texts["normalize"] = (
-            NORMALIZE_CSV,
-            normalize_table(mean, std, params.scaler).to_csv(index=False, lineterminator="\n"),
-        )
+    texts = _split_texts(folder, out_folder, frame, sets, summary, leakage, params, workers, say)
     outputs = {}
     for key, (name, text) in texts.items():
         outputs[key] = storage.join(out_folder, name)
@@ -724,14 +696,63 @@ def write_split(
     record = {"params": params.model_dump(), "report": asdict(report), "version": __version__}
     outputs["run"] = storage.join(out_folder, "split.json")
     storage.write_text(outputs["run"], json.dumps(record, indent=2, default=str))
-    total = len(frame)
+    _log_split(report.chips, len(frame))
+    return report
+
+
+def _split_texts(
+    folder: str,
+    out_folder: str,
+    frame: pd.DataFrame,
+    sets: np.ndarray,
+    summary: pd.DataFrame,
+    leakage: Leakage,
+    params: SplitParams,
+    workers: int,
+    say: Callable[[str], None],
+) -> dict[str, tuple[str, str]]:
+    """Every file of the split by key: (file name, CSV text). Everything is computed before
+    anything is written, so a failure (a corrupt chip met by the band statistics) leaves the
+    previous split whole instead of new lists beside old statistics.
+    """
+    chips = frame["chip"]
+    prefix = "" if out_folder == folder else folder.rstrip("/") + "/"
+    texts = {}
+    for s, name in enumerate(SET_NAMES):
+        rows = _rows(chips[sets == s].sort_values())
+        if prefix:
+            rows = prefix + rows
+        texts[name] = (CSV_NAMES[name], rows.to_csv(index=False, lineterminator="\n"))
+    texts["summary"] = (SUMMARY_CSV, summary.to_csv(index=False, lineterminator="\n"))
+    texts["leakage"] = (
+        LEAKAGE_CSV,
+        leakage_table(leakage).to_csv(index=False, lineterminator="\n"),
+    )
+    if params.normalize:
+        say("computing band statistics")
+        train_uris = [storage.join(folder, "images", c) for c in chips[sets == 0].sort_values()]
+        mean, std, _ = band_statistics(train_uris, params.scaler, workers)
+        texts["normalize"] = (
+            NORMALIZE_CSV,
+            normalize_table(mean, std, params.scaler).to_csv(index=False, lineterminator="\n"),
+        )
+    return texts
+
+
+def _say_warnings(warnings: list[str], say: Callable[[str], None]) -> None:
+    for message in warnings:
+        log.warning(message)
+        say(f"warning: {message}")
+
+
+def _log_split(chips: dict[str, int], total: int) -> None:
+    """SpecDeepMap's closing line: each set's chips and share."""
     parts = [
-        f"{title} dataset: {report.chips[n]} images ({report.chips[n] / total:.2%})"
+        f"{title} dataset: {chips[n]} images ({chips[n] / total:.2%})"
         for title, n in zip(("Training", "Validation", "Test"), SET_NAMES, strict=True)
-        if report.chips[n]
+        if chips[n]
     ]
     log.info("Final dataset split: %s.", ", ".join(parts))
-    return report
 
 
 def leakage_table(leakage: Leakage) -> pd.DataFrame:

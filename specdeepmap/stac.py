@@ -190,9 +190,7 @@ def write_map_item(
     map was made as ``processing:datetime`` only and ``datetime`` null with start and end.
     """
     import pystac
-    from pystac.extensions.classification import Classification, ClassificationExtension
     from pystac.extensions.projection import ProjectionExtension
-    from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
     from specdeepmap.mlm import model_item_href
 
@@ -203,21 +201,9 @@ def write_map_item(
     input_item = _read_json(input_item_uri) if input_item_uri else None
     made = dt.datetime.now(dt.UTC).replace(microsecond=0)
     acquired = _acquired(input_uri, input_item)
-    geometry = {
-        "type": "Polygon",
-        "coordinates": [
-            [
-                [bounds[0], bounds[1]],
-                [bounds[2], bounds[1]],
-                [bounds[2], bounds[3]],
-                [bounds[0], bounds[3]],
-                [bounds[0], bounds[1]],
-            ]
-        ],
-    }
     item = pystac.Item(
         id=storage.stem(map_uri),
-        geometry=geometry,
+        geometry=_bounds_polygon(bounds),
         bbox=list(bounds),
         datetime=acquired,
         start_datetime=None if acquired else made,
@@ -235,40 +221,12 @@ def write_map_item(
     projection = ProjectionExtension.ext(item, add_if_missing=True)
     projection.code = crs.to_string() if crs else None
     projection.shape, projection.transform = shape, transform
-    asset = pystac.Asset(
-        href=storage.basename(map_uri), media_type=COG_TYPE, roles=["data"], title="class map"
-    )
-    item.add_asset("classes", asset)
-    ClassificationExtension.ext(asset, add_if_missing=True).classes = [
-        Classification.create(
-            value=0, name="unlabelled", description="no class (nodata)", nodata=True
-        )
-    ] + [
-        Classification.create(
-            value=int(v),
-            name=slug(classes.name(v)),
-            title=classes.name(v),
-            color_hint="{:02X}{:02X}{:02X}".format(*classes.info(v).color),
-        )
-        for v in class_values
-    ]
-    RasterExtension.ext(asset, add_if_missing=True).bands = [
-        RasterBand.create(nodata=0, data_type=DataType(dtype), spatial_resolution=resolution)
-    ]
-    kinds = {
-        "confidence": (COG_TYPE, ["data", "quality"]),
-        "quality": ("application/json", ["metadata", "quality"]),
-        "quicklook": ("image/png", ["overview", "visual"]),
-        "metrics": ("application/json", ["metadata"]),
-        "style": ("text/xml", ["style", "metadata"]),
-    }
+    item.add_asset("classes", _class_map_asset(map_uri, classes, class_values, dtype, resolution))
     for key, uri in (extra_assets or {}).items():
-        if uri is None:
-            continue
-        media_type, roles = kinds.get(key, (None, ["metadata"]))
-        item.add_asset(
-            key, pystac.Asset(href=storage.basename(uri), media_type=media_type, roles=roles)
-        )
+        if uri is not None:
+            media_type, roles = EXTRA_ASSETS.get(key, (None, ["metadata"]))
+            asset = pystac.Asset(href=storage.basename(uri), media_type=media_type, roles=roles)
+            item.add_asset(key, asset)
     model_item = model_item_href(model_uri)
     if model_item is not None:  # the model version's MLM item (specdeepmap.mlm)
         item.add_link(
@@ -287,6 +245,54 @@ def write_map_item(
     data["links"] = catalog_links(uri, "./" + CATALOG) + data["links"]
     storage.write_text(uri, json.dumps(data, indent=2))
     return uri
+
+
+#: a map item's other assets: media type and roles
+EXTRA_ASSETS = {
+    "confidence": (COG_TYPE, ["data", "quality"]),
+    "quality": ("application/json", ["metadata", "quality"]),
+    "quicklook": ("image/png", ["overview", "visual"]),
+    "metrics": ("application/json", ["metadata"]),
+    "style": ("text/xml", ["style", "metadata"]),
+}
+
+
+def _bounds_polygon(bounds: tuple[float, float, float, float]) -> dict:
+    """GeoJSON polygon of (west, south, east, north)."""
+    w, s, e, n = bounds
+    return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+
+
+def _class_map_asset(
+    map_uri: str, classes: ClassSchema, class_values: list[int], dtype, resolution
+):
+    """The class map's asset: its classes (Classification extension; 0 is nodata) and its
+    band (Raster extension).
+    """
+    import pystac
+    from pystac.extensions.classification import Classification, ClassificationExtension
+    from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+
+    asset = pystac.Asset(
+        href=storage.basename(map_uri), media_type=COG_TYPE, roles=["data"], title="class map"
+    )
+    ClassificationExtension.ext(asset, add_if_missing=True).classes = [
+        Classification.create(
+            value=0, name="unlabelled", description="no class (nodata)", nodata=True
+        )
+    ] + [
+        Classification.create(
+            value=int(v),
+            name=slug(classes.name(v)),
+            title=classes.name(v),
+            color_hint="{:02X}{:02X}{:02X}".format(*classes.info(v).color),
+        )
+        for v in class_values
+    ]
+    RasterExtension.ext(asset, add_if_missing=True).bands = [
+        RasterBand.create(nodata=0, data_type=DataType(dtype), spatial_resolution=resolution)
+    ]
+    return asset
 
 
 def catalog_links(item_uri: str, catalog_href: str) -> list[dict]:

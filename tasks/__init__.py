@@ -5,7 +5,11 @@ plain data (URIs, metrics) and publishes a Prefect artifact. Business logic live
 ``specdeepmap``; these wrappers only add orchestration.
 """
 
-from tasks.steps import (
+from specdeepmap import hide_triton_without_gpu
+
+hide_triton_without_gpu()  # before the steps import torch (flows/__init__.py says why)
+
+from tasks.steps import (  # noqa: E402
     champion_task,
     check_labels_task,
     chip_task,

@@ -644,6 +644,7 @@ def test_a_scene_is_done_once_its_metrics_exist_or_for_its_model_version(tmp_pat
 
 _PEAK_RSS = """
 import json, sys
+import specdeepmap; specdeepmap.hide_triton_without_gpu()  # as the entry points do
 from specdeepmap.inference import load_model
 from specdeepmap.mapping import map_scene
 from specdeepmap.params import MapParams
@@ -657,7 +658,9 @@ print(json.dumps({"floor": floor / 1024, "peak": status("VmHWM") / 1024}))
 
 
 _IMPORTS = """
-import sys, numpy as np, torch
+import sys
+import specdeepmap; specdeepmap.hide_triton_without_gpu()  # as the entry points do
+import numpy as np, torch
 import specdeepmap.mapping, specdeepmap.inference
 loaded = [m for m in ("pandas", "specdeepmap.splitting", "specdeepmap.data") if m in sys.modules]
 from specdeepmap.inference import Predictor

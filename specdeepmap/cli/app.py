@@ -108,8 +108,10 @@ def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the log.")] = False,
 ) -> None:
     """Configure logging for all commands (libraries' chatter only with --verbose)."""
+    from specdeepmap import hide_triton_without_gpu
     from specdeepmap.console import configure_console
 
+    hide_triton_without_gpu()
     configure_console(verbose)
     _exit_cleanly_on_sigterm()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -10,6 +10,9 @@ from specdeepmap.cli.app import app, console, errors_to_exit
 from specdeepmap.cli.options import step_options
 from specdeepmap.errors import InvalidParameterError
 from specdeepmap.params import MapParams
+
+if TYPE_CHECKING:
+    from specdeepmap.mapping import MapReport
 
 
 @app.command("map")
@@ -91,13 +94,20 @@ def map_cmd(
         overwrite=overwrite,
         mask=quality_mask,
     )
+    _print_report(report, image, output, quality_mask is not None or bool(params.cloud_mask))
+    if report.verdict is not None and report.verdict.suspect and fail_on_suspect:
+        raise typer.Exit(code=3)
+
+
+def _print_report(report: MapReport, image: str, output: str, masked: bool) -> None:
+    """What the map took, its IoU against ground truth, the masked share and the verdict."""
     if report.skipped:
         console.print(f"skipped {image}: {report.skipped}")
         return
     console.print(f"{report.windows} windows in {report.seconds:.1f} s → {output}")
     if report.mean_iou is not None:
         console.print(f"mean IoU {report.mean_iou:.4f}")
-    if quality_mask is not None or params.cloud_mask:
+    if masked:
         console.print(f"masked: {report.masked_share:.1%} of the pixels with data")
     verdict = report.verdict
     style = "bold yellow" if verdict.suspect else "green"
@@ -106,8 +116,6 @@ def map_cmd(
         highlight=False,
         soft_wrap=True,
     )
-    if verdict.suspect and fail_on_suspect:
-        raise typer.Exit(code=3)
 
 
 @app.command()
