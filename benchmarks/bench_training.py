@@ -10,7 +10,7 @@ normalisation and augmentation). Prints samples/s of
 
 for each number of loader workers, and the ratio together / model (goal ≥ 0.9).
 
-Usage: python benchmarks/bench_training.py [--device cpu] [--batch-size 8] [--steps 12] [--repeats 3]
+Usage: python benchmarks/bench_training.py [--device cpu] [--batch-size 8] [--repeats 3]
 """
 
 from __future__ import annotations
