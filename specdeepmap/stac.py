@@ -221,7 +221,7 @@ def write_map_item(
     projection = ProjectionExtension.ext(item, add_if_missing=True)
     projection.code = crs.to_string() if crs else None
     projection.shape, projection.transform = shape, transform
-    item.add_asset("classes", _class_map_asset(map_uri, classes, class_values, dtype, resolution))
+    _add_class_map_asset(item, map_uri, classes, class_values, dtype, resolution)
     for key, uri in (extra_assets or {}).items():
         if uri is not None:
             media_type, roles = EXTRA_ASSETS.get(key, (None, ["metadata"]))
@@ -263,11 +263,16 @@ def _bounds_polygon(bounds: tuple[float, float, float, float]) -> dict:
     return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
 
 
-def _class_map_asset(
-    map_uri: str, classes: ClassSchema, class_values: list[int], dtype, resolution
-):
-    """The class map's asset: its classes (Classification extension; 0 is nodata) and its
-    band (Raster extension).
+def _add_class_map_asset(
+    item,
+    map_uri: str,
+    classes: ClassSchema,
+    class_values: list[int],
+    dtype: str,
+    resolution: float,
+) -> None:
+    """Add the class map's asset to ``item``: its classes (Classification extension; 0 is
+    nodata) and its band (Raster extension).
     """
     import pystac
     from pystac.extensions.classification import Classification, ClassificationExtension
@@ -276,6 +281,7 @@ def _class_map_asset(
     asset = pystac.Asset(
         href=storage.basename(map_uri), media_type=COG_TYPE, roles=["data"], title="class map"
     )
+    item.add_asset("classes", asset)  # first: the extensions are declared on the item
     ClassificationExtension.ext(asset, add_if_missing=True).classes = [
         Classification.create(
             value=0, name="unlabelled", description="no class (nodata)", nodata=True
@@ -292,7 +298,6 @@ def _class_map_asset(
     RasterExtension.ext(asset, add_if_missing=True).bands = [
         RasterBand.create(nodata=0, data_type=DataType(dtype), spatial_resolution=resolution)
     ]
-    return asset
 
 
 def catalog_links(item_uri: str, catalog_href: str) -> list[dict]:
