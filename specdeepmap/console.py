@@ -46,7 +46,14 @@ def quiet_lightning() -> None:
     availability, tips): keep it to warnings unless verbose. Call after importing Lightning;
     processes spawned for multi-device training call it too (and drop library warnings), as
     told by the environment the command set.
+
+    Only an application quiets libraries: without ``SPECDEEPMAP_VERBOSE`` in the environment
+    (set by the command line's :func:`configure_console`, and inherited by the processes it
+    spawns) this does nothing, so a user of the library, a Prefect worker included, keeps
+    Lightning's logging as Lightning sets it.
     """
+    if "SPECDEEPMAP_VERBOSE" not in os.environ:
+        return
     if os.environ.get("SPECDEEPMAP_VERBOSE") == "0" and not _state["verbose"]:
         warnings.simplefilter("ignore")
     if not _state["verbose"]:
