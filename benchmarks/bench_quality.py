@@ -22,7 +22,8 @@ Modes:
 * ``--folds K``: cross-validation over the development units (fold k tests, fold k + 1
   validates, the rest trains; every development chip is a test chip once); both models'
   confusion matrices of all K runs are pooled per split. ``--save-matrices FILE`` keeps
-  every chip's matrices, so that intervals can be recomputed without training;
+  every chip's matrices, so that intervals can be recomputed without training
+  (``--pool-matrices FILE``: each seed's difference and the seeds pooled);
 * ``--final``: train on the development units (a fifth validates, for the checkpoint) and
   score the held-out part: the figures to publish.
 * ``--grid``: the grid over users' settings (:data:`GRID`, since 2026-12-05): per set, the
@@ -44,7 +45,8 @@ draws whole units: in the Tester, groups of touching chips and the split's block
 narrower than the truth). The interval's sentence counts the units.
 
 Usage: python benchmarks/bench_quality.py [--sets enmap s2] [--set loss=ce ...] [--seeds 1]
-       [--folds 6 [--save-matrices FILE] | --final | --grid [--cells 0 1 ...]]
+       [--folds 6 [--save-matrices FILE] | --final | --grid [--cells 0 1 ...]
+       | --pool-matrices FILE]
 Choose recipes on the development modes' validation columns only; their test columns are for
 checking, the ``--final`` table is for publishing.
 """
@@ -303,6 +305,50 @@ def save_matrices(
         },
     }
     Path(path).write_text(json.dumps(record))
+
+
+def pool_saved_matrices(path: str) -> None:
+    """Each seed's test figures from a :func:`save_matrices` file, then the seeds pooled:
+    every seed's chips in one paired bootstrap, a unit's chips of every seed resampled
+    together (a seed is a new draw of the model, not of the ground).
+    """
+    import json
+
+    from specdeepmap.comparison import paired_bootstrap
+    from specdeepmap.metrics import metrics_from_matrix
+
+    record = json.loads(Path(path).read_text())
+    print("set | seed | deep test mean IoU | forest | deep − forest (90 % interval; units)")
+    print("--- | --- | --- | --- | ---")
+    for name in sorted({key.split("/seed-")[0] for key in record}):
+        pooled, units, gaps = {"deep": {}, "forest": {}}, {}, []
+        seeds = sorted(int(k.split("/seed-")[1]) for k in record if k.startswith(f"{name}/"))
+        for seed in seeds:
+            entry = record[f"{name}/seed-{seed}"]
+            test = {
+                model: {chip: np.asarray(m) for chip, m in entry["matrices"]["test"][model].items()}
+                for model in ("deep", "forest")
+            }
+            scores = {
+                model: metrics_from_matrix(sum(m.values()), entry["classes"], m).mean_iou
+                for model, m in test.items()
+            }
+            versus = paired_bootstrap(test["deep"], test["forest"], units=entry["units"])
+            gaps.append(versus.difference)
+            print(
+                f"{name} | {seed} | {scores['deep']:.3f} | {scores['forest']:.3f} | "
+                f"{versus.difference:+.3f} ({versus.low:+.3f} to {versus.high:+.3f}; "
+                f"{versus.units})"
+            )
+            for model in pooled:
+                pooled[model] |= {f"{chip}@{seed}": m for chip, m in test[model].items()}
+            units |= {f"{chip}@{seed}": u for chip, u in entry["units"].items()}
+        versus = paired_bootstrap(pooled["deep"], pooled["forest"], units=units)
+        print(
+            f"{name} | {len(seeds)} seeds pooled (mean of seeds {np.mean(gaps):+.3f}, range "
+            f"{min(gaps):+.3f} to {max(gaps):+.3f}) | | | {versus.difference:+.3f} "
+            f"({versus.low:+.3f} to {versus.high:+.3f}; {versus.units}; {versus.verdict})"
+        )
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -740,11 +786,20 @@ def main() -> None:
         help="--folds: write every chip's confusion matrices and units to this JSON file.",
     )
     parser.add_argument(
+        "--pool-matrices",
+        help="Read a --save-matrices file instead of training: each seed's deep − forest "
+        "on the test chips and all its seeds pooled (a unit's chips of every seed drawn "
+        "together).",
+    )
+    parser.add_argument(
         "--class-weighting",
         default="one-minus-share",
         choices=["one-minus-share", "inverse-frequency"],
     )
     args = parser.parse_args()
+    if args.pool_matrices:
+        pool_saved_matrices(args.pool_matrices)
+        return
     CLASS_WEIGHTING["value"] = args.class_weighting
     import logging
 
