@@ -127,3 +127,45 @@ def test_every_grid_cell_keeps_clear_of_the_held_out_ground(dataset, tmp_path):
         for i, j in pairs:
             a, b = role.get(names[i]), role.get(names[j])
             assert {a, b} not in ({TRAIN, TEST}, {TRAIN, VALIDATION})
+
+
+def test_pooled_seeds_are_each_seeds_chips_drawn_by_unit(tmp_path, capsys):
+    """``--pool-matrices``: one seed alone gives that seed's figure; two seeds pooled give
+    the paired bootstrap over both seeds' chips, a unit's chips of both seeds drawn together.
+    """
+    import json
+
+    import bench_quality
+
+    from specdeepmap.comparison import paired_bootstrap
+
+    rng = np.random.default_rng(3)
+    record, chips = {}, [f"c{i}" for i in range(6)]
+    units = {c: i // 2 for i, c in enumerate(chips)}  # three units of two chips
+    for seed in (0, 1):
+        test = {
+            model: {c: rng.integers(0, 50, (2, 2)).tolist() for c in chips}
+            for model in ("deep", "forest")
+        }
+        record[f"s2/seed-{seed}"] = {"classes": [1, 2], "units": units, "matrices": {"test": test}}
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(record))
+    bench_quality.pool_saved_matrices(str(path))
+    lines = capsys.readouterr().out.splitlines()
+
+    def as_arrays(seed, model):
+        return {
+            c: np.asarray(m)
+            for c, m in record[f"s2/seed-{seed}"]["matrices"]["test"][model].items()
+        }
+
+    alone = paired_bootstrap(as_arrays(0, "deep"), as_arrays(0, "forest"), units=units)
+    assert f"{alone.difference:+.3f} ({alone.low:+.3f} to {alone.high:+.3f}; 3)" in lines[2]
+    both = {
+        model: {f"{c}@{s}": m for s in (0, 1) for c, m in as_arrays(s, model).items()}
+        for model in ("deep", "forest")
+    }
+    pooled = paired_bootstrap(
+        both["deep"], both["forest"], units={f"{c}@{s}": units[c] for s in (0, 1) for c in chips}
+    )
+    assert f"{pooled.difference:+.3f} ({pooled.low:+.3f} to {pooled.high:+.3f}; 3;" in lines[-1]
