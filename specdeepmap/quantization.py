@@ -185,7 +185,31 @@ def _prepared_copy(predictor: Predictor, example: tuple) -> torch.nn.Module:
             while len(_TEMPLATES) > _MAX_TEMPLATES:
                 _TEMPLATES.popitem(last=False)
         _TEMPLATES.move_to_end(key)
-        return _sharing_tensors(_TEMPLATES[key])
+        return _sharing_weights(_TEMPLATES[key])
+
+
+def _sharing_weights(template: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a traced template that shares its weights but has observers of its own.
+
+    The observers' statistics (ranges, histograms) are buffers that calibration writes in
+    place: shared, one map's calibration would start from another's, and two threads
+    calibrating at once (a Dask worker mapping two scenes) would corrupt each other's
+    histograms (it happened: "update_max must be >= orig_max").
+    """
+    from torch.ao.quantization.observer import ObserverBase
+
+    own = {
+        id(t)
+        for module in template.modules()
+        if isinstance(module, ObserverBase)
+        for t in (*module.parameters(), *module.buffers())
+    }
+    memo = {
+        id(t): t
+        for t in (*template.parameters(), *template.buffers())
+        if t.is_contiguous() and id(t) not in own
+    }
+    return copy.deepcopy(template, memo)
 
 
 def quantize_int8(predictor: Predictor, calibration: Iterable[np.ndarray]) -> Predictor:

@@ -544,6 +544,30 @@ def test_int8_quantization_traces_every_architecture(architecture):
         quantize_int8(Predictor(model, config, torch.device("cuda")), windows)
 
 
+def test_an_int8_calibration_does_not_carry_into_the_next(tmp_path):
+    """Each map calibrates its own observers: a scene calibrated in between (here one 20 times
+    brighter) leaves the next calibration of the same windows exactly as the first.
+    """
+    from specdeepmap.inference import Predictor
+    from specdeepmap.quantization import quantize_int8
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("unet", "resnet18", 4, 4, encoder_depth=3)).eval()
+    config = {
+        "architecture": "unet",
+        "backbone": "resnet18",
+        "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": None},
+    }
+    fp32 = Predictor(model, config, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    scene = [rng.integers(0, 1000, (2, 4, 64, 64)).astype(np.uint16)]
+    bright = [(scene[0].astype(np.uint32) * 20).astype(np.uint16)]
+    first = quantize_int8(fp32, scene).probabilities(scene[0])
+    quantize_int8(fp32, bright)
+    again = quantize_int8(fp32, scene).probabilities(scene[0])
+    assert torch.equal(first, again)
+
+
 def test_int8_map_matches_fp32(trained, dataset, tmp_path):
     """int8 and fp32 maps of the demo scene agree on at least 99.5 % of the pixels that are not
     near-ties in fp32 (top-two probabilities more than 0.02 apart: over 90 % of the map), on
