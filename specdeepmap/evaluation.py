@@ -376,8 +376,7 @@ class ChipScores:
 
     def __init__(self, class_values: list[int]):
         self.class_values = class_values
-        k = len(class_values)
-        self.k = k
+        self.k = len(class_values)
         self.ious: list[np.ndarray] = []
         self.matrices: dict[str, np.ndarray] = {}
         self.sizes: dict[str, tuple[int, int]] = {}

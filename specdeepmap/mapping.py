@@ -683,8 +683,8 @@ def map_tags(
     """The lineage tags every output of a map carries: model, run, version, input,
     software, classes, precision, the masked pixels' value.
     """
-    schema, legend_values = legend(predictor, quality)
-    class_values = legend_values[: len(predictor.value_lut()) - 1]
+    schema, _ = legend(predictor, quality)
+    class_values = [int(v) for v in predictor.value_lut()[1:]]
     return {
         "SPECDEEPMAP_MODEL": model_uri,
         "SPECDEEPMAP_MODEL_RUN_ID": str(predictor.config.get("run_id", "")),
