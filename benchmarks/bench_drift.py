@@ -43,16 +43,16 @@ def parts(array: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def trained_on(pixels: np.ndarray) -> dict:
-    """A model config's statistics of training pixels (bands, rows, cols)."""
+    """A model's normalisation from training pixels (bands, rows, cols)."""
     flat = pixels.reshape(pixels.shape[0], -1) / SCALER
-    return {"normalization": {"mean": flat.mean(1).tolist(), "std": flat.std(1).tolist()}}
+    return {"mean": flat.mean(1).tolist(), "std": flat.std(1).tolist()}
 
 
-def verdict(config: dict, scene: np.ndarray):
+def verdict(normalization: dict, scene: np.ndarray):
     """The input verdict of a scene against a model's statistics."""
     stats = SceneStatistics(scene.shape[0], SCALER)
     stats.add(scene.reshape(scene.shape[0], -1))
-    return judge(stats, OutputStatistics(1), config)
+    return judge(stats, OutputStatistics(1), normalization, None)
 
 
 def shares(labels: np.ndarray) -> np.ndarray:
@@ -89,7 +89,7 @@ def main() -> None:
     print("\nEast half against the west half's statistics, changed")
     print("change | median band shift | gain | offset | verdict | reason")
     print("--- | --- | --- | --- | --- | ---")
-    config, east = trained_on(images["west"]), images["east"]
+    normalization, east = trained_on(images["west"]), images["east"]
     changes = {
         "none": east,
         "+200": east + 200,
@@ -99,7 +99,7 @@ def main() -> None:
         "0-1 reflectance": east / SCALER,
     }
     for name, scene in changes.items():
-        found = verdict(config, scene)
+        found = verdict(normalization, scene)
         s = found.scores
         print(
             f"{name} | {s['median_band_shift']:.2f} | {s['gain']:.4g} | {s['offset']:+.3f} | "

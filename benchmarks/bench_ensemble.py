@@ -33,7 +33,7 @@ def make_ensemble(single: str, members: int, path: str) -> str:
     config, _ = read_model_file(single)
     torch.manual_seed(1)
     ensemble = EnsembleSegmentation([build_network(config) for _ in range(members)])
-    return export_model_file({**config, "ensemble": members}, ensemble, path)
+    return export_model_file(config.model_copy(update={"ensemble": members}), ensemble, path)
 
 
 def main() -> None:

@@ -148,19 +148,19 @@ def make_model(path: str) -> str:
     import torch
 
     from specdeepmap.inference import export_model_file
+    from specdeepmap.model_config import ModelConfig
     from specdeepmap.models import ModelSpec, build_model
 
     torch.manual_seed(0)
-    config = {
-        "architecture": "unet",
-        "backbone": "resnet18",
-        "in_channels": 13,
-        "num_classes": 7,
-        "class_values": [1, 2, 3, 4, 5, 6],
-        "ignore_index": 0,
-        "tile_size": [256, 256],
-        "normalization": {"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0},
-    }
+    config = ModelConfig(
+        architecture="unet",
+        backbone="resnet18",
+        in_channels=13,
+        num_classes=7,
+        class_values=[1, 2, 3, 4, 5, 6],
+        tile_size=[256, 256],
+        normalization={"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0},
+    )
     return export_model_file(config, build_model(ModelSpec("unet", "resnet18", 13, 7)), path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -18,10 +19,12 @@ from pydantic import Field
 from flows.params import MapFlowParams, ScenePair, ScheduledMappingParams, TrainingPipelineParams
 from specdeepmap import registry, storage
 from specdeepmap.bands import stack_scene
+from specdeepmap.evaluation import TestFigures
 from specdeepmap.mapping import output_uri_for, scenes_under
 from specdeepmap.model_card import escape_md, panels_markdown
 from specdeepmap.params import ChipParams, SplitParams, TrainParams
 from specdeepmap.publishing import mapped_with, masks_beside, release, unmapped_scenes
+from specdeepmap.registry import ChampionScore, Promotion
 from specdeepmap.stac import is_catalog, update_catalog
 from specdeepmap.tracking import ensure_experiment, tracking_uri
 from specdeepmap.training import TrainConfig, TrainResult
@@ -146,7 +149,7 @@ def mlflow_run_url(run_id: str) -> str | None:
 @flow(name="evaluate")
 def evaluate_flow(test_csv: str, model_uri: str, out_uri: str) -> dict:
     """Test a model on a test CSV (metrics logged to the model's MLflow run)."""
-    return evaluate_task(test_csv, model_uri, out_uri, None)
+    return evaluate_task(test_csv, model_uri, out_uri, None).to_dict()
 
 
 class ReviewInput(RunInput):
@@ -299,7 +302,7 @@ def training_pipeline(
     result = train_flow(chips_uri, params.train, params.model_name, checkpoints)
     test_csv = storage.join(chips_uri, "test_files.csv")
     evaluation_uri = storage.join(params.work_uri, "evaluation", f"v{result.model_version}")
-    metrics = evaluate_task(
+    tested = evaluate_task(
         test_csv, result.model_file, evaluation_uri, result.run_id, result.baseline
     )
     champion = champion_task(
@@ -309,33 +312,29 @@ def training_pipeline(
         storage.join(evaluation_uri, "champion"),
         evaluation_uri,
     )
-    if promotion == "auto" and champion["version"] and champion["mean_iou"] is None:
+    if promotion == "auto" and champion.version and champion.mean_iou is None:
         logger.warning(
             "The champion cannot be scored on this run's chips (%s): asking a reviewer instead",
-            champion["reason"],
+            champion.reason,
         )
         promotion = "approval"
     promoted = promote_task(
         params.model_name,
         result.model_version,
-        metrics["test_mean_iou"],
-        metrics["baseline_rf_test_mean_iou"],
+        tested,
         champion,
         params.min_improvement,
         promotion,
-        metrics["baseline_rf_difference"],
-        metrics["split_leakage"],
     )
-    summary = pipeline_summary(result, promoted, promotion, champion, metrics)
     links = review_links(result, evaluation_uri)
     if promotion == "approval":
-        promoted |= ask_reviewer(
-            params, result, chips_uri, evaluation_uri, summary, promoted, links
+        promoted = ask_reviewer(
+            params, result, chips_uri, evaluation_uri, tested, champion, promoted, links
         )
-        summary["alias"] = promoted["alias"]
     model_card_task(
-        params.model_name, result, chips_uri, evaluation_uri, summary, promoted["reason"]
+        params.model_name, result, chips_uri, evaluation_uri, tested, champion, promoted
     )
+    summary = pipeline_summary(result, promoted, promotion, champion, tested)
     create_markdown_artifact(
         key="training-pipeline",
         description="Training pipeline result",
@@ -345,28 +344,34 @@ def training_pipeline(
         "Model %s version %s (%s): test mean IoU %.4f",
         params.model_name,
         result.model_version,
-        promoted["alias"] or "no alias",
-        metrics["test_mean_iou"],
+        promoted.alias or "no alias",
+        tested.mean_iou,
     )
     return summary
 
 
 def pipeline_summary(
-    result: TrainResult, promoted: dict, promotion: str, champion: dict, metrics: dict
+    result: TrainResult,
+    promoted: Promotion,
+    promotion: str,
+    champion: ChampionScore,
+    tested: TestFigures,
 ) -> dict:
-    """The run's figures as the flow returns them and its artifact lists them."""
+    """The run's figures as the flow returns them (plain data: shown in the Prefect UI and
+    read by API callers) and as its artifact lists them.
+    """
     return {
         "model_uri": result.model_uri,
         "version": result.model_version,
-        "alias": promoted["alias"],
+        "alias": promoted.alias,
         "promotion": promotion,
         "run_id": result.run_id,
         "best_val_iou": result.best_val_iou,
         "baseline_rf_val_mean_iou": result.baseline_mean_iou("validation"),
-        "champion_version": champion["version"],
-        "champion_test_mean_iou_same_chips": champion["mean_iou"],
-        "champion_difference": champion.get("difference"),
-        **metrics,
+        "champion_version": champion.version,
+        "champion_test_mean_iou_same_chips": champion.mean_iou,
+        "champion_difference": champion.difference.to_dict() if champion.difference else None,
+        **tested.to_dict(),
     }
 
 
@@ -375,31 +380,32 @@ def ask_reviewer(
     result: TrainResult,
     chips_uri: str,
     evaluation_uri: str,
-    summary: dict,
-    promoted: dict,
+    tested: TestFigures,
+    champion: ChampionScore,
+    promoted: Promotion,
     links: str,
-) -> dict:
+) -> Promotion:
     """The decision on one screen: the card and the version's description hold the figures
     before the run waits for the reviewer; returns the alias and reason they chose.
     """
-    model_card_task(
-        params.model_name,
-        result,
-        chips_uri,
-        evaluation_uri,
-        summary,
-        f"waiting for a reviewer; the rule says: {promoted['reason']}",
-    )
+    waiting = replace(promoted, reason=f"waiting for a reviewer; the rule says: {promoted.reason}")
+    model_card_task(params.model_name, result, chips_uri, evaluation_uri, tested, champion, waiting)
     review = review_flow(
         params.model_name,
         result.model_version,
-        promoted["reason"],
-        promoted["comparison"],
+        promoted.reason,
+        promoted.comparison,
         params.review_timeout_hours,
         links,
         result.run_id,
     )
-    return {"alias": review["alias"], "reason": f"reviewed: {review}"}
+    if review["reviewer"]:
+        said = f" ({review['comment']})" if review["comment"] else ""
+        verdict = "approved" if review["approved"] else "rejected"
+        reason = f"{verdict} by {review['reviewer']}{said}; the rule said: {promoted.reason}"
+    else:
+        reason = f"no review in time; the rule said: {promoted.reason}"
+    return replace(promoted, alias=review["alias"], reason=reason)
 
 
 def review_links(result: TrainResult, evaluation_uri: str) -> str:

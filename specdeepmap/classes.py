@@ -18,9 +18,13 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from io import StringIO
+from typing import TYPE_CHECKING
 
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidLabelError, MissingInputError
+
+if TYPE_CHECKING:
+    from specdeepmap.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -439,10 +443,10 @@ def qml(schema: ClassSchema, values: list[int]) -> str:
     )
 
 
-def schema_from_config(config: dict) -> ClassSchema:
+def schema_from_config(config: ModelConfig) -> ClassSchema:
     """A model's class schema (from its config; classes called by value without one)."""
-    schema = ClassSchema.from_dict(config.get("classes"))
-    return schema.restrict(list(config["class_values"]))
+    schema = ClassSchema.from_dict(config.classes)
+    return schema.restrict(list(config.class_values))
 
 
 __all__ = [

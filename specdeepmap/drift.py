@@ -238,17 +238,21 @@ def output_drift(output: OutputStatistics, reference: dict | None) -> tuple[list
 def judge(
     scene: SceneStatistics,
     output: OutputStatistics,
-    config: dict,
+    normalization: dict,
+    reference: dict | None,
     masked_share: float = 0.0,
 ) -> Verdict:
-    """The verdict of a mapped scene against the model's ``config`` (its model file's)."""
-    normalization = config.get("normalization") or {}
+    """The verdict of a mapped scene against what the model was trained on: its
+    ``normalization`` (the band statistics of its training pixels) and ``reference`` (its
+    outputs on the validation chips), both from its model file (:class:`ModelConfig`).
+    """
+    normalization = normalization or {}
     reasons, scores = [], {}
     if normalization.get("mean") and normalization.get("std"):
         found, scored = input_drift(scene, normalization["mean"], normalization["std"])
         reasons += found
         scores |= scored
-    found, scored = output_drift(output, config.get("reference"))
+    found, scored = output_drift(output, reference)
     reasons += found
     scores |= scored | {"masked_share": round(masked_share, 4)}
     scores = {k: (None if v is None or not math.isfinite(v) else v) for k, v in scores.items()}

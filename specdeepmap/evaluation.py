@@ -233,6 +233,52 @@ class EvaluationReport:
     class_names: dict[int, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TestFigures:
+    """The Tester's figures that the steps after it use: promotion, the model card, a flow's
+    summary (the report without its files and per-chip matrices).
+    """
+
+    __test__ = False  # a result, not a pytest class
+
+    mean_iou: float  #: pooled over the test chips' pixels
+    mean_iou_per_chip: float  #: SpecDeepMap's per-chip mean
+    overall_accuracy: float
+    iou_csv: str
+    forest_mean_iou: float | None = None  #: the RandomForest's on the same chips
+    versus_forest: Difference | None = None  #: mean IoU − the forest's, with its interval
+    split_leakage: Leakage | None = None
+
+    @classmethod
+    def of(cls, report: EvaluationReport, forest: Metrics | None = None) -> TestFigures:
+        """The figures of a Tester's report (``forest``: the RandomForest's on its chips)."""
+        return cls(
+            mean_iou=report.metrics.mean_iou,
+            mean_iou_per_chip=report.per_chip_mean_iou,
+            overall_accuracy=report.metrics.overall_accuracy,
+            iou_csv=report.iou_csv,
+            forest_mean_iou=forest.mean_iou if forest is not None else None,
+            versus_forest=report.versus_baseline,
+            split_leakage=report.split_leakage,
+        )
+
+    def to_dict(self) -> dict:
+        """Plain data under the names a flow's summary gives them."""
+        return {
+            "test_mean_iou": self.mean_iou,
+            "test_mean_iou_per_chip": self.mean_iou_per_chip,
+            "overall_accuracy": self.overall_accuracy,
+            "iou_csv": self.iou_csv,
+            "baseline_rf_test_mean_iou": self.forest_mean_iou,
+            "baseline_rf_difference": self.versus_forest.to_dict()
+            if self.versus_forest is not None
+            else None,
+            "split_leakage": self.split_leakage.to_dict()
+            if self.split_leakage is not None
+            else None,
+        }
+
+
 def evaluate_model(
     test_csv: str,
     model_uri: str,

@@ -26,6 +26,7 @@ import torch
 from specdeepmap import storage
 from specdeepmap.classes import ClassSchema
 from specdeepmap.errors import InputMismatchError
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.params import ARCHITECTURE_ALIASES
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def to_model_file(obj: dict, uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-def convert(checkpoint_uri: str, out_uri: str) -> dict:
+def convert(checkpoint_uri: str, out_uri: str) -> ModelConfig:
     """Write a SpecDeepMap checkpoint as our model file (``model.pt`` format); its config.
 
     The weights load into the network the config describes (strictly: every tensor must fit),
@@ -197,7 +198,7 @@ def convert(checkpoint_uri: str, out_uri: str) -> dict:
     from specdeepmap.models import build_network
 
     config, state = read_model_file(checkpoint_uri)
-    if "imported_from" not in config:
+    if config.imported_from is None:
         raise InputMismatchError(
             f"{checkpoint_uri} is a specdeepmap model already: use it as it is"
         )
@@ -262,15 +263,17 @@ def export_checkpoint(model_uri: str, out_uri: str) -> dict:
     preprocess = _preprocess(norm, spec.in_channels)
     values = predictor.class_values
     height, width = predictor.tile_size
+    imported = predictor.config.imported_from or {}
     hyper = {
         "in_channels": spec.in_channels,
         "architecture": name,
         "classes": spec.num_classes,
         "backbone": None if name == "JustoUNetSimple" else spec.backbone,
         "weights": None,
-        "epochs": predictor.config.get("epochs"),
-        "lr": predictor.config.get("lr"),
-        "batch_size": predictor.config.get("batch_size"),
+        # an imported checkpoint's own (ours are not written into the model file)
+        "epochs": imported.get("epochs"),
+        "lr": imported.get("lr"),
+        "batch_size": imported.get("batch_size"),
         "num_workers": 0,
         "acc": "cpu",
         "transform": None,
@@ -350,23 +353,23 @@ def _unexportable(spec, name: str | None, state: dict) -> list[str]:
     return problems
 
 
-def import_card(config: dict) -> str:
+def import_card(config: ModelConfig) -> str:
     """A short model card for an imported checkpoint: where it came from, what came over."""
-    source = config["imported_from"]
-    values = ", ".join(str(v) for v in config["class_values"])
-    norm = config["normalization"]
+    source = config.imported_from
+    values = ", ".join(str(v) for v in config.class_values)
+    norm = config.normalization
     return "\n".join(
         [
-            f"# Imported SpecDeepMap model: {config['architecture']}",
+            f"# Imported SpecDeepMap model: {config.architecture}",
             "",
-            f"From `{source['file']}` ({config['version']}; epoch {source.get('epoch')} of "
+            f"From `{source['file']}` ({config.version}; epoch {source.get('epoch')} of "
             f"{source.get('epochs')}, learning rate {source.get('lr')}, batch size "
             f"{source.get('batch_size')}).",
             "",
             "Recovered from its hyper-parameters: architecture "
-            f"`{config['architecture']}` (backbone `{config['backbone']}`), "
-            f"{config['in_channels']} input bands, class values {values} (channel 0: "
-            f"background), {config['tile_size'][1]} x {config['tile_size'][0]} px chips, "
+            f"`{config.architecture}` (backbone `{config.backbone}`), "
+            f"{config.in_channels} input bands, class values {values} (channel 0: "
+            f"background), {config.tile_size[1]} x {config.tile_size[0]} px chips, "
             f"scaler {norm['scaler']}, normalisation "
             + ("mean/std per band" if norm["mean"] else "none")
             + ".",

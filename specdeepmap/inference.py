@@ -32,10 +32,12 @@ from specdeepmap.errors import (
     UnreadableInputError,
     UnsafeModelFileError,
 )
+from specdeepmap.model_config import SCHEMA_VERSION, ModelConfig
 from specdeepmap.models import build_network, replace_submodule
 from specdeepmap.normalization import Normalization
 
-MODEL_FORMAT = "specdeepmap-model/1"
+FORMAT_NAME = "specdeepmap-model"
+MODEL_FORMAT = f"{FORMAT_NAME}/{SCHEMA_VERSION}"
 MODEL_FILE = "model.pt"
 
 
@@ -114,11 +116,13 @@ def load_plain_data(path: str, uri: str | None = None) -> object:
         ) from None
 
 
-def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_model_file(uri: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, state dict) of a model file, never unpickling arbitrary objects.
 
-    The tensors are loaded straight from the (local or cached) file, not from a copy of its
-    bytes in memory, so loading holds the weights once.
+    The config is validated (:class:`ModelConfig`): a file with a missing or wrong entry is
+    refused here, naming the file and the entry. The tensors are loaded straight from the
+    (local or cached) file, not from a copy of its bytes in memory, so loading holds the
+    weights once.
     """
     path = local_model_file(uri)
     try:
@@ -132,30 +136,43 @@ def read_model_file(uri: str) -> tuple[dict, dict[str, torch.Tensor]]:
             raise refusal from None
         if not foreign.is_specdeepmap_checkpoint(obj):
             raise refusal from None
-        return foreign.to_model_file(obj, uri)
-    if isinstance(obj, dict) and obj.get("format") == MODEL_FORMAT:
-        return obj["config"], obj["state_dict"]
+        config, state = foreign.to_model_file(obj, uri)
+        return ModelConfig.read(config, uri), state
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith(FORMAT_NAME + "/"):
+        _check_format_version(obj["format"], uri)
+        return ModelConfig.read(obj["config"], uri), obj["state_dict"]
     if isinstance(obj, dict) and "config" in (obj.get("hyper_parameters") or {}):
         state = {
             k.removeprefix("model."): v
             for k, v in obj["state_dict"].items()
             if k.startswith("model.")
         }
-        return obj["hyper_parameters"]["config"], state
+        return ModelConfig.read(obj["hyper_parameters"]["config"], uri), state
     from specdeepmap import foreign
 
     if foreign.is_specdeepmap_checkpoint(obj):  # SpecDeepMap's, without pickled objects
-        return foreign.to_model_file(obj, uri)
+        config, state = foreign.to_model_file(obj, uri)
+        return ModelConfig.read(config, uri), state
     raise UnsafeModelFileError(f"{uri} is not a specdeepmap model file (no config found)")
 
 
-def export_model_file(config: dict, model: torch.nn.Module, path: str) -> str:
+def _check_format_version(found: str, uri: str) -> None:
+    """A model file of a later schema than this code reads is refused (not misread)."""
+    version = found.rsplit("/", 1)[1]
+    if not version.isdigit() or int(version) > SCHEMA_VERSION:
+        raise UnreadableInputError(
+            f"Model file {uri} has format {found}: this specdeepmap reads "
+            f"{MODEL_FORMAT} and earlier; update specdeepmap to read it"
+        )
+
+
+def export_model_file(config: ModelConfig, model: torch.nn.Module, path: str) -> str:
     """Write the portable model file (config + state dict) atomically."""
     with storage.atomic_output(path) as tmp:
         torch.save(
             {
                 "format": MODEL_FORMAT,
-                "config": config,
+                "config": config.stored(),
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             },
             tmp,
@@ -168,14 +185,14 @@ class Predictor:
     """A network with its config, ready to turn raw pixel arrays into class probabilities."""
 
     model: torch.nn.Module
-    config: dict
+    config: ModelConfig
     device: torch.device
     source: str = ""
 
     @property
     def class_values(self) -> list[int]:
         """Original label values of output channels 1..K (channel 0 is 'unlabelled')."""
-        return list(self.config["class_values"])
+        return list(self.config.class_values)
 
     @property
     def classes(self) -> ClassSchema:
@@ -185,17 +202,17 @@ class Predictor:
     @property
     def in_channels(self) -> int:
         """Bands the model expects."""
-        return int(self.config["in_channels"])
+        return self.config.in_channels
 
     @property
     def tile_size(self) -> tuple[int, int]:
         """(height, width) of the training chips."""
-        return tuple(self.config["tile_size"])
+        return tuple(self.config.tile_size)
 
     @property
     def normalization(self) -> Normalization:
         """Normalisation the model was trained with."""
-        return Normalization.from_dict(self.config["normalization"])
+        return Normalization.from_dict(self.config.normalization)
 
     def value_lut(self) -> np.ndarray:
         """Class value of every output channel (channel 0 → 0)."""

@@ -20,6 +20,7 @@ from typing_extensions import override
 from specdeepmap.augmentation import D4, band_dropout, cutmix, d4_apply, d4_invert
 from specdeepmap.losses import Loss, build_loss, warmup_cosine
 from specdeepmap.metrics import confusion_matrix, mean_iou
+from specdeepmap.model_config import ModelConfig
 
 IGNORE_INDEX = 0
 
@@ -61,7 +62,7 @@ class SegmentationTask(L.LightningModule):
     def __init__(
         self,
         model: nn.Module,
-        config: dict,
+        config: ModelConfig,
         class_weights: torch.Tensor | None,
         lr: float,
         epochs: int,
@@ -88,9 +89,9 @@ class SegmentationTask(L.LightningModule):
         self.band_dropout = band_dropout
         self.epochs = epochs
         self.warmup_epochs = warmup_epochs
-        self.save_hyperparameters({"config": config})
+        self.save_hyperparameters({"config": config.stored()})  # plain data in the checkpoint
         self.loss = build_loss(loss, class_weights, IGNORE_INDEX)
-        self.num_classes = config["num_classes"]
+        self.num_classes = config.num_classes
         self.train_iou = PooledIoU(self.num_classes)
         self.val_iou = PooledIoU(self.num_classes)
 

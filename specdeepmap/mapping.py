@@ -106,7 +106,7 @@ def _check_input(
             f"{uri} has {src.count} bands, the model {model_uri} was "
             f"trained on {predictor.in_channels}"
         )
-    same_band_order(predictor.config.get("band_names") or [], list(src.descriptions), uri)
+    same_band_order(predictor.config.band_names or [], list(src.descriptions), uri)
     if src.crs is None:
         warnings.warn(f"{uri} has no CRS: mapping anyway, the output will have none", stacklevel=3)
     norm = predictor.normalization
@@ -356,7 +356,7 @@ def _map_item(
 
     with tempfile.TemporaryDirectory(prefix="specdeepmap-scene-") as folder:
         scene = item_scene(
-            item_uri, predictor.config.get("band_names") or [], os.path.join(folder, "scene.vrt")
+            item_uri, predictor.config.band_names or [], os.path.join(folder, "scene.vrt")
         )
         return map_scene(
             scene,
@@ -687,13 +687,13 @@ def map_tags(
     class_values = [int(v) for v in predictor.value_lut()[1:]]
     return {
         "SPECDEEPMAP_MODEL": model_uri,
-        "SPECDEEPMAP_MODEL_RUN_ID": str(predictor.config.get("run_id", "")),
+        "SPECDEEPMAP_MODEL_RUN_ID": predictor.config.run_id or "",
         # the registered model version when mapped with models:/NAME/VERSION, and the
         # software that trained the model (not to be confused: they were one tag before)
         "SPECDEEPMAP_MODEL_VERSION": model_uri.rsplit("/", 1)[-1]
         if model_uri.startswith("models:/") and "@" not in model_uri
         else "",
-        "SPECDEEPMAP_TRAINED_WITH": f"specdeepmap {predictor.config.get('version', '')}",
+        "SPECDEEPMAP_TRAINED_WITH": f"specdeepmap {predictor.config.version or ''}",
         "SPECDEEPMAP_INPUT": input_uri,
         "SPECDEEPMAP_SOFTWARE": f"specdeepmap {__version__}",
         "SPECDEEPMAP_CLASS_VALUES": ",".join(str(v) for v in class_values),

@@ -20,6 +20,7 @@ import tempfile
 
 from specdeepmap import __version__, storage
 from specdeepmap.classes import ClassSchema
+from specdeepmap.model_config import ModelConfig
 
 MLM_SCHEMA = "https://stac-extensions.github.io/mlm/v1.5.2/schema.json"
 VERSION_SCHEMA = "https://stac-extensions.github.io/version/v1.2.0/schema.json"
@@ -59,7 +60,7 @@ def _band_scaling(mean: float | None, std: float | None, scaler: float) -> dict:
 
 
 def model_item(
-    config: dict,
+    config: ModelConfig,
     name: str,
     version: str,
     model_href: str,
@@ -71,11 +72,9 @@ def model_item(
     has no geometry (a model is not tied to a place; the training data's extent is in its
     model card); aliases and links are filled in when it is logged.
     """
-    bands = list(
-        config.get("band_names") or [f"band_{i + 1}" for i in range(config["in_channels"])]
-    )
-    values = [int(v) for v in config["class_values"]]
-    architecture = config["architecture"]
+    bands = list(config.band_names or [f"band_{i + 1}" for i in range(config.in_channels)])
+    values = [int(v) for v in config.class_values]
+    architecture = config.architecture
     properties = {
         "datetime": created.isoformat().replace("+00:00", "Z"),
         "title": f"{name} version {version}",
@@ -83,8 +82,8 @@ def model_item(
         # only when an asset has them too (the model asset below)
         "bands": [{"name": band} for band in bands],
         "description": f"Semantic segmentation of {len(bands)}-band imagery into "
-        f"{len(values)} classes ({architecture} / {config.get('backbone')}), trained with "
-        f"specdeepmap {config.get('version', __version__)}.",
+        f"{len(values)} classes ({architecture} / {config.backbone}), trained with "
+        f"specdeepmap {config.version or __version__}.",
         "mlm:name": f"{name} v{version}",
         "mlm:architecture": ARCHITECTURES.get(architecture, architecture),
         "mlm:tasks": ["semantic-segmentation"],
@@ -92,12 +91,12 @@ def model_item(
         "mlm:framework_version": _torch_version(),
         "mlm:accelerator": None,
         "mlm:accelerator_constrained": False,
-        "mlm:pretrained": config.get("weights") not in (None, "None", ""),
+        "mlm:pretrained": config.weights.lower() not in ("none", ""),
         "mlm:input": [model_input(config, bands)],
         "mlm:output": [model_output(config)],
         "version": str(version),
         "specdeepmap:aliases": [],
-        "specdeepmap:band_dtype": config.get("dtype"),
+        "specdeepmap:band_dtype": config.dtype,
     }
     return {
         "type": "Feature",
@@ -120,9 +119,9 @@ def model_item(
     }
 
 
-def model_input(config: dict, bands: list[str]) -> dict:
+def model_input(config: ModelConfig, bands: list[str]) -> dict:
     """MLM's input: the bands in order, the chip shape and the model's value scaling."""
-    height, width = config["tile_size"]
+    height, width = config.tile_size
     return {
         "name": "image chips",
         "bands": bands,
@@ -131,20 +130,20 @@ def model_input(config: dict, bands: list[str]) -> dict:
             "dim_order": ["batch", "bands", "height", "width"],
             "data_type": "float32",
         },
-        "value_scaling": value_scaling(config.get("normalization") or {}, len(bands)),
+        "value_scaling": value_scaling(config.normalization or {}, len(bands)),
         "pre_processing_function": None,
     }
 
 
-def model_output(config: dict) -> dict:
+def model_output(config: ModelConfig) -> dict:
     """MLM's output: a probability per class and pixel, the classes named and coloured
     (classification v1.1 names are slugs: the name itself is the description).
     """
     from specdeepmap.stac import slug
 
-    height, width = config["tile_size"]
-    classes = ClassSchema.from_dict(config["classes"]) if config.get("classes") else None
-    values = [int(v) for v in config["class_values"]]
+    height, width = config.tile_size
+    classes = ClassSchema.from_dict(config.classes) if config.classes else None
+    values = [int(v) for v in config.class_values]
     output_classes = []
     for v in values:
         label = classes.name(v) if classes else f"class {v}"
@@ -166,7 +165,7 @@ def model_output(config: dict) -> dict:
 
 
 def publish_model_item(
-    name: str, version: str, config: dict, file_name: str = "model.pt", client=None
+    name: str, version: str, config: ModelConfig, file_name: str = "model.pt", client=None
 ) -> str:
     """Write the MLM item of a newly registered version into its run's artifacts, relink its
     predecessor's (its successor and the latest version), and return the item's URI.

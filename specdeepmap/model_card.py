@@ -14,6 +14,7 @@ import io
 import json
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from specdeepmap.classes import ClassSchema, schema_from_config
 from specdeepmap.comparison import Difference
 from specdeepmap.data import resolve_row
 from specdeepmap.leakage import Leakage, read_split_leakage
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.splitting import read_csv
 
 CARD_FOLDER = "model_card"
@@ -131,16 +133,34 @@ def _band_stat(values, i: int) -> float | None:
     return None if values is None or values[i] is None else float(values[i])
 
 
-def summary(config: dict, facts: dict, scores: dict) -> str:
+@dataclass(frozen=True)
+class CardScores:
+    """The figures a model card's summary shows beside the model; any may be unknown (None).
+
+    The validation IoU chose the checkpoint (the best of ``val_epochs`` validated epochs,
+    their median ``val_median``), so on a few validation chips it overstates the model; the
+    test figures compare it fairly with the forest and the champion, on the same chips.
+    """
+
+    val: float | None = None  #: pooled validation mean IoU of the chosen checkpoint
+    test: float | None = None  #: pooled test mean IoU
+    baseline_val: float | None = None  #: the RandomForest's, same validation chips
+    baseline_test: float | None = None  #: the RandomForest's, same test chips
+    baseline_forest: str | None = None  #: which forest (:func:`baseline.describe_forest`)
+    baseline_difference: Difference | None = None  #: this model − the forest, test chips
+    champion_version: str | None = None
+    champion_test: float | None = None  #: the champion's on the same test chips
+    champion_difference: Difference | None = None  #: this model − the champion
+    alias: str | None = None  #: the alias the version got after training
+    alias_reason: str = ""
+    run_id: str | None = None
+    val_epochs: int = 0
+    val_median: float | None = None
+
+
+def summary(config: ModelConfig, facts: dict, scores: CardScores) -> str:
     """The card's summary (the model version's description): what the model is, its scores
     beside the RandomForest's and the champion's on the same chips, and the alias it got.
-
-    ``scores``: ``val``, ``test``, ``baseline_val``, ``baseline_test``, ``champion_version``,
-    ``champion_test``, ``alias``, ``alias_reason``, ``run_id``, ``baseline_forest`` (which
-    forest, :func:`baseline.describe_forest`), ``val_epochs`` and
-    ``val_median`` (the validated epochs and their median IoU), ``baseline_difference``
-    and ``champion_difference`` (:meth:`comparison.Difference.to_dict` on the test chips);
-    any may be missing.
 
     The validation IoU chose the checkpoint (the best of the validated epochs), so on a few
     validation chips it overstates the model: on the shared EnMAP set the best epoch scored
@@ -149,61 +169,61 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
     which was not chosen on them.
     """
     classes = schema_from_config(config)
-    names = ", ".join(escape_md(classes.name(v)) for v in config["class_values"])
-    bands = config.get("band_names") or []
-    band_text = f"{config['in_channels']} bands" + (
+    names = ", ".join(escape_md(classes.name(v)) for v in config.class_values)
+    bands = config.band_names or []
+    band_text = f"{config.in_channels} bands" + (
         f" ({escape_md(bands[0])} … {escape_md(bands[-1])})" if len(bands) > 1 else ""
     )
-    champion = scores.get("champion_version")
+    champion = scores.champion_version
     lines = [
-        f"**{config['architecture']} / {config['backbone']}** for "
-        f"{len(config['class_values'])} classes ({names}) from {band_text}, "
-        f"{config['tile_size'][0]} × {config['tile_size'][1]} px chips.",
+        f"**{config.architecture} / {config.backbone}** for "
+        f"{len(config.class_values)} classes ({names}) from {band_text}, "
+        f"{config.tile_size[0]} × {config.tile_size[1]} px chips.",
         "",
     ]
     header = ["pooled mean IoU", "this model", "RandomForest (same chips)"]
     rows = [
-        ["validation", scores.get("val"), scores.get("baseline_val")],
-        ["test", scores.get("test"), scores.get("baseline_test")],
+        ["validation", scores.val, scores.baseline_val],
+        ["test", scores.test, scores.baseline_test],
     ]
     if champion:
         header.append(f"champion v{champion} (same chips)")
         rows[0].append(None)
-        rows[1].append(scores.get("champion_test"))
+        rows[1].append(scores.champion_test)
     lines += _table(header, rows) + [""]
-    if scores.get("baseline_forest"):
-        lines += [f"The RandomForest: {scores['baseline_forest']}.", ""]  # our words
-    for key, other in (
-        ("baseline_difference", "the RandomForest"),
-        ("champion_difference", f"champion v{champion}"),
+    if scores.baseline_forest:
+        lines += [f"The RandomForest: {scores.baseline_forest}.", ""]  # our words
+    for difference, other in (
+        (scores.baseline_difference, "the RandomForest"),
+        (scores.champion_difference, f"champion v{champion}"),
     ):
-        if scores.get(key):
-            lines += [Difference.from_dict(scores[key]).sentence("This model", other), ""]
+        if difference:
+            lines += [difference.sentence("This model", other), ""]
     if facts.get("leakage"):  # how honest the comparison is
         leakage = Leakage.from_dict(facts["leakage"])
         lines += [
             ("**The split leaks**: " if leakage.leaks else "Split: ") + leakage.sentence(),
             "",
         ]
-    if scores.get("val_median") is not None and scores.get("val_epochs", 0) > 1:
+    if scores.val_median is not None and scores.val_epochs > 1:
         lines += [
-            f"The validation IoU chose this checkpoint, the best of {scores['val_epochs']}"
-            f" validated epochs (their median: {_fmt(scores['val_median'])}), so it "
+            f"The validation IoU chose this checkpoint, the best of {scores.val_epochs}"
+            f" validated epochs (their median: {_fmt(scores.val_median)}), so it "
             "overstates the model on these chips; the test chips, used neither in "
             "training nor in choosing, compare it fairly with the forest.",
             "",
         ]
-    if scores.get("alias"):
+    if scores.alias:
         lines.append(
-            f"Alias after training: **{scores['alias']}**"
-            + (f" ({scores['alias_reason']})" if scores.get("alias_reason") else "")
+            f"Alias after training: **{scores.alias}**"
+            + (f" ({scores.alias_reason})" if scores.alias_reason else "")
             + "."
         )
     chips = facts.get("chips", {})
     lines.append(
         f"Trained on `{_code(facts.get('uri'))}` (digest `{facts.get('digest')}`; chips "
         f"train/validation/test {'/'.join(str(chips.get(s, 0)) for s in SPLITS)})"
-        + (f", MLflow run `{scores['run_id']}`" if scores.get("run_id") else "")
+        + (f", MLflow run `{scores.run_id}`" if scores.run_id else "")
         + f". Full model card: run artifact `{CARD_FOLDER}/model_card.html` (with its images; "
         "`model_card.md`: the text)."
     )
@@ -211,9 +231,9 @@ def summary(config: dict, facts: dict, scores: dict) -> str:
 
 
 def model_card(
-    config: dict,
+    config: ModelConfig,
     facts: dict,
-    scores: dict,
+    scores: CardScores,
     training: dict,
     test: dict | None = None,
     images: list[str] | None = None,
@@ -230,18 +250,18 @@ def model_card(
     """
     classes = schema_from_config(config)
     lines = ["# Model card", "", "## Summary", "", summary(config, facts, scores), ""]
-    lines += _data_section(facts, classes, list(config["class_values"]))
+    lines += _data_section(facts, classes, list(config.class_values))
     lines += _input_section(config)
-    lines += _results_section(test, classes, list(config["class_values"]))
+    lines += _results_section(test, classes, list(config.class_values))
     for image in images or []:
         lines += ["", f"![{image}]({image})"]
     lines += ["", "## Training", ""]
     lines += [f"- {k}: {_fmt(v)}" for k, v in training.items()]
     lines += [
-        f"- weights: {config.get('weights')}, frozen encoder: {config.get('freeze_backbone')}",
-        f"- spectral front-end channels: {config.get('spectral_channels')}, encoder "
-        f"depth: {config.get('encoder_depth')}",
-        f"- software: specdeepmap {config.get('version')}",
+        f"- weights: {config.weights}, frozen encoder: {config.freeze_backbone}",
+        f"- spectral front-end channels: {config.spectral_channels}, encoder "
+        f"depth: {config.encoder_depth}",
+        f"- software: specdeepmap {config.version}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -277,16 +297,16 @@ def _data_section(facts: dict, classes: ClassSchema, values: list[int]) -> list[
     return lines + _table(["split", "chips"], [[s, chips.get(s, 0)] for s in SPLITS]) + [""]
 
 
-def _input_section(config: dict) -> list[str]:
+def _input_section(config: ModelConfig) -> list[str]:
     """What a scene must be for this model: bands, dtype, chip size, scaler, statistics."""
-    norm = config.get("normalization", {})
-    bands = config.get("band_names") or [f"band {i + 1}" for i in range(config["in_channels"])]
+    norm = config.normalization
+    bands = config.band_names or [f"band {i + 1}" for i in range(config.in_channels)]
     mean, std = norm.get("mean"), norm.get("std")
     lines = [
         "## Input contract",
         "",
-        f"- {config['in_channels']} bands, dtype {config.get('dtype', '–')}, chips of "
-        f"{config['tile_size'][0]} × {config['tile_size'][1]} px",
+        f"- {config.in_channels} bands, dtype {config.dtype or '–'}, chips of "
+        f"{config.tile_size[0]} × {config.tile_size[1]} px",
         f"- scaler: {norm.get('scaler')} (pixel values are divided by it first); "
         f"nodata: {norm.get('nodata')}",
         "",
@@ -396,7 +416,7 @@ def _rgb(image: np.ndarray, predictor) -> np.ndarray:
     """Three bands, each stretched to its 2-98 % range (red, green, blue by band name where
     known, else three bands spread over the spectrum).
     """
-    names = [n.upper() for n in predictor.config.get("band_names") or []]
+    names = [n.upper() for n in predictor.config.band_names or []]
     wanted = ("B04", "B03", "B02")
     if all(w in names for w in wanted):
         picks = [names.index(w) for w in wanted]
@@ -504,7 +524,7 @@ def publish_model_card(
     run_id: str,
     model_uri: str,
     dataset: str,
-    scores: dict,
+    scores: CardScores,
     training: dict,
     test_folder: str | None = None,
     test_csv: str | None = None,

@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidParameterError, UnsafeModelFileError
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.params import ARCHITECTURE_ALIASES
 
 log = logging.getLogger(__name__)
@@ -88,16 +89,16 @@ class ModelSpec:
     norm: str = "batch"  #: batch (as built) or group: every BatchNorm2d becomes a GroupNorm
 
     @classmethod
-    def from_config(cls, config: dict) -> ModelSpec:
-        """The spec a model file's config describes (older files lack the later keys)."""
+    def from_config(cls, config: ModelConfig) -> ModelSpec:
+        """The spec a model file's config describes."""
         return cls(
-            config["architecture"],
-            config["backbone"],
-            int(config["in_channels"]),
-            int(config["num_classes"]),
-            int(config.get("spectral_channels") or 0),
-            int(config.get("encoder_depth") or 5),
-            config.get("norm") or "batch",
+            config.architecture,
+            config.backbone,
+            config.in_channels,
+            config.num_classes,
+            config.spectral_channels,
+            config.encoder_depth,
+            config.norm,
         )
 
 
@@ -229,12 +230,12 @@ class EnsembleSegmentation(nn.Module):
         return torch.cat([torch.full_like(logits[:, :1], math.log(1e-12)), logits], dim=1)
 
 
-def build_network(config: dict) -> nn.Module:
+def build_network(config: ModelConfig) -> nn.Module:
     """The untrained network a model file's config describes: one network, or an
-    :class:`EnsembleSegmentation` of ``config["ensemble"]`` of them.
+    :class:`EnsembleSegmentation` of ``config.ensemble`` of them.
     """
     spec = ModelSpec.from_config(config)
-    members = int(config.get("ensemble") or 1)
+    members = config.ensemble
     if members == 1:
         return build_model(spec)
     return EnsembleSegmentation([build_model(spec) for _ in range(members)])

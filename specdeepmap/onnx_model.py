@@ -38,6 +38,7 @@ import torch
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError
 from specdeepmap.inference import Predictor
+from specdeepmap.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def export_onnx(
         onnx.helper.set_model_props(
             model,
             {
-                CONFIG_KEY: json.dumps(predictor.config),
+                CONFIG_KEY: json.dumps(predictor.config.stored()),
                 PRECISION_KEY: "int8" if int8 else "fp32",
                 "source": storage.redact(model_uri),
             },
@@ -188,7 +189,7 @@ def _check_batch(predictor: Predictor, chips_csv: str | None, count: int) -> np.
     from specdeepmap.splitting import read_csv
 
     csv = chips_csv
-    dataset = predictor.config.get("dataset")
+    dataset = predictor.config.dataset
     if csv is None and dataset and storage.exists(storage.join(dataset, "test_files.csv")):
         csv = storage.join(dataset, "test_files.csv")
     height, width = predictor.tile_size
@@ -212,7 +213,7 @@ def _calibration_chips(predictor: Predictor, chips_csv: str | None) -> list[np.n
     from specdeepmap.errors import MissingInputError
     from specdeepmap.splitting import read_csv
 
-    dataset = predictor.config.get("dataset")
+    dataset = predictor.config.dataset
     csv = chips_csv or (storage.join(dataset, "train_files.csv") if dataset else None)
     if csv is None or not storage.exists(csv):
         raise MissingInputError(
@@ -326,7 +327,7 @@ def _compare(path: str, portable: torch.nn.Module, sample: np.ndarray) -> tuple[
 class OnnxPredictor(Predictor):
     """A :class:`Predictor` whose probabilities come from an ONNX Runtime session."""
 
-    def __init__(self, session, config: dict, source: str, precision: str = "fp32") -> None:
+    def __init__(self, session, config: ModelConfig, source: str, precision: str = "fp32") -> None:
         super().__init__(model=None, config=config, device=torch.device("cpu"), source=source)
         self.session = session
         self.precision = precision  #: the file's arithmetic: fp32 or int8
@@ -362,9 +363,8 @@ def load_onnx(uri: str) -> OnnxPredictor:
     props = session.get_modelmeta().custom_metadata_map
     if CONFIG_KEY not in props:
         raise InputMismatchError(f"{uri} is an ONNX model without specdeepmap's config")
-    return OnnxPredictor(
-        session, json.loads(props[CONFIG_KEY]), uri, props.get(PRECISION_KEY, "fp32")
-    )
+    config = ModelConfig.read(json.loads(props[CONFIG_KEY]), uri)
+    return OnnxPredictor(session, config, uri, props.get(PRECISION_KEY, "fp32"))
 
 
 def _providers() -> list[str]:

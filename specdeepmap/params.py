@@ -52,7 +52,7 @@ def describe_validation_error(name: str, error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         got = (
             f" (got {item['input']!r})"
-            if item["type"] not in ("value_error", "extra_forbidden")
+            if item["type"] not in ("value_error", "extra_forbidden", "missing")
             else ""
         )
         parts.append(f"{where}: {message}{got}")

@@ -39,6 +39,7 @@ import torch
 
 from specdeepmap.errors import InvalidParameterError
 from specdeepmap.inference import NETWORK_LOCK, Predictor
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.models import EnsembleSegmentation, SpectralSegmentation
 
 #: the quantized-kernel library: oneDNN uses VNNI and changed fewer classes than fbgemm
@@ -89,7 +90,7 @@ def _traceable(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def _prepare(model: torch.nn.Module, example: tuple, config: dict) -> torch.nn.Module:
+def _prepare(model: torch.nn.Module, example: tuple, config: ModelConfig) -> torch.nn.Module:
     """Trace and insert observers; a decoder torch.fx cannot trace (SegFormer's) stays fp32."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
@@ -113,7 +114,7 @@ def _prepare(model: torch.nn.Module, example: tuple, config: dict) -> torch.nn.M
             return prepare_fx(model, qconfig, example, prepare_custom_config=custom)
         except Exception as error:
             raise InvalidParameterError(
-                f"int8: the {config.get('architecture')}/{config.get('backbone')} network "
+                f"int8: the {config.architecture}/{config.backbone} network "
                 f"cannot be traced for quantization ({type(error).__name__}: "
                 f"{str(error).splitlines()[0][:200]}); use fp32"
             ) from error

@@ -32,6 +32,30 @@ class Decision:
     reason: str
 
 
+@dataclass(frozen=True)
+class ChampionScore:
+    """The current champion scored on the new run's test chips (:func:`score_champion`).
+
+    ``mean_iou`` is None, and ``reason`` says why, when there is no champion or it cannot be
+    scored on those chips; ``difference`` is the new model's mean IoU minus the champion's
+    with its interval over the chips (given the new model's per-chip matrices).
+    """
+
+    version: str | None
+    mean_iou: float | None
+    reason: str = ""
+    difference: Difference | None = None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The alias a version got after training, why, and the comparison a reviewer reads."""
+
+    alias: str | None  #: None where the pipeline only registers (mode ``none``)
+    reason: str
+    comparison: str = ""
+
+
 def decide(
     test_mean_iou: float,
     baseline_mean_iou: float | None = None,
@@ -232,36 +256,34 @@ def score_champion(
     client=None,
     new_chip_matrices: dict | None = None,
     chip_units: dict | None = None,
-) -> dict:
+) -> ChampionScore:
     """Score the current champion on the new run's test chips with the Tester's code.
 
-    Returns ``{"version", "mean_iou", "reason", "difference"}``: ``mean_iou`` is None (and
-    ``reason`` says why) when there is no champion or its input contract (bands, class values)
-    differs from the new model's, since then the two cannot be scored on the same chips.
-    Given the new model's per-chip confusion matrices (``Metrics.chip_matrices``, or the
-    Tester's ``chip_confusion_matrices``), ``difference`` is the new model's mean IoU minus
-    the champion's with its bootstrap interval over the chips
-    (:meth:`comparison.Difference.to_dict`), else None. Nothing is logged to the champion's own
-    MLflow run (its figures there stay those of its own test set).
+    The score's ``mean_iou`` is None (and ``reason`` says why) when there is no champion or
+    its input contract (bands, class values) differs from the new model's, since then the two
+    cannot be scored on the same chips. Given the new model's per-chip confusion matrices
+    (``Metrics.chip_matrices``, or the Tester's ``chip_confusion_matrices``), ``difference``
+    is the new model's mean IoU minus the champion's with its bootstrap interval over the
+    chips, else None. Nothing is logged to the champion's own MLflow run (its figures there
+    stay those of its own test set).
     """
     from specdeepmap.evaluation import evaluate_model
     from specdeepmap.inference import read_model_file
 
     version = champion_version(name, client)
     if version is None:
-        return {"version": None, "mean_iou": None, "reason": "no champion yet", "difference": None}
+        return ChampionScore(None, None, "no champion yet")
     champion_uri = f"models:/{name}/{version}"  # named so in the champion's test report
     champion, _ = read_model_file(champion_uri)
     new, _ = read_model_file(new_model_uri)
     for key in ("in_channels", "class_values"):
-        if champion.get(key) != new.get(key):
-            return {
-                "version": version,
-                "mean_iou": None,
-                "reason": f"champion version {version} has {key} = {champion.get(key)}, "
-                f"the new model {new.get(key)}: they cannot be scored on the same chips",
-                "difference": None,
-            }
+        if getattr(champion, key) != getattr(new, key):
+            return ChampionScore(
+                version,
+                None,
+                f"champion version {version} has {key} = {getattr(champion, key)}, "
+                f"the new model {getattr(new, key)}: they cannot be scored on the same chips",
+            )
     report = evaluate_model(
         test_csv, champion_uri, out_folder, EvaluateParams(device=device), log_to_mlflow=False
     )
@@ -272,15 +294,10 @@ def score_champion(
                 new_chip_matrices,
                 report.metrics.chip_matrices or {},
                 units=chip_units or report.metrics.chip_units,
-            ).to_dict()
+            )
         except InputMismatchError as error:  # the new model's figures are for other chips
             log.warning("No interval for the difference with the champion: %s", error)
-    return {
-        "version": version,
-        "mean_iou": report.metrics.mean_iou,
-        "reason": "",
-        "difference": difference,
-    }
+    return ChampionScore(version, report.metrics.mean_iou, difference=difference)
 
 
 def promote_by_hand(
@@ -366,7 +383,7 @@ def _judge_on_test_chips(
         log_to_mlflow=False,
     ).metrics
     current = champion_version(name, client)
-    champion = {"version": None, "mean_iou": None, "difference": None}
+    champion = ChampionScore(None, None)
     if current is not None and current != version:
         champion = score_champion(
             name,
@@ -380,15 +397,14 @@ def _judge_on_test_chips(
     baseline = found.tags.get("baseline_rf_test_mean_iou")
     baseline = float(baseline) if baseline else None
     record_scores(
-        name, version, metrics.mean_iou, baseline, champion["version"], champion["mean_iou"], client
+        name, version, metrics.mean_iou, baseline, champion.version, champion.mean_iou, client
     )
     decision = decide(
-        metrics.mean_iou, baseline, champion["version"], champion["mean_iou"], min_improvement
+        metrics.mean_iou, baseline, champion.version, champion.mean_iou, min_improvement
     )
     reasons = [decision.reason]
-    if champion["difference"]:  # how sure the chips make it, beside the rule's reason
-        difference = Difference.from_dict(champion["difference"])
-        reasons.append(difference.sentence(f"version {version}", "the champion"))
+    if champion.difference:  # how sure the chips make it, beside the rule's reason
+        reasons.append(champion.difference.sentence(f"version {version}", "the champion"))
     leakage = read_split_leakage(found.tags.get("dataset", ""))
     if leakage is not None and leakage.leaks:  # how honest those figures are
         reasons.append(f"the split leaks: {leakage.sentence()}")

@@ -17,6 +17,7 @@ import numpy as np
 from specdeepmap import storage
 from specdeepmap.drift import OutputStatistics, SceneStatistics, Verdict, judge
 from specdeepmap.masks import MaskReader, QualityMask
+from specdeepmap.model_config import ModelConfig
 
 #: the quality JSON beside a map: ``MAP_quality.json`` for ``MAP.tif``
 QUALITY_SUFFIX = "_quality.json"
@@ -101,10 +102,12 @@ class SceneQuality:
         """Share of the pixels with data that the mask flagged."""
         return self.masked / max(1, self.data)
 
-    def verdict(self, config: dict) -> Verdict:
+    def verdict(self, config: ModelConfig) -> Verdict:
         """The scene's verdict against the model's config."""
         started = time.perf_counter()
-        verdict = judge(self.scene, self.output, config, self.masked_share)
+        verdict = judge(
+            self.scene, self.output, config.normalization, config.reference, self.masked_share
+        )
         self.seconds += time.perf_counter() - started
         return verdict
 

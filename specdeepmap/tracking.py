@@ -12,6 +12,7 @@ import numpy as np
 from specdeepmap import __version__
 from specdeepmap.baseline import BaselineResult, write_baseline
 from specdeepmap.classes import ClassSchema
+from specdeepmap.model_config import ModelConfig
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {
@@ -115,7 +116,7 @@ def baseline_run_id(run_id: str, client=None) -> str | None:
 
 def register_model(
     model_file: str,
-    config: dict,
+    config: ModelConfig,
     name: str,
     val_iou: float,
     dataset: str,
@@ -132,8 +133,8 @@ def register_model(
     from specdeepmap import mlflow_model
     from specdeepmap.mlm import publish_model_item
 
-    height, width = config["tile_size"]
-    example = np.zeros((1, config["in_channels"], height, width), dtype=np.float32)
+    height, width = config.tile_size
+    example = np.zeros((1, config.in_channels, height, width), dtype=np.float32)
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=mlflow_model.__file__,
@@ -147,9 +148,9 @@ def register_model(
     for key, value in {
         "val_iou": f"{val_iou:.4f}",
         "dataset": dataset,
-        "specdeepmap_version": config["version"],
-        "architecture": config["architecture"],
-        "backbone": config["backbone"],
+        "specdeepmap_version": config.version,
+        "architecture": config.architecture,
+        "backbone": config.backbone,
     }.items():
         client.set_model_version_tag(name, version, key, value)
     if dataset_digest:  # promotion checks that the test chips are still these
@@ -165,7 +166,7 @@ def register_model(
 
 
 def register_imported(
-    model_file: str, config: dict, name: str, card: str, uri: str | None = None
+    model_file: str, config: ModelConfig, name: str, card: str, uri: str | None = None
 ) -> str:
     """Register an imported model (:mod:`specdeepmap.foreign`) in its own MLflow run, with
     its card as the run's ``model_card/model_card.md`` and the version's description.
@@ -175,7 +176,7 @@ def register_imported(
     import mlflow
 
     ensure_experiment(tracking_uri(uri), "specdeepmap")
-    source = config["imported_from"]["file"]
+    source = config.imported_from["file"]
     with mlflow.start_run(
         experiment_id=mlflow.get_experiment_by_name("specdeepmap").experiment_id,
         run_name=f"import {os.path.basename(source)}",

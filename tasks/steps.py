@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -12,14 +13,14 @@ from prefect.tasks import exponential_backoff
 from specdeepmap import registry, storage
 from specdeepmap.baseline import summary_metrics
 from specdeepmap.chipping import ChipReport, chip_scene
-from specdeepmap.comparison import Difference
-from specdeepmap.evaluation import evaluate_model
+from specdeepmap.evaluation import TestFigures, evaluate_model
 from specdeepmap.leakage import Leakage
 from specdeepmap.metrics import never_predicted
 from specdeepmap.model_card import escape_md, publish_model_card
 from specdeepmap.monitoring import log_scenes
 from specdeepmap.params import ChipParams, MapParams, SplitParams
 from specdeepmap.publishing import map_scene_products
+from specdeepmap.registry import ChampionScore, Promotion
 from specdeepmap.splitting import SplitReport, check_split_before_chipping, make_dataset
 from specdeepmap.training import TrainConfig, TrainResult, train
 
@@ -154,9 +155,9 @@ def train_task(config: TrainConfig) -> TrainResult:
 @task(name="evaluate model", **RETRIES, **PERSIST)
 def evaluate_task(
     test_csv: str, model_uri: str, out_uri: str, run_id: str | None, baseline: dict | None = None
-) -> dict:
+) -> TestFigures:
     """Deep Learning Tester; artifact: per-class metrics beside the RandomForest baseline's
-    (``baseline``: :meth:`BaselineResult.summary`). Returns the summary metrics.
+    (``baseline``: :meth:`BaselineResult.summary`). Returns the figures the next steps use.
     """
     forest = summary_metrics(baseline, "test")
     report = evaluate_model(test_csv, model_uri, out_uri, mlflow_run_id=run_id, baseline=forest)
@@ -194,19 +195,7 @@ def evaluate_task(
         + "\n\n"
         + _table(rows, ("class", "IoU", "RandomForest IoU", "precision", "recall")),
     )
-    return {
-        "test_mean_iou": m.mean_iou,
-        "test_mean_iou_per_chip": report.per_chip_mean_iou,
-        "overall_accuracy": m.overall_accuracy,
-        "iou_csv": report.iou_csv,
-        "baseline_rf_test_mean_iou": forest.mean_iou if forest is not None else None,
-        "baseline_rf_difference": report.versus_baseline.to_dict()
-        if report.versus_baseline is not None
-        else None,
-        "split_leakage": report.split_leakage.to_dict()
-        if report.split_leakage is not None
-        else None,
-    }
+    return TestFigures.of(report, forest)
 
 
 @task(name="score champion", **RETRIES)
@@ -216,7 +205,7 @@ def champion_task(
     new_model_uri: str,
     out_uri: str,
     new_evaluation_uri: str | None = None,
-) -> dict:
+) -> ChampionScore:
     """The current champion scored on the new run's test chips (fair comparison); with the
     new model's Tester output folder, also the difference with its interval over the chips.
     """
@@ -229,8 +218,8 @@ def champion_task(
     score = registry.score_champion(
         name, test_csv, new_model_uri, out_uri, new_chip_matrices=chips, chip_units=units
     )
-    if score["mean_iou"] is None and score["version"] is not None:
-        get_run_logger().warning("Champion not compared: %s", score["reason"])
+    if score.mean_iou is None and score.version is not None:
+        get_run_logger().warning("Champion not compared: %s", score.reason)
     return score
 
 
@@ -238,27 +227,21 @@ def champion_task(
 def promote_task(
     name: str,
     version: str,
-    test_mean_iou: float,
-    baseline_mean_iou: float | None = None,
-    champion: dict | None = None,
+    tested: TestFigures,
+    champion: ChampionScore,
     min_improvement: float = 0.0,
     mode: str = "auto",
-    baseline_difference: dict | None = None,
-    split_leakage: dict | None = None,
-) -> dict:
+) -> Promotion:
     """Apply the promotion rule (champion on the same test chips, margin, baseline) in
     ``mode`` auto, approval or none; artifact: the comparison, with how sure the test chips
-    make each difference (``champion["difference"]``, ``baseline_difference``:
-    :meth:`comparison.Difference.to_dict`). Returns ``{"alias", "reason", "comparison"}``
-    (alias None in mode none).
+    make each difference. The promotion's alias is None in mode none.
     """
-    champion = champion or {}
     decision = registry.promote_if_better(
         name,
         version,
-        test_mean_iou,
-        baseline_mean_iou,
-        champion.get("mean_iou"),
+        tested.mean_iou,
+        tested.forest_mean_iou,
+        champion.mean_iou,
         min_improvement,
         mode,
     )
@@ -269,29 +252,28 @@ def promote_task(
 
     comparison = _table(
         [
-            (f"version {version} (new)", fmt(test_mean_iou)),
+            (f"version {version} (new)", fmt(tested.mean_iou)),
             (
-                f"champion version {champion.get('version') or '–'}",
-                fmt(champion.get("mean_iou"))
-                + (f" ({champion['reason']})" if champion.get("reason") else ""),
+                f"champion version {champion.version or '–'}",
+                fmt(champion.mean_iou) + (f" ({champion.reason})" if champion.reason else ""),
             ),
-            ("RandomForest baseline", fmt(baseline_mean_iou)),
+            ("RandomForest baseline", fmt(tested.forest_mean_iou)),
             ("required margin over the champion", f"{min_improvement:.3f}"),
         ],
         ("pooled test mean IoU on the new run's test chips", ""),
     )
     sentences = [
-        Difference.from_dict(difference).sentence(f"Version {version}", other)
+        difference.sentence(f"Version {version}", other)
         for difference, other in (
-            (champion.get("difference"), "the champion"),
-            (baseline_difference, "the RandomForest"),
+            (champion.difference, "the champion"),
+            (tested.versus_forest, "the RandomForest"),
         )
         if difference
     ]
-    if split_leakage and Leakage.from_dict(split_leakage).leaks:
+    if tested.split_leakage is not None and tested.split_leakage.leaks:
         sentences.append(
             "**The split leaks**, so these test figures overstate every model on "
-            "new areas: " + Leakage.from_dict(split_leakage).sentence()
+            "new areas: " + tested.split_leakage.sentence()
         )
     if sentences:
         comparison += "\n\n" + "\n".join(f"- {s}" for s in sentences)
@@ -309,31 +291,34 @@ def promote_task(
         mode,
         decision.reason,
     )
-    return {"alias": alias, "reason": decision.reason, "comparison": comparison}
+    return Promotion(alias, decision.reason, comparison)
 
 
 @task(name="model card", **RETRIES)
 def model_card_task(
-    name: str, result: TrainResult, dataset: str, evaluation_uri: str, summary: dict, reason: str
+    name: str,
+    result: TrainResult,
+    dataset: str,
+    evaluation_uri: str,
+    tested: TestFigures,
+    champion: ChampionScore,
+    promotion: Promotion,
 ) -> str:
     """The version's model card with its test results, prediction panels and comparison;
     its summary becomes the version's description.
     """
-    scores = {
-        "val": result.best_val_iou,
-        "test": summary["test_mean_iou"],
-        "baseline_val": summary["baseline_rf_val_mean_iou"],
-        "baseline_test": summary["baseline_rf_test_mean_iou"],
-        "baseline_difference": summary.get("baseline_rf_difference"),
-        "champion_difference": summary.get("champion_difference"),
-        "champion_version": summary["champion_version"],
-        "champion_test": summary["champion_test_mean_iou_same_chips"],
-        "alias": summary["alias"] or "none",
-        "alias_reason": reason,
-        "run_id": result.run_id,
-        **result.selection_scores(),
-    }
-    champion = summary["champion_version"]
+    scores = replace(
+        result.card_scores(),
+        test=tested.mean_iou,
+        baseline_test=tested.forest_mean_iou,
+        baseline_difference=tested.versus_forest,
+        champion_version=champion.version,
+        champion_test=champion.mean_iou,
+        champion_difference=champion.difference,
+        alias=promotion.alias or "none",
+        alias_reason=promotion.reason,
+    )
+    champion = champion.version
     others = (
         {f"champion v{champion}": f"models:/{name}/{champion}"}
         if champion and str(champion) != str(result.model_version)

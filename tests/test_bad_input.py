@@ -312,7 +312,70 @@ def test_resume_takes_only_an_unfinished_checkpoint_of_the_same_dataset(dataset,
     from specdeepmap.inference import read_model_file
 
     config, _ = read_model_file(relative.model_file)
-    assert config["dataset"] == str(dataset / "chips")
+    assert config.dataset == str(dataset / "chips")
+
+
+def _model_file(path, config: dict, fmt: str = "specdeepmap-model/1") -> str:
+    """A model file holding ``config`` and the weights of the network it describes."""
+    import torch
+
+    from specdeepmap.models import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    network = build_model(ModelSpec("unet", "resnet18", 3, 3, encoder_depth=3))
+    torch.save({"format": fmt, "config": config, "state_dict": network.state_dict()}, path)
+    return str(path)
+
+
+#: a model file's configuration as the first versions wrote it (no front-end, depth, norm,
+#: ensemble or band names entries; None where a later entry did not apply)
+FIRST_CONFIG = {
+    "architecture": "unet",
+    "backbone": "resnet18",
+    "in_channels": 3,
+    "num_classes": 3,
+    "class_values": [4, 9],
+    "ignore_index": 0,
+    "tile_size": [32, 32],
+    "normalization": {"scaler": 100.0, "mean": None, "std": None, "nodata": None},
+}
+
+
+def test_a_model_files_configuration_is_checked_when_it_is_read(tmp_path):
+    """A wrong or missing entry, or a file of a later format, is refused naming the file and
+    the entry; a file of the first versions (fewer entries) still loads and predicts, and an
+    entry this version does not know survives a round trip.
+    """
+    from specdeepmap.inference import export_model_file, load_model, read_model_file
+
+    old = _model_file(
+        tmp_path / "old.pt", FIRST_CONFIG | {"encoder_depth": 3, "spectral_channels": None}
+    )
+    predictor = load_model(old, "cpu")
+    assert predictor.config.ensemble == 1 and predictor.config.spectral_channels == 0
+    assert predictor.config.band_names == [] and predictor.class_values == [4, 9]
+    chips = np.random.default_rng(0).integers(0, 100, (1, 3, 32, 32)).astype(np.uint16)
+    assert predictor.probabilities(chips).shape == (1, 2, 32, 32)
+
+    missing = {k: v for k, v in FIRST_CONFIG.items() if k != "class_values"}
+    with pytest.raises(UnreadableInputError, match=r"missing\.pt.*class_values: Field required"):
+        read_model_file(_model_file(tmp_path / "missing.pt", missing))
+    wrong = FIRST_CONFIG | {"num_classes": 5}
+    with pytest.raises(UnreadableInputError, match=r"wrong\.pt.*num_classes is 5 for 2 class"):
+        read_model_file(_model_file(tmp_path / "wrong.pt", wrong))
+    bands = FIRST_CONFIG | {"in_channels": 0}
+    with pytest.raises(UnreadableInputError, match=r"bands\.pt.*in_channels.*greater than 0"):
+        read_model_file(_model_file(tmp_path / "bands.pt", bands))
+    later = _model_file(tmp_path / "later.pt", FIRST_CONFIG, "specdeepmap-model/2")
+    with pytest.raises(UnreadableInputError, match=r"later\.pt has format specdeepmap-model/2"):
+        read_model_file(later)
+
+    newer = _model_file(
+        tmp_path / "newer.pt", FIRST_CONFIG | {"encoder_depth": 3, "calibration": {"a": 1}}
+    )
+    config, _ = read_model_file(newer)
+    copy = export_model_file(config, load_model(newer, "cpu").model, str(tmp_path / "copy.pt"))
+    assert read_model_file(copy)[0].calibration == {"a": 1}
 
 
 def test_a_crafted_checkpoint_runs_nothing(tmp_path):
@@ -527,34 +590,35 @@ def test_a_bad_classes_file_is_one_line_naming_it(small_scene, tmp_path):
 
 def test_user_text_is_inert_in_the_model_card(trained):
     """HTML, links, pipes and newlines in class names cannot change the card's markup."""
-    from specdeepmap.model_card import model_card, summary
+    from specdeepmap.model_card import CardScores, model_card, summary
 
     config, result = trained
     from specdeepmap.inference import read_model_file
 
     model_config, _ = read_model_file(result.model_file)
-    evil = {
-        **model_config,
-        "classes": {
-            "classes": [
-                {"value": v, "name": name, "color": "#102030"}
-                for v, name in zip(
-                    model_config["class_values"],
-                    [
-                        "<script>alert(1)</script>",
-                        "[x](javascript:alert(1))",
-                        "a | b",
-                        "line\nbreak",
-                        "*bold*",
-                        "`code`",
-                    ],
-                    strict=True,
-                )
-            ]
-        },
-    }
-    card = model_card(evil, {"uri": "/d`x", "digest": "0"}, {}, {})
-    text = summary(evil, {"uri": "/d"}, {})
+    evil = model_config.model_copy(
+        update={
+            "classes": {
+                "classes": [
+                    {"value": v, "name": name, "color": "#102030"}
+                    for v, name in zip(
+                        model_config.class_values,
+                        [
+                            "<script>alert(1)</script>",
+                            "[x](javascript:alert(1))",
+                            "a | b",
+                            "line\nbreak",
+                            "*bold*",
+                            "`code`",
+                        ],
+                        strict=True,
+                    )
+                ]
+            }
+        }
+    )
+    card = model_card(evil, {"uri": "/d`x", "digest": "0"}, CardScores(), {})
+    text = summary(evil, {"uri": "/d"}, CardScores())
     for rendered in (card, text):
         assert "<script>" not in rendered and "](javascript:" not in rendered
     tables, block = [], []

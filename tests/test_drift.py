@@ -37,14 +37,14 @@ def s2_halves(shared_data):
         pixels = src.read().astype(np.float64)
     width = pixels.shape[2]
     west = pixels[:, :, : width // 2].reshape(13, -1) / 10000
-    config = {"normalization": {"mean": west.mean(1).tolist(), "std": west.std(1).tolist()}}
-    return config, pixels[:, :, width // 2 :]
+    normalization = {"mean": west.mean(1).tolist(), "std": west.std(1).tolist()}
+    return normalization, pixels[:, :, width // 2 :]
 
 
-def _verdict(config: dict, scene: np.ndarray):
+def _verdict(normalization: dict, scene: np.ndarray):
     stats = SceneStatistics(scene.shape[0], 10000)
     stats.add(scene.reshape(scene.shape[0], -1))
-    return judge(stats, OutputStatistics(2), config)
+    return judge(stats, OutputStatistics(2), normalization, None)
 
 
 def test_the_other_half_of_a_real_scene_is_ok(s2_halves):
@@ -70,14 +70,14 @@ def test_js_divergence_bounds_and_output_drift():
     assert js_divergence([1, 0], [1, 0]) == 0
     assert js_divergence([1, 0], [0, 1]) == pytest.approx(1.0)
     assert js_divergence([0.5, 0.5], [1, 0]) == pytest.approx(0.311, abs=1e-3)
-    config = {"reference": {"class_shares": [0.5, 0.3, 0.2], "low_confidence_share": 0.1}}
+    reference = {"class_shares": [0.5, 0.3, 0.2], "low_confidence_share": 0.1}
     same = OutputStatistics(3)
     index = np.repeat([0, 1, 2], [50, 30, 20]).reshape(10, 10)
     same.add(index, np.full((10, 10), 0.9), np.ones((10, 10), bool))
-    assert judge(SceneStatistics(1), same, config).status == "ok"
+    assert judge(SceneStatistics(1), same, {}, reference).status == "ok"
     drifted = OutputStatistics(3)
     drifted.add(np.full((10, 10), 2), np.full((10, 10), 0.4), np.ones((10, 10), bool))
-    verdict = judge(SceneStatistics(1), drifted, config)
+    verdict = judge(SceneStatistics(1), drifted, {}, reference)
     assert verdict.suspect and len(verdict.reasons) == 2
     assert "100% of pixels below 0.5 confidence; 10% on the validation chips" in verdict.reasons
 

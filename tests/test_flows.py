@@ -85,10 +85,10 @@ def test_champion_is_scored_on_the_new_chips_without_touching_its_run(trained, d
     expected = evaluate_model(
         test_csv, result.model_file, str(tmp_path / "e"), log_to_mlflow=False
     ).metrics.mean_iou
-    assert score["version"] == result.model_version and score["reason"] == ""
-    assert score["mean_iou"] == pytest.approx(expected)
+    assert score.version == result.model_version and score.reason == ""
+    assert score.mean_iou == pytest.approx(expected)
     assert client.get_run(result.run_id).data.metrics == before
-    assert score["difference"] is None  # without the new model's per-chip figures
+    assert score.difference is None  # without the new model's per-chip figures
     # with them (here: the champion's own), the paired difference and its interval
     chips = json.loads((tmp_path / "c" / "test_metrics.json").read_text())
     paired = score_champion(
@@ -98,18 +98,18 @@ def test_champion_is_scored_on_the_new_chips_without_touching_its_run(trained, d
         str(tmp_path / "c2"),
         new_chip_matrices=chips["chip_confusion_matrices"],
     )
-    assert paired["difference"]["difference"] == 0 and paired["difference"]["low"] == 0
-    assert paired["difference"]["verdict"] == "undecided"
-    assert paired["difference"]["chips"] == len(chips["chip_confusion_matrices"]) > 1
+    assert paired.difference.difference == 0 and paired.difference.low == 0
+    assert paired.difference.verdict == "undecided"
+    assert paired.difference.chips == len(chips["chip_confusion_matrices"]) > 1
 
     other_config, _ = read_model_file(result.model_file)
     other = export_model_file(
-        {**other_config, "class_values": [1, 2, 3, 4, 5, 9]},
+        other_config.model_copy(update={"class_values": [1, 2, 3, 4, 5, 9]}),
         load_model(result.model_file, "cpu").model,
         str(tmp_path / "other.pt"),
     )
     refused = score_champion("test-model", test_csv, other, str(tmp_path / "o"))
-    assert refused["mean_iou"] is None and "class_values" in refused["reason"]
+    assert refused.mean_iou is None and "class_values" in refused.reason
 
 
 def test_training_pipeline_then_scheduled_mapping_on_s3(

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from specdeepmap.cli import app
 from specdeepmap.errors import UnsafeModelFileError
 from specdeepmap.inference import load_model, read_model_file
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.models import JustoUNetSimple
 
 runner = CliRunner()
@@ -22,10 +23,10 @@ SHIPPED = "enmap_potsdam/00049-val_iou_0.3325.ckpt"
 
 def test_the_shipped_checkpoint_is_read_as_data(shared_data):
     config, state = read_model_file(str(shared_data / SHIPPED))
-    assert config["architecture"] == "justo-unet" and config["in_channels"] == 224
-    assert config["class_values"] == [1, 2, 3, 4, 5, 6] and config["num_classes"] == 7
-    assert config["tile_size"] == [32, 32] and config["normalization"]["scaler"] is None
-    assert config["imported_from"]["epoch"] == 49
+    assert config.architecture == "justo-unet" and config.in_channels == 224
+    assert config.class_values == [1, 2, 3, 4, 5, 6] and config.num_classes == 7
+    assert config.tile_size == [32, 32] and config.normalization["scaler"] is None
+    assert config.imported_from["epoch"] == 49
     network = JustoUNetSimple(224, 7)
     network.load_state_dict(state, strict=True)  # SpecDeepMap's layer names, every tensor
 
@@ -276,8 +277,8 @@ def test_export_specdeepmap_round_trips_the_shipped_checkpoint(shared_data, tmp_
     assert (found == expected).mean() >= 0.999
     assert (found > 0).all()  # the background channel never wins
     again, _ = read_model_file(str(tmp_path / "out.ckpt"))  # our importer reads it back
-    assert again["class_values"] == [1, 2, 3, 4, 5, 6] and again["tile_size"] == [32, 32]
-    assert again["architecture"] == "justo-unet" and again["in_channels"] == 224
+    assert again.class_values == [1, 2, 3, 4, 5, 6] and again.tile_size == [32, 32]
+    assert again.architecture == "justo-unet" and again.in_channels == 224
 
 
 def test_export_specdeepmap_writes_a_normalised_unet_and_refuses_what_it_cannot(tmp_path):
@@ -293,16 +294,16 @@ def test_export_specdeepmap_writes_a_normalised_unet_and_refuses_what_it_cannot(
     mean = [float(m) for m in np.linspace(0.05, 0.3, 13)]
     std = [0.1] * 13
     mean[9], std[9] = None, None  # a band without statistics: 0, as ours makes it
-    config = {
-        "architecture": "unet",
-        "backbone": "resnet18",
-        "in_channels": 13,
-        "num_classes": 4,
-        "class_values": [2, 5, 9],
-        "ignore_index": 0,
-        "tile_size": [64, 64],
-        "normalization": {"scaler": 10000.0, "mean": mean, "std": std, "nodata": None},
-    }
+    config = ModelConfig(
+        architecture="unet",
+        backbone="resnet18",
+        in_channels=13,
+        num_classes=4,
+        class_values=[2, 5, 9],
+        ignore_index=0,
+        tile_size=[64, 64],
+        normalization={"scaler": 10000.0, "mean": mean, "std": std, "nodata": None},
+    )
     plain = export_model_file(
         config, build_model(ModelSpec("unet", "resnet18", 13, 4)), str(tmp_path / "plain.pt")
     )
@@ -314,7 +315,7 @@ def test_export_specdeepmap_writes_a_normalised_unet_and_refuses_what_it_cannot(
     found = _their_classes(str(tmp_path / "plain.ckpt"), chips)
     assert (found == expected).mean() >= 0.999
     front = export_model_file(
-        config | {"spectral_channels": 8},
+        config.model_copy(update={"spectral_channels": 8}),
         build_model(ModelSpec("unet", "resnet18", 13, 4, spectral_channels=8)),
         str(tmp_path / "front.pt"),
     )

@@ -220,7 +220,7 @@ def test_the_comparison_names_the_leakage(trained, dataset, tmp_path):
 
     from specdeepmap.evaluation import evaluate_model
     from specdeepmap.inference import read_model_file
-    from specdeepmap.model_card import dataset_facts, summary
+    from specdeepmap.model_card import CardScores, dataset_facts, summary
     from specdeepmap.params import SplitParams
     from specdeepmap.splitting import make_dataset
 
@@ -251,7 +251,7 @@ def test_the_comparison_names_the_leakage(trained, dataset, tmp_path):
         == report.split_leakage.test.touching_chips
     )
     config, _ = read_model_file(result.model_file)
-    text = summary(config, dataset_facts(str(chips)), {})
+    text = summary(config, dataset_facts(str(chips)), CardScores())
     assert "**The split leaks**" in text and "test chips" in text
     default = dataset_facts(str(dataset / "chips"))["leakage"]["test"]
     plain = dataset_facts(str(chips))["leakage"]["test"]

@@ -14,6 +14,7 @@ from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.inference import export_model_file, load_model
 from specdeepmap.mapping import map_scene
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.models import ModelSpec, build_model
 from specdeepmap.params import MapParams
 from specdeepmap.windows import weight_window, window_starts
@@ -275,16 +276,16 @@ def test_batch_norm_folding_refuses_a_convolution_used_twice():
 
 def test_tiny_scene_uint16_classes_and_errors(tmp_path):
     model = build_model(ModelSpec("unet", "resnet18", 4, 4))
-    config = {
-        "architecture": "unet",
-        "backbone": "resnet18",
-        "in_channels": 4,
-        "num_classes": 4,
-        "class_values": [3, 7, 300],
-        "ignore_index": 0,
-        "tile_size": [32, 32],
-        "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": -1.0},
-    }
+    config = ModelConfig(
+        architecture="unet",
+        backbone="resnet18",
+        in_channels=4,
+        num_classes=4,
+        class_values=[3, 7, 300],
+        ignore_index=0,
+        tile_size=[32, 32],
+        normalization={"scaler": 1000.0, "mean": None, "std": None, "nodata": -1.0},
+    )
     model_file = export_model_file(config, model, str(tmp_path / "m.pt"))
     data = np.random.default_rng(0).uniform(0, 1000, (4, 20, 25)).astype(np.float32)
     data[:, :3, :3] = -1
@@ -479,16 +480,16 @@ def test_blending_leaves_no_seams_where_cropping_does(tmp_path, monkeypatch):
     from specdeepmap import inference
 
     model = build_model(ModelSpec("unet", "resnet18", 2, 3))
-    config = {
-        "architecture": "unet",
-        "backbone": "resnet18",
-        "in_channels": 2,
-        "num_classes": 3,
-        "class_values": [1, 2],
-        "ignore_index": 0,
-        "tile_size": [64, 64],
-        "normalization": {"scaler": None, "mean": None, "std": None, "nodata": None},
-    }
+    config = ModelConfig(
+        architecture="unet",
+        backbone="resnet18",
+        in_channels=2,
+        num_classes=3,
+        class_values=[1, 2],
+        ignore_index=0,
+        tile_size=[64, 64],
+        normalization={"scaler": None, "mean": None, "std": None, "nodata": None},
+    )
     model_file = export_model_file(config, model, str(tmp_path / "m.pt"))
     y, x = np.mgrid[0:512, 0:512].astype(np.float32)
     scene = write_raster(tmp_path / "gradient.tif", np.stack([x / 512, y / 512]))
@@ -524,11 +525,15 @@ def test_int8_quantization_traces_every_architecture(architecture):
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(architecture, "resnet18", 4, 4)).eval()
-    config = {
-        "architecture": architecture,
-        "backbone": "resnet18",
-        "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": None},
-    }
+    config = ModelConfig(
+        architecture=architecture,
+        backbone="resnet18",
+        in_channels=4,
+        num_classes=4,
+        class_values=[1, 2, 3],
+        tile_size=[64, 64],
+        normalization={"scaler": 1000.0, "mean": None, "std": None, "nodata": None},
+    )
     fp32 = Predictor(model, config, torch.device("cpu"))
     rng = np.random.default_rng(0)
     windows = [rng.integers(0, 1000, (1, 4, 64, 64)).astype(np.uint16) for _ in range(3)]
@@ -553,11 +558,16 @@ def test_an_int8_calibration_does_not_carry_into_the_next(tmp_path):
 
     torch.manual_seed(0)
     model = build_model(ModelSpec("unet", "resnet18", 4, 4, encoder_depth=3)).eval()
-    config = {
-        "architecture": "unet",
-        "backbone": "resnet18",
-        "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": None},
-    }
+    config = ModelConfig(
+        architecture="unet",
+        backbone="resnet18",
+        in_channels=4,
+        num_classes=4,
+        class_values=[1, 2, 3],
+        tile_size=[64, 64],
+        encoder_depth=3,
+        normalization={"scaler": 1000.0, "mean": None, "std": None, "nodata": None},
+    )
     fp32 = Predictor(model, config, torch.device("cpu"))
     rng = np.random.default_rng(0)
     scene = [rng.integers(0, 1000, (2, 4, 64, 64)).astype(np.uint16)]
@@ -690,8 +700,10 @@ loaded = [m for m in ("pandas", "specdeepmap.splitting", "specdeepmap.data") if 
 from specdeepmap.inference import Predictor
 from specdeepmap.models import ModelSpec, build_model
 from specdeepmap.quantization import quantize_int8
-config = {"architecture": "unet", "backbone": "resnet18",
-          "normalization": {"scaler": 1000.0, "mean": None, "std": None, "nodata": None}}
+from specdeepmap.model_config import ModelConfig
+config = ModelConfig(architecture="unet", backbone="resnet18", in_channels=4, num_classes=4,
+                     class_values=[1, 2, 3], tile_size=[64, 64], encoder_depth=3,
+                     normalization={"scaler": 1000.0, "mean": None, "std": None, "nodata": None})
 model = build_model(ModelSpec("unet", "resnet18", 4, 4, encoder_depth=3)).eval()
 windows = [np.random.default_rng(0).integers(0, 1000, (2, 4, 64, 64)).astype(np.uint16)]
 quantize_int8(Predictor(model, config, torch.device("cpu")), windows)
@@ -742,16 +754,16 @@ def test_peak_memory_does_not_grow_with_the_scene(tmp_path, precision):
     from specdeepmap.sample_data import generate_scene
 
     torch.manual_seed(0)
-    config = {
-        "architecture": "unet",
-        "backbone": "resnet18",
-        "in_channels": 13,
-        "num_classes": 7,
-        "class_values": [1, 2, 3, 4, 5, 6],
-        "ignore_index": 0,
-        "tile_size": [256, 256],
-        "normalization": {"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0},
-    }
+    config = ModelConfig(
+        architecture="unet",
+        backbone="resnet18",
+        in_channels=13,
+        num_classes=7,
+        class_values=[1, 2, 3, 4, 5, 6],
+        ignore_index=0,
+        tile_size=[256, 256],
+        normalization={"scaler": 10000.0, "mean": None, "std": None, "nodata": 0.0},
+    )
     model = export_model_file(
         config, build_model(ModelSpec("unet", "resnet18", 13, 7)), str(tmp_path / "model.pt")
     )

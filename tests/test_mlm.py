@@ -59,24 +59,24 @@ def test_each_registered_version_has_a_valid_mlm_item(trained, dataset, store, t
     properties = second["properties"]
     assert properties["mlm:tasks"] == ["semantic-segmentation"]
     model_input = properties["mlm:input"][0]
-    assert model_input["bands"] == config["band_names"]
-    assert model_input["input"]["shape"] == [-1, 13, *config["tile_size"]]
+    assert model_input["bands"] == config.band_names
+    assert model_input["input"]["shape"] == [-1, 13, *config.tile_size]
     # the value scaling reproduces the model's own normalisation on a raw pixel
     pixel = (np.arange(1, 14) * 700).astype(np.uint16)
-    expected = Normalization.from_dict(config["normalization"]).apply(pixel[:, None, None])
+    expected = Normalization.from_dict(config.normalization).apply(pixel[:, None, None])
     scaled = [
         (float(x) - s["mean"]) / s["stddev"]
         for x, s in zip(pixel, model_input["value_scaling"], strict=True)
     ]
     assert np.allclose(scaled, expected[:, 0, 0], atol=1e-5)
     classes = properties["mlm:output"][0]["classification:classes"]
-    assert [c["value"] for c in classes] == config["class_values"]
+    assert [c["value"] for c in classes] == config.class_values
     assert classes[0]["description"] == load_model(result.model_file, "cpu").classes.name(1)
     # the model asset is the model file MLflow keeps
     href = second["assets"]["model"]["href"]
     assert href.endswith("/artifacts/model.pt")
-    assert load_model(href.removeprefix("file://"), "cpu").config["class_values"] == [
-        *config["class_values"]
+    assert load_model(href.removeprefix("file://"), "cpu").config.class_values == [
+        *config.class_values
     ]
     # version links both ways, and to the latest
     assert _links(second)["predecessor-version"] == _links(first)["self"]
@@ -97,7 +97,7 @@ def test_each_registered_version_has_a_valid_mlm_item(trained, dataset, store, t
         str(tmp_path / "scene.tif"),
         "models:/mlm-model@champion",
         load_model(result.model_file, "cpu").classes,
-        config["class_values"],
+        config.class_values,
     )
     import json
 

@@ -166,7 +166,9 @@ def test_map_engine_onnxruntime_exports_once_and_reuses_the_file(
     network = load_model(result.model_file, "cpu").model
     network.load_state_dict(state)
     moved = export_model_file(
-        config | {"dataset": str(tmp_path / "gone")}, network, str(tmp_path / "moved.pt")
+        config.model_copy(update={"dataset": str(tmp_path / "gone")}),
+        network,
+        str(tmp_path / "moved.pt"),
     )
     with pytest.raises(MissingInputError, match="--calibration-chips CSV`, then map"):
         map_scene(

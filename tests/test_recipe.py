@@ -1,5 +1,6 @@
 """The training recipe's switches and the RandomForest baseline: each does what it claims."""
 
+import dataclasses
 import json
 import os
 
@@ -11,6 +12,7 @@ import torch
 from specdeepmap.augmentation import D4, augment_pair, d4_apply, spectral_jitter, tta_d4
 from specdeepmap.errors import InvalidParameterError
 from specdeepmap.losses import DiceCELoss, LovaszCELoss, warmup_cosine
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.models import ModelSpec, SpectralSegmentation, build_model, spectral_channels_for
 
 
@@ -190,11 +192,18 @@ def int8_error(model: torch.nn.Module, scaler: float, windows: list[np.ndarray])
     from specdeepmap.inference import Predictor
     from specdeepmap.quantization import quantize_int8
 
-    config = {
-        "architecture": "unet",
-        "backbone": "resnet18",
-        "normalization": {"scaler": scaler, "mean": None, "std": None, "nodata": None},
-    }
+    bands, height, width = windows[0].shape[1:]
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, bands, height, width)).shape[1]
+    config = ModelConfig(
+        architecture="unet",
+        backbone="resnet18",
+        in_channels=bands,
+        num_classes=outputs,
+        class_values=list(range(1, outputs)),
+        tile_size=[height, width],
+        normalization={"scaler": scaler, "mean": None, "std": None, "nodata": None},
+    )
     fp32 = Predictor(model, config, torch.device("cpu"))
     int8 = quantize_int8(fp32, windows)
     batch = np.concatenate(windows)
@@ -282,17 +291,17 @@ def test_the_model_card_names_the_forest(trained):
     from specdeepmap.model_card import summary
 
     config, result = trained
-    scores = result.selection_scores()
+    scores = result.card_scores()
     pixels = result.baseline["train_pixels"]
     assert pixels > 0
-    text = scores["baseline_forest"]
+    text = scores.baseline_forest
     assert "RandomForest of 100 trees" in text
     assert f"{pixels:,}".replace(",", " ") + " labelled pixels" in text
     assert "at most 100 000" in text  # the cap
     from specdeepmap.inference import read_model_file
 
     model_config, _ = read_model_file(result.model_file)
-    card = summary(model_config, {}, {"val": 0.5, "test": 0.4} | scores)
+    card = summary(model_config, {}, dataclasses.replace(scores, val=0.5, test=0.4))
     assert f"The RandomForest: {text}." in card
 
 
@@ -523,16 +532,18 @@ def test_group_norm_replaces_every_batch_norm_and_survives_export(tmp_path):
     model = build_model(ModelSpec("unet", "resnet18", 5, 3, 8, 3, "group")).eval()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
-    config = {
-        "architecture": "unet",
-        "backbone": "resnet18",
-        "in_channels": 5,
-        "num_classes": 3,
-        "spectral_channels": 8,
-        "encoder_depth": 3,
-        "norm": "group",
-        "normalization": {"scaler": None, "mean": None, "std": None, "nodata": None},
-    }
+    config = ModelConfig(
+        architecture="unet",
+        backbone="resnet18",
+        in_channels=5,
+        num_classes=3,
+        class_values=[1, 2],
+        tile_size=[32, 32],
+        spectral_channels=8,
+        encoder_depth=3,
+        norm="group",
+        normalization={"scaler": None, "mean": None, "std": None, "nodata": None},
+    )
     path = export_model_file(config, model, str(tmp_path / "model.pt"))
     x = torch.randn(1, 5, 32, 32)
     with torch.no_grad():
@@ -576,7 +587,19 @@ def test_recipe_switches_reach_the_training_run(dataset, tmp_path):
     assert (params["band_dropout"], params["spectral_init"]) == ("0.2", "random")
     assert result.baseline is not None  # pseudo-labels fit the forest even without baseline
     task = SegmentationTask(
-        torch.nn.Conv2d(1, 2, 1), {"num_classes": 2}, None, 1e-3, 1, weight_decay=0.01
+        torch.nn.Conv2d(1, 2, 1),
+        ModelConfig(
+            architecture="conv",
+            backbone="none",
+            in_channels=1,
+            num_classes=2,
+            class_values=[1],
+            tile_size=[1, 1],
+        ),
+        None,
+        1e-3,
+        1,
+        weight_decay=0.01,
     )
     task.trainer = type("T", (), {"estimated_stepping_batches": 4})()
     assert isinstance(task.configure_optimizers()["optimizer"], torch.optim.AdamW)
@@ -662,7 +685,7 @@ def test_training_an_ensemble_writes_one_model_of_its_members(dataset, tmp_path)
         )
     )
     config, state = read_model_file(result.model_file)
-    assert config["ensemble"] == 2
+    assert config.ensemble == 2
     assert {key.split(".")[1] for key in state} == {"0", "1"}
     checkpoints = [
         read_model_file(os.path.join(tmp_path, "run", "checkpoints", *sub, name))
@@ -676,7 +699,11 @@ def test_training_an_ensemble_writes_one_model_of_its_members(dataset, tmp_path)
     for member_config, member_state in checkpoints:
         path = tmp_path / f"m{len(members)}.pt"
         torch.save(
-            {"format": "specdeepmap-model/1", "config": member_config, "state_dict": member_state},
+            {
+                "format": "specdeepmap-model/1",
+                "config": member_config.stored(),
+                "state_dict": member_state,
+            },
             path,
         )
         members.append(load_model(str(path), "cpu").probabilities(x))
@@ -757,13 +784,13 @@ def test_distilling_an_ensemble_writes_one_network(dataset, tmp_path):
         )
     )
     config, state = read_model_file(result.model_file)
-    assert not config.get("ensemble")
+    assert config.ensemble == 1
     assert not any(key.startswith("members.") for key in state)
     assert "student" in result.best_checkpoint
     _, student = read_model_file(result.best_checkpoint)
     assert all(torch.equal(state[k], student[k]) for k in state)
     teacher_config, _ = read_model_file(str(tmp_path / "run" / "ensemble.pt"))
-    assert teacher_config["ensemble"] == 2  # the teacher, kept beside for comparison
+    assert teacher_config.ensemble == 2  # the teacher, kept beside for comparison
     metrics = mlflow.MlflowClient(uri).get_run(result.run_id).data.metrics
     assert {"student-val_iou", "ensemble_val_iou", "member1-val_iou"} <= set(metrics)
     assert result.best_val_iou == pytest.approx(metrics["best_val_iou"])

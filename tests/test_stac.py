@@ -111,7 +111,7 @@ def test_an_item_without_a_models_band_is_refused(trained, scene_item, tmp_path)
 
     config, _ = read_model_file(result.model_file)
     with pytest.raises(InputMismatchError, match="broken.json has no asset for band.*B04"):
-        item_scene(str(broken), config["band_names"], str(tmp_path / "x.vrt"))
+        item_scene(str(broken), config.band_names, str(tmp_path / "x.vrt"))
 
 
 def test_items_on_s3_are_read_through_their_relative_hrefs(scene_item, s3_bucket, tmp_path):

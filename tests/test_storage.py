@@ -9,6 +9,16 @@ from specdeepmap import storage
 from specdeepmap.errors import MissingInputError, UnreadableInputError
 from tests.conftest import write_raster
 
+#: the least a model file's configuration holds (ModelConfig's required entries)
+MINIMAL_CONFIG = {
+    "architecture": "unet",
+    "backbone": "resnet18",
+    "in_channels": 1,
+    "num_classes": 2,
+    "class_values": [1],
+    "tile_size": [32, 32],
+}
+
 
 def test_join_stem_parent():
     assert storage.join("s3://b/x/", "images", "a.tif") == "s3://b/x/images/a.tif"
@@ -104,10 +114,11 @@ def test_a_model_replaced_under_the_same_key_is_fetched_again(s3_bucket, tmp_pat
     uri = f"{s3_bucket}/models/model.pt"
     for run in ("first", "second"):
         local = tmp_path / f"{run}.pt"
-        torch.save({"format": MODEL_FORMAT, "config": {"run_id": run}, "state_dict": {}}, local)
+        config = {**MINIMAL_CONFIG, "run_id": run}
+        torch.save({"format": MODEL_FORMAT, "config": config, "state_dict": {}}, local)
         storage.upload(str(local), uri)
         config, _ = read_model_file(uri)
-        assert config["run_id"] == run  # not the first download again
+        assert config.run_id == run  # not the first download again
     folder = tmp_path / "cache" / "models"
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert len(list(folder.iterdir())) == 2

@@ -17,6 +17,7 @@ from specdeepmap.errors import (
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.inference import load_model, read_model_file
 from specdeepmap.metrics import accumulate, metrics_from_matrix
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.models import ModelSpec, build_model, canonical_architecture, load_encoder_weights
 from specdeepmap.params import EvaluateParams
 from specdeepmap.training import TrainConfig, train
@@ -113,9 +114,9 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     ]
     assert events
     model_config, _ = read_model_file(result.best_checkpoint)
-    assert model_config["in_channels"] == 13 and model_config["tile_size"] == [32, 32]
-    assert model_config["class_values"] == [1, 2, 3, 4, 5, 6]
-    assert model_config["normalization"]["scaler"] == 10000
+    assert model_config.in_channels == 13 and model_config.tile_size == [32, 32]
+    assert model_config.class_values == [1, 2, 3, 4, 5, 6]
+    assert model_config.normalization["scaler"] == 10000
 
     client = mlflow.MlflowClient(tracking_uri=config.tracking_uri)
     run = client.get_run(result.run_id)
@@ -206,7 +207,8 @@ def test_errors_before_training(dataset, trained):
         train(TrainConfig(dataset=str(dataset / "chips"), out=str(dataset / "x"), batch_size=0))
     _, result = trained
     checkpoint = torch.load(result.best_checkpoint, weights_only=True)
-    checkpoint["hyper_parameters"]["config"]["class_values"] = [1, 2, 3]
+    checkpoint["hyper_parameters"]["config"]["class_values"] = [1, 2, 3]  # another dataset's
+    checkpoint["hyper_parameters"]["config"]["num_classes"] = 4
     other = dataset / "other.ckpt"
     torch.save(checkpoint, other)
     with pytest.raises(InputMismatchError, match="class_values"):
@@ -441,16 +443,16 @@ def test_a_registered_model_whose_files_are_gone_says_so(tmp_path):
     experiment = client.create_experiment("gone", artifact_location=str(tmp_path / "store"))
     run = client.create_run(experiment)
     torch.manual_seed(0)
-    config = {
-        "architecture": "unet",
-        "backbone": "resnet18",
-        "in_channels": 3,
-        "num_classes": 3,
-        "class_values": [1, 2],
-        "ignore_index": 0,
-        "tile_size": [32, 32],
-        "normalization": {"scaler": 1.0, "mean": None, "std": None, "nodata": None},
-    }
+    config = ModelConfig(
+        architecture="unet",
+        backbone="resnet18",
+        in_channels=3,
+        num_classes=3,
+        class_values=[1, 2],
+        ignore_index=0,
+        tile_size=[32, 32],
+        normalization={"scaler": 1.0, "mean": None, "std": None, "nodata": None},
+    )
     model_file = export_model_file(
         config, build_model(ModelSpec("unet", "resnet18", 3, 3)), str(tmp_path / "model.pt")
     )

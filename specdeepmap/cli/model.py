@@ -239,8 +239,8 @@ def import_cmd(
 
     config = convert(checkpoint, out)
     console.print(
-        f"{out}: {config['architecture']}, {config['in_channels']} bands, classes "
-        f"{config['class_values']}, {config['tile_size'][1]} px chips"
+        f"{out}: {config.architecture}, {config.in_channels} bands, classes "
+        f"{config.class_values}, {config.tile_size[1]} px chips"
     )
     if registered_model:
         from specdeepmap.tracking import register_imported

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from specdeepmap.baseline import describe_forest
+from specdeepmap.model_card import CardScores
 from specdeepmap.params import TrainParams
 
 #: with ``distill``: the ensemble the model file's network learned from, beside it
@@ -131,14 +132,19 @@ class TrainResult:
     member_val_ious: list[float] = field(default_factory=list)
     distilled_from_val_iou: float | None = None
 
-    def selection_scores(self) -> dict:
-        """``val_epochs`` and ``val_median`` for the model card's scores (when known), and
-        ``baseline_forest``: which forest the model is compared with.
+    def card_scores(self) -> CardScores:
+        """The model card's figures known after training: validation IoU (with how the
+        checkpoint was chosen), the forest's on the same chips and which forest it is; the
+        test figures and the alias come after (``dataclasses.replace``).
         """
-        out = {"baseline_forest": describe_forest(self.baseline)} if self.baseline else {}
-        if self.val_epoch_median is None:
-            return out
-        return out | {"val_epochs": self.val_epochs, "val_median": self.val_epoch_median}
+        return CardScores(
+            val=self.best_val_iou,
+            baseline_val=self.baseline_mean_iou("validation"),
+            baseline_forest=describe_forest(self.baseline) if self.baseline else None,
+            run_id=self.run_id,
+            val_epochs=self.val_epochs if self.val_epoch_median is not None else 0,
+            val_median=self.val_epoch_median,
+        )
 
     def baseline_mean_iou(self, split: str) -> float | None:
         """The RandomForest's pooled mean IoU on 'validation' or 'test' (None if not run)."""

@@ -27,6 +27,7 @@ from specdeepmap.data import (
 from specdeepmap.errors import InputMismatchError
 from specdeepmap.inference import read_model_file
 from specdeepmap.lightning_task import IGNORE_INDEX
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.models import (
     SENTINEL2_WEIGHTS,
     ModelSpec,
@@ -45,17 +46,17 @@ from specdeepmap.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-#: what a resumed checkpoint must share with the dataset, and the value a model file written
-#: before the key existed implies
-RESUME_MUST_MATCH = {
-    "class_values": None,
-    "in_channels": None,
-    "architecture": None,
-    "backbone": None,
-    "spectral_channels": 0,
-    "encoder_depth": 5,
-    "norm": "batch",
-}
+#: what a resumed checkpoint must share with the dataset (a file written before an entry
+#: existed has :class:`ModelConfig`'s default for it, the behaviour it was trained with)
+RESUME_MUST_MATCH = (
+    "class_values",
+    "in_channels",
+    "architecture",
+    "backbone",
+    "spectral_channels",
+    "encoder_depth",
+    "norm",
+)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Prepared:
     model: nn.Module  #: the first network, at its start
     #: the model file's configuration: the network (:class:`~specdeepmap.models.ModelSpec`)
     #: and the input contract (bands, tile size, normalisation, classes)
-    config: dict
+    config: ModelConfig
     class_weights: torch.Tensor | None  #: the loss's (channel 0, unlabelled, weighs 0)
     train_set: ChipDataset
     val_set: ChipDataset
@@ -144,54 +145,52 @@ def model_config(
     normalization: Normalization,
     backbone: str,
     chips: tuple[int, int, int, str],
-) -> dict:
+) -> ModelConfig:
     """The model file's configuration for chips of (bands, height, width, dtype)."""
     bands, height, width, dtype = chips
     kind = weights_kind(cfg.weights)
     architecture = canonical_architecture(cfg.architecture)
-    return {
-        "architecture": architecture,
-        "backbone": backbone,
-        "in_channels": bands,
-        "num_classes": len(info.class_values) + 1,
-        "class_values": info.class_values,
-        "ignore_index": IGNORE_INDEX,
-        "tile_size": [height, width],
-        "normalization": normalization.to_dict(),
-        "weights": str(cfg.weights),
-        "freeze_backbone": cfg.freeze_backbone
-        if cfg.freeze_backbone is not None
-        else kind != "none",
-        "dataset": cfg.dataset,
-        "version": software_version(),
+    return ModelConfig(
+        architecture=architecture,
+        backbone=backbone,
+        in_channels=bands,
+        num_classes=len(info.class_values) + 1,
+        class_values=info.class_values,
+        ignore_index=IGNORE_INDEX,
+        tile_size=[height, width],
+        normalization=normalization.to_dict(),
+        weights=str(cfg.weights),
+        freeze_backbone=cfg.freeze_backbone if cfg.freeze_backbone is not None else kind != "none",
+        dataset=cfg.dataset,
+        version=software_version(),
         # pretrained weights expect the raw bands: no front-end unless one is asked for
-        "spectral_channels": spectral_channels_for(
+        spectral_channels=spectral_channels_for(
             bands,
             cfg.spectral_channels if kind == "none" else max(cfg.spectral_channels, 0),
             architecture,
         ),
         # pretrained encoders keep all their stages unless fewer are asked for
-        "encoder_depth": encoder_depth_for(
+        encoder_depth=encoder_depth_for(
             architecture,
             min(height, width),
             cfg.encoder_depth if kind == "none" or cfg.encoder_depth != -1 else 5,
         ),
-        "norm": cfg.norm if kind == "none" else "batch",
-        "classes": read_dataset_classes(cfg.dataset).restrict(info.class_values).to_dict(),
-        "band_names": band_names(info.train[0][0]),
-        "dtype": dtype,
-    }
+        norm=cfg.norm if kind == "none" else "batch",
+        classes=read_dataset_classes(cfg.dataset).restrict(info.class_values).to_dict(),
+        band_names=band_names(info.train[0][0]),
+        dtype=dtype,
+    )
 
 
-def check_resume_matches(cfg: TrainConfig, config: dict) -> None:
+def check_resume_matches(cfg: TrainConfig, config: ModelConfig) -> None:
     """A checkpoint to resume must describe the network this dataset gives."""
     resume_config, _ = read_model_file(cfg.resume)
-    for key, implied in RESUME_MUST_MATCH.items():
-        found = resume_config.get(key, implied)
-        if found != config[key]:
+    for key in RESUME_MUST_MATCH:
+        found = getattr(resume_config, key)
+        if found != getattr(config, key):
             raise InputMismatchError(
                 f"Checkpoint {cfg.resume} was trained with {key} = {found}, "
-                f"the dataset {cfg.dataset} gives {config[key]}: resume needs the same"
+                f"the dataset {cfg.dataset} gives {getattr(config, key)}: resume needs the same"
             )
 
 
@@ -203,7 +202,7 @@ def loss_weights(cfg: TrainConfig, info: DatasetInfo) -> torch.Tensor | None:
     return None if weights[1:].sum() == 0 else weights
 
 
-def initial_model(cfg: TrainConfig, config: dict, train_set: ChipDataset) -> nn.Module:
+def initial_model(cfg: TrainConfig, config: ModelConfig, train_set: ChipDataset) -> nn.Module:
     """A new network as ``config`` describes it, started as ``cfg`` asks: pretrained encoder
     weights (frozen or not), or the spectral front-end on the training chips' principal axes;
     torch's random generator draws the rest (each ensemble member its own start).
@@ -212,12 +211,10 @@ def initial_model(cfg: TrainConfig, config: dict, train_set: ChipDataset) -> nn.
     model = build_model(ModelSpec.from_config(config), imagenet=(kind == "imagenet"))
     if kind not in ("none", "imagenet"):
         load_encoder_weights(model, cfg.weights, adapt_first_conv=cfg.adapt_first_conv)
-    if config["freeze_backbone"]:
+    if config.freeze_backbone:
         freeze_encoder(model)
-    if config["spectral_channels"] and cfg.spectral_init == "pca" and not cfg.resume:
-        init_spectral_front_end(
-            model, principal_axes(train_set, config["in_channels"], seed=cfg.seed)
-        )
+    if config.spectral_channels and cfg.spectral_init == "pca" and not cfg.resume:
+        init_spectral_front_end(model, principal_axes(train_set, config.in_channels, seed=cfg.seed))
     return model
 
 

@@ -11,6 +11,7 @@ from specdeepmap import storage
 from specdeepmap.baseline import BaselineResult
 from specdeepmap.classes import ClassSchema
 from specdeepmap.model_card import dataset_facts, dataset_frame, publish_model_card
+from specdeepmap.model_config import ModelConfig
 from specdeepmap.splitting import NORMALIZE_CSV, SUMMARY_CSV
 from specdeepmap.tracking import ensure_experiment, log_baseline, register_model
 from specdeepmap.training.config import TrainConfig, TrainResult
@@ -59,8 +60,8 @@ def open_run(cfg: TrainConfig, uri: str, previous_run: str | None, prepared: Pre
             | {
                 "learning_rate": cfg.learning_rate,  # lr, or the default scaled by batch size
                 "class_values": prepared.info.class_values,
-                "in_channels": prepared.config["in_channels"],
-                "tile_size": prepared.config["tile_size"],
+                "in_channels": prepared.config.in_channels,
+                "tile_size": prepared.config.tile_size,
             }
         )
     return [TensorBoardLogger(cfg.out, name="lightning_logs"), mlflow_logger]
@@ -71,7 +72,7 @@ def log_run(
     result: TrainResult,
     outcome: Outcome,
     baseline: BaselineResult | None,
-    config: dict,
+    config: ModelConfig,
 ) -> dict:
     """The MLflow run's files and figures: the forest's child run, the dataset's files and
     its chipping and split parameters, the best checkpoints, the best and median validation
@@ -85,7 +86,7 @@ def log_run(
         log_baseline(
             baseline,
             os.path.join(cfg.out, "baseline"),
-            ClassSchema.from_dict(config["classes"]),
+            ClassSchema.from_dict(config.classes),
         )
     for name in DATASET_FILES:
         uri_csv = storage.join(cfg.dataset, name)
@@ -109,7 +110,7 @@ def log_run(
         {
             "dataset": cfg.dataset,
             "dataset_digest": facts["digest"],
-            "specdeepmap_version": config["version"],
+            "specdeepmap_version": config.version,
         }
     )
     mlflow.log_input(
@@ -124,7 +125,9 @@ def log_run(
     return facts
 
 
-def register_version(cfg: TrainConfig, result: TrainResult, config: dict, facts: dict) -> None:
+def register_version(
+    cfg: TrainConfig, result: TrainResult, config: ModelConfig, facts: dict
+) -> None:
     """Register the model file as a new version of ``cfg.registered_model`` from the active
     MLflow run and publish its model card; the version lands in ``result``.
     """
@@ -143,12 +146,7 @@ def register_version(cfg: TrainConfig, result: TrainResult, config: dict, facts:
         result.run_id,
         result.model_file,
         cfg.dataset,
-        {
-            "val": result.best_val_iou,
-            "run_id": result.run_id,
-            "baseline_val": result.baseline_mean_iou("validation"),
-            **result.selection_scores(),
-        },
+        result.card_scores(),
         result.card_table(),
         facts=facts,
     )

@@ -81,12 +81,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if outcome is None:  # another process of a multi-device run
         return TrainResult("", 0.0, "", loggers[0].log_dir)
     # what the mapper's drift verdict compares each scene's map with
-    config = prepared.config
-    config["reference"] = validation_reference(outcome.model, prepared.val_set, cfg.batch_size)
+    reference = validation_reference(outcome.model, prepared.val_set, cfg.batch_size)
     # lineage: maps made with this model file name the MLflow run that produced it
-    model_file = export_model_file(
-        {**config, "run_id": run_id}, outcome.model, os.path.join(cfg.out, MODEL_FILE)
-    )
+    config = prepared.config.model_copy(update={"reference": reference, "run_id": run_id})
+    model_file = export_model_file(config, outcome.model, os.path.join(cfg.out, MODEL_FILE))
     result = train_result(cfg, outcome, model_file, loggers[0].log_dir, run_id, baseline)
     result.device = str(device)
     with mlflow.start_run(run_id=run_id):
@@ -159,7 +157,7 @@ def fit_networks(ctx: FitContext, loggers: list, uri: str) -> Outcome | None:
         # the processes' validation shards are padded to equal length (a chip or two counted
         # twice): the best model's figure is measured again here, on each chip once
         outcome.best_iou = pooled_iou(
-            model, ctx.prepared.val_set, cfg.batch_size, ctx.prepared.config["num_classes"]
+            model, ctx.prepared.val_set, cfg.batch_size, ctx.prepared.config.num_classes
         )
         mlflow.MlflowClient(uri).log_metric(
             ctx.run_id, "best_val_iou_single_pass", outcome.best_iou
@@ -181,14 +179,14 @@ def combine_members(
     client = mlflow.MlflowClient(uri)
     for member, fit in enumerate(fits):
         client.log_metric(ctx.run_id, "member_best_val_iou", fit.best_score, step=member)
-    iou = pooled_iou(ensemble, ctx.prepared.val_set, cfg.batch_size, config["num_classes"])
-    if not cfg.distill:
-        config["ensemble"] = cfg.ensemble
+    iou = pooled_iou(ensemble, ctx.prepared.val_set, cfg.batch_size, config.num_classes)
+    if not cfg.distill:  # the model file holds the ensemble from here on
+        ctx.prepared.config = config.model_copy(update={"ensemble": cfg.ensemble})
         return Outcome(ensemble, iou, fits[0].best_checkpoint, fits)
     client.log_metric(ctx.run_id, "ensemble_val_iou", iou)
     # the teacher beside the model, to compare the two on any chips (not registered)
     export_model_file(
-        {**config, "ensemble": cfg.ensemble, "run_id": ctx.run_id},
+        config.model_copy(update={"ensemble": cfg.ensemble, "run_id": ctx.run_id}),
         ensemble,
         os.path.join(cfg.out, TEACHER_FILE),
     )
