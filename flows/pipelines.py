@@ -23,7 +23,13 @@ from specdeepmap.evaluation import TestFigures
 from specdeepmap.mapping import output_uri_for, scenes_under
 from specdeepmap.model_card import escape_md, panels_markdown
 from specdeepmap.params import ChipParams, SplitParams, TrainParams
-from specdeepmap.publishing import mapped_with, masks_beside, release, unmapped_scenes
+from specdeepmap.publishing import (
+    SceneProducts,
+    mapped_with,
+    masks_beside,
+    release,
+    unmapped_scenes,
+)
 from specdeepmap.registry import ChampionScore, Promotion
 from specdeepmap.stac import is_catalog, update_catalog
 from specdeepmap.tracking import ensure_experiment, tracking_uri
@@ -426,7 +432,7 @@ def review_links(result: TrainResult, evaluation_uri: str) -> str:
 @flow(name="map-scenes")
 def _map_scenes(
     scenes: list[str], model_uri: str, output_uri: str, params: MapFlowParams
-) -> list[dict]:
+) -> list[SceneProducts]:
     futures = [
         map_scene_task.submit(
             s,
@@ -475,7 +481,7 @@ def map_flow(params: MapFlowParams) -> list[dict]:
     )
     monitor_task(model_uri, results)
     update_catalog(params.output_uri)  # one writer, after every scene's item exists
-    return results
+    return [products.to_dict() for products in results]
 
 
 @flow(name="release-map")

@@ -65,12 +65,14 @@ def model_item(
     version: str,
     model_href: str,
     created: dt.datetime,
+    onnx_href: str | None = None,
 ) -> dict:
     """The MLM STAC item of a model version (plain JSON data).
 
-    ``config``: the model file's config; ``model_href``: where the model file is. The item
-    has no geometry (a model is not tied to a place; the training data's extent is in its
-    model card); aliases and links are filled in when it is logged.
+    ``config``: the model file's config; ``model_href``: where the model file is;
+    ``onnx_href``: where its ONNX export is (an asset of its own). The item has no geometry
+    (a model is not tied to a place; the training data's extent is in its model card);
+    aliases and links are filled in when it is logged.
     """
     bands = list(config.band_names or [f"band_{i + 1}" for i in range(config.in_channels)])
     values = [int(v) for v in config.class_values]
@@ -98,6 +100,26 @@ def model_item(
         "specdeepmap:aliases": [],
         "specdeepmap:band_dtype": config.dtype,
     }
+    assets = {
+        "model": {
+            "href": model_href,
+            "type": "application/octet-stream; framework=pytorch",
+            "title": "model file (weights and config; torch.load with weights_only=True)",
+            "roles": ["mlm:model", "mlm:weights", "data"],
+            "mlm:artifact_type": "torch.save",
+            "bands": [{"name": band} for band in bands],
+        }
+    }
+    if onnx_href:
+        assets["onnx"] = {
+            "href": onnx_href,
+            "type": "application/octet-stream; framework=onnx; profile=onnx",
+            "title": "ONNX export: raw pixel values in, class probabilities out (the "
+            "normalisation and the softmax inside; the config in its metadata)",
+            "roles": ["mlm:model", "data"],
+            "mlm:artifact_type": "torch.onnx.export",
+            "bands": [{"name": band} for band in bands],
+        }
     return {
         "type": "Feature",
         "stac_version": "1.1.0",
@@ -106,16 +128,7 @@ def model_item(
         "geometry": None,
         "properties": properties,
         "links": [],
-        "assets": {
-            "model": {
-                "href": model_href,
-                "type": "application/octet-stream; framework=pytorch",
-                "title": "model file (weights and config; torch.load with weights_only=True)",
-                "roles": ["mlm:model", "mlm:weights", "data"],
-                "mlm:artifact_type": "torch.save",
-                "bands": [{"name": band} for band in bands],
-            }
-        },
+        "assets": assets,
     }
 
 
@@ -165,7 +178,12 @@ def model_output(config: ModelConfig) -> dict:
 
 
 def publish_model_item(
-    name: str, version: str, config: ModelConfig, file_name: str = "model.pt", client=None
+    name: str,
+    version: str,
+    config: ModelConfig,
+    file_name: str = "model.pt",
+    client=None,
+    onnx_artifact: str | None = None,
 ) -> str:
     """Write the MLM item of a newly registered version into its run's artifacts, relink its
     predecessor's (its successor and the latest version), and return the item's URI.
@@ -179,7 +197,11 @@ def publish_model_item(
     # the MLflow model's folder; the model file is among its own artifacts
     folder = _location(client.get_model_version_download_uri(name, version))
     model_href = f"{folder}/artifacts/{file_name}"
-    item = model_item(config, name, version, model_href, created)
+    onnx_href = None
+    if onnx_artifact:  # a path among the version's run artifacts
+        run = client.get_run(found.run_id)
+        onnx_href = f"{_location(run.info.artifact_uri)}/{onnx_artifact}"
+    item = model_item(config, name, version, model_href, created, onnx_href)
     _log(client, name, version, item)
     previous = _neighbours(client, name, version)[0]
     if previous is not None:

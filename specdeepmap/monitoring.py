@@ -10,6 +10,10 @@ of the run then shows the figures across the scenes mapped so far.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specdeepmap.publishing import SceneProducts
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +47,22 @@ def monitoring_run(client, model_uri: str) -> str:
     return run.info.run_id
 
 
-def scene_metrics(product: dict, class_values: list[int]) -> dict[str, float]:
+def scene_metrics(product: SceneProducts, class_values: list[int]) -> dict[str, float]:
     """A mapped scene's figures as MLflow metrics (None scores left out)."""
     metrics = {
-        "suspect": 1.0 if product["verdict"] == "suspect" else 0.0,
-        "masked_share": float(product["masked_share"]),
-        "mean_confidence": float(product["mean_confidence"]),
+        "suspect": 1.0 if product.verdict == "suspect" else 0.0,
+        "masked_share": float(product.masked_share),
+        "mean_confidence": float(product.mean_confidence),
     }
-    metrics |= {f"drift_{k}": float(v) for k, v in product["scores"].items() if v is not None}
+    metrics |= {f"drift_{k}": float(v) for k, v in product.scores.items() if v is not None}
     metrics |= {
         f"class_share_{v}": float(s)
-        for v, s in zip(class_values, product["class_shares"], strict=True)
+        for v, s in zip(class_values, product.class_shares, strict=True)
     }
     return metrics
 
 
-def log_scenes(model_uri: str, products: list[dict], class_values: list[int]) -> str:
+def log_scenes(model_uri: str, products: list[SceneProducts], class_values: list[int]) -> str:
     """Add one step per mapped scene to the model's monitoring run; returns the run id.
 
     Scenes skipped (almost all masked) are counted in ``skipped_scenes`` only.
@@ -75,12 +79,12 @@ def log_scenes(model_uri: str, products: list[dict], class_values: list[int]) ->
     now = int(time.time() * 1000)
     batch = []
     for product in products:
-        if product.get("skipped"):
+        if product.skipped:
             continue
         batch += [Metric(k, v, now, step) for k, v in scene_metrics(product, class_values).items()]
-        client.set_tag(run_id, f"scene_{step}", product["input"])
+        client.set_tag(run_id, f"scene_{step}", product.input)
         step += 1
-    skipped = sum(1 for p in products if p.get("skipped"))
+    skipped = sum(1 for p in products if p.skipped)
     if skipped:
         batch.append(Metric("skipped_scenes", float(skipped), now, step))
     for start in range(0, len(batch), 900):  # MLflow takes at most 1000 metrics per call

@@ -276,13 +276,19 @@ def quantize(path: str, out_path: str, calibration: list[np.ndarray]) -> str:
 
 
 def cached_onnx(model_uri: str, int8: bool = False) -> str:
-    """The ONNX file of a torch model for ``map --engine onnxruntime``: exported (and, int8,
+    """The ONNX file of a torch model for ``map --engine onnxruntime``: a registered
+    version's own (exported and checked when it was registered), else exported (and, int8,
     calibrated on the model's training chips) the first time, then read from the private
     cache, keyed by the model file's content, so that every scene reuses it.
     """
     import hashlib
 
     from specdeepmap.inference import local_model_file
+
+    if not int8 and model_uri.startswith("models:/"):
+        registered = registered_onnx(model_uri)
+        if registered:
+            return registered
 
     local = local_model_file(model_uri)
     digest = hashlib.sha256()
@@ -310,6 +316,28 @@ def cached_onnx(model_uri: str, int8: bool = False) -> str:
             report.seconds,
         )
     return path
+
+
+def registered_onnx(model_uri: str) -> str | None:
+    """The local copy of a registered version's ONNX export (``models:/NAME/VERSION`` or
+    ``@ALIAS``; :func:`specdeepmap.tracking.log_onnx_export`), None where it has none.
+    """
+    import mlflow
+
+    from specdeepmap.registry import resolve
+    from specdeepmap.tracking import ONNX_ARTIFACT
+
+    client = mlflow.MlflowClient()
+    pinned = resolve(model_uri, client).removeprefix("models:/")
+    if "/" not in pinned:  # a logged model's id, not a registered version
+        return None
+    name, version = pinned.split("/", 1)
+    found = client.get_model_version(name, version)
+    if found.tags.get("onnx") != ONNX_ARTIFACT:
+        return None
+    return mlflow.artifacts.download_artifacts(
+        run_id=found.run_id, artifact_path=ONNX_ARTIFACT, tracking_uri=mlflow.get_tracking_uri()
+    )
 
 
 def _compare(path: str, portable: torch.nn.Module, sample: np.ndarray) -> tuple[float, float]:

@@ -10,8 +10,10 @@ item records who released it, when and why.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+from dataclasses import dataclass, field
 
 from specdeepmap import __version__, storage
 from specdeepmap.classes import ClassSchema
@@ -156,6 +158,33 @@ def unmapped_scenes(
     return todo
 
 
+@dataclass(frozen=True)
+class SceneProducts:
+    """What mapping one scene for production gave: where its products are and its headline
+    figures (the verdict and the scores behind it). A scene almost all masked is ``skipped``
+    (with the reason) and has only its metrics JSON.
+    """
+
+    input: str  #: the scene
+    metrics: str  #: its ``*_metrics.json`` (written last: the scene is complete)
+    skipped: str | None = None  #: why it was not mapped
+    verdict: str | None = None  #: ``ok`` or ``suspect``
+    quarantined: bool = False  #: moved into ``quarantine/`` (suspect, not published)
+    classes: str | None = None  #: the class COG
+    quicklook: str | None = None
+    stac_item: str | None = None
+    seconds: float = 0.0
+    reasons: list[str] = field(default_factory=list)  #: why suspect
+    scores: dict[str, float | None] = field(default_factory=dict)  #: the drift scores
+    masked_share: float = 0.0
+    mean_confidence: float | None = None
+    class_shares: list[float] = field(default_factory=list)  #: in the model's class order
+
+    def to_dict(self) -> dict:
+        """Plain data (a flow's result, shown in the Prefect UI)."""
+        return dataclasses.asdict(self)
+
+
 def map_scene_products(
     input_uri: str,
     model_uri: str,
@@ -164,7 +193,7 @@ def map_scene_products(
     predictor: Predictor | None = None,
     mask: QualityMask | None = None,
     quarantine: bool = False,
-) -> dict:
+) -> SceneProducts:
     """Map a scene for production: beside the class COG, a confidence COG, a quicklook, the
     quality JSON with the scene's verdict, the map's STAC item and ``*_metrics.json``.
 
@@ -190,13 +219,7 @@ def map_scene_products(
     head = {"input": input_uri, "model": model_uri, "software": f"specdeepmap {__version__}"}
     if report.skipped:
         storage.write_text(base + "_metrics.json", json.dumps(head | {"skipped": report.skipped}))
-        return {
-            "input": input_uri,
-            "skipped": report.skipped,
-            "verdict": None,
-            "quarantined": False,
-            "metrics": base + "_metrics.json",
-        }
+        return SceneProducts(input_uri, base + "_metrics.json", skipped=report.skipped)
     quality = json.loads(storage.read_text(report.quality_uri))
     classes, values = predictor.classes, list(predictor.class_values)
     if quality["masked_value"] is not None:
@@ -220,21 +243,21 @@ def map_scene_products(
         "class_names": {str(k): classes.name(k) for k in areas},
     }
     storage.write_text(base + "_metrics.json", json.dumps(metrics, indent=2))
-    return {
-        "input": input_uri,
-        "classes": output_uri,
-        "quicklook": png,
-        "metrics": base + "_metrics.json",
-        "stac_item": item,
-        "seconds": round(report.seconds, 2),
-        "verdict": report.verdict.status,
-        "reasons": report.verdict.reasons,
-        "scores": report.verdict.scores,
-        "masked_share": round(report.masked_share, 6),
-        "mean_confidence": quality["mean_confidence"],
-        "class_shares": quality["class_shares"],
-        "quarantined": quarantined,
-    }
+    return SceneProducts(
+        input_uri,
+        base + "_metrics.json",
+        verdict=report.verdict.status,
+        quarantined=quarantined,
+        classes=output_uri,
+        quicklook=png,
+        stac_item=item,
+        seconds=round(report.seconds, 2),
+        reasons=report.verdict.reasons,
+        scores=report.verdict.scores,
+        masked_share=round(report.masked_share, 6),
+        mean_confidence=quality["mean_confidence"],
+        class_shares=quality["class_shares"],
+    )
 
 
 def _write_item(

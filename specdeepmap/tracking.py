@@ -4,8 +4,10 @@ registration of a trained model as a new model version.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import tempfile
 
 import numpy as np
 
@@ -13,6 +15,11 @@ from specdeepmap import __version__
 from specdeepmap.baseline import BaselineResult, write_baseline
 from specdeepmap.classes import ClassSchema
 from specdeepmap.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+#: where a registered version's ONNX export is among its run's artifacts
+ONNX_ARTIFACT = "onnx/model.onnx"
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {
@@ -161,8 +168,40 @@ def register_model(
         )
     if not client.get_registered_model(name).description:
         client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
-    publish_model_item(name, version, config, os.path.basename(model_file), client)
+    onnx = log_onnx_export(model_file, name, version, client)
+    publish_model_item(name, version, config, os.path.basename(model_file), client, onnx)
     return f"models:/{name}/{version}", version
+
+
+def log_onnx_export(model_file: str, name: str, version: str, client) -> str | None:
+    """Export a new version to ONNX, checked against torch on its test chips, and log it with
+    the version (the run artifact :data:`ONNX_ARTIFACT`; tags ``onnx_agreement``, the share
+    of pixels whose class agrees, and ``onnx_max_difference``, the largest probability
+    difference). Must run inside the version's MLflow run. A model whose export fails or
+    disagrees is registered without one, its ``onnx`` tag saying why (its maps then export
+    it locally). Returns the artifact's path in the run, or None.
+    """
+    import mlflow
+
+    from specdeepmap.onnx_model import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="specdeepmap-onnx-") as folder:
+        path = os.path.join(folder, os.path.basename(ONNX_ARTIFACT))
+        try:
+            report = export_onnx(model_file, path)
+        except Exception as error:  # noqa: BLE001 - an operator ONNX lacks, a disagreement
+            why = f"not exported: {type(error).__name__}: {str(error)[:300]}"
+            log.warning("%s version %s: ONNX %s", name, version, why)
+            client.set_model_version_tag(name, version, "onnx", why)
+            return None
+        mlflow.log_artifact(path, os.path.dirname(ONNX_ARTIFACT))
+    for key, value in {
+        "onnx": ONNX_ARTIFACT,
+        "onnx_agreement": f"{report.agreement:.6f}",
+        "onnx_max_difference": f"{report.max_difference:.2e}",
+    }.items():
+        client.set_model_version_tag(name, version, key, value)
+    return ONNX_ARTIFACT
 
 
 def register_imported(

@@ -19,7 +19,7 @@ from specdeepmap.metrics import never_predicted
 from specdeepmap.model_card import escape_md, publish_model_card
 from specdeepmap.monitoring import log_scenes
 from specdeepmap.params import ChipParams, MapParams, SplitParams
-from specdeepmap.publishing import map_scene_products
+from specdeepmap.publishing import SceneProducts, map_scene_products
 from specdeepmap.registry import ChampionScore, Promotion
 from specdeepmap.splitting import SplitReport, check_split_before_chipping, make_dataset
 from specdeepmap.training import TrainConfig, TrainResult, train
@@ -346,7 +346,7 @@ def map_scene_task(
     params: MapParams,
     mask_uris: list[str] | None = None,
     quarantine: bool = True,
-) -> dict:
+) -> SceneProducts:
     """Deep Learning Mapper on one scene, with its verdict; a suspect map goes to quarantine
     (with ``quarantine``) and is announced as the Prefect event ``specdeepmap.map.suspect``.
     """
@@ -358,26 +358,30 @@ def map_scene_task(
         mask=params.quality_mask(mask_uris or []),
         quarantine=quarantine,
     )
-    if products.get("skipped"):
-        get_run_logger().warning("%s not mapped: %s", input_uri, products["skipped"])
-    elif products["verdict"] == "suspect":
-        get_run_logger().warning("%s: suspect map (%s)", input_uri, "; ".join(products["reasons"]))
+    if products.skipped:
+        get_run_logger().warning("%s not mapped: %s", input_uri, products.skipped)
+    elif products.verdict == "suspect":
+        get_run_logger().warning("%s: suspect map (%s)", input_uri, "; ".join(products.reasons))
         emit_event(
             event=SUSPECT_EVENT,
             resource={
-                "prefect.resource.id": f"specdeepmap.map.{products['classes']}",
-                "prefect.resource.name": storage.basename(products["classes"]),
+                "prefect.resource.id": f"specdeepmap.map.{products.classes}",
+                "prefect.resource.name": storage.basename(products.classes),
             },
             payload={
                 "scene": input_uri,
                 "model": model_uri,
-                "map": products["classes"],
-                "quarantined": products["quarantined"],
-                "reasons": products["reasons"],
-                "scores": products["scores"],
+                "map": products.classes,
+                "quarantined": products.quarantined,
+                "reasons": products.reasons,
+                "scores": products.scores,
             },
         )
-    rows = [(k, v) for k, v in products.items() if k not in ("scores", "class_shares")]
+    rows = [
+        (k, v)
+        for k, v in products.to_dict().items()
+        if k not in ("scores", "class_shares") and v is not None
+    ]
     create_markdown_artifact(
         key="map",
         description=f"Map of {input_uri}",
@@ -387,7 +391,7 @@ def map_scene_task(
 
 
 @task(name="log scenes to MLflow", **RETRIES)
-def monitor_task(model_uri: str, products: list[dict]) -> str | None:
+def monitor_task(model_uri: str, products: list[SceneProducts]) -> str | None:
     """One step per mapped scene in the model version's MLflow monitoring run."""
     if not model_uri.startswith("models:/") or not products:
         return None  # a model file has no registry version to monitor

@@ -125,5 +125,5 @@ def test_tester_and_mapper_name_the_classes(trained, dataset, tmp_path):
     assert names[1:] == [CLASS_SIGNATURES[v][0] for v in range(1, len(names))]
     style = (tmp_path / "map" / "scene_classes.qml").read_text()
     assert 'label="forest"' in style
-    metrics = json.loads(open(products["metrics"]).read())
+    metrics = json.loads(open(products.metrics).read())
     assert set(metrics["class_names"].values()) <= {n for n, _ in CLASS_SIGNATURES.values()}

@@ -439,14 +439,7 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
     ):
         assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
         assert set(np.unique(out.read(1))) <= set(range(7))
-    first = json.loads(storage.read_text("s3://platform/maps/new_scene_classes_metrics.json"))
-
-    created = _trigger(platform["api"], "scheduled-mapping/scheduled-mapping", {})
-    assert created.status_code == 201, created.text
-    run = _wait_run(platform["api"], created.json()["id"])
-    assert run["state"]["type"] == "COMPLETED"
-    again = json.loads(storage.read_text("s3://platform/maps/new_scene_classes_metrics.json"))
-    assert again == first  # nothing was mapped a second time
+    # (a second scheduled run maps nothing again: tests/test_flows.py checks it in-process)
     # the map is published as a STAC item, listed in the output prefix's catalog
     item = json.loads(storage.read_text("s3://platform/maps/new_scene_classes.json"))
     assert item["assets"]["classes"]["href"] == "new_scene_classes.tif"

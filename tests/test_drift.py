@@ -265,27 +265,32 @@ def test_each_mapped_scene_is_a_step_of_the_versions_monitoring_run(trained, mon
     import mlflow
 
     from specdeepmap.monitoring import EXPERIMENT, log_scenes
+    from specdeepmap.publishing import SceneProducts
 
     config, _ = trained
     previous = mlflow.get_tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", config.tracking_uri)
 
-    def product(name: str, verdict: str, shares: list[float]) -> dict:
+    def product(name: str, verdict: str, shares: list[float]) -> SceneProducts:
         scores = {"median_band_shift": 0.4, "gain": 1.02, "offset": None}
-        return {
-            "input": name,
-            "verdict": verdict,
-            "masked_share": 0.1,
-            "scores": scores,
-            "mean_confidence": 0.8,
-            "class_shares": shares,
-        }
+        return SceneProducts(
+            name,
+            f"{name}_metrics.json",
+            verdict=verdict,
+            masked_share=0.1,
+            scores=scores,
+            mean_confidence=0.8,
+            class_shares=shares,
+        )
 
     try:
         first = log_scenes("models:/test-model/1", [product("a.tif", "ok", [0.7, 0.3])], [1, 5])
         second = log_scenes(
             "models:/test-model/1",
-            [product("b.tif", "suspect", [0.1, 0.9]), {"input": "c.tif", "skipped": "masked"}],
+            [
+                product("b.tif", "suspect", [0.1, 0.9]),
+                SceneProducts("c.tif", "c_metrics.json", skipped="masked"),
+            ],
             [1, 5],
         )
         client = mlflow.MlflowClient(config.tracking_uri)

@@ -78,6 +78,25 @@ def test_each_registered_version_has_a_valid_mlm_item(trained, dataset, store, t
     assert load_model(href.removeprefix("file://"), "cpu").config.class_values == [
         *config.class_values
     ]
+    # the ONNX export, checked against torch when the version was registered, is an asset
+    # too, and the one an ONNX Runtime map of the version runs
+    from specdeepmap.onnx_model import cached_onnx, load_onnx
+
+    onnx_href = second["assets"]["onnx"]["href"]
+    assert onnx_href.endswith("/artifacts/onnx/model.onnx")
+    assert "mlm:model" in second["assets"]["onnx"]["roles"]
+    tags = mlflow.MlflowClient().get_model_version("mlm-model", versions[1]).tags
+    assert tags["onnx"] == "onnx/model.onnx" and float(tags["onnx_agreement"]) >= 0.999
+    chips = np.random.default_rng(0).integers(0, 3000, (1, 13, 32, 32)).astype(np.uint16)
+    exported = load_onnx(onnx_href.removeprefix("file://"))
+    torch_model = load_model(result.model_file, "cpu")
+    agree = (
+        exported.probabilities(chips).numpy().argmax(1)
+        == torch_model.probabilities(chips).numpy().argmax(1)
+    ).mean()
+    assert agree >= 0.999
+    local = cached_onnx(f"models:/mlm-model/{versions[1]}")
+    assert open(local, "rb").read() == open(onnx_href.removeprefix("file://"), "rb").read()
     # version links both ways, and to the latest
     assert _links(second)["predecessor-version"] == _links(first)["self"]
     assert _links(first)["successor-version"] == _links(second)["self"]

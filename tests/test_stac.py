@@ -67,7 +67,7 @@ def test_a_map_is_published_as_a_stac_item(trained, dataset, scene_item, tmp_pat
         np.testing.assert_array_equal(a.read(1), b.read(1))
         colormap = a.colormap(1)
 
-    item = json.loads(open(products["stac_item"]).read())
+    item = json.loads(open(products.stac_item).read())
     assert item["type"] == "Feature" and item["stac_version"].startswith("1.")
     assert item["id"] == "S2A_20170216T102101_demo_classes"
     for schema in SCHEMAS:
@@ -93,12 +93,12 @@ def test_a_map_is_published_as_a_stac_item(trained, dataset, scene_item, tmp_pat
     assert derived and derived[0]["href"] == uri
 
     catalog = update_catalog(str(tmp_path / "maps"))
-    assert catalog_items(catalog) == [products["stac_item"]]
+    assert catalog_items(catalog) == [products.stac_item]
     from specdeepmap.mapping import scenes_under
     from specdeepmap.stac import is_catalog
 
-    assert is_catalog(catalog) and not is_catalog(products["stac_item"])
-    assert scenes_under(catalog) == [products["stac_item"]]  # a catalog as the input prefix
+    assert is_catalog(catalog) and not is_catalog(products.stac_item)
+    assert scenes_under(catalog) == [products.stac_item]  # a catalog as the input prefix
 
 
 def test_an_item_without_a_models_band_is_refused(trained, scene_item, tmp_path):
