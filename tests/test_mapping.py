@@ -614,6 +614,7 @@ def test_int8_map_matches_fp32(trained, dataset, tmp_path):
     assert abs(iou["int8"] - iou["fp32"]) < 0.03
 
 
+@pytest.mark.slow  # waits out botocore's bounded retries (about 15 s)
 def test_an_unreachable_output_store_is_not_called_a_missing_bucket(
     trained, dataset, tmp_path, monkeypatch
 ):
