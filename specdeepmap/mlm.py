@@ -238,14 +238,14 @@ def model_item_href(model_uri: str) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from specdeepmap.registry import resolve
+    from specdeepmap.registry import registered_version
 
     client = mlflow.MlflowClient()
     try:
-        pinned = resolve(model_uri, client)[len("models:/") :]
-        if "/" not in pinned:  # a logged model's id, not a registered version
+        registered = registered_version(model_uri, client)
+        if registered is None:  # a logged model's id
             return None
-        name, version = pinned.split("/", 1)
+        name, version = registered
         run_id = client.get_model_version(name, version).run_id
         listed = client.list_artifacts(run_id, ITEM_FOLDER)  # listed, not downloaded
     except MlflowException:

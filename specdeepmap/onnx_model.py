@@ -285,7 +285,7 @@ def cached_onnx(model_uri: str, int8: bool = False) -> str:
 
     from specdeepmap.inference import local_model_file
 
-    if not int8 and model_uri.startswith("models:/"):
+    if not int8:
         registered = registered_onnx(model_uri)
         if registered:
             return registered
@@ -320,19 +320,21 @@ def cached_onnx(model_uri: str, int8: bool = False) -> str:
 
 def registered_onnx(model_uri: str) -> str | None:
     """The local copy of a registered version's ONNX export (``models:/NAME/VERSION`` or
-    ``@ALIAS``; :func:`specdeepmap.tracking.log_onnx_export`), None where it has none.
+    ``@ALIAS``; :func:`specdeepmap.tracking.log_onnx_export`), None where it has none or
+    ``model_uri`` is no registered version.
     """
+    if not model_uri.startswith("models:/"):
+        return None
     import mlflow
 
-    from specdeepmap.registry import resolve
+    from specdeepmap.registry import registered_version
     from specdeepmap.tracking import ONNX_ARTIFACT
 
     client = mlflow.MlflowClient()
-    pinned = resolve(model_uri, client).removeprefix("models:/")
-    if "/" not in pinned:  # a logged model's id, not a registered version
+    registered = registered_version(model_uri, client)
+    if registered is None:  # a model file, or a logged model's id
         return None
-    name, version = pinned.split("/", 1)
-    found = client.get_model_version(name, version)
+    found = client.get_model_version(*registered)
     if found.tags.get("onnx") != ONNX_ARTIFACT:
         return None
     return mlflow.artifacts.download_artifacts(

@@ -451,3 +451,16 @@ def resolve(model_uri: str, client=None) -> str:
     name, alias = model_uri[len("models:/") :].split("@", 1)
     version = client.get_model_version_by_alias(name, alias)
     return f"models:/{name}/{version.version}"
+
+
+def registered_version(model_uri: str, client=None) -> tuple[str, str] | None:
+    """(name, version) of a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI (an alias
+    pinned to the version it names now); None for a model file or a logged model's id.
+    """
+    if not model_uri.startswith("models:/"):
+        return None
+    pinned = resolve(model_uri, client).removeprefix("models:/")
+    if "/" not in pinned:  # a logged model's id, not a registered version
+        return None
+    name, version = pinned.split("/", 1)
+    return name, version
