@@ -13,7 +13,9 @@ GDAL_CACHEMAX pinned, so peak RSS (VmHWM) is its own. Measured per scene size:
 * ``--engines``: the same maps with ONNX Runtime running the network (rows "fp32
   onnxruntime", "int8 onnxruntime"): the model exported once (``export_onnx``), int8 with
   its convolutions statically quantized once (calibrated on eight windows of the scene; a
-  real model is calibrated on its training chips), neither's export in the timed run;
+  real model is calibrated on its training chips), neither's export in the timed run; and
+  with OpenVINO (``openvino``: the same fp32 file in fp32 and bf16, int8 its convolutions
+  quantized by NNCF on the same windows, before the timed runs);
 * ``read``: one pass over the scene in strips (I/O floor);
 * ``baseline``: SpecDeepMap's mapper: 256 px tiles, stride ⌊256·0.8⌋, margins cropped, batch 1,
   the whole output in memory, a plain striped GeoTIFF; run as often as the mapper, in the
@@ -61,8 +63,16 @@ CHILD = textwrap.dedent("""
     from specdeepmap.params import MapParams
     mode, scene, model_file, out, device = sys.argv[1:6]
     mode, _, precision = mode.partition(":")
+    precision, _, engine = precision.partition(":")
     result = {}
-    predictor = load_model(model_file, device)  # loading is not timed
+    if engine == "openvino":  # the ONNX file (int8: the quantized .xml) on OpenVINO
+        import os
+        from specdeepmap.openvino_model import OpenVinoPredictor, compile_network, onnx_config
+        config, _ = onnx_config(os.path.join(os.path.dirname(model_file), "model.onnx"), "")
+        predictor = OpenVinoPredictor(compile_network(model_file, precision), config,
+                                      model_file, precision)
+    else:
+        predictor = load_model(model_file, device)  # loading is not timed
     # the runtime floor: interpreter, torch, smp and the model, before any pixel
     result["floor_rss_mb"] = int([l for l in open("/proc/self/status")
                                   if l.startswith("VmRSS")][0].split()[1]) / 1024
@@ -214,20 +224,32 @@ def band_files_scene(stacked: str, folder: str) -> str:
 
 
 def quality(
-    model_file: str, scene: str, labels: str, precisions: list[str], device: str, work: str
+    model_file: str,
+    scene: str,
+    labels: str,
+    precisions: list[str],
+    engines: list[str],
+    device: str,
+    work: str,
 ) -> list[tuple]:
-    """(precision, share of pixels whose class differs from fp32, mean IoU) with a real model."""
+    """(engine and precision, share of pixels whose class differs from torch fp32, mean IoU)
+    with a real model, mapped as a user maps it (ONNX files exported and int8 calibrated on
+    the model's training chips, once, in the private cache).
+    """
     import rasterio
 
     from specdeepmap.mapping import map_scene
     from specdeepmap.params import MapParams
 
     rows, reference = [], None
-    for precision in ["fp32", *[p for p in precisions if p != "fp32"]]:
-        out = os.path.join(work, f"quality-{precision}.tif")
-        report = map_scene(
-            scene, model_file, out, MapParams(device=device, precision=precision), gt_uri=labels
-        )
+    ordered = ["fp32", *[p for p in precisions if p != "fp32"]]
+    for engine, precision in [(e, p) for e in engines for p in ordered]:
+        if engine == "onnxruntime" and precision == "bf16":
+            continue  # ONNX Runtime maps in fp32 or int8
+        out = os.path.join(work, f"quality-{engine}-{precision}.tif")
+        params = MapParams(device=device, precision=precision, engine=engine)
+        report = map_scene(scene, model_file, out, params, gt_uri=labels)
+        precision = precision if engine == "torch" else f"{precision} {engine}"
         with rasterio.open(out) as dst:
             classes = dst.read(1)
         reference = classes if reference is None else reference
@@ -265,6 +287,24 @@ def onnx_models(model_file: str, scene: str, work: str) -> dict[str, str]:
         )
         onnx.save(model, int8)
     return {"fp32": fp32, "int8": int8}
+
+
+def openvino_models(onnx_files: dict[str, str], scene: str, work: str) -> dict[str, str]:
+    """The ONNX fp32 file for OpenVINO's fp32 and bf16, and its int8 network (NNCF,
+    calibrated on the same eight windows of ``scene`` as ONNX Runtime's int8 file).
+    """
+    import openvino as ov
+    import rasterio
+
+    from specdeepmap.openvino_model import quantize_int8
+    from specdeepmap.windows import calibration_windows
+
+    int8 = os.path.join(work, "model_openvino_int8.xml")
+    if not os.path.exists(int8):
+        with rasterio.open(scene) as src:
+            windows = [w.astype("float32") for w in calibration_windows(src, 256)]
+        ov.save_model(quantize_int8(onnx_files["fp32"], windows), int8, compress_to_fp16=False)
+    return {"fp32": onnx_files["fp32"], "bf16": onnx_files["fp32"], "int8": int8}
 
 
 def latest_demo_model() -> str:
@@ -411,8 +451,9 @@ def main() -> None:
         "--engines",
         nargs="+",
         default=["torch", "onnxruntime"],
-        choices=["torch", "onnxruntime"],
-        help="what runs the network (onnxruntime: fp32 and int8 ONNX files; not bf16)",
+        choices=["torch", "onnxruntime", "openvino"],
+        help="what runs the network (onnxruntime: fp32 and int8 ONNX files, not bf16; "
+        "openvino: the fp32 file in fp32 and bf16, its NNCF int8 network)",
     )
     parser.add_argument(
         "--bands-size",
@@ -463,15 +504,17 @@ def main() -> None:
         read = run("read", scene, model_file, "", args.device)
         bases: list[dict] = []
         engines = {"torch": {p: model_file for p in args.precisions}}
-        if "onnxruntime" in args.engines:
+        if {"onnxruntime", "openvino"} & set(args.engines):
             engines["onnxruntime"] = onnx_models(model_file, scene, work)
+        if "openvino" in args.engines:
+            engines["openvino"] = openvino_models(engines["onnxruntime"], scene, work)
         for i, (engine, precision) in enumerate(
             (e, p) for e in args.engines for p in args.precisions if p in engines[e]
         ):
             ours, model, ratios = measure(
                 size,
                 scene,
-                precision,
+                f"{precision}:openvino" if engine == "openvino" else precision,
                 engines[engine][precision],
                 work,
                 args.device,
@@ -593,12 +636,13 @@ def main() -> None:
         )
         return
     print(f"\nQuality per precision, {args.quality_model} on {args.quality_scene}")
-    print("precision | classes changed vs fp32 | mean IoU\n--- | --- | ---")
+    print("precision | classes changed vs torch fp32 | mean IoU\n--- | --- | ---")
     for precision, changed, iou in quality(
         args.quality_model,
         args.quality_scene,
         args.quality_labels,
         args.precisions,
+        args.engines,
         args.device,
         work,
     ):

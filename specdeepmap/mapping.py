@@ -521,11 +521,16 @@ def _report(
 
 
 def load_for_engine(model_uri: str, params: MapParams) -> Predictor:
-    """The model as ``params.engine`` runs it: torch, or ONNX Runtime on the model's ONNX
-    file (exported and, for int8, calibrated once per model file:
-    :func:`specdeepmap.onnx_model.cached_onnx`). An ``.onnx`` model always runs on ONNX
-    Runtime.
+    """The model as ``params.engine`` runs it: torch, ONNX Runtime or OpenVINO on the
+    model's ONNX file (exported and, for int8, calibrated once per model file:
+    :func:`specdeepmap.onnx_model.cached_onnx`,
+    :func:`specdeepmap.openvino_model.load_openvino`). An ``.onnx`` model runs on
+    OpenVINO when that is the engine, else on ONNX Runtime.
     """
+    if params.engine == "openvino":
+        from specdeepmap.openvino_model import load_openvino
+
+        return load_openvino(model_uri, params.precision)
     if params.engine == "onnxruntime" and not model_uri.lower().endswith(".onnx"):
         if params.precision == "bf16":
             raise InvalidParameterError(

@@ -126,9 +126,9 @@ def export_onnx(
     predictor = load_model(model_uri, "cpu")
     portable = _Portable(predictor).eval()
     height, width = predictor.tile_size
-    sample = _check_batch(predictor, chips_csv, count)
+    sample = check_batch(predictor, chips_csv, count)
     # int8: the calibration chips are read first, so that a missing set fails before the export
-    calibration = _calibration_chips(predictor, calibration_csv) if int8 else []
+    calibration = calibration_chips(predictor, calibration_csv) if int8 else []
     with tempfile.TemporaryDirectory(prefix="specdeepmap-onnx-") as folder:
         path = _write_graph(portable, sample, os.path.join(folder, "model.onnx"))
         model = onnx.load(path)
@@ -184,7 +184,7 @@ def _write_graph(portable: torch.nn.Module, sample: np.ndarray, path: str) -> st
     return path
 
 
-def _check_batch(predictor: Predictor, chips_csv: str | None, count: int) -> np.ndarray:
+def check_batch(predictor: Predictor, chips_csv: str | None, count: int) -> np.ndarray:
     """Raw (N, C, H, W) chips to check the export on: a chip CSV's, else random windows."""
     from specdeepmap.splitting import read_csv
 
@@ -205,7 +205,7 @@ def _check_batch(predictor: Predictor, chips_csv: str | None, count: int) -> np.
     )
 
 
-def _calibration_chips(predictor: Predictor, chips_csv: str | None) -> list[np.ndarray]:
+def calibration_chips(predictor: Predictor, chips_csv: str | None) -> list[np.ndarray]:
     """Raw (1, C, H, W) training chips that calibrate an int8 export: up to
     :data:`CALIBRATION_CHIPS` spread over ``chips_csv`` (default: the model's dataset's
     ``train_files.csv``).
@@ -355,7 +355,9 @@ def _compare(path: str, portable: torch.nn.Module, sample: np.ndarray) -> tuple[
 
 
 class OnnxPredictor(Predictor):
-    """A :class:`Predictor` whose probabilities come from an ONNX Runtime session."""
+    """A :class:`Predictor` whose probabilities come from an ONNX Runtime session (or, in
+    :class:`specdeepmap.openvino_model.OpenVinoPredictor`, another runtime's network).
+    """
 
     def __init__(self, session, config: ModelConfig, source: str, precision: str = "fp32") -> None:
         super().__init__(model=None, config=config, device=torch.device("cpu"), source=source)
@@ -376,8 +378,10 @@ class OnnxPredictor(Predictor):
             raise InputMismatchError(
                 f"{self.source}: an ONNX model takes raw pixels and maps without TTA"
             )
-        raw = np.ascontiguousarray(batch, dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {"raw": raw})[0])
+        return torch.from_numpy(self._run(np.ascontiguousarray(batch, dtype=np.float32)))
+
+    def _run(self, raw: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"raw": raw})[0]
 
 
 def load_onnx(uri: str) -> OnnxPredictor:

@@ -451,11 +451,12 @@ class MapParams(StepParams):
         description="bf16: autocast (GPUs, AMX CPUs); int8: quantized network on the "
         "CPU (several times faster on VNNI CPUs, a few pixels change class).",
     )
-    engine: Literal["torch", "onnxruntime"] = Field(
+    engine: Literal["torch", "onnxruntime", "openvino"] = Field(
         "torch",
-        description="What runs the network: torch, or ONNX Runtime (the model exported to "
-        "ONNX once and cached; int8: calibrated once on the model's training chips; an "
-        ".onnx MODEL always runs on ONNX Runtime).",
+        description="What runs the network: torch, ONNX Runtime or OpenVINO (CPU) on the "
+        "model's ONNX file (a registered version's own, else exported once and cached; "
+        "int8: calibrated once on the model's training chips). An .onnx MODEL runs on "
+        "OpenVINO with openvino, else on ONNX Runtime.",
     )
     channels_last: bool = Field(
         True, description="Run the network channels-last (faster convolutions on CPUs and GPUs)."

@@ -16,7 +16,7 @@ from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.inference import load_model
 from specdeepmap.mapping import map_scene
-from specdeepmap.onnx_model import CONFIG_KEY, export_onnx
+from specdeepmap.onnx_model import CONFIG_KEY, PRECISION_KEY, export_onnx
 from specdeepmap.params import MapParams
 
 runner = CliRunner()
@@ -178,3 +178,51 @@ def test_map_engine_onnxruntime_exports_once_and_reuses_the_file(
             MapParams(engine="onnxruntime", precision="int8"),
         )
     assert not (tmp_path / "moved.tif").exists()
+
+
+def test_map_engine_openvino_runs_the_onnx_file_in_fp32_bf16_and_int8(
+    trained, dataset, exported, tmp_path, monkeypatch
+):
+    """``--engine openvino`` compiles the model's ONNX file: fp32 gives torch's classes
+    (OpenVINO's default on bf16 CPUs is bf16, so fp32 must be asked for); int8 is quantized
+    once, calibrated on the training chips, cached and checked against fp32; an int8 file
+    refuses another precision.
+    """
+    from specdeepmap.openvino_model import OpenVinoPredictor, load_openvino
+
+    _, result = trained
+    monkeypatch.setenv("SPECDEEPMAP_CACHE", str(tmp_path / "cache"))
+    scene = str(dataset / "scene" / "demo_s2.tif")
+    maps = {}
+    for name, model, params in (
+        ("torch", result.model_file, MapParams(device="cpu")),
+        ("ov", result.model_file, MapParams(device="cpu", engine="openvino")),
+        ("ov-bf16", result.model_file, MapParams(engine="openvino", precision="bf16")),
+        ("ov-int8", result.model_file, MapParams(engine="openvino", precision="int8")),
+    ):
+        report = map_scene(scene, model, str(tmp_path / f"{name}.tif"), params)
+        assert report.seconds > 0
+        with rasterio.open(tmp_path / f"{name}.tif") as src:
+            maps[name] = src.read(1)
+    assert (maps["ov"] == maps["torch"]).mean() >= 0.999
+    assert (maps["ov-bf16"] == maps["torch"]).mean() >= 0.98
+    assert (maps["ov-int8"] == maps["torch"]).mean() >= 0.98
+    cached = sorted(p.name for p in (tmp_path / "cache" / "openvino").iterdir())
+    assert [p.rsplit(".", 1)[1] for p in cached] == ["bin", "xml"]  # nothing half-written
+    stamp = (tmp_path / "cache" / "openvino" / cached[1]).stat().st_mtime_ns
+    again = load_openvino(result.model_file, "int8")  # the next scene: quantized once
+    assert isinstance(again, OpenVinoPredictor) and again.precision == "int8"
+    assert (tmp_path / "cache" / "openvino" / cached[1]).stat().st_mtime_ns == stamp
+    raw = (np.random.default_rng(5).random((2, 13, 64, 64)) * 4000).astype(np.float32)
+    torch_model = load_model(result.model_file, "cpu")
+    expected = torch_model.probabilities(raw).numpy()
+    found = load_openvino(exported.uri, "fp32").probabilities(raw).numpy()  # an .onnx MODEL
+    assert np.abs(found - expected).max() < 1e-3
+    # an int8 file (its metadata says so) maps in int8 only
+    int8_file = onnx.load(exported.uri)
+    onnx.helper.set_model_props(
+        int8_file, {p.key: p.value for p in int8_file.metadata_props} | {PRECISION_KEY: "int8"}
+    )
+    onnx.save(int8_file, str(tmp_path / "int8.onnx"))
+    with pytest.raises(InvalidParameterError, match="int8 ONNX model"):
+        load_openvino(str(tmp_path / "int8.onnx"), "fp32")
