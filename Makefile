@@ -29,9 +29,10 @@ run: install
 test: install
 	$(PY) -m pytest -q --durations=15
 
-# the loop while working: no services, no spawned processes (< 3 min on 2 cores)
+# the loop while working: no services, no spawned processes, on two pytest processes of one
+# thread each (< 3 min on 2 cores)
 test-fast: install
-	$(PY) -m pytest -q -m "not integration and not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not integration and not slow"
 
 # lint: the project's ruff rules (pyproject.toml) and its formatting; CI runs it before the tests
 lint: install

@@ -65,12 +65,13 @@ def model_item(
     version: str,
     model_href: str,
     created: dt.datetime,
-    onnx_href: str | None = None,
+    onnx_hrefs: dict[str, str] | None = None,
 ) -> dict:
     """The MLM STAC item of a model version (plain JSON data).
 
     ``config``: the model file's config; ``model_href``: where the model file is;
-    ``onnx_href``: where its ONNX export is (an asset of its own). The item has no geometry
+    ``onnx_hrefs``: where its portable files are, by precision (fp32: the ONNX export, int8:
+    the OpenVINO network's ``.xml``, its ``.bin`` beside it). The item has no geometry
     (a model is not tied to a place; the training data's extent is in its model card);
     aliases and links are filled in when it is logged.
     """
@@ -110,15 +111,33 @@ def model_item(
             "bands": [{"name": band} for band in bands],
         }
     }
-    if onnx_href:
+    onnx_hrefs = onnx_hrefs or {}
+    if "fp32" in onnx_hrefs:
         assets["onnx"] = {
-            "href": onnx_href,
+            "href": onnx_hrefs["fp32"],
             "type": "application/octet-stream; framework=onnx; profile=onnx",
             "title": "ONNX export: raw pixel values in, class probabilities out (the "
             "normalisation and the softmax inside; the config in its metadata)",
             "roles": ["mlm:model", "data"],
             "mlm:artifact_type": "torch.onnx.export",
             "bands": [{"name": band} for band in bands],
+        }
+    if "int8" in onnx_hrefs:  # OpenVINO's int8 network: its graph and its weights
+        xml = onnx_hrefs["int8"]
+        assets["openvino_int8"] = {
+            "href": xml,
+            "type": "application/xml; framework=openvino",
+            "title": "the ONNX export's convolutions quantized to int8 for OpenVINO (NNCF, "
+            "calibrated on the version's training chips); its weights are openvino_int8_weights",
+            "roles": ["mlm:model", "data"],
+            "mlm:artifact_type": "nncf.quantize",
+            "bands": [{"name": band} for band in bands],
+        }
+        assets["openvino_int8_weights"] = {
+            "href": xml.removesuffix(".xml") + ".bin",
+            "type": "application/octet-stream; framework=openvino",
+            "title": "the weights of openvino_int8",
+            "roles": ["mlm:weights", "data"],
         }
     return {
         "type": "Feature",
@@ -183,7 +202,7 @@ def publish_model_item(
     config: ModelConfig,
     file_name: str = "model.pt",
     client=None,
-    onnx_artifact: str | None = None,
+    onnx_artifacts: dict[str, str] | None = None,
 ) -> str:
     """Write the MLM item of a newly registered version into its run's artifacts, relink its
     predecessor's (its successor and the latest version), and return the item's URI.
@@ -197,11 +216,11 @@ def publish_model_item(
     # the MLflow model's folder; the model file is among its own artifacts
     folder = _location(client.get_model_version_download_uri(name, version))
     model_href = f"{folder}/artifacts/{file_name}"
-    onnx_href = None
-    if onnx_artifact:  # a path among the version's run artifacts
-        run = client.get_run(found.run_id)
-        onnx_href = f"{_location(run.info.artifact_uri)}/{onnx_artifact}"
-    item = model_item(config, name, version, model_href, created, onnx_href)
+    onnx_hrefs = {}
+    if onnx_artifacts:  # paths among the version's run artifacts, by precision
+        run = f"{_location(client.get_run(found.run_id).info.artifact_uri)}"
+        onnx_hrefs = {precision: f"{run}/{path}" for precision, path in onnx_artifacts.items()}
+    item = model_item(config, name, version, model_href, created, onnx_hrefs)
     _log(client, name, version, item)
     previous = _neighbours(client, name, version)[0]
     if previous is not None:

@@ -21,13 +21,13 @@ EXPERIMENT = "specdeepmap-monitoring"
 
 
 def monitoring_run(client, model_uri: str) -> str:
-    """The monitoring run of a model (created on first use); its id."""
-    import mlflow
-
+    """The monitoring run of a model (created on first use); its id. ``client`` must be
+    bound to the store that :func:`specdeepmap.tracking.tracking_uri` names.
+    """
     from specdeepmap.tracking import ensure_experiment, tracking_uri
 
     ensure_experiment(tracking_uri(), EXPERIMENT)
-    experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`specdeepmap.model` = '{model_uri}'", max_results=1
     )
@@ -72,8 +72,12 @@ def log_scenes(model_uri: str, products: list[SceneProducts], class_values: list
     import mlflow
     from mlflow.entities import Metric
 
-    run_id = monitoring_run(mlflow.MlflowClient(), model_uri)
-    client = mlflow.MlflowClient()
+    from specdeepmap.tracking import tracking_uri
+
+    # one store for every call: the one the environment names, even where an earlier
+    # mlflow.set_tracking_uri in this process pointed MLflow elsewhere
+    client = mlflow.MlflowClient(tracking_uri())
+    run_id = monitoring_run(client, model_uri)
     history = client.get_metric_history(run_id, "suspect")
     step = max((m.step for m in history), default=-1) + 1
     now = int(time.time() * 1000)

@@ -118,48 +118,90 @@ def export_onnx(
     import tempfile
     import time
 
-    import onnx
-
-    from specdeepmap.inference import load_model
-
     started = time.perf_counter()
-    predictor = load_model(model_uri, "cpu")
-    portable = _Portable(predictor).eval()
-    height, width = predictor.tile_size
-    sample = check_batch(predictor, chips_csv, count)
+    reference = _Reference.of(model_uri, chips_csv, count)
     # int8: the calibration chips are read first, so that a missing set fails before the export
-    calibration = calibration_chips(predictor, calibration_csv) if int8 else []
+    calibration = calibration_chips(reference.predictor, calibration_csv) if int8 else []
     with tempfile.TemporaryDirectory(prefix="specdeepmap-onnx-") as folder:
-        path = _write_graph(portable, sample, os.path.join(folder, "model.onnx"))
-        model = onnx.load(path)
-        onnx.helper.set_model_props(
-            model,
-            {
-                CONFIG_KEY: json.dumps(predictor.config.stored()),
-                PRECISION_KEY: "int8" if int8 else "fp32",
-                "source": storage.redact(model_uri),
-            },
-        )
-        onnx.save(model, path)
+        path = _fp32_file(reference, model_uri, folder)
         if int8:
-            path = quantize(path, os.path.join(folder, "model_int8.onnx"), calibration)
-        agreement, difference = _compare(path, portable, sample)
+            path = _int8_file(path, folder, calibration)
+        report = reference.check(path, out_uri, started, int8)
+        with storage.atomic_output(out_uri) as tmp:
+            os.replace(path, tmp)
+    return report
+
+
+@dataclass
+class _Reference:
+    """What an export is checked against: the torch model as one module (raw pixels →
+    probabilities) and the raw chips of the check.
+    """
+
+    source: str
+    predictor: Predictor
+    portable: torch.nn.Module
+    sample: np.ndarray
+
+    @classmethod
+    def of(cls, model_uri: str, chips_csv: str | None, count: int) -> _Reference:
+        from specdeepmap.inference import load_model
+
+        predictor = load_model(model_uri, "cpu")
+        sample = check_batch(predictor, chips_csv, count)
+        return cls(model_uri, predictor, _Portable(predictor).eval(), sample)
+
+    def check(self, path: str, uri: str, started: float, int8: bool = False) -> ExportReport:
+        """The report of the ONNX file at ``path`` (to be written to ``uri``; ``int8``: a
+        quantized file, held to :data:`MIN_INT8_AGREEMENT`).
+
+        Raises:
+            InputMismatchError: its classes agree with torch's on fewer than
+                :data:`MIN_AGREEMENT` (int8: :data:`MIN_INT8_AGREEMENT`) of the pixels.
+        """
+        import time
+
+        agreement, difference = _compare(path, self.portable, self.sample)
         needed = MIN_INT8_AGREEMENT if int8 else MIN_AGREEMENT
         if agreement < needed:
             raise InputMismatchError(
-                f"The {'int8 ' if int8 else ''}ONNX export of {model_uri} agrees with the "
+                f"The {'int8 ' if int8 else ''}ONNX export of {self.source} agrees with the "
                 f"torch model on {agreement:.3%} of the pixels (at least {needed:.1%} "
                 "needed): not written"
             )
-        with storage.atomic_output(out_uri) as tmp:
-            os.replace(path, tmp)
-    return ExportReport(
-        out_uri,
-        int(sample.shape[0] * height * width),
-        agreement,
-        difference,
-        time.perf_counter() - started,
+        n, _, height, width = self.sample.shape
+        seconds = time.perf_counter() - started
+        return ExportReport(uri, int(n * height * width), agreement, difference, seconds)
+
+
+def _fp32_file(reference: _Reference, model_uri: str, folder: str) -> str:
+    """``folder/model.onnx``: the torch model's graph with its config in the metadata."""
+    path = _write_graph(reference.portable, reference.sample, os.path.join(folder, "model.onnx"))
+    _set_metadata(
+        path,
+        {
+            CONFIG_KEY: json.dumps(reference.predictor.config.stored()),
+            PRECISION_KEY: "fp32",
+            "source": storage.redact(model_uri),
+        },
     )
+    return path
+
+
+def _int8_file(fp32: str, folder: str, calibration: list[np.ndarray]) -> str:
+    """``folder/model_int8.onnx``: the fp32 file quantized (:func:`quantize`)."""
+    path = quantize(fp32, os.path.join(folder, "model_int8.onnx"), calibration)
+    _set_metadata(path, {PRECISION_KEY: "int8"})
+    return path
+
+
+def _set_metadata(path: str, props: dict[str, str]) -> None:
+    """Add ``props`` to an ONNX file's metadata (a key already there is replaced)."""
+    import onnx
+
+    model = onnx.load(path)
+    onnx.helper.set_model_props(model, {p.key: p.value for p in model.metadata_props} | props)
+    onnx.save(model, path)
 
 
 def _write_graph(portable: torch.nn.Module, sample: np.ndarray, path: str) -> str:
@@ -323,23 +365,35 @@ def registered_onnx(model_uri: str) -> str | None:
     ``@ALIAS``; :func:`specdeepmap.tracking.log_onnx_export`), None where it has none or
     ``model_uri`` is no registered version.
     """
+    from specdeepmap.tracking import ONNX_ARTIFACT
+
+    return registered_artifact(model_uri, "onnx", ONNX_ARTIFACT)
+
+
+def registered_artifact(model_uri: str, tag: str, artifact: str) -> str | None:
+    """The local copy of a registered version's run artifact ``artifact`` (downloaded with
+    the rest of its folder: an OpenVINO ``.xml`` needs its ``.bin``) where the version's
+    ``tag`` names it; None where it does not or ``model_uri`` is no registered version
+    (``models:/NAME/VERSION`` or ``@ALIAS``).
+    """
     if not model_uri.startswith("models:/"):
         return None
     import mlflow
 
     from specdeepmap.registry import registered_version
-    from specdeepmap.tracking import ONNX_ARTIFACT
 
     client = mlflow.MlflowClient()
     registered = registered_version(model_uri, client)
     if registered is None:  # a model file, or a logged model's id
         return None
     found = client.get_model_version(*registered)
-    if found.tags.get("onnx") != ONNX_ARTIFACT:
+    if found.tags.get(tag) != artifact:
         return None
-    return mlflow.artifacts.download_artifacts(
-        run_id=found.run_id, artifact_path=ONNX_ARTIFACT, tracking_uri=mlflow.get_tracking_uri()
+    folder, name = os.path.split(artifact)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=found.run_id, artifact_path=folder, tracking_uri=mlflow.get_tracking_uri()
     )
+    return os.path.join(local, name)
 
 
 def _compare(path: str, portable: torch.nn.Module, sample: np.ndarray) -> tuple[float, float]:

@@ -86,8 +86,18 @@ def load_openvino(model_uri: str, precision: str = "fp32") -> OpenVinoPredictor:
             f"{model_uri} is an int8 ONNX model: it maps in int8 (precision {precision} asked)"
         )
     if precision == "int8" and stored != "int8":
-        path = cached_int8(path, config, model_uri)
+        path = registered_int8(model_uri) or cached_int8(path, config, model_uri)
     return OpenVinoPredictor(compile_network(path, precision), config, model_uri, precision)
+
+
+def registered_int8(model_uri: str) -> str | None:
+    """The local ``.xml`` of a registered version's int8 network (made and checked when it
+    was registered: :func:`specdeepmap.tracking.log_onnx_export`), None where it has none.
+    """
+    from specdeepmap.onnx_model import registered_artifact
+    from specdeepmap.tracking import OPENVINO_INT8_ARTIFACT
+
+    return registered_artifact(model_uri, "openvino_int8", OPENVINO_INT8_ARTIFACT)
 
 
 def compile_network(model, precision: str):
@@ -108,14 +118,36 @@ def compile_network(model, precision: str):
 
 
 def cached_int8(onnx_path: str, config: ModelConfig, source: str) -> str:
-    """The int8 OpenVINO model (``.xml`` and ``.bin``) of an fp32 ONNX file: quantized,
-    calibrated on the model's training chips and checked against the fp32 file on its test
-    chips (or raw windows) the first time, then read from the private cache, keyed by the
-    ONNX file's content, so that every scene reuses it.
+    """The int8 OpenVINO model (``.xml`` and ``.bin``) of an fp32 ONNX file, made by
+    :func:`write_int8` the first time, then read from the private cache, keyed by the ONNX
+    file's content, so that every scene reuses it.
+    """
+    digest = hashlib.sha256()
+    with open(onnx_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    path = os.path.join(storage.private_cache_dir("openvino"), f"{digest.hexdigest()[:20]}.xml")
+    if not os.path.exists(path):
+        started = time.perf_counter()
+        agreement = write_int8(onnx_path, path, config, source)
+        log.info(
+            "%s quantized to int8 for OpenVINO: %s (agreement %.4f%% with fp32, %.1f s)",
+            source,
+            path,
+            100 * agreement,
+            time.perf_counter() - started,
+        )
+    return path
+
+
+def write_int8(onnx_path: str, out_xml: str, config: ModelConfig, source: str) -> float:
+    """Quantize an fp32 ONNX file (:func:`quantize_int8`) calibrated on the model's training
+    chips, check it against the fp32 file on its test chips (or raw windows), and write it
+    to ``out_xml`` and its ``.bin``. Returns the share of pixels that kept their class.
 
     Raises:
-        InputMismatchError: fewer than :data:`MIN_INT8_AGREEMENT` of the pixels keep their
-            class (nothing is cached).
+        InputMismatchError: fewer than :data:`MIN_INT8_AGREEMENT` of the pixels kept their
+            class (nothing is written).
         MissingInputError: the training chips cannot be read.
     """
     import openvino as ov
@@ -123,14 +155,6 @@ def cached_int8(onnx_path: str, config: ModelConfig, source: str) -> str:
     from specdeepmap.inference import Predictor
     from specdeepmap.onnx_model import calibration_chips, check_batch
 
-    digest = hashlib.sha256()
-    with open(onnx_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    path = os.path.join(storage.private_cache_dir("openvino"), f"{digest.hexdigest()[:20]}.xml")
-    if os.path.exists(path):
-        return path
-    started = time.perf_counter()
     shell = Predictor(model=None, config=config, device=torch.device("cpu"), source=source)
     calibration = calibration_chips(shell, None)  # fails before any work without them
     quantized = quantize_int8(onnx_path, calibration)
@@ -141,19 +165,13 @@ def cached_int8(onnx_path: str, config: ModelConfig, source: str) -> str:
             f"{agreement:.3%} of the pixels (at least {MIN_INT8_AGREEMENT:.1%} needed): "
             "map it in fp32"
         )
-    tmp = os.path.join(os.path.dirname(path), f".{os.getpid()}-{os.path.basename(path)}")
+    folder, name = os.path.split(out_xml)
+    tmp = os.path.join(folder, f".{os.getpid()}-{name}")
     ov.save_model(quantized, tmp, compress_to_fp16=False)
-    # the weights first: a cached .xml is only ever beside its complete .bin
-    os.replace(tmp.removesuffix(".xml") + ".bin", path.removesuffix(".xml") + ".bin")
-    os.replace(tmp, path)
-    log.info(
-        "%s quantized to int8 for OpenVINO: %s (agreement %.4f%% with fp32, %.1f s)",
-        source,
-        path,
-        100 * agreement,
-        time.perf_counter() - started,
-    )
-    return path
+    # the weights first: an .xml is only ever beside its complete .bin
+    os.replace(tmp.removesuffix(".xml") + ".bin", out_xml.removesuffix(".xml") + ".bin")
+    os.replace(tmp, out_xml)
+    return agreement
 
 
 def quantize_int8(onnx_path: str, calibration: list[np.ndarray]):
@@ -165,6 +183,7 @@ def quantize_int8(onnx_path: str, calibration: list[np.ndarray]):
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
+    nncf.set_log_level(logging.WARNING)  # not a line per operation on the user's console
     return nncf.quantize(
         ov.Core().read_model(onnx_path),
         nncf.Dataset(calibration),

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 #: where a registered version's ONNX export is among its run's artifacts
 ONNX_ARTIFACT = "onnx/model.onnx"
+#: its int8 OpenVINO network (NNCF, calibrated on the version's training chips; the
+#: weights beside it, model_int8.bin)
+OPENVINO_INT8_ARTIFACT = "openvino/model_int8.xml"
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_TAGS = {
@@ -168,40 +171,60 @@ def register_model(
         )
     if not client.get_registered_model(name).description:
         client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
-    onnx = log_onnx_export(model_file, name, version, client)
-    publish_model_item(name, version, config, os.path.basename(model_file), client, onnx)
+    onnx_files = log_onnx_export(model_file, name, version, client)
+    publish_model_item(name, version, config, os.path.basename(model_file), client, onnx_files)
     return f"models:/{name}/{version}", version
 
 
-def log_onnx_export(model_file: str, name: str, version: str, client) -> str | None:
-    """Export a new version to ONNX, checked against torch on its test chips, and log it with
-    the version (the run artifact :data:`ONNX_ARTIFACT`; tags ``onnx_agreement``, the share
-    of pixels whose class agrees, and ``onnx_max_difference``, the largest probability
-    difference). Must run inside the version's MLflow run. A model whose export fails or
-    disagrees is registered without one, its ``onnx`` tag saying why (its maps then export
-    it locally). Returns the artifact's path in the run, or None.
+def log_onnx_export(model_file: str, name: str, version: str, client) -> dict[str, str]:
+    """Log a new version's portable files with it, in its MLflow run (inside which this
+    must run): its ONNX export (:data:`ONNX_ARTIFACT`, checked against torch on its test
+    chips; tags ``onnx_agreement``, the share of pixels whose class agrees, and
+    ``onnx_max_difference``, the largest probability difference) and its int8 OpenVINO
+    network (:data:`OPENVINO_INT8_ARTIFACT` and its ``.bin``, calibrated **once**, on its
+    training chips, and checked against the ONNX file; tag ``openvino_int8_agreement``). A
+    file that cannot be made or disagrees is not logged, its tag (``onnx``,
+    ``openvino_int8``) saying why; the version is registered all the same (its maps then
+    make the file themselves). Returns the logged files' artifact paths, by precision.
     """
     import mlflow
 
     from specdeepmap.onnx_model import export_onnx
+    from specdeepmap.openvino_model import onnx_config, write_int8
 
-    with tempfile.TemporaryDirectory(prefix="specdeepmap-onnx-") as folder:
-        path = os.path.join(folder, os.path.basename(ONNX_ARTIFACT))
-        try:
-            report = export_onnx(model_file, path)
-        except Exception as error:  # noqa: BLE001 - an operator ONNX lacks, a disagreement
-            why = f"not exported: {type(error).__name__}: {str(error)[:300]}"
-            log.warning("%s version %s: ONNX %s", name, version, why)
-            client.set_model_version_tag(name, version, "onnx", why)
-            return None
-        mlflow.log_artifact(path, os.path.dirname(ONNX_ARTIFACT))
-    for key, value in {
-        "onnx": ONNX_ARTIFACT,
-        "onnx_agreement": f"{report.agreement:.6f}",
-        "onnx_max_difference": f"{report.max_difference:.2e}",
-    }.items():
+    def tag(key: str, value: str) -> None:
         client.set_model_version_tag(name, version, key, value)
-    return ONNX_ARTIFACT
+
+    def why(error: Exception) -> str:
+        return f"not exported: {type(error).__name__}: {str(error)[:300]}"
+
+    logged = {}
+    with tempfile.TemporaryDirectory(prefix="specdeepmap-onnx-") as folder:
+        fp32 = os.path.join(folder, os.path.basename(ONNX_ARTIFACT))
+        try:
+            report = export_onnx(model_file, fp32)
+        except Exception as error:  # noqa: BLE001 - an operator ONNX lacks, a disagreement
+            log.warning("%s version %s: ONNX %s", name, version, why(error))
+            tag("onnx", why(error))
+            return logged
+        mlflow.log_artifact(fp32, os.path.dirname(ONNX_ARTIFACT))
+        tag("onnx", ONNX_ARTIFACT)
+        tag("onnx_agreement", f"{report.agreement:.6f}")
+        tag("onnx_max_difference", f"{report.max_difference:.2e}")
+        logged["fp32"] = ONNX_ARTIFACT
+        int8 = os.path.join(folder, "int8", os.path.basename(OPENVINO_INT8_ARTIFACT))
+        os.makedirs(os.path.dirname(int8))
+        try:  # an imported model has no training chips to calibrate on
+            agreement = write_int8(fp32, int8, onnx_config(fp32, model_file)[0], model_file)
+        except Exception as error:  # noqa: BLE001 - no chips, a disagreement, an operator
+            log.warning("%s version %s: int8 %s", name, version, why(error))
+            tag("openvino_int8", why(error))
+            return logged
+        mlflow.log_artifacts(os.path.dirname(int8), os.path.dirname(OPENVINO_INT8_ARTIFACT))
+        tag("openvino_int8", OPENVINO_INT8_ARTIFACT)
+        tag("openvino_int8_agreement", f"{agreement:.6f}")
+        logged["int8"] = OPENVINO_INT8_ARTIFACT
+    return logged
 
 
 def register_imported(

@@ -127,6 +127,11 @@ def test_import_writes_a_model_file_and_registers_it(shared_data, tmp_path, monk
         assert version.tags["imported_from"].endswith(".ckpt")
         assert "Not carried over" in version.description
         assert version.tags["val_iou"] == "0.3325"
+        # its ONNX file is logged; its int8 network is not (no training chips came with the
+        # checkpoint to calibrate it), and the tag says why instead
+        assert version.tags["onnx"] == "onnx/model.onnx"
+        assert version.tags["openvino_int8"].startswith("not exported: ")
+        assert "training chips" in version.tags["openvino_int8"]
     finally:
         mlflow.set_tracking_uri(previous)
 

@@ -28,7 +28,9 @@ def _links(item: dict) -> dict[str, str]:
     return {link["rel"]: link["href"] for link in item["links"]}
 
 
-def test_each_registered_version_has_a_valid_mlm_item(trained, dataset, store, tmp_path):
+def test_each_registered_version_has_a_valid_mlm_item(
+    trained, dataset, store, tmp_path, monkeypatch
+):
     import mlflow
 
     from specdeepmap import registry
@@ -97,6 +99,27 @@ def test_each_registered_version_has_a_valid_mlm_item(trained, dataset, store, t
     assert agree >= 0.999
     local = cached_onnx(f"models:/mlm-model/{versions[1]}")
     assert open(local, "rb").read() == open(onnx_href.removeprefix("file://"), "rb").read()
+    # its int8 OpenVINO network, calibrated once on the training chips when it was
+    # registered, is an asset (with its weights) and what every int8 OpenVINO map of the
+    # version runs, on any machine
+    from specdeepmap.openvino_model import load_openvino
+
+    int8_href = second["assets"]["openvino_int8"]["href"]
+    assert int8_href.endswith("/artifacts/openvino/model_int8.xml")
+    assert second["assets"]["openvino_int8_weights"]["href"] == int8_href[:-4] + ".bin"
+    assert tags["openvino_int8"] == "openvino/model_int8.xml"
+    assert float(tags["openvino_int8_agreement"]) >= 0.995
+    monkeypatch.setenv("SPECDEEPMAP_CACHE", str(tmp_path / "cache"))
+    quantized = load_openvino(f"models:/mlm-model/{versions[1]}", "int8")
+    assert quantized.precision == "int8"
+    from specdeepmap.onnx_model import check_batch
+
+    test_chips = check_batch(torch_model, None, 8)  # its test chips (calibrated on real data)
+    assert (
+        quantized.probabilities(test_chips).numpy().argmax(1)
+        == torch_model.probabilities(test_chips).numpy().argmax(1)
+    ).mean() >= 0.995
+    assert not (tmp_path / "cache" / "openvino").exists()  # nothing quantized again
     # version links both ways, and to the latest
     assert _links(second)["predecessor-version"] == _links(first)["self"]
     assert _links(first)["successor-version"] == _links(second)["self"]
