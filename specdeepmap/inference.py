@@ -19,6 +19,7 @@ import re
 import threading
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -188,6 +189,8 @@ class Predictor:
     config: ModelConfig
     device: torch.device
     source: str = ""
+    #: what runs the network (a map records it): torch, onnxruntime or openvino
+    engine: ClassVar[str] = "torch"
 
     @property
     def class_values(self) -> list[int]:

@@ -49,7 +49,7 @@ from specdeepmap.clouds import check_detector, detect_clouds
 from specdeepmap.drift import Verdict
 from specdeepmap.errors import InputMismatchError, InvalidParameterError
 from specdeepmap.evaluation import write_iou_csv
-from specdeepmap.inference import Predictor, fold_batch_norms, load_model
+from specdeepmap.inference import Predictor, fold_batch_norms, load_model, resolve_device
 from specdeepmap.map_writer import MapWriter, finish_cog
 from specdeepmap.masks import MaskReader, QualityMask, check_masks, masked_value, with_masked
 from specdeepmap.metrics import accumulate, metrics_from_matrix
@@ -527,11 +527,27 @@ def load_for_engine(model_uri: str, params: MapParams) -> Predictor:
     :func:`specdeepmap.openvino_model.load_openvino`). An ``.onnx`` model runs on
     OpenVINO when that is the engine, else on ONNX Runtime.
     """
-    if params.engine == "openvino":
+    engine = params.engine
+    if engine == "auto":
+        engine = _auto_engine(model_uri, params)
+        if engine == "openvino":
+            from specdeepmap.openvino_model import load_openvino
+
+            try:
+                return load_openvino(model_uri, params.precision)
+            except Exception as error:  # noqa: BLE001 - no training chips, an export failed
+                log.warning(
+                    "%s: %s; int8 on torch instead (calibrated on the scene, through the "
+                    "torch.ao.quantization that PyTorch deprecates)",
+                    type(error).__name__,
+                    error,
+                )
+                return load_model(model_uri, params.device)
+    if engine == "openvino":
         from specdeepmap.openvino_model import load_openvino
 
         return load_openvino(model_uri, params.precision)
-    if params.engine == "onnxruntime" and not model_uri.lower().endswith(".onnx"):
+    if engine == "onnxruntime" and not model_uri.lower().endswith(".onnx"):
         if params.precision == "bf16":
             raise InvalidParameterError(
                 "--engine onnxruntime maps in fp32 or int8 (bf16 is torch's autocast)"
@@ -540,6 +556,21 @@ def load_for_engine(model_uri: str, params: MapParams) -> Predictor:
 
         return load_onnx(cached_onnx(model_uri, int8=params.precision == "int8"))
     return load_model(model_uri, params.device)
+
+
+def _auto_engine(model_uri: str, params: MapParams) -> str:
+    """``engine="auto"``: OpenVINO for int8 on the CPU where it is installed (the fastest
+    int8 measured, and not the deprecated ``torch.ao.quantization``), else torch; an
+    ``.onnx`` MODEL on ONNX Runtime.
+    """
+    import importlib.util
+
+    if model_uri.lower().endswith(".onnx"):
+        return "onnxruntime"
+    on_cpu = resolve_device(params.device).type == "cpu"
+    if params.precision == "int8" and on_cpu and importlib.util.find_spec("nncf"):
+        return "openvino"
+    return "torch"
 
 
 def prepare_predictor(
@@ -704,6 +735,7 @@ def map_tags(
         "SPECDEEPMAP_CLASS_VALUES": ",".join(str(v) for v in class_values),
         "SPECDEEPMAP_CLASS_NAMES": json.dumps({v: schema.name(v) for v in class_values}),
         "SPECDEEPMAP_PRECISION": params.precision,
+        "SPECDEEPMAP_ENGINE": predictor.engine,  # what ran the network (engine auto chooses)
         "SPECDEEPMAP_MASKED_VALUE": str(quality.masked_value) if quality.mask else "",
     }
 

@@ -413,6 +413,8 @@ class OnnxPredictor(Predictor):
     :class:`specdeepmap.openvino_model.OpenVinoPredictor`, another runtime's network).
     """
 
+    engine = "onnxruntime"
+
     def __init__(self, session, config: ModelConfig, source: str, precision: str = "fp32") -> None:
         super().__init__(model=None, config=config, device=torch.device("cpu"), source=source)
         self.session = session

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -55,6 +56,8 @@ class OpenVinoPredictor(OnnxPredictor):
     """A :class:`~specdeepmap.inference.Predictor` whose probabilities come from a network
     compiled by OpenVINO (raw pixels in, class probabilities out, as the ONNX file).
     """
+
+    engine = "openvino"
 
     def __init__(self, compiled, config: ModelConfig, source: str, precision: str) -> None:
         super().__init__(None, config, source, precision)
@@ -166,7 +169,7 @@ def write_int8(onnx_path: str, out_xml: str, config: ModelConfig, source: str) -
             "map it in fp32"
         )
     folder, name = os.path.split(out_xml)
-    tmp = os.path.join(folder, f".{os.getpid()}-{name}")
+    tmp = os.path.join(folder, f".{uuid.uuid4().hex}-{name}")  # two maps may race here
     ov.save_model(quantized, tmp, compress_to_fp16=False)
     # the weights first: an .xml is only ever beside its complete .bin
     os.replace(tmp.removesuffix(".xml") + ".bin", out_xml.removesuffix(".xml") + ".bin")

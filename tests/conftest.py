@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +17,9 @@ import rasterio
 from rasterio.transform import from_origin
 
 REPO = Path(__file__).resolve().parents[1]
+# the private cache (ONNX exports, OpenVINO int8 networks) of this test session, not the
+# user's ~/.cache: every session starts without one
+os.environ.setdefault("SPECDEEPMAP_CACHE", tempfile.mkdtemp(prefix="specdeepmap-test-cache-"))
 SHARED_DATA = Path(os.environ.get("SPECDEEPMAP_SHARED_DATA", REPO.parent / "shared" / "data"))
 UTM33 = "EPSG:32633"
 

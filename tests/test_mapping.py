@@ -579,12 +579,15 @@ def test_an_int8_calibration_does_not_carry_into_the_next(tmp_path):
 
 
 def test_int8_map_matches_fp32(trained, dataset, tmp_path):
-    """int8 and fp32 maps of the demo scene agree on at least 99.5 % of the pixels that are not
-    near-ties in fp32 (top-two probabilities more than 0.02 apart: over 90 % of the map), on
-    every pixel whose top two are more than 0.25 apart, and on 98.5 % of all pixels; the IoU
-    stays. (The fixture's model is trained for seconds, so it has many near-ties, and how many
-    varies between training runs; the demo model `make run` trains keeps 99.97 % of all its
-    pixels' classes under int8, see docs/benchmarks.md).
+    """int8 (the default engine's: OpenVINO, calibrated once on the training chips) and fp32
+    maps of the demo scene agree on at least 99.5 % of the pixels that are not near-ties in
+    fp32 (top-two probabilities more than 0.02 apart: over 90 % of the map), on all but one
+    in 10,000 of the pixels whose top two are more than 0.25 apart (a scene's values beyond
+    the training chips' ranges are clipped: 2 of 124,231 such pixels changed in one training
+    run, none in another; torch's int8, calibrated on the scene itself, changed none), and on
+    98.5 % of all pixels; the IoU stays. (The fixture's model is trained for seconds, so it
+    has many near-ties, and how many varies between training runs; the demo model `make run`
+    trains keeps 99.98 % of all its pixels' classes under int8, see docs/benchmarks.md).
     """
     _, result = trained
     scene = str(dataset / "scene" / "demo_s2.tif")
@@ -602,12 +605,15 @@ def test_int8_map_matches_fp32(trained, dataset, tmp_path):
         with rasterio.open(out) as dst:
             maps[precision] = dst.read(1)
             assert dst.tags()["SPECDEEPMAP_PRECISION"] == precision
+            assert (
+                dst.tags()["SPECDEEPMAP_ENGINE"] == {"fp32": "torch", "int8": "openvino"}[precision]
+            )
     top2 = np.sort(rasterio.open(tmp_path / "fp32_p.tif").read().astype(int), axis=0)[-2:]
     valid = maps["fp32"] > 0
     clear = valid & (top2[1] - top2[0] > 0.25 * 255)
     same = maps["int8"] == maps["fp32"]
     assert ((maps["int8"] == 0) == ~valid).all()
-    assert clear.sum() > 0.1 * valid.sum() and same[clear].all()
+    assert clear.sum() > 0.1 * valid.sum() and same[clear].mean() >= 0.9999
     decided = valid & (top2[1] - top2[0] > 0.02 * 255)  # not a near-tie in fp32
     assert decided.sum() > 0.9 * valid.sum() and same[decided].mean() >= 0.995
     assert same[valid].mean() >= 0.985

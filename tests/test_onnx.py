@@ -12,7 +12,7 @@ import rasterio
 from typer.testing import CliRunner
 
 from specdeepmap.cli import app
-from specdeepmap.errors import InputMismatchError, InvalidParameterError
+from specdeepmap.errors import InputMismatchError, InvalidParameterError, MissingInputError
 from specdeepmap.evaluation import evaluate_model
 from specdeepmap.inference import load_model
 from specdeepmap.mapping import map_scene
@@ -20,6 +20,20 @@ from specdeepmap.onnx_model import CONFIG_KEY, PRECISION_KEY, export_onnx
 from specdeepmap.params import MapParams
 
 runner = CliRunner()
+
+
+def _without_training_chips(model_file: str, folder) -> str:
+    """A copy of ``model_file`` whose dataset (its training chips) is gone."""
+    from specdeepmap.inference import export_model_file, read_model_file
+
+    config, state = read_model_file(model_file)
+    network = load_model(model_file, "cpu").model
+    network.load_state_dict(state)
+    return export_model_file(
+        config.model_copy(update={"dataset": str(folder / "gone")}),
+        network,
+        str(folder / "moved.pt"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -159,17 +173,7 @@ def test_map_engine_onnxruntime_exports_once_and_reuses_the_file(
         )
     # a model whose training chips cannot be read: int8 is refused before any export,
     # with the command that calibrates it on chips the user gives
-    from specdeepmap.errors import MissingInputError
-    from specdeepmap.inference import export_model_file, read_model_file
-
-    config, state = read_model_file(result.model_file)
-    network = load_model(result.model_file, "cpu").model
-    network.load_state_dict(state)
-    moved = export_model_file(
-        config.model_copy(update={"dataset": str(tmp_path / "gone")}),
-        network,
-        str(tmp_path / "moved.pt"),
-    )
+    moved = _without_training_chips(result.model_file, tmp_path)
     with pytest.raises(MissingInputError, match="--calibration-chips CSV`, then map"):
         map_scene(
             scene,
@@ -181,7 +185,7 @@ def test_map_engine_onnxruntime_exports_once_and_reuses_the_file(
 
 
 def test_map_engine_openvino_runs_the_onnx_file_in_fp32_bf16_and_int8(
-    trained, dataset, exported, tmp_path, monkeypatch
+    trained, dataset, exported, tmp_path, monkeypatch, caplog
 ):
     """``--engine openvino`` compiles the model's ONNX file: fp32 gives torch's classes
     (OpenVINO's default on bf16 CPUs is bf16, so fp32 must be asked for); int8 is quantized
@@ -218,6 +222,31 @@ def test_map_engine_openvino_runs_the_onnx_file_in_fp32_bf16_and_int8(
     expected = torch_model.probabilities(raw).numpy()
     found = load_openvino(exported.uri, "fp32").probabilities(raw).numpy()  # an .onnx MODEL
     assert np.abs(found - expected).max() < 1e-3
+    # engine auto (the default): int8 on the CPU runs on OpenVINO, fp32 on torch, and the
+    # map says which; a model without training chips maps its int8 on torch, with a warning
+    auto = {}
+    for precision in ("int8", "fp32"):
+        map_scene(
+            scene,
+            result.model_file,
+            str(tmp_path / f"auto-{precision}.tif"),
+            MapParams(device="cpu", precision=precision),
+        )
+        with rasterio.open(tmp_path / f"auto-{precision}.tif") as src:
+            auto[precision] = src.tags()["SPECDEEPMAP_ENGINE"]
+            if precision == "int8":
+                assert (src.read(1) == maps["ov-int8"]).all()
+    assert auto == {"int8": "openvino", "fp32": "torch"}
+    moved = _without_training_chips(result.model_file, tmp_path)
+    with caplog.at_level("WARNING", logger="specdeepmap.mapping"):
+        map_scene(scene, moved, str(tmp_path / "moved.tif"), MapParams(precision="int8"))
+    assert "int8 on torch instead" in caplog.text
+    with rasterio.open(tmp_path / "moved.tif") as src:
+        assert src.tags()["SPECDEEPMAP_ENGINE"] == "torch"
+    with pytest.raises(MissingInputError, match="training chips"):  # asked for by name
+        map_scene(
+            scene, moved, str(tmp_path / "x.tif"), MapParams(engine="openvino", precision="int8")
+        )
     # an int8 file (its metadata says so) maps in int8 only
     int8_file = onnx.load(exported.uri)
     onnx.helper.set_model_props(
