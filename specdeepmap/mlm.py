@@ -111,7 +111,24 @@ def model_item(
             "bands": [{"name": band} for band in bands],
         }
     }
-    onnx_hrefs = onnx_hrefs or {}
+    assets |= _portable_assets(onnx_hrefs or {}, bands)
+    return {
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "stac_extensions": [MLM_SCHEMA, VERSION_SCHEMA],
+        "id": f"{name}-v{version}",
+        "geometry": None,
+        "properties": properties,
+        "links": [],
+        "assets": assets,
+    }
+
+
+def _portable_assets(onnx_hrefs: dict[str, str], bands: list[str]) -> dict:
+    """The item's assets of a version's portable files: its ONNX export (``fp32``) and its
+    int8 OpenVINO network (``int8``: the ``.xml``, its weights the ``.bin`` beside it).
+    """
+    assets = {}
     if "fp32" in onnx_hrefs:
         assets["onnx"] = {
             "href": onnx_hrefs["fp32"],
@@ -139,16 +156,7 @@ def model_item(
             "title": "the weights of openvino_int8",
             "roles": ["mlm:weights", "data"],
         }
-    return {
-        "type": "Feature",
-        "stac_version": "1.1.0",
-        "stac_extensions": [MLM_SCHEMA, VERSION_SCHEMA],
-        "id": f"{name}-v{version}",
-        "geometry": None,
-        "properties": properties,
-        "links": [],
-        "assets": assets,
-    }
+    return assets
 
 
 def model_input(config: ModelConfig, bands: list[str]) -> dict:

@@ -365,35 +365,10 @@ def registered_onnx(model_uri: str) -> str | None:
     ``@ALIAS``; :func:`specdeepmap.tracking.log_onnx_export`), None where it has none or
     ``model_uri`` is no registered version.
     """
+    from specdeepmap.registry import registered_artifact
     from specdeepmap.tracking import ONNX_ARTIFACT
 
     return registered_artifact(model_uri, "onnx", ONNX_ARTIFACT)
-
-
-def registered_artifact(model_uri: str, tag: str, artifact: str) -> str | None:
-    """The local copy of a registered version's run artifact ``artifact`` (downloaded with
-    the rest of its folder: an OpenVINO ``.xml`` needs its ``.bin``) where the version's
-    ``tag`` names it; None where it does not or ``model_uri`` is no registered version
-    (``models:/NAME/VERSION`` or ``@ALIAS``).
-    """
-    if not model_uri.startswith("models:/"):
-        return None
-    import mlflow
-
-    from specdeepmap.registry import registered_version
-
-    client = mlflow.MlflowClient()
-    registered = registered_version(model_uri, client)
-    if registered is None:  # a model file, or a logged model's id
-        return None
-    found = client.get_model_version(*registered)
-    if found.tags.get(tag) != artifact:
-        return None
-    folder, name = os.path.split(artifact)
-    local = mlflow.artifacts.download_artifacts(
-        run_id=found.run_id, artifact_path=folder, tracking_uri=mlflow.get_tracking_uri()
-    )
-    return os.path.join(local, name)
 
 
 def _compare(path: str, portable: torch.nn.Module, sample: np.ndarray) -> tuple[float, float]:

@@ -97,7 +97,7 @@ def registered_int8(model_uri: str) -> str | None:
     """The local ``.xml`` of a registered version's int8 network (made and checked when it
     was registered: :func:`specdeepmap.tracking.log_onnx_export`), None where it has none.
     """
-    from specdeepmap.onnx_model import registered_artifact
+    from specdeepmap.registry import registered_artifact
     from specdeepmap.tracking import OPENVINO_INT8_ARTIFACT
 
     return registered_artifact(model_uri, "openvino_int8", OPENVINO_INT8_ARTIFACT)

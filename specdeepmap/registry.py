@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 from dataclasses import dataclass
 
 from specdeepmap.comparison import Difference, paired_bootstrap
@@ -464,3 +465,27 @@ def registered_version(model_uri: str, client=None) -> tuple[str, str] | None:
         return None
     name, version = pinned.split("/", 1)
     return name, version
+
+
+def registered_artifact(model_uri: str, tag: str, artifact: str) -> str | None:
+    """The local copy of a registered version's run artifact ``artifact`` (downloaded with
+    the rest of its folder: an OpenVINO ``.xml`` needs its ``.bin``) where the version's
+    ``tag`` names it; None where it does not or ``model_uri`` is no registered version
+    (``models:/NAME/VERSION`` or ``@ALIAS``).
+    """
+    if not model_uri.startswith("models:/"):
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    registered = registered_version(model_uri, client)
+    if registered is None:  # a model file, or a logged model's id
+        return None
+    found = client.get_model_version(*registered)
+    if found.tags.get(tag) != artifact:
+        return None
+    folder, name = os.path.split(artifact)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=found.run_id, artifact_path=folder, tracking_uri=mlflow.get_tracking_uri()
+    )
+    return os.path.join(local, name)
