@@ -527,26 +527,22 @@ def load_for_engine(model_uri: str, params: MapParams) -> Predictor:
     :func:`specdeepmap.openvino_model.load_openvino`). An ``.onnx`` model runs on
     OpenVINO when that is the engine, else on ONNX Runtime.
     """
-    engine = params.engine
-    if engine == "auto":
-        engine = _auto_engine(model_uri, params)
-        if engine == "openvino":
-            from specdeepmap.openvino_model import load_openvino
-
-            try:
-                return load_openvino(model_uri, params.precision)
-            except Exception as error:  # noqa: BLE001 - no training chips, an export failed
-                log.warning(
-                    "%s: %s; int8 on torch instead (calibrated on the scene, through the "
-                    "torch.ao.quantization that PyTorch deprecates)",
-                    type(error).__name__,
-                    error,
-                )
-                return load_model(model_uri, params.device)
+    engine = _auto_engine(model_uri, params) if params.engine == "auto" else params.engine
     if engine == "openvino":
         from specdeepmap.openvino_model import load_openvino
 
-        return load_openvino(model_uri, params.precision)
+        try:
+            return load_openvino(model_uri, params.precision)
+        except Exception as error:  # noqa: BLE001 - no training chips, an export failed
+            if params.engine != "auto":  # asked for by name: the user hears why
+                raise
+            log.warning(
+                "%s: %s; int8 on torch instead (calibrated on the scene, through the "
+                "torch.ao.quantization that PyTorch deprecates)",
+                type(error).__name__,
+                error,
+            )
+            return load_model(model_uri, params.device)
     if engine == "onnxruntime" and not model_uri.lower().endswith(".onnx"):
         if params.precision == "bf16":
             raise InvalidParameterError(

@@ -102,14 +102,14 @@ def model_item(
         "specdeepmap:band_dtype": config.dtype,
     }
     assets = {
-        "model": {
-            "href": model_href,
-            "type": "application/octet-stream; framework=pytorch",
-            "title": "model file (weights and config; torch.load with weights_only=True)",
-            "roles": ["mlm:model", "mlm:weights", "data"],
-            "mlm:artifact_type": "torch.save",
-            "bands": [{"name": band} for band in bands],
-        }
+        "model": _model_asset(
+            model_href,
+            "application/octet-stream; framework=pytorch",
+            "model file (weights and config; torch.load with weights_only=True)",
+            "torch.save",
+            bands,
+            ["mlm:model", "mlm:weights", "data"],
+        )
     }
     assets |= _portable_assets(onnx_hrefs or {}, bands)
     return {
@@ -124,32 +124,49 @@ def model_item(
     }
 
 
+def _model_asset(
+    href: str,
+    media_type: str,
+    title: str,
+    artifact_type: str,
+    bands: list[str],
+    roles: list[str] | None = None,
+) -> dict:
+    """One MLM model asset: where it is, what it is, how it was made, the bands it takes."""
+    return {
+        "href": href,
+        "type": media_type,
+        "title": title,
+        "roles": roles or ["mlm:model", "data"],
+        "mlm:artifact_type": artifact_type,
+        "bands": [{"name": band} for band in bands],
+    }
+
+
 def _portable_assets(onnx_hrefs: dict[str, str], bands: list[str]) -> dict:
     """The item's assets of a version's portable files: its ONNX export (``fp32``) and its
     int8 OpenVINO network (``int8``: the ``.xml``, its weights the ``.bin`` beside it).
     """
     assets = {}
     if "fp32" in onnx_hrefs:
-        assets["onnx"] = {
-            "href": onnx_hrefs["fp32"],
-            "type": "application/octet-stream; framework=onnx; profile=onnx",
-            "title": "ONNX export: raw pixel values in, class probabilities out (the "
+        assets["onnx"] = _model_asset(
+            onnx_hrefs["fp32"],
+            "application/octet-stream; framework=onnx; profile=onnx",
+            "ONNX export: raw pixel values in, class probabilities out (the "
             "normalisation and the softmax inside; the config in its metadata)",
-            "roles": ["mlm:model", "data"],
-            "mlm:artifact_type": "torch.onnx.export",
-            "bands": [{"name": band} for band in bands],
-        }
+            "torch.onnx.export",
+            bands,
+        )
     if "int8" in onnx_hrefs:  # OpenVINO's int8 network: its graph and its weights
         xml = onnx_hrefs["int8"]
-        assets["openvino_int8"] = {
-            "href": xml,
-            "type": "application/xml; framework=openvino",
-            "title": "the ONNX export's convolutions quantized to int8 for OpenVINO (NNCF, "
+        assets["openvino_int8"] = _model_asset(
+            xml,
+            "application/xml; framework=openvino",
+            "the ONNX export's convolutions quantized to int8 for OpenVINO (NNCF, "
             "calibrated on the version's training chips); its weights are openvino_int8_weights",
-            "roles": ["mlm:model", "data"],
-            "mlm:artifact_type": "nncf.quantize",
-            "bands": [{"name": band} for band in bands],
-        }
+            "nncf.quantize",
+            bands,
+        )
         assets["openvino_int8_weights"] = {
             "href": xml.removesuffix(".xml") + ".bin",
             "type": "application/octet-stream; framework=openvino",

@@ -123,7 +123,7 @@ def export_onnx(
     # int8: the calibration chips are read first, so that a missing set fails before the export
     calibration = calibration_chips(reference.predictor, calibration_csv) if int8 else []
     with tempfile.TemporaryDirectory(prefix="specdeepmap-onnx-") as folder:
-        path = _fp32_file(reference, model_uri, folder)
+        path = _fp32_file(reference, folder)
         if int8:
             path = _int8_file(path, folder, calibration)
         report = reference.check(path, out_uri, started, int8)
@@ -174,7 +174,7 @@ class _Reference:
         return ExportReport(uri, int(n * height * width), agreement, difference, seconds)
 
 
-def _fp32_file(reference: _Reference, model_uri: str, folder: str) -> str:
+def _fp32_file(reference: _Reference, folder: str) -> str:
     """``folder/model.onnx``: the torch model's graph with its config in the metadata."""
     path = _write_graph(reference.portable, reference.sample, os.path.join(folder, "model.onnx"))
     _set_metadata(
@@ -182,7 +182,7 @@ def _fp32_file(reference: _Reference, model_uri: str, folder: str) -> str:
         {
             CONFIG_KEY: json.dumps(reference.predictor.config.stored()),
             PRECISION_KEY: "fp32",
-            "source": storage.redact(model_uri),
+            "source": storage.redact(reference.source),
         },
     )
     return path
@@ -323,8 +323,6 @@ def cached_onnx(model_uri: str, int8: bool = False) -> str:
     calibrated on the model's training chips) the first time, then read from the private
     cache, keyed by the model file's content, so that every scene reuses it.
     """
-    import hashlib
-
     from specdeepmap.inference import local_model_file
 
     if not int8:
@@ -333,11 +331,7 @@ def cached_onnx(model_uri: str, int8: bool = False) -> str:
             return registered
 
     local = local_model_file(model_uri)
-    digest = hashlib.sha256()
-    with open(local, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    name = f"{digest.hexdigest()[:20]}-{'int8' if int8 else 'fp32'}.onnx"
+    name = f"{storage.content_key(local)}-{'int8' if int8 else 'fp32'}.onnx"
     path = os.path.join(storage.private_cache_dir("onnx"), name)
     if not os.path.exists(path):
         from specdeepmap.errors import MissingInputError

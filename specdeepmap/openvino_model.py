@@ -21,7 +21,6 @@ documentation marks for removal), measured against it in ``docs/benchmarks.md``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -125,11 +124,8 @@ def cached_int8(onnx_path: str, config: ModelConfig, source: str) -> str:
     :func:`write_int8` the first time, then read from the private cache, keyed by the ONNX
     file's content, so that every scene reuses it.
     """
-    digest = hashlib.sha256()
-    with open(onnx_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    path = os.path.join(storage.private_cache_dir("openvino"), f"{digest.hexdigest()[:20]}.xml")
+    key = storage.content_key(onnx_path)
+    path = os.path.join(storage.private_cache_dir("openvino"), f"{key}.xml")
     if not os.path.exists(path):
         started = time.perf_counter()
         agreement = write_int8(onnx_path, path, config, source)

@@ -551,6 +551,17 @@ def private_cache_dir(name: str) -> str:
     return folder
 
 
+def content_key(path: str) -> str:
+    """A cache key for a local file's content: the first 20 hex digits of its SHA-256."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:20]
+
+
 def cached_version(uri: str, cache_dir: str) -> str:
     """Local copy of a remote file, re-downloaded when the object changes: the cache key is the
     object's identity (URI hash + :func:`fingerprint`: size and ETag), never a path built from
