@@ -482,11 +482,16 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
     item = json.loads(storage.read_text("s3://platform/maps/quarantine/shifted_classes.json"))
     assert item["properties"]["specdeepmap:quality"]["verdict"] == "suspect"
     assert "shifted_classes" not in storage.read_text("s3://platform/maps/catalog.json")
-    monitoring = client.search_runs(
-        [client.get_experiment_by_name("specdeepmap-monitoring").experiment_id],
-        filter_string="tags.`specdeepmap.model` = 'models:/specdeepmap-segmentation/1'",
-    )
-    suspect = client.get_metric_history(monitoring[0].info.run_id, "suspect")
+    # the map flow emits the suspect event from its scene's task and charts the scenes in its
+    # last task, so the review can finish before the shifted scene's step is logged: wait
+    deadline, suspect = time.time() + 120, []
+    while len(suspect) < 3 and time.time() < deadline:
+        monitoring = client.search_runs(
+            [client.get_experiment_by_name("specdeepmap-monitoring").experiment_id],
+            filter_string="tags.`specdeepmap.model` = 'models:/specdeepmap-segmentation/1'",
+        )
+        suspect = client.get_metric_history(monitoring[0].info.run_id, "suspect")
+        time.sleep(0 if len(suspect) >= 3 else 1)
     assert sorted(m.value for m in suspect) == [0.0, 0.0, 1.0]  # new_scene, announced, shifted
 
 
