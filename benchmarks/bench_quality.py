@@ -563,8 +563,8 @@ class Cell:
 #: above a threshold.
 GRID = {
     "s2": (
-        Cell("benchmark: 64 px, coverage 50 %, spatial blocks, batch 2"),
-        Cell("batch 8", train=(("batch_size", 8),)),
+        Cell("benchmark: 64 px, coverage 50 %, spatial blocks, batch 8"),
+        Cell("batch 2 (SpecDeepMap's)", train=(("batch_size", 2),)),
         Cell("batch 16", train=(("batch_size", 16),)),
         Cell("coverage 25 %", chipping=(64, 64, 25)),
         Cell("coverage 10 %", chipping=(64, 64, 10)),
@@ -579,8 +579,8 @@ GRID = {
         ),
     ),
     "enmap": (
-        Cell("benchmark: 18 chips (cut at 10 %), balanced, batch 2"),
-        Cell("batch 8", train=(("batch_size", 8),)),
+        Cell("benchmark: 18 chips (cut at 10 %), balanced, batch 8"),
+        Cell("batch 2 (SpecDeepMap's)", train=(("batch_size", 2),)),
         Cell("batch 16", train=(("batch_size", 16),)),
         Cell("coverage 20 %", min_coverage=20),
         Cell("coverage 30 %", min_coverage=30),
@@ -692,6 +692,17 @@ def run_cell(name: str, index: int, cell: Cell, args: argparse.Namespace, data: 
         for model, m in pooled["test"].items()
     }
     versus = paired_bootstrap(pooled["test"]["deep"], pooled["test"]["forest"], units=seeded)
+    if args.seeds > 1:  # each seed's own pooled figures, beside the seeds pooled
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            mine = {
+                model: {k: m for k, m in pooled["test"][model].items() if k.endswith(f"@{seed}")}
+                for model in ("deep", "forest")
+            }
+            deep, forest = (
+                metrics_from_matrix(sum(mine[m].values()), classes, mine[m]).mean_iou
+                for m in ("deep", "forest")
+            )
+            print(f"{name} cell {index} seed {seed}: deep {deep:.3f}, forest {forest:.3f}")
     row = (
         f"{name} | {cell.name} | {int(keep.sum())} | {test['deep'].mean_iou:.3f} | "
         f"{test['forest'].mean_iou:.3f} | {versus.difference:+.3f} ({versus.low:+.3f} to "

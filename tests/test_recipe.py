@@ -268,20 +268,54 @@ def test_baseline_is_logged_with_the_run_and_blocks_promotion(trained, dataset):
 def test_the_default_learning_rate_follows_the_batch_size(trained):
     """Without an ``lr`` the rate is 0.001 at SpecDeepMap's batch size 2 and grows with the
     square root of the batch size (a run's length is in chips seen, so a larger batch takes
-    fewer steps); a rate the user gives is used as it is. The run logs the rate it used.
+    fewer steps): 0.002 at the default batch 8; a rate the user gives is used as it is. The
+    run logs the rate it used.
     """
     import mlflow
 
     from specdeepmap.params import TrainParams
 
-    assert TrainParams().learning_rate == pytest.approx(1e-3)
-    assert TrainParams(batch_size=8).learning_rate == pytest.approx(2e-3)
+    assert TrainParams().batch_size == 8
+    assert TrainParams().learning_rate == pytest.approx(2e-3)
+    assert TrainParams(batch_size=2).learning_rate == pytest.approx(1e-3)
     assert TrainParams(batch_size=32).learning_rate == pytest.approx(4e-3)
     assert TrainParams(batch_size=8, lr=3e-4).learning_rate == pytest.approx(3e-4)
+    assert TrainParams(batch_size=2, accumulate_grad_batches=4).learning_rate == pytest.approx(2e-3)
     config, result = trained  # batch size 8, no lr
     run = mlflow.MlflowClient(tracking_uri=config.tracking_uri).get_run(result.run_id)
     assert float(run.data.params["learning_rate"]) == pytest.approx(2e-3)
     assert result.card_table()["lr"].startswith("0.002 (0.001 x sqrt(batch size / 2))")
+
+
+def test_gradient_accumulation_steps_once_per_several_batches(dataset, tmp_path):
+    """``accumulate_grad_batches`` sums that many batches' gradients into one optimiser step:
+    the run takes that many times fewer steps, and the default rate follows the chips per
+    step (here 2 x 2: 0.001 x sqrt(2)).
+    """
+    import mlflow
+
+    from specdeepmap.training import TrainConfig, train
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = train(
+        TrainConfig(
+            dataset=str(dataset / "chips"),
+            out=str(tmp_path / "run"),
+            epochs=1,
+            batch_size=2,
+            accumulate_grad_batches=2,
+            limit_batches=4,
+            device="cpu",
+            registered_model=None,
+            baseline=False,
+            tracking_uri=uri,
+        )
+    )
+    checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2  # 4 batches, 2 optimiser steps
+    params = mlflow.MlflowClient(uri).get_run(result.run_id).data.params
+    assert params["accumulate_grad_batches"] == "2"
+    assert float(params["learning_rate"]) == pytest.approx(1e-3 * 2**0.5)
 
 
 def test_the_model_card_names_the_forest(trained):

@@ -76,6 +76,7 @@ class TrainConfig(TrainParams):
 RECIPE_FIELDS = (
     "epochs",
     "batch_size",
+    "accumulate_grad_batches",
     "lr",
     "augment",
     "augmentation",
@@ -156,7 +157,9 @@ class TrainResult:
         """
         table = {**self.recipe}
         if self.recipe.get("lr") is None and self.learning_rate is not None:
-            table["lr"] = f"{self.learning_rate:.3g} (0.001 x sqrt(batch size / 2))"
+            accumulated = self.recipe.get("accumulate_grad_batches", 1) > 1
+            per_step = "chips per step" if accumulated else "batch size"
+            table["lr"] = f"{self.learning_rate:.3g} (0.001 x sqrt({per_step} / 2))"
         table |= {
             "epochs run": self.epochs_run,
             "wall time (s)": round(self.seconds, 1),

@@ -56,7 +56,7 @@ class ChipDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, shuffle=False, **self.loader_args)
 
     def steps_per_epoch(self, limit_batches: int | None) -> int:
-        """Optimiser steps in one epoch (at least 1), as Lightning will run them."""
+        """Training batches in one epoch (at least 1), as Lightning will run them."""
         # the training loader drops a last short batch whenever there is more than one batch
         steps = self.samples // self.batch_size if self.samples > self.batch_size else 1
         return max(1, steps if limit_batches is None else min(steps, limit_batches))
