@@ -290,7 +290,7 @@ def test_the_default_learning_rate_follows_the_batch_size(trained):
 def test_gradient_accumulation_steps_once_per_several_batches(dataset, tmp_path):
     """``accumulate_grad_batches`` sums that many batches' gradients into one optimiser step:
     the run takes that many times fewer steps, and the default rate follows the chips per
-    step (here 2 x 2: 0.001 x sqrt(2)).
+    step (here 2 x 2: 0.001 x sqrt(2)); EMA weight averaging trains along.
     """
     import mlflow
 
@@ -304,6 +304,7 @@ def test_gradient_accumulation_steps_once_per_several_batches(dataset, tmp_path)
             epochs=1,
             batch_size=2,
             accumulate_grad_batches=2,
+            weight_averaging="ema",
             limit_batches=4,
             device="cpu",
             registered_model=None,
@@ -314,7 +315,7 @@ def test_gradient_accumulation_steps_once_per_several_batches(dataset, tmp_path)
     checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2  # 4 batches, 2 optimiser steps
     params = mlflow.MlflowClient(uri).get_run(result.run_id).data.params
-    assert params["accumulate_grad_batches"] == "2"
+    assert (params["accumulate_grad_batches"], params["weight_averaging"]) == ("2", "ema")
     assert float(params["learning_rate"]) == pytest.approx(1e-3 * 2**0.5)
 
 

@@ -55,7 +55,7 @@ class ChipDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, shuffle=False, **self.loader_args)
 
-    def steps_per_epoch(self, limit_batches: int | None) -> int:
+    def batches_per_epoch(self, limit_batches: int | None) -> int:
         """Training batches in one epoch (at least 1), as Lightning will run them."""
         # the training loader drops a last short batch whenever there is more than one batch
         steps = self.samples // self.batch_size if self.samples > self.batch_size else 1

@@ -128,7 +128,7 @@ def training_callbacks(cfg: TrainConfig, data: ChipDataModule) -> list:
 
         callbacks.append(EarlyStopping(monitor="val_iou", mode="max", patience=cfg.patience))
     if cfg.weight_averaging == "ema":
-        steps = -(-data.steps_per_epoch(cfg.limit_batches) // cfg.accumulate_grad_batches)
+        steps = -(-data.batches_per_epoch(cfg.limit_batches) // cfg.accumulate_grad_batches)
         callbacks.append(ema_callback(steps * cfg.epochs))
     return callbacks
 
