@@ -16,6 +16,31 @@ from specdeepmap.model_config import ModelConfig
 from specdeepmap.models import ModelSpec, SpectralSegmentation, build_model, spectral_channels_for
 
 
+def short_run(dataset, tmp_path, **recipe):
+    """Train one epoch of two batches of 4 chips on the ``dataset`` fixture on the CPU,
+    tracked in ``tmp_path``'s SQLite MLflow, nothing registered, no forest: the short run
+    these tests change one switch of (``recipe`` overrides any of these settings).
+    """
+    from specdeepmap.training import TrainConfig, train
+
+    settings = {
+        "epochs": 1,
+        "batch_size": 4,
+        "limit_batches": 2,
+        "device": "cpu",
+        "registered_model": None,
+        "baseline": False,
+        "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+    }
+    return train(
+        TrainConfig(
+            dataset=str(dataset / "chips"),
+            out=str(tmp_path / "run"),
+            **(settings | recipe),
+        )
+    )
+
+
 def test_d4_augmentation_keeps_image_and_label_aligned():
     """Image and label get the same flip/turn: a label that encodes each pixel's own value
     stays equal to the transformed image, for every element drawn.
@@ -294,23 +319,14 @@ def test_gradient_accumulation_steps_once_per_several_batches(dataset, tmp_path)
     """
     import mlflow
 
-    from specdeepmap.training import TrainConfig, train
-
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = train(
-        TrainConfig(
-            dataset=str(dataset / "chips"),
-            out=str(tmp_path / "run"),
-            epochs=1,
-            batch_size=2,
-            accumulate_grad_batches=2,
-            weight_averaging="ema",
-            limit_batches=4,
-            device="cpu",
-            registered_model=None,
-            baseline=False,
-            tracking_uri=uri,
-        )
+    result = short_run(
+        dataset,
+        tmp_path,
+        batch_size=2,
+        accumulate_grad_batches=2,
+        weight_averaging="ema",
+        limit_batches=4,
     )
     checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 2  # 4 batches, 2 optimiser steps
@@ -593,27 +609,17 @@ def test_recipe_switches_reach_the_training_run(dataset, tmp_path):
     import mlflow
 
     from specdeepmap.lightning_task import SegmentationTask
-    from specdeepmap.training import TrainConfig, train
 
-    result = train(
-        TrainConfig(
-            dataset=str(dataset / "chips"),
-            out=str(tmp_path / "run"),
-            epochs=1,
-            batch_size=4,
-            limit_batches=2,
-            device="cpu",
-            registered_model=None,
-            baseline=False,
-            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-            cutmix=0.5,
-            pseudo_labels=0.6,
-            pixel_loss_weight=0.5,
-            norm="group",
-            weight_decay=0.01,
-            band_dropout=0.2,
-            spectral_init="random",
-        )
+    result = short_run(
+        dataset,
+        tmp_path,
+        cutmix=0.5,
+        pseudo_labels=0.6,
+        pixel_loss_weight=0.5,
+        norm="group",
+        weight_decay=0.01,
+        band_dropout=0.2,
+        spectral_init="random",
     )
     params = (
         mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id).data.params
@@ -705,20 +711,7 @@ def test_training_an_ensemble_writes_one_model_of_its_members(dataset, tmp_path)
     from specdeepmap.training import TrainConfig, train
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = train(
-        TrainConfig(
-            dataset=str(dataset / "chips"),
-            out=str(tmp_path / "run"),
-            epochs=1,
-            batch_size=4,
-            limit_batches=2,
-            device="cpu",
-            registered_model=None,
-            baseline=False,
-            tracking_uri=uri,
-            ensemble=2,
-        )
-    )
+    result = short_run(dataset, tmp_path, ensemble=2)
     config, state = read_model_file(result.model_file)
     assert config.ensemble == 2
     assert {key.split(".")[1] for key in state} == {"0", "1"}
@@ -800,24 +793,10 @@ def test_distilling_an_ensemble_writes_one_network(dataset, tmp_path):
     import mlflow
 
     from specdeepmap.inference import read_model_file
-    from specdeepmap.training import TrainConfig, train
+    from specdeepmap.training import TrainConfig
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    result = train(
-        TrainConfig(
-            dataset=str(dataset / "chips"),
-            out=str(tmp_path / "run"),
-            epochs=1,
-            batch_size=4,
-            limit_batches=2,
-            device="cpu",
-            registered_model=None,
-            baseline=False,
-            tracking_uri=uri,
-            ensemble=2,
-            distill=True,
-        )
-    )
+    result = short_run(dataset, tmp_path, ensemble=2, distill=True)
     config, state = read_model_file(result.model_file)
     assert config.ensemble == 1
     assert not any(key.startswith("members.") for key in state)
