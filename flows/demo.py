@@ -58,7 +58,7 @@ def main() -> None:
             work_uri=out,
             chip=ChipParams(tile_x=64, tile_y=64, step_x=64, step_y=64),
             split=SplitParams(scaler=10000),
-            train=TrainParams(epochs=args.epochs, batch_size=16),
+            train=TrainParams(epochs=args.epochs),
         )
     )
     # the model just trained (it is champion only if it beat the champion and the baseline)

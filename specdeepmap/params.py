@@ -209,8 +209,8 @@ class TrainParams(StepParams):
         30,
         ge=1,
         le=10_000,
-        description="Training epochs (passes over the "
-        "training chips, at least min_chips_per_epoch chips each).",
+        description="Training epochs (passes over the training chips; a small set is "
+        "drawn again up to min_chips_per_epoch chips and min_steps_per_epoch steps).",
     )
     batch_size: int = Field(
         8,
@@ -326,6 +326,14 @@ class TrainParams(StepParams):
         le=1_000_000,
         description="Draw a small training set repeatedly until an "
         "epoch holds this many chips (0: one pass per epoch).",
+    )
+    min_steps_per_epoch: int = Field(
+        16,
+        ge=0,
+        le=100_000,
+        description="Draw a small training set repeatedly until an epoch also holds this "
+        "many optimiser steps (up to batch 8 the chips' floor already gives them; at a larger "
+        "batch a small set would get too few steps: docs/recipe.md, experiment 13; 0: off).",
     )
     sampling: Literal["uniform", "class-balanced"] = Field(
         "uniform",

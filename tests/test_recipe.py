@@ -812,3 +812,33 @@ def test_distilling_an_ensemble_writes_one_network(dataset, tmp_path):
     assert "validation IoU of the ensemble distilled" in result.card_table()
     with pytest.raises(InvalidParameterError, match="distill"):
         TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path / "x"), distill=True)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "accumulate", "chips", "batches"),
+    [(2, 1, 128, 64), (8, 1, 128, 16), (16, 1, 256, 16), (32, 1, 512, 16), (8, 4, 512, 64)],
+)
+def test_a_small_set_gets_its_optimiser_steps_at_any_batch_size(
+    batch_size, accumulate, chips, batches
+):
+    """Ten training chips are drawn until an epoch holds 128 chips and 16 optimiser steps:
+    batch 2 and 8 get the chips' floor, a larger batch (or accumulated batches) the steps'
+    floor, so that batch 16 takes as many steps as batch 8 rather than half.
+    """
+    from specdeepmap.training import TrainConfig
+    from specdeepmap.training.data_module import ChipDataModule
+
+    cfg = TrainConfig(
+        dataset="chips",
+        out="run",
+        batch_size=batch_size,
+        accumulate_grad_batches=accumulate,
+    )
+    data = ChipDataModule(cfg, list(range(10)), [], pin_memory=False)
+    assert data.samples == chips
+    assert data.batches_per_epoch(None) == batches
+    assert data.batches_per_epoch(None) // accumulate >= cfg.min_steps_per_epoch
+    no_floor = ChipDataModule(
+        cfg.model_copy(update={"min_steps_per_epoch": 0}), list(range(10)), [], False
+    )
+    assert no_floor.samples == 128

@@ -93,6 +93,7 @@ RECIPE_FIELDS = (
     "weight_averaging",
     "warmup_epochs",
     "min_chips_per_epoch",
+    "min_steps_per_epoch",
     "ensemble",
     "distill",
     "sampling",

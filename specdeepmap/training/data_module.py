@@ -1,6 +1,7 @@
 """The training and validation chips as Lightning's data module: how many chips an epoch
-draws (at least ``min_chips_per_epoch``, so that a small dataset still gets its steps), in
-which order (uniform, or class-balanced), and the loader settings for the device.
+draws (at least ``min_chips_per_epoch`` chips in ``min_steps_per_epoch`` optimiser steps, so
+that a small dataset still gets its steps at any batch size), in which order (uniform, or
+class-balanced), and the loader settings for the device.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ class ChipDataModule(L.LightningDataModule):
         super().__init__()
         self.train_set, self.val_set = train_set, val_set
         self.sampling = cfg.sampling
-        self.samples = max(len(train_set), cfg.min_chips_per_epoch)
+        self.samples = max(
+            len(train_set),
+            cfg.min_chips_per_epoch,
+            cfg.min_steps_per_epoch * cfg.chips_per_step,
+        )
         self.batch_size = cfg.batch_size
         self.loader_args = dict(
             batch_size=cfg.batch_size,
