@@ -842,3 +842,6 @@ def test_a_small_set_gets_its_optimiser_steps_at_any_batch_size(
         cfg.model_copy(update={"min_steps_per_epoch": 0}), list(range(10)), [], False
     )
     assert no_floor.samples == 128
+    # under DDP each device takes its steps from its share of the epoch's chips
+    ddp = ChipDataModule(cfg.model_copy(update={"devices": 2}), list(range(10)), [], False)
+    assert ddp.samples == max(128, 2 * cfg.min_steps_per_epoch * batch_size * accumulate)

@@ -27,10 +27,11 @@ class ChipDataModule(L.LightningDataModule):
         super().__init__()
         self.train_set, self.val_set = train_set, val_set
         self.sampling = cfg.sampling
+        # DDP deals an epoch's chips out to the devices: each takes its steps from its share
         self.samples = max(
             len(train_set),
             cfg.min_chips_per_epoch,
-            cfg.min_steps_per_epoch * cfg.chips_per_step,
+            cfg.min_steps_per_epoch * cfg.chips_per_step * cfg.devices,
         )
         self.batch_size = cfg.batch_size
         self.loader_args = dict(
