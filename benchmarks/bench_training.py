@@ -10,7 +10,15 @@ normalisation and augmentation). Prints samples/s of
 
 for each number of loader workers, and the ratio together / model (goal ≥ 0.9).
 
+``--arithmetic`` measures instead what one optimiser step of the recipe's network (learned
+spectral front-end, U-Net/ResNet-18 at the encoder depth its chip size gets, Dice + CE, Adam)
+costs in each memory format and arithmetic the Trainer can run: float32 in PyTorch's default
+layout (the baseline, measured in the same round), channels-last (what training runs since
+2026-12-06), bf16 autocast (``--precision bf16-mixed``), and both, on chips the size of the
+shared sets' (S2 64 px × 13 bands, EnMAP 32 px × 224 bands, the tutorial-like 96 px).
+
 Usage: python benchmarks/bench_training.py [--device cpu] [--batch-size 8] [--repeats 3]
+       [--arithmetic]
 """
 
 from __future__ import annotations
@@ -66,7 +74,15 @@ def main() -> None:
         help="Rounds; each measures the model alone (the baseline) and then every loader "
         "setting, so both are repeated alike; medians (range) are printed.",
     )
+    parser.add_argument(
+        "--arithmetic",
+        action="store_true",
+        help="Time one step of the recipe's network per memory format and arithmetic.",
+    )
     args = parser.parse_args()
+    if args.arithmetic:
+        arithmetic_table(args)
+        return
     from specdeepmap.inference import resolve_device
     from specdeepmap.models import ModelSpec, build_model
 
@@ -149,6 +165,97 @@ def main() -> None:
             f"({min(ratios):.2f}–{max(ratios):.2f})"
         )
     print(f"medians (range) of {args.repeats} rounds; the ratio's range is per round")
+
+
+#: (name, bands, chip px, classes incl. unlabelled): chips like the shared sets'
+ARITHMETIC_CASES = (("S2", 13, 64, 9), ("EnMAP", 224, 32, 7), ("S2 tutorial-like", 13, 96, 9))
+#: (name, channels-last, bf16 autocast); the first is the baseline
+ARITHMETIC_MODES = (
+    ("float32", False, False),
+    ("float32, channels-last", True, False),
+    ("bf16-mixed", False, True),
+    ("bf16-mixed, channels-last", True, True),
+)
+
+
+def arithmetic_table(args: argparse.Namespace) -> None:
+    """Seconds per optimiser step of the recipe's network in each mode of
+    :data:`ARITHMETIC_MODES`, on random chips of each case; medians of ``args.repeats``
+    rounds, every mode timed in every round, ratios against float32 in its own round.
+    """
+    from specdeepmap.inference import resolve_device
+    from specdeepmap.losses import DiceCELoss
+    from specdeepmap.model_config import ModelConfig
+    from specdeepmap.models import encoder_depth_for
+
+    device = resolve_device(args.device)
+    loss_fn = DiceCELoss()
+    print(
+        f"\nOne optimiser step of the recipe's network, batch {args.batch_size}, device "
+        f"{device}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    )
+    print("chips | mode | ms per step | speed-up over float32 (range)")
+    print("--- | --- | --- | ---")
+    for name, bands, size, classes in ARITHMETIC_CASES:
+        config = ModelConfig(
+            architecture="unet",
+            backbone="resnet18",
+            in_channels=bands,
+            num_classes=classes,
+            spectral_channels=32,
+            encoder_depth=encoder_depth_for("unet", size, -1),  # the recipe's rule
+            class_values=list(range(1, classes)),
+            tile_size=[size, size],
+        )
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch_size, bands, size, size, generator=generator).to(device)
+        y = torch.randint(0, classes, (args.batch_size, size, size), generator=generator)
+        y = y.to(device)
+        times: dict[str, list[float]] = {mode[0]: [] for mode in ARITHMETIC_MODES}
+        for _ in range(args.repeats):
+            for mode, channels_last, bf16 in ARITHMETIC_MODES:
+                times[mode].append(
+                    _step_seconds(config, x, y, loss_fn, device, channels_last, bf16, args.steps)
+                )
+        base = times[ARITHMETIC_MODES[0][0]]
+        for mode, *_ in ARITHMETIC_MODES:
+            ratios = [b / t for b, t in zip(base, times[mode], strict=True)]
+            print(
+                f"{name}: {size} px, {bands} bands | {mode} | "
+                f"{1000 * float(np.median(times[mode])):.0f} | {np.median(ratios):.2f}× "
+                f"({min(ratios):.2f}–{max(ratios):.2f})"
+            )
+    print(f"medians (range) of {args.repeats} rounds, {args.steps} steps each after 3 warm-up")
+
+
+def _step_seconds(config, x, y, loss_fn, device, channels_last: bool, bf16: bool, steps: int):
+    """Seconds per step of a fresh network (the same start in every mode)."""
+    from specdeepmap.models import build_network
+
+    torch.manual_seed(0)
+    network = build_network(config).to(device).train()
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(network.parameters(), 1e-3)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = network(x)
+        loss_fn(logits.float(), y).backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
 
 
 def _spread(values: list[float]) -> str:

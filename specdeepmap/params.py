@@ -386,6 +386,12 @@ class TrainParams(StepParams):
         "32", description="Training arithmetic: 32-bit, or mixed precision on GPUs."
     )
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        """``precision: 32`` in YAML, JSON or a Prefect form is a number, as in Lightning."""
+        return "32" if value == 32 and not isinstance(value, bool) else value
+
     @field_validator("architecture", mode="before")
     @classmethod
     def _architecture_alias(cls, value: Any) -> Any:

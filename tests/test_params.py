@@ -98,6 +98,19 @@ def test_architecture_accepts_specdeepmaps_names():
     assert TrainParams(architecture="DeepLabV3+").architecture == "deeplabv3plus"
 
 
+def test_precision_32_may_be_given_as_a_number():
+    """A YAML or JSON ``precision: 32`` (a number there) is Lightning's "32"; others refused."""
+    import pytest
+
+    from specdeepmap.errors import InvalidParameterError
+
+    assert TrainParams(precision=32).precision == "32"
+    assert TrainParams(precision="bf16-mixed").precision == "bf16-mixed"
+    for bad in (16, True, "64"):
+        with pytest.raises(InvalidParameterError, match="precision: Input should be"):
+            TrainParams(precision=bad)
+
+
 def test_train_config_is_the_recipe_and_the_plumbing():
     from specdeepmap.training import TrainConfig
 

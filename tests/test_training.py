@@ -153,6 +153,38 @@ def test_training_writes_checkpoints_logs_and_registers(trained, dataset):
     np.testing.assert_array_equal(pyfunc.predict(x.astype(np.float32)), by_file.predict_classes(x))
 
 
+def test_chips_are_decoded_once_and_kept_read_only_within_the_budget(dataset, tmp_path):
+    """Kept chips give the same items as chips read from disk on every use; a budget of
+    one image and its label keeps exactly those; a kept array cannot be changed in place.
+    """
+    from specdeepmap.data import ChipDataset, read_dataset_folder
+    from specdeepmap.normalization import Normalization
+
+    info = read_dataset_folder(str(dataset / "chips"))
+    lookup = np.arange(256)
+    norm = Normalization(scaler=10000)
+
+    def chips(budget: int) -> ChipDataset:
+        return ChipDataset(info.train, norm, lookup, True, str(tmp_path), memory_bytes=budget)
+
+    kept, disk = chips(2**30), chips(0)
+    for epoch in range(2):  # the second epoch reads kept arrays
+        for index in range(len(kept)):
+            torch.manual_seed(epoch * 1000 + index)  # the same augmentation for both
+            x, y = kept[index]
+            torch.manual_seed(epoch * 1000 + index)
+            x0, y0 = disk[index]
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert len(kept._memory) == 2 * len(kept) and not disk._memory
+    image = kept._read(info.train[0][0])
+    with pytest.raises(ValueError, match="read-only"):
+        image += 1
+    one = image.nbytes + kept._read(info.train[0][1]).nbytes
+    small = chips(one)
+    _ = small[0], small[1]
+    assert sorted(small._memory) == sorted(info.train[0]) and small._memory_used == one
+
+
 def test_tester_outputs_specdeepmap_csv_and_metrics(trained, dataset, tmp_path):
     config, result = trained
     report = evaluate_model(
