@@ -17,8 +17,14 @@ layout (the baseline, measured in the same round), channels-last (what training 
 2026-12-06), bf16 autocast (``--precision bf16-mixed``), and both, on chips the size of the
 shared sets' (S2 64 px × 13 bands, EnMAP 32 px × 224 bands, the tutorial-like 96 px).
 
+``--memory`` measures what keeping decoded chips in memory (``ChipDataset``'s
+``memory_bytes``, since 2026-12-06) gives the loader: samples/s over three epochs of 128
+draws, each chip read from disk on every use (the baseline, in the same round) against kept
+after its first use, on the generated 224² chips and the shared EnMAP chips (224 bands,
+32 px; skipped when ``../shared/data`` is absent).
+
 Usage: python benchmarks/bench_training.py [--device cpu] [--batch-size 8] [--repeats 3]
-       [--arithmetic]
+       [--arithmetic | --memory]
 """
 
 from __future__ import annotations
@@ -79,9 +85,17 @@ def main() -> None:
         action="store_true",
         help="Time one step of the recipe's network per memory format and arithmetic.",
     )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="Loader samples/s with chips read from disk every time against kept in memory.",
+    )
     args = parser.parse_args()
     if args.arithmetic:
         arithmetic_table(args)
+        return
+    if args.memory:
+        memory_table(args)
         return
     from specdeepmap.inference import resolve_device
     from specdeepmap.models import ModelSpec, build_model
@@ -165,6 +179,41 @@ def main() -> None:
             f"({min(ratios):.2f}–{max(ratios):.2f})"
         )
     print(f"medians (range) of {args.repeats} rounds; the ratio's range is per round")
+
+
+def memory_table(args: argparse.Namespace) -> None:
+    """Loader samples/s, chips read from disk on every use (baseline) against kept in memory
+    after their first use; three epochs of 128 draws (the Trainer's floor) per measurement.
+    """
+    from specdeepmap.data import ChipDataset, Normalization, read_dataset_folder
+
+    cases = [("generated, 224 px, 13 bands", build_dataset(tempfile.mkdtemp())[0].pairs)]
+    enmap = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "enmap_potsdam")
+    if os.path.isdir(enmap):
+        cases.append(("EnMAP, 32 px, 224 bands", read_dataset_folder(enmap).train))
+    print(f"\nLoader, batch {args.batch_size}, 3 epochs of 128 draws, workers 0")
+    print("chips | chip files | read every use, samples/s | kept, samples/s | kept / read (range)")
+    print("--- | --- | --- | --- | ---")
+    for name, pairs in cases:
+        lookup = np.arange(256)
+        rates: dict[int, list[float]] = {0: [], 1: []}
+        for _ in range(args.repeats):
+            for kept in (0, 1):
+                budget = 2**31 if kept else 0
+                dataset = ChipDataset(pairs, Normalization(), lookup, True, memory_bytes=budget)
+                sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=128)
+                loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler)
+                start = time.perf_counter()
+                for _ in range(3):
+                    for _batch in loader:
+                        pass
+                rates[kept].append(3 * 128 / (time.perf_counter() - start))
+        ratios = [k / r for k, r in zip(rates[1], rates[0], strict=True)]
+        print(
+            f"{name} | {len(pairs)} | {_spread(rates[0])} | {_spread(rates[1])} | "
+            f"{np.median(ratios):.1f}× ({min(ratios):.1f}–{max(ratios):.1f})"
+        )
+    print(f"medians (range) of {args.repeats} rounds")
 
 
 #: (name, bands, chip px, classes incl. unlabelled): chips like the shared sets'
