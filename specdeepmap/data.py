@@ -158,9 +158,10 @@ def principal_axes(
     return axes[:count].astype(np.float32)
 
 
-#: decoded chips a :class:`ChipDataset` keeps in memory (per data-loader process): a small
-#: training set is drawn many times an epoch, and decoding a GeoTIFF chip costs more than the
-#: network's step on small chips (EnMAP's 224-band 32 px chips: 60 % of a training run)
+#: bytes of decoded chips a :class:`ChipDataset` keeps in memory (the Trainer shares them
+#: out among its loader workers, each of which keeps its own): a small training set is drawn
+#: many times an epoch, and decoding a GeoTIFF chip costs more than the network's step on
+#: small chips (EnMAP's 224-band 32 px chips: 60 % of a training run)
 CHIP_MEMORY_BYTES = 2 * 1024**3
 
 

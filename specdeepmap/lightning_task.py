@@ -105,8 +105,10 @@ class SegmentationTask(L.LightningModule):
     def on_fit_start(self) -> None:
         # channels-last: oneDNN's and cuDNN's fastest convolution layout (about 1.2x per
         # step on the CPU, docs/benchmarks.md); the same arithmetic, the weights' values
-        # and the checkpoint's keys unchanged
-        self.model.to(memory_format=torch.channels_last)
+        # and the checkpoint's keys unchanged. A network with 5-D weights (3-D
+        # convolutions) has no such layout and keeps its own.
+        if all(p.dim() != 5 for p in self.model.parameters()):
+            self.model.to(memory_format=torch.channels_last)
         if self.teacher is not None:  # once, on the student's device (not a submodule)
             self.teacher.to(self.device)
 

@@ -185,6 +185,17 @@ def test_chips_are_decoded_once_and_kept_read_only_within_the_budget(dataset, tm
     assert sorted(small._memory) == sorted(info.train[0]) and small._memory_used == one
 
 
+def test_loader_workers_share_the_chip_memory_budget(dataset, tmp_path):
+    """Each worker keeps its own chips, so with 4 workers each keeps a quarter."""
+    from specdeepmap.data import CHIP_MEMORY_BYTES
+    from specdeepmap.training.prepare import prepare
+
+    for workers, share in ((0, CHIP_MEMORY_BYTES), (4, CHIP_MEMORY_BYTES // 4)):
+        cfg = TrainConfig(dataset=str(dataset / "chips"), out=str(tmp_path), workers=workers)
+        prepared = prepare(cfg)
+        assert prepared.train_set.memory_bytes == prepared.val_set.memory_bytes == share
+
+
 def test_tester_outputs_specdeepmap_csv_and_metrics(trained, dataset, tmp_path):
     config, result = trained
     report = evaluate_model(

@@ -17,6 +17,7 @@ from torch import nn
 from specdeepmap import __version__
 from specdeepmap.classes import read_dataset_classes
 from specdeepmap.data import (
+    CHIP_MEMORY_BYTES,
     ChipDataset,
     DatasetInfo,
     band_names,
@@ -86,6 +87,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     for index, value in enumerate(info.class_values, start=1):
         lookup[value] = index
     cache = os.path.join(cfg.out, "chip-cache")
+    # every loader worker keeps its own decoded chips: the budget is shared out among them
+    memory = CHIP_MEMORY_BYTES // max(1, cfg.workers)
     train_set = ChipDataset(
         info.train,
         normalization,
@@ -94,8 +97,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
         cache_dir=cache,
         augmentation=cfg.augmentation,
         spectral_jitter=cfg.spectral_jitter,
+        memory_bytes=memory,
     )
-    val_set = ChipDataset(info.validation, normalization, lookup, cache_dir=cache)
+    val_set = ChipDataset(
+        info.validation, normalization, lookup, cache_dir=cache, memory_bytes=memory
+    )
     model = initial_model(cfg, config, train_set)
     return Prepared(info, model, config, loss_weights(cfg, info), train_set, val_set)
 
