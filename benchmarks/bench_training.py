@@ -33,10 +33,14 @@ import argparse
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+#: the shared real data (``../shared/data``), where present
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def build_dataset(folder: str) -> tuple:
@@ -188,14 +192,14 @@ def memory_table(args: argparse.Namespace) -> None:
     from specdeepmap.data import ChipDataset, Normalization, read_dataset_folder
 
     cases = [("generated, 224 px, 13 bands", build_dataset(tempfile.mkdtemp())[0].pairs)]
-    enmap = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "enmap_potsdam")
-    if os.path.isdir(enmap):
-        cases.append(("EnMAP, 32 px, 224 bands", read_dataset_folder(enmap).train))
+    enmap = DATA / "enmap_potsdam"
+    if enmap.is_dir():
+        cases.append(("EnMAP, 32 px, 224 bands", read_dataset_folder(str(enmap)).train))
+    lookup = np.arange(256)
     print(f"\nLoader, batch {args.batch_size}, 3 epochs of 128 draws, workers 0")
     print("chips | chip files | read every use, samples/s | kept, samples/s | kept / read (range)")
     print("--- | --- | --- | --- | ---")
     for name, pairs in cases:
-        lookup = np.arange(256)
         rates: dict[int, list[float]] = {0: [], 1: []}
         for _ in range(args.repeats):
             for kept in (0, 1):
