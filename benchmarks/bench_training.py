@@ -187,7 +187,8 @@ def main() -> None:
 
 def memory_table(args: argparse.Namespace) -> None:
     """Loader samples/s, chips read from disk on every use (baseline) against kept in memory
-    after their first use; three epochs of 128 draws (the Trainer's floor) per measurement.
+    after their first use; three epochs of 128 draws per measurement (the figures of
+    docs/benchmarks.md were measured so).
     """
     from specdeepmap.data import ChipDataset, Normalization, read_dataset_folder
 

@@ -321,18 +321,18 @@ class TrainParams(StepParams):
         description="Linear learning-rate warm-up epochs before the cosine decay.",
     )
     min_chips_per_epoch: int = Field(
-        128,
+        256,
         ge=0,
         le=1_000_000,
-        description="Draw a small training set repeatedly until an "
-        "epoch holds this many chips (0: one pass per epoch).",
+        description="Draw a small training set repeatedly until an epoch holds this many "
+        "chips (0: one pass per epoch; 128 until docs/recipe.md's experiment 15).",
     )
     min_steps_per_epoch: int = Field(
         16,
         ge=0,
         le=100_000,
         description="Draw a small training set repeatedly until an epoch also holds this "
-        "many optimiser steps (up to batch 8 the chips' floor already gives them; at a larger "
+        "many optimiser steps (up to batch 16 the chips' floor already gives them; at a larger "
         "batch a small set would get too few steps: docs/recipe.md, experiment 13; 0: off).",
     )
     sampling: Literal["uniform", "class-balanced"] = Field(

@@ -816,14 +816,14 @@ def test_distilling_an_ensemble_writes_one_network(dataset, tmp_path):
 
 @pytest.mark.parametrize(
     ("batch_size", "accumulate", "chips", "batches"),
-    [(2, 1, 128, 64), (8, 1, 128, 16), (16, 1, 256, 16), (32, 1, 512, 16), (8, 4, 512, 64)],
+    [(2, 1, 256, 128), (8, 1, 256, 32), (16, 1, 256, 16), (32, 1, 512, 16), (8, 4, 512, 64)],
 )
 def test_a_small_set_gets_its_optimiser_steps_at_any_batch_size(
     batch_size, accumulate, chips, batches
 ):
-    """Ten training chips are drawn until an epoch holds 128 chips and 16 optimiser steps:
-    batch 2 and 8 get the chips' floor, a larger batch (or accumulated batches) the steps'
-    floor, so that batch 16 takes as many steps as batch 8 rather than half.
+    """Ten training chips are drawn until an epoch holds 256 chips and 16 optimiser steps:
+    batch 2 to 16 get the chips' floor, a larger batch (or accumulated batches) the steps'
+    floor, so that batch 32 takes as many steps as batch 16 rather than half.
     """
     from specdeepmap.training import TrainConfig
     from specdeepmap.training.data_module import ChipDataModule
@@ -841,7 +841,7 @@ def test_a_small_set_gets_its_optimiser_steps_at_any_batch_size(
     no_floor = ChipDataModule(
         cfg.model_copy(update={"min_steps_per_epoch": 0}), list(range(10)), [], False
     )
-    assert no_floor.samples == 128
+    assert no_floor.samples == 256
     # under DDP each device takes its steps from its share of the epoch's chips
     ddp = ChipDataModule(cfg.model_copy(update={"devices": 2}), list(range(10)), [], False)
-    assert ddp.samples == max(128, 2 * cfg.min_steps_per_epoch * batch_size * accumulate)
+    assert ddp.samples == max(256, 2 * cfg.min_steps_per_epoch * batch_size * accumulate)
