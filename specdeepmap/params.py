@@ -325,7 +325,7 @@ class TrainParams(StepParams):
         ge=0,
         le=1_000_000,
         description="Draw a small training set repeatedly until an epoch holds this many "
-        "chips (0: one pass per epoch; 128 until docs/recipe.md's experiment 15).",
+        "chips (0: one pass per epoch; 128 until experiment 15 of docs/recipe.md).",
     )
     min_steps_per_epoch: int = Field(
         16,
