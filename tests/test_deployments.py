@@ -18,7 +18,7 @@ import pytest
 import rasterio
 
 from specdeepmap import storage
-from tests.conftest import REPO, _free_port
+from tests.conftest import PLATFORM_EPOCH_CHIPS, REPO, _free_port
 
 pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
@@ -374,7 +374,12 @@ def test_deployed_training_and_scheduled_mapping(platform, tmp_path):
                 "test_percent": 15,
                 "scaler": 10000,
             },
-            "train": {"epochs": 2, "batch_size": 16, "device": "cpu"},
+            "train": {
+                "epochs": 2,
+                "batch_size": 16,
+                "device": "cpu",
+                "min_chips_per_epoch": PLATFORM_EPOCH_CHIPS,
+            },
         }
     }
     created = _trigger(platform["api"], "training-pipeline/training-pipeline", params)

@@ -12,6 +12,7 @@ import rasterio
 from PIL import Image
 
 from specdeepmap import storage
+from tests.conftest import PLATFORM_EPOCH_CHIPS
 
 pytestmark = pytest.mark.integration
 
@@ -141,7 +142,9 @@ def test_training_pipeline_then_scheduled_mapping_on_s3(
             split=SplitParams(
                 train_percent=70, validation_percent=15, test_percent=15, scaler=10000
             ),
-            train=TrainParams(epochs=2, batch_size=16, device="cpu"),
+            train=TrainParams(
+                epochs=2, batch_size=16, device="cpu", min_chips_per_epoch=PLATFORM_EPOCH_CHIPS
+            ),
         )
     )
     for name in (
@@ -719,7 +722,14 @@ def test_two_process_training_inside_a_flow_run(prefect_api, mlflow_store, datas
 
     result = train_flow(
         str(dataset / "chips"),
-        TrainParams(devices=2, device="cpu", epochs=2, batch_size=8, baseline=False),
+        TrainParams(
+            devices=2,
+            device="cpu",
+            epochs=2,
+            batch_size=8,
+            baseline=False,
+            min_chips_per_epoch=PLATFORM_EPOCH_CHIPS,
+        ),
         "ddp-model",
     )
     assert result.model_version == "1"

@@ -16,6 +16,7 @@ from specdeepmap.errors import UnsafeModelFileError
 from specdeepmap.inference import load_model, read_model_file
 from specdeepmap.model_config import ModelConfig
 from specdeepmap.models import JustoUNetSimple
+from tests.conftest import PLATFORM_EPOCH_CHIPS
 
 runner = CliRunner()
 SHIPPED = "enmap_potsdam/00049-val_iou_0.3325.ckpt"
@@ -147,6 +148,7 @@ def test_a_justo_unet_trains_and_maps_here(dataset, tmp_path):
         architecture="JustoUNetSimple",
         epochs=2,
         batch_size=8,
+        min_chips_per_epoch=PLATFORM_EPOCH_CHIPS,
         device="cpu",
         baseline=False,
         registered_model=None,

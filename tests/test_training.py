@@ -21,6 +21,7 @@ from specdeepmap.model_config import ModelConfig
 from specdeepmap.models import ModelSpec, build_model, canonical_architecture, load_encoder_weights
 from specdeepmap.params import EvaluateParams
 from specdeepmap.training import TrainConfig, train
+from tests.conftest import PLATFORM_EPOCH_CHIPS
 
 
 @pytest.mark.parametrize("architecture", ["U-Net", "U-Net++", "DeepLabV3+", "SegFormer"])
@@ -383,6 +384,8 @@ def test_two_process_ddp_on_cpu_from_the_command_line(dataset, tmp_path):
             "2",
             "--batch-size",
             "8",
+            "--min-chips-per-epoch",
+            str(PLATFORM_EPOCH_CHIPS),
             "--tracking-uri",
             uri,
             "--registered-model",
