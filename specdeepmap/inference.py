@@ -255,9 +255,12 @@ class Predictor:
 
 
 #: held while a network is changed in place or traced: folding batch norms (two threads
-#: mapping with one model fold it once) and torch.fx's int8 trace
+#: mapping with one model fold it once), torch.fx's int8 trace
 #: (:mod:`specdeepmap.quantization`), which patches ``torch.nn.Module.__call__`` process-wide,
-#: so that the forward pass folding runs in one thread never enters another thread's trace
+#: and the ONNX export's ``torch.export`` trace, whose tracing state is process-wide too (two
+#: exports at once fail), so that the forward pass folding runs in one thread never enters
+#: another thread's trace; also while a cached ONNX or OpenVINO file is made, so that threads
+#: mapping with one model make it once
 NETWORK_LOCK = threading.RLock()
 
 

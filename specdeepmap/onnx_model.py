@@ -37,7 +37,7 @@ import torch
 
 from specdeepmap import storage
 from specdeepmap.errors import InputMismatchError
-from specdeepmap.inference import Predictor
+from specdeepmap.inference import NETWORK_LOCK, Predictor
 from specdeepmap.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -213,15 +213,16 @@ def _write_graph(portable: torch.nn.Module, sample: np.ndarray, path: str) -> st
     # an example of at least 2 x 64 x 64 px: a size of 1 (in 32 px steps) would be fixed
     pad = [(0, 0), (0, 0), (0, max(0, 64 - height)), (0, max(0, 64 - width))]
     example = torch.from_numpy(np.pad(sample[:2], pad, mode="edge").astype(np.float32))
-    program = torch.onnx.export(
-        portable,
-        (example,),
-        dynamo=True,
-        dynamic_shapes=({0: batch, 2: 32 * rows, 3: 32 * cols},),
-        input_names=["raw"],
-        output_names=["probabilities"],
-        verbose=False,
-    )
+    with NETWORK_LOCK:  # torch.export's tracing state is process-wide: one trace at a time
+        program = torch.onnx.export(
+            portable,
+            (example,),
+            dynamo=True,
+            dynamic_shapes=({0: batch, 2: 32 * rows, 3: 32 * cols},),
+            input_names=["raw"],
+            output_names=["probabilities"],
+            verbose=False,
+        )
     program.save(path, external_data=False)
     return path
 
@@ -321,7 +322,8 @@ def cached_onnx(model_uri: str, int8: bool = False) -> str:
     """The ONNX file of a torch model for ``map --engine onnxruntime``: a registered
     version's own (exported and checked when it was registered), else exported (and, int8,
     calibrated on the model's training chips) the first time, then read from the private
-    cache, keyed by the model file's content, so that every scene reuses it.
+    cache, keyed by the model file's content, so that every scene reuses it. Threads that
+    map with one model export it once: the others wait for the file.
     """
     from specdeepmap.inference import local_model_file
 
@@ -333,25 +335,33 @@ def cached_onnx(model_uri: str, int8: bool = False) -> str:
     local = local_model_file(model_uri)
     name = f"{storage.content_key(local)}-{'int8' if int8 else 'fp32'}.onnx"
     path = os.path.join(storage.private_cache_dir("onnx"), name)
-    if not os.path.exists(path):
-        from specdeepmap.errors import MissingInputError
-
-        try:
-            report = export_onnx(local, path, int8=int8)
-        except MissingInputError as error:  # int8 without readable training chips
-            raise MissingInputError(
-                f"{error}. For a map: `specdeepmap export {model_uri} OUT.onnx --int8 "
-                "--calibration-chips CSV`, then map OUT.onnx"
-            ) from None
-        log.info(
-            "%s exported to ONNX%s for ONNX Runtime: %s (agreement %.4f%%, %.1f s)",
-            model_uri,
-            " int8" if int8 else "",
-            path,
-            100 * report.agreement,
-            report.seconds,
-        )
+    with NETWORK_LOCK:
+        if not os.path.exists(path):
+            _export_to_cache(model_uri, local, path, int8)
     return path
+
+
+def _export_to_cache(model_uri: str, local: str, path: str, int8: bool) -> None:
+    """:func:`export_onnx` of the local model file ``local`` (from ``model_uri``) to the
+    cache file ``path``, its figures logged.
+    """
+    from specdeepmap.errors import MissingInputError
+
+    try:
+        report = export_onnx(local, path, int8=int8)
+    except MissingInputError as error:  # int8 without readable training chips
+        raise MissingInputError(
+            f"{error}. For a map: `specdeepmap export {model_uri} OUT.onnx --int8 "
+            "--calibration-chips CSV`, then map OUT.onnx"
+        ) from None
+    log.info(
+        "%s exported to ONNX%s for ONNX Runtime: %s (agreement %.4f%%, %.1f s)",
+        model_uri,
+        " int8" if int8 else "",
+        path,
+        100 * report.agreement,
+        report.seconds,
+    )
 
 
 def registered_onnx(model_uri: str) -> str | None:

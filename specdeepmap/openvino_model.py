@@ -122,20 +122,25 @@ def compile_network(model, precision: str):
 def cached_int8(onnx_path: str, config: ModelConfig, source: str) -> str:
     """The int8 OpenVINO model (``.xml`` and ``.bin``) of an fp32 ONNX file, made by
     :func:`write_int8` the first time, then read from the private cache, keyed by the ONNX
-    file's content, so that every scene reuses it.
+    file's content, so that every scene reuses it. Threads that map with one model quantize
+    it once: the others wait for the file.
     """
+    from specdeepmap.inference import NETWORK_LOCK
+
     key = storage.content_key(onnx_path)
     path = os.path.join(storage.private_cache_dir("openvino"), f"{key}.xml")
-    if not os.path.exists(path):
+    with NETWORK_LOCK:
+        if os.path.exists(path):
+            return path
         started = time.perf_counter()
         agreement = write_int8(onnx_path, path, config, source)
-        log.info(
-            "%s quantized to int8 for OpenVINO: %s (agreement %.4f%% with fp32, %.1f s)",
-            source,
-            path,
-            100 * agreement,
-            time.perf_counter() - started,
-        )
+    log.info(
+        "%s quantized to int8 for OpenVINO: %s (agreement %.4f%% with fp32, %.1f s)",
+        source,
+        path,
+        100 * agreement,
+        time.perf_counter() - started,
+    )
     return path
 
 

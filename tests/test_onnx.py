@@ -255,3 +255,41 @@ def test_map_engine_openvino_runs_the_onnx_file_in_fp32_bf16_and_int8(
     onnx.save(int8_file, str(tmp_path / "int8.onnx"))
     with pytest.raises(InvalidParameterError, match="int8 ONNX model"):
         load_openvino(str(tmp_path / "int8.onnx"), "fp32")
+
+
+def test_threads_mapping_with_one_model_export_and_quantize_it_once(trained, tmp_path, monkeypatch):
+    """Two scenes mapped at once in one process (a Dask worker's threads) with one model in
+    int8 on OpenVINO: the two ``torch.export`` traces of the ONNX export must not overlap (the
+    tracing state is process-wide: one of them failed), and the second thread waits for the
+    first's files instead of exporting and quantizing again.
+    """
+    import threading
+
+    from specdeepmap.mapping import load_for_engine
+    from specdeepmap.openvino_model import OpenVinoPredictor
+
+    _, result = trained
+    monkeypatch.setenv("SPECDEEPMAP_CACHE", str(tmp_path / "cache"))
+    start = threading.Barrier(2)
+    loaded, errors = [], []
+
+    def load() -> None:
+        start.wait()
+        try:
+            params = MapParams(device="cpu", engine="openvino", precision="int8")
+            loaded.append(load_for_engine(result.model_file, params))
+        except Exception as error:  # noqa: BLE001 - the test reports it
+            errors.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert [type(p) for p in loaded] == [OpenVinoPredictor] * 2
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 1
+    assert len(list((tmp_path / "cache" / "openvino").glob("*.xml"))) == 1
+    raw = np.random.default_rng(0).random((1, loaded[0].in_channels, 64, 64), np.float32)
+    raw *= loaded[0].normalization.scaler or 1.0
+    np.testing.assert_array_equal(loaded[0].predict_classes(raw), loaded[1].predict_classes(raw))
