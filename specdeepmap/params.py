@@ -178,6 +178,10 @@ class SplitParams(StepParams):
 #: SpecDeepMap's learning rate at SpecDeepMap's batch size: the anchor of the square-root rule
 BASE_LR = 1e-3
 BASE_BATCH_SIZE = 2
+#: chips one optimiser step sees at least by default: a smaller batch accumulates batches up
+#: to it (batch 2 trained below batch 8 on both real sets, level with it accumulated four
+#: times: docs/recipe.md, experiment 16)
+MIN_CHIPS_PER_STEP = 8
 
 
 class TrainParams(StepParams):
@@ -219,22 +223,23 @@ class TrainParams(StepParams):
         description="Chips per forward pass (SpecDeepMap's default is 2: over three seeds "
         "batch 8 trained better on both real sets, and faster; docs/recipe.md).",
     )
-    accumulate_grad_batches: int = Field(
-        1,
+    accumulate_grad_batches: int | None = Field(
+        None,
         ge=1,
         le=64,
         description="Batches whose gradients one optimiser step sums (Lightning's "
         "accumulate_grad_batches): a step sees batch_size x this many chips, in the memory "
-        "of one batch.",
+        "of one batch. Unset: enough batches for 8 chips a step (4 at batch 2, 1 from batch "
+        "8 up; batch 2 alone trained worse: docs/recipe.md, experiment 16).",
     )
     lr: float | None = Field(
         None,
         ge=1e-7,
         le=1,
-        description="Learning rate of Adam. Unset: 0.001 at batch size 2, scaled by the square "
-        "root of chips per step / 2, 0.002 at the default batch 8 (Adam's square-root rule: "
-        "about the same training at any batch size; docs/recipe.md). A rate given is used "
-        "as it is.",
+        description="Learning rate of Adam. Unset: 0.001 at 2 chips per step, scaled by the "
+        "square root of chips per step / 2: 0.002 at 8, so at the default batch 8 and at a "
+        "batch 2 accumulated to 8 (Adam's square-root rule: about the same training at any "
+        "batch size; docs/recipe.md). A rate given is used as it is.",
     )
     lr_finder: bool = Field(False, description="Find a learning rate before training and use it.")
     augment: bool = Field(
@@ -429,9 +434,19 @@ class TrainParams(StepParams):
         return BASE_LR * math.sqrt(self.chips_per_step / BASE_BATCH_SIZE)
 
     @property
+    def accumulation(self) -> int:
+        """Batches one optimiser step sums: ``accumulate_grad_batches``, or by default enough
+        for :data:`MIN_CHIPS_PER_STEP` chips (a batch that fits no more than two chips in
+        memory still takes steps of eight).
+        """
+        if self.accumulate_grad_batches is not None:
+            return self.accumulate_grad_batches
+        return -(-MIN_CHIPS_PER_STEP // self.batch_size)
+
+    @property
     def chips_per_step(self) -> int:
         """Chips whose gradients one optimiser step uses (on one device)."""
-        return self.batch_size * self.accumulate_grad_batches
+        return self.batch_size * self.accumulation
 
 
 class EvaluateParams(StepParams):

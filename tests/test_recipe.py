@@ -291,10 +291,10 @@ def test_baseline_is_logged_with_the_run_and_blocks_promotion(trained, dataset):
 
 
 def test_the_default_learning_rate_follows_the_batch_size(trained):
-    """Without an ``lr`` the rate is 0.001 at SpecDeepMap's batch size 2 and grows with the
-    square root of the batch size (a run's length is in chips seen, so a larger batch takes
-    fewer steps): 0.002 at the default batch 8; a rate the user gives is used as it is. The
-    run logs the rate it used.
+    """Without an ``lr`` the rate is 0.001 at SpecDeepMap's 2 chips per step and grows with
+    the square root of the chips per step (a run's length is in chips seen, so a larger batch
+    takes fewer steps): 0.002 at the default batch 8; a rate the user gives is used as it is.
+    The run logs the rate it used.
     """
     import mlflow
 
@@ -302,7 +302,7 @@ def test_the_default_learning_rate_follows_the_batch_size(trained):
 
     assert TrainParams().batch_size == 8
     assert TrainParams().learning_rate == pytest.approx(2e-3)
-    assert TrainParams(batch_size=2).learning_rate == pytest.approx(1e-3)
+    assert TrainParams(batch_size=2, accumulate_grad_batches=1).learning_rate == pytest.approx(1e-3)
     assert TrainParams(batch_size=32).learning_rate == pytest.approx(4e-3)
     assert TrainParams(batch_size=8, lr=3e-4).learning_rate == pytest.approx(3e-4)
     assert TrainParams(batch_size=2, accumulate_grad_batches=4).learning_rate == pytest.approx(2e-3)
@@ -333,6 +333,42 @@ def test_gradient_accumulation_steps_once_per_several_batches(dataset, tmp_path)
     params = mlflow.MlflowClient(uri).get_run(result.run_id).data.params
     assert (params["accumulate_grad_batches"], params["weight_averaging"]) == ("2", "ema")
     assert float(params["learning_rate"]) == pytest.approx(1e-3 * 2**0.5)
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "accumulation", "rate"),
+    [(1, 8, 2e-3), (2, 4, 2e-3), (3, 3, 1e-3 * 4.5**0.5), (8, 1, 2e-3), (16, 1, 2e-3 * 2**0.5)],
+)
+def test_a_small_batch_accumulates_to_eight_chips_a_step_by_default(batch_size, accumulation, rate):
+    """Unset, ``accumulate_grad_batches`` sums enough batches for 8 chips a step (batch 2
+    alone trained below batch 8 on both real sets; accumulated, level: docs/recipe.md,
+    experiment 16), and the default rate follows those chips; a count given is kept.
+    """
+    from specdeepmap.params import TrainParams
+
+    params = TrainParams(batch_size=batch_size)
+    assert params.accumulation == accumulation
+    assert params.learning_rate == pytest.approx(rate)
+    assert TrainParams(batch_size=batch_size, accumulate_grad_batches=1).accumulation == 1
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        TrainParams(accumulate_grad_batches=0)
+
+
+def test_the_default_accumulation_is_what_the_run_steps_and_records(dataset, tmp_path):
+    """A run at batch 2 without ``accumulate_grad_batches`` takes one optimiser step per four
+    batches, and its MLflow run and model card say the accumulation and rate it used.
+    """
+    import mlflow
+
+    result = short_run(dataset, tmp_path, batch_size=2, limit_batches=8)
+    checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2  # 8 batches, 2 optimiser steps
+    params = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id)
+    assert params.data.params["accumulation"] == "4"
+    assert float(params.data.params["learning_rate"]) == pytest.approx(2e-3)
+    table = result.card_table()
+    assert table["accumulate_grad_batches"] == 4
+    assert table["lr"].startswith("0.002 (0.001 x sqrt(chips per step / 2))")
 
 
 def test_the_model_card_names_the_forest(trained):
@@ -816,7 +852,8 @@ def test_distilling_an_ensemble_writes_one_network(dataset, tmp_path):
 
 @pytest.mark.parametrize(
     ("batch_size", "accumulate", "chips", "batches"),
-    [(2, 1, 256, 128), (8, 1, 256, 32), (16, 1, 256, 16), (32, 1, 512, 16), (8, 4, 512, 64)],
+    [(2, 1, 256, 128), (8, 1, 256, 32), (16, 1, 256, 16), (32, 1, 512, 16), (8, 4, 512, 64)]
+    + [(2, None, 256, 128)],  # the default: four batches of 2 a step, 32 steps an epoch
 )
 def test_a_small_set_gets_its_optimiser_steps_at_any_batch_size(
     batch_size, accumulate, chips, batches
@@ -837,11 +874,11 @@ def test_a_small_set_gets_its_optimiser_steps_at_any_batch_size(
     data = ChipDataModule(cfg, list(range(10)), [], pin_memory=False)
     assert data.samples == chips
     assert data.batches_per_epoch(None) == batches
-    assert data.batches_per_epoch(None) // accumulate >= cfg.min_steps_per_epoch
+    assert data.batches_per_epoch(None) // cfg.accumulation >= cfg.min_steps_per_epoch
     no_floor = ChipDataModule(
         cfg.model_copy(update={"min_steps_per_epoch": 0}), list(range(10)), [], False
     )
     assert no_floor.samples == 256
     # under DDP each device takes its steps from its share of the epoch's chips
     ddp = ChipDataModule(cfg.model_copy(update={"devices": 2}), list(range(10)), [], False)
-    assert ddp.samples == max(256, 2 * cfg.min_steps_per_epoch * batch_size * accumulate)
+    assert ddp.samples == max(256, 2 * cfg.min_steps_per_epoch * cfg.chips_per_step)

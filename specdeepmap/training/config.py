@@ -158,7 +158,7 @@ class TrainResult:
         """
         table = {**self.recipe}
         if self.recipe.get("lr") is None and self.learning_rate is not None:
-            accumulated = self.recipe.get("accumulate_grad_batches", 1) > 1
+            accumulated = (self.recipe.get("accumulate_grad_batches") or 1) > 1
             per_step = "chips per step" if accumulated else "batch size"
             table["lr"] = f"{self.learning_rate:.3g} (0.001 x sqrt({per_step} / 2))"
         table |= {

@@ -85,7 +85,7 @@ def fit_member(
         accelerator="gpu" if ctx.device.type == "cuda" else "cpu",
         devices=cfg.devices,
         precision=cfg.precision,
-        accumulate_grad_batches=cfg.accumulate_grad_batches,
+        accumulate_grad_batches=cfg.accumulation,
         callbacks=[*checkpoints, history, *training_callbacks(cfg, ctx.data)],
         plugins=[MirroringCheckpointIO(cfg.checkpoint_uri, ctx.run_id, cfg.dataset)]
         if cfg.checkpoint_uri
@@ -128,7 +128,7 @@ def training_callbacks(cfg: TrainConfig, data: ChipDataModule) -> list:
 
         callbacks.append(EarlyStopping(monitor="val_iou", mode="max", patience=cfg.patience))
     if cfg.weight_averaging == "ema":
-        steps = -(-data.batches_per_epoch(cfg.limit_batches) // cfg.accumulate_grad_batches)
+        steps = -(-data.batches_per_epoch(cfg.limit_batches) // cfg.accumulation)
         callbacks.append(ema_callback(steps * cfg.epochs))
     return callbacks
 

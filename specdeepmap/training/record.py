@@ -59,6 +59,7 @@ def open_run(cfg: TrainConfig, uri: str, previous_run: str | None, prepared: Pre
             }
             | {
                 "learning_rate": cfg.learning_rate,  # lr, or the default scaled by batch size
+                "accumulation": cfg.accumulation,  # accumulate_grad_batches, or the default's
                 "class_values": prepared.info.class_values,
                 "in_channels": prepared.config.in_channels,
                 "tile_size": prepared.config.tile_size,
