@@ -34,7 +34,8 @@ Modes:
   (default 2; 3 before training drew 256 chips an epoch) of them tested in turn, one seed
   by default; the table gives deep − forest per cell with its interval (S2: over squares
   of 256 px, the same ground in every cell) and names the worst cell. ``--cells`` picks
-  cells by number.
+  cells by number; ``--jobs`` (default 2) runs that many cells at a time, each in its own
+  process with its share of the cores.
 
 The Trainer fits the RandomForest baseline itself (every run does); both models are scored on
 the same chips with the same pooled confusion matrix. Prints, per set: chips per split, pooled
@@ -46,7 +47,7 @@ draws whole units: in the Tester, groups of touching chips and the split's block
 narrower than the truth). The interval's sentence counts the units.
 
 Usage: python benchmarks/bench_quality.py [--sets enmap s2] [--set loss=ce ...] [--seeds 1]
-       [--folds 6 [--save-matrices FILE] | --final | --grid [--cells 0 1 ...]
+       [--folds 6 [--save-matrices FILE] | --final | --grid [--cells 0 1 ...] [--jobs 2]
        | --pool-matrices FILE]
 Choose recipes on the development modes' validation columns only; their test columns are for
 checking, the ``--final`` table is for publishing.
@@ -646,10 +647,12 @@ def grid_units(name: str, frame) -> dict[str, int]:
     return dict(zip(frame["chip"], np.unique(keys, return_inverse=True)[1].tolist(), strict=True))
 
 
-def cell_chips(name: str, cell: Cell, data: Path, work: str) -> str:
-    """The chip folder of a cell: the set's own unless the cell cuts the S2 scene again."""
+def cell_chips(name: str, cell: Cell, data: Path, work: str, benchmark: str) -> str:
+    """The chip folder of a cell: the set's own (``benchmark``) unless the cell cuts the S2
+    scene again (once per chipping: cells that share one share its folder).
+    """
     if cell.chipping is None:
-        return SETS[name][0](data, work)
+        return benchmark
     from specdeepmap.chipping import chip_scene
     from specdeepmap.params import ChipParams
 
@@ -666,17 +669,37 @@ def cell_chips(name: str, cell: Cell, data: Path, work: str) -> str:
     return chips
 
 
-def run_cell(name: str, index: int, cell: Cell, args: argparse.Namespace, data: Path, work: str):
+def _grid_worker(threads: int, class_weighting: str) -> None:
+    """A grid worker process: its torch threads, the run's class weighting, quiet logs."""
+    import logging
+
+    import torch
+
+    torch.set_num_threads(threads)
+    CLASS_WEIGHTING["value"] = class_weighting
+    logging.disable(logging.WARNING)
+
+
+def run_cell(
+    name: str,
+    index: int,
+    cell: Cell,
+    args: argparse.Namespace,
+    chips: str,
+    benchmark_chips: str,
+    work: str,
+):
     """Cross-validate one cell (``args.folds`` folds, ``args.seeds`` seeds, all pooled) on its
-    development chips; the table row and the deep − forest difference.
+    development chips (``chips``; ``benchmark_chips``: the set's own, which decide the
+    held-out part); the table row and the deep − forest difference. Its runs are tracked
+    in a SQLite file of its own, so that cells run in parallel processes never share one.
     """
     from specdeepmap.comparison import paired_bootstrap
     from specdeepmap.metrics import metrics_from_matrix
     from specdeepmap.splitting import chip_class_counts
 
-    chips = cell_chips(name, cell, data, work)
     frame = chip_class_counts(chips)
-    keep = cell_development(name, cell, frame, chip_class_counts(SETS[name][0](data, work)))
+    keep = cell_development(name, cell, frame, chip_class_counts(benchmark_chips))
     split = SETS[name][1]()
     if cell.strategy:
         split = split.model_copy(update={"strategy": cell.strategy})
@@ -684,7 +707,11 @@ def run_cell(name: str, index: int, cell: Cell, args: argparse.Namespace, data: 
     datasets = fold_datasets(
         name, chips, split, args.folds, work, keep=keep, tag=tag, parts=GRID_PARTS
     )
-    overrides = parse_overrides(args.overrides) | dict(cell.train)
+    overrides = (
+        {"tracking_uri": f"sqlite:///{work}/mlflow-{name}{tag}.db"}
+        | parse_overrides(args.overrides)
+        | dict(cell.train)
+    )
     pooled = {part: {"deep": {}, "forest": {}} for part in ("validation", "test")}
     seconds = 0.0
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -730,26 +757,59 @@ def run_cell(name: str, index: int, cell: Cell, args: argparse.Namespace, data: 
 
 
 def run_grid(args: argparse.Namespace, data: Path, work: str) -> None:
-    """Every cell of :data:`GRID` for the chosen sets (``--cells`` picks by number), then the
-    table of deep − forest per cell and the worst cell.
+    """Every cell of :data:`GRID` for the chosen sets (``--cells`` picks by number), ``--jobs``
+    cells at a time, then the table of deep − forest per cell and the worst cell.
+
+    The chips are cut first, in this process; each cell then runs in a worker process with
+    its share of the cores as torch threads (two cells of one thread each on 2 cores: a
+    small network's step leaves a second thread idle much of the time, a second process
+    does not).
     """
-    rows, worst, start = [], {}, time.perf_counter()
-    for name in args.sets:
-        for index, cell in enumerate(GRID[name]):
-            if args.cells and index not in args.cells:
-                continue
-            row, versus = run_cell(name, index, cell, args, data, work)
-            rows.append(row)
-            if name not in worst or versus.difference < worst[name][1].difference:
-                worst[name] = (cell.name, versus)
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    start = time.perf_counter()
+    cells = [
+        (name, index, cell)
+        for name in args.sets
+        for index, cell in enumerate(GRID[name])
+        if not args.cells or index in args.cells
+    ]
+    benchmark = {name: SETS[name][0](data, work) for name in args.sets}
+    chips = [cell_chips(name, cell, data, work, benchmark[name]) for name, _, cell in cells]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    with ProcessPoolExecutor(
+        args.jobs,
+        mp_context=get_context("spawn"),
+        initializer=_grid_worker,
+        initargs=(threads, CLASS_WEIGHTING["value"]),
+    ) as pool:
+        results = list(
+            pool.map(
+                run_cell,
+                *zip(
+                    *(
+                        (name, index, cell, args, folder, benchmark[name], work)
+                        for (name, index, cell), folder in zip(cells, chips, strict=True)
+                    ),
+                    strict=True,
+                ),
+            )
+        )
+    rows, worst = [], {}
+    for (name, _, cell), (row, versus) in zip(cells, results, strict=True):
+        rows.append(row)
+        if name not in worst or versus.difference < worst[name][1].difference:
+            worst[name] = (cell.name, versus)
     print(
         f"\nGrid over users' settings: {args.folds} folds, seed(s) {args.first_seed}–"
         f"{args.first_seed + args.seeds - 1}, development chips only, pooled test figures; "
+        f"{args.jobs} cell(s) at a time, {threads} torch thread(s) each; "
         f"{(time.perf_counter() - start) / 60:.0f} min in all"
     )
     print(
         "set | cell | development chips | deep mean IoU | forest mean IoU | "
-        "deep − forest (90 % interval) | verdict | deep training min"
+        "deep − forest (90 % interval) | verdict | deep training min (its process)"
     )
     print("|".join("---" for _ in range(8)))
     print("\n".join(rows))
@@ -807,6 +867,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--cells", nargs="*", type=int, default=[], help="--grid: only these cells (0, 1, …)."
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="--grid: cells run at a time, each in its own process with its share of the "
+        "cores as torch threads (default 2; 1: one after the other on every core).",
     )
     parser.add_argument("--verbose", action="store_true", help="Also per-class val IoU.")
     parser.add_argument(
