@@ -784,18 +784,11 @@ def run_grid(args: argparse.Namespace, data: Path, work: str) -> None:
         initializer=_grid_worker,
         initargs=(threads, CLASS_WEIGHTING["value"]),
     ) as pool:
-        results = list(
-            pool.map(
-                run_cell,
-                *zip(
-                    *(
-                        (name, index, cell, args, folder, benchmark[name], work)
-                        for (name, index, cell), folder in zip(cells, chips, strict=True)
-                    ),
-                    strict=True,
-                ),
-            )
-        )
+        futures = [
+            pool.submit(run_cell, name, index, cell, args, folder, benchmark[name], work)
+            for (name, index, cell), folder in zip(cells, chips, strict=True)
+        ]
+        results = [future.result() for future in futures]
     rows, worst = [], {}
     for (name, _, cell), (row, versus) in zip(cells, results, strict=True):
         rows.append(row)
