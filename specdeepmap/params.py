@@ -277,8 +277,11 @@ class TrainParams(StepParams):
         description="Dice + cross-entropy, Lovász-softmax + cross-entropy, or "
         "cross-entropy alone (class weights apply to the cross-entropy).",
     )
-    norm: Literal["batch", "group"] = Field(
-        "batch", description="Batch or group normalisation in networks trained from scratch."
+    norm: Literal["batch", "group", "renorm"] = Field(
+        "batch",
+        description="Batch or group normalisation in networks trained from scratch, or "
+        "batch renormalisation (Ioffe 2017: batch norm corrected towards its running "
+        "statistics in training; plain batch norm in the model file) for small batches.",
     )
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (0: Adam).")
     pixel_loss_weight: float = Field(

@@ -121,8 +121,12 @@ def fit_member(
 
 
 def training_callbacks(cfg: TrainConfig, data: ChipDataModule) -> list:
-    """Early stopping and EMA weight averaging, as ``cfg`` asks."""
+    """Early stopping, EMA weight averaging and batch renormalisation, as ``cfg`` asks."""
     callbacks = []
+    if cfg.norm == "renorm":
+        from specdeepmap.batch_renorm import BatchRenormalization
+
+        callbacks.append(BatchRenormalization(start=min(0.5, cfg.warmup_epochs / cfg.epochs)))
     if cfg.early_stopping:
         from lightning.pytorch.callbacks import EarlyStopping
 

@@ -181,7 +181,8 @@ def model_config(
             min(height, width),
             cfg.encoder_depth if kind == "none" or cfg.encoder_depth != -1 else 5,
         ),
-        norm=cfg.norm if kind == "none" else "batch",
+        # renormalisation is a way of training batch norm: the network holds batch norms
+        norm="group" if cfg.norm == "group" and kind == "none" else "batch",
         classes=read_dataset_classes(cfg.dataset).restrict(info.class_values).to_dict(),
         band_names=band_names(info.train[0][0]),
         dtype=dtype,
