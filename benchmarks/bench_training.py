@@ -14,8 +14,10 @@ for each number of loader workers, and the ratio together / model (goal ≥ 0.9)
 spectral front-end, U-Net/ResNet-18 at the encoder depth its chip size gets, Dice + CE, Adam)
 costs in each memory format and arithmetic the Trainer can run: float32 in PyTorch's default
 layout (the baseline, measured in the same round), channels-last (what training runs since
-2026-12-06), bf16 autocast (``--precision bf16-mixed``), and both, on chips the size of the
-shared sets' (S2 64 px × 13 bands, EnMAP 32 px × 224 bands, the tutorial-like 96 px).
+2026-12-06), bf16 autocast (``--precision bf16-mixed``), both, and channels-last with batch
+renormalisation (``--norm renorm``, the default below 8 chips a batch since 2026-12-07), on
+chips the size of the shared sets' (S2 64 px × 13 bands, EnMAP 32 px × 224 bands, the
+tutorial-like 96 px).
 
 ``--memory`` measures what keeping decoded chips in memory (``ChipDataset``'s
 ``memory_bytes``, since 2026-12-06) gives the loader: samples/s over three epochs of 128
@@ -223,12 +225,13 @@ def memory_table(args: argparse.Namespace) -> None:
 
 #: (name, bands, chip px, classes incl. unlabelled): chips like the shared sets'
 ARITHMETIC_CASES = (("S2", 13, 64, 9), ("EnMAP", 224, 32, 7), ("S2 tutorial-like", 13, 96, 9))
-#: (name, channels-last, bf16 autocast); the first is the baseline
+#: (name, channels-last, bf16 autocast, batch renormalisation); the first is the baseline
 ARITHMETIC_MODES = (
-    ("float32", False, False),
-    ("float32, channels-last", True, False),
-    ("bf16-mixed", False, True),
-    ("bf16-mixed, channels-last", True, True),
+    ("float32", False, False, False),
+    ("float32, channels-last", True, False, False),
+    ("bf16-mixed", False, True, False),
+    ("bf16-mixed, channels-last", True, True, False),
+    ("float32, channels-last, batch renormalisation", True, False, True),
 )
 
 
@@ -267,10 +270,8 @@ def arithmetic_table(args: argparse.Namespace) -> None:
         y = y.to(device)
         times: dict[str, list[float]] = {mode[0]: [] for mode in ARITHMETIC_MODES}
         for _ in range(args.repeats):
-            for mode, channels_last, bf16 in ARITHMETIC_MODES:
-                times[mode].append(
-                    _step_seconds(config, x, y, loss_fn, device, channels_last, bf16, args.steps)
-                )
+            for mode, *how in ARITHMETIC_MODES:
+                times[mode].append(_step_seconds(config, x, y, loss_fn, device, *how, args.steps))
         base = times[ARITHMETIC_MODES[0][0]]
         for mode, *_ in ARITHMETIC_MODES:
             ratios = [b / t for b, t in zip(base, times[mode], strict=True)]
@@ -282,12 +283,22 @@ def arithmetic_table(args: argparse.Namespace) -> None:
     print(f"medians (range) of {args.repeats} rounds, {args.steps} steps each after 3 warm-up")
 
 
-def _step_seconds(config, x, y, loss_fn, device, channels_last: bool, bf16: bool, steps: int):
-    """Seconds per step of a fresh network (the same start in every mode)."""
+def _step_seconds(
+    config, x, y, loss_fn, device, channels_last: bool, bf16: bool, renorm: bool, steps: int
+):
+    """Seconds per step of a fresh network (the same start in every mode); ``renorm``: its
+    batch norms as :class:`~specdeepmap.batch_renorm.BatchRenorm2d` with the clips open.
+    """
+    from specdeepmap.batch_renorm import D_MAX, R_MAX, BatchRenorm2d, to_batch_renorm
     from specdeepmap.models import build_network
 
     torch.manual_seed(0)
     network = build_network(config).to(device).train()
+    if renorm:
+        to_batch_renorm(network)
+        for module in network.modules():
+            if isinstance(module, BatchRenorm2d):
+                module.r_max, module.d_max = R_MAX, D_MAX
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
