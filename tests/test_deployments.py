@@ -20,7 +20,8 @@ import rasterio
 from specdeepmap import storage
 from tests.conftest import PLATFORM_EPOCH_CHIPS, REPO, _free_port
 
-pytestmark = pytest.mark.integration
+#: one pytest worker runs this module, so its services start once (``--dist loadgroup``)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("platform")]
 BIN = Path(sys.executable).parent
 #: the Prefect REST API as the UI reaches it (the platform fixture sets its credentials)
 _API = httpx.Client(timeout=30)

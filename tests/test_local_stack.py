@@ -15,7 +15,8 @@ import pytest
 
 from tests.conftest import REPO, _free_port
 
-pytestmark = pytest.mark.integration
+#: one pytest worker runs this module, so its services start once (``--dist loadgroup``)
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("stack")]
 SCRIPT = REPO / "infrastructure" / "local-stack.sh"
 SERVICES = ("s3", "mlflow", "prefect", "worker")
 #: what a caller's environment may carry that the stack must not take over
