@@ -277,13 +277,13 @@ class TrainParams(StepParams):
         description="Dice + cross-entropy, Lovász-softmax + cross-entropy, or "
         "cross-entropy alone (class weights apply to the cross-entropy).",
     )
-    norm: Literal["batch", "group", "renorm"] | None = Field(
-        None,
-        description="Normalisation in training: batch norm, group norm (networks trained "
-        "from scratch), or batch renormalisation (Ioffe 2017: batch norm corrected towards "
-        "its running statistics; batch norm in the model file). Unset: renorm for a batch "
-        "under 8 chips (batch 2 scored higher with it on both real sets: docs/recipe.md, "
-        "experiment 18), batch norm from 8 up.",
+    norm: Literal["renorm", "batch", "group"] = Field(
+        "renorm",
+        description="Normalisation in training: batch renormalisation (Ioffe 2017: batch "
+        "norm corrected towards the running statistics inference uses; batch norm in the "
+        "model file; higher than batch norm at batch 2 and 8 on both real sets: "
+        "docs/recipe.md, experiment 18), batch norm, or group norm (networks trained from "
+        "scratch).",
     )
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (0: Adam).")
     pixel_loss_weight: float = Field(
@@ -447,16 +447,6 @@ class TrainParams(StepParams):
         if self.accumulate_grad_batches is not None:
             return self.accumulate_grad_batches
         return -(-MIN_CHIPS_PER_STEP // self.batch_size)
-
-    @property
-    def norm_layers(self) -> str:
-        """The normalisation training uses: ``norm``, or by default batch renormalisation
-        for a batch under :data:`MIN_CHIPS_PER_STEP` chips (batch norm's statistics over two
-        chips are noise that inference never sees) and batch norm from there.
-        """
-        if self.norm is not None:
-            return self.norm
-        return "renorm" if self.batch_size < MIN_CHIPS_PER_STEP else "batch"
 
     @property
     def chips_per_step(self) -> int:
