@@ -27,10 +27,9 @@ run: install
 	$(PY) -m flows.demo --out $(OUT)
 
 # test: the full suite (what .ci/run calls) on two pytest processes of one thread each: the
-# deployed tests wait on processes of their own, so a second pytest process fills the cores;
-# a module whose services start once (xdist_group) runs on one worker
+# deployed tests wait on processes of their own, so a second pytest process fills the cores
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15
 
 # the loop while working: no services, no spawned processes, on two pytest processes of one
 # thread each (< 3 min on 2 cores)

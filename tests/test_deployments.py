@@ -20,8 +20,7 @@ import rasterio
 from specdeepmap import storage
 from tests.conftest import PLATFORM_EPOCH_CHIPS, REPO, _free_port
 
-#: one pytest worker runs this module, so its services start once (``--dist loadgroup``)
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("platform")]
+pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 #: the Prefect REST API as the UI reaches it (the platform fixture sets its credentials)
 _API = httpx.Client(timeout=30)

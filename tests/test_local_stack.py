@@ -15,8 +15,7 @@ import pytest
 
 from tests.conftest import REPO, _free_port
 
-#: one pytest worker runs this module, so its services start once (``--dist loadgroup``)
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("stack")]
+pytestmark = pytest.mark.integration
 SCRIPT = REPO / "infrastructure" / "local-stack.sh"
 SERVICES = ("s3", "mlflow", "prefect", "worker")
 #: what a caller's environment may carry that the stack must not take over
