@@ -97,8 +97,8 @@ def test_clips_open_after_the_warm_up(progress, expected):
 
 
 def test_renorm_run_saves_plain_batch_norms(dataset, tmp_path):
-    """Renormalisation (the default) trains, records the choice, and
-    its model file rebuilds a network of plain batch norms holding the trained statistics.
+    """Renormalisation (the default) trains and is recorded, and its model file rebuilds a
+    network of plain batch norms holding the trained statistics.
     """
     import mlflow
 
