@@ -15,7 +15,7 @@ spectral front-end, U-Net/ResNet-18 at the encoder depth its chip size gets, Dic
 costs in each memory format and arithmetic the Trainer can run: float32 in PyTorch's default
 layout (the baseline, measured in the same round), channels-last (what training runs since
 2026-12-06), bf16 autocast (``--precision bf16-mixed``), both, and channels-last with batch
-renormalisation (``--norm renorm``, the default below 8 chips a batch since 2026-12-07), on
+renormalisation (``--norm renorm``, the default since 2026-12-07), on
 chips the size of the shared sets' (S2 64 px × 13 bands, EnMAP 32 px × 224 bands, the
 tutorial-like 96 px).
 
@@ -289,16 +289,14 @@ def _step_seconds(
     """Seconds per step of a fresh network (the same start in every mode); ``renorm``: its
     batch norms as :class:`~specdeepmap.batch_renorm.BatchRenorm2d` with the clips open.
     """
-    from specdeepmap.batch_renorm import D_MAX, R_MAX, BatchRenorm2d, to_batch_renorm
+    from specdeepmap.batch_renorm import D_MAX, R_MAX, set_clips, to_batch_renorm
     from specdeepmap.models import build_network
 
     torch.manual_seed(0)
     network = build_network(config).to(device).train()
     if renorm:
         to_batch_renorm(network)
-        for module in network.modules():
-            if isinstance(module, BatchRenorm2d):
-                module.r_max, module.d_max = R_MAX, D_MAX
+        set_clips(network, R_MAX, D_MAX)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -113,6 +113,13 @@ def to_batch_norm(model: nn.Module) -> None:
             replace_submodule(model, name, _moved(module, plain))
 
 
+def set_clips(model: nn.Module, r_max: float, d_max: float) -> None:
+    """Set the clips of every :class:`BatchRenorm2d` of ``model``."""
+    for module in model.modules():
+        if isinstance(module, BatchRenorm2d):
+            module.r_max, module.d_max = r_max, d_max
+
+
 def clips(progress: float, start: float) -> tuple[float, float]:
     """``(r_max, d_max)`` at ``progress`` (share of training steps done): plain batch norm
     until ``start``, then opening linearly over :data:`RAMP` to :data:`R_MAX`, :data:`D_MAX`.
@@ -136,10 +143,7 @@ class BatchRenormalization(L.Callback):
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         progress = trainer.global_step / max(1, trainer.estimated_stepping_batches)
-        r_max, d_max = clips(progress, self.start)
-        for module in pl_module.model.modules():
-            if isinstance(module, BatchRenorm2d):
-                module.r_max, module.d_max = r_max, d_max
+        set_clips(pl_module.model, *clips(progress, self.start))
 
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
