@@ -15,7 +15,7 @@ spectral front-end, U-Net/ResNet-18 at the encoder depth its chip size gets, Dic
 costs in each memory format and arithmetic the Trainer can run: float32 in PyTorch's default
 layout (the baseline, measured in the same round), channels-last (what training runs since
 2026-12-06), bf16 autocast (``--precision bf16-mixed``), both, and channels-last with batch
-renormalisation (``--norm renorm``, the default since 2026-12-07), on
+renormalisation (``--norm renorm``, the default under 16 chips a batch since 2026-12-07), on
 chips the size of the shared sets' (S2 64 px × 13 bands, EnMAP 32 px × 224 bands, the
 tutorial-like 96 px).
 

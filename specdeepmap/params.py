@@ -182,6 +182,12 @@ BASE_BATCH_SIZE = 2
 #: to it (batch 2 trained below batch 8 on both real sets, level with it accumulated four
 #: times: docs/recipe.md, experiment 16)
 MIN_CHIPS_PER_STEP = 8
+#: batches under this many chips train by batch renormalisation by default, larger ones by
+#: batch norm: renormalisation scored higher at batch 2 and 8 on both real sets, lower at
+#: 16 on Sentinel-2, where 16 chips give batch norm steady statistics and the running
+#: averages it corrects towards lag behind half as many steps (docs/recipe.md, experiments
+#: 18 and 19)
+RENORM_BELOW_BATCH = 16
 
 
 class TrainParams(StepParams):
@@ -277,13 +283,13 @@ class TrainParams(StepParams):
         description="Dice + cross-entropy, Lovász-softmax + cross-entropy, or "
         "cross-entropy alone (class weights apply to the cross-entropy).",
     )
-    norm: Literal["renorm", "batch", "group"] = Field(
-        "renorm",
-        description="Normalisation in training: batch renormalisation (Ioffe 2017: batch "
-        "norm corrected towards the running statistics inference uses; batch norm in the "
-        "model file; higher than batch norm at batch 2 and 8 on both real sets: "
-        "docs/recipe.md, experiment 18), batch norm, or group norm (networks trained from "
-        "scratch).",
+    norm: Literal["batch", "group", "renorm"] | None = Field(
+        None,
+        description="Normalisation in training: batch norm, group norm (networks trained "
+        "from scratch), or batch renormalisation (Ioffe 2017: batch norm corrected towards "
+        "its running statistics; batch norm in the model file). Unset: renorm for a batch "
+        "under 16 chips (higher than batch norm at batch 2 and 8 on both real sets), batch "
+        "norm from 16 up (higher at 16 on Sentinel-2): docs/recipe.md, experiments 18-19.",
     )
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay (0: Adam).")
     pixel_loss_weight: float = Field(
@@ -447,6 +453,16 @@ class TrainParams(StepParams):
         if self.accumulate_grad_batches is not None:
             return self.accumulate_grad_batches
         return -(-MIN_CHIPS_PER_STEP // self.batch_size)
+
+    @property
+    def norm_layers(self) -> str:
+        """The normalisation training uses: ``norm``, or by default batch renormalisation
+        for a batch under :data:`RENORM_BELOW_BATCH` chips (batch norm's statistics over a
+        few chips are noise that inference never sees) and batch norm from there.
+        """
+        if self.norm is not None:
+            return self.norm
+        return "renorm" if self.batch_size < RENORM_BELOW_BATCH else "batch"
 
     @property
     def chips_per_step(self) -> int:

@@ -97,18 +97,18 @@ def test_clips_open_after_the_warm_up(progress, expected):
 
 
 def test_renorm_run_saves_plain_batch_norms(dataset, tmp_path):
-    """Renormalisation (the default) trains and is recorded, and its model file rebuilds a
-    network of plain batch norms holding the trained statistics.
+    """Renormalisation (the default at batch 2) trains, records the choice resolved, and
+    its model file rebuilds a network of plain batch norms holding the trained statistics.
     """
     import mlflow
 
     from specdeepmap.inference import load_model
 
-    result = short_run(dataset, tmp_path, batch_size=2, epochs=2)  # norm unset: renorm
+    result = short_run(dataset, tmp_path, batch_size=2, epochs=2)  # renorm: the default
     params = (
         mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id).data.params
     )
-    assert params["norm"] == "renorm"
+    assert (params["norm"], params["norm_layers"]) == ("None", "renorm")
     assert result.recipe["norm"] == "renorm"
     loaded = load_model(result.model_file, "cpu")
     assert loaded.config.norm == "batch"
@@ -133,4 +133,19 @@ def test_renorm_is_a_training_callback_opening_after_the_warm_up(tmp_path):
     [callback] = renorms(norm="renorm", epochs=20, warmup_epochs=1, early_stopping=False)
     assert callback.start == pytest.approx(0.05)
     assert renorms(norm="batch", batch_size=2, early_stopping=False) == []
-    assert len(renorms(batch_size=16, early_stopping=False)) == 1  # the default
+    assert len(renorms(batch_size=8, early_stopping=False)) == 1  # the default below 16
+    assert renorms(batch_size=16, early_stopping=False) == []
+
+
+@pytest.mark.parametrize(
+    "batch_size, norm, expected",
+    [(2, None, "renorm"), (8, None, "renorm"), (15, None, "renorm"), (16, None, "batch")]
+    + [(2, "batch", "batch"), (16, "renorm", "renorm"), (2, "group", "group")],
+)
+def test_default_norm_follows_the_batch_size(batch_size, norm, expected):
+    """Unset, renormalisation below 16 chips a batch and batch norm from 16 up; a norm given
+    is used as it is.
+    """
+    from specdeepmap.params import TrainParams
+
+    assert TrainParams(batch_size=batch_size, norm=norm).norm_layers == expected

@@ -123,7 +123,7 @@ def fit_member(
 def training_callbacks(cfg: TrainConfig, data: ChipDataModule) -> list:
     """Early stopping, EMA weight averaging and batch renormalisation, as ``cfg`` asks."""
     callbacks = []
-    if cfg.norm == "renorm":
+    if cfg.norm_layers == "renorm":
         from specdeepmap.batch_renorm import BatchRenormalization
 
         callbacks.append(BatchRenormalization(start=min(0.5, cfg.warmup_epochs / cfg.epochs)))

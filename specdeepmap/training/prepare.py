@@ -182,7 +182,7 @@ def model_config(
             cfg.encoder_depth if kind == "none" or cfg.encoder_depth != -1 else 5,
         ),
         # renormalisation is a way of training batch norm: the network holds batch norms
-        norm="group" if cfg.norm == "group" and kind == "none" else "batch",
+        norm="group" if cfg.norm_layers == "group" and kind == "none" else "batch",
         classes=read_dataset_classes(cfg.dataset).restrict(info.class_values).to_dict(),
         band_names=band_names(info.train[0][0]),
         dtype=dtype,

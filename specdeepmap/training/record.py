@@ -60,6 +60,7 @@ def open_run(cfg: TrainConfig, uri: str, previous_run: str | None, prepared: Pre
             | {
                 "learning_rate": cfg.learning_rate,  # lr, or the default scaled by batch size
                 "accumulation": cfg.accumulation,  # accumulate_grad_batches, or the default's
+                "norm_layers": cfg.norm_layers,  # norm, or the default's for the batch size
                 "class_values": prepared.info.class_values,
                 "in_channels": prepared.config.in_channels,
                 "tile_size": prepared.config.tile_size,

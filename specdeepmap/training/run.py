@@ -212,9 +212,9 @@ def train_result(
         run_id=run_id,
         epochs_run=sum(fit.epochs for fit in fits),
         baseline=baseline.summary() if baseline is not None else None,
-        # the accumulation the run used, the default resolved (as the rate below)
+        # the accumulation and normalisation the run used, defaults resolved (as the rate)
         recipe={k: getattr(cfg, k) for k in RECIPE_FIELDS}
-        | {"accumulate_grad_batches": cfg.accumulation},
+        | {"accumulate_grad_batches": cfg.accumulation, "norm": cfg.norm_layers},
         learning_rate=cfg.learning_rate,
         distilled_from_val_iou=outcome.ensemble_iou,
     )
